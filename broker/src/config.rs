@@ -1,0 +1,502 @@
+//! The broker's configuration: one TOML file, parsed once at start-up into validated types.
+//!
+//! A bad file is refused with a message that names the file, the key and what is wrong. Relative
+//! paths in a file are resolved against the file's directory. Without a file the broker runs on
+//! the embedded default ([`Config::embedded_default`]): the development PKI of `certs-dev/`
+//! compiled into the binary, data in `./var/broker`, listening on 127.0.0.1:7443, and the
+//! federation of `ico`, `ncsc` and `nca`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use concordat_proto::ids::AgencyId;
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
+};
+use serde::Deserialize;
+
+/// The default largest payload, 4 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// The largest payload any configuration may allow, 64 MiB.
+pub const MAX_MESSAGE_BYTES_CEILING: usize = 64 * 1024 * 1024;
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The configuration file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The configuration file.
+        file: String,
+        /// The parser's explanation, which names the line and key.
+        message: String,
+    },
+    /// A key has a value that is not acceptable.
+    #[error("{file}: {key}: {problem}")]
+    Invalid {
+        /// The configuration file.
+        file: String,
+        /// The dotted key, e.g. `tls.cert` or `agencies[2].id`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A validated broker configuration. Tests build one directly with [`Config::new`].
+#[derive(Debug)]
+pub struct Config {
+    /// Where the configuration came from (a path, or `<embedded default>`), for messages.
+    pub source: String,
+    /// The address `concordat-broker serve` binds.
+    pub listen: SocketAddr,
+    /// Where the broker keeps its sled database and log key.
+    pub data_dir: PathBuf,
+    /// Certificates and keys for mutual TLS.
+    pub tls: TlsMaterial,
+    /// The agencies of the federation, by id.
+    pub agencies: BTreeMap<AgencyId, Agency>,
+    /// Certificate Common Names allowed to call the `Audit` service.
+    pub auditors: BTreeSet<AgencyId>,
+    /// Size limits.
+    pub limits: Limits,
+    /// SHA-256 of the configuration text, recorded in the audit log at start-up.
+    pub digest: [u8; 32],
+}
+
+/// An agency of the federation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agency {
+    /// Its display name, e.g. "National Crime Agency".
+    pub name: String,
+}
+
+/// Limits that protect the broker from oversized or excessive input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest payload accepted in one envelope, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// The broker's certificate chain and key, the federation CA that client certificates must chain
+/// to, and the certificate revocation lists to check them against.
+pub struct TlsMaterial {
+    /// The broker's certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The broker's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The federation CA certificates.
+    pub client_ca: Vec<CertificateDer<'static>>,
+    /// Revocation lists issued by the federation CA (may be empty).
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    // The private key never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("cert_chain", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .field("client_ca", &self.client_ca.len())
+            .field("crls", &self.crls.len())
+            .finish()
+    }
+}
+
+impl TlsMaterial {
+    /// Parses PEM text: the broker's certificate chain and key, the client CA and optional CRLs.
+    /// The error names which of the four is wrong.
+    pub fn from_pem(
+        cert: &[u8],
+        key: &[u8],
+        client_ca: &[u8],
+        crl: Option<&[u8]>,
+    ) -> Result<Self, (&'static str, String)> {
+        let cert_chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("cert", format!("not a PEM certificate chain: {e}")))?;
+        if cert_chain.is_empty() {
+            return Err(("cert", "contains no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| ("key", format!("not a PEM private key: {e}")))?;
+        let client_ca = CertificateDer::pem_slice_iter(client_ca)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("client_ca", format!("not a PEM certificate: {e}")))?;
+        if client_ca.is_empty() {
+            return Err(("client_ca", "contains no certificate".into()));
+        }
+        let crls = match crl {
+            None => Vec::new(),
+            Some(pem) => {
+                let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ("crl", format!("not a PEM CRL: {e}")))?;
+                if crls.is_empty() {
+                    return Err(("crl", "contains no CRL".into()));
+                }
+                crls
+            }
+        };
+        Ok(TlsMaterial {
+            cert_chain,
+            key,
+            client_ca,
+            crls,
+        })
+    }
+}
+
+impl Config {
+    /// A configuration built in code (tests, the demo): default limits, no auditors.
+    pub fn new(
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        tls: TlsMaterial,
+        agencies: BTreeMap<AgencyId, Agency>,
+    ) -> Self {
+        Config {
+            source: "<in code>".into(),
+            listen,
+            data_dir,
+            tls,
+            agencies,
+            auditors: BTreeSet::new(),
+            limits: Limits::default(),
+            digest: [0; 32],
+        }
+    }
+
+    /// Loads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&text, &file, &Disk { base })
+    }
+
+    /// The embedded default: the development PKI, `./var/broker`, 127.0.0.1:7443, and the
+    /// federation of `ico`, `ncsc` and `nca`.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_CONFIG, "<embedded default>", &Embedded)
+    }
+
+    /// Parses configuration text. `file` names it in errors; `files` resolves the paths it names.
+    pub fn parse(text: &str, file: &str, files: &dyn FileSource) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.into(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            file: file.into(),
+            key: key.into(),
+            problem,
+        };
+
+        let listen = raw.listen.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address:port ({e})", raw.listen),
+            )
+        })?;
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        let data_dir = files.resolve(&raw.data_dir);
+
+        let read = |key: &str, path: &Path| {
+            files
+                .read(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+        };
+        let cert = read("tls.cert", &raw.tls.cert)?;
+        let key = read("tls.key", &raw.tls.key)?;
+        let client_ca = read("tls.client_ca", &raw.tls.client_ca)?;
+        let crl = raw
+            .tls
+            .crl
+            .as_deref()
+            .map(|p| read("tls.crl", p))
+            .transpose()?;
+        let tls = TlsMaterial::from_pem(&cert, &key, &client_ca, crl.as_deref())
+            .map_err(|(which, problem)| invalid(&format!("tls.{which}"), problem))?;
+
+        if raw.agencies.is_empty() {
+            return Err(invalid(
+                "agencies",
+                "at least one agency must be declared".into(),
+            ));
+        }
+        let mut agencies = BTreeMap::new();
+        for (i, a) in raw.agencies.into_iter().enumerate() {
+            let id: AgencyId = a
+                .id
+                .parse()
+                .map_err(|e| invalid(&format!("agencies[{i}].id"), format!("{:?} {e}", a.id)))?;
+            if a.name.trim().is_empty() {
+                return Err(invalid(
+                    &format!("agencies[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if agencies
+                .insert(id.clone(), Agency { name: a.name })
+                .is_some()
+            {
+                return Err(invalid(
+                    &format!("agencies[{i}].id"),
+                    format!("{id} is declared twice"),
+                ));
+            }
+        }
+        let mut auditors = BTreeSet::new();
+        for (i, a) in raw.auditors.into_iter().enumerate() {
+            let key = format!("auditors[{i}]");
+            let id: AgencyId = a.parse().map_err(|e| invalid(&key, format!("{a:?} {e}")))?;
+            if agencies.contains_key(&id) {
+                return Err(invalid(
+                    &key,
+                    format!("{id} is also an agency; use a separate certificate"),
+                ));
+            }
+            if !auditors.insert(id.clone()) {
+                return Err(invalid(&key, format!("{id} is listed twice")));
+            }
+        }
+
+        let max = raw.limits.max_message_bytes;
+        if max == 0 || max > MAX_MESSAGE_BYTES_CEILING {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!("must be between 1 and {MAX_MESSAGE_BYTES_CEILING}, got {max}"),
+            ));
+        }
+
+        use sha2::Digest;
+        Ok(Config {
+            source: file.into(),
+            listen,
+            data_dir,
+            tls,
+            agencies,
+            auditors,
+            limits: Limits {
+                max_message_bytes: max,
+            },
+            digest: sha2::Sha256::digest(text.as_bytes()).into(),
+        })
+    }
+
+    /// A short human-readable summary, as `check-config` prints it.
+    pub fn summary(&self) -> String {
+        use fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "configuration: {}", self.source);
+        let _ = writeln!(s, "listen:        {}", self.listen);
+        let _ = writeln!(s, "data_dir:      {}", self.data_dir.display());
+        let _ = writeln!(
+            s,
+            "tls:           {} certificate(s) in chain, {} client CA(s), {} CRL(s)",
+            self.tls.cert_chain.len(),
+            self.tls.client_ca.len(),
+            self.tls.crls.len()
+        );
+        let _ = writeln!(s, "agencies:      {}", self.agencies.len());
+        for (id, a) in &self.agencies {
+            let _ = writeln!(s, "  {id:<12} {}", a.name);
+        }
+        let auditors: Vec<&str> = self.auditors.iter().map(AgencyId::as_str).collect();
+        let _ = writeln!(s, "auditors:      {}", auditors.join(", "));
+        let _ = writeln!(s, "max message:   {} bytes", self.limits.max_message_bytes);
+        s
+    }
+}
+
+/// Where the files a configuration names are read from.
+pub trait FileSource {
+    /// Reads the file at `path` (as written in the configuration).
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
+    /// Resolves a directory path written in the configuration.
+    fn resolve(&self, path: &Path) -> PathBuf;
+}
+
+/// Files on disk, relative paths resolved against the configuration file's directory.
+struct Disk {
+    base: PathBuf,
+}
+
+impl FileSource for Disk {
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.resolve(path))
+    }
+    fn resolve(&self, path: &Path) -> PathBuf {
+        self.base.join(path)
+    }
+}
+
+/// The development PKI compiled into the binary; directories relative to the working directory.
+struct Embedded;
+
+/// The embedded default configuration.
+const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// The files of `certs-dev/` that the embedded default names.
+const EMBEDDED_FILES: &[(&str, &[u8])] = &[
+    ("ca.pem", include_bytes!("../../certs-dev/ca.pem")),
+    ("broker.pem", include_bytes!("../../certs-dev/broker.pem")),
+    ("broker.key", include_bytes!("../../certs-dev/broker.key")),
+];
+
+impl FileSource for Embedded {
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        EMBEDDED_FILES
+            .iter()
+            .find(|(name, _)| Path::new(name) == path)
+            .map(|(_, bytes)| bytes.to_vec())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not embedded"))
+    }
+    fn resolve(&self, path: &Path) -> PathBuf {
+        path.to_path_buf()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    data_dir: PathBuf,
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    agencies: Vec<RawAgency>,
+    #[serde(default)]
+    auditors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    crl: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_message_bytes")]
+    max_message_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgency {
+    id: String,
+    name: String,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default().expect("embedded default must load");
+        assert_eq!(c.listen, "127.0.0.1:7443".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("./var/broker"));
+        let ids: Vec<&str> = c.agencies.keys().map(AgencyId::as_str).collect();
+        assert_eq!(ids, ["ico", "nca", "ncsc"]);
+        assert!(c.auditors.contains(&"auditor".parse().unwrap()));
+        assert_eq!(c.limits.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    }
+
+    /// Each row: a change to the default configuration text and the key its error must name.
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "listen = \"127.0.0.1:7443\"",
+                "listen = \"nowhere\"",
+                "listen",
+            ),
+            (
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"missing.pem\"",
+                "tls.client_ca",
+            ),
+            ("cert = \"broker.pem\"", "cert = \"broker.key\"", "tls.cert"),
+            ("id = \"nca\"", "id = \"N C A\"", "agencies[2].id"),
+            ("id = \"nca\"", "id = \"ico\"", "agencies[2].id"),
+            (
+                "auditors = [\"auditor\"]",
+                "auditors = [\"ico\"]",
+                "auditors[0]",
+            ),
+            (
+                "max_message_bytes = 4194304",
+                "max_message_bytes = 0",
+                "limits.max_message_bytes",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(DEFAULT_CONFIG.contains(from), "default lacks {from}");
+            let text = DEFAULT_CONFIG.replacen(from, to, 1);
+            let err = Config::parse(&text, "test.toml", &Embedded).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                shown.starts_with(&format!("test.toml: {key}: ")),
+                "{to:?}: expected key {key}, got {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_file_and_line() {
+        let text = DEFAULT_CONFIG.replacen("[limits]", "[limits]\nmax_mesage_bytes = 1", 1);
+        let shown = Config::parse(&text, "test.toml", &Embedded)
+            .unwrap_err()
+            .to_string();
+        assert!(shown.starts_with("test.toml: "), "{shown}");
+        assert!(shown.contains("max_mesage_bytes"), "{shown}");
+        assert!(shown.contains("line"), "{shown}");
+    }
+}

@@ -1,0 +1,115 @@
+//! The Concordat broker: a consent-gated relay between agencies, served over mutual TLS.
+//!
+//! A tour of the modules, in the order a request meets them:
+//! - [`config`]: the TOML configuration, validated once at start-up (or the embedded default).
+//! - [`tls`]: the rustls server configuration (client certificates required, CRLs honoured) and
+//!   the accept loop that attaches the peer's certificate identity to each connection.
+//! - [`identity`]: the interceptor that turns that certificate into a [`identity::Caller`].
+//! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
+//! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
+//!
+//! [`serve`] takes an already-bound listener, so tests bind `127.0.0.1:0` and read the address
+//! from the listener: no sleeps, no races.
+
+pub mod config;
+pub mod identity;
+pub mod refusal;
+pub mod service;
+pub mod tls;
+
+use std::{future::Future, sync::Arc};
+
+use concordat_proto::pb::{
+    audit_server::AuditServer, consent_server::ConsentServer, exchange_server::ExchangeServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::{config::Config, identity::Authenticator};
+
+/// Room on top of the largest payload for the envelope's other fields and its consent token,
+/// so an oversized payload is refused by the broker with `PAYLOAD_TOO_LARGE` rather than by the
+/// transport.
+const ENVELOPE_OVERHEAD: usize = 64 * 1024;
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The reflection service could not be built.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs the broker on `listener` until `shutdown` completes, then stops gracefully.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let tls = tls::server_config(&config.tls)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
+    let state = Arc::new(service::State::new(&config, authenticator.clone()));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExchangeServer<service::ExchangeService>>()
+        .await;
+    health_reporter
+        .set_serving::<ConsentServer<service::ConsentService>>()
+        .await;
+    health_reporter
+        .set_serving::<AuditServer<service::AuditService>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(concordat_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(concordat_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max_message = config.limits.max_message_bytes + ENVELOPE_OVERHEAD;
+    let exchange = InterceptedService::new(
+        ExchangeServer::new(service::ExchangeService::new(state.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        authenticator.clone(),
+    );
+    let consent = ConsentServer::with_interceptor(
+        service::ConsentService::new(state.clone()),
+        authenticator.clone(),
+    );
+    let audit =
+        AuditServer::with_interceptor(service::AuditService::new(state.clone()), authenticator);
+
+    let local = listener.local_addr().ok();
+    let incoming = ReceiverStream::new(tls::accept_loop(listener, acceptor));
+    tracing::info!(
+        addr = ?local,
+        config = %config.source,
+        agencies = config.agencies.len(),
+        "broker listening"
+    );
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(exchange)
+        .add_service(consent)
+        .add_service(audit)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    tracing::info!("broker stopped");
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Refusals and errors as the client sees them: the one mapping from the broker's outcomes to
+//! `tonic::Status`.
+//!
+//! A refusal carries a stable machine-readable [`Reason`] (sent as a `google.rpc.ErrorInfo` detail
+//! with domain [`ERROR_DOMAIN`]) and a clear human message. Internal errors tell the client
+//! nothing more than "internal error": the cause is logged here, once.
+
+use std::fmt;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `google.rpc.ErrorInfo` domain of every Concordat refusal.
+pub const ERROR_DOMAIN: &str = "concordat";
+
+/// Stable reason codes. Their string forms are part of the protocol and never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// The request is malformed (a field has the wrong shape).
+    Malformed,
+    /// The client presented no usable certificate identity.
+    Unauthenticated,
+    /// The certificate's Common Name names no agency or auditor of the federation.
+    UnknownAgency,
+    /// The caller is not allowed to use this service (e.g. `Audit.Export` without being an auditor).
+    NotAuthorised,
+    /// A recipient is not an agency of the federation.
+    UnknownRecipient,
+    /// No agreement in force permits this flow.
+    NoAgreement,
+    /// The only agreement that would permit the flow is past its review date and reviews are enforced.
+    AgreementReviewOverdue,
+    /// The payload is larger than the broker accepts.
+    PayloadTooLarge,
+    /// An organisation-specific envelope carries no consent token.
+    ConsentMissing,
+    /// The consent token is longer than any valid token.
+    ConsentTooLong,
+    /// The consent token is not PASETO v4.public.
+    ConsentUnsupportedVersion,
+    /// The consent token cannot be parsed.
+    ConsentMalformed,
+    /// The consent token's signature does not verify.
+    ConsentBadSignature,
+    /// The consent token was signed by a key the broker does not trust.
+    ConsentUnknownIssuer,
+    /// The issuer is trusted, but not for this sender or organisation.
+    ConsentIssuerNotAllowed,
+    /// The consent token has expired.
+    ConsentExpired,
+    /// The consent token is not valid yet.
+    ConsentNotYetValid,
+    /// The consent token's claims are inconsistent.
+    ConsentInvalidClaims,
+    /// The token is for another organisation.
+    ConsentWrongOrganisation,
+    /// The token authorises another sender.
+    ConsentWrongSender,
+    /// The token does not cover every recipient.
+    ConsentWrongRecipient,
+    /// The token does not cover this kind of message.
+    ConsentWrongKind,
+    /// The token is bound to other incidents.
+    ConsentWrongIncident,
+    /// The token is bound to another payload.
+    ConsentPayloadMismatch,
+    /// The token has been revoked.
+    ConsentRevoked,
+    /// The token's uses are used up.
+    ConsentUsedUp,
+    /// A revocation statement does not verify.
+    RevocationInvalid,
+    /// A recipient's queue is full.
+    RecipientQueueFull,
+    /// The same message id was already used for a different envelope.
+    MessageIdReused,
+}
+
+impl Reason {
+    /// The stable code, as sent in `ErrorInfo.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "MALFORMED",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::UnknownAgency => "UNKNOWN_AGENCY",
+            Reason::NotAuthorised => "NOT_AUTHORISED",
+            Reason::UnknownRecipient => "UNKNOWN_RECIPIENT",
+            Reason::NoAgreement => "NO_AGREEMENT",
+            Reason::AgreementReviewOverdue => "AGREEMENT_REVIEW_OVERDUE",
+            Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Reason::ConsentMissing => "CONSENT_MISSING",
+            Reason::ConsentTooLong => "CONSENT_TOO_LONG",
+            Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",
+            Reason::ConsentMalformed => "CONSENT_MALFORMED",
+            Reason::ConsentBadSignature => "CONSENT_BAD_SIGNATURE",
+            Reason::ConsentUnknownIssuer => "CONSENT_UNKNOWN_ISSUER",
+            Reason::ConsentIssuerNotAllowed => "CONSENT_ISSUER_NOT_ALLOWED",
+            Reason::ConsentExpired => "CONSENT_EXPIRED",
+            Reason::ConsentNotYetValid => "CONSENT_NOT_YET_VALID",
+            Reason::ConsentInvalidClaims => "CONSENT_INVALID_CLAIMS",
+            Reason::ConsentWrongOrganisation => "CONSENT_WRONG_ORGANISATION",
+            Reason::ConsentWrongSender => "CONSENT_WRONG_SENDER",
+            Reason::ConsentWrongRecipient => "CONSENT_WRONG_RECIPIENT",
+            Reason::ConsentWrongKind => "CONSENT_WRONG_KIND",
+            Reason::ConsentWrongIncident => "CONSENT_WRONG_INCIDENT",
+            Reason::ConsentPayloadMismatch => "CONSENT_PAYLOAD_MISMATCH",
+            Reason::ConsentRevoked => "CONSENT_REVOKED",
+            Reason::ConsentUsedUp => "CONSENT_USED_UP",
+            Reason::RevocationInvalid => "REVOCATION_INVALID",
+            Reason::RecipientQueueFull => "RECIPIENT_QUEUE_FULL",
+            Reason::MessageIdReused => "MESSAGE_ID_REUSED",
+        }
+    }
+
+    /// The gRPC code a refusal with this reason is sent with.
+    pub fn code(self) -> Code {
+        match self {
+            Reason::Malformed
+            | Reason::PayloadTooLarge
+            | Reason::ConsentTooLong
+            | Reason::ConsentUnsupportedVersion
+            | Reason::ConsentMalformed
+            | Reason::MessageIdReused => Code::InvalidArgument,
+            Reason::Unauthenticated | Reason::UnknownAgency => Code::Unauthenticated,
+            Reason::RecipientQueueFull => Code::ResourceExhausted,
+            _ => Code::PermissionDenied,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A decision not to do what the caller asked, with the reason and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The stable reason code.
+    pub reason: Reason,
+    /// What a person should read.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal for `reason`, explained by `message`.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        let details = ErrorDetails::with_error_info(
+            r.reason.as_str(),
+            ERROR_DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        );
+        Status::with_error_details(r.reason.code(), r.message, details)
+    }
+}
+
+/// A failure inside the broker that is not the caller's fault.
+///
+/// The client is told only "internal error"; the cause is logged where it is converted.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub struct Internal {
+    context: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Internal {
+    /// Wraps `source`, saying what the broker was doing.
+    pub fn new(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Internal {
+            context,
+            source: source.into(),
+        }
+    }
+}
+
+impl From<Internal> for Status {
+    fn from(e: Internal) -> Status {
+        tracing::error!(error = %e, "internal error");
+        Status::internal("internal error")
+    }
+}
+
+/// The reason code of a status, if it carries a Concordat `ErrorInfo`.
+pub fn reason_of(status: &Status) -> Option<String> {
+    let details = status.get_error_details();
+    details
+        .error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)
+        .map(|info| info.reason.clone())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_carries_reason_and_message() {
+        let status = Status::from(Refusal::new(Reason::ConsentMissing, "needs consent"));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "needs consent");
+        assert_eq!(reason_of(&status).as_deref(), Some("CONSENT_MISSING"));
+    }
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let status = Status::from(Internal::new("opening store", "disk on fire"));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        assert_eq!(reason_of(&status), None);
+    }
+}

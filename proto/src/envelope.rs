@@ -1,0 +1,446 @@
+//! Message kinds, TLP markings and the validated envelope a sender submits.
+//!
+//! [`Envelope`] is built from the wire type [`crate::pb::Envelope`] with `TryFrom`, which checks
+//! every field's shape. What the broker's policy then decides (agreements, consent) is not here.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ids::{AgencyId, IdError, MessageId, OrgId},
+    pb,
+};
+
+/// The most recipients one envelope may name.
+pub const MAX_RECIPIENTS: usize = 32;
+/// The longest incident reference or content type accepted.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// What kind of information an envelope carries.
+///
+/// Written `threat_assessment`, `incident_record` and `dsar_consultation` in files, on the command
+/// line and in consent tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A cyber threat assessment.
+    ThreatAssessment,
+    /// Information about a cyber incident.
+    IncidentRecord,
+    /// A consultation before answering a subject-access request about shared information.
+    DsarConsultation,
+}
+
+impl Kind {
+    /// Every kind, in wire order.
+    pub const ALL: [Kind; 3] = [
+        Kind::ThreatAssessment,
+        Kind::IncidentRecord,
+        Kind::DsarConsultation,
+    ];
+
+    /// The name used in files, on the command line and in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::ThreatAssessment => "threat_assessment",
+            Kind::IncidentRecord => "incident_record",
+            Kind::DsarConsultation => "dsar_consultation",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = EnvelopeError;
+    fn from_str(s: &str) -> Result<Self, EnvelopeError> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| EnvelopeError::UnknownName {
+                what: "kind",
+                value: s.chars().take(40).collect(),
+            })
+    }
+}
+
+impl From<Kind> for pb::MessageKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::ThreatAssessment => pb::MessageKind::ThreatAssessment,
+            Kind::IncidentRecord => pb::MessageKind::IncidentRecord,
+            Kind::DsarConsultation => pb::MessageKind::DsarConsultation,
+        }
+    }
+}
+
+impl TryFrom<i32> for Kind {
+    type Error = EnvelopeError;
+    fn try_from(value: i32) -> Result<Self, EnvelopeError> {
+        match pb::MessageKind::try_from(value) {
+            Ok(pb::MessageKind::ThreatAssessment) => Ok(Kind::ThreatAssessment),
+            Ok(pb::MessageKind::IncidentRecord) => Ok(Kind::IncidentRecord),
+            Ok(pb::MessageKind::DsarConsultation) => Ok(Kind::DsarConsultation),
+            Ok(pb::MessageKind::Unspecified) | Err(_) => Err(EnvelopeError::Invalid {
+                field: "kind",
+                problem: "must be THREAT_ASSESSMENT, INCIDENT_RECORD or DSAR_CONSULTATION".into(),
+            }),
+        }
+    }
+}
+
+/// A Traffic Light Protocol 2.0 marking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Tlp {
+    /// TLP:CLEAR — no limit on disclosure.
+    #[serde(rename = "clear")]
+    Clear,
+    /// TLP:GREEN — the community.
+    #[serde(rename = "green")]
+    Green,
+    /// TLP:AMBER — the recipient's organisation and its clients.
+    #[serde(rename = "amber")]
+    Amber,
+    /// TLP:AMBER+STRICT — the recipient's organisation only.
+    #[serde(rename = "amber+strict")]
+    AmberStrict,
+    /// TLP:RED — named recipients only.
+    #[serde(rename = "red")]
+    Red,
+}
+
+impl Tlp {
+    /// Every marking, from least to most restrictive.
+    pub const ALL: [Tlp; 5] = [
+        Tlp::Clear,
+        Tlp::Green,
+        Tlp::Amber,
+        Tlp::AmberStrict,
+        Tlp::Red,
+    ];
+
+    /// The lowercase name used in files and on the command line (`amber+strict`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tlp::Clear => "clear",
+            Tlp::Green => "green",
+            Tlp::Amber => "amber",
+            Tlp::AmberStrict => "amber+strict",
+            Tlp::Red => "red",
+        }
+    }
+}
+
+impl fmt::Display for Tlp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tlp {
+    type Err = EnvelopeError;
+    fn from_str(s: &str) -> Result<Self, EnvelopeError> {
+        let lower = s.to_ascii_lowercase();
+        let lower = lower.strip_prefix("tlp:").unwrap_or(&lower);
+        Tlp::ALL
+            .into_iter()
+            .find(|t| t.as_str() == lower || (lower == "amber_strict" && *t == Tlp::AmberStrict))
+            .ok_or_else(|| EnvelopeError::UnknownName {
+                what: "TLP level",
+                value: s.chars().take(40).collect(),
+            })
+    }
+}
+
+impl From<Tlp> for pb::Tlp {
+    fn from(tlp: Tlp) -> Self {
+        match tlp {
+            Tlp::Clear => pb::Tlp::Clear,
+            Tlp::Green => pb::Tlp::Green,
+            Tlp::Amber => pb::Tlp::Amber,
+            Tlp::AmberStrict => pb::Tlp::AmberStrict,
+            Tlp::Red => pb::Tlp::Red,
+        }
+    }
+}
+
+impl TryFrom<i32> for Tlp {
+    type Error = EnvelopeError;
+    fn try_from(value: i32) -> Result<Self, EnvelopeError> {
+        match pb::Tlp::try_from(value) {
+            Ok(pb::Tlp::Clear) => Ok(Tlp::Clear),
+            Ok(pb::Tlp::Green) => Ok(Tlp::Green),
+            Ok(pb::Tlp::Amber) => Ok(Tlp::Amber),
+            Ok(pb::Tlp::AmberStrict) => Ok(Tlp::AmberStrict),
+            Ok(pb::Tlp::Red) => Ok(Tlp::Red),
+            Ok(pb::Tlp::Unspecified) | Err(_) => Err(EnvelopeError::Invalid {
+                field: "tlp",
+                problem: "must be set: CLEAR, GREEN, AMBER, AMBER_STRICT or RED".into(),
+            }),
+        }
+    }
+}
+
+/// Why an envelope (or a name in one) was refused. Every variant maps to the reason `MALFORMED`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// A field has the wrong shape.
+    #[error("{field} {problem}")]
+    Invalid {
+        /// The field's name on the wire.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A kind or TLP name is not one of the known ones.
+    #[error("unknown {what} {value:?}")]
+    UnknownName {
+        /// What was being named.
+        what: &'static str,
+        /// The name given (truncated).
+        value: String,
+    },
+}
+
+impl EnvelopeError {
+    fn id(field: &'static str, e: IdError) -> Self {
+        EnvelopeError::Invalid {
+            field,
+            problem: e.to_string(),
+        }
+    }
+}
+
+/// A submitted envelope whose every field has been checked for shape.
+///
+/// It has no sender: the broker knows the sender from the client certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The sender-chosen idempotency key.
+    pub message_id: MessageId,
+    /// Distinct recipients, at least one, in the order given.
+    pub recipients: Vec<AgencyId>,
+    /// What the envelope carries.
+    pub kind: Kind,
+    /// The organisation the payload identifies; `None` for anonymised or aggregate information.
+    pub organisation: Option<OrgId>,
+    /// The sender's incident reference.
+    pub incident_ref: Option<String>,
+    /// The payload's media type (`application/octet-stream` when not given).
+    pub content_type: String,
+    /// The TLP marking.
+    pub tlp: Tlp,
+    /// The payload: opaque, never logged.
+    pub payload: Vec<u8>,
+    /// The consent token, if one was given.
+    pub consent_token: Option<String>,
+}
+
+impl fmt::Debug for Envelope {
+    // Payload and token bytes never reach a log, even through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("message_id", &self.message_id)
+            .field("recipients", &self.recipients)
+            .field("kind", &self.kind)
+            .field("organisation", &self.organisation)
+            .field("incident_ref", &self.incident_ref)
+            .field("content_type", &self.content_type)
+            .field("tlp", &self.tlp)
+            .field("payload_len", &self.payload.len())
+            .field(
+                "consent_token",
+                &self.consent_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+fn label(field: &'static str, value: String) -> Result<Option<String>, EnvelopeError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > MAX_LABEL_LEN {
+        return Err(EnvelopeError::Invalid {
+            field,
+            problem: format!("is longer than {MAX_LABEL_LEN} bytes"),
+        });
+    }
+    if !value.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(EnvelopeError::Invalid {
+            field,
+            problem: "must be printable ASCII".into(),
+        });
+    }
+    Ok(Some(value))
+}
+
+impl TryFrom<pb::Envelope> for Envelope {
+    type Error = EnvelopeError;
+
+    fn try_from(wire: pb::Envelope) -> Result<Self, EnvelopeError> {
+        let message_id = wire
+            .message_id
+            .parse()
+            .map_err(|e| EnvelopeError::id("message_id", e))?;
+        if wire.recipients.is_empty() {
+            return Err(EnvelopeError::Invalid {
+                field: "recipients",
+                problem: "must name at least one agency".into(),
+            });
+        }
+        if wire.recipients.len() > MAX_RECIPIENTS {
+            return Err(EnvelopeError::Invalid {
+                field: "recipients",
+                problem: format!("names more than {MAX_RECIPIENTS} agencies"),
+            });
+        }
+        let mut recipients: Vec<AgencyId> = Vec::with_capacity(wire.recipients.len());
+        for r in wire.recipients {
+            let id: AgencyId = r.parse().map_err(|e| EnvelopeError::id("recipients", e))?;
+            if recipients.contains(&id) {
+                return Err(EnvelopeError::Invalid {
+                    field: "recipients",
+                    problem: format!("names {id} twice"),
+                });
+            }
+            recipients.push(id);
+        }
+        let organisation = if wire.organisation.is_empty() {
+            None
+        } else {
+            Some(
+                wire.organisation
+                    .parse()
+                    .map_err(|e| EnvelopeError::id("organisation", e))?,
+            )
+        };
+        let consent_token = (!wire.consent_token.is_empty()).then_some(wire.consent_token);
+        Ok(Envelope {
+            message_id,
+            recipients,
+            kind: Kind::try_from(wire.kind)?,
+            organisation,
+            incident_ref: label("incident_ref", wire.incident_ref)?,
+            content_type: label("content_type", wire.content_type)?
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            tlp: Tlp::try_from(wire.tlp)?,
+            payload: wire.payload,
+            consent_token,
+        })
+    }
+}
+
+impl From<Envelope> for pb::Envelope {
+    fn from(e: Envelope) -> Self {
+        pb::Envelope {
+            message_id: e.message_id.to_string(),
+            recipients: e.recipients.into_iter().map(String::from).collect(),
+            kind: pb::MessageKind::from(e.kind) as i32,
+            organisation: e.organisation.map(String::from).unwrap_or_default(),
+            incident_ref: e.incident_ref.unwrap_or_default(),
+            content_type: e.content_type,
+            tlp: pb::Tlp::from(e.tlp) as i32,
+            payload: e.payload,
+            consent_token: e.consent_token.unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn valid() -> pb::Envelope {
+        pb::Envelope {
+            message_id: "0b0f5a0e-7d3c-4f7e-9a55-1c2d3e4f5a6b".into(),
+            recipients: vec!["ico".into(), "nca".into()],
+            kind: pb::MessageKind::IncidentRecord as i32,
+            organisation: "acme-ltd".into(),
+            incident_ref: "INC-2026-0042".into(),
+            content_type: "application/json".into(),
+            tlp: pb::Tlp::Amber as i32,
+            payload: b"{}".to_vec(),
+            consent_token: "v4.public.x".into(),
+        }
+    }
+
+    #[test]
+    fn valid_envelope_round_trips() {
+        let env = Envelope::try_from(valid()).unwrap();
+        assert_eq!(env.kind, Kind::IncidentRecord);
+        assert_eq!(env.tlp, Tlp::Amber);
+        assert_eq!(env.organisation.as_ref().unwrap().as_str(), "acme-ltd");
+        assert_eq!(pb::Envelope::from(env), valid());
+    }
+
+    #[test]
+    fn malformed_envelopes_name_the_field() {
+        type Mutate = fn(&mut pb::Envelope);
+        let cases: &[(&str, Mutate)] = &[
+            ("message_id", |e| e.message_id = "not-a-uuid".into()),
+            ("recipients", |e| e.recipients.clear()),
+            ("recipients", |e| {
+                e.recipients = vec!["ico".into(), "ico".into()]
+            }),
+            ("recipients", |e| e.recipients = vec!["I C O".into()]),
+            ("recipients", |e| e.recipients = vec!["a".into(); 33]),
+            ("kind", |e| e.kind = 0),
+            ("kind", |e| e.kind = 99),
+            ("tlp", |e| e.tlp = 0),
+            ("organisation", |e| e.organisation = "Acme Ltd".into()),
+            ("incident_ref", |e| e.incident_ref = "x".repeat(129)),
+            ("incident_ref", |e| e.incident_ref = "bad\nref".into()),
+            ("content_type", |e| e.content_type = "text/\u{7}".into()),
+        ];
+        for (field, mutate) in cases {
+            let mut wire = valid();
+            mutate(&mut wire);
+            match Envelope::try_from(wire) {
+                Err(EnvelopeError::Invalid { field: f, .. }) => assert_eq!(f, *field),
+                other => panic!("expected {field} to be refused, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn empty_optionals_become_none() {
+        let mut wire = valid();
+        wire.organisation.clear();
+        wire.incident_ref.clear();
+        wire.content_type.clear();
+        wire.consent_token.clear();
+        let env = Envelope::try_from(wire).unwrap();
+        assert!(env.organisation.is_none());
+        assert!(env.incident_ref.is_none());
+        assert!(env.consent_token.is_none());
+        assert_eq!(env.content_type, "application/octet-stream");
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(
+            "incident_record".parse::<Kind>().unwrap(),
+            Kind::IncidentRecord
+        );
+        assert!("incident".parse::<Kind>().is_err());
+        assert_eq!("AMBER+STRICT".parse::<Tlp>().unwrap(), Tlp::AmberStrict);
+        assert_eq!("tlp:red".parse::<Tlp>().unwrap(), Tlp::Red);
+        assert!("purple".parse::<Tlp>().is_err());
+    }
+
+    #[test]
+    fn debug_redacts_payload_and_token() {
+        let env = Envelope::try_from(valid()).unwrap();
+        let shown = format!("{env:?}");
+        assert!(!shown.contains("v4.public.x"));
+        assert!(shown.contains("payload_len: 2"));
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: one test binary, one module per area.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod config;
+mod mtls;
+mod services;
