@@ -1,8 +1,19 @@
-//! The agency side of Concordat: the client that talks to the broker, and the operator tooling.
+//! The agency side of Concordat: the agent daemon that moves files between the agency's spool
+//! directory and the broker, and the operator tooling.
 //!
 //! A tour of the modules:
 //! - [`client`]: connecting to the broker over mutual TLS.
+//! - [`config`]: the agent's `agent.toml`.
+//! - [`spool`]: the spool directory — outbox files in, receipts, refusals and deliveries out —
+//!   with every write atomic and fsynced.
+//! - [`daemon`]: the agent's two loops: sending the outbox and receiving deliveries, each
+//!   reconnecting with backoff.
+//! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 
 pub mod client;
+pub mod config;
+// pub mod daemon;
+pub mod operator;
 pub mod pki;
+// pub mod spool;

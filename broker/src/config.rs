@@ -4,7 +4,8 @@
 //! paths in a file are resolved against the file's directory. Without a file the broker runs on
 //! the embedded default ([`Config::embedded_default`]): the development PKI of `certs-dev/`
 //! compiled into the binary, data in `./var/broker`, listening on 127.0.0.1:7443, and the
-//! federation of `ico`, `ncsc` and `nca`.
+//! federation of `ico`, `ncsc` and `nca` with their two MoUs and a development consent key per
+//! agency.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,11 +14,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use concordat_proto::ids::AgencyId;
+use concordat_proto::{
+    envelope::Kind,
+    ids::{AgencyId, OrgId},
+    paserk::PublicKey,
+};
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
 };
 use serde::Deserialize;
+
+use crate::policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy};
 
 /// The default largest payload, 4 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -73,6 +80,8 @@ pub struct Config {
     pub auditors: BTreeSet<AgencyId>,
     /// Size limits.
     pub limits: Limits,
+    /// The agreements and trusted consent issuers.
+    pub policy: Policy,
     /// SHA-256 of the configuration text, recorded in the audit log at start-up.
     pub digest: [u8; 32],
 }
@@ -89,12 +98,23 @@ pub struct Agency {
 pub struct Limits {
     /// The largest payload accepted in one envelope, in bytes.
     pub max_message_bytes: usize,
+    /// The most items one recipient's queue may hold; beyond it sends are refused.
+    pub max_queue_depth: u64,
+    /// The most deliveries in flight (sent, not acknowledged) on one subscription.
+    pub max_window: u32,
 }
+
+/// The default queue depth limit per recipient.
+pub const DEFAULT_MAX_QUEUE_DEPTH: u64 = 100_000;
+/// The default (and largest) in-flight window of a subscription.
+pub const DEFAULT_MAX_WINDOW: u32 = 64;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
+            max_window: DEFAULT_MAX_WINDOW,
         }
     }
 }
@@ -184,6 +204,7 @@ impl Config {
             agencies,
             auditors: BTreeSet::new(),
             limits: Limits::default(),
+            policy: Policy::default(),
             digest: [0; 32],
         }
     }
@@ -295,6 +316,212 @@ impl Config {
                 format!("must be between 1 and {MAX_MESSAGE_BYTES_CEILING}, got {max}"),
             ));
         }
+        if raw.limits.max_queue_depth == 0 {
+            return Err(invalid(
+                "limits.max_queue_depth",
+                "must be at least 1".into(),
+            ));
+        }
+        if raw.limits.max_window == 0 || raw.limits.max_window > 4096 {
+            return Err(invalid(
+                "limits.max_window",
+                format!("must be between 1 and 4096, got {}", raw.limits.max_window),
+            ));
+        }
+        let limits = Limits {
+            max_message_bytes: max,
+            max_queue_depth: raw.limits.max_queue_depth,
+            max_window: raw.limits.max_window,
+        };
+
+        let mut policy = Policy {
+            clock_skew: time::Duration::seconds(i64::from(raw.clock_skew_seconds)),
+            enforce_review: raw.enforce_review,
+            ..Policy::default()
+        };
+        if raw.clock_skew_seconds > 3600 {
+            return Err(invalid("clock_skew_seconds", "must be at most 3600".into()));
+        }
+        for (i, issuer) in raw.consent_issuers.into_iter().enumerate() {
+            let at = |k: &str| format!("consent_issuers[{i}].{k}");
+            let text = match (issuer.key, issuer.key_file) {
+                (Some(k), None) => k,
+                (None, Some(path)) => {
+                    let bytes = read(&at("key_file"), &path)?;
+                    String::from_utf8(bytes)
+                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        &at("key"),
+                        "give exactly one of key and key_file".into(),
+                    ));
+                }
+            };
+            let key: PublicKey = text
+                .parse()
+                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))?;
+            let agency = match issuer.agency {
+                None => None,
+                Some(a) => {
+                    let id: AgencyId = a
+                        .parse()
+                        .map_err(|e| invalid(&at("agency"), format!("{a:?} {e}")))?;
+                    if !agencies.contains_key(&id) {
+                        return Err(invalid(
+                            &at("agency"),
+                            format!("{id} is not a declared agency"),
+                        ));
+                    }
+                    Some(id)
+                }
+            };
+            let organisations = if issuer.organisations.iter().any(|o| o == "*") {
+                if issuer.organisations.len() > 1 {
+                    return Err(invalid(
+                        &at("organisations"),
+                        "\"*\" must stand alone".into(),
+                    ));
+                }
+                if agency.is_none() {
+                    return Err(invalid(
+                        &at("organisations"),
+                        "only an agency's consent desk may speak for every organisation; list the organisations".into(),
+                    ));
+                }
+                Organisations::Any
+            } else if issuer.organisations.is_empty() {
+                return Err(invalid(
+                    &at("organisations"),
+                    "must list organisations or be [\"*\"]".into(),
+                ));
+            } else {
+                let mut set = BTreeSet::new();
+                for o in &issuer.organisations {
+                    set.insert(
+                        o.parse::<OrgId>()
+                            .map_err(|e| invalid(&at("organisations"), format!("{o:?} {e}")))?,
+                    );
+                }
+                Organisations::Only(set)
+            };
+            let key_id = key.key_id();
+            if policy.issuers.contains_key(&key_id) {
+                return Err(invalid(&at("key"), format!("{key_id} is declared twice")));
+            }
+            policy.issuers.insert(
+                key_id,
+                ConsentIssuer {
+                    key,
+                    agency,
+                    organisations,
+                },
+            );
+        }
+        let mut agreement_ids = BTreeSet::new();
+        for (i, a) in raw.agreements.into_iter().enumerate() {
+            let at = |k: &str| format!("agreements[{i}].{k}");
+            if a.id.trim().is_empty() || a.id.len() > 64 || a.id.chars().any(|c| c.is_whitespace())
+            {
+                return Err(invalid(
+                    &at("id"),
+                    "must be 1 to 64 characters without spaces".into(),
+                ));
+            }
+            if !agreement_ids.insert(a.id.clone()) {
+                return Err(invalid(&at("id"), format!("{} is declared twice", a.id)));
+            }
+            let mut parties = BTreeSet::new();
+            for p in &a.parties {
+                let id: AgencyId = p
+                    .parse()
+                    .map_err(|e| invalid(&at("parties"), format!("{p:?} {e}")))?;
+                if !agencies.contains_key(&id) {
+                    return Err(invalid(
+                        &at("parties"),
+                        format!("{id} is not a declared agency"),
+                    ));
+                }
+                parties.insert(id);
+            }
+            if parties.len() < 2 {
+                return Err(invalid(
+                    &at("parties"),
+                    "an agreement needs at least two parties".into(),
+                ));
+            }
+            let signed = toml_date(&a.signed).map_err(|p| invalid(&at("signed"), p))?;
+            let review_by = toml_date(&a.review_by).map_err(|p| invalid(&at("review_by"), p))?;
+            if review_by < signed {
+                return Err(invalid(
+                    &at("review_by"),
+                    "is before the signing date".into(),
+                ));
+            }
+            let mut flows = Vec::new();
+            for (j, f) in a.flows.into_iter().enumerate() {
+                let fat = |k: &str| format!("agreements[{i}].flows[{j}].{k}");
+                let from: AgencyId = f
+                    .from
+                    .parse()
+                    .map_err(|e| invalid(&fat("from"), format!("{:?} {e}", f.from)))?;
+                let to: AgencyId =
+                    f.to.parse()
+                        .map_err(|e| invalid(&fat("to"), format!("{:?} {e}", f.to)))?;
+                for (k, id) in [("from", &from), ("to", &to)] {
+                    if !parties.contains(id) {
+                        return Err(invalid(
+                            &fat(k),
+                            format!("{id} is not a party to this agreement"),
+                        ));
+                    }
+                }
+                if from == to {
+                    return Err(invalid(
+                        &fat("to"),
+                        "a flow needs two different agencies".into(),
+                    ));
+                }
+                let mut kinds = BTreeSet::new();
+                for k in &f.kinds {
+                    kinds.insert(
+                        k.parse::<Kind>()
+                            .map_err(|e| invalid(&fat("kinds"), e.to_string()))?,
+                    );
+                }
+                if kinds.is_empty() {
+                    return Err(invalid(&fat("kinds"), "must name at least one kind".into()));
+                }
+                if f.clause.trim().is_empty() {
+                    return Err(invalid(
+                        &fat("clause"),
+                        "must cite the clause that permits the flow".into(),
+                    ));
+                }
+                flows.push(Flow {
+                    from,
+                    to,
+                    kinds,
+                    clause: f.clause,
+                });
+            }
+            if flows.is_empty() {
+                return Err(invalid(
+                    &at("flows"),
+                    "an agreement must permit at least one flow".into(),
+                ));
+            }
+            policy.agreements.push(Agreement {
+                id: a.id,
+                title: a.title,
+                parties,
+                signed,
+                review_by,
+                flows,
+            });
+        }
 
         use sha2::Digest;
         Ok(Config {
@@ -304,9 +531,8 @@ impl Config {
             tls,
             agencies,
             auditors,
-            limits: Limits {
-                max_message_bytes: max,
-            },
+            limits,
+            policy,
             digest: sha2::Sha256::digest(text.as_bytes()).into(),
         })
     }
@@ -332,7 +558,96 @@ impl Config {
         let auditors: Vec<&str> = self.auditors.iter().map(AgencyId::as_str).collect();
         let _ = writeln!(s, "auditors:      {}", auditors.join(", "));
         let _ = writeln!(s, "max message:   {} bytes", self.limits.max_message_bytes);
+        let _ = writeln!(
+            s,
+            "max queue:     {} items per recipient",
+            self.limits.max_queue_depth
+        );
+        let _ = writeln!(
+            s,
+            "max window:    {} deliveries in flight",
+            self.limits.max_window
+        );
+        let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
+        let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
+        issuers.sort_by_key(|(id, _)| id.to_string());
+        for (id, issuer) in issuers {
+            let desk = issuer
+                .agency
+                .as_ref()
+                .map_or("(organisation key)".to_owned(), |a| {
+                    format!("consent desk of {a}")
+                });
+            let orgs = match &issuer.organisations {
+                Organisations::Any => "any organisation".to_owned(),
+                Organisations::Only(set) => {
+                    set.iter().map(OrgId::as_str).collect::<Vec<_>>().join(", ")
+                }
+            };
+            let _ = writeln!(s, "  {id}  {desk}; for {orgs}");
+        }
+        let today = time::OffsetDateTime::now_utc().date();
+        let _ = writeln!(
+            s,
+            "agreements:    {} (reviews {})",
+            self.policy.agreements.len(),
+            if self.policy.enforce_review {
+                "enforced"
+            } else {
+                "not enforced"
+            }
+        );
+        for a in &self.policy.agreements {
+            let parties: Vec<&str> = a.parties.iter().map(AgencyId::as_str).collect();
+            let status = if !a.in_force(today) {
+                "not yet in force"
+            } else if a.review_overdue(today) {
+                "in force; REVIEW OVERDUE"
+            } else {
+                "in force"
+            };
+            let _ = writeln!(
+                s,
+                "  {} [{}] signed {}, review by {}: {status}",
+                a.id,
+                parties.join(", "),
+                a.signed,
+                a.review_by
+            );
+            for f in &a.flows {
+                let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
+                let _ = writeln!(
+                    s,
+                    "    {} -> {}: {}  ({})",
+                    f.from,
+                    f.to,
+                    kinds.join(", "),
+                    f.clause
+                );
+            }
+        }
         s
+    }
+
+    /// Warnings about the configuration as of `today`: agreements past their review date.
+    pub fn warnings(&self, today: time::Date) -> Vec<String> {
+        self.policy
+            .overdue(today)
+            .into_iter()
+            .map(|a| {
+                format!(
+                    "agreement {} ({}) was due for review by {}{}",
+                    a.id,
+                    a.title,
+                    a.review_by,
+                    if self.policy.enforce_review {
+                        "; flows relying on it are refused (enforce_review = true)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect()
     }
 }
 
@@ -369,6 +684,18 @@ const EMBEDDED_FILES: &[(&str, &[u8])] = &[
     ("ca.pem", include_bytes!("../../certs-dev/ca.pem")),
     ("broker.pem", include_bytes!("../../certs-dev/broker.pem")),
     ("broker.key", include_bytes!("../../certs-dev/broker.key")),
+    (
+        "consent/ico.pub",
+        include_bytes!("../../certs-dev/consent/ico.pub"),
+    ),
+    (
+        "consent/ncsc.pub",
+        include_bytes!("../../certs-dev/consent/ncsc.pub"),
+    ),
+    (
+        "consent/nca.pub",
+        include_bytes!("../../certs-dev/consent/nca.pub"),
+    ),
 ];
 
 impl FileSource for Embedded {
@@ -396,6 +723,63 @@ struct RawConfig {
     agencies: Vec<RawAgency>,
     #[serde(default)]
     auditors: Vec<String>,
+    #[serde(default = "default_clock_skew")]
+    clock_skew_seconds: u32,
+    #[serde(default)]
+    enforce_review: bool,
+    #[serde(default)]
+    consent_issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    agreements: Vec<RawAgreement>,
+}
+
+fn default_clock_skew() -> u32 {
+    60
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    key: Option<String>,
+    key_file: Option<PathBuf>,
+    agency: Option<String>,
+    #[serde(default)]
+    organisations: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgreement {
+    id: String,
+    title: String,
+    parties: Vec<String>,
+    signed: toml::value::Datetime,
+    review_by: toml::value::Datetime,
+    #[serde(default)]
+    flows: Vec<RawFlow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    from: String,
+    to: String,
+    kinds: Vec<String>,
+    clause: String,
+}
+
+/// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.
+fn toml_date(d: &toml::value::Datetime) -> Result<time::Date, String> {
+    match (d.date, d.time, d.offset) {
+        (Some(date), None, None) => {
+            let month = time::Month::try_from(date.month).map_err(|e| e.to_string())?;
+            time::Date::from_calendar_date(i32::from(date.year), month, date.day)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err(format!(
+            "{d} is not a date such as 2024-09-10 (unquoted, no time)"
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -408,22 +792,22 @@ struct RawTls {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct RawLimits {
-    #[serde(default = "default_max_message_bytes")]
     max_message_bytes: usize,
+    max_queue_depth: u64,
+    max_window: u32,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
+        let d = Limits::default();
         RawLimits {
-            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: d.max_message_bytes,
+            max_queue_depth: d.max_queue_depth,
+            max_window: d.max_window,
         }
     }
-}
-
-fn default_max_message_bytes() -> usize {
-    DEFAULT_MAX_MESSAGE_BYTES
 }
 
 #[derive(Deserialize)]

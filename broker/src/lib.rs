@@ -6,15 +6,23 @@
 //!   the accept loop that attaches the peer's certificate identity to each connection.
 //! - [`identity`]: the interceptor that turns that certificate into a [`identity::Caller`].
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
+//! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
+//!   that decides whether an envelope may be relayed.
+//! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
+//!   trait (sled), written by one group-commit writer thread.
+//! - [`dispatch`]: which deliveries are in flight on which subscription.
 //! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
 //!
 //! [`serve`] takes an already-bound listener, so tests bind `127.0.0.1:0` and read the address
 //! from the listener: no sleeps, no races.
 
 pub mod config;
+pub mod dispatch;
 pub mod identity;
+pub mod policy;
 pub mod refusal;
 pub mod service;
+pub mod store;
 pub mod tls;
 
 use std::{future::Future, sync::Arc};
@@ -46,6 +54,17 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The data directory or database could not be opened.
+    #[error("{0}")]
+    Storage(#[from] refusal::Internal),
+    /// The data directory could not be created.
+    #[error("creating the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the broker on `listener` until `shutdown` completes, then stops gracefully.
@@ -57,7 +76,26 @@ pub async fn serve(
     let tls = tls::server_config(&config.tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
-    let state = Arc::new(service::State::new(&config, authenticator.clone()));
+    for warning in config.warnings(time::OffsetDateTime::now_utc().date()) {
+        tracing::warn!("{warning}");
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let storage = Arc::new(store::SledStorage::open(&config.data_dir)?);
+    let agency_ids = config.agencies.keys().cloned().collect();
+    for (agency, depth) in store::nonempty_queues(storage.as_ref(), &agency_ids) {
+        tracing::info!(agency = %agency, depth, "queued deliveries waiting");
+    }
+    let store = store::Store::start(storage)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(service::State::new(
+        &config,
+        authenticator.clone(),
+        store,
+        stop_rx,
+    ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -108,7 +146,11 @@ pub async fn serve(
         .add_service(exchange)
         .add_service(consent)
         .add_service(audit)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            // End the subscriptions so that graceful shutdown does not wait for them forever.
+            let _ = stop_tx.send(true);
+        })
         .await?;
     tracing::info!("broker stopped");
     Ok(())

@@ -202,6 +202,36 @@ impl From<Internal> for Status {
     }
 }
 
+/// Either outcome of an operation that did not succeed: a refusal, or an internal error.
+#[derive(Debug)]
+pub enum Failure {
+    /// The caller's request was refused.
+    Refused(Refusal),
+    /// The broker failed.
+    Internal(Internal),
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r)
+    }
+}
+
+impl From<Internal> for Failure {
+    fn from(e: Internal) -> Self {
+        Failure::Internal(e)
+    }
+}
+
+impl From<Failure> for Status {
+    fn from(f: Failure) -> Status {
+        match f {
+            Failure::Refused(r) => r.into(),
+            Failure::Internal(e) => e.into(),
+        }
+    }
+}
+
 /// The reason code of a status, if it carries a Concordat `ErrorInfo`.
 pub fn reason_of(status: &Status) -> Option<String> {
     let details = status.get_error_details();

@@ -1,33 +1,165 @@
 //! The gRPC services: `Exchange` (sending and receiving), `Consent` (revocation) and `Audit`.
 //!
 //! Every handler starts from the [`Caller`] that the authenticator attached; none reads an
-//! identity from a message.
+//! identity from a message. Every refusal is logged here, with the caller and the reason code,
+//! never with payloads or token bytes.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
-use concordat_proto::pb;
-use tokio_stream::Stream;
+use concordat_proto::{consent, envelope::Envelope, ids::AgencyId, paseto, pb};
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    config::Config,
+    config::{Agency, Config, Limits},
+    dispatch::Dispatcher,
     identity::{Authenticator, Caller, caller},
-    refusal::{Reason, Refusal},
+    policy::{self, Policy},
+    refusal::{Failure, Internal, Reason, Refusal},
+    store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
+
+/// How many envelopes of one `SendStream` are decided and committed concurrently.
+const STREAM_PIPELINE: usize = 64;
+/// The most delivery ids one `Ack` may carry.
+const MAX_ACK_IDS: usize = 4096;
 
 /// What the services share.
 pub struct State {
     authenticator: Authenticator,
+    agencies: BTreeMap<AgencyId, Agency>,
+    limits: Limits,
+    policy: Policy,
+    store: Store,
+    dispatcher: Dispatcher,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl State {
-    /// The shared state for a broker running `config`.
-    pub fn new(_config: &Config, authenticator: Authenticator) -> Self {
-        State { authenticator }
+    /// The shared state for a broker running `config` over `store`. Subscriptions end when
+    /// `shutdown` turns true.
+    pub fn new(
+        config: &Config,
+        authenticator: Authenticator,
+        store: Store,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        State {
+            authenticator,
+            agencies: config.agencies.clone(),
+            limits: config.limits.clone(),
+            policy: config.policy.clone(),
+            store,
+            dispatcher: Dispatcher::default(),
+            shutdown,
+        }
+    }
+
+    /// The in-flight bookkeeping (for tests and diagnostics).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Decides on one envelope from `sender` and, if accepted, stores it durably.
+    async fn submit(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<pb::Receipt, Failure> {
+        let envelope = Envelope::try_from(wire)
+            .map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
+        let digest = store::envelope_digest(&envelope);
+        let storage = self.store.storage();
+        // A retry of an accepted message gets the first receipt back; the writer checks again.
+        if let Some((mut receipt, first)) = storage.receipt(sender, &envelope.message_id)? {
+            if first != digest {
+                return Err(Refusal::new(
+                    Reason::MessageIdReused,
+                    "this message id was already used for a different envelope; choose a new id",
+                )
+                .into());
+            }
+            receipt.duplicate = true;
+            return Ok(receipt);
+        }
+        let now = OffsetDateTime::now_utc();
+        let cx = policy::Context {
+            policy: &self.policy,
+            agencies: &self.agencies,
+            limits: &self.limits,
+            ledger: storage,
+            now,
+        };
+        let decision = policy::decide(&cx, sender, &envelope)?;
+        let op = Op::Accept(Box::new(Accept {
+            sender: sender.clone(),
+            envelope,
+            decision,
+            envelope_digest: digest,
+            transfer_id: uuid::Uuid::new_v4(),
+            accepted_at: now,
+            max_queue_depth: self.limits.max_queue_depth,
+        }));
+        match self.store.commit(op).await? {
+            Applied::Accepted(receipt) => Ok(*receipt),
+            other => Err(Internal::new(
+                "storing a transfer",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into()),
+        }
+    }
+
+    /// [`State::submit`], with the outcome logged.
+    async fn submit_logged(
+        &self,
+        sender: &AgencyId,
+        wire: pb::Envelope,
+    ) -> Result<pb::Receipt, Failure> {
+        let message_id = wire
+            .message_id
+            .parse::<concordat_proto::ids::MessageId>()
+            .ok();
+        let kind = wire.kind;
+        let outcome = self.submit(sender, wire).await;
+        let message_id = message_id
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "<invalid>".into());
+        match &outcome {
+            Ok(receipt) => tracing::info!(
+                agency = %sender,
+                transfer = %receipt.transfer_id,
+                message_id = %message_id,
+                kind,
+                recipients = receipt.authorities.len(),
+                duplicate = receipt.duplicate,
+                "accepted"
+            ),
+            Err(Failure::Refused(r)) => {
+                tracing::warn!(agency = %sender, message_id = %message_id, reason = %r.reason, "refused: {}", r.message);
+            }
+            Err(Failure::Internal(e)) => {
+                tracing::error!(agency = %sender, message_id = %message_id, error = %e, "send failed");
+            }
+        }
+        outcome
     }
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Logs a refusal of `caller` and turns it into a status.
+fn refused(caller: &Caller, what: &str, refusal: Refusal) -> Status {
+    tracing::warn!(agency = %caller.id(), reason = %refusal.reason, "refused {what}: {}", refusal.message);
+    refusal.into()
+}
+
+/// The caller's agency id, or a logged refusal for auditors.
+fn agency_of(caller: &Caller, what: &str) -> Result<AgencyId, Status> {
+    caller
+        .agency()
+        .cloned()
+        .map_err(|r| refused(caller, what, r))
+}
 
 /// The `Exchange` service.
 pub struct ExchangeService {
@@ -54,7 +186,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
             .display_name(caller.id())
             .unwrap_or("auditor")
             .to_owned();
-        tracing::info!(agency = %caller.id(), "hello");
+        tracing::debug!(agency = %caller.id(), "hello");
         Ok(Response::new(pb::HelloResponse {
             agency_id: caller.id().to_string(),
             display_name,
@@ -64,8 +196,13 @@ impl pb::exchange_server::Exchange for ExchangeService {
     }
 
     async fn send(&self, request: Request<pb::Envelope>) -> Result<Response<pb::Receipt>, Status> {
-        let _ = caller(&request)?.agency()?;
-        Err(Status::unimplemented("Send is not available yet"))
+        let caller = caller(&request)?;
+        let sender = agency_of(&caller, "send")?;
+        let receipt = self
+            .state
+            .submit_logged(&sender, request.into_inner())
+            .await?;
+        Ok(Response::new(receipt))
     }
 
     type SendStreamStream = ResponseStream<pb::SendResult>;
@@ -74,8 +211,36 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<Streaming<pb::Envelope>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let _ = caller(&request)?.agency()?;
-        Err(Status::unimplemented("SendStream is not available yet"))
+        let caller = caller(&request)?;
+        let sender = agency_of(&caller, "send")?;
+        let state = self.state.clone();
+        let results = request
+            .into_inner()
+            .map(move |item| {
+                let state = state.clone();
+                let sender = sender.clone();
+                async move {
+                    let wire = item?;
+                    let message_id = wire.message_id.clone();
+                    let outcome = match state.submit_logged(&sender, wire).await {
+                        Ok(receipt) => pb::send_result::Outcome::Receipt(receipt),
+                        Err(Failure::Refused(r)) => {
+                            pb::send_result::Outcome::Refusal(pb::Refusal {
+                                reason: r.reason.as_str().into(),
+                                message: r.message,
+                            })
+                        }
+                        // Internal errors end the stream: the client retries what is unanswered.
+                        Err(Failure::Internal(e)) => return Err(Status::from(e)),
+                    };
+                    Ok(pb::SendResult {
+                        message_id,
+                        outcome: Some(outcome),
+                    })
+                }
+            })
+            .buffered(STREAM_PIPELINE);
+        Ok(Response::new(Box::pin(results)))
     }
 
     type SubscribeStream = ResponseStream<pb::Delivery>;
@@ -84,22 +249,125 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let _ = caller(&request)?.agency()?;
-        Err(Status::unimplemented("Subscribe is not available yet"))
+        let caller = caller(&request)?;
+        let recipient = agency_of(&caller, "subscribe")?;
+        let max = self.state.limits.max_window;
+        let window = match request.get_ref().window {
+            0 => max,
+            w => w.min(max),
+        } as usize;
+        let (tx, rx) = mpsc::channel(window);
+        tracing::info!(agency = %recipient, window, "subscribed");
+        tokio::spawn(deliver(self.state.clone(), recipient, window, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn ack(
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let _ = caller(&request)?.agency()?;
-        Err(Status::unimplemented("Ack is not available yet"))
+        let caller = caller(&request)?;
+        let recipient = agency_of(&caller, "ack")?;
+        let ids = request.into_inner().delivery_ids;
+        if ids.len() > MAX_ACK_IDS {
+            return Err(refused(
+                &caller,
+                "ack",
+                Refusal::new(
+                    Reason::Malformed,
+                    format!("at most {MAX_ACK_IDS} delivery ids per Ack"),
+                ),
+            ));
+        }
+        let seqs = ids
+            .iter()
+            .map(|id| id.parse::<u64>())
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|_| {
+                refused(
+                    &caller,
+                    "ack",
+                    Refusal::new(Reason::Malformed, "delivery ids are decimal numbers"),
+                )
+            })?;
+        let applied = self
+            .state
+            .store
+            .commit(Op::Ack {
+                recipient: recipient.clone(),
+                seqs: seqs.clone(),
+            })
+            .await?;
+        self.state.dispatcher.acked(&recipient, &seqs);
+        let Applied::Acked(acknowledged) = applied else {
+            return Err(
+                Internal::new("acknowledging", format!("unexpected outcome {applied:?}")).into(),
+            );
+        };
+        tracing::debug!(agency = %recipient, acknowledged, "acknowledged");
+        Ok(Response::new(pb::AckResponse { acknowledged }))
     }
+}
+
+/// Feeds one subscription: claims the oldest available durable items up to the window, sends
+/// them, and waits for acknowledgements, new items or the end.
+async fn deliver(
+    state: Arc<State>,
+    recipient: AgencyId,
+    window: usize,
+    tx: mpsc::Sender<Result<pb::Delivery, Status>>,
+) {
+    let (sub, notify) = state.dispatcher.register(&recipient);
+    let mut durable = state.store.durable();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Register for wake-ups before looking, so none is missed in between.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let budget = window.saturating_sub(state.dispatcher.in_flight(&recipient, sub));
+        let latest = *durable.borrow_and_update();
+        let items =
+            match state
+                .dispatcher
+                .claim(state.store.storage(), &recipient, sub, latest, budget)
+            {
+                Ok(items) => items,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    break;
+                }
+            };
+        let mut gone = false;
+        for item in items {
+            let delivery = pb::Delivery {
+                delivery_id: item.seq.to_string(),
+                body: Some(item.body),
+            };
+            if tx.send(Ok(delivery)).await.is_err() {
+                gone = true;
+                break;
+            }
+        }
+        if gone {
+            break;
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            changed = durable.changed() => if changed.is_err() { break },
+            () = tx.closed() => break,
+            _ = shutdown.changed() => {}
+        }
+    }
+    state.dispatcher.release(&recipient, sub);
+    tracing::info!(agency = %recipient, "subscription ended");
 }
 
 /// The `Consent` service.
 pub struct ConsentService {
-    #[allow(dead_code)]
     state: Arc<State>,
 }
 
@@ -116,8 +384,61 @@ impl pb::consent_server::Consent for ConsentService {
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let _ = caller(&request)?.agency()?;
-        Err(Status::unimplemented("Revoke is not available yet"))
+        let caller = caller(&request)?;
+        let _ = agency_of(&caller, "revoke")?;
+        let token = request.into_inner().revocation;
+        let invalid = |e: consent::ConsentError| {
+            refused(
+                &caller,
+                "revoke",
+                Refusal::new(
+                    Reason::RevocationInvalid,
+                    format!("revocation statement: {e}"),
+                ),
+            )
+        };
+        if token.len() > paseto::MAX_TOKEN_LEN {
+            return Err(invalid(consent::ConsentError::TooLong));
+        }
+        let key_id = consent::key_id_of(&token).map_err(invalid)?;
+        let Some(issuer) = self.state.policy.issuers.get(&key_id) else {
+            return Err(refused(
+                &caller,
+                "revoke",
+                Refusal::new(
+                    Reason::ConsentUnknownIssuer,
+                    format!("revocation signed by {key_id}, which this broker does not trust"),
+                ),
+            ));
+        };
+        let revocation = consent::verify_revocation(&token, &issuer.key).map_err(invalid)?;
+        let target = match revocation.target() {
+            consent::RevocationTarget::Token(jti) => RevokeTarget::Token(jti),
+            consent::RevocationTarget::IssuedBefore(t) => RevokeTarget::IssuedBefore(t),
+        };
+        let applied = self
+            .state
+            .store
+            .commit(Op::Revoke(Box::new(Revoke {
+                issuer: key_id,
+                target,
+                revoked_at: OffsetDateTime::now_utc(),
+            })))
+            .await?;
+        let Applied::Revoked {
+            recall_notices,
+            duplicate,
+        } = applied
+        else {
+            return Err(
+                Internal::new("revoking", format!("unexpected outcome {applied:?}")).into(),
+            );
+        };
+        tracing::info!(agency = %caller.id(), issuer = %key_id, target = ?target, recall_notices, duplicate, "consent revoked");
+        Ok(Response::new(pb::RevokeResponse {
+            recall_notices,
+            duplicate,
+        }))
     }
 }
 
@@ -144,15 +465,17 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<Self::ExportStream>, Status> {
         let caller = caller(&request)?;
         if !matches!(caller, Caller::Auditor(_)) {
-            let refusal = Refusal::new(
-                Reason::NotAuthorised,
-                format!(
-                    "{} is not an auditor; only auditor certificates may export the audit log",
-                    caller.id()
+            return Err(refused(
+                &caller,
+                "audit export",
+                Refusal::new(
+                    Reason::NotAuthorised,
+                    format!(
+                        "{} is not an auditor; only auditor certificates may export the audit log",
+                        caller.id()
+                    ),
                 ),
-            );
-            tracing::warn!(agency = %caller.id(), reason = %refusal.reason, "refused: audit export");
-            return Err(refusal.into());
+            ));
         }
         Err(Status::unimplemented("Export is not available yet"))
     }

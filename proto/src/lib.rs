@@ -6,12 +6,22 @@
 //!   converted from the wire types with `TryFrom`, so a value that exists has been validated.
 //! - [`ids`]: identifiers (`AgencyId`, `OrgId`, `MessageId`) as validated newtypes.
 //! - [`envelope`]: message kinds, TLP markings and the validated [`envelope::Envelope`].
+//! - [`paseto`]: PASETO v4.public (Ed25519) signing and strict verification.
+//! - [`paserk`]: PASERK keys (`k4.secret`, `k4.public`) and key ids (`k4.pid`).
+//! - [`consent`]: consent tokens and revocation statements (`docs/consent-token.md`).
+//! - [`merkle`]: the RFC 6962 Merkle tree of the audit log, its stored-hash layout and proofs.
+//! - [`checkpoint`]: signed tree heads (C2SP tlog-checkpoint as a C2SP signed note).
 //!
 //! Architecture invariant: this crate does no I/O. No tokio, no sled, no files, no clocks read
 //! except where a caller passes the time in.
 
+pub mod checkpoint;
+pub mod consent;
 pub mod envelope;
 pub mod ids;
+pub mod merkle;
+pub mod paserk;
+pub mod paseto;
 
 /// Generated protobuf messages and gRPC stubs for `concordat.v1`.
 #[allow(

@@ -1,9 +1,25 @@
-//! `concordat`: the operator CLI.
+//! `concordat`: the operator CLI. Argument parsing and printing only; the work is in the
+//! `concordat_agent` library.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use concordat_agent::{
+    client::ClientTls,
+    config::AgentConfig,
+    operator::{self, ConsentRequest, SendOutcome},
+};
+use concordat_proto::{
+    consent::{RevocationTarget, TokenId},
+    envelope::{Kind, Tlp},
+    ids::{AgencyId, MessageId, OrgId},
+    paserk::PublicKey,
+};
+use time::OffsetDateTime;
+
+/// Exit status of `concordat send` when the broker refused the envelope.
+const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser)]
 #[command(version, about = "Concordat operator tools")]
@@ -19,37 +35,171 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Generates a consent issuer key: the secret key to FILE (mode 0600), the public key to
+    /// FILE.pub; prints the public key and its key id.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Consent tokens: issue, inspect, revoke.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
+    /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
+    /// 3 refused, 1 error.
+    Send(SendArgs),
 }
 
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Generates a development PKI: a CA, the broker's certificate (SANs localhost and
-    /// 127.0.0.1) and one client certificate per agency and auditor (CN = id).
+    /// 127.0.0.1), one client certificate per agency and auditor (CN = id), and a consent
+    /// issuer key per agency under consent/.
     Dev {
         /// Where to write the files.
         #[arg(long)]
         out: PathBuf,
         /// Comma-separated agency ids.
         #[arg(long, value_delimiter = ',', required = true)]
-        agencies: Vec<String>,
+        agencies: Vec<AgencyId>,
         /// Comma-separated auditor ids.
         #[arg(long, value_delimiter = ',')]
-        auditors: Vec<String>,
+        auditors: Vec<AgencyId>,
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+#[derive(Subcommand)]
+enum ConsentCommand {
+    /// Issues a consent token and prints it.
+    Issue {
+        /// The issuer's secret key file (PASERK k4.secret).
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// The organisation that consents.
+        #[arg(long)]
+        org: OrgId,
+        /// The agency that may send.
+        #[arg(long)]
+        from: AgencyId,
+        /// The agencies that may receive, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<AgencyId>,
+        /// The kinds of message, comma-separated: threat_assessment, incident_record,
+        /// dsar_consultation.
+        #[arg(long, value_delimiter = ',', required = true)]
+        kind: Vec<Kind>,
+        /// Why the organisation consents.
+        #[arg(long)]
+        purpose: String,
+        /// Binds the token to an incident reference (repeatable).
+        #[arg(long)]
+        incident: Vec<String>,
+        /// Binds the token to this exact payload (its SHA-256).
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        /// How long the token is valid, e.g. 30d, 12h.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        /// How many transfers the token may authorise.
+        #[arg(long)]
+        max_uses: Option<u32>,
+    },
+    /// Shows a token's claims and, with --public-key, whether it verifies (exit 1 if not).
+    Inspect {
+        /// The token, or @FILE.
+        token: String,
+        /// The issuer's public key (PASERK k4.public), or @FILE.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Signs a revocation and sends it to the broker.
+    Revoke {
+        /// The issuer's secret key file.
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// Revokes the token with this jti.
+        #[arg(long, conflicts_with = "before", required_unless_present = "before")]
+        jti: Option<String>,
+        /// Revokes every token of this key issued before this RFC 3339 time.
+        #[arg(long)]
+        before: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+/// How to reach the broker: explicit files, or an agent's configuration.
+#[derive(Args)]
+struct BrokerArgs {
+    /// The broker's URL, e.g. https://localhost:7443.
+    #[arg(long, requires_all = ["ca", "cert", "key"], conflicts_with = "config")]
+    broker: Option<String>,
+    /// The federation CA certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This agency's client certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Read broker URL and TLS files from an agent configuration instead.
+    #[arg(long, required_unless_present = "broker")]
+    config: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn tls(&self) -> anyhow::Result<ClientTls> {
+        if let Some(path) = &self.config {
+            let config = AgentConfig::load(path)?;
+            return Ok(config.client_tls()?);
+        }
+        match (&self.broker, &self.ca, &self.cert, &self.key) {
+            (Some(url), Some(ca), Some(cert), Some(key)) => {
+                Ok(ClientTls::from_files(url, ca, cert, key)?)
+            }
+            _ => anyhow::bail!("give --broker, --ca, --cert and --key, or --config"),
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+#[derive(Args)]
+struct SendArgs {
+    /// Recipient agencies, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<AgencyId>,
+    /// The kind: threat_assessment, incident_record or dsar_consultation.
+    #[arg(long)]
+    kind: Kind,
+    /// The organisation the payload identifies (needs --consent).
+    #[arg(long, requires = "consent")]
+    org: Option<OrgId>,
+    /// The consent token, or @FILE.
+    #[arg(long)]
+    consent: Option<String>,
+    /// The incident reference.
+    #[arg(long)]
+    incident: Option<String>,
+    /// The TLP marking: clear, green, amber, amber+strict, red.
+    #[arg(long, default_value = "amber")]
+    tlp: Tlp,
+    /// The payload's media type.
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// The message id (a UUID); a fresh one if not given. Reuse it to retry safely.
+    #[arg(long)]
+    message_id: Option<MessageId>,
+    /// The payload file.
+    #[arg(long)]
+    payload: PathBuf,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -57,9 +207,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    rustls::crypto::ring::default_provider()
+    if rustls::crypto::ring::default_provider()
         .install_default()
-        .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
+        .is_err()
+    {
+        eprintln!("error: a TLS crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Certs {
             command:
@@ -69,16 +240,155 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     auditors,
                 },
         } => {
-            for id in agencies.iter().chain(&auditors) {
-                id.parse::<concordat_proto::ids::AgencyId>()
-                    .with_context(|| format!("{id:?} is not a valid agency or auditor id"))?;
-            }
-            let files = concordat_agent::pki::write_dev_pki(&out, &agencies, &auditors)
+            let ids = |v: &[AgencyId]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+            let files = concordat_agent::pki::write_dev_pki(&out, &ids(&agencies), &ids(&auditors))
                 .with_context(|| format!("writing the development PKI to {}", out.display()))?;
             for f in files {
                 println!("wrote {}", f.display());
             }
-            Ok(())
+            let consent_dir = out.join("consent");
+            std::fs::create_dir_all(&consent_dir)
+                .with_context(|| format!("creating {}", consent_dir.display()))?;
+            for agency in &agencies {
+                let path = consent_dir.join(format!("{agency}.key"));
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("replacing {}", path.display()))?;
+                }
+                let (_, key_id) = operator::keygen(&path)?;
+                println!(
+                    "wrote {} and {} ({key_id})",
+                    path.display(),
+                    path.with_extension("pub").display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { out } => {
+            let (public, key_id) = operator::keygen(&out)?;
+            println!("secret key: {} (mode 0600)", out.display());
+            println!("public key: {public}");
+            println!("key id:     {key_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Consent { command } => consent(command).await,
+        Command::Send(args) => send(args).await,
+    }
+}
+
+async fn consent(command: ConsentCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ConsentCommand::Issue {
+            issuer_key,
+            org,
+            from,
+            to,
+            kind,
+            purpose,
+            incident,
+            payload,
+            expires,
+            max_uses,
+        } => {
+            let key = operator::read_secret_key(&issuer_key)?;
+            let payload = payload
+                .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let request = ConsentRequest {
+                organisation: org,
+                from,
+                to,
+                kinds: kind,
+                purpose,
+                incidents: incident,
+                payload,
+                valid_for: expires,
+                max_uses,
+            };
+            println!(
+                "{}",
+                operator::issue_consent(&key, &request, OffsetDateTime::now_utc())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ConsentCommand::Inspect { token, public_key } => {
+            let token = operator::inline_or_file(&token)?;
+            let key = public_key
+                .map(|k| -> anyhow::Result<PublicKey> {
+                    operator::inline_or_file(&k)?
+                        .parse()
+                        .context("--public-key is not a PASERK k4.public key")
+                })
+                .transpose()?;
+            let (report, verified) = operator::inspect(&token, key.as_ref())?;
+            print!("{report}");
+            Ok(if verified == Some(false) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        ConsentCommand::Revoke {
+            issuer_key,
+            jti,
+            before,
+            broker,
+        } => {
+            let key = operator::read_secret_key(&issuer_key)?;
+            let now = OffsetDateTime::now_utc();
+            let target = match (jti, before) {
+                (Some(jti), None) => {
+                    RevocationTarget::Token(jti.parse::<TokenId>().context("--jti")?)
+                }
+                (None, Some(before)) => RevocationTarget::IssuedBefore(
+                    OffsetDateTime::parse(&before, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| format!("--before {before:?} is not an RFC 3339 time"))?,
+                ),
+                _ => anyhow::bail!("give exactly one of --jti and --before"),
+            };
+            let statement = operator::revocation(&key, target, now)?;
+            let response = operator::send_revocation(&broker.tls()?, statement).await?;
+            println!(
+                "revoked{}; {} recall notice(s) queued",
+                if response.duplicate {
+                    " (already recorded)"
+                } else {
+                    ""
+                },
+                response.recall_notices
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let payload = std::fs::read(&args.payload)
+        .with_context(|| format!("reading {}", args.payload.display()))?;
+    let consent = args
+        .consent
+        .as_deref()
+        .map(operator::inline_or_file)
+        .transpose()?;
+    let envelope = operator::envelope(
+        args.message_id,
+        args.to,
+        args.kind,
+        args.org,
+        consent,
+        args.incident,
+        args.tlp,
+        args.content_type,
+        payload,
+    );
+    match operator::send(&args.broker.tls()?, envelope).await? {
+        SendOutcome::Accepted(receipt) => {
+            print!("{}", operator::describe_receipt(&receipt));
+            Ok(ExitCode::SUCCESS)
+        }
+        SendOutcome::Refused { reason, message } => {
+            println!("refused: {reason}: {message}");
+            Ok(ExitCode::from(EXIT_REFUSED))
         }
     }
 }

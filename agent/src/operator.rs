@@ -1,0 +1,289 @@
+//! The operator's commands, as a library: issuer keys, consent tokens, revocations, and sending
+//! one envelope. The `concordat` binary parses arguments and prints; the work is here.
+
+use std::{fmt::Write as _, fs, os::unix::fs::PermissionsExt, path::Path};
+
+use anyhow::Context as _;
+use concordat_proto::{
+    consent::{self, ConsentClaims, Revocation, RevocationTarget},
+    envelope::{Envelope, Kind, Tlp},
+    ids::{AgencyId, MessageId, OrgId},
+    paserk::{KeyId, PublicKey, SecretKey},
+    pb,
+};
+use time::OffsetDateTime;
+
+use crate::{client::ClientTls, pki};
+
+/// Writes a new issuer secret key (PASERK `k4.secret`) to `out` with mode 0600, and its public
+/// key (`k4.public`) to `out` with extension `.pub`. Refuses to overwrite an existing key.
+pub fn keygen(out: &Path) -> anyhow::Result<(PublicKey, KeyId)> {
+    if out.exists() {
+        anyhow::bail!(
+            "{} already exists; refusing to overwrite a key",
+            out.display()
+        );
+    }
+    let secret = SecretKey::generate();
+    let public = secret.public();
+    pki::write_file(
+        out,
+        format!("{}\n", secret.expose_paserk()).as_bytes(),
+        true,
+    )?;
+    pki::write_file(
+        &out.with_extension("pub"),
+        format!("{public}\n").as_bytes(),
+        false,
+    )?;
+    Ok((public, public.key_id()))
+}
+
+/// Reads an issuer secret key, warning on stderr if others may read the file.
+pub fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "warning: {} is readable by other users; run chmod 600 on it",
+            path.display()
+        );
+    }
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} is not a PASERK k4.secret key", path.display()))
+}
+
+/// Reads a value given inline or as `@FILE`.
+pub fn inline_or_file(value: &str) -> anyhow::Result<String> {
+    match value.strip_prefix('@') {
+        Some(path) => Ok(fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .to_owned()),
+        None => Ok(value.trim().to_owned()),
+    }
+}
+
+/// What a consent token should authorise.
+pub struct ConsentRequest {
+    /// The organisation consenting.
+    pub organisation: OrgId,
+    /// The agency that may send.
+    pub from: AgencyId,
+    /// The agencies that may receive.
+    pub to: Vec<AgencyId>,
+    /// The kinds of message.
+    pub kinds: Vec<Kind>,
+    /// Why.
+    pub purpose: String,
+    /// Incidents the consent is bound to (empty: any).
+    pub incidents: Vec<String>,
+    /// The payload the consent is bound to, if any.
+    pub payload: Option<Vec<u8>>,
+    /// How long from now the token is valid.
+    pub valid_for: std::time::Duration,
+    /// How many transfers it may authorise.
+    pub max_uses: Option<u32>,
+}
+
+/// Issues a consent token signed by `key`.
+pub fn issue_consent(
+    key: &SecretKey,
+    req: &ConsentRequest,
+    now: OffsetDateTime,
+) -> anyhow::Result<String> {
+    let mut b = ConsentClaims::builder(
+        req.organisation.as_str(),
+        req.from.as_str(),
+        req.purpose.as_str(),
+    );
+    for to in &req.to {
+        b = b.recipient(to.as_str());
+    }
+    for kind in &req.kinds {
+        b = b.kind(*kind);
+    }
+    for incident in &req.incidents {
+        b = b.incident_ref(incident.as_str());
+    }
+    if let Some(payload) = &req.payload {
+        b = b.payload(payload);
+    }
+    if let Some(n) = req.max_uses {
+        b = b.max_uses(n);
+    }
+    let valid_for = time::Duration::try_from(req.valid_for).context("expiry is too far away")?;
+    let claims = b.valid_for(valid_for).build(key.key_id(), now)?;
+    Ok(claims.sign(key)?)
+}
+
+/// A human-readable account of a token's claims and, given a key, whether it verifies.
+pub fn inspect(token: &str, key: Option<&PublicKey>) -> anyhow::Result<(String, Option<bool>)> {
+    let claims = consent::decode_unverified(token).context("cannot decode the token")?;
+    let mut s = String::new();
+    let rfc = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| t.to_string())
+    };
+    let _ = writeln!(s, "jti:           {}", claims.jti());
+    let _ = writeln!(s, "issuer (iss):  {}", claims.iss());
+    let _ = writeln!(s, "organisation:  {}", claims.sub());
+    let _ = writeln!(s, "from:          {}", claims.from());
+    let _ = writeln!(s, "to:            {}", claims.to().join(", "));
+    let kinds: Vec<&str> = claims.kinds().iter().map(|k| k.as_str()).collect();
+    let _ = writeln!(s, "kinds:         {}", kinds.join(", "));
+    let _ = writeln!(s, "purpose:       {}", claims.purpose());
+    let _ = writeln!(s, "issued (iat):  {}", rfc(claims.issued_at()));
+    let _ = writeln!(s, "valid from:    {}", rfc(claims.not_before()));
+    let _ = writeln!(s, "expires:       {}", rfc(claims.expires_at()));
+    if !claims.incident_refs().is_empty() {
+        let _ = writeln!(s, "incidents:     {}", claims.incident_refs().join(", "));
+    }
+    if let Some(pdh) = claims.pdh() {
+        let _ = writeln!(s, "payload hash:  {pdh}");
+    }
+    if let Some(n) = claims.max_uses() {
+        let _ = writeln!(s, "max uses:      {n}");
+    }
+    let verdict = key.map(|k| consent::verify(token, k));
+    match &verdict {
+        None => {
+            let _ = writeln!(
+                s,
+                "signature:     not checked (give --public-key to verify)"
+            );
+        }
+        Some(Ok(_)) => {
+            let _ = writeln!(s, "signature:     valid (key {})", claims.iss());
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(s, "signature:     INVALID: {e} [{}]", e.reason());
+        }
+    }
+    Ok((s, verdict.map(|v| v.is_ok())))
+}
+
+/// Signs a revocation statement with `key`.
+pub fn revocation(
+    key: &SecretKey,
+    target: RevocationTarget,
+    now: OffsetDateTime,
+) -> anyhow::Result<String> {
+    Ok(Revocation::new(key.key_id(), target, now)?.sign(key)?)
+}
+
+/// Sends a revocation statement to the broker.
+pub async fn send_revocation(
+    tls: &ClientTls,
+    statement: String,
+) -> anyhow::Result<pb::RevokeResponse> {
+    let broker = tls.connect().await?;
+    let response = broker
+        .consent()
+        .revoke(pb::RevokeRequest {
+            revocation: statement,
+        })
+        .await
+        .map_err(describe_status)?;
+    Ok(response.into_inner())
+}
+
+/// The outcome of sending one envelope.
+#[derive(Debug)]
+pub enum SendOutcome {
+    /// Accepted: the receipt.
+    Accepted(pb::Receipt),
+    /// Refused, with the reason code and message.
+    Refused {
+        /// The stable reason code.
+        reason: String,
+        /// The broker's explanation.
+        message: String,
+    },
+}
+
+/// Sends one envelope; a refusal is an outcome, a transport failure an error.
+pub async fn send(tls: &ClientTls, envelope: Envelope) -> anyhow::Result<SendOutcome> {
+    let broker = tls.connect().await?;
+    match broker.exchange().send(pb::Envelope::from(envelope)).await {
+        Ok(receipt) => Ok(SendOutcome::Accepted(receipt.into_inner())),
+        Err(status) => match refusal_of(&status) {
+            Some((reason, message)) => Ok(SendOutcome::Refused { reason, message }),
+            None => Err(describe_status(status)),
+        },
+    }
+}
+
+/// The reason code and message of a status that is a Concordat refusal.
+pub fn refusal_of(status: &tonic::Status) -> Option<(String, String)> {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details.error_info()?;
+    (info.domain == "concordat").then(|| (info.reason.clone(), status.message().to_owned()))
+}
+
+/// An error for a status that is not a refusal (or is one, from an RPC where refusals are errors).
+pub fn describe_status(status: tonic::Status) -> anyhow::Error {
+    match refusal_of(&status) {
+        Some((reason, message)) => anyhow::anyhow!("refused [{reason}]: {message}"),
+        None => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+/// Builds an envelope for `concordat send`.
+#[allow(clippy::too_many_arguments)]
+pub fn envelope(
+    message_id: Option<MessageId>,
+    to: Vec<AgencyId>,
+    kind: Kind,
+    organisation: Option<OrgId>,
+    consent_token: Option<String>,
+    incident_ref: Option<String>,
+    tlp: Tlp,
+    content_type: String,
+    payload: Vec<u8>,
+) -> Envelope {
+    Envelope {
+        message_id: message_id.unwrap_or_else(MessageId::new_random),
+        recipients: to,
+        kind,
+        organisation,
+        incident_ref,
+        content_type,
+        tlp,
+        payload,
+        consent_token,
+    }
+}
+
+/// A one-paragraph account of a receipt.
+pub fn describe_receipt(r: &pb::Receipt) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "accepted{}: transfer {} (message {})",
+        if r.duplicate {
+            " (again: first decision returned)"
+        } else {
+            ""
+        },
+        r.transfer_id,
+        r.message_id
+    );
+    for a in &r.authorities {
+        let _ = writeln!(
+            s,
+            "  to {}: agreement {}, {}",
+            a.recipient, a.agreement_id, a.clause
+        );
+    }
+    if !r.consent_jti.is_empty() {
+        let _ = writeln!(
+            s,
+            "  under consent {} (issuer {})",
+            r.consent_jti, r.consent_issuer
+        );
+    }
+    s
+}

@@ -1,0 +1,963 @@
+//! Durable state: per-recipient queues, accepted transfers, receipts for idempotency, consent
+//! uses and revocations — behind the small [`Storage`] trait, with sled as the embedded engine.
+//!
+//! All writes go through one writer thread that does **group commit**: it takes every pending
+//! operation, applies each atomically (one sled transaction per operation), flushes once, and
+//! only then answers the waiting callers. Nothing is acknowledged before it is on disk, and a
+//! burst of concurrent senders shares one fsync. (sled 0.34's own background flush runs only
+//! every 500 ms, and its `flush_async` deadlocks under many concurrent callers.)
+//!
+//! Readers never see more than is durable: the writer publishes the highest queue sequence
+//! number it has flushed, and subscriptions deliver nothing beyond it.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use concordat_proto::{
+    consent::TokenId,
+    envelope::Envelope,
+    ids::{AgencyId, MessageId},
+    paserk::KeyId,
+    pb,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use sled::{
+    Transactional,
+    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
+};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    policy::{ConsentLedger, ConsentUse, Decision},
+    refusal::{Failure, Internal, Reason, Refusal},
+};
+
+/// The most operations one group commit applies before flushing.
+const MAX_BATCH: usize = 512;
+
+/// A write, applied atomically by [`Storage::apply`].
+#[derive(Debug)]
+pub enum Op {
+    /// Record an accepted transfer and queue it for each recipient.
+    Accept(Box<Accept>),
+    /// Remove deliveries from a recipient's queue.
+    Ack {
+        /// Whose queue.
+        recipient: AgencyId,
+        /// The queue sequence numbers acknowledged.
+        seqs: Vec<u64>,
+    },
+    /// Record a revocation and queue recall notices.
+    Revoke(Box<Revoke>),
+}
+
+/// An accepted envelope, decided and ready to store.
+#[derive(Debug)]
+pub struct Accept {
+    /// The authenticated sender.
+    pub sender: AgencyId,
+    /// The envelope.
+    pub envelope: Envelope,
+    /// The decision that allowed it.
+    pub decision: Decision,
+    /// Identifies the envelope's content, to tell a retry from a reused message id.
+    pub envelope_digest: [u8; 32],
+    /// The broker-assigned transfer id.
+    pub transfer_id: uuid::Uuid,
+    /// When it was accepted.
+    pub accepted_at: OffsetDateTime,
+    /// Refuse if any recipient's queue holds this many items.
+    pub max_queue_depth: u64,
+}
+
+/// A verified revocation to record.
+#[derive(Debug)]
+pub struct Revoke {
+    /// The issuer whose tokens are revoked.
+    pub issuer: KeyId,
+    /// One token, or every token issued before a time.
+    pub target: RevokeTarget,
+    /// When the broker recorded it.
+    pub revoked_at: OffsetDateTime,
+}
+
+/// What a revocation withdraws.
+#[derive(Debug, Clone, Copy)]
+pub enum RevokeTarget {
+    /// One token.
+    Token(TokenId),
+    /// Every token of the issuer issued strictly before this time.
+    IssuedBefore(OffsetDateTime),
+}
+
+/// What an applied operation produced.
+#[derive(Debug)]
+pub enum Applied {
+    /// The transfer was stored (or had been: `duplicate` on the receipt).
+    Accepted(Box<pb::Receipt>),
+    /// This many deliveries were removed.
+    Acked(u32),
+    /// The revocation was recorded; recall notices queued.
+    Revoked {
+        /// Recall notices queued.
+        recall_notices: u32,
+        /// Whether it had been recorded before.
+        duplicate: bool,
+    },
+}
+
+/// One item of a recipient's queue.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Its sequence number: the delivery id.
+    pub seq: u64,
+    /// What to deliver.
+    pub body: pb::delivery::Body,
+}
+
+/// The storage engine under the broker. Reads may come from any thread; `apply` and `sync` are
+/// called only by the writer thread, in order.
+pub trait Storage: ConsentLedger + Send + Sync + 'static {
+    /// Applies one operation atomically. It is not durable until [`Storage::sync`] returns.
+    fn apply(&self, op: &Op) -> Result<Applied, Failure>;
+    /// Makes every applied operation durable.
+    fn sync(&self) -> Result<(), Internal>;
+    /// The receipt of an accepted message, and the digest of its envelope.
+    fn receipt(
+        &self,
+        sender: &AgencyId,
+        id: &MessageId,
+    ) -> Result<Option<(pb::Receipt, [u8; 32])>, Internal>;
+    /// Up to `limit` items of `recipient`'s queue with sequence numbers in `from..=to`, oldest
+    /// first, leaving out those for which `skip` is true.
+    fn queued(
+        &self,
+        recipient: &AgencyId,
+        from: u64,
+        to: u64,
+        limit: usize,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Queued>, Internal>;
+    /// How many items `recipient`'s queue holds.
+    fn queue_depth(&self, recipient: &AgencyId) -> u64;
+    /// The highest sequence number ever assigned (0 for none).
+    fn last_seq(&self) -> u64;
+}
+
+/// The handle the services use: reads, and writes through the group-commit writer.
+#[derive(Clone)]
+pub struct Store {
+    storage: Arc<dyn Storage>,
+    jobs: mpsc::Sender<Job>,
+    durable: watch::Receiver<u64>,
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Applied, Failure>>,
+}
+
+impl Store {
+    /// Starts the writer thread over `storage`.
+    pub fn start(storage: Arc<dyn Storage>) -> Result<Store, Internal> {
+        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
+        let (durable_tx, durable) = watch::channel(storage.last_seq());
+        let writer = storage.clone();
+        thread::Builder::new()
+            .name("concordat-writer".into())
+            .spawn(move || write_loop(writer.as_ref(), rx, durable_tx))
+            .map_err(|e| Internal::new("starting the writer thread", e))?;
+        Ok(Store {
+            storage,
+            jobs,
+            durable,
+        })
+    }
+
+    /// Applies `op` and returns once it is on disk.
+    pub async fn commit(&self, op: Op) -> Result<Applied, Failure> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| Internal::new("submitting a write", "the writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| Internal::new("awaiting a write", "the writer has stopped"))?
+    }
+
+    /// The storage, for reads.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+
+    /// A receiver of the highest durable queue sequence number; it changes after every commit.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+}
+
+fn write_loop(storage: &dyn Storage, mut rx: mpsc::Receiver<Job>, durable: watch::Sender<u64>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results: Vec<Result<Applied, Failure>> =
+            batch.iter().map(|job| storage.apply(&job.op)).collect();
+        let synced = storage.sync();
+        if synced.is_ok() {
+            durable.send_replace(storage.last_seq());
+        }
+        for (job, result) in batch.drain(..).zip(results) {
+            let answer = match &synced {
+                Ok(()) => result,
+                Err(e) => Err(Failure::Internal(Internal::new(
+                    "flushing to disk",
+                    e.to_string(),
+                ))),
+            };
+            let _ = job.reply.send(answer);
+        }
+        if let Err(e) = synced {
+            tracing::error!(error = %e, "flush failed: the writes of this batch were not acknowledged");
+        }
+    }
+}
+
+/// A digest identifying an envelope's content, independent of the consent token's bytes.
+pub fn envelope_digest(e: &Envelope) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    for r in &e.recipients {
+        field(r.as_str().as_bytes());
+    }
+    field(b"|");
+    field(e.kind.as_str().as_bytes());
+    field(
+        e.organisation
+            .as_ref()
+            .map(|o| o.as_str())
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    field(e.incident_ref.as_deref().unwrap_or_default().as_bytes());
+    field(e.content_type.as_bytes());
+    field(e.tlp.as_str().as_bytes());
+    field(&Sha256::digest(&e.payload));
+    h.finalize().into()
+}
+
+/// A timestamp for the wire.
+pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sled
+
+/// What the broker stores per accepted message id, for idempotency.
+#[derive(Clone, PartialEq, Message)]
+struct StoredReceipt {
+    #[prost(message, optional, tag = "1")]
+    receipt: Option<pb::Receipt>,
+    #[prost(bytes = "vec", tag = "2")]
+    envelope_digest: Vec<u8>,
+}
+
+/// A queue item: a transfer (by id) or a recall notice.
+#[derive(Clone, PartialEq, Message)]
+struct StoredItem {
+    #[prost(bytes = "vec", tag = "1")]
+    transfer_id: Vec<u8>,
+    #[prost(message, optional, tag = "2")]
+    recall: Option<pb::RecallNotice>,
+    /// The agreement and clause that allowed the transfer to this recipient.
+    #[prost(string, tag = "3")]
+    agreement_id: String,
+    #[prost(string, tag = "4")]
+    clause: String,
+}
+
+/// A transfer made under a consent token, indexed for recall.
+#[derive(Clone, PartialEq, Message)]
+struct ConsentedTransfer {
+    /// The token's `iat`, in nanoseconds since the Unix epoch.
+    #[prost(int64, tag = "1")]
+    issued_at_nanos: i64,
+    #[prost(string, repeated, tag = "2")]
+    recipients: Vec<String>,
+    #[prost(string, tag = "3")]
+    message_id: String,
+    #[prost(string, tag = "4")]
+    sender: String,
+    #[prost(string, tag = "5")]
+    organisation: String,
+    #[prost(string, tag = "6")]
+    jti: String,
+}
+
+/// The sled engine.
+pub struct SledStorage {
+    db: sled::Db,
+    receipts: sled::Tree,
+    transfers: sled::Tree,
+    refs: sled::Tree,
+    queues: sled::Tree,
+    uses: sled::Tree,
+    consented: sled::Tree,
+    revoked: sled::Tree,
+    meta: sled::Tree,
+    depths: Mutex<HashMap<AgencyId, u64>>,
+    last_seq: std::sync::atomic::AtomicU64,
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+
+fn sled_err(context: &'static str) -> impl Fn(sled::Error) -> Internal {
+    move |e| Internal::new(context, e)
+}
+
+fn queue_key(recipient: &AgencyId, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(recipient.as_str().len() + 9);
+    k.extend_from_slice(recipient.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn receipt_key(sender: &AgencyId, id: &MessageId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(sender.as_str().len() + 17);
+    k.extend_from_slice(sender.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn token_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(issuer.as_bytes());
+    k.extend_from_slice(jti.as_bytes());
+    k
+}
+
+fn revoked_before_key(issuer: &KeyId) -> Vec<u8> {
+    let mut k = b"before:".to_vec();
+    k.extend_from_slice(issuer.as_bytes());
+    k
+}
+
+fn revoked_jti_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
+    let mut k = b"jti:".to_vec();
+    k.extend_from_slice(&token_key(issuer, jti));
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn be_i128(bytes: &[u8]) -> Option<i128> {
+    Some(i128::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Aborts a sled transaction with a failure.
+type TxResult<T> = Result<T, ConflictableTransactionError<Failure>>;
+
+fn abort<T>(f: impl Into<Failure>) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(f.into()))
+}
+
+impl SledStorage {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<SledStorage, Internal> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(sled_err("opening the database"))?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err("opening a tree"));
+        let storage = SledStorage {
+            receipts: tree("receipts")?,
+            transfers: tree("transfers")?,
+            refs: tree("refs")?,
+            queues: tree("queues")?,
+            uses: tree("consent_uses")?,
+            consented: tree("consented_transfers")?,
+            revoked: tree("revocations")?,
+            meta: tree("meta")?,
+            depths: Mutex::new(HashMap::new()),
+            last_seq: std::sync::atomic::AtomicU64::new(0),
+            db,
+        };
+        let next = storage
+            .meta
+            .get(NEXT_SEQ)
+            .map_err(sled_err("reading the sequence counter"))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(1);
+        storage
+            .last_seq
+            .store(next.saturating_sub(1), std::sync::atomic::Ordering::SeqCst);
+        // Count each recipient's queue once; the writer keeps the counts from here on.
+        let mut depths: HashMap<AgencyId, u64> = HashMap::new();
+        for item in storage.queues.iter().keys() {
+            let key = item.map_err(sled_err("counting queues"))?;
+            let name = key.split(|b| *b == 0).next().unwrap_or_default();
+            if let Ok(id) = String::from_utf8_lossy(name).parse::<AgencyId>() {
+                *depths.entry(id).or_default() += 1;
+            }
+        }
+        *storage.lock_depths() = depths;
+        Ok(storage)
+    }
+
+    fn lock_depths(&self) -> std::sync::MutexGuard<'_, HashMap<AgencyId, u64>> {
+        // A poisoned lock means a panic while holding it; the counts are still usable.
+        self.depths.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_seq(meta: &TransactionalTree) -> TxResult<u64> {
+        Ok(meta.get(NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1))
+    }
+
+    fn is_revoked_in(
+        revoked: &TransactionalTree,
+        issuer: &KeyId,
+        jti: &TokenId,
+        issued_at: OffsetDateTime,
+    ) -> TxResult<bool> {
+        if revoked.get(revoked_jti_key(issuer, jti))?.is_some() {
+            return Ok(true);
+        }
+        let before = revoked
+            .get(revoked_before_key(issuer))?
+            .and_then(|v| be_i128(&v));
+        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+    }
+
+    fn apply_accept(&self, a: &Accept) -> Result<Applied, Failure> {
+        {
+            let depths = self.lock_depths();
+            for r in &a.envelope.recipients {
+                if depths.get(r).copied().unwrap_or(0) >= a.max_queue_depth {
+                    return Err(Refusal::new(
+                        Reason::RecipientQueueFull,
+                        format!(
+                            "the queue of {r} is full ({} items); try again later",
+                            a.max_queue_depth
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        let rkey = receipt_key(&a.sender, &a.envelope.message_id);
+        let trees = (
+            &self.receipts,
+            &self.transfers,
+            &self.refs,
+            &self.queues,
+            &self.uses,
+            &self.consented,
+            &self.revoked,
+            &self.meta,
+        );
+        let outcome = trees.transaction(
+            |(receipts, transfers, refs, queues, uses, consented, revoked, meta)| {
+                if let Some(found) = receipts.get(&rkey)? {
+                    return duplicate_receipt(&found, &a.envelope_digest);
+                }
+                if let Some(c) = &a.decision.consent {
+                    if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
+                        return abort(Refusal::new(
+                            Reason::ConsentRevoked,
+                            format!("consent token {} has been revoked by its issuer", c.jti),
+                        ));
+                    }
+                    let key = token_key(&c.issuer, &c.jti);
+                    let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+                    if let Some(max) = c.max_uses
+                        && used >= u64::from(max)
+                    {
+                        return abort(Refusal::new(
+                            Reason::ConsentUsedUp,
+                            format!("consent token {} allows {max} use(s), all used", c.jti),
+                        ));
+                    }
+                    uses.insert(key, &(used + 1).to_be_bytes())?;
+                }
+                let receipt = build_receipt(a);
+                let tid = a.transfer_id.as_bytes();
+                transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
+                refs.insert(
+                    &tid[..],
+                    &(a.envelope.recipients.len() as u64).to_be_bytes(),
+                )?;
+                let mut seq = Self::next_seq(meta)?;
+                for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
+                    let item = StoredItem {
+                        transfer_id: tid.to_vec(),
+                        recall: None,
+                        agreement_id: authority.agreement_id.clone(),
+                        clause: authority.clause.clone(),
+                    };
+                    queues.insert(queue_key(r, seq), item.encode_to_vec())?;
+                    seq += 1;
+                }
+                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                if let Some(c) = &a.decision.consent {
+                    let mut key = token_key(&c.issuer, &c.jti);
+                    key.extend_from_slice(tid);
+                    consented.insert(key, consented_record(a, c).encode_to_vec())?;
+                }
+                let stored = StoredReceipt {
+                    receipt: Some(receipt.clone()),
+                    envelope_digest: a.envelope_digest.to_vec(),
+                };
+                receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
+                Ok((receipt, seq - 1))
+            },
+        );
+        let (receipt, last) = tx_outcome(outcome)?;
+        if !receipt.duplicate {
+            self.bump(&a.envelope.recipients, last);
+        }
+        Ok(Applied::Accepted(Box::new(receipt)))
+    }
+
+    fn bump(&self, added: &[AgencyId], last: u64) {
+        let mut depths = self.lock_depths();
+        for r in added {
+            *depths.entry(r.clone()).or_default() += 1;
+        }
+        self.last_seq
+            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn apply_ack(&self, recipient: &AgencyId, seqs: &[u64]) -> Result<Applied, Failure> {
+        let outcome =
+            (&self.queues, &self.refs, &self.transfers).transaction(|(queues, refs, transfers)| {
+                let mut removed = 0u32;
+                for seq in seqs {
+                    let Some(raw) = queues.remove(queue_key(recipient, *seq))? else {
+                        continue;
+                    };
+                    removed += 1;
+                    let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
+                        ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
+                            "decoding a queue item",
+                            e,
+                        )))
+                    })?;
+                    if item.recall.is_some() {
+                        continue;
+                    }
+                    let left = refs
+                        .get(&item.transfer_id)?
+                        .and_then(|v| be_u64(&v))
+                        .unwrap_or(1)
+                        .saturating_sub(1);
+                    if left == 0 {
+                        refs.remove(item.transfer_id.as_slice())?;
+                        transfers.remove(item.transfer_id.as_slice())?;
+                    } else {
+                        refs.insert(item.transfer_id.as_slice(), &left.to_be_bytes())?;
+                    }
+                }
+                Ok(removed)
+            });
+        let removed = tx_outcome(outcome)?;
+        if removed > 0 {
+            let mut depths = self.lock_depths();
+            let d = depths.entry(recipient.clone()).or_default();
+            *d = d.saturating_sub(u64::from(removed));
+        }
+        Ok(Applied::Acked(removed))
+    }
+
+    fn apply_revoke(&self, r: &Revoke) -> Result<Applied, Failure> {
+        let prefix = match r.target {
+            RevokeTarget::Token(jti) => token_key(&r.issuer, &jti),
+            RevokeTarget::IssuedBefore(_) => r.issuer.as_bytes().to_vec(),
+        };
+        // The transfers that may be affected; the transaction decides which are.
+        // Keys are issuer (33 bytes) || jti (16) || transfer id (16).
+        let candidates: Vec<(TokenId, String, ConsentedTransfer)> = self
+            .consented
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err("scanning consented transfers"))?;
+                let rec = ConsentedTransfer::decode(v.as_ref())
+                    .map_err(|e| Internal::new("decoding a consented transfer", e))?;
+                let jti = k
+                    .get(33..49)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(TokenId::from_bytes)
+                    .ok_or_else(|| Internal::new("decoding a consented transfer", "short key"))?;
+                let transfer_id = k
+                    .get(49..65)
+                    .and_then(|b| uuid::Uuid::from_slice(b).ok())
+                    .map(|u| u.to_string())
+                    .ok_or_else(|| Internal::new("decoding a consented transfer", "short key"))?;
+                Ok((jti, transfer_id, rec))
+            })
+            .collect::<Result<_, Internal>>()?;
+        let outcome =
+            (&self.revoked, &self.queues, &self.meta).transaction(|(revoked, queues, meta)| {
+                let mut added: Vec<AgencyId> = Vec::new();
+                let previous_before = revoked
+                    .get(revoked_before_key(&r.issuer))?
+                    .and_then(|v| be_i128(&v));
+                let already = |rec: &ConsentedTransfer, jti: &TokenId| -> TxResult<bool> {
+                    let iat = i128::from(rec.issued_at_nanos);
+                    Ok(revoked.get(revoked_jti_key(&r.issuer, jti))?.is_some()
+                        || previous_before.is_some_and(|b| iat < b))
+                };
+                let mut recalled: Vec<(&String, &ConsentedTransfer)> = Vec::new();
+                match r.target {
+                    RevokeTarget::Token(jti) => {
+                        if revoked.get(revoked_jti_key(&r.issuer, &jti))?.is_some() {
+                            return Ok((0, true, 0, Vec::new()));
+                        }
+                        for (_, transfer_id, rec) in &candidates {
+                            if !already(rec, &jti)? {
+                                recalled.push((transfer_id, rec));
+                            }
+                        }
+                        revoked.insert(
+                            revoked_jti_key(&r.issuer, &jti),
+                            &r.revoked_at.unix_timestamp().to_be_bytes(),
+                        )?;
+                    }
+                    RevokeTarget::IssuedBefore(before) => {
+                        let cut = before.unix_timestamp_nanos();
+                        if previous_before.is_some_and(|b| b >= cut) {
+                            return Ok((0, true, 0, Vec::new()));
+                        }
+                        for (jti, transfer_id, rec) in &candidates {
+                            let iat = i128::from(rec.issued_at_nanos);
+                            if iat < cut && !already(rec, jti)? {
+                                recalled.push((transfer_id, rec));
+                            }
+                        }
+                        revoked.insert(revoked_before_key(&r.issuer), &cut.to_be_bytes())?;
+                    }
+                }
+                let mut seq = Self::next_seq(meta)?;
+                let mut notices = 0u32;
+                for (transfer_id, rec) in recalled {
+                    for recipient in &rec.recipients {
+                        let Ok(to) = recipient.parse::<AgencyId>() else {
+                            continue;
+                        };
+                        let notice = pb::RecallNotice {
+                            transfer_id: transfer_id.clone(),
+                            message_id: rec.message_id.clone(),
+                            consent_jti: rec.jti.clone(),
+                            consent_issuer: r.issuer.to_string(),
+                            revoked_at: Some(timestamp(r.revoked_at)),
+                            sender: rec.sender.clone(),
+                            organisation: rec.organisation.clone(),
+                        };
+                        let item = StoredItem {
+                            transfer_id: Vec::new(),
+                            recall: Some(notice),
+                            agreement_id: String::new(),
+                            clause: String::new(),
+                        };
+                        queues.insert(queue_key(&to, seq), item.encode_to_vec())?;
+                        added.push(to);
+                        seq += 1;
+                        notices += 1;
+                    }
+                }
+                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                Ok((notices, false, seq - 1, added))
+            });
+        let (recall_notices, duplicate, last, added) = tx_outcome(outcome)?;
+        if recall_notices > 0 {
+            self.bump(&added, last);
+        }
+        Ok(Applied::Revoked {
+            recall_notices,
+            duplicate,
+        })
+    }
+}
+
+fn duplicate_receipt(found: &[u8], digest: &[u8; 32]) -> TxResult<(pb::Receipt, u64)> {
+    let stored = match StoredReceipt::decode(found) {
+        Ok(s) => s,
+        Err(e) => return abort(Internal::new("decoding a stored receipt", e)),
+    };
+    if stored.envelope_digest != digest {
+        return abort(Refusal::new(
+            Reason::MessageIdReused,
+            "this message id was already used for a different envelope; choose a new id",
+        ));
+    }
+    let mut receipt = stored.receipt.unwrap_or_default();
+    receipt.duplicate = true;
+    Ok((receipt, 0))
+}
+
+fn tx_outcome<T>(r: Result<T, TransactionError<Failure>>) -> Result<T, Failure> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(f) => f,
+        TransactionError::Storage(e) => {
+            Failure::Internal(Internal::new("writing to the database", e))
+        }
+    })
+}
+
+fn build_receipt(a: &Accept) -> pb::Receipt {
+    pb::Receipt {
+        transfer_id: a.transfer_id.to_string(),
+        message_id: a.envelope.message_id.to_string(),
+        accepted_at: Some(timestamp(a.accepted_at)),
+        authorities: a
+            .decision
+            .authorities
+            .iter()
+            .map(|x| pb::Authority {
+                recipient: x.recipient.to_string(),
+                agreement_id: x.agreement_id.clone(),
+                clause: x.clause.clone(),
+            })
+            .collect(),
+        consent_jti: a
+            .decision
+            .consent
+            .as_ref()
+            .map(|c| c.jti.to_string())
+            .unwrap_or_default(),
+        consent_issuer: a
+            .decision
+            .consent
+            .as_ref()
+            .map(|c| c.issuer.to_string())
+            .unwrap_or_default(),
+        duplicate: false,
+        audit: None,
+    }
+}
+
+fn build_transfer(a: &Accept) -> pb::Transfer {
+    let e = &a.envelope;
+    pb::Transfer {
+        transfer_id: a.transfer_id.to_string(),
+        message_id: e.message_id.to_string(),
+        sender: a.sender.to_string(),
+        recipients: e.recipients.iter().map(ToString::to_string).collect(),
+        kind: pb::MessageKind::from(e.kind) as i32,
+        organisation: e
+            .organisation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        incident_ref: e.incident_ref.clone().unwrap_or_default(),
+        content_type: e.content_type.clone(),
+        tlp: pb::Tlp::from(e.tlp) as i32,
+        payload: e.payload.clone(),
+        consent_jti: a
+            .decision
+            .consent
+            .as_ref()
+            .map(|c| c.jti.to_string())
+            .unwrap_or_default(),
+        consent_issuer: a
+            .decision
+            .consent
+            .as_ref()
+            .map(|c| c.issuer.to_string())
+            .unwrap_or_default(),
+        // Per recipient: filled in when delivered.
+        agreement_id: String::new(),
+        clause: String::new(),
+        accepted_at: Some(timestamp(a.accepted_at)),
+    }
+}
+
+fn consented_record(a: &Accept, c: &ConsentUse) -> ConsentedTransfer {
+    ConsentedTransfer {
+        issued_at_nanos: i64::try_from(c.issued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+        recipients: a
+            .envelope
+            .recipients
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        message_id: a.envelope.message_id.to_string(),
+        sender: a.sender.to_string(),
+        organisation: a
+            .envelope
+            .organisation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        jti: c.jti.to_string(),
+    }
+}
+
+impl ConsentLedger for SledStorage {
+    fn is_revoked(
+        &self,
+        issuer: &KeyId,
+        jti: &TokenId,
+        issued_at: OffsetDateTime,
+    ) -> Result<bool, Internal> {
+        let read = sled_err("reading revocations");
+        if self
+            .revoked
+            .get(revoked_jti_key(issuer, jti))
+            .map_err(&read)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        let before = self
+            .revoked
+            .get(revoked_before_key(issuer))
+            .map_err(&read)?
+            .and_then(|v| be_i128(&v));
+        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+    }
+
+    fn uses(&self, issuer: &KeyId, jti: &TokenId) -> Result<u32, Internal> {
+        let used = self
+            .uses
+            .get(token_key(issuer, jti))
+            .map_err(sled_err("reading consent uses"))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
+        Ok(u32::try_from(used).unwrap_or(u32::MAX))
+    }
+}
+
+impl Storage for SledStorage {
+    fn apply(&self, op: &Op) -> Result<Applied, Failure> {
+        match op {
+            Op::Accept(a) => self.apply_accept(a),
+            Op::Ack { recipient, seqs } => self.apply_ack(recipient, seqs),
+            Op::Revoke(r) => self.apply_revoke(r),
+        }
+    }
+
+    fn sync(&self) -> Result<(), Internal> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(sled_err("flushing the database"))
+    }
+
+    fn receipt(
+        &self,
+        sender: &AgencyId,
+        id: &MessageId,
+    ) -> Result<Option<(pb::Receipt, [u8; 32])>, Internal> {
+        let Some(raw) = self
+            .receipts
+            .get(receipt_key(sender, id))
+            .map_err(sled_err("reading a receipt"))?
+        else {
+            return Ok(None);
+        };
+        let stored = StoredReceipt::decode(raw.as_ref())
+            .map_err(|e| Internal::new("decoding a receipt", e))?;
+        let digest: [u8; 32] = stored
+            .envelope_digest
+            .as_slice()
+            .try_into()
+            .map_err(|_| Internal::new("decoding a receipt", "bad digest length"))?;
+        Ok(stored.receipt.map(|r| (r, digest)))
+    }
+
+    fn queued(
+        &self,
+        recipient: &AgencyId,
+        from: u64,
+        to: u64,
+        limit: usize,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Queued>, Internal> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for item in self
+            .queues
+            .range(queue_key(recipient, from)..=queue_key(recipient, to))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(sled_err("reading a queue"))?;
+            let seq = k
+                .get(k.len().saturating_sub(8)..)
+                .and_then(be_u64)
+                .unwrap_or(0);
+            if skip(seq) {
+                continue;
+            }
+            let stored = StoredItem::decode(v.as_ref())
+                .map_err(|e| Internal::new("decoding a queue item", e))?;
+            let body = match stored.recall {
+                Some(notice) => pb::delivery::Body::RecallNotice(notice),
+                None => {
+                    let Some(raw) = self
+                        .transfers
+                        .get(&stored.transfer_id)
+                        .map_err(sled_err("reading a transfer"))?
+                    else {
+                        tracing::error!(seq, "queued transfer is missing; skipping it");
+                        continue;
+                    };
+                    let mut transfer = pb::Transfer::decode(raw.as_ref())
+                        .map_err(|e| Internal::new("decoding a transfer", e))?;
+                    transfer.agreement_id = stored.agreement_id;
+                    transfer.clause = stored.clause;
+                    pb::delivery::Body::Transfer(transfer)
+                }
+            };
+            out.push(Queued { seq, body });
+        }
+        Ok(out)
+    }
+
+    fn queue_depth(&self, recipient: &AgencyId) -> u64 {
+        self.lock_depths().get(recipient).copied().unwrap_or(0)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The agencies with a non-empty queue, for logs at start-up.
+pub fn nonempty_queues(
+    storage: &dyn Storage,
+    agencies: &BTreeSet<AgencyId>,
+) -> Vec<(AgencyId, u64)> {
+    agencies
+        .iter()
+        .map(|a| (a.clone(), storage.queue_depth(a)))
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
