@@ -3,5 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod config;
+mod consent;
 mod mtls;
 mod services;
