@@ -8,12 +8,14 @@
 //!   with every write atomic and fsynced.
 //! - [`daemon`]: the agent's two loops: sending the outbox and receiving deliveries, each
 //!   reconnecting with backoff.
+//! - [`demo`]: `concordat demo`, the whole federation in one process.
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 
 pub mod client;
 pub mod config;
-// pub mod daemon;
+pub mod daemon;
+pub mod demo;
 pub mod operator;
 pub mod pki;
-// pub mod spool;
+pub mod spool;

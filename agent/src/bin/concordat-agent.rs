@@ -1,1 +1,115 @@
-fn main() {}
+//! `concordat-agent`: the agency-side daemon.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use concordat_agent::{
+    config::{self, AgentConfig},
+    daemon::{self, AgentSettings},
+    spool::Spool,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "The Concordat agent: moves an agency's files to and from the broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the agent until SIGINT or SIGTERM.
+    Run {
+        /// The agent configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Writes a commented sample DIR/agent.toml (spool directory = DIR) and the spool folders.
+    Init {
+        /// The directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agency id (its certificate's Common Name) for the sample's file names.
+        #[arg(long, default_value = "agency")]
+        agency: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { dir, agency } => {
+            let path = dir.join("agent.toml");
+            if path.exists() {
+                anyhow::bail!("{} already exists", path.display());
+            }
+            Spool::open(&dir)
+                .with_context(|| format!("creating the spool folders in {}", dir.display()))?;
+            std::fs::write(&path, config::sample(&agency))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "wrote {} and the spool folders outbox/, sent/, refused/, failed/, inbox/",
+                path.display()
+            );
+            println!(
+                "put ca.pem, {agency}.pem and {agency}.key beside it, then: concordat-agent run --config {}",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = AgentConfig::load(&config)?;
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level)),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            rustls::crypto::ring::default_provider()
+                .install_default()
+                .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
+            let settings = AgentSettings::from_config(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    let _ = stop_tx.send(true);
+                });
+                daemon::run(settings, stop_rx, None).await
+            })
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the work in hand"),
+                _ = term.recv() => tracing::info!("SIGTERM: finishing the work in hand"),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -50,6 +50,14 @@ enum Command {
     /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
     /// 3 refused, 1 error.
     Send(SendArgs),
+    /// Runs the broker and an agent per agency in this process on loopback, plays a short
+    /// scripted exchange, prints each decision and where each file landed, and exits.
+    Demo {
+        /// Keep the spools and the broker's data in this (new or empty) directory instead of a
+        /// temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,10 +208,16 @@ struct SendArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own account; only errors from its components are worth showing.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "error"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -273,6 +287,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Consent { command } => consent(command).await,
         Command::Send(args) => send(args).await,
+        Command::Demo { dir } => {
+            let mut out = std::io::stdout();
+            concordat_agent::demo::run(dir, &mut out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

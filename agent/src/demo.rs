@@ -1,0 +1,420 @@
+//! `concordat demo`: the whole system in one process on loopback.
+//!
+//! It starts the broker with the default federation (ICO, NCSC, NCA and their two MoUs) on
+//! `127.0.0.1:0` with an in-memory PKI and fresh consent-desk keys, starts one agent per agency
+//! over its own spool directory, and plays a short exchange by dropping files in outboxes:
+//!
+//! 1. an NCA threat assessment to the ICO;
+//! 2. an anonymised ICO incident summary to the NCSC;
+//! 3. an NCSC organisation-specific incident record, refused for lack of consent;
+//! 4. the same record with a consent token from the NCSC consent desk, accepted;
+//! 5. the NCSC consent desk revokes that token, and the ICO receives a recall notice.
+//!
+//! It prints each decision and where each file landed, stops everything and exits.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use concordat_broker::{
+    config::{Config, TlsMaterial},
+    policy::{ConsentIssuer, Organisations},
+};
+use concordat_proto::{consent::RevocationTarget, envelope::Kind, paserk::SecretKey};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    client::ClientTls,
+    daemon::{self, AgentEvent, AgentSettings},
+    operator::{self, ConsentRequest},
+    pki::Ca,
+    spool::atomic_write,
+};
+
+/// How long the demo waits for any one outcome before giving up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const AGENCIES: [&str; 3] = ["ico", "ncsc", "nca"];
+
+struct Running {
+    events: HashMap<&'static str, mpsc::UnboundedReceiver<AgentEvent>>,
+    /// Each agency's connection settings (the revocation goes out with the NCSC's).
+    tls: HashMap<&'static str, ClientTls>,
+    root: PathBuf,
+}
+
+impl Running {
+    fn spool(&self, agency: &str) -> PathBuf {
+        self.root.join(agency)
+    }
+
+    fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    /// Drops `json` as `name` in `agency`'s outbox the way an agency system should: write a
+    /// temporary file, then rename.
+    fn drop_file(&self, agency: &str, name: &str, json: &serde_json::Value) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(json)?;
+        atomic_write(&self.spool(agency).join("outbox"), name, &bytes)
+            .with_context(|| format!("writing {agency}/outbox/{name}"))
+    }
+
+    /// Waits for `agency`'s agent to report an event matching `pick`.
+    async fn wait<T>(
+        &mut self,
+        agency: &'static str,
+        mut pick: impl FnMut(AgentEvent) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let rx = self.events.get_mut(agency).context("no such agent")?;
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .with_context(|| format!("timed out waiting for the {agency} agent"))?
+                .with_context(|| format!("the {agency} agent stopped"))?;
+            if let Some(found) = pick(event) {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Waits until `agency`'s outbox file `file` was decided; prints the outcome.
+    async fn decided(
+        &mut self,
+        out: &mut dyn Write,
+        agency: &'static str,
+        file: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let event = self
+            .wait(agency, |e| match &e {
+                AgentEvent::Sent { file: f, .. }
+                | AgentEvent::Refused { file: f, .. }
+                | AgentEvent::Failed { file: f, .. }
+                    if f == file =>
+                {
+                    Some(e)
+                }
+                _ => None,
+            })
+            .await?;
+        match event {
+            AgentEvent::Sent { path, receipt, .. } => {
+                writeln!(out, "   accepted: transfer {}", receipt.transfer_id)?;
+                for a in &receipt.authorities {
+                    writeln!(
+                        out,
+                        "     to {} under agreement {}: {}",
+                        a.recipient, a.agreement_id, a.clause
+                    )?;
+                }
+                if !receipt.consent_jti.is_empty() {
+                    writeln!(
+                        out,
+                        "     with consent {} from {}",
+                        receipt.consent_jti, receipt.consent_issuer
+                    )?;
+                }
+                writeln!(out, "   file: {} (receipt beside it)", self.shown(&path))?;
+                Ok(Some(receipt.message_id))
+            }
+            AgentEvent::Refused {
+                path,
+                reason,
+                message,
+                ..
+            } => {
+                writeln!(out, "   refused: {reason}: {message}")?;
+                writeln!(out, "   file: {} (reason beside it)", self.shown(&path))?;
+                Ok(None)
+            }
+            AgentEvent::Failed { path, error, .. } => {
+                bail!(
+                    "the demo's own file {} failed to parse: {error}",
+                    self.shown(&path)
+                )
+            }
+            AgentEvent::Delivered { .. } => bail!("unexpected event"),
+        }
+    }
+
+    /// Waits until `agency` has an inbox file whose name starts with `prefix`; prints it.
+    async fn delivered(
+        &mut self,
+        out: &mut dyn Write,
+        agency: &'static str,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let path = self
+            .wait(agency, |e| match e {
+                AgentEvent::Delivered { path, .. }
+                    if path.file_name().is_some_and(|n| n == name) =>
+                {
+                    Some(path)
+                }
+                _ => None,
+            })
+            .await?;
+        writeln!(out, "   delivered: {}", self.shown(&path))?;
+        Ok(())
+    }
+}
+
+/// Runs the demo in `root` (a fresh temporary directory when `None`, removed afterwards),
+/// printing to `out`.
+pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<()> {
+    let temp;
+    let root = match root {
+        Some(dir) => {
+            if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+                bail!(
+                    "{} is not empty; give a new or empty directory",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(&dir)?;
+            dir
+        }
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+
+    // The PKI, in memory.
+    let mut ca = Ca::generate("Concordat demo CA")?;
+    let broker_cert = ca.issue_server(&["localhost", "127.0.0.1"], 1)?;
+    let desks: HashMap<&str, SecretKey> = AGENCIES
+        .iter()
+        .map(|a| (*a, SecretKey::generate()))
+        .collect();
+
+    // The broker: the default federation, with this run's PKI, keys and data directory.
+    let mut config = Config::embedded_default()?;
+    config.tls = TlsMaterial::from_pem(
+        broker_cert.cert_pem.as_bytes(),
+        broker_cert.key_pem.as_bytes(),
+        ca.cert_pem().as_bytes(),
+        None,
+    )
+    .map_err(|(which, problem)| anyhow::anyhow!("demo TLS {which}: {problem}"))?;
+    config.data_dir = root.join("broker");
+    config.policy.issuers.clear();
+    for (agency, key) in &desks {
+        config.policy.issuers.insert(
+            key.key_id(),
+            ConsentIssuer {
+                key: key.public(),
+                agency: Some(agency.parse()?),
+                organisations: Organisations::Any,
+            },
+        );
+    }
+    let today = OffsetDateTime::now_utc().date();
+    let warnings = config.warnings(today);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_broker, broker_stop) = tokio::sync::oneshot::channel::<()>();
+    let broker = tokio::spawn(concordat_broker::serve(config, listener, async {
+        let _ = broker_stop.await;
+    }));
+
+    // One agent per agency.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut agents = Vec::new();
+    let mut events = HashMap::new();
+    let mut tls = HashMap::new();
+    for agency in AGENCIES {
+        let cert = ca.issue_client(agency, 1)?;
+        let client = ClientTls {
+            broker_url: format!("https://localhost:{}", addr.port()),
+            ca_pem: ca.cert_pem().into_bytes(),
+            cert_pem: cert.cert_pem.into_bytes(),
+            key_pem: cert.key_pem.into_bytes(),
+        };
+        tls.insert(agency, client.clone());
+        crate::spool::Spool::open(&root.join(agency))?;
+        let settings = AgentSettings {
+            tls: client,
+            spool: root.join(agency),
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            window: 16,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        events.insert(agency, rx);
+        agents.push(tokio::spawn(daemon::run(
+            settings,
+            stop_rx.clone(),
+            Some(tx),
+        )));
+    }
+    let mut demo = Running {
+        events,
+        tls,
+        root: root.clone(),
+    };
+
+    writeln!(
+        out,
+        "Concordat demo: broker on {addr}, agents for ICO, NCSC and NCA"
+    )?;
+    writeln!(out, "spools under {}", root.display())?;
+    for w in &warnings {
+        writeln!(out, "note: {w}")?;
+    }
+    let outcome = script(&mut demo, out, &desks).await;
+
+    let _ = stop_tx.send(true);
+    for agent in agents {
+        agent.await??;
+    }
+    let _ = stop_broker.send(());
+    broker.await??;
+    outcome?;
+    writeln!(out, "done: broker and agents stopped")?;
+    Ok(())
+}
+
+async fn script(
+    demo: &mut Running,
+    out: &mut dyn Write,
+    desks: &HashMap<&str, SecretKey>,
+) -> anyhow::Result<()> {
+    writeln!(out, "\n1. NCA sends a threat assessment to the ICO")?;
+    demo.drop_file(
+        "nca",
+        "01-threat-assessment.json",
+        &serde_json::json!({
+            "recipients": ["ico"],
+            "kind": "threat_assessment",
+            "tlp": "amber",
+            "content_type": "application/json",
+            "payload": {"title": "Ransomware affiliates targeting UK education", "confidence": "high"},
+        }),
+    )?;
+    let id = demo
+        .decided(out, "nca", "01-threat-assessment.json")
+        .await?
+        .context("step 1 was refused")?;
+    demo.delivered(out, "ico", &format!("{id}.json")).await?;
+
+    writeln!(
+        out,
+        "\n2. ICO sends an anonymised incident summary to the NCSC"
+    )?;
+    demo.drop_file(
+        "ico",
+        "02-incident-summary.json",
+        &serde_json::json!({
+            "recipients": ["ncsc"],
+            "kind": "incident_record",
+            "tlp": "green",
+            "payload": {"period": "2026-Q3", "sector": "education", "reported_breaches": 41},
+        }),
+    )?;
+    let id = demo
+        .decided(out, "ico", "02-incident-summary.json")
+        .await?
+        .context("step 2 was refused")?;
+    demo.delivered(out, "ncsc", &format!("{id}.json")).await?;
+
+    writeln!(
+        out,
+        "\n3. NCSC sends an incident record naming an organisation, without its consent"
+    )?;
+    let record = serde_json::json!({"organisation": "acme-ltd", "incident": "INC-2026-0042", "summary": "credential stuffing against staff portal"});
+    demo.drop_file(
+        "ncsc",
+        "03-incident-acme.json",
+        &serde_json::json!({
+            "recipients": ["ico"],
+            "kind": "incident_record",
+            "organisation": "acme-ltd",
+            "incident_ref": "INC-2026-0042",
+            "tlp": "amber+strict",
+            "payload": record,
+        }),
+    )?;
+    if demo
+        .decided(out, "ncsc", "03-incident-acme.json")
+        .await?
+        .is_some()
+    {
+        bail!("step 3 should have been refused");
+    }
+
+    writeln!(
+        out,
+        "\n4. The same record with a consent token from the NCSC consent desk"
+    )?;
+    let desk = desks.get("ncsc").context("no NCSC desk")?;
+    let token = operator::issue_consent(
+        desk,
+        &ConsentRequest {
+            organisation: "acme-ltd".parse()?,
+            from: "ncsc".parse()?,
+            to: vec!["ico".parse()?],
+            kinds: vec![Kind::IncidentRecord],
+            purpose: "Acme Ltd agrees the NCSC may share this incident with the ICO".into(),
+            incidents: vec!["INC-2026-0042".into()],
+            payload: None,
+            valid_for: Duration::from_secs(7 * 24 * 3600),
+            max_uses: Some(1),
+        },
+        OffsetDateTime::now_utc(),
+    )?;
+    let claims = concordat_proto::consent::verify(&token, &desk.public())?;
+    writeln!(
+        out,
+        "   consent token {} issued by {}",
+        claims.jti(),
+        claims.iss()
+    )?;
+    demo.drop_file(
+        "ncsc",
+        "04-incident-acme-consented.json",
+        &serde_json::json!({
+            "recipients": ["ico"],
+            "kind": "incident_record",
+            "organisation": "acme-ltd",
+            "incident_ref": "INC-2026-0042",
+            "tlp": "amber+strict",
+            "payload": record,
+            "consent_token": token,
+        }),
+    )?;
+    let id = demo
+        .decided(out, "ncsc", "04-incident-acme-consented.json")
+        .await?
+        .context("step 4 was refused")?;
+    demo.delivered(out, "ico", &format!("{id}.json")).await?;
+
+    writeln!(
+        out,
+        "\n5. Acme Ltd withdraws consent: the NCSC consent desk revokes the token"
+    )?;
+    let statement = operator::revocation(
+        desk,
+        RevocationTarget::Token(claims.jti()),
+        OffsetDateTime::now_utc(),
+    )?;
+    let ncsc = demo.tls.get("ncsc").context("no NCSC settings")?;
+    let response = operator::send_revocation(ncsc, statement).await?;
+    writeln!(
+        out,
+        "   revoked; {} recall notice(s) queued",
+        response.recall_notices
+    )?;
+    demo.delivered(out, "ico", &format!("{id}.recall.json"))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,664 @@
+//! The spool directory: the agent's only interface with the agency's own systems.
+//!
+//! ```text
+//! outbox/    the agency drops JSON files here (write elsewhere or as *.tmp / .dotfile, then rename)
+//! sent/      accepted files, each with <name>.receipt.json
+//! refused/   refused files, each with <name>.reason.json (reason code and message)
+//! failed/    files that could not be read or parsed, each with <name>.error.txt
+//! inbox/     deliveries: <message_id>.json, and <message_id>.recall.json for recall notices
+//! .state/    the agent's own bookkeeping (message ids chosen for outbox files)
+//! ```
+//!
+//! Every write is atomic and durable: a temporary file in the same directory, fsync, rename,
+//! fsync of the directory. A delivery is acknowledged only after its file is on disk, and one
+//! already in the inbox is not written twice, so each message lands exactly once.
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use base64::Engine as _;
+use concordat_proto::{
+    envelope::{Envelope, Kind, Tlp},
+    ids::MessageId,
+    pb,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The largest outbox file or payload file the agent reads.
+pub const MAX_FILE_BYTES: u64 = 80 * 1024 * 1024;
+
+/// The folders of a spool directory.
+pub const FOLDERS: [&str; 6] = ["outbox", "sent", "refused", "failed", "inbox", ".state/ids"];
+
+/// A spool directory.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// Why an outbox file cannot be sent: it goes to `failed/` with this explanation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The file (or its payload or token file) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The file is too large.
+    #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+    /// The file is not valid outbox JSON.
+    #[error("not a valid outbox message: {0}")]
+    Parse(String),
+}
+
+/// An outbox file, as the agency writes it.
+///
+/// Exactly one of `payload` (any JSON value, sent as its compact serialization),
+/// `payload_base64` or `payload_file` must be given; at most one of `consent_token` and
+/// `consent_token_file`. Relative paths are relative to the spool directory (keep payload files
+/// out of `outbox/`, or they would be taken for messages).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxMessage {
+    /// The message id (a UUID). When absent the agent chooses one, once, and reuses it on retry.
+    pub message_id: Option<String>,
+    /// Recipient agency ids.
+    pub recipients: Vec<String>,
+    /// `threat_assessment`, `incident_record` or `dsar_consultation`.
+    pub kind: String,
+    /// The organisation the payload identifies, if any.
+    pub organisation: Option<String>,
+    /// The incident reference.
+    pub incident_ref: Option<String>,
+    /// The payload's media type (default `application/json` for inline JSON payloads,
+    /// `application/octet-stream` otherwise).
+    pub content_type: Option<String>,
+    /// TLP marking: clear, green, amber, amber+strict, red (default amber).
+    pub tlp: Option<String>,
+    /// An inline JSON payload.
+    pub payload: Option<serde_json::Value>,
+    /// An inline binary payload, base64.
+    pub payload_base64: Option<String>,
+    /// A payload file.
+    pub payload_file: Option<PathBuf>,
+    /// An inline consent token.
+    pub consent_token: Option<String>,
+    /// A file holding the consent token.
+    pub consent_token_file: Option<PathBuf>,
+}
+
+/// What the agent writes beside an accepted file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReceiptFile {
+    /// The broker's transfer id.
+    pub transfer_id: String,
+    /// The message id.
+    pub message_id: String,
+    /// When the broker accepted it (RFC 3339).
+    pub accepted_at: String,
+    /// Per recipient: agreement and clause.
+    pub authorities: Vec<AuthorityFile>,
+    /// The consent token's jti, if any.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub consent_jti: String,
+    /// The consent token's issuer key id, if any.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub consent_issuer: String,
+    /// The audit log index of the transfer's entry, when the broker provides it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub log_index: Option<u64>,
+}
+
+/// One recipient's authority, in a receipt file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuthorityFile {
+    /// The recipient.
+    pub recipient: String,
+    /// The agreement relied on.
+    pub agreement_id: String,
+    /// Its clause.
+    pub clause: String,
+}
+
+/// What the agent writes beside a refused file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReasonFile {
+    /// The message id that was sent.
+    pub message_id: String,
+    /// The stable reason code, e.g. `CONSENT_MISSING`.
+    pub reason: String,
+    /// The broker's explanation.
+    pub message: String,
+}
+
+/// Where a delivery went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Written to this file.
+    Written(PathBuf),
+    /// Already in the inbox from an earlier delivery.
+    AlreadyPresent(PathBuf),
+}
+
+impl Delivered {
+    /// The inbox file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Delivered::Written(p) | Delivered::AlreadyPresent(p) => p,
+        }
+    }
+}
+
+/// Why a delivery could not be stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// The delivery is not something the agent can store (e.g. a message id that is not a UUID).
+    #[error("unusable delivery: {0}")]
+    Invalid(&'static str),
+    /// Writing failed.
+    #[error("writing to the inbox: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+impl Spool {
+    /// Opens the spool at `root`, creating its folders.
+    pub fn open(root: &Path) -> io::Result<Spool> {
+        for folder in FOLDERS {
+            fs::create_dir_all(root.join(folder))?;
+        }
+        Ok(Spool {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The spool's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A folder of the spool (`outbox`, `sent`, …).
+    pub fn dir(&self, folder: &str) -> PathBuf {
+        self.root.join(folder)
+    }
+
+    /// The complete files waiting in `outbox/`, by name. Dot-files, `*.tmp` and directories are
+    /// ignored: they are still being written.
+    pub fn pending(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(self.dir("outbox"))? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with('.') || name.ends_with(".tmp") || !entry.file_type()?.is_file() {
+                continue;
+            }
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn read_limited(&self, path: &Path) -> Result<Vec<u8>, OutboxError> {
+        let shown = path.display().to_string();
+        let meta = fs::metadata(path).map_err(|source| OutboxError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(OutboxError::TooLarge { path: shown });
+        }
+        fs::read(path).map_err(|source| OutboxError::Read {
+            path: shown,
+            source,
+        })
+    }
+
+    /// Reads and validates the outbox file `name` into an envelope, choosing (once) its message
+    /// id if the file does not give one.
+    pub fn load(&self, name: &str) -> Result<Envelope, OutboxError> {
+        let bytes = self.read_limited(&self.dir("outbox").join(name))?;
+        let msg: OutboxMessage =
+            serde_json::from_slice(&bytes).map_err(|e| OutboxError::Parse(e.to_string()))?;
+        let parse =
+            |what: &str, e: &dyn std::fmt::Display| OutboxError::Parse(format!("{what}: {e}"));
+        let payloads = [
+            msg.payload.is_some(),
+            msg.payload_base64.is_some(),
+            msg.payload_file.is_some(),
+        ];
+        if payloads.iter().filter(|p| **p).count() != 1 {
+            return Err(OutboxError::Parse(
+                "give exactly one of payload, payload_base64 and payload_file".into(),
+            ));
+        }
+        let (payload, default_type) = if let Some(value) = &msg.payload {
+            let bytes = serde_json::to_vec(value).map_err(|e| parse("payload", &e))?;
+            (bytes, "application/json")
+        } else if let Some(b64) = &msg.payload_base64 {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| parse("payload_base64", &e))?;
+            (bytes, "application/octet-stream")
+        } else if let Some(file) = &msg.payload_file {
+            (
+                self.read_limited(&self.root.join(file))?,
+                "application/octet-stream",
+            )
+        } else {
+            return Err(OutboxError::Parse("no payload".into()));
+        };
+        let consent_token = match (&msg.consent_token, &msg.consent_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(OutboxError::Parse(
+                    "give at most one of consent_token and consent_token_file".into(),
+                ));
+            }
+            (Some(t), None) => Some(t.trim().to_owned()),
+            (None, Some(file)) => {
+                let bytes = self.read_limited(&self.root.join(file))?;
+                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        let message_id = match &msg.message_id {
+            Some(id) => id
+                .parse::<MessageId>()
+                .map_err(|e| parse("message_id", &e))?,
+            None => self
+                .message_id_for(name)
+                .map_err(|source| OutboxError::Read {
+                    path: self.dir(".state/ids").join(name).display().to_string(),
+                    source,
+                })?,
+        };
+        let kind: Kind = msg.kind.parse().map_err(|e| parse("kind", &e))?;
+        let tlp: Tlp = msg
+            .tlp
+            .as_deref()
+            .unwrap_or("amber")
+            .parse()
+            .map_err(|e| parse("tlp", &e))?;
+        let wire = pb::Envelope {
+            message_id: message_id.to_string(),
+            recipients: msg.recipients,
+            kind: pb::MessageKind::from(kind) as i32,
+            organisation: msg.organisation.unwrap_or_default(),
+            incident_ref: msg.incident_ref.unwrap_or_default(),
+            content_type: msg.content_type.unwrap_or_else(|| default_type.into()),
+            tlp: pb::Tlp::from(tlp) as i32,
+            payload,
+            consent_token: consent_token.unwrap_or_default(),
+        };
+        Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+    }
+
+    /// The message id chosen for outbox file `name`: read from `.state/ids/`, or chosen now and
+    /// stored durably before it is used, so that a retry after a crash reuses it.
+    pub fn message_id_for(&self, name: &str) -> io::Result<MessageId> {
+        let dir = self.dir(".state/ids");
+        let path = dir.join(name);
+        if let Ok(text) = fs::read_to_string(&path)
+            && let Ok(id) = text.trim().parse()
+        {
+            return Ok(id);
+        }
+        let id = MessageId::new_random();
+        atomic_write(&dir, name, id.to_string().as_bytes())?;
+        Ok(id)
+    }
+
+    /// Moves outbox file `name` to `folder` beside a sidecar file `<name><suffix>` with
+    /// `contents`, then forgets its message id. The sidecar is written first: a crash in between
+    /// leaves the file in the outbox, to be sent again under the same id.
+    fn complete(
+        &self,
+        name: &str,
+        folder: &str,
+        suffix: &str,
+        contents: &[u8],
+        id: Option<MessageId>,
+    ) -> io::Result<PathBuf> {
+        let dest_dir = self.dir(folder);
+        let mut dest = name.to_owned();
+        if dest_dir.join(&dest).exists() {
+            dest = match id {
+                Some(id) => format!("{name}.{id}"),
+                None => format!("{name}.{}", MessageId::new_random()),
+            };
+        }
+        atomic_write(&dest_dir, &format!("{dest}{suffix}"), contents)?;
+        fs::rename(self.dir("outbox").join(name), dest_dir.join(&dest))?;
+        sync_dir(&dest_dir)?;
+        sync_dir(&self.dir("outbox"))?;
+        match fs::remove_file(self.dir(".state/ids").join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(dest_dir.join(dest))
+    }
+
+    /// Records an accepted file: `sent/<name>` and `sent/<name>.receipt.json`.
+    pub fn complete_sent(&self, name: &str, receipt: &pb::Receipt) -> io::Result<PathBuf> {
+        let file = ReceiptFile {
+            transfer_id: receipt.transfer_id.clone(),
+            message_id: receipt.message_id.clone(),
+            accepted_at: rfc3339(receipt.accepted_at.as_ref()),
+            authorities: receipt
+                .authorities
+                .iter()
+                .map(|a| AuthorityFile {
+                    recipient: a.recipient.clone(),
+                    agreement_id: a.agreement_id.clone(),
+                    clause: a.clause.clone(),
+                })
+                .collect(),
+            consent_jti: receipt.consent_jti.clone(),
+            consent_issuer: receipt.consent_issuer.clone(),
+            log_index: receipt.audit.as_ref().map(|a| a.log_index),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+        let id = receipt.message_id.parse().ok();
+        self.complete(name, "sent", ".receipt.json", &json, id)
+    }
+
+    /// Records a refused file: `refused/<name>` and `refused/<name>.reason.json`.
+    pub fn complete_refused(
+        &self,
+        name: &str,
+        message_id: MessageId,
+        reason: &str,
+        message: &str,
+    ) -> io::Result<PathBuf> {
+        let file = ReasonFile {
+            message_id: message_id.to_string(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+        self.complete(name, "refused", ".reason.json", &json, Some(message_id))
+    }
+
+    /// Records a file that could not be read or parsed: `failed/<name>` and
+    /// `failed/<name>.error.txt`.
+    pub fn complete_failed(&self, name: &str, error: &str) -> io::Result<PathBuf> {
+        self.complete(
+            name,
+            "failed",
+            ".error.txt",
+            format!("{error}\n").as_bytes(),
+            None,
+        )
+    }
+
+    /// Writes a delivery to the inbox, durably, unless it is already there.
+    pub fn deliver(&self, delivery: &pb::Delivery) -> Result<Delivered, DeliveryError> {
+        let inbox = self.dir("inbox");
+        let (name, json) = match &delivery.body {
+            Some(pb::delivery::Body::Transfer(t)) => {
+                let id: MessageId = t
+                    .message_id
+                    .parse()
+                    .map_err(|_| DeliveryError::Invalid("message id is not a UUID"))?;
+                (format!("{id}.json"), transfer_json(t))
+            }
+            Some(pb::delivery::Body::RecallNotice(n)) => {
+                let id: MessageId = n
+                    .message_id
+                    .parse()
+                    .map_err(|_| DeliveryError::Invalid("message id is not a UUID"))?;
+                (format!("{id}.recall.json"), recall_json(n))
+            }
+            None => return Err(DeliveryError::Invalid("empty delivery")),
+        };
+        let path = inbox.join(&name);
+        if path.exists() {
+            return Ok(Delivered::AlreadyPresent(path));
+        }
+        let bytes = serde_json::to_vec_pretty(&json).map_err(io::Error::other)?;
+        atomic_write(&inbox, &name, &bytes)?;
+        Ok(Delivered::Written(path))
+    }
+}
+
+fn kind_name(kind: i32) -> String {
+    Kind::try_from(kind)
+        .map(|k| k.as_str().to_owned())
+        .unwrap_or_else(|_| kind.to_string())
+}
+
+fn tlp_name(tlp: i32) -> String {
+    Tlp::try_from(tlp)
+        .map(|t| t.as_str().to_owned())
+        .unwrap_or_else(|_| tlp.to_string())
+}
+
+/// The inbox JSON of a transfer. A JSON payload is inlined as `payload`; any other payload is
+/// `payload_base64`. `payload_sha256` is always given.
+fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "type": "transfer",
+        "transfer_id": t.transfer_id,
+        "message_id": t.message_id,
+        "sender": t.sender,
+        "recipients": t.recipients,
+        "kind": kind_name(t.kind),
+        "organisation": t.organisation,
+        "incident_ref": t.incident_ref,
+        "content_type": t.content_type,
+        "tlp": tlp_name(t.tlp),
+        "consent_jti": t.consent_jti,
+        "consent_issuer": t.consent_issuer,
+        "agreement_id": t.agreement_id,
+        "clause": t.clause,
+        "accepted_at": rfc3339(t.accepted_at.as_ref()),
+        "payload_sha256": hex_digest(&t.payload),
+    });
+    let inline = t
+        .content_type
+        .contains("json")
+        .then(|| serde_json::from_slice::<serde_json::Value>(&t.payload).ok())
+        .flatten();
+    if let Some(obj) = v.as_object_mut() {
+        match inline {
+            Some(value) => obj.insert("payload".into(), value),
+            None => obj.insert(
+                "payload_base64".into(),
+                serde_json::Value::String(
+                    base64::engine::general_purpose::STANDARD.encode(&t.payload),
+                ),
+            ),
+        };
+    }
+    v
+}
+
+fn recall_json(n: &pb::RecallNotice) -> serde_json::Value {
+    serde_json::json!({
+        "type": "recall_notice",
+        "transfer_id": n.transfer_id,
+        "message_id": n.message_id,
+        "sender": n.sender,
+        "organisation": n.organisation,
+        "consent_jti": n.consent_jti,
+        "consent_issuer": n.consent_issuer,
+        "revoked_at": rfc3339(n.revoked_at.as_ref()),
+    })
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably: a temporary file, fsync, rename, fsync
+/// of the directory.
+pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, so that a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn spool() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        (dir, spool)
+    }
+
+    #[test]
+    fn pending_ignores_partial_files() {
+        let (_d, s) = spool();
+        for name in ["b.json", "a.json", ".hidden.json", "c.json.tmp"] {
+            fs::write(s.dir("outbox").join(name), "{}").unwrap();
+        }
+        fs::create_dir(s.dir("outbox").join("sub")).unwrap();
+        assert_eq!(s.pending().unwrap(), ["a.json", "b.json"]);
+    }
+
+    #[test]
+    fn message_ids_are_chosen_once() {
+        let (_d, s) = spool();
+        fs::write(
+            s.dir("outbox").join("m.json"),
+            r#"{"recipients":["ico"],"kind":"threat_assessment","payload":{"x":1}}"#,
+        )
+        .unwrap();
+        let first = s.load("m.json").unwrap();
+        let again = s.load("m.json").unwrap();
+        assert_eq!(first.message_id, again.message_id);
+        assert_eq!(first.content_type, "application/json");
+        assert_eq!(first.payload, br#"{"x":1}"#);
+        assert_eq!(first.tlp, Tlp::Amber);
+    }
+
+    #[test]
+    fn malformed_files_explain_themselves() {
+        let (_d, s) = spool();
+        let cases = [
+            ("not json", "not a valid outbox message"),
+            (
+                r#"{"recipients":["ico"],"kind":"threat_assessment"}"#,
+                "exactly one of payload",
+            ),
+            (
+                r#"{"recipients":["ico"],"kind":"gossip","payload":1}"#,
+                "kind",
+            ),
+            (
+                r#"{"recipients":["ico"],"kind":"threat_assessment","payload":1,"extra":2}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"recipients":["I C O"],"kind":"threat_assessment","payload":1}"#,
+                "recipients",
+            ),
+            (
+                r#"{"recipients":["ico"],"kind":"threat_assessment","payload_base64":"!!"}"#,
+                "payload_base64",
+            ),
+        ];
+        for (i, (text, expected)) in cases.iter().enumerate() {
+            let name = format!("{i}.json");
+            fs::write(s.dir("outbox").join(&name), text).unwrap();
+            let err = s.load(&name).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn completion_moves_the_file_with_its_sidecar() {
+        let (_d, s) = spool();
+        fs::write(s.dir("outbox").join("m.json"), "x").unwrap();
+        let id = s.message_id_for("m.json").unwrap();
+        let path = s
+            .complete_refused("m.json", id, "NO_AGREEMENT", "no")
+            .unwrap();
+        assert_eq!(path, s.dir("refused").join("m.json"));
+        assert!(!s.dir("outbox").join("m.json").exists());
+        assert!(!s.dir(".state/ids").join("m.json").exists());
+        let reason: ReasonFile =
+            serde_json::from_slice(&fs::read(s.dir("refused").join("m.json.reason.json")).unwrap())
+                .unwrap();
+        assert_eq!(reason.reason, "NO_AGREEMENT");
+        // The same name again does not overwrite the first.
+        fs::write(s.dir("outbox").join("m.json"), "y").unwrap();
+        let second = s
+            .complete_refused("m.json", id, "NO_AGREEMENT", "no")
+            .unwrap();
+        assert_ne!(second, path);
+        assert_eq!(fs::read(&path).unwrap(), b"x");
+    }
+
+    #[test]
+    fn deliveries_are_written_once() {
+        let (_d, s) = spool();
+        let id = MessageId::new_random();
+        let delivery = pb::Delivery {
+            delivery_id: "7".into(),
+            body: Some(pb::delivery::Body::Transfer(pb::Transfer {
+                message_id: id.to_string(),
+                content_type: "application/json".into(),
+                payload: br#"{"a":1}"#.to_vec(),
+                ..Default::default()
+            })),
+        };
+        let first = s.deliver(&delivery).unwrap();
+        assert!(matches!(first, Delivered::Written(_)));
+        let again = s.deliver(&delivery).unwrap();
+        assert_eq!(again, Delivered::AlreadyPresent(first.path().to_path_buf()));
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(first.path()).unwrap()).unwrap();
+        assert_eq!(v["payload"]["a"], 1);
+        let hostile = pb::Delivery {
+            delivery_id: "8".into(),
+            body: Some(pb::delivery::Body::Transfer(pb::Transfer {
+                message_id: "../../etc/passwd".into(),
+                ..Default::default()
+            })),
+        };
+        assert!(matches!(
+            s.deliver(&hostile),
+            Err(DeliveryError::Invalid(_))
+        ));
+    }
+}
