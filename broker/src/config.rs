@@ -84,6 +84,8 @@ pub struct Config {
     pub policy: Policy,
     /// SHA-256 of the configuration text, recorded in the audit log at start-up.
     pub digest: [u8; 32],
+    /// The audit log's name: the origin line of its checkpoints and the name of its key.
+    pub log_origin: String,
 }
 
 /// An agency of the federation.
@@ -206,6 +208,7 @@ impl Config {
             limits: Limits::default(),
             policy: Policy::default(),
             digest: [0; 32],
+            log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
         }
     }
 
@@ -334,6 +337,13 @@ impl Config {
             max_window: raw.limits.max_window,
         };
 
+        let log_origin = raw.log_origin.unwrap_or_else(|| crate::audit_log::DEFAULT_ORIGIN.into());
+        if log_origin.is_empty()
+            || log_origin.len() > 128
+            || log_origin.chars().any(|c| c.is_whitespace() || c == '+' || c.is_control())
+        {
+            return Err(invalid("log_origin", "must be 1 to 128 characters without spaces or '+'".into()));
+        }
         let mut policy = Policy {
             clock_skew: time::Duration::seconds(i64::from(raw.clock_skew_seconds)),
             enforce_review: raw.enforce_review,
@@ -534,6 +544,7 @@ impl Config {
             limits,
             policy,
             digest: sha2::Sha256::digest(text.as_bytes()).into(),
+            log_origin,
         })
     }
 
@@ -725,6 +736,7 @@ struct RawConfig {
     auditors: Vec<String>,
     #[serde(default = "default_clock_skew")]
     clock_skew_seconds: u32,
+    log_origin: Option<String>,
     #[serde(default)]
     enforce_review: bool,
     #[serde(default)]

@@ -16,6 +16,7 @@
 //! [`serve`] takes an already-bound listener, so tests bind `127.0.0.1:0` and read the address
 //! from the listener: no sleeps, no races.
 
+pub mod audit_log;
 pub mod config;
 pub mod dispatch;
 pub mod identity;
@@ -83,12 +84,24 @@ pub async fn serve(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let storage = Arc::new(store::SledStorage::open(&config.data_dir)?);
+    let storage = Arc::new(store::SledStorage::open(&config.data_dir, &config.log_origin)?);
     let agency_ids = config.agencies.keys().cloned().collect();
     for (agency, depth) in store::nonempty_queues(storage.as_ref(), &agency_ids) {
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
     }
+    tracing::info!(log_key = %store::Storage::log_verifier_key(storage.as_ref()), "audit log");
     let store = store::Store::start(storage)?;
+    store
+        .commit(store::Op::ConfigLoaded(concordat_proto::pb::ConfigLoaded {
+            config_sha256: config.digest.to_vec(),
+            source: config.source.clone(),
+            broker_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+        .await
+        .map_err(|f| match f {
+            refusal::Failure::Internal(e) => e,
+            refusal::Failure::Refused(r) => refusal::Internal::new("logging the configuration", r.to_string()),
+        })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(service::State::new(
         &config,

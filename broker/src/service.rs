@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
-use concordat_proto::{consent, envelope::Envelope, ids::AgencyId, paseto, pb};
+use concordat_proto::{audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -63,10 +63,37 @@ impl State {
         &self.dispatcher
     }
 
-    /// Decides on one envelope from `sender` and, if accepted, stores it durably.
+    /// Decides on one envelope from `sender` and, if accepted, stores it durably. Every
+    /// refusal is in the audit log before it is returned.
     async fn submit(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<pb::Receipt, Failure> {
-        let envelope = Envelope::try_from(wire)
-            .map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
+        let raw = store::raw_facts(sender, &wire);
+        match self.prepare(sender, wire) {
+            Ok(Prepared::Duplicate(mut receipt)) => {
+                self.store.prove_receipt(&mut receipt)?;
+                Ok(*receipt)
+            }
+            // The writer logs the refusals it decides itself.
+            Ok(Prepared::Accept(op)) => match self.store.commit(op).await? {
+                Applied::Accepted(receipt) => Ok(*receipt),
+                other => Err(Internal::new("storing a transfer", format!("unexpected outcome {other:?}")).into()),
+            },
+            Err(Failure::Refused(r)) => {
+                let refused = pb::TransferRefused {
+                    envelope: Some(raw),
+                    reason: r.reason.as_str().into(),
+                    message: r.message.clone(),
+                };
+                self.store.commit(Op::Refuse(Box::new(refused))).await?;
+                Err(r.into())
+            }
+            Err(internal) => Err(internal),
+        }
+    }
+
+    /// Validates and decides, without writing.
+    fn prepare(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<Prepared, Failure> {
+        let envelope =
+            Envelope::try_from(wire).map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
         let digest = store::envelope_digest(&envelope);
         let storage = self.store.storage();
         // A retry of an accepted message gets the first receipt back; the writer checks again.
@@ -79,7 +106,7 @@ impl State {
                 .into());
             }
             receipt.duplicate = true;
-            return Ok(receipt);
+            return Ok(Prepared::Duplicate(Box::new(receipt)));
         }
         let now = OffsetDateTime::now_utc();
         let cx = policy::Context {
@@ -90,7 +117,7 @@ impl State {
             now,
         };
         let decision = policy::decide(&cx, sender, &envelope)?;
-        let op = Op::Accept(Box::new(Accept {
+        Ok(Prepared::Accept(Op::Accept(Box::new(Accept {
             sender: sender.clone(),
             envelope,
             decision,
@@ -98,15 +125,7 @@ impl State {
             transfer_id: uuid::Uuid::new_v4(),
             accepted_at: now,
             max_queue_depth: self.limits.max_queue_depth,
-        }));
-        match self.store.commit(op).await? {
-            Applied::Accepted(receipt) => Ok(*receipt),
-            other => Err(Internal::new(
-                "storing a transfer",
-                format!("unexpected outcome {other:?}"),
-            )
-            .into()),
-        }
+        }))))
     }
 
     /// [`State::submit`], with the outcome logged.
@@ -143,6 +162,14 @@ impl State {
         }
         outcome
     }
+}
+
+/// What [`State::prepare`] decided.
+enum Prepared {
+    /// The message was accepted before: its first receipt.
+    Duplicate(Box<pb::Receipt>),
+    /// Accept it with this write.
+    Accept(Op),
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -341,6 +368,26 @@ async fn deliver(
                     break;
                 }
             };
+        if !items.is_empty() {
+            let logged: Vec<(u64, String, bool)> = items
+                .iter()
+                .map(|item| match &item.body {
+                    pb::delivery::Body::Transfer(t) => (item.seq, t.transfer_id.clone(), false),
+                    pb::delivery::Body::RecallNotice(n) => (item.seq, n.transfer_id.clone(), true),
+                })
+                .collect();
+            let logged = state
+                .store
+                .commit(Op::Delivered {
+                    recipient: recipient.clone(),
+                    items: logged,
+                })
+                .await;
+            if let Err(e) = logged {
+                let _ = tx.send(Err(e.into())).await;
+                break;
+            }
+        }
         let mut gone = false;
         for item in items {
             let delivery = pb::Delivery {
@@ -385,7 +432,7 @@ impl pb::consent_server::Consent for ConsentService {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let caller = caller(&request)?;
-        let _ = agency_of(&caller, "revoke")?;
+        let submitter = agency_of(&caller, "revoke")?;
         let token = request.into_inner().revocation;
         let invalid = |e: consent::ConsentError| {
             refused(
@@ -420,6 +467,7 @@ impl pb::consent_server::Consent for ConsentService {
             .state
             .store
             .commit(Op::Revoke(Box::new(Revoke {
+                submitted_by: submitter,
                 issuer: key_id,
                 target,
                 revoked_at: OffsetDateTime::now_utc(),
@@ -444,7 +492,6 @@ impl pb::consent_server::Consent for ConsentService {
 
 /// The `Audit` service.
 pub struct AuditService {
-    #[allow(dead_code)]
     state: Arc<State>,
 }
 
@@ -455,14 +502,15 @@ impl AuditService {
     }
 }
 
+fn malformed(caller: &Caller, what: &str, message: String) -> Status {
+    refused(caller, what, Refusal::new(Reason::Malformed, message))
+}
+
 #[tonic::async_trait]
 impl pb::audit_server::Audit for AuditService {
     type ExportStream = ResponseStream<pb::ExportItem>;
 
-    async fn export(
-        &self,
-        request: Request<pb::ExportRequest>,
-    ) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export(&self, request: Request<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
         let caller = caller(&request)?;
         if !matches!(caller, Caller::Auditor(_)) {
             return Err(refused(
@@ -470,21 +518,104 @@ impl pb::audit_server::Audit for AuditService {
                 "audit export",
                 Refusal::new(
                     Reason::NotAuthorised,
-                    format!(
-                        "{} is not an auditor; only auditor certificates may export the audit log",
-                        caller.id()
-                    ),
+                    format!("{} is not an auditor; only auditor certificates may export the audit log", caller.id()),
                 ),
             ));
         }
-        Err(Status::unimplemented("Export is not available yet"))
+        let req = request.into_inner();
+        let filter = audit::Filter {
+            since: req.since.map(|t| t.seconds),
+            until: req.until.map(|t| t.seconds),
+            agency: (!req.agency.is_empty()).then_some(req.agency),
+            organisation: (!req.organisation.is_empty()).then_some(req.organisation),
+            reason: (!req.reason.is_empty()).then_some(req.reason),
+        };
+        let Some(cp) = self.state.store.checkpoint() else {
+            return Err(Internal::new("exporting", "no checkpoint has been signed yet").into());
+        };
+        let end = if req.index_to == 0 { cp.size } else { req.index_to.min(cp.size) };
+        if req.index_from > end {
+            return Err(malformed(&caller, "audit export", format!("index_from {} is beyond {end}", req.index_from)));
+        }
+        // Proofs are needed whenever the export is not the whole log.
+        let partial = !filter.is_empty() || req.index_from > 0 || end < cp.size;
+        tracing::info!(auditor = %caller.id(), size = cp.size, from = req.index_from, to = end, partial, "audit export");
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if tx
+                .send(Ok(pb::ExportItem {
+                    item: Some(pb::export_item::Item::Checkpoint(cp.note.clone())),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let storage = state.store.storage();
+            for index in req.index_from..end {
+                let record = (|| -> Result<Option<pb::ExportRecord>, Internal> {
+                    let bytes = storage
+                        .log_entry(index)?
+                        .ok_or_else(|| Internal::new("exporting", format!("entry {index} is missing")))?;
+                    if !filter.is_empty() {
+                        let entry = audit::decode(&bytes).map_err(|e| Internal::new("exporting", e))?;
+                        if !filter.matches(&entry) {
+                            return Ok(None);
+                        }
+                    }
+                    let inclusion_proof = if partial {
+                        storage.prove_entry(index, cp.size)?.into_iter().map(|h| h.0.to_vec()).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Some(pb::ExportRecord {
+                        index,
+                        entry: bytes,
+                        inclusion_proof,
+                    }))
+                })();
+                let item = match record {
+                    Ok(None) => continue,
+                    Ok(Some(r)) => Ok(pb::ExportItem {
+                        item: Some(pb::export_item::Item::Record(r)),
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn checkpoint(
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
-        let _ = caller(&request)?;
-        Err(Status::unimplemented("Checkpoint is not available yet"))
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let Some(cp) = self.state.store.checkpoint() else {
+            return Err(Internal::new("reading the checkpoint", "no checkpoint has been signed yet").into());
+        };
+        let to = if req.to_size == 0 { cp.size } else { req.to_size };
+        if to > cp.size || req.from_size > to {
+            return Err(malformed(
+                &caller,
+                "checkpoint",
+                format!("need from_size <= to_size <= {} (got {} and {to})", cp.size, req.from_size),
+            ));
+        }
+        let proof = if req.from_size == 0 || req.from_size == to {
+            Vec::new()
+        } else {
+            self.state.store.storage().prove_consistency(req.from_size, to)?
+        };
+        Ok(Response::new(pb::CheckpointResponse {
+            checkpoint: cp.note,
+            consistency_proof: proof.into_iter().map(|h| h.0.to_vec()).collect(),
+        }))
     }
 }

@@ -9,6 +9,10 @@
 //!
 //! Readers never see more than is durable: the writer publishes the highest queue sequence
 //! number it has flushed, and subscriptions deliver nothing beyond it.
+//!
+//! Every operation also appends its audit entries ([`crate::audit_log`]) in the same
+//! transaction, and every batch is sealed with a signed checkpoint before the flush, so a
+//! receipt carries its entry's index, a checkpoint that includes it, and the inclusion proof.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -19,6 +23,7 @@ use std::{
 
 use concordat_proto::{
     consent::TokenId,
+    merkle::Hash,
     envelope::Envelope,
     ids::{AgencyId, MessageId},
     paserk::KeyId,
@@ -34,6 +39,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
+    audit_log::{self, Log, SignedCheckpoint, TxLog},
     policy::{ConsentLedger, ConsentUse, Decision},
     refusal::{Failure, Internal, Reason, Refusal},
 };
@@ -55,6 +61,17 @@ pub enum Op {
     },
     /// Record a revocation and queue recall notices.
     Revoke(Box<Revoke>),
+    /// Record a refused transfer in the audit log.
+    Refuse(Box<pb::TransferRefused>),
+    /// Record that queued items were handed to a recipient's connection.
+    Delivered {
+        /// The recipient.
+        recipient: AgencyId,
+        /// What was handed over: sequence number, transfer id, whether a recall notice.
+        items: Vec<(u64, String, bool)>,
+    },
+    /// Record the configuration the broker started with.
+    ConfigLoaded(pb::ConfigLoaded),
 }
 
 /// An accepted envelope, decided and ready to store.
@@ -79,6 +96,8 @@ pub struct Accept {
 /// A verified revocation to record.
 #[derive(Debug)]
 pub struct Revoke {
+    /// The agency that submitted the signed statement.
+    pub submitted_by: AgencyId,
     /// The issuer whose tokens are revoked.
     pub issuer: KeyId,
     /// One token, or every token issued before a time.
@@ -110,6 +129,8 @@ pub enum Applied {
         /// Whether it had been recorded before.
         duplicate: bool,
     },
+    /// Audit entries were appended.
+    Logged,
 }
 
 /// One item of a recipient's queue.
@@ -148,6 +169,20 @@ pub trait Storage: ConsentLedger + Send + Sync + 'static {
     fn queue_depth(&self, recipient: &AgencyId) -> u64;
     /// The highest sequence number ever assigned (0 for none).
     fn last_seq(&self) -> u64;
+    /// Signs a checkpoint of the log as it now stands, unless `previous` already covers it.
+    fn seal(&self, previous: Option<&SignedCheckpoint>) -> Result<Option<SignedCheckpoint>, Internal>;
+    /// The latest signed checkpoint.
+    fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal>;
+    /// The number of audit entries.
+    fn log_size(&self) -> Result<u64, Internal>;
+    /// The audit entry at `index`.
+    fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal>;
+    /// The inclusion proof of entry `index` in the tree of `size` entries.
+    fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal>;
+    /// The consistency proof between two tree sizes.
+    fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal>;
+    /// The key that verifies the log's checkpoints (`name+keyid+base64`).
+    fn log_verifier_key(&self) -> String;
 }
 
 /// The handle the services use: reads, and writes through the group-commit writer.
@@ -156,6 +191,7 @@ pub struct Store {
     storage: Arc<dyn Storage>,
     jobs: mpsc::Sender<Job>,
     durable: watch::Receiver<u64>,
+    checkpoint: watch::Receiver<Option<SignedCheckpoint>>,
 }
 
 struct Job {
@@ -168,15 +204,17 @@ impl Store {
     pub fn start(storage: Arc<dyn Storage>) -> Result<Store, Internal> {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (durable_tx, durable) = watch::channel(storage.last_seq());
+        let (checkpoint_tx, checkpoint) = watch::channel(storage.latest_checkpoint()?);
         let writer = storage.clone();
         thread::Builder::new()
             .name("concordat-writer".into())
-            .spawn(move || write_loop(writer.as_ref(), rx, durable_tx))
+            .spawn(move || write_loop(writer.as_ref(), rx, durable_tx, checkpoint_tx))
             .map_err(|e| Internal::new("starting the writer thread", e))?;
         Ok(Store {
             storage,
             jobs,
             durable,
+            checkpoint,
         })
     }
 
@@ -201,10 +239,49 @@ impl Store {
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.durable.clone()
     }
+
+    /// The latest durable signed checkpoint.
+    pub fn checkpoint(&self) -> Option<SignedCheckpoint> {
+        self.checkpoint.borrow().clone()
+    }
+
+    /// Fills in a receipt's audit proof against the latest checkpoint (for a receipt returned
+    /// again, whose entry is already in the log).
+    pub fn prove_receipt(&self, receipt: &mut pb::Receipt) -> Result<(), Internal> {
+        let Some(cp) = self.checkpoint() else {
+            return Ok(());
+        };
+        if let Some(audit) = receipt.audit.as_mut() {
+            fill_proof(self.storage.as_ref(), audit, &cp)?;
+        }
+        Ok(())
+    }
 }
 
-fn write_loop(storage: &dyn Storage, mut rx: mpsc::Receiver<Job>, durable: watch::Sender<u64>) {
+fn fill_proof(storage: &dyn Storage, audit: &mut pb::AuditProof, cp: &SignedCheckpoint) -> Result<(), Internal> {
+    if audit.log_index >= cp.size {
+        return Ok(());
+    }
+    audit.checkpoint = cp.note.clone();
+    audit.inclusion_proof = storage
+        .prove_entry(audit.log_index, cp.size)?
+        .into_iter()
+        .map(|h| h.0.to_vec())
+        .collect();
+    if audit.entry.is_empty() {
+        audit.entry = storage.log_entry(audit.log_index)?.unwrap_or_default();
+    }
+    Ok(())
+}
+
+fn write_loop(
+    storage: &dyn Storage,
+    mut rx: mpsc::Receiver<Job>,
+    durable: watch::Sender<u64>,
+    checkpoint: watch::Sender<Option<SignedCheckpoint>>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut latest = checkpoint.borrow().clone();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -213,12 +290,29 @@ fn write_loop(storage: &dyn Storage, mut rx: mpsc::Receiver<Job>, durable: watch
                 Err(_) => break,
             }
         }
-        let results: Vec<Result<Applied, Failure>> =
+        let mut results: Vec<Result<Applied, Failure>> =
             batch.iter().map(|job| storage.apply(&job.op)).collect();
-        let synced = storage.sync();
-        if synced.is_ok() {
+        // Seal the batch with a checkpoint, flushed together with it.
+        let sealed = storage.seal(latest.as_ref());
+        let synced = sealed.and_then(|new| storage.sync().map(|()| new));
+        if let Ok(new) = &synced {
+            if let Some(cp) = new {
+                latest = Some(cp.clone());
+                checkpoint.send_replace(latest.clone());
+            }
             durable.send_replace(storage.last_seq());
+            if let Some(cp) = &latest {
+                for result in results.iter_mut() {
+                    if let Ok(Applied::Accepted(receipt)) = result
+                        && let Some(audit) = receipt.audit.as_mut()
+                        && let Err(e) = fill_proof(storage, audit, cp)
+                    {
+                        *result = Err(Failure::Internal(e));
+                    }
+                }
+            }
         }
+        let synced = synced.map(|_| ());
         for (job, result) in batch.drain(..).zip(results) {
             let answer = match &synced {
                 Ok(()) => result,
@@ -324,6 +418,7 @@ pub struct SledStorage {
     consented: sled::Tree,
     revoked: sled::Tree,
     meta: sled::Tree,
+    log: Log,
     depths: Mutex<HashMap<AgencyId, u64>>,
     last_seq: std::sync::atomic::AtomicU64,
 }
@@ -385,8 +480,10 @@ fn abort<T>(f: impl Into<Failure>) -> TxResult<T> {
 }
 
 impl SledStorage {
-    /// Opens (or creates) the database in `dir`.
-    pub fn open(dir: &Path) -> Result<SledStorage, Internal> {
+    /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
+    /// start) for checkpoints whose origin is `origin`.
+    pub fn open(dir: &Path, origin: &str) -> Result<SledStorage, Internal> {
+        let signer = audit_log::load_or_create_key(dir, origin)?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .mode(sled::Mode::HighThroughput)
@@ -402,6 +499,7 @@ impl SledStorage {
             consented: tree("consented_transfers")?,
             revoked: tree("revocations")?,
             meta: tree("meta")?,
+            log: Log::new(tree("log_entries")?, tree("log_hashes")?, tree("meta")?, signer),
             depths: Mutex::new(HashMap::new()),
             last_seq: std::sync::atomic::AtomicU64::new(0),
             db,
@@ -452,17 +550,52 @@ impl SledStorage {
         Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
     }
 
+    fn log_refusal(&self, facts: pb::EnvelopeFacts, refusal: &Refusal) -> Result<(), Failure> {
+        let entry = audit_log::entry(pb::audit_entry::Event::TransferRefused(pb::TransferRefused {
+            envelope: Some(facts),
+            reason: refusal.reason.as_str().into(),
+            message: refusal.message.clone(),
+        }));
+        self.append_only(&[entry])
+    }
+
+    /// Appends entries in a transaction of their own.
+    fn append_only(&self, entries: &[pb::AuditEntry]) -> Result<(), Failure> {
+        let outcome = (&self.log.entries, &self.log.hashes, &self.meta).transaction(|(le, lh, meta)| {
+            let log = TxLog {
+                entries: le,
+                hashes: lh,
+                meta,
+            };
+            for e in entries {
+                log.append(e)?;
+            }
+            Ok(())
+        });
+        tx_outcome(outcome)
+    }
+
     fn apply_accept(&self, a: &Accept) -> Result<Applied, Failure> {
+        match self.accept_tx(a) {
+            Err(Failure::Refused(r)) => {
+                // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
+                // logged like any other, in the same group commit.
+                let consent = a.decision.consent.as_ref().map(|c| (c.jti, c.issuer));
+                self.log_refusal(facts(&a.sender, &a.envelope, consent), &r)?;
+                Err(Failure::Refused(r))
+            }
+            other => other,
+        }
+    }
+
+    fn accept_tx(&self, a: &Accept) -> Result<Applied, Failure> {
         {
             let depths = self.lock_depths();
             for r in &a.envelope.recipients {
                 if depths.get(r).copied().unwrap_or(0) >= a.max_queue_depth {
                     return Err(Refusal::new(
                         Reason::RecipientQueueFull,
-                        format!(
-                            "the queue of {r} is full ({} items); try again later",
-                            a.max_queue_depth
-                        ),
+                        format!("the queue of {r} is full ({} items); try again later", a.max_queue_depth),
                     )
                     .into());
                 }
@@ -478,63 +611,80 @@ impl SledStorage {
             &self.consented,
             &self.revoked,
             &self.meta,
+            &self.log.entries,
+            &self.log.hashes,
         );
-        let outcome = trees.transaction(
-            |(receipts, transfers, refs, queues, uses, consented, revoked, meta)| {
-                if let Some(found) = receipts.get(&rkey)? {
-                    return duplicate_receipt(&found, &a.envelope_digest);
+        let outcome = trees.transaction(|(receipts, transfers, refs, queues, uses, consented, revoked, meta, le, lh)| {
+            if let Some(found) = receipts.get(&rkey)? {
+                return duplicate_receipt(&found, &a.envelope_digest);
+            }
+            if let Some(c) = &a.decision.consent {
+                if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
+                    return abort(Refusal::new(
+                        Reason::ConsentRevoked,
+                        format!("consent token {} has been revoked by its issuer", c.jti),
+                    ));
                 }
-                if let Some(c) = &a.decision.consent {
-                    if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
-                        return abort(Refusal::new(
-                            Reason::ConsentRevoked,
-                            format!("consent token {} has been revoked by its issuer", c.jti),
-                        ));
-                    }
-                    let key = token_key(&c.issuer, &c.jti);
-                    let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
-                    if let Some(max) = c.max_uses
-                        && used >= u64::from(max)
-                    {
-                        return abort(Refusal::new(
-                            Reason::ConsentUsedUp,
-                            format!("consent token {} allows {max} use(s), all used", c.jti),
-                        ));
-                    }
-                    uses.insert(key, &(used + 1).to_be_bytes())?;
+                let key = token_key(&c.issuer, &c.jti);
+                let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+                if let Some(max) = c.max_uses
+                    && used >= u64::from(max)
+                {
+                    return abort(Refusal::new(
+                        Reason::ConsentUsedUp,
+                        format!("consent token {} allows {max} use(s), all used", c.jti),
+                    ));
                 }
-                let receipt = build_receipt(a);
-                let tid = a.transfer_id.as_bytes();
-                transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
-                refs.insert(
-                    &tid[..],
-                    &(a.envelope.recipients.len() as u64).to_be_bytes(),
-                )?;
-                let mut seq = Self::next_seq(meta)?;
-                for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
-                    let item = StoredItem {
-                        transfer_id: tid.to_vec(),
-                        recall: None,
-                        agreement_id: authority.agreement_id.clone(),
-                        clause: authority.clause.clone(),
-                    };
-                    queues.insert(queue_key(r, seq), item.encode_to_vec())?;
-                    seq += 1;
-                }
-                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-                if let Some(c) = &a.decision.consent {
-                    let mut key = token_key(&c.issuer, &c.jti);
-                    key.extend_from_slice(tid);
-                    consented.insert(key, consented_record(a, c).encode_to_vec())?;
-                }
-                let stored = StoredReceipt {
-                    receipt: Some(receipt.clone()),
-                    envelope_digest: a.envelope_digest.to_vec(),
+                uses.insert(key, &(used + 1).to_be_bytes())?;
+            }
+            let mut receipt = build_receipt(a);
+            let tid = a.transfer_id.as_bytes();
+            transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
+            refs.insert(&tid[..], &(a.envelope.recipients.len() as u64).to_be_bytes())?;
+            let mut seq = Self::next_seq(meta)?;
+            for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
+                let item = StoredItem {
+                    transfer_id: tid.to_vec(),
+                    recall: None,
+                    agreement_id: authority.agreement_id.clone(),
+                    clause: authority.clause.clone(),
                 };
-                receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
-                Ok((receipt, seq - 1))
-            },
-        );
+                queues.insert(queue_key(r, seq), item.encode_to_vec())?;
+                seq += 1;
+            }
+            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+            if let Some(c) = &a.decision.consent {
+                let mut key = token_key(&c.issuer, &c.jti);
+                key.extend_from_slice(tid);
+                consented.insert(key, consented_record(a, c).encode_to_vec())?;
+            }
+            let entry = audit_log::entry(pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
+                transfer_id: receipt.transfer_id.clone(),
+                envelope: Some(facts(
+                    &a.sender,
+                    &a.envelope,
+                    a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
+                )),
+                authorities: receipt.authorities.clone(),
+            }));
+            let log = TxLog {
+                entries: le,
+                hashes: lh,
+                meta,
+            };
+            let index = log.append(&entry)?;
+            receipt.audit = Some(pb::AuditProof {
+                log_index: index,
+                entry: entry.encode_to_vec(),
+                ..Default::default()
+            });
+            let stored = StoredReceipt {
+                receipt: Some(receipt.clone()),
+                envelope_digest: a.envelope_digest.to_vec(),
+            };
+            receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
+            Ok((receipt, seq - 1))
+        });
         let (receipt, last) = tx_outcome(outcome)?;
         if !receipt.duplicate {
             self.bump(&a.envelope.recipients, last);
@@ -547,42 +697,53 @@ impl SledStorage {
         for r in added {
             *depths.entry(r.clone()).or_default() += 1;
         }
-        self.last_seq
-            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+        self.last_seq.fetch_max(last, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn apply_ack(&self, recipient: &AgencyId, seqs: &[u64]) -> Result<Applied, Failure> {
-        let outcome =
-            (&self.queues, &self.refs, &self.transfers).transaction(|(queues, refs, transfers)| {
-                let mut removed = 0u32;
-                for seq in seqs {
-                    let Some(raw) = queues.remove(queue_key(recipient, *seq))? else {
-                        continue;
-                    };
-                    removed += 1;
-                    let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
-                        ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
-                            "decoding a queue item",
-                            e,
-                        )))
-                    })?;
-                    if item.recall.is_some() {
-                        continue;
-                    }
-                    let left = refs
-                        .get(&item.transfer_id)?
-                        .and_then(|v| be_u64(&v))
-                        .unwrap_or(1)
-                        .saturating_sub(1);
-                    if left == 0 {
-                        refs.remove(item.transfer_id.as_slice())?;
-                        transfers.remove(item.transfer_id.as_slice())?;
-                    } else {
-                        refs.insert(item.transfer_id.as_slice(), &left.to_be_bytes())?;
-                    }
+        let trees = (&self.queues, &self.refs, &self.transfers, &self.log.entries, &self.log.hashes, &self.meta);
+        let outcome = trees.transaction(|(queues, refs, transfers, le, lh, meta)| {
+            let log = TxLog {
+                entries: le,
+                hashes: lh,
+                meta,
+            };
+            let mut removed = 0u32;
+            for seq in seqs {
+                let Some(raw) = queues.remove(queue_key(recipient, *seq))? else {
+                    continue;
+                };
+                removed += 1;
+                let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
+                    ConflictableTransactionError::Abort(Failure::Internal(Internal::new("decoding a queue item", e)))
+                })?;
+                let (transfer_id, recall_notice) = match &item.recall {
+                    Some(n) => (n.transfer_id.clone(), true),
+                    None => (uuid_string(&item.transfer_id), false),
+                };
+                log.append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(pb::Acknowledged {
+                    recipient: recipient.to_string(),
+                    delivery_id: seq.to_string(),
+                    transfer_id,
+                    recall_notice,
+                })))?;
+                if recall_notice {
+                    continue;
                 }
-                Ok(removed)
-            });
+                let left = refs
+                    .get(&item.transfer_id)?
+                    .and_then(|v| be_u64(&v))
+                    .unwrap_or(1)
+                    .saturating_sub(1);
+                if left == 0 {
+                    refs.remove(item.transfer_id.as_slice())?;
+                    transfers.remove(item.transfer_id.as_slice())?;
+                } else {
+                    refs.insert(item.transfer_id.as_slice(), &left.to_be_bytes())?;
+                }
+            }
+            Ok(removed)
+        });
         let removed = tx_outcome(outcome)?;
         if removed > 0 {
             let mut depths = self.lock_depths();
@@ -590,6 +751,22 @@ impl SledStorage {
             *d = d.saturating_sub(u64::from(removed));
         }
         Ok(Applied::Acked(removed))
+    }
+
+    fn apply_delivered(&self, recipient: &AgencyId, items: &[(u64, String, bool)]) -> Result<Applied, Failure> {
+        let entries: Vec<pb::AuditEntry> = items
+            .iter()
+            .map(|(seq, transfer_id, recall_notice)| {
+                audit_log::entry(pb::audit_entry::Event::Delivered(pb::Delivered {
+                    recipient: recipient.to_string(),
+                    delivery_id: seq.to_string(),
+                    transfer_id: transfer_id.clone(),
+                    recall_notice: *recall_notice,
+                }))
+            })
+            .collect();
+        self.append_only(&entries)?;
+        Ok(Applied::Logged)
     }
 
     fn apply_revoke(&self, r: &Revoke) -> Result<Applied, Failure> {
@@ -699,6 +876,48 @@ impl SledStorage {
             recall_notices,
             duplicate,
         })
+    }
+}
+
+fn uuid_string(bytes: &[u8]) -> String {
+    uuid::Uuid::from_slice(bytes).map(|u| u.to_string()).unwrap_or_default()
+}
+
+/// What the audit log records about a validated envelope: never the payload, only its digest.
+pub fn facts(sender: &AgencyId, e: &Envelope, consent: Option<(TokenId, KeyId)>) -> pb::EnvelopeFacts {
+    pb::EnvelopeFacts {
+        message_id: e.message_id.to_string(),
+        sender: sender.to_string(),
+        recipients: e.recipients.iter().map(ToString::to_string).collect(),
+        kind: pb::MessageKind::from(e.kind) as i32,
+        organisation: e.organisation.as_ref().map(ToString::to_string).unwrap_or_default(),
+        incident_ref: e.incident_ref.clone().unwrap_or_default(),
+        tlp: pb::Tlp::from(e.tlp) as i32,
+        payload_sha256: Sha256::digest(&e.payload).to_vec(),
+        payload_size: e.payload.len() as u64,
+        consent_jti: consent.map(|c| c.0.to_string()).unwrap_or_default(),
+        consent_issuer: consent.map(|c| c.1.to_string()).unwrap_or_default(),
+    }
+}
+
+/// What the audit log records about an envelope that did not validate: its fields as far as
+/// they go, each cut to a bounded length, the payload only by digest.
+pub fn raw_facts(sender: &AgencyId, e: &pb::Envelope) -> pb::EnvelopeFacts {
+    let cut = |s: &str| s.chars().take(128).collect::<String>();
+    pb::EnvelopeFacts {
+        message_id: cut(&e.message_id),
+        sender: sender.to_string(),
+        recipients: e.recipients.iter().take(32).map(|r| cut(r)).collect(),
+        kind: e.kind,
+        organisation: cut(&e.organisation),
+        incident_ref: cut(&e.incident_ref),
+        tlp: e.tlp,
+        payload_sha256: Sha256::digest(&e.payload).to_vec(),
+        payload_size: e.payload.len() as u64,
+        consent_jti: String::new(),
+        consent_issuer: concordat_proto::consent::key_id_of(&e.consent_token)
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -857,7 +1076,44 @@ impl Storage for SledStorage {
             Op::Accept(a) => self.apply_accept(a),
             Op::Ack { recipient, seqs } => self.apply_ack(recipient, seqs),
             Op::Revoke(r) => self.apply_revoke(r),
+            Op::Refuse(refused) => {
+                self.append_only(&[audit_log::entry(pb::audit_entry::Event::TransferRefused(*refused.clone()))])?;
+                Ok(Applied::Logged)
+            }
+            Op::Delivered { recipient, items } => self.apply_delivered(recipient, items),
+            Op::ConfigLoaded(c) => {
+                self.append_only(&[audit_log::entry(pb::audit_entry::Event::ConfigLoaded(c.clone()))])?;
+                Ok(Applied::Logged)
+            }
         }
+    }
+
+    fn seal(&self, previous: Option<&SignedCheckpoint>) -> Result<Option<SignedCheckpoint>, Internal> {
+        self.log.seal(previous)
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        self.log.latest()
+    }
+
+    fn log_size(&self) -> Result<u64, Internal> {
+        self.log.size()
+    }
+
+    fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal> {
+        self.log.entry(index)
+    }
+
+    fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
+        self.log.prove_entry(index, size)
+    }
+
+    fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal> {
+        self.log.prove_consistency(old, new)
+    }
+
+    fn log_verifier_key(&self) -> String {
+        self.log.verifier_key()
     }
 
     fn sync(&self) -> Result<(), Internal> {

@@ -11,10 +11,12 @@
 //! - [`consent`]: consent tokens and revocation statements (`docs/consent-token.md`).
 //! - [`merkle`]: the RFC 6962 Merkle tree of the audit log, its stored-hash layout and proofs.
 //! - [`checkpoint`]: signed tree heads (C2SP tlog-checkpoint as a C2SP signed note).
+//! - [`audit`]: audit log entries: decoding, export filters, JSON view, explanation in words.
 //!
 //! Architecture invariant: this crate does no I/O. No tokio, no sled, no files, no clocks read
 //! except where a caller passes the time in.
 
+pub mod audit;
 pub mod checkpoint;
 pub mod consent;
 pub mod envelope;

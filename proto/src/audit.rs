@@ -1,0 +1,377 @@
+//! Audit log entries: decoding, the export filters, a JSON view of the fields, and the decision
+//! in words. The entries' bytes are leaves of the log's Merkle tree ([`crate::merkle`]);
+//! `docs/audit-log.md` specifies them.
+
+use prost::Message;
+use serde_json::{Value, json};
+
+use crate::{
+    envelope::{Kind, Tlp},
+    pb::{self, audit_entry::Event},
+};
+
+/// The largest entry a verifier accepts: entries hold metadata only.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// Why an entry could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The entry is larger than [`MAX_ENTRY_BYTES`].
+    #[error("entry is larger than {MAX_ENTRY_BYTES} bytes")]
+    TooLarge,
+    /// The bytes are not an `AuditEntry`.
+    #[error("entry does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// The entry has no event.
+    #[error("entry has no event")]
+    NoEvent,
+}
+
+/// Decodes an entry's bytes.
+pub fn decode(bytes: &[u8]) -> Result<pb::AuditEntry, EntryError> {
+    if bytes.len() > MAX_ENTRY_BYTES {
+        return Err(EntryError::TooLarge);
+    }
+    let entry = pb::AuditEntry::decode(bytes)?;
+    if entry.event.is_none() {
+        return Err(EntryError::NoEvent);
+    }
+    Ok(entry)
+}
+
+/// The name of an entry's event, as in exports: `transfer_accepted`, `transfer_refused`, …
+pub fn event_name(entry: &pb::AuditEntry) -> &'static str {
+    match &entry.event {
+        Some(Event::TransferAccepted(_)) => "transfer_accepted",
+        Some(Event::TransferRefused(_)) => "transfer_refused",
+        Some(Event::Delivered(_)) => "delivered",
+        Some(Event::Acknowledged(_)) => "acknowledged",
+        Some(Event::ConsentRevoked(_)) => "consent_revoked",
+        Some(Event::RecallQueued(_)) => "recall_queued",
+        Some(Event::ConfigLoaded(_)) => "config_loaded",
+        None => "none",
+    }
+}
+
+/// Which entries an export keeps. Empty fields keep everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only entries at or after this time (Unix seconds).
+    pub since: Option<i64>,
+    /// Only entries before this time (Unix seconds).
+    pub until: Option<i64>,
+    /// Only entries involving this agency.
+    pub agency: Option<String>,
+    /// Only entries about this organisation.
+    pub organisation: Option<String>,
+    /// Only refusals with this reason code.
+    pub reason: Option<String>,
+}
+
+impl Filter {
+    /// Whether the filter keeps every entry.
+    pub fn is_empty(&self) -> bool {
+        *self == Filter::default()
+    }
+
+    /// Whether `entry` passes the filter.
+    pub fn matches(&self, entry: &pb::AuditEntry) -> bool {
+        let t = entry.time.as_ref().map_or(0, |t| t.seconds);
+        if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
+            return false;
+        }
+        let (agencies, organisation, reason) = facts(entry);
+        if let Some(a) = &self.agency
+            && !agencies.iter().any(|x| x == a)
+        {
+            return false;
+        }
+        if let Some(o) = &self.organisation
+            && organisation != Some(o.as_str())
+        {
+            return false;
+        }
+        if let Some(r) = &self.reason
+            && reason != Some(r.as_str())
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The agencies an entry involves, its organisation and its refusal reason.
+fn nonempty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn envelope_facts(e: &Option<pb::EnvelopeFacts>) -> (Vec<&str>, Option<&str>) {
+    match e {
+        Some(e) => {
+            let mut v = vec![e.sender.as_str()];
+            v.extend(e.recipients.iter().map(String::as_str));
+            (v, nonempty(&e.organisation))
+        }
+        None => (Vec::new(), None),
+    }
+}
+
+fn facts(entry: &pb::AuditEntry) -> (Vec<&str>, Option<&str>, Option<&str>) {
+    let env = envelope_facts;
+    match &entry.event {
+        Some(Event::TransferAccepted(a)) => {
+            let (v, o) = env(&a.envelope);
+            (v, o, None)
+        }
+        Some(Event::TransferRefused(r)) => {
+            let (v, o) = env(&r.envelope);
+            (v, o, Some(r.reason.as_str()))
+        }
+        Some(Event::Delivered(d)) => (vec![d.recipient.as_str()], None, None),
+        Some(Event::Acknowledged(a)) => (vec![a.recipient.as_str()], None, None),
+        Some(Event::ConsentRevoked(r)) => (vec![r.submitted_by.as_str()], None, None),
+        Some(Event::RecallQueued(q)) => (
+            vec![q.recipient.as_str(), q.sender.as_str()],
+            nonempty(&q.organisation),
+            None,
+        ),
+        Some(Event::ConfigLoaded(_)) | None => (Vec::new(), None, None),
+    }
+}
+
+fn kind_name(kind: i32) -> String {
+    Kind::try_from(kind).map_or_else(|_| format!("unknown({kind})"), |k| k.as_str().to_owned())
+}
+
+fn tlp_name(tlp: i32) -> String {
+    Tlp::try_from(tlp).map_or_else(|_| format!("unknown({tlp})"), |t| t.as_str().to_owned())
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.and_then(|t| {
+        let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+    })
+    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+    .unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn envelope_json(e: Option<&pb::EnvelopeFacts>) -> Value {
+    let Some(e) = e else { return Value::Null };
+    json!({
+        "message_id": e.message_id,
+        "sender": e.sender,
+        "recipients": e.recipients,
+        "kind": kind_name(e.kind),
+        "organisation": e.organisation,
+        "incident_ref": e.incident_ref,
+        "tlp": tlp_name(e.tlp),
+        "payload_sha256": hex(&e.payload_sha256),
+        "payload_size": e.payload_size,
+        "consent_jti": e.consent_jti,
+        "consent_issuer": e.consent_issuer,
+    })
+}
+
+/// The entry's fields as JSON, for exports (informative: verifiers hash the entry bytes).
+pub fn to_json(entry: &pb::AuditEntry) -> Value {
+    let details = match &entry.event {
+        Some(Event::TransferAccepted(a)) => json!({
+            "transfer_id": a.transfer_id,
+            "envelope": envelope_json(a.envelope.as_ref()),
+            "authorities": a.authorities.iter().map(|x| json!({
+                "recipient": x.recipient, "agreement_id": x.agreement_id, "clause": x.clause,
+            })).collect::<Vec<_>>(),
+        }),
+        Some(Event::TransferRefused(r)) => json!({
+            "envelope": envelope_json(r.envelope.as_ref()),
+            "reason": r.reason,
+            "message": r.message,
+        }),
+        Some(Event::Delivered(d)) => json!({
+            "recipient": d.recipient, "delivery_id": d.delivery_id,
+            "transfer_id": d.transfer_id, "recall_notice": d.recall_notice,
+        }),
+        Some(Event::Acknowledged(a)) => json!({
+            "recipient": a.recipient, "delivery_id": a.delivery_id,
+            "transfer_id": a.transfer_id, "recall_notice": a.recall_notice,
+        }),
+        Some(Event::ConsentRevoked(r)) => json!({
+            "submitted_by": r.submitted_by, "issuer": r.issuer, "jti": r.jti,
+            "issued_before": rfc3339(r.issued_before.as_ref()), "recall_notices": r.recall_notices,
+        }),
+        Some(Event::RecallQueued(q)) => json!({
+            "recipient": q.recipient, "transfer_id": q.transfer_id, "message_id": q.message_id,
+            "consent_jti": q.consent_jti, "consent_issuer": q.consent_issuer,
+            "organisation": q.organisation, "sender": q.sender,
+        }),
+        Some(Event::ConfigLoaded(c)) => json!({
+            "config_sha256": hex(&c.config_sha256), "source": c.source, "broker_version": c.broker_version,
+        }),
+        None => Value::Null,
+    };
+    json!({
+        "time": rfc3339(entry.time.as_ref()),
+        "event": event_name(entry),
+        "details": details,
+    })
+}
+
+/// The decision or event in words: which rule, which agreement clause, which token.
+pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
+    let when = rfc3339(entry.time.as_ref());
+    let consent = |e: &pb::EnvelopeFacts| {
+        if e.consent_jti.is_empty() {
+            if e.organisation.is_empty() {
+                "No organisation was named, so no consent was needed (anonymised or aggregate information).".to_owned()
+            } else {
+                format!("Organisation {} was named; no valid consent token was established.", e.organisation)
+            }
+        } else {
+            format!(
+                "Organisation {} consented: token {} signed by issuer {}.",
+                e.organisation, e.consent_jti, e.consent_issuer
+            )
+        }
+    };
+    match &entry.event {
+        Some(Event::TransferAccepted(a)) => {
+            let Some(e) = &a.envelope else {
+                return format!("Entry {index} ({when}): a transfer was accepted (no details recorded).");
+            };
+            let mut s = format!(
+                "Entry {index} ({when}): the broker ACCEPTED transfer {} (message {}) of a {} marked TLP:{} from {} to {}.\n",
+                a.transfer_id,
+                e.message_id,
+                kind_name(e.kind),
+                tlp_name(e.tlp).to_uppercase(),
+                e.sender,
+                e.recipients.join(", ")
+            );
+            for x in &a.authorities {
+                s.push_str(&format!(
+                    "  Flow to {} is permitted by agreement {}, clause: {}.\n",
+                    x.recipient, x.agreement_id, x.clause
+                ));
+            }
+            s.push_str(&format!("  {}\n", consent(e)));
+            s.push_str(&format!(
+                "  Payload: {} bytes, SHA-256 {}.",
+                e.payload_size,
+                hex(&e.payload_sha256)
+            ));
+            s
+        }
+        Some(Event::TransferRefused(r)) => {
+            let who = r.envelope.as_ref().map_or_else(String::new, |e| {
+                format!(
+                    " a {} (message {}) from {} to {}",
+                    kind_name(e.kind),
+                    e.message_id,
+                    e.sender,
+                    e.recipients.join(", ")
+                )
+            });
+            format!(
+                "Entry {index} ({when}): the broker REFUSED{who}.\n  Rule: {} — {}",
+                r.reason, r.message
+            )
+        }
+        Some(Event::Delivered(d)) => format!(
+            "Entry {index} ({when}): {} {} was handed to {} (delivery {}).",
+            if d.recall_notice { "a recall notice for transfer" } else { "transfer" },
+            d.transfer_id,
+            d.recipient,
+            d.delivery_id
+        ),
+        Some(Event::Acknowledged(a)) => format!(
+            "Entry {index} ({when}): {} acknowledged {} {} (delivery {}): it is stored on its side.",
+            a.recipient,
+            if a.recall_notice { "the recall notice for transfer" } else { "transfer" },
+            a.transfer_id,
+            a.delivery_id
+        ),
+        Some(Event::ConsentRevoked(r)) => {
+            let what = if r.jti.is_empty() {
+                format!("every token it issued before {}", rfc3339(r.issued_before.as_ref()))
+            } else {
+                format!("consent token {}", r.jti)
+            };
+            format!(
+                "Entry {index} ({when}): consent issuer {} revoked {what} (statement submitted by {}); {} recall notice(s) queued.",
+                r.issuer, r.submitted_by, r.recall_notices
+            )
+        }
+        Some(Event::RecallQueued(q)) => format!(
+            "Entry {index} ({when}): a recall notice for transfer {} (message {}, organisation {}) was queued for {} because consent token {} was revoked.",
+            q.transfer_id, q.message_id, q.organisation, q.recipient, q.consent_jti
+        ),
+        Some(Event::ConfigLoaded(c)) => format!(
+            "Entry {index} ({when}): broker {} started with configuration {} (SHA-256 {}).",
+            c.broker_version,
+            c.source,
+            hex(&c.config_sha256)
+        ),
+        None => format!("Entry {index} ({when}): no event."),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn refused(sender: &str, org: &str, reason: &str, seconds: i64) -> pb::AuditEntry {
+        pb::AuditEntry {
+            time: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            event: Some(Event::TransferRefused(pb::TransferRefused {
+                envelope: Some(pb::EnvelopeFacts {
+                    sender: sender.into(),
+                    recipients: vec!["ico".into()],
+                    organisation: org.into(),
+                    ..Default::default()
+                }),
+                reason: reason.into(),
+                message: "m".into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn filters() {
+        let e = refused("ncsc", "acme-ltd", "CONSENT_MISSING", 100);
+        let cases: &[(Filter, bool)] = &[
+            (Filter::default(), true),
+            (Filter { agency: Some("ico".into()), ..Default::default() }, true),
+            (Filter { agency: Some("nca".into()), ..Default::default() }, false),
+            (Filter { organisation: Some("acme-ltd".into()), ..Default::default() }, true),
+            (Filter { organisation: Some("other".into()), ..Default::default() }, false),
+            (Filter { reason: Some("CONSENT_MISSING".into()), ..Default::default() }, true),
+            (Filter { reason: Some("NO_AGREEMENT".into()), ..Default::default() }, false),
+            (Filter { since: Some(100), until: Some(101), ..Default::default() }, true),
+            (Filter { since: Some(101), ..Default::default() }, false),
+            (Filter { until: Some(100), ..Default::default() }, false),
+        ];
+        for (f, expected) in cases {
+            assert_eq!(f.matches(&e), *expected, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn decode_and_explain() {
+        let e = refused("ncsc", "acme-ltd", "CONSENT_MISSING", 100);
+        let back = decode(&e.encode_to_vec()).unwrap();
+        assert_eq!(back, e);
+        let words = explain(7, &back);
+        assert!(words.contains("REFUSED"), "{words}");
+        assert!(words.contains("CONSENT_MISSING"), "{words}");
+        assert_eq!(to_json(&back)["event"], "transfer_refused");
+        assert!(matches!(decode(&[0xff, 0xff]), Err(EntryError::Decode(_))));
+        assert!(matches!(decode(&[]), Err(EntryError::NoEvent)));
+    }
+}
