@@ -66,6 +66,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Deliveries in flight to this agent at once.
     pub window: u32,
+    /// The broker's audit log key (`concordat-broker log-key` prints it).
+    pub log_key: Option<concordat_proto::checkpoint::LogVerifier>,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +82,7 @@ struct Raw {
     log_level: String,
     #[serde(default = "default_window")]
     window: u32,
+    log_key: Option<String>,
     #[serde(default)]
     reconnect: RawReconnect,
 }
@@ -141,6 +144,17 @@ impl AgentConfig {
         if raw.window == 0 {
             return Err(invalid("window", "must be at least 1".into()));
         }
+        let log_key = raw
+            .log_key
+            .as_deref()
+            .map(|k| k.parse())
+            .transpose()
+            .map_err(|e| {
+                invalid(
+                    "log_key",
+                    format!("not a log verifier key (name+keyid+base64): {e}"),
+                )
+            })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(AgentConfig {
             broker: raw.broker,
@@ -152,6 +166,7 @@ impl AgentConfig {
             max_backoff: Duration::from_millis(r.max_backoff_ms),
             log_level: raw.log_level,
             window: raw.window,
+            log_key,
         })
     }
 
@@ -180,6 +195,10 @@ log_level = "info"
 
 # Deliveries in flight to this agent at once (the broker may cap it).
 window = 64
+
+# The broker's audit log key, from `concordat-broker log-key`. With it the agent checks every
+# receipt's checkpoint and proofs, and stops sending if the log ever contradicts itself.
+# log_key = "concordat-broker/audit+1a2b3c4d+AU..."
 
 [reconnect]
 # Exponential backoff with jitter between these bounds.

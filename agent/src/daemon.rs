@@ -19,11 +19,16 @@ use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
+use std::sync::Arc;
+
+use concordat_proto::checkpoint::LogVerifier;
+
 use crate::{
     client::{Broker, ClientTls},
     config::AgentConfig,
     operator::refusal_of,
     spool::{Delivered, Spool},
+    witness::{Witness, WitnessError},
 };
 
 /// How often the outbox is looked at when it was empty.
@@ -69,6 +74,11 @@ pub enum AgentEvent {
         /// The parse error.
         error: String,
     },
+    /// The broker's audit log contradicted itself: the agent stopped sending.
+    Alarm {
+        /// What was found.
+        message: String,
+    },
     /// A delivery is in the inbox (and was acknowledged).
     Delivered {
         /// The inbox file.
@@ -91,6 +101,9 @@ pub struct AgentSettings {
     pub max_backoff: Duration,
     /// Deliveries in flight at once.
     pub window: u32,
+    /// The key that verifies the broker's audit log checkpoints; without it receipts' audit
+    /// proofs are not checked.
+    pub log_key: Option<LogVerifier>,
 }
 
 impl AgentSettings {
@@ -102,6 +115,7 @@ impl AgentSettings {
             min_backoff: config.min_backoff,
             max_backoff: config.max_backoff,
             window: config.window,
+            log_key: config.log_key.clone(),
         })
     }
 }
@@ -171,11 +185,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let spool = Spool::open(&settings.spool)?;
     tracing::info!(spool = %settings.spool.display(), broker = %settings.tls.broker_url, "agent starting");
+    let witness = match &settings.log_key {
+        Some(key) => Some(Arc::new(Witness::new(key.clone(), spool.dir(".state"))?)),
+        None => {
+            tracing::warn!("no log_key configured: the audit proofs in receipts are not checked");
+            None
+        }
+    };
     let outbox = tokio::spawn(outbox_loop(
         settings.clone(),
         spool.clone(),
         shutdown.clone(),
         events.clone(),
+        witness,
     ));
     let inbox = tokio::spawn(inbox_loop(settings, spool, shutdown, events));
     let (a, b) = tokio::join!(outbox, inbox);
@@ -215,6 +237,7 @@ async fn outbox_loop(
     spool: Spool,
     mut shutdown: watch::Receiver<bool>,
     events: Option<mpsc::UnboundedSender<AgentEvent>>,
+    witness: Option<Arc<Witness>>,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
     let mut link = Link::new("outbox");
@@ -222,6 +245,13 @@ async fn outbox_loop(
     loop {
         if *shutdown.borrow() {
             return Ok(());
+        }
+        if witness.as_ref().is_some_and(|w| w.alarmed()) {
+            // Sending stays stopped; files wait in the outbox for an operator.
+            if !pause(Duration::from_secs(1), &mut shutdown).await {
+                return Ok(());
+            }
+            continue;
         }
         let pending = {
             let spool = spool.clone();
@@ -254,7 +284,7 @@ async fn outbox_loop(
         // comes meanwhile.
         let mut retry: Option<String> = None;
         let mut outcomes = futures::stream::iter(pending)
-            .map(|name| send_file(&connected, &spool, name, &events))
+            .map(|name| send_file(&connected, &spool, name, &events, witness.as_deref()))
             .buffer_unordered(SEND_CONCURRENCY);
         while let Some(outcome) = outcomes.next().await {
             match outcome {
@@ -287,7 +317,11 @@ async fn send_file(
     spool: &Spool,
     name: String,
     events: &Option<mpsc::UnboundedSender<AgentEvent>>,
+    witness: Option<&Witness>,
 ) -> anyhow::Result<FileOutcome> {
+    if witness.is_some_and(Witness::alarmed) {
+        return Ok(FileOutcome::Done);
+    }
     let loaded = {
         let (spool, name) = (spool.clone(), name.clone());
         tokio::task::spawn_blocking(move || spool.load(&name)).await?
@@ -321,6 +355,15 @@ async fn send_file(
                 s.complete_sent(&name, &receipt).map(|p| (p, name, receipt))
             })
             .await?;
+            if let Some(w) = witness {
+                match w.check_receipt(broker, &receipt).await {
+                    Ok(()) => {}
+                    Err(WitnessError::Alarm(message)) => {
+                        emit(events, AgentEvent::Alarm { message })
+                    }
+                    Err(e) => tracing::warn!(file = %name, "audit proof not checked: {e}"),
+                }
+            }
             emit(
                 events,
                 AgentEvent::Sent {

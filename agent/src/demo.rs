@@ -81,6 +81,9 @@ impl Running {
                 .await
                 .with_context(|| format!("timed out waiting for the {agency} agent"))?
                 .with_context(|| format!("the {agency} agent stopped"))?;
+            if let AgentEvent::Alarm { message } = &event {
+                bail!("the {agency} agent raised an alarm about the audit log: {message}");
+            }
             if let Some(found) = pick(event) {
                 return Ok(found);
             }
@@ -142,7 +145,7 @@ impl Running {
                     self.shown(&path)
                 )
             }
-            AgentEvent::Delivered { .. } => bail!("unexpected event"),
+            AgentEvent::Delivered { .. } | AgentEvent::Alarm { .. } => bail!("unexpected event"),
         }
     }
 
@@ -218,6 +221,12 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
             },
         );
     }
+    // The broker's log key is created here, before the broker starts, so the agents can be given
+    // its verifier and check every receipt.
+    std::fs::create_dir_all(&config.data_dir)?;
+    let log_key =
+        concordat_broker::audit_log::load_or_create_key(&config.data_dir, &config.log_origin)?
+            .verifier();
     let today = OffsetDateTime::now_utc().date();
     let warnings = config.warnings(today);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -248,6 +257,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             window: 16,
+            log_key: Some(log_key.clone()),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         events.insert(agency, rx);

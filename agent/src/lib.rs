@@ -2,6 +2,7 @@
 //! directory and the broker, and the operator tooling.
 //!
 //! A tour of the modules:
+//! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
 //! - [`client`]: connecting to the broker over mutual TLS.
 //! - [`config`]: the agent's `agent.toml`.
 //! - [`spool`]: the spool directory — outbox files in, receipts, refusals and deliveries out —
@@ -9,9 +10,11 @@
 //! - [`daemon`]: the agent's two loops: sending the outbox and receiving deliveries, each
 //!   reconnecting with backoff.
 //! - [`demo`]: `concordat demo`, the whole federation in one process.
+//! - [`witness`]: checks the broker's audit log checkpoints in receipts, and their consistency.
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 
+pub mod audit_file;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -19,3 +22,4 @@ pub mod demo;
 pub mod operator;
 pub mod pki;
 pub mod spool;
+pub mod witness;

@@ -48,18 +48,24 @@ pub fn load_or_create_key(dir: &Path, origin: &str) -> Result<LogSigner, Interna
     let path = dir.join(LOG_KEY_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
-            let signer = LogSigner::from_secret_string(text.trim())
-                .map_err(|e| Internal::new("reading the log key", format!("{}: {e}", path.display())))?;
+            let signer = LogSigner::from_secret_string(text.trim()).map_err(|e| {
+                Internal::new("reading the log key", format!("{}: {e}", path.display()))
+            })?;
             if signer.name() != origin {
                 return Err(Internal::new(
                     "reading the log key",
-                    format!("{} is for log {:?}, not {origin:?}", path.display(), signer.name()),
+                    format!(
+                        "{} is for log {:?}, not {origin:?}",
+                        path.display(),
+                        signer.name()
+                    ),
                 ));
             }
             Ok(signer)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let signer = LogSigner::generate(origin).map_err(|e| Internal::new("generating the log key", e))?;
+            let signer = LogSigner::generate(origin)
+                .map_err(|e| Internal::new("generating the log key", e))?;
             write_secret(&path, signer.to_secret_string().as_bytes())
                 .map_err(|e| Internal::new("writing the log key", e))?;
             tracing::info!(key = %signer.verifier_key(), "generated a new audit log key");
@@ -134,14 +140,26 @@ pub struct TxLog<'a> {
 
 impl TxLog<'_> {
     /// Appends `entry` and returns its index.
-    pub fn append(&self, entry: &pb::AuditEntry) -> Result<u64, ConflictableTransactionError<Failure>> {
-        let n = self.meta.get(LOG_SIZE)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+    pub fn append(
+        &self,
+        entry: &pb::AuditEntry,
+    ) -> Result<u64, ConflictableTransactionError<Failure>> {
+        let n = self
+            .meta
+            .get(LOG_SIZE)?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
         let bytes = entry.encode_to_vec();
-        let new = merkle::stored_hashes(n, &bytes, &TxHashes(self.hashes))
-            .map_err(|e| ConflictableTransactionError::Abort(Failure::Internal(Internal::new("hashing an audit entry", e))))?;
+        let new = merkle::stored_hashes(n, &bytes, &TxHashes(self.hashes)).map_err(|e| {
+            ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
+                "hashing an audit entry",
+                e,
+            )))
+        })?;
         let first = merkle::stored_hash_count(n);
         for (i, h) in new.iter().enumerate() {
-            self.hashes.insert(&(first + i as u64).to_be_bytes(), &h.0)?;
+            self.hashes
+                .insert(&(first + i as u64).to_be_bytes(), &h.0)?;
         }
         self.entries.insert(&n.to_be_bytes(), bytes)?;
         self.meta.insert(LOG_SIZE, &(n + 1).to_be_bytes())?;
@@ -161,7 +179,12 @@ pub struct Log {
 
 impl Log {
     /// The log over these trees, signing with `signer`.
-    pub fn new(entries: sled::Tree, hashes: sled::Tree, meta: sled::Tree, signer: LogSigner) -> Self {
+    pub fn new(
+        entries: sled::Tree,
+        hashes: sled::Tree,
+        meta: sled::Tree,
+        signer: LogSigner,
+    ) -> Self {
         Log {
             entries,
             hashes,
@@ -191,12 +214,14 @@ impl Log {
 
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     pub fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
-        merkle::prove_record(size, index, &TreeHashes(&self.hashes)).map_err(|e| Internal::new("proving inclusion", e))
+        merkle::prove_record(size, index, &TreeHashes(&self.hashes))
+            .map_err(|e| Internal::new("proving inclusion", e))
     }
 
     /// The consistency proof from the tree of `old` entries to that of `new`.
     pub fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal> {
-        merkle::prove_tree(new, old, &TreeHashes(&self.hashes)).map_err(|e| Internal::new("proving consistency", e))
+        merkle::prove_tree(new, old, &TreeHashes(&self.hashes))
+            .map_err(|e| Internal::new("proving consistency", e))
     }
 
     /// The latest signed checkpoint, if any.
@@ -208,8 +233,10 @@ impl Log {
         else {
             return Ok(None);
         };
-        let note = String::from_utf8(raw.to_vec()).map_err(|e| Internal::new("reading the checkpoint", e))?;
-        let cp = checkpoint::open(&note, &self.signer.verifier()).map_err(|e| Internal::new("reading the checkpoint", e))?;
+        let note = String::from_utf8(raw.to_vec())
+            .map_err(|e| Internal::new("reading the checkpoint", e))?;
+        let cp = checkpoint::open(&note, &self.signer.verifier())
+            .map_err(|e| Internal::new("reading the checkpoint", e))?;
         Ok(Some(SignedCheckpoint {
             size: cp.size(),
             root: *cp.root(),
@@ -219,23 +246,36 @@ impl Log {
 
     /// Signs a checkpoint of the tree as it now stands (not yet flushed), unless the latest one
     /// already covers it. Refuses to sign a tree that is not consistent with the last checkpoint.
-    pub fn seal(&self, previous: Option<&SignedCheckpoint>) -> Result<Option<SignedCheckpoint>, Internal> {
+    pub fn seal(
+        &self,
+        previous: Option<&SignedCheckpoint>,
+    ) -> Result<Option<SignedCheckpoint>, Internal> {
         let size = self.size()?;
         if previous.is_some_and(|p| p.size == size) {
             return Ok(None);
         }
-        let root = merkle::tree_hash(size, &TreeHashes(&self.hashes)).map_err(|e| Internal::new("hashing the tree", e))?;
+        let root = merkle::tree_hash(size, &TreeHashes(&self.hashes))
+            .map_err(|e| Internal::new("hashing the tree", e))?;
         if let Some(p) = previous {
             if p.size > size {
-                return Err(Internal::new("sealing the log", format!("the log shrank from {} to {size}", p.size)));
+                return Err(Internal::new(
+                    "sealing the log",
+                    format!("the log shrank from {} to {size}", p.size),
+                ));
             }
             let proof = self.prove_consistency(p.size, size)?;
-            merkle::check_tree(&proof, size, &root, p.size, &p.root)
-                .map_err(|e| Internal::new("sealing the log: new tree inconsistent with the last checkpoint", e))?;
+            merkle::check_tree(&proof, size, &root, p.size, &p.root).map_err(|e| {
+                Internal::new(
+                    "sealing the log: new tree inconsistent with the last checkpoint",
+                    e,
+                )
+            })?;
         }
         // A timestamp extension line would be optional; the body stays the C2SP minimum.
-        let cp = Checkpoint::new(self.signer.name(), size, root).map_err(|e| Internal::new("making a checkpoint", e))?;
-        let note = checkpoint::sign(&cp, &self.signer).map_err(|e| Internal::new("signing a checkpoint", e))?;
+        let cp = Checkpoint::new(self.signer.name(), size, root)
+            .map_err(|e| Internal::new("making a checkpoint", e))?;
+        let note = checkpoint::sign(&cp, &self.signer)
+            .map_err(|e| Internal::new("signing a checkpoint", e))?;
         self.meta
             .insert(LOG_CHECKPOINT, note.as_bytes())
             .map_err(|e| Internal::new("storing the checkpoint", e))?;
@@ -250,7 +290,9 @@ impl Log {
 
 /// The current time as a protobuf timestamp.
 pub fn now() -> prost_types::Timestamp {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

@@ -337,12 +337,19 @@ impl Config {
             max_window: raw.limits.max_window,
         };
 
-        let log_origin = raw.log_origin.unwrap_or_else(|| crate::audit_log::DEFAULT_ORIGIN.into());
+        let log_origin = raw
+            .log_origin
+            .unwrap_or_else(|| crate::audit_log::DEFAULT_ORIGIN.into());
         if log_origin.is_empty()
             || log_origin.len() > 128
-            || log_origin.chars().any(|c| c.is_whitespace() || c == '+' || c.is_control())
+            || log_origin
+                .chars()
+                .any(|c| c.is_whitespace() || c == '+' || c.is_control())
         {
-            return Err(invalid("log_origin", "must be 1 to 128 characters without spaces or '+'".into()));
+            return Err(invalid(
+                "log_origin",
+                "must be 1 to 128 characters without spaces or '+'".into(),
+            ));
         }
         let mut policy = Policy {
             clock_skew: time::Duration::seconds(i64::from(raw.clock_skew_seconds)),

@@ -84,7 +84,10 @@ pub async fn serve(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let storage = Arc::new(store::SledStorage::open(&config.data_dir, &config.log_origin)?);
+    let storage = Arc::new(store::SledStorage::open(
+        &config.data_dir,
+        &config.log_origin,
+    )?);
     let agency_ids = config.agencies.keys().cloned().collect();
     for (agency, depth) in store::nonempty_queues(storage.as_ref(), &agency_ids) {
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
@@ -100,7 +103,9 @@ pub async fn serve(
         .await
         .map_err(|f| match f {
             refusal::Failure::Internal(e) => e,
-            refusal::Failure::Refused(r) => refusal::Internal::new("logging the configuration", r.to_string()),
+            refusal::Failure::Refused(r) => {
+                refusal::Internal::new("logging the configuration", r.to_string())
+            }
         })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(service::State::new(

@@ -75,7 +75,11 @@ impl State {
             // The writer logs the refusals it decides itself.
             Ok(Prepared::Accept(op)) => match self.store.commit(op).await? {
                 Applied::Accepted(receipt) => Ok(*receipt),
-                other => Err(Internal::new("storing a transfer", format!("unexpected outcome {other:?}")).into()),
+                other => Err(Internal::new(
+                    "storing a transfer",
+                    format!("unexpected outcome {other:?}"),
+                )
+                .into()),
             },
             Err(Failure::Refused(r)) => {
                 let refused = pb::TransferRefused {
@@ -92,8 +96,8 @@ impl State {
 
     /// Validates and decides, without writing.
     fn prepare(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<Prepared, Failure> {
-        let envelope =
-            Envelope::try_from(wire).map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
+        let envelope = Envelope::try_from(wire)
+            .map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
         let digest = store::envelope_digest(&envelope);
         let storage = self.store.storage();
         // A retry of an accepted message gets the first receipt back; the writer checks again.
@@ -510,7 +514,10 @@ fn malformed(caller: &Caller, what: &str, message: String) -> Status {
 impl pb::audit_server::Audit for AuditService {
     type ExportStream = ResponseStream<pb::ExportItem>;
 
-    async fn export(&self, request: Request<pb::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
         let caller = caller(&request)?;
         if !matches!(caller, Caller::Auditor(_)) {
             return Err(refused(
@@ -518,7 +525,10 @@ impl pb::audit_server::Audit for AuditService {
                 "audit export",
                 Refusal::new(
                     Reason::NotAuthorised,
-                    format!("{} is not an auditor; only auditor certificates may export the audit log", caller.id()),
+                    format!(
+                        "{} is not an auditor; only auditor certificates may export the audit log",
+                        caller.id()
+                    ),
                 ),
             ));
         }
@@ -533,9 +543,17 @@ impl pb::audit_server::Audit for AuditService {
         let Some(cp) = self.state.store.checkpoint() else {
             return Err(Internal::new("exporting", "no checkpoint has been signed yet").into());
         };
-        let end = if req.index_to == 0 { cp.size } else { req.index_to.min(cp.size) };
+        let end = if req.index_to == 0 {
+            cp.size
+        } else {
+            req.index_to.min(cp.size)
+        };
         if req.index_from > end {
-            return Err(malformed(&caller, "audit export", format!("index_from {} is beyond {end}", req.index_from)));
+            return Err(malformed(
+                &caller,
+                "audit export",
+                format!("index_from {} is beyond {end}", req.index_from),
+            ));
         }
         // Proofs are needed whenever the export is not the whole log.
         let partial = !filter.is_empty() || req.index_from > 0 || end < cp.size;
@@ -555,17 +573,22 @@ impl pb::audit_server::Audit for AuditService {
             let storage = state.store.storage();
             for index in req.index_from..end {
                 let record = (|| -> Result<Option<pb::ExportRecord>, Internal> {
-                    let bytes = storage
-                        .log_entry(index)?
-                        .ok_or_else(|| Internal::new("exporting", format!("entry {index} is missing")))?;
+                    let bytes = storage.log_entry(index)?.ok_or_else(|| {
+                        Internal::new("exporting", format!("entry {index} is missing"))
+                    })?;
                     if !filter.is_empty() {
-                        let entry = audit::decode(&bytes).map_err(|e| Internal::new("exporting", e))?;
+                        let entry =
+                            audit::decode(&bytes).map_err(|e| Internal::new("exporting", e))?;
                         if !filter.matches(&entry) {
                             return Ok(None);
                         }
                     }
                     let inclusion_proof = if partial {
-                        storage.prove_entry(index, cp.size)?.into_iter().map(|h| h.0.to_vec()).collect()
+                        storage
+                            .prove_entry(index, cp.size)?
+                            .into_iter()
+                            .map(|h| h.0.to_vec())
+                            .collect()
                     } else {
                         Vec::new()
                     };
@@ -598,20 +621,34 @@ impl pb::audit_server::Audit for AuditService {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let Some(cp) = self.state.store.checkpoint() else {
-            return Err(Internal::new("reading the checkpoint", "no checkpoint has been signed yet").into());
+            return Err(Internal::new(
+                "reading the checkpoint",
+                "no checkpoint has been signed yet",
+            )
+            .into());
         };
-        let to = if req.to_size == 0 { cp.size } else { req.to_size };
+        let to = if req.to_size == 0 {
+            cp.size
+        } else {
+            req.to_size
+        };
         if to > cp.size || req.from_size > to {
             return Err(malformed(
                 &caller,
                 "checkpoint",
-                format!("need from_size <= to_size <= {} (got {} and {to})", cp.size, req.from_size),
+                format!(
+                    "need from_size <= to_size <= {} (got {} and {to})",
+                    cp.size, req.from_size
+                ),
             ));
         }
         let proof = if req.from_size == 0 || req.from_size == to {
             Vec::new()
         } else {
-            self.state.store.storage().prove_consistency(req.from_size, to)?
+            self.state
+                .store
+                .storage()
+                .prove_consistency(req.from_size, to)?
         };
         Ok(Response::new(pb::CheckpointResponse {
             checkpoint: cp.note,

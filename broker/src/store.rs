@@ -23,9 +23,9 @@ use std::{
 
 use concordat_proto::{
     consent::TokenId,
-    merkle::Hash,
     envelope::Envelope,
     ids::{AgencyId, MessageId},
+    merkle::Hash,
     paserk::KeyId,
     pb,
 };
@@ -170,7 +170,10 @@ pub trait Storage: ConsentLedger + Send + Sync + 'static {
     /// The highest sequence number ever assigned (0 for none).
     fn last_seq(&self) -> u64;
     /// Signs a checkpoint of the log as it now stands, unless `previous` already covers it.
-    fn seal(&self, previous: Option<&SignedCheckpoint>) -> Result<Option<SignedCheckpoint>, Internal>;
+    fn seal(
+        &self,
+        previous: Option<&SignedCheckpoint>,
+    ) -> Result<Option<SignedCheckpoint>, Internal>;
     /// The latest signed checkpoint.
     fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal>;
     /// The number of audit entries.
@@ -258,7 +261,11 @@ impl Store {
     }
 }
 
-fn fill_proof(storage: &dyn Storage, audit: &mut pb::AuditProof, cp: &SignedCheckpoint) -> Result<(), Internal> {
+fn fill_proof(
+    storage: &dyn Storage,
+    audit: &mut pb::AuditProof,
+    cp: &SignedCheckpoint,
+) -> Result<(), Internal> {
     if audit.log_index >= cp.size {
         return Ok(());
     }
@@ -499,7 +506,12 @@ impl SledStorage {
             consented: tree("consented_transfers")?,
             revoked: tree("revocations")?,
             meta: tree("meta")?,
-            log: Log::new(tree("log_entries")?, tree("log_hashes")?, tree("meta")?, signer),
+            log: Log::new(
+                tree("log_entries")?,
+                tree("log_hashes")?,
+                tree("meta")?,
+                signer,
+            ),
             depths: Mutex::new(HashMap::new()),
             last_seq: std::sync::atomic::AtomicU64::new(0),
             db,
@@ -551,27 +563,30 @@ impl SledStorage {
     }
 
     fn log_refusal(&self, facts: pb::EnvelopeFacts, refusal: &Refusal) -> Result<(), Failure> {
-        let entry = audit_log::entry(pb::audit_entry::Event::TransferRefused(pb::TransferRefused {
-            envelope: Some(facts),
-            reason: refusal.reason.as_str().into(),
-            message: refusal.message.clone(),
-        }));
+        let entry = audit_log::entry(pb::audit_entry::Event::TransferRefused(
+            pb::TransferRefused {
+                envelope: Some(facts),
+                reason: refusal.reason.as_str().into(),
+                message: refusal.message.clone(),
+            },
+        ));
         self.append_only(&[entry])
     }
 
     /// Appends entries in a transaction of their own.
     fn append_only(&self, entries: &[pb::AuditEntry]) -> Result<(), Failure> {
-        let outcome = (&self.log.entries, &self.log.hashes, &self.meta).transaction(|(le, lh, meta)| {
-            let log = TxLog {
-                entries: le,
-                hashes: lh,
-                meta,
-            };
-            for e in entries {
-                log.append(e)?;
-            }
-            Ok(())
-        });
+        let outcome =
+            (&self.log.entries, &self.log.hashes, &self.meta).transaction(|(le, lh, meta)| {
+                let log = TxLog {
+                    entries: le,
+                    hashes: lh,
+                    meta,
+                };
+                for e in entries {
+                    log.append(e)?;
+                }
+                Ok(())
+            });
         tx_outcome(outcome)
     }
 
@@ -595,7 +610,10 @@ impl SledStorage {
                 if depths.get(r).copied().unwrap_or(0) >= a.max_queue_depth {
                     return Err(Refusal::new(
                         Reason::RecipientQueueFull,
-                        format!("the queue of {r} is full ({} items); try again later", a.max_queue_depth),
+                        format!(
+                            "the queue of {r} is full ({} items); try again later",
+                            a.max_queue_depth
+                        ),
                     )
                     .into());
                 }
@@ -614,77 +632,84 @@ impl SledStorage {
             &self.log.entries,
             &self.log.hashes,
         );
-        let outcome = trees.transaction(|(receipts, transfers, refs, queues, uses, consented, revoked, meta, le, lh)| {
-            if let Some(found) = receipts.get(&rkey)? {
-                return duplicate_receipt(&found, &a.envelope_digest);
-            }
-            if let Some(c) = &a.decision.consent {
-                if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
-                    return abort(Refusal::new(
-                        Reason::ConsentRevoked,
-                        format!("consent token {} has been revoked by its issuer", c.jti),
-                    ));
+        let outcome = trees.transaction(
+            |(receipts, transfers, refs, queues, uses, consented, revoked, meta, le, lh)| {
+                if let Some(found) = receipts.get(&rkey)? {
+                    return duplicate_receipt(&found, &a.envelope_digest);
                 }
-                let key = token_key(&c.issuer, &c.jti);
-                let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
-                if let Some(max) = c.max_uses
-                    && used >= u64::from(max)
-                {
-                    return abort(Refusal::new(
-                        Reason::ConsentUsedUp,
-                        format!("consent token {} allows {max} use(s), all used", c.jti),
-                    ));
+                if let Some(c) = &a.decision.consent {
+                    if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
+                        return abort(Refusal::new(
+                            Reason::ConsentRevoked,
+                            format!("consent token {} has been revoked by its issuer", c.jti),
+                        ));
+                    }
+                    let key = token_key(&c.issuer, &c.jti);
+                    let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+                    if let Some(max) = c.max_uses
+                        && used >= u64::from(max)
+                    {
+                        return abort(Refusal::new(
+                            Reason::ConsentUsedUp,
+                            format!("consent token {} allows {max} use(s), all used", c.jti),
+                        ));
+                    }
+                    uses.insert(key, &(used + 1).to_be_bytes())?;
                 }
-                uses.insert(key, &(used + 1).to_be_bytes())?;
-            }
-            let mut receipt = build_receipt(a);
-            let tid = a.transfer_id.as_bytes();
-            transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
-            refs.insert(&tid[..], &(a.envelope.recipients.len() as u64).to_be_bytes())?;
-            let mut seq = Self::next_seq(meta)?;
-            for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
-                let item = StoredItem {
-                    transfer_id: tid.to_vec(),
-                    recall: None,
-                    agreement_id: authority.agreement_id.clone(),
-                    clause: authority.clause.clone(),
+                let mut receipt = build_receipt(a);
+                let tid = a.transfer_id.as_bytes();
+                transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
+                refs.insert(
+                    &tid[..],
+                    &(a.envelope.recipients.len() as u64).to_be_bytes(),
+                )?;
+                let mut seq = Self::next_seq(meta)?;
+                for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
+                    let item = StoredItem {
+                        transfer_id: tid.to_vec(),
+                        recall: None,
+                        agreement_id: authority.agreement_id.clone(),
+                        clause: authority.clause.clone(),
+                    };
+                    queues.insert(queue_key(r, seq), item.encode_to_vec())?;
+                    seq += 1;
+                }
+                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                if let Some(c) = &a.decision.consent {
+                    let mut key = token_key(&c.issuer, &c.jti);
+                    key.extend_from_slice(tid);
+                    consented.insert(key, consented_record(a, c).encode_to_vec())?;
+                }
+                let entry = audit_log::entry(pb::audit_entry::Event::TransferAccepted(
+                    pb::TransferAccepted {
+                        transfer_id: receipt.transfer_id.clone(),
+                        envelope: Some(facts(
+                            &a.sender,
+                            &a.envelope,
+                            a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
+                        )),
+                        authorities: receipt.authorities.clone(),
+                    },
+                ));
+                let log = TxLog {
+                    entries: le,
+                    hashes: lh,
+                    meta,
                 };
-                queues.insert(queue_key(r, seq), item.encode_to_vec())?;
-                seq += 1;
-            }
-            meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-            if let Some(c) = &a.decision.consent {
-                let mut key = token_key(&c.issuer, &c.jti);
-                key.extend_from_slice(tid);
-                consented.insert(key, consented_record(a, c).encode_to_vec())?;
-            }
-            let entry = audit_log::entry(pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
-                transfer_id: receipt.transfer_id.clone(),
-                envelope: Some(facts(
-                    &a.sender,
-                    &a.envelope,
-                    a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
-                )),
-                authorities: receipt.authorities.clone(),
-            }));
-            let log = TxLog {
-                entries: le,
-                hashes: lh,
-                meta,
-            };
-            let index = log.append(&entry)?;
-            receipt.audit = Some(pb::AuditProof {
-                log_index: index,
-                entry: entry.encode_to_vec(),
-                ..Default::default()
-            });
-            let stored = StoredReceipt {
-                receipt: Some(receipt.clone()),
-                envelope_digest: a.envelope_digest.to_vec(),
-            };
-            receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
-            Ok((receipt, seq - 1))
-        });
+                let index = log.append(&entry)?;
+                receipt.audit = Some(pb::AuditProof {
+                    log_index: index,
+                    entry: entry.encode_to_vec(),
+                    ..Default::default()
+                });
+                let stored = StoredReceipt {
+                    receipt: Some(receipt.clone()),
+                    envelope_digest: a.envelope_digest.to_vec(),
+                };
+                receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
+                Ok((receipt, seq - 1))
+            },
+        );
         let (receipt, last) = tx_outcome(outcome)?;
         if !receipt.duplicate {
             self.bump(&a.envelope.recipients, last);
@@ -697,11 +722,19 @@ impl SledStorage {
         for r in added {
             *depths.entry(r.clone()).or_default() += 1;
         }
-        self.last_seq.fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+        self.last_seq
+            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn apply_ack(&self, recipient: &AgencyId, seqs: &[u64]) -> Result<Applied, Failure> {
-        let trees = (&self.queues, &self.refs, &self.transfers, &self.log.entries, &self.log.hashes, &self.meta);
+        let trees = (
+            &self.queues,
+            &self.refs,
+            &self.transfers,
+            &self.log.entries,
+            &self.log.hashes,
+            &self.meta,
+        );
         let outcome = trees.transaction(|(queues, refs, transfers, le, lh, meta)| {
             let log = TxLog {
                 entries: le,
@@ -715,18 +748,23 @@ impl SledStorage {
                 };
                 removed += 1;
                 let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
-                    ConflictableTransactionError::Abort(Failure::Internal(Internal::new("decoding a queue item", e)))
+                    ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
+                        "decoding a queue item",
+                        e,
+                    )))
                 })?;
                 let (transfer_id, recall_notice) = match &item.recall {
                     Some(n) => (n.transfer_id.clone(), true),
                     None => (uuid_string(&item.transfer_id), false),
                 };
-                log.append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(pb::Acknowledged {
-                    recipient: recipient.to_string(),
-                    delivery_id: seq.to_string(),
-                    transfer_id,
-                    recall_notice,
-                })))?;
+                log.append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(
+                    pb::Acknowledged {
+                        recipient: recipient.to_string(),
+                        delivery_id: seq.to_string(),
+                        transfer_id,
+                        recall_notice,
+                    },
+                )))?;
                 if recall_notice {
                     continue;
                 }
@@ -753,7 +791,11 @@ impl SledStorage {
         Ok(Applied::Acked(removed))
     }
 
-    fn apply_delivered(&self, recipient: &AgencyId, items: &[(u64, String, bool)]) -> Result<Applied, Failure> {
+    fn apply_delivered(
+        &self,
+        recipient: &AgencyId,
+        items: &[(u64, String, bool)],
+    ) -> Result<Applied, Failure> {
         let entries: Vec<pb::AuditEntry> = items
             .iter()
             .map(|(seq, transfer_id, recall_notice)| {
@@ -880,17 +922,27 @@ impl SledStorage {
 }
 
 fn uuid_string(bytes: &[u8]) -> String {
-    uuid::Uuid::from_slice(bytes).map(|u| u.to_string()).unwrap_or_default()
+    uuid::Uuid::from_slice(bytes)
+        .map(|u| u.to_string())
+        .unwrap_or_default()
 }
 
 /// What the audit log records about a validated envelope: never the payload, only its digest.
-pub fn facts(sender: &AgencyId, e: &Envelope, consent: Option<(TokenId, KeyId)>) -> pb::EnvelopeFacts {
+pub fn facts(
+    sender: &AgencyId,
+    e: &Envelope,
+    consent: Option<(TokenId, KeyId)>,
+) -> pb::EnvelopeFacts {
     pb::EnvelopeFacts {
         message_id: e.message_id.to_string(),
         sender: sender.to_string(),
         recipients: e.recipients.iter().map(ToString::to_string).collect(),
         kind: pb::MessageKind::from(e.kind) as i32,
-        organisation: e.organisation.as_ref().map(ToString::to_string).unwrap_or_default(),
+        organisation: e
+            .organisation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         incident_ref: e.incident_ref.clone().unwrap_or_default(),
         tlp: pb::Tlp::from(e.tlp) as i32,
         payload_sha256: Sha256::digest(&e.payload).to_vec(),
@@ -1077,18 +1129,25 @@ impl Storage for SledStorage {
             Op::Ack { recipient, seqs } => self.apply_ack(recipient, seqs),
             Op::Revoke(r) => self.apply_revoke(r),
             Op::Refuse(refused) => {
-                self.append_only(&[audit_log::entry(pb::audit_entry::Event::TransferRefused(*refused.clone()))])?;
+                self.append_only(&[audit_log::entry(pb::audit_entry::Event::TransferRefused(
+                    *refused.clone(),
+                ))])?;
                 Ok(Applied::Logged)
             }
             Op::Delivered { recipient, items } => self.apply_delivered(recipient, items),
             Op::ConfigLoaded(c) => {
-                self.append_only(&[audit_log::entry(pb::audit_entry::Event::ConfigLoaded(c.clone()))])?;
+                self.append_only(&[audit_log::entry(pb::audit_entry::Event::ConfigLoaded(
+                    c.clone(),
+                ))])?;
                 Ok(Applied::Logged)
             }
         }
     }
 
-    fn seal(&self, previous: Option<&SignedCheckpoint>) -> Result<Option<SignedCheckpoint>, Internal> {
+    fn seal(
+        &self,
+        previous: Option<&SignedCheckpoint>,
+    ) -> Result<Option<SignedCheckpoint>, Internal> {
         self.log.seal(previous)
     }
 

@@ -144,6 +144,15 @@ fn kind_name(kind: i32) -> String {
     Kind::try_from(kind).map_or_else(|_| format!("unknown({kind})"), |k| k.as_str().to_owned())
 }
 
+/// "a" or "an" before a kind's name.
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 fn tlp_name(tlp: i32) -> String {
     Tlp::try_from(tlp).map_or_else(|_| format!("unknown({tlp})"), |t| t.as_str().to_owned())
 }
@@ -153,7 +162,10 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
         let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
         time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
     })
-    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+    .and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
     .unwrap_or_default()
 }
 
@@ -230,7 +242,10 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
             if e.organisation.is_empty() {
                 "No organisation was named, so no consent was needed (anonymised or aggregate information).".to_owned()
             } else {
-                format!("Organisation {} was named; no valid consent token was established.", e.organisation)
+                format!(
+                    "Organisation {} was named; no valid consent token was established.",
+                    e.organisation
+                )
             }
         } else {
             format!(
@@ -242,12 +257,15 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
     match &entry.event {
         Some(Event::TransferAccepted(a)) => {
             let Some(e) = &a.envelope else {
-                return format!("Entry {index} ({when}): a transfer was accepted (no details recorded).");
+                return format!(
+                    "Entry {index} ({when}): a transfer was accepted (no details recorded)."
+                );
             };
             let mut s = format!(
-                "Entry {index} ({when}): the broker ACCEPTED transfer {} (message {}) of a {} marked TLP:{} from {} to {}.\n",
+                "Entry {index} ({when}): the broker ACCEPTED transfer {} (message {}) of {} {} marked TLP:{} from {} to {}.\n",
                 a.transfer_id,
                 e.message_id,
+                article(&kind_name(e.kind)),
                 kind_name(e.kind),
                 tlp_name(e.tlp).to_uppercase(),
                 e.sender,
@@ -270,7 +288,8 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
         Some(Event::TransferRefused(r)) => {
             let who = r.envelope.as_ref().map_or_else(String::new, |e| {
                 format!(
-                    " a {} (message {}) from {} to {}",
+                    " {} {} (message {}) from {} to {}",
+                    article(&kind_name(e.kind)),
                     kind_name(e.kind),
                     e.message_id,
                     e.sender,
@@ -284,7 +303,11 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
         }
         Some(Event::Delivered(d)) => format!(
             "Entry {index} ({when}): {} {} was handed to {} (delivery {}).",
-            if d.recall_notice { "a recall notice for transfer" } else { "transfer" },
+            if d.recall_notice {
+                "a recall notice for transfer"
+            } else {
+                "transfer"
+            },
             d.transfer_id,
             d.recipient,
             d.delivery_id
@@ -292,13 +315,20 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
         Some(Event::Acknowledged(a)) => format!(
             "Entry {index} ({when}): {} acknowledged {} {} (delivery {}): it is stored on its side.",
             a.recipient,
-            if a.recall_notice { "the recall notice for transfer" } else { "transfer" },
+            if a.recall_notice {
+                "the recall notice for transfer"
+            } else {
+                "transfer"
+            },
             a.transfer_id,
             a.delivery_id
         ),
         Some(Event::ConsentRevoked(r)) => {
             let what = if r.jti.is_empty() {
-                format!("every token it issued before {}", rfc3339(r.issued_before.as_ref()))
+                format!(
+                    "every token it issued before {}",
+                    rfc3339(r.issued_before.as_ref())
+                )
             } else {
                 format!("consent token {}", r.jti)
             };
@@ -347,15 +377,70 @@ mod tests {
         let e = refused("ncsc", "acme-ltd", "CONSENT_MISSING", 100);
         let cases: &[(Filter, bool)] = &[
             (Filter::default(), true),
-            (Filter { agency: Some("ico".into()), ..Default::default() }, true),
-            (Filter { agency: Some("nca".into()), ..Default::default() }, false),
-            (Filter { organisation: Some("acme-ltd".into()), ..Default::default() }, true),
-            (Filter { organisation: Some("other".into()), ..Default::default() }, false),
-            (Filter { reason: Some("CONSENT_MISSING".into()), ..Default::default() }, true),
-            (Filter { reason: Some("NO_AGREEMENT".into()), ..Default::default() }, false),
-            (Filter { since: Some(100), until: Some(101), ..Default::default() }, true),
-            (Filter { since: Some(101), ..Default::default() }, false),
-            (Filter { until: Some(100), ..Default::default() }, false),
+            (
+                Filter {
+                    agency: Some("ico".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    agency: Some("nca".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    organisation: Some("acme-ltd".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    organisation: Some("other".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    reason: Some("CONSENT_MISSING".into()),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    reason: Some("NO_AGREEMENT".into()),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    since: Some(100),
+                    until: Some(101),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                Filter {
+                    since: Some(101),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                Filter {
+                    until: Some(100),
+                    ..Default::default()
+                },
+                false,
+            ),
         ];
         for (f, expected) in cases {
             assert_eq!(f.matches(&e), *expected, "{f:?}");

@@ -6,11 +6,13 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use concordat_agent::{
+    audit_file::{self, Format},
     client::ClientTls,
     config::AgentConfig,
     operator::{self, ConsentRequest, SendOutcome},
 };
 use concordat_proto::{
+    checkpoint::LogVerifier,
     consent::{RevocationTarget, TokenId},
     envelope::{Kind, Tlp},
     ids::{AgencyId, MessageId, OrgId},
@@ -50,6 +52,11 @@ enum Command {
     /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
     /// 3 refused, 1 error.
     Send(SendArgs),
+    /// The audit log: export, offline verification, explanation.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Runs the broker and an agent per agency in this process on loopback, plays a short
     /// scripted exchange, prints each decision and where each file landed, and exits.
     Demo {
@@ -138,6 +145,160 @@ enum ConsentCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Exports the audit log (auditor certificate): one line per entry, with the checkpoint
+    /// and, for a filtered export, an inclusion proof per entry.
+    Export {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// jsonl or csv.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: Format,
+        /// Only entries about this organisation (subject-access consultations).
+        #[arg(long)]
+        org: Option<OrgId>,
+        /// Only entries involving this agency.
+        #[arg(long)]
+        agency: Option<AgencyId>,
+        /// Only refusals with this reason code.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only entries at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only entries before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Verifies an export offline: every entry hash, every proof, the checkpoint's signature,
+    /// and for a full export the recomputed root. Prints a one-line verdict; exit 1 on failure.
+    Verify {
+        /// The export file (.jsonl or .csv).
+        file: PathBuf,
+        /// The log's verifier key (concordat-broker log-key), or @FILE.
+        #[arg(long)]
+        log_key: String,
+    },
+    /// Prints an entry's decision in words: which rule, which agreement clause, which token.
+    Explain {
+        /// The entry's index.
+        #[arg(long)]
+        index: u64,
+        /// Read the entry from this export instead of the broker.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Verify the entry against the broker's checkpoint with this key, or @FILE.
+        #[arg(long)]
+        log_key: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+fn rfc3339(flag: &str, value: Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    value
+        .map(|v| {
+            let t = OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("{flag} {v:?} is not an RFC 3339 time"))?;
+            Ok(prost_types::Timestamp {
+                seconds: t.unix_timestamp(),
+                nanos: 0,
+            })
+        })
+        .transpose()
+}
+
+fn log_key(value: &str) -> anyhow::Result<LogVerifier> {
+    operator::inline_or_file(value)?.parse().map_err(|e| {
+        anyhow::anyhow!("--log-key is not a log verifier key (name+keyid+base64): {e}")
+    })
+}
+
+async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Export {
+            out,
+            format,
+            org,
+            agency,
+            reason,
+            since,
+            until,
+            broker,
+        } => {
+            let request = concordat_proto::pb::ExportRequest {
+                since: rfc3339("--since", since)?,
+                until: rfc3339("--until", until)?,
+                agency: agency.map(String::from).unwrap_or_default(),
+                organisation: org.map(String::from).unwrap_or_default(),
+                reason: reason.unwrap_or_default(),
+                ..Default::default()
+            };
+            let client = broker.tls()?.connect().await?;
+            let summary = audit_file::export(&client, request, &out, format).await?;
+            println!(
+                "wrote {} entr{} of a log of {} to {} ({})",
+                summary.entries,
+                if summary.entries == 1 { "y" } else { "ies" },
+                summary.tree_size,
+                out.display(),
+                if summary.partial {
+                    "partial: each entry with its inclusion proof"
+                } else {
+                    "full"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify { file, log_key: key } => {
+            let key = log_key(&key)?;
+            match audit_file::verify(&file, &key)? {
+                Ok(v) => {
+                    println!(
+                        "OK: {} entr{} verified against the checkpoint of {} (size {}, root {}){}",
+                        v.entries,
+                        if v.entries == 1 { "y" } else { "ies" },
+                        v.checkpoint.origin(),
+                        v.checkpoint.size(),
+                        v.checkpoint.root(),
+                        if v.partial {
+                            ""
+                        } else {
+                            "; full log, root recomputed"
+                        }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("FAILED: {}: {e}", file.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        AuditCommand::Explain {
+            index,
+            file,
+            log_key: key,
+            broker,
+        } => {
+            let entry = match file {
+                Some(file) => audit_file::entry_from_file(&file, index)?,
+                None => {
+                    let key = key.as_deref().map(log_key).transpose()?;
+                    let client = broker.tls()?.connect().await?;
+                    audit_file::entry_from_broker(&client, index, key.as_ref()).await?
+                }
+            };
+            println!("{}", concordat_proto::audit::explain(index, &entry));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// How to reach the broker: explicit files, or an agent's configuration.
 #[derive(Args)]
 struct BrokerArgs {
@@ -154,7 +315,7 @@ struct BrokerArgs {
     #[arg(long)]
     key: Option<PathBuf>,
     /// Read broker URL and TLS files from an agent configuration instead.
-    #[arg(long, required_unless_present = "broker")]
+    #[arg(long)]
     config: Option<PathBuf>,
 }
 
@@ -287,6 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Consent { command } => consent(command).await,
         Command::Send(args) => send(args).await,
+        Command::Audit { command } => audit(command).await,
         Command::Demo { dir } => {
             let mut out = std::io::stdout();
             concordat_agent::demo::run(dir, &mut out).await?;

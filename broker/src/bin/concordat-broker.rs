@@ -35,6 +35,16 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Prints the audit log's verifier key (name+keyid+base64), creating the log key in the
+    /// data directory if the broker has never run. Give it to agents (`log_key`) and auditors.
+    LogKey {
+        /// The configuration file; without it, the embedded development default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides the configured data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 fn load(config: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -79,6 +89,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&file)?;
             print!("{}", config.summary());
             println!("ok");
+            Ok(())
+        }
+        Command::LogKey { config, data_dir } => {
+            let mut config = load(config.as_ref())?;
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            let key = concordat_broker::audit_log::load_or_create_key(
+                &config.data_dir,
+                &config.log_origin,
+            )?;
+            println!("{}", key.verifier_key());
             Ok(())
         }
         Command::Serve {
