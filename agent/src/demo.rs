@@ -210,6 +210,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
     )
     .map_err(|(which, problem)| anyhow::anyhow!("demo TLS {which}: {problem}"))?;
     config.data_dir = root.join("broker");
+    config.metrics_listen = None;
     config.policy.issuers.clear();
     for (agency, key) in &desks {
         config.policy.issuers.insert(

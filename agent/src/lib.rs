@@ -3,6 +3,7 @@
 //!
 //! A tour of the modules:
 //! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
+//! - [`bench`]: `concordat bench relay|audit`, benchmarks that print figures.
 //! - [`client`]: connecting to the broker over mutual TLS.
 //! - [`config`]: the agent's `agent.toml`.
 //! - [`spool`]: the spool directory — outbox files in, receipts, refusals and deliveries out —
@@ -15,6 +16,7 @@
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 
 pub mod audit_file;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod daemon;

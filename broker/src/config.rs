@@ -86,6 +86,8 @@ pub struct Config {
     pub digest: [u8; 32],
     /// The audit log's name: the origin line of its checkpoints and the name of its key.
     pub log_origin: String,
+    /// Where to serve Prometheus metrics over plain HTTP (`/metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// An agency of the federation.
@@ -209,6 +211,7 @@ impl Config {
             policy: Policy::default(),
             digest: [0; 32],
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
+            metrics_listen: None,
         }
     }
 
@@ -337,6 +340,18 @@ impl Config {
             max_window: raw.limits.max_window,
         };
 
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "metrics_listen",
+                        format!("{a:?} is not an address:port ({e})"),
+                    )
+                })
+            })
+            .transpose()?;
         let log_origin = raw
             .log_origin
             .unwrap_or_else(|| crate::audit_log::DEFAULT_ORIGIN.into());
@@ -552,6 +567,7 @@ impl Config {
             policy,
             digest: sha2::Sha256::digest(text.as_bytes()).into(),
             log_origin,
+            metrics_listen,
         })
     }
 
@@ -562,6 +578,13 @@ impl Config {
         let _ = writeln!(s, "configuration: {}", self.source);
         let _ = writeln!(s, "listen:        {}", self.listen);
         let _ = writeln!(s, "data_dir:      {}", self.data_dir.display());
+        let _ = writeln!(s, "audit log:     {}", self.log_origin);
+        let _ = writeln!(
+            s,
+            "metrics:       {}",
+            self.metrics_listen
+                .map_or("off".to_owned(), |a| format!("http://{a}/metrics"))
+        );
         let _ = writeln!(
             s,
             "tls:           {} certificate(s) in chain, {} client CA(s), {} CRL(s)",
@@ -744,6 +767,7 @@ struct RawConfig {
     #[serde(default = "default_clock_skew")]
     clock_skew_seconds: u32,
     log_origin: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     enforce_review: bool,
     #[serde(default)]

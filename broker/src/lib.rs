@@ -10,6 +10,7 @@
 //!   that decides whether an envelope may be relayed.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
+//! - [`metrics`]: Prometheus counters and gauges, served at `/metrics` when configured.
 //! - [`dispatch`]: which deliveries are in flight on which subscription.
 //! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
 //!
@@ -20,6 +21,7 @@ pub mod audit_log;
 pub mod config;
 pub mod dispatch;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod refusal;
 pub mod service;
@@ -58,6 +60,14 @@ pub enum ServeError {
     /// The data directory or database could not be opened.
     #[error("{0}")]
     Storage(#[from] refusal::Internal),
+    /// The metrics listener could not be bound.
+    #[error("binding the metrics listener {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The data directory could not be created.
     #[error("creating the data directory {path}: {source}")]
     DataDir {
@@ -108,11 +118,37 @@ pub async fn serve(
             }
         })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Metrics {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let exporter = metrics::Exporter {
+            metrics: metrics.clone(),
+            policy: Arc::new(config.policy.clone()),
+            store: store.clone(),
+            agencies: Arc::new(config.agencies.keys().map(ToString::to_string).collect()),
+        };
+        let mut stop = stop_rx.clone();
+        tracing::info!(addr = %addr, "metrics at /metrics");
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = metrics::serve(exporter, listener, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let state = Arc::new(service::State::new(
         &config,
         authenticator.clone(),
         store,
         stop_rx,
+        metrics,
     ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -442,6 +442,16 @@ fn check_claims(
         }
     }
     let skew = cx.policy.clock_skew;
+    // A token "issued" in the future would escape "every token issued before T" revocations.
+    if cx.now + skew < claims.issued_at() {
+        return Err(refuse(
+            Reason::ConsentNotYetValid,
+            format!(
+                "consent token {jti} claims to be issued in the future, at {}",
+                rfc3339(claims.issued_at())
+            ),
+        ));
+    }
     if cx.now + skew < claims.not_before() {
         return Err(refuse(
             Reason::ConsentNotYetValid,

@@ -17,6 +17,7 @@ use crate::{
     config::{Agency, Config, Limits},
     dispatch::Dispatcher,
     identity::{Authenticator, Caller, caller},
+    metrics::Metrics,
     policy::{self, Policy},
     refusal::{Failure, Internal, Reason, Refusal},
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
@@ -36,6 +37,7 @@ pub struct State {
     store: Store,
     dispatcher: Dispatcher,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -46,6 +48,7 @@ impl State {
         authenticator: Authenticator,
         store: Store,
         shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         State {
             authenticator,
@@ -55,6 +58,7 @@ impl State {
             store,
             dispatcher: Dispatcher::default(),
             shutdown,
+            metrics,
         }
     }
 
@@ -120,7 +124,21 @@ impl State {
             ledger: storage,
             now,
         };
-        let decision = policy::decide(&cx, sender, &envelope)?;
+        let decision = match policy::decide(&cx, sender, &envelope) {
+            Ok(decision) => decision,
+            // A retry racing its first attempt may be decided just after the first was stored
+            // (spending the token's last use, say): it still gets the first receipt.
+            Err(Failure::Refused(refusal)) => {
+                return match storage.receipt(sender, &envelope.message_id)? {
+                    Some((mut receipt, first)) if first == digest => {
+                        receipt.duplicate = true;
+                        Ok(Prepared::Duplicate(Box::new(receipt)))
+                    }
+                    _ => Err(refusal.into()),
+                };
+            }
+            Err(internal) => return Err(internal),
+        };
         Ok(Prepared::Accept(Op::Accept(Box::new(Accept {
             sender: sender.clone(),
             envelope,
@@ -148,16 +166,22 @@ impl State {
             .map(|m| m.to_string())
             .unwrap_or_else(|| "<invalid>".into());
         match &outcome {
-            Ok(receipt) => tracing::info!(
-                agency = %sender,
-                transfer = %receipt.transfer_id,
-                message_id = %message_id,
-                kind,
-                recipients = receipt.authorities.len(),
-                duplicate = receipt.duplicate,
-                "accepted"
-            ),
+            Ok(receipt) => {
+                if !receipt.duplicate {
+                    self.metrics.accepted();
+                }
+                tracing::info!(
+                    agency = %sender,
+                    transfer = %receipt.transfer_id,
+                    message_id = %message_id,
+                    kind,
+                    recipients = receipt.authorities.len(),
+                    duplicate = receipt.duplicate,
+                    "accepted"
+                )
+            }
             Err(Failure::Refused(r)) => {
+                self.metrics.refused(r.reason.as_str());
                 tracing::warn!(agency = %sender, message_id = %message_id, reason = %r.reason, "refused: {}", r.message);
             }
             Err(Failure::Internal(e)) => {

@@ -604,21 +604,6 @@ impl SledStorage {
     }
 
     fn accept_tx(&self, a: &Accept) -> Result<Applied, Failure> {
-        {
-            let depths = self.lock_depths();
-            for r in &a.envelope.recipients {
-                if depths.get(r).copied().unwrap_or(0) >= a.max_queue_depth {
-                    return Err(Refusal::new(
-                        Reason::RecipientQueueFull,
-                        format!(
-                            "the queue of {r} is full ({} items); try again later",
-                            a.max_queue_depth
-                        ),
-                    )
-                    .into());
-                }
-            }
-        }
         let rkey = receipt_key(&a.sender, &a.envelope.message_id);
         let trees = (
             &self.receipts,
@@ -636,6 +621,19 @@ impl SledStorage {
             |(receipts, transfers, refs, queues, uses, consented, revoked, meta, le, lh)| {
                 if let Some(found) = receipts.get(&rkey)? {
                     return duplicate_receipt(&found, &a.envelope_digest);
+                }
+                // After the receipt check: a retry of a stored message is answered even when
+                // the queue its first attempt filled is full.
+                for r in &a.envelope.recipients {
+                    if self.queue_depth(r) >= a.max_queue_depth {
+                        return abort(Refusal::new(
+                            Reason::RecipientQueueFull,
+                            format!(
+                                "the queue of {r} is full ({} items); try again later",
+                                a.max_queue_depth
+                            ),
+                        ));
+                    }
                 }
                 if let Some(c) = &a.decision.consent {
                     if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {

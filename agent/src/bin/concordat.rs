@@ -52,6 +52,11 @@ enum Command {
     /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
     /// 3 refused, 1 error.
     Send(SendArgs),
+    /// Benchmarks that print figures (build with --release).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// The audit log: export, offline verification, explanation.
     Audit {
         #[command(subcommand)]
@@ -142,6 +147,32 @@ enum ConsentCommand {
         before: Option<String>,
         #[command(flatten)]
         broker: BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Accepted transfers per second and latency through the full broker, against a bare mTLS
+    /// relay in the same process.
+    Relay {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 512)]
+        payload: usize,
+        /// Client connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
+    /// Export and offline verification of a log of this many entries.
+    Audit {
+        /// Entries in the log.
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
     },
 }
 
@@ -369,8 +400,8 @@ struct SendArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own account; only errors from its components are worth showing.
-    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+    // The demo and the benchmarks print their own account; only errors are worth adding.
+    let default_filter = if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
         "error"
     } else {
         "warn"
@@ -449,6 +480,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consent { command } => consent(command).await,
         Command::Send(args) => send(args).await,
         Command::Audit { command } => audit(command).await,
+        Command::Bench { command } => {
+            let mut out = std::io::stdout();
+            match command {
+                BenchCommand::Relay {
+                    seconds,
+                    in_flight,
+                    payload,
+                    connections,
+                } => {
+                    let settings = concordat_agent::bench::RelayBench {
+                        duration: std::time::Duration::from_secs(seconds),
+                        in_flight: in_flight.max(1),
+                        payload,
+                        connections: connections.max(1),
+                    };
+                    concordat_agent::bench::relay(settings, &mut out).await?;
+                }
+                BenchCommand::Audit { entries } => {
+                    concordat_agent::bench::audit(entries, &mut out).await?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { dir } => {
             let mut out = std::io::stdout();
             concordat_agent::demo::run(dir, &mut out).await?;

@@ -88,6 +88,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             print!("{}", config.summary());
+            for warning in config.warnings(time::OffsetDateTime::now_utc().date()) {
+                println!("warning: {warning}");
+            }
             println!("ok");
             Ok(())
         }

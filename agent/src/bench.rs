@@ -1,0 +1,648 @@
+//! Benchmarks that print figures (never assertions): `concordat bench relay` and
+//! `concordat bench audit`.
+//!
+//! - **relay**: the same traffic through two servers in one process, one after the other: a bare
+//!   tonic mTLS relay (same TLS stack, no consent checks, no storage: an in-memory hand-off to
+//!   the subscriber), then the full broker (mTLS, consent token verification, the decision, the
+//!   durable append with its audit entry, fsync before the receipt). Senders keep a fixed number
+//!   of requests in flight; a subscriber receives and acknowledges everything. It prints
+//!   throughput, latency p50/p99, their ratio, and the process's memory over the run.
+//! - **audit**: fills a log with a number of entries, then exports it through the broker and
+//!   verifies the export offline, printing entries per second for each.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use concordat_broker::{
+    config::{Config, TlsMaterial},
+    policy::{ConsentIssuer, Organisations},
+    store::{self, Op, Storage},
+};
+use concordat_proto::{
+    envelope::Kind,
+    ids::MessageId,
+    paserk::SecretKey,
+    pb::{self, exchange_server::Exchange},
+};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    client::{Broker, ClientTls},
+    operator::{self, ConsentRequest},
+    pki::{Ca, Issued},
+};
+
+/// Settings of the relay benchmark.
+#[derive(Debug, Clone)]
+pub struct RelayBench {
+    /// How long each of the two runs lasts.
+    pub duration: Duration,
+    /// Requests in flight at once.
+    pub in_flight: usize,
+    /// Payload size in bytes.
+    pub payload: usize,
+    /// Client connections the requests are spread over.
+    pub connections: usize,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// Accepted transfers.
+    pub accepted: u64,
+    /// Transfers received by the subscriber.
+    pub delivered: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Resident memory samples (MiB) over the run.
+    pub rss_mib: Vec<f64>,
+}
+
+impl RunResult {
+    /// Accepted transfers per second.
+    pub fn rate(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+struct Pki {
+    ca: Ca,
+    broker: Issued,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Self> {
+        let mut ca = Ca::generate("Concordat bench CA")?;
+        let broker = ca.issue_server(&["localhost", "127.0.0.1"], 1)?;
+        Ok(Pki { ca, broker })
+    }
+
+    fn tls_material(&self) -> anyhow::Result<TlsMaterial> {
+        TlsMaterial::from_pem(
+            self.broker.cert_pem.as_bytes(),
+            self.broker.key_pem.as_bytes(),
+            self.ca.cert_pem().as_bytes(),
+            None,
+        )
+        .map_err(|(which, problem)| anyhow::anyhow!("bench TLS {which}: {problem}"))
+    }
+
+    fn client(&mut self, cn: &str, addr: SocketAddr) -> anyhow::Result<ClientTls> {
+        let cert = self.ca.issue_client(cn, 1)?;
+        Ok(ClientTls {
+            broker_url: format!("https://localhost:{}", addr.port()),
+            ca_pem: self.ca.cert_pem().into_bytes(),
+            cert_pem: cert.cert_pem.into_bytes(),
+            key_pem: cert.key_pem.into_bytes(),
+        })
+    }
+}
+
+/// The process's resident memory in MiB, from /proc.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare relay: the same contract, no checks, no storage.
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<pb::Delivery, Status>> + Send>>;
+type ResultStream = Pin<Box<dyn Stream<Item = Result<pb::SendResult, Status>> + Send>>;
+
+/// A relay that hands each envelope to its recipient's subscriber through memory.
+struct BareRelay {
+    queues: Mutex<HashMap<String, mpsc::Sender<pb::Delivery>>>,
+    receivers: Mutex<HashMap<String, mpsc::Receiver<pb::Delivery>>>,
+    next: AtomicU64,
+}
+
+impl BareRelay {
+    fn new(agencies: &[&str]) -> Self {
+        let mut queues = HashMap::new();
+        let mut receivers = HashMap::new();
+        for a in agencies {
+            let (tx, rx) = mpsc::channel(4096);
+            queues.insert((*a).to_owned(), tx);
+            receivers.insert((*a).to_owned(), rx);
+        }
+        BareRelay {
+            queues: Mutex::new(queues),
+            receivers: Mutex::new(receivers),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    async fn relay(&self, envelope: pb::Envelope) -> Result<pb::Receipt, Status> {
+        let transfer_id = uuid::Uuid::new_v4().to_string();
+        for r in &envelope.recipients {
+            let tx = self
+                .queues
+                .lock()
+                .map_err(|_| Status::internal("lock"))?
+                .get(r)
+                .cloned()
+                .ok_or_else(|| Status::invalid_argument("unknown recipient"))?;
+            let seq = self.next.fetch_add(1, Ordering::Relaxed);
+            let delivery = pb::Delivery {
+                delivery_id: seq.to_string(),
+                body: Some(pb::delivery::Body::Transfer(pb::Transfer {
+                    transfer_id: transfer_id.clone(),
+                    message_id: envelope.message_id.clone(),
+                    payload: envelope.payload.clone(),
+                    ..Default::default()
+                })),
+            };
+            tx.send(delivery)
+                .await
+                .map_err(|_| Status::unavailable("no subscriber"))?;
+        }
+        Ok(pb::Receipt {
+            transfer_id,
+            message_id: envelope.message_id,
+            ..Default::default()
+        })
+    }
+}
+
+/// The bare relay as a gRPC service.
+#[derive(Clone)]
+struct BareService(Arc<BareRelay>);
+
+#[tonic::async_trait]
+impl Exchange for BareService {
+    async fn hello(
+        &self,
+        _: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
+        Ok(Response::new(pb::HelloResponse::default()))
+    }
+
+    async fn send(&self, request: Request<pb::Envelope>) -> Result<Response<pb::Receipt>, Status> {
+        Ok(Response::new(self.0.relay(request.into_inner()).await?))
+    }
+
+    type SendStreamStream = ResultStream;
+
+    async fn send_stream(
+        &self,
+        request: Request<Streaming<pb::Envelope>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let relay = self.0.clone();
+        let out = request.into_inner().then(move |item| {
+            let relay = relay.clone();
+            async move {
+                let envelope = item?;
+                let message_id = envelope.message_id.clone();
+                let receipt = relay.relay(envelope).await?;
+                Ok(pb::SendResult {
+                    message_id,
+                    outcome: Some(pb::send_result::Outcome::Receipt(receipt)),
+                })
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type SubscribeStream = DeliveryStream;
+
+    async fn subscribe(
+        &self,
+        _: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        // The bench's recipient is always "ico", and it subscribes once.
+        let rx = self
+            .0
+            .receivers
+            .lock()
+            .map_err(|_| Status::internal("lock"))?
+            .remove("ico")
+            .ok_or_else(|| Status::failed_precondition("already subscribed"))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let n = u32::try_from(request.get_ref().delivery_ids.len()).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::AckResponse { acknowledged: n }))
+    }
+}
+
+/// Serves the bare relay with the broker's own TLS configuration and accept loop.
+fn spawn_bare(pki: &Pki, listener: tokio::net::TcpListener) -> anyhow::Result<oneshot::Sender<()>> {
+    let tls = concordat_broker::tls::server_config(&pki.tls_material()?)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let incoming = ReceiverStream::new(concordat_broker::tls::accept_loop(listener, acceptor));
+    let relay = BareService(Arc::new(BareRelay::new(&["ico", "ncsc", "nca"])));
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::exchange_server::ExchangeServer::new(relay))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    Ok(stop)
+}
+
+/// Runs the load: `in_flight` senders over `connections` channels for `duration`, plus one
+/// subscriber that acknowledges everything.
+async fn load(
+    senders: Vec<Broker>,
+    receiver: Broker,
+    envelope: pb::Envelope,
+    settings: &RelayBench,
+    rss: Arc<Mutex<Vec<f64>>>,
+) -> anyhow::Result<RunResult> {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let delivered = delivered.clone();
+        tokio::spawn(async move {
+            let mut stream = receiver
+                .exchange()
+                .subscribe(pb::SubscribeRequest { window: 64 })
+                .await?
+                .into_inner();
+            let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<String>();
+            let mut client = receiver.exchange();
+            let acker = tokio::spawn(async move {
+                while let Some(first) = ack_rx.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < 256 {
+                        match ack_rx.try_recv() {
+                            Ok(id) => batch.push(id),
+                            Err(_) => break,
+                        }
+                    }
+                    if client
+                        .ack(pb::AckRequest {
+                            delivery_ids: batch,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            while let Ok(Some(d)) = stream.message().await {
+                delivered.fetch_add(1, Ordering::Relaxed);
+                if ack_tx.send(d.delivery_id).is_err() {
+                    break;
+                }
+            }
+            drop(ack_tx);
+            let _ = acker.await;
+            Ok::<(), Status>(())
+        })
+    };
+
+    let start = Instant::now();
+    let deadline = start + settings.duration;
+    let sampler = {
+        let rss = rss.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut v) = rss.lock() {
+                    v.push(rss_mib());
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for i in 0..settings.in_flight {
+        let mut client = senders[i % senders.len()].exchange();
+        let template = envelope.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let mut e = template.clone();
+                e.message_id = MessageId::new_random().to_string();
+                let t = Instant::now();
+                match client.send(e).await {
+                    Ok(_) => {
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed();
+    let _ = sampler.await;
+    // Let the subscriber catch up with what was accepted, briefly.
+    let accepted = latencies.len() as u64;
+    let catch_up = Instant::now() + Duration::from_secs(10);
+    while delivered.load(Ordering::Relaxed) < accepted && Instant::now() < catch_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.abort();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(Duration::ZERO, |us| Duration::from_micros(u64::from(*us)))
+    };
+    let rss_mib = rss.lock().map(|v| v.clone()).unwrap_or_default();
+    Ok(RunResult {
+        accepted,
+        delivered: delivered.load(Ordering::Relaxed),
+        errors,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        rss_mib,
+    })
+}
+
+async fn clients(
+    pki: &mut Pki,
+    cn: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<Broker>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(pki.client(cn, addr)?.connect().await?);
+    }
+    Ok(out)
+}
+
+/// Runs the relay benchmark and prints its figures.
+pub async fn relay(
+    settings: RelayBench,
+    out: &mut dyn Write,
+) -> anyhow::Result<(RunResult, RunResult)> {
+    let mut pki = Pki::new()?;
+    let desk = SecretKey::generate();
+    let token = operator::issue_consent(
+        &desk,
+        &ConsentRequest {
+            organisation: "acme-ltd".parse()?,
+            from: "ncsc".parse()?,
+            to: vec!["ico".parse()?],
+            kinds: vec![Kind::IncidentRecord],
+            purpose: "benchmark".into(),
+            incidents: Vec::new(),
+            payload: None,
+            valid_for: Duration::from_secs(24 * 3600),
+            max_uses: None,
+        },
+        OffsetDateTime::now_utc(),
+    )?;
+    let envelope = pb::Envelope {
+        message_id: String::new(),
+        recipients: vec!["ico".into()],
+        kind: pb::MessageKind::IncidentRecord as i32,
+        organisation: "acme-ltd".into(),
+        incident_ref: "INC-BENCH".into(),
+        content_type: "application/octet-stream".into(),
+        tlp: pb::Tlp::Amber as i32,
+        payload: vec![0x5a; settings.payload],
+        consent_token: token,
+    };
+    writeln!(
+        out,
+        "relay benchmark: {} requests in flight over {} connection(s), {}-byte payloads, {:?} per run, {} CPU(s)",
+        settings.in_flight,
+        settings.connections,
+        settings.payload,
+        settings.duration,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )?;
+
+    // 1. The bare relay.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = spawn_bare(&pki, listener)?;
+    let senders = clients(&mut pki, "ncsc", addr, settings.connections).await?;
+    let receiver = pki.client("ico", addr)?.connect().await?;
+    let bare = load(
+        senders,
+        receiver,
+        envelope.clone(),
+        &settings,
+        Arc::new(Mutex::new(Vec::new())),
+    )
+    .await?;
+    let _ = stop.send(());
+    print_run(out, "bare mTLS relay", &bare)?;
+
+    // 2. The full broker: the default federation with this run's PKI and consent desk.
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::embedded_default()?;
+    config.tls = pki.tls_material()?;
+    config.data_dir = dir.path().join("broker");
+    config.metrics_listen = None;
+    config.policy.issuers.clear();
+    config.policy.issuers.insert(
+        desk.key_id(),
+        ConsentIssuer {
+            key: desk.public(),
+            agency: Some("ncsc".parse()?),
+            organisations: Organisations::Any,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(concordat_broker::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let senders = clients(&mut pki, "ncsc", addr, settings.connections).await?;
+    let receiver = pki.client("ico", addr)?.connect().await?;
+    let full = load(
+        senders,
+        receiver,
+        envelope,
+        &settings,
+        Arc::new(Mutex::new(Vec::new())),
+    )
+    .await?;
+    let _ = stop.send(());
+    server.await??;
+    print_run(out, "full broker", &full)?;
+    writeln!(
+        out,
+        "  (mTLS + consent token verification + decision + durable append with audit entry + fsync before receipt)"
+    )?;
+    writeln!(
+        out,
+        "ratio full/bare throughput: {:.2} (target >= 0.50)",
+        full.rate() / bare.rate().max(1e-9)
+    )?;
+    Ok((bare, full))
+}
+
+fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{name:<16} {:>9.0} accepted/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} accepted, {} delivered, {} errors in {:.1} s)",
+        r.rate(),
+        r.p50.as_secs_f64() * 1e3,
+        r.p99.as_secs_f64() * 1e3,
+        r.accepted,
+        r.delivered,
+        r.errors,
+        r.elapsed.as_secs_f64()
+    )?;
+    if !r.rss_mib.is_empty() {
+        let n = r.rss_mib.len();
+        let pick = |i: usize| r.rss_mib.get(i).copied().unwrap_or(0.0);
+        writeln!(
+            out,
+            "  process RSS (MiB) at start / 25% / 50% / 75% / end: {:.0} / {:.0} / {:.0} / {:.0} / {:.0}",
+            pick(0),
+            pick(n / 4),
+            pick(n / 2),
+            pick(3 * n / 4),
+            pick(n - 1)
+        )?;
+    }
+    Ok(())
+}
+
+/// Fills a log with `entries` entries, exports it through the broker and verifies the export,
+/// printing entries per second for each.
+pub async fn audit(entries: u64, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut pki = Pki::new()?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("broker");
+    std::fs::create_dir_all(&data)?;
+    writeln!(out, "audit benchmark: {entries} entries")?;
+
+    // Fill the log through the storage's own write path, in batches as the writer would.
+    let t = Instant::now();
+    {
+        let storage = store::SledStorage::open(&data, concordat_broker::audit_log::DEFAULT_ORIGIN)?;
+        let mut previous = storage.latest_checkpoint()?;
+        let mut i = 0u64;
+        while i < entries {
+            let batch = (entries - i).min(512);
+            for k in 0..batch {
+                let refused = pb::TransferRefused {
+                    envelope: Some(pb::EnvelopeFacts {
+                        message_id: MessageId::new_random().to_string(),
+                        sender: "ncsc".into(),
+                        recipients: vec!["ico".into()],
+                        kind: pb::MessageKind::IncidentRecord as i32,
+                        organisation: format!("org-{}", (i + k) % 1000),
+                        tlp: pb::Tlp::Amber as i32,
+                        payload_sha256: vec![7; 32],
+                        payload_size: 512,
+                        ..Default::default()
+                    }),
+                    reason: "CONSENT_MISSING".into(),
+                    message: "benchmark entry".into(),
+                };
+                storage
+                    .apply(&Op::Refuse(Box::new(refused)))
+                    .map_err(|f| anyhow::anyhow!("appending: {f:?}"))?;
+            }
+            if let Some(cp) = storage.seal(previous.as_ref())? {
+                previous = Some(cp);
+            }
+            i += batch;
+        }
+        storage.sync()?;
+    }
+    let fill = t.elapsed();
+    writeln!(
+        out,
+        "fill:   {:>9.0} entries/s ({:.1} s, through Storage::apply in batches of 512)",
+        entries as f64 / fill.as_secs_f64(),
+        fill.as_secs_f64()
+    )?;
+
+    let mut config = Config::embedded_default()?;
+    config.tls = pki.tls_material()?;
+    config.data_dir = data.clone();
+    config.metrics_listen = None;
+    config.auditors.insert("auditor".parse()?);
+    let key =
+        concordat_broker::audit_log::load_or_create_key(&data, &config.log_origin)?.verifier();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(concordat_broker::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let auditor = pki.client("auditor", addr)?.connect().await?;
+    let file = dir.path().join("export.jsonl");
+    let t = Instant::now();
+    let summary = crate::audit_file::export(
+        &auditor,
+        pb::ExportRequest::default(),
+        &file,
+        crate::audit_file::Format::Jsonl,
+    )
+    .await?;
+    let export = t.elapsed();
+    let _ = stop.send(());
+    server.await??;
+    writeln!(
+        out,
+        "export: {:>9.0} entries/s ({} entries, {:.1} MiB, {:.1} s, full export over mTLS to a JSONL file)",
+        summary.entries as f64 / export.as_secs_f64(),
+        summary.entries,
+        std::fs::metadata(&file).map_or(0, |m| m.len()) as f64 / (1024.0 * 1024.0),
+        export.as_secs_f64()
+    )?;
+    let t = Instant::now();
+    let verdict =
+        tokio::task::spawn_blocking(move || crate::audit_file::verify(&file, &key)).await??;
+    let verify = t.elapsed();
+    let verified =
+        verdict.map_err(|e| anyhow::anyhow!("the benchmark's own export failed to verify: {e}"))?;
+    writeln!(
+        out,
+        "verify: {:>9.0} entries/s ({} entries, {:.1} s, signature + every entry + recomputed root)",
+        verified.entries as f64 / verify.as_secs_f64(),
+        verified.entries,
+        verify.as_secs_f64()
+    )
+    .context("printing")?;
+    Ok(())
+}
