@@ -173,8 +173,15 @@ impl Witness {
                 to_size: large.size(),
             })
             .await
-            .map_err(|s| {
-                WitnessError::Incomplete(format!("asking for a consistency proof: {}", s.message()))
+            .map_err(|s| match crate::operator::refusal_of(&s) {
+                // An honest broker can always prove consistency between two sizes it signed;
+                // refusing the sizes means its log no longer reaches the larger one.
+                Some((reason, message)) if reason == "MALFORMED" => self.alarm(format!(
+                    "the broker cannot prove its log of size {} extends the one of size {}: {message}",
+                    large.size(),
+                    small.size()
+                )),
+                _ => WitnessError::Incomplete(format!("asking for a consistency proof: {}", s.message())),
             })?
             .into_inner();
         let proof = hashes(&response.consistency_proof)?;

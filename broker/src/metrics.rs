@@ -182,7 +182,9 @@ mod tests {
         let agreement = |id: &str, review_by| Agreement {
             id: id.into(),
             title: "t".into(),
-            parties: ["ico".parse().unwrap(), "nca".parse().unwrap()].into_iter().collect(),
+            parties: ["ico".parse().unwrap(), "nca".parse().unwrap()]
+                .into_iter()
+                .collect(),
             signed: time::macros::date!(2020 - 01 - 01),
             review_by,
             flows: vec![Flow {
@@ -211,7 +213,10 @@ mod tests {
             "concordat_transfers_refused_total{reason=\"NO_AGREEMENT\"} 2",
             "concordat_queue_depth{agency=\"ico\"} 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

@@ -73,7 +73,7 @@ impl State {
         let raw = store::raw_facts(sender, &wire);
         match self.prepare(sender, wire) {
             Ok(Prepared::Duplicate(mut receipt)) => {
-                self.store.prove_receipt(&mut receipt)?;
+                self.store.prove_receipt(&mut receipt).await?;
                 Ok(*receipt)
             }
             // The writer logs the refusals it decides itself.

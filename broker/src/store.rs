@@ -248,13 +248,22 @@ impl Store {
         self.checkpoint.borrow().clone()
     }
 
-    /// Fills in a receipt's audit proof against the latest checkpoint (for a receipt returned
-    /// again, whose entry is already in the log).
-    pub fn prove_receipt(&self, receipt: &mut pb::Receipt) -> Result<(), Internal> {
-        let Some(cp) = self.checkpoint() else {
+    /// Fills in a receipt's audit proof (for a receipt returned again, whose entry is already in
+    /// the log), waiting until a durable checkpoint covers the entry: a retry racing its first
+    /// attempt is answered only once that attempt is on disk.
+    pub async fn prove_receipt(&self, receipt: &mut pb::Receipt) -> Result<(), Internal> {
+        let Some(audit) = receipt.audit.as_mut() else {
             return Ok(());
         };
-        if let Some(audit) = receipt.audit.as_mut() {
+        let index = audit.log_index;
+        let cp = self
+            .checkpoint
+            .clone()
+            .wait_for(|cp| cp.as_ref().is_some_and(|cp| cp.size > index))
+            .await
+            .map_err(|_| Internal::new("awaiting a checkpoint", "the writer has stopped"))?
+            .clone();
+        if let Some(cp) = cp {
             fill_proof(self.storage.as_ref(), audit, &cp)?;
         }
         Ok(())

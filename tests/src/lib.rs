@@ -218,7 +218,10 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         ])
         .arg("--target-dir")
         .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // Inherited, it would differ from the outer build's and make cargo rebuild everything
+        // whose build script watches it (ring, hence most of the tree).
+        .env_remove("CARGO_MANIFEST_DIR");
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

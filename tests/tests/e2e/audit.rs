@@ -67,7 +67,7 @@ const MOU_ICO_NCA: &str = "mou-ico-nca-2023";
 const TIMEOUT: StdDuration = StdDuration::from_secs(30);
 /// How long a stopped agent is watched to show that it sends nothing. The honest-restart
 /// control shows a working agent sends a file well within it.
-const QUIET: StdDuration = StdDuration::from_secs(2);
+const QUIET: StdDuration = StdDuration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------------
 // The federation and its scripted exchange
@@ -448,8 +448,7 @@ async fn receipts_prove_their_entry_under_a_signed_checkpoint() {
             "{what}: the proof holds for a changed entry"
         );
         assert!(
-            merkle::check_record(&path, cp.size(), cp.root(), proof.log_index - 1, &leaf)
-                .is_err(),
+            merkle::check_record(&path, cp.size(), cp.root(), proof.log_index - 1, &leaf).is_err(),
             "{what}: the proof holds at another index"
         );
     }
@@ -466,9 +465,16 @@ async fn receipts_prove_their_entry_under_a_signed_checkpoint() {
     assert_eq!(again.transfer_id, history.anonymised.transfer_id);
     let proof = again.audit.as_ref().unwrap();
     let first = history.anonymised.audit.as_ref().unwrap();
-    assert_eq!((proof.log_index, &proof.entry), (first.log_index, &first.entry));
+    assert_eq!(
+        (proof.log_index, &proof.entry),
+        (first.log_index, &first.entry)
+    );
     let cp = checkpoint::open(&proof.checkpoint, &site.key).unwrap();
-    assert_eq!(cp.size(), PLAYED, "the retry's proof is not against the latest checkpoint");
+    assert_eq!(
+        cp.size(),
+        PLAYED,
+        "the retry's proof is not against the latest checkpoint"
+    );
     merkle::check_record(
         &hashes(&proof.inclusion_proof),
         cp.size(),
@@ -495,7 +501,10 @@ async fn receipts_prove_their_entry_under_a_signed_checkpoint() {
         assert_eq!(refusal.reason, reason);
         assert!(!refusal.message.is_empty(), "{reason}: no message");
         let facts = refusal.envelope.unwrap();
-        assert_eq!((facts.sender.as_str(), facts.organisation.as_str()), (sender, org));
+        assert_eq!(
+            (facts.sender.as_str(), facts.organisation.as_str()),
+            (sender, org)
+        );
         assert!(facts.consent_jti.is_empty());
     }
     // A full export carries no proofs; its leaves recompute to the checkpoint's root.
@@ -551,7 +560,10 @@ impl CliFiles {
             path(&self.key),
         ]);
         let (status, stdout, stderr) = concordat(args).await;
-        assert!(status.success(), "export {extra:?}: {status}\n{stdout}\n{stderr}");
+        assert!(
+            status.success(),
+            "export {extra:?}: {status}\n{stdout}\n{stderr}"
+        );
         stdout
     }
 }
@@ -615,7 +627,9 @@ async fn cli_verify(file: &Path, key: &LogVerifier) -> (ExitStatus, String) {
 /// The head and entry lines of a JSON Lines export.
 fn read_jsonl(file: &Path) -> (Value, Vec<Value>) {
     let text = fs::read_to_string(file).unwrap();
-    let mut lines = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let mut lines = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap());
     let head = lines.next().expect("an empty export");
     (head, lines.collect())
 }
@@ -659,18 +673,27 @@ async fn exports_round_trip_through_the_cli_verifier() {
     let (status, said) = cli_verify(&full, &site.key).await;
     assert!(status.success(), "{said}");
     assert!(said.starts_with("OK:"), "{said}");
-    assert!(said.contains("7 entries") && said.contains("root recomputed"), "{said}");
+    assert!(
+        said.contains("7 entries") && said.contains("root recomputed"),
+        "{said}"
+    );
 
     // The same file under another log key fails on its checkpoint line.
     let stranger = LogSigner::generate(DEFAULT_ORIGIN).unwrap().verifier();
     let (status, said) = cli_verify(&full, &stranger).await;
     assert_eq!(status.code(), Some(1), "{said}");
-    assert!(said.contains("FAILED") && said.contains("line 1:"), "{said}");
+    assert!(
+        said.contains("FAILED") && said.contains("line 1:"),
+        "{said}"
+    );
 
     let csv = out.join("full.csv");
     cli.export(&csv, &["--format", "csv"]).await;
     let text = fs::read_to_string(&csv).unwrap();
-    assert!(text.starts_with("index,entry,proof,decoded\ncheckpoint,"), "{text}");
+    assert!(
+        text.starts_with("index,entry,proof,decoded\ncheckpoint,"),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 2 + PLAYED as usize);
     let (status, said) = cli_verify(&csv, &site.key).await;
     assert!(status.success() && said.starts_with("OK:"), "{said}");
@@ -701,7 +724,10 @@ async fn exports_round_trip_through_the_cli_verifier() {
             assert!(proof > 0, "{args:?}: entry {} has no proof", index_of(line));
         }
         let (status, said) = cli_verify(&file, &site.key).await;
-        assert!(status.success() && said.starts_with("OK:"), "{args:?}: {said}");
+        assert!(
+            status.success() && said.starts_with("OK:"),
+            "{args:?}: {said}"
+        );
         assert!(
             said.contains(&format!("{} entr", expected.len())),
             "{args:?}: {said}"
@@ -833,8 +859,15 @@ async fn every_tampering_fails_verification_and_names_its_line() {
     let ok = audit_file::verify(&partial_path, key).unwrap().unwrap();
     assert_eq!((ok.entries, ok.partial), (5, true));
     let (head, lines) = read_jsonl(&partial_path);
-    assert_eq!(lines.iter().map(index_of).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
-    assert!(lines.iter().all(|l| l["proof"].as_array().unwrap().len() == 3));
+    assert_eq!(
+        lines.iter().map(index_of).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["proof"].as_array().unwrap().len() == 3)
+    );
     let entry = lines[0]["entry"].as_str().unwrap();
     assert_eq!(b64_encode(&b64_decode(entry)), entry);
 
@@ -1084,7 +1117,10 @@ async fn every_tampering_fails_verification_and_names_its_line() {
 
     // The CLI reports the same: exit status 1 and the line.
     for row in [
-        ("an entry's byte changed, decoded fields to match", "Partial"),
+        (
+            "an entry's byte changed, decoded fields to match",
+            "Partial",
+        ),
         ("the checkpoint re-signed by another key", "Full"),
         ("two entries swapped", "Full"),
     ] {
@@ -1094,6 +1130,30 @@ async fn every_tampering_fails_verification_and_names_its_line() {
         assert!(said.starts_with("FAILED:"), "{row:?}: {said}");
         assert!(said.contains(&format!("line {line}:")), "{row:?}: {said}");
     }
+
+    // A CSV export names its records by line too: the header is line 1, the checkpoint line 2,
+    // entry 1 (the first to cite a clause) line 4.
+    let csv_path = dir.join("full.csv");
+    audit_file::export(
+        &auditor,
+        pb::ExportRequest::default(),
+        &csv_path,
+        Format::Csv,
+    )
+    .await
+    .unwrap();
+    let csv = fs::read_to_string(&csv_path).unwrap();
+    let clause = format!(r#"""clause"":""{CLAUSE_NCSC_ICO}"""#);
+    assert!(csv.lines().nth(3).unwrap().contains(&clause), "{csv}");
+    let changed = csv.replacen(&clause, r#"""clause"":""9.9"""#, 1);
+    let tampered = dir.join("tampered.csv");
+    fs::write(&tampered, changed).unwrap();
+    let (status, said) = cli_verify(&tampered, key).await;
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("line 4: entry 1: the decoded fields do not match the entry bytes"),
+        "{said}"
+    );
     site.broker.stop().await.unwrap();
 }
 
@@ -1138,7 +1198,10 @@ async fn explain_says_why_in_words() {
         consented.consent_jti.as_str(),
         consented.consent_issuer.as_str(),
     ] {
-        assert!(words.contains(expected), "{expected:?} missing from:\n{words}");
+        assert!(
+            words.contains(expected),
+            "{expected:?} missing from:\n{words}"
+        );
     }
     assert!(!words.contains("REFUSED"), "{words}");
 
@@ -1150,7 +1213,10 @@ async fn explain_says_why_in_words() {
         let (status, words, stderr) = explain(index).await;
         assert!(status.success(), "{words}{stderr}");
         for expected in ["REFUSED", reason, message_id.as_str()] {
-            assert!(words.contains(expected), "{expected:?} missing from:\n{words}");
+            assert!(
+                words.contains(expected),
+                "{expected:?} missing from:\n{words}"
+            );
         }
         assert!(!words.contains("ACCEPTED"), "{words}");
     }
@@ -1232,9 +1298,9 @@ impl Agent {
                 None => panic!("{name} was not sent within {within:?}"),
                 Some(AgentEvent::Sent { file, receipt, .. }) if file == name => return *receipt,
                 Some(AgentEvent::Alarm { message }) => panic!("unexpected alarm: {message}"),
-                Some(
-                    e @ (AgentEvent::Refused { .. } | AgentEvent::Failed { .. }),
-                ) => panic!("unexpected outcome: {e:?}"),
+                Some(e @ (AgentEvent::Refused { .. } | AgentEvent::Failed { .. })) => {
+                    panic!("unexpected outcome: {e:?}")
+                }
                 Some(_) => {}
             }
         }
@@ -1290,52 +1356,102 @@ fn receipt_checkpoint(receipt: &pb::Receipt, key: &LogVerifier) -> Checkpoint {
     checkpoint::open(&receipt.audit.as_ref().unwrap().checkpoint, key).unwrap()
 }
 
-/// The agent witnesses broker A's log; A's database is then lost but its key kept, and a new
-/// broker on the same data directory builds a new history, larger than the witnessed checkpoint,
-/// signed by the same key. The next receipt's checkpoint cannot be proved consistent with the
-/// witnessed one: the agent raises an alarm, keeps the old checkpoint, and sends nothing more.
-#[tokio::test]
-async fn the_witness_alarms_on_a_rewritten_history_and_stops_sending() {
+/// The agent's witness after a rewritten history: it witnessed broker A's log after sending
+/// `witnessed_files` files; A's database was then lost but its key kept, and a new broker on the
+/// same data directory, signing with the same key, took `others` transfers from the NCA before
+/// the agent's next file. Returns the agent (running, its next file `02.json` dropped), the new
+/// site and the checkpoint witnessed before.
+async fn rewritten_history(witnessed_files: usize, others: usize) -> (Agent, Site, Checkpoint) {
     let mut site = Site::start().await;
     let spool = site.dir.path().join("ncsc-spool");
     let mut agent = Agent::start(&mut site, &spool);
-    agent.drop_file("01.json");
-    let first = agent.sent("01.json", TIMEOUT).await;
+    let mut last = None;
+    for n in 0..witnessed_files {
+        let name = format!("01-{n}.json");
+        agent.drop_file(&name);
+        last = Some(agent.sent(&name, TIMEOUT).await);
+    }
     let witnessed = agent.witnessed(&site.key);
-    assert_eq!(witnessed, receipt_checkpoint(&first, &site.key));
+    assert_eq!(witnessed, receipt_checkpoint(&last.unwrap(), &site.key));
+    // The configuration entry and one per file.
+    assert_eq!(witnessed.size(), 1 + witnessed_files as u64);
     agent.stop().await;
 
     let mut site = site.restart(true).await;
-    // The new history, grown past the witnessed size by another sender.
     let nca = site.client("nca").await;
-    let auditor = site.client("auditor").await;
-    loop {
-        let cp = checkpoint::open(&latest(&auditor).await, &site.key).unwrap();
-        if cp.size() > witnessed.size() {
-            break;
-        }
+    for _ in 0..others {
         accepted(
             &nca,
             envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new()),
         )
         .await;
     }
+    let auditor = site.client("auditor").await;
+    let cp = checkpoint::open(&latest(&auditor).await, &site.key).unwrap();
+    assert_eq!(cp.size(), 1 + others as u64, "a new history");
 
-    let mut agent = Agent::start(&mut site, &spool);
+    let agent = Agent::start(&mut site, &spool);
     agent.drop_file("02.json");
-    let alarm = agent.alarm().await;
-    assert!(
-        alarm.contains(&format!(
-            "is not consistent with the one of size {}",
-            witnessed.size()
-        )),
-        "{alarm}"
-    );
-    assert_eq!(
-        agent.witnessed(&site.key),
-        witnessed,
-        "the witness adopted the rewritten history"
-    );
+    (agent, site, witnessed)
+}
+
+/// A rewritten history signed with the right key is caught whether the next receipt's checkpoint
+/// is larger than the witnessed one (no consistency proof can exist) or of the same size (two
+/// roots for one size): the agent raises an alarm, keeps the witnessed checkpoint, and sends
+/// nothing more; files wait in the outbox.
+#[tokio::test]
+async fn the_witness_alarms_on_a_rewritten_history_and_stops_sending() {
+    // (files A took, transfers B took before the agent's next file, the alarm's words)
+    let cases = [
+        (
+            1,
+            2,
+            "checkpoint of size 4 is not consistent with the one of size 2",
+        ),
+        (
+            1,
+            0,
+            "two checkpoints of size 2 with different roots (a fork)",
+        ),
+    ];
+    for (witnessed_files, others, expected) in cases {
+        let (mut agent, site, witnessed) = rewritten_history(witnessed_files, others).await;
+        let alarm = agent.alarm().await;
+        assert!(alarm.contains(expected), "{alarm}");
+        assert_eq!(
+            agent.witnessed(&site.key),
+            witnessed,
+            "the witness adopted the rewritten history"
+        );
+        agent.drop_file("03.json");
+        agent.nothing_becomes_of("03.json").await;
+        agent.stop().await;
+        site.broker.stop().await.unwrap();
+    }
+}
+
+/// A history rolled back below the witnessed checkpoint: the new broker's checkpoint is smaller
+/// than the witnessed one, and the broker cannot prove the witnessed tree extends it (it refuses
+/// `Audit.Checkpoint` with `to_size` beyond its log). That is a log that shrank, which an honest
+/// broker never shows; the witness should raise an alarm at once rather than keep sending.
+#[tokio::test]
+async fn the_witness_alarms_on_a_history_rolled_back_below_its_checkpoint() {
+    let (mut agent, site, witnessed) = rewritten_history(3, 0).await;
+    assert_eq!(witnessed.size(), 4);
+    // The witness checks a receipt before reporting the file sent: the alarm comes first.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        match agent.next_event(deadline).await {
+            None => panic!("02.json had no outcome within {TIMEOUT:?}"),
+            Some(AgentEvent::Alarm { .. }) => break,
+            Some(AgentEvent::Sent { file, receipt, .. }) => panic!(
+                "{file} went into a log of {} entries, without an alarm, after the witness saw {}",
+                receipt_checkpoint(&receipt, &site.key).size(),
+                witnessed.size()
+            ),
+            Some(_) => {}
+        }
+    }
     agent.drop_file("03.json");
     agent.nothing_becomes_of("03.json").await;
     agent.stop().await;
@@ -1421,7 +1537,12 @@ async fn checkpoint_rpc_proves_consistency_and_refuses_impossible_sizes() {
     let ncsc = site.client("ncsc").await;
     checkpoint_rpc(&ncsc, early.size(), 0).await.unwrap();
 
-    for (from, to) in [(6, 3), (2, PLAYED + 1), (PLAYED + 1, 0), (PLAYED + 1, PLAYED + 2)] {
+    for (from, to) in [
+        (6, 3),
+        (2, PLAYED + 1),
+        (PLAYED + 1, 0),
+        (PLAYED + 1, PLAYED + 2),
+    ] {
         let status = checkpoint_rpc(&auditor, from, to).await.unwrap_err();
         assert_eq!(
             reason_of(&status).as_deref(),
@@ -1429,6 +1550,52 @@ async fn checkpoint_rpc_proves_consistency_and_refuses_impossible_sizes() {
             "from {from} to {to}: {status:?}"
         );
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    site.broker.stop().await.unwrap();
+}
+
+/// Retries racing their first attempt all get the first receipt, its entry proved under a
+/// signed checkpoint: a duplicate is never answered before the first attempt's batch is sealed
+/// and flushed (else an agent's witness would raise an alarm against an honest broker, and the
+/// retry would hold a receipt for a transfer not yet on disk).
+#[tokio::test]
+async fn racing_retries_all_get_a_proved_receipt() {
+    let mut site = Site::start().await;
+    let ncsc = site.client("ncsc").await;
+    for round in 0..20 {
+        let e = envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new());
+        let sends: Vec<JoinHandle<pb::Receipt>> = (0..16)
+            .map(|_| {
+                let (ncsc, e) = (ncsc.clone(), e.clone());
+                tokio::spawn(async move { accepted(&ncsc, e).await })
+            })
+            .collect();
+        let mut receipts = Vec::new();
+        for send in sends {
+            receipts.push(send.await.unwrap());
+        }
+        assert_eq!(receipts.iter().filter(|r| !r.duplicate).count(), 1);
+        for r in &receipts {
+            assert_eq!(r.transfer_id, receipts[0].transfer_id);
+            let proof = r.audit.as_ref().unwrap();
+            let cp = checkpoint::open(&proof.checkpoint, &site.key).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: a {} receipt for entry {} carries no valid checkpoint \
+                     ({e}): {:?}",
+                    if r.duplicate { "duplicate" } else { "first" },
+                    proof.log_index,
+                    proof.checkpoint
+                )
+            });
+            merkle::check_record(
+                &hashes(&proof.inclusion_proof),
+                cp.size(),
+                cp.root(),
+                proof.log_index,
+                &merkle::leaf_hash(&proof.entry),
+            )
+            .unwrap();
+        }
     }
     site.broker.stop().await.unwrap();
 }
