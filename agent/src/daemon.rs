@@ -280,10 +280,12 @@ async fn outbox_loop(
                 }
             },
         };
-        // Files are taken in name order, several in flight; each is finished even if shutdown
-        // comes meanwhile.
+        // Files are taken in name order, several in flight; each file started is finished even
+        // if shutdown comes meanwhile, but none is started after it.
         let mut retry: Option<String> = None;
+        let stopping = shutdown.clone();
         let mut outcomes = futures::stream::iter(pending)
+            .take_while(move |_| std::future::ready(!*stopping.borrow()))
             .map(|name| send_file(&connected, &spool, name, &events, witness.as_deref()))
             .buffer_unordered(SEND_CONCURRENCY);
         while let Some(outcome) = outcomes.next().await {

@@ -78,7 +78,10 @@ impl State {
             }
             // The writer logs the refusals it decides itself.
             Ok(Prepared::Accept(op)) => match self.store.commit(op).await? {
-                Applied::Accepted(receipt) => Ok(*receipt),
+                Applied::Accepted(mut receipt) => {
+                    self.store.prove_receipt(&mut receipt).await?;
+                    Ok(*receipt)
+                }
                 other => Err(Internal::new(
                     "storing a transfer",
                     format!("unexpected outcome {other:?}"),

@@ -44,6 +44,9 @@ use crate::{
     refusal::{Failure, Internal, Reason, Refusal},
 };
 
+/// sled's page cache size.
+const CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// The most operations one group commit applies before flushing.
 const MAX_BATCH: usize = 512;
 
@@ -145,8 +148,9 @@ pub struct Queued {
 /// The storage engine under the broker. Reads may come from any thread; `apply` and `sync` are
 /// called only by the writer thread, in order.
 pub trait Storage: ConsentLedger + Send + Sync + 'static {
-    /// Applies one operation atomically. It is not durable until [`Storage::sync`] returns.
-    fn apply(&self, op: &Op) -> Result<Applied, Failure>;
+    /// Applies operations in order, each atomically (refusals do not affect the others). They
+    /// are not durable until [`Storage::sync`] returns.
+    fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>>;
     /// Makes every applied operation durable.
     fn sync(&self) -> Result<(), Internal>;
     /// The receipt of an accepted message, and the digest of its envelope.
@@ -248,9 +252,8 @@ impl Store {
         self.checkpoint.borrow().clone()
     }
 
-    /// Fills in a receipt's audit proof (for a receipt returned again, whose entry is already in
-    /// the log), waiting until a durable checkpoint covers the entry: a retry racing its first
-    /// attempt is answered only once that attempt is on disk.
+    /// Fills in a receipt's audit proof, waiting until a durable checkpoint covers its entry (a
+    /// retry racing its first attempt is answered only once that attempt is on disk).
     pub async fn prove_receipt(&self, receipt: &mut pb::Receipt) -> Result<(), Internal> {
         let Some(audit) = receipt.audit.as_mut() else {
             return Ok(());
@@ -306,8 +309,9 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let mut results: Vec<Result<Applied, Failure>> =
-            batch.iter().map(|job| storage.apply(&job.op)).collect();
+        let (ops, replies): (Vec<Op>, Vec<_>) =
+            batch.drain(..).map(|job| (job.op, job.reply)).unzip();
+        let results = storage.apply_batch(&ops);
         // Seal the batch with a checkpoint, flushed together with it.
         let sealed = storage.seal(latest.as_ref());
         let synced = sealed.and_then(|new| storage.sync().map(|()| new));
@@ -317,19 +321,11 @@ fn write_loop(
                 checkpoint.send_replace(latest.clone());
             }
             durable.send_replace(storage.last_seq());
-            if let Some(cp) = &latest {
-                for result in results.iter_mut() {
-                    if let Ok(Applied::Accepted(receipt)) = result
-                        && let Some(audit) = receipt.audit.as_mut()
-                        && let Err(e) = fill_proof(storage, audit, cp)
-                    {
-                        *result = Err(Failure::Internal(e));
-                    }
-                }
-            }
+            // Inclusion proofs are computed by the waiting handlers (Store::prove_receipt), in
+            // parallel, not here on the one writer thread.
         }
         let synced = synced.map(|_| ());
-        for (job, result) in batch.drain(..).zip(results) {
+        for (reply, result) in replies.into_iter().zip(results) {
             let answer = match &synced {
                 Ok(()) => result,
                 Err(e) => Err(Failure::Internal(Internal::new(
@@ -337,7 +333,7 @@ fn write_loop(
                     e.to_string(),
                 ))),
             };
-            let _ = job.reply.send(answer);
+            let _ = reply.send(answer);
         }
         if let Err(e) = synced {
             tracing::error!(error = %e, "flush failed: the writes of this batch were not acknowledged");
@@ -488,6 +484,28 @@ fn be_i128(bytes: &[u8]) -> Option<i128> {
     Some(i128::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// The trees of the store as seen inside one transaction.
+struct Trees<'a> {
+    receipts: &'a TransactionalTree,
+    transfers: &'a TransactionalTree,
+    refs: &'a TransactionalTree,
+    queues: &'a TransactionalTree,
+    uses: &'a TransactionalTree,
+    consented: &'a TransactionalTree,
+    revoked: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    log: TxLog<'a>,
+}
+
+/// What a batch changes in the in-memory counters, applied once it commits.
+#[derive(Default)]
+struct Effects {
+    /// Queue depth changes per recipient.
+    depth: HashMap<AgencyId, i64>,
+    /// The highest queue sequence number assigned.
+    last_seq: u64,
+}
+
 /// Aborts a sled transaction with a failure.
 type TxResult<T> = Result<T, ConflictableTransactionError<Failure>>;
 
@@ -503,6 +521,8 @@ impl SledStorage {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .mode(sled::Mode::HighThroughput)
+            // sled caches up to 1 GiB by default; keep the broker's memory bounded.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(sled_err("opening the database"))?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err("opening a tree"));
@@ -571,49 +591,29 @@ impl SledStorage {
         Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
     }
 
-    fn log_refusal(&self, facts: pb::EnvelopeFacts, refusal: &Refusal) -> Result<(), Failure> {
-        let entry = audit_log::entry(pb::audit_entry::Event::TransferRefused(
-            pb::TransferRefused {
-                envelope: Some(facts),
-                reason: refusal.reason.as_str().into(),
-                message: refusal.message.clone(),
-            },
-        ));
-        self.append_only(&[entry])
-    }
-
-    /// Appends entries in a transaction of their own.
-    fn append_only(&self, entries: &[pb::AuditEntry]) -> Result<(), Failure> {
-        let outcome =
-            (&self.log.entries, &self.log.hashes, &self.meta).transaction(|(le, lh, meta)| {
-                let log = TxLog {
-                    entries: le,
-                    hashes: lh,
-                    meta,
-                };
-                for e in entries {
-                    log.append(e)?;
-                }
-                Ok(())
-            });
-        tx_outcome(outcome)
-    }
-
-    fn apply_accept(&self, a: &Accept) -> Result<Applied, Failure> {
-        match self.accept_tx(a) {
-            Err(Failure::Refused(r)) => {
-                // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
-                // logged like any other, in the same group commit.
-                let consent = a.decision.consent.as_ref().map(|c| (c.jti, c.issuer));
-                self.log_refusal(facts(&a.sender, &a.envelope, consent), &r)?;
-                Err(Failure::Refused(r))
+    /// Applies a batch: consecutive operations share one sled transaction (sled's cost is per
+    /// write and per transaction, so this halves it); a revocation, which scans committed
+    /// state, runs in a transaction of its own between them.
+    fn apply_batch_sled(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut start = 0;
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Revoke(r) = op {
+                out.extend(self.run_tx(&ops[start..i]));
+                out.push(self.apply_revoke(r));
+                start = i + 1;
             }
-            other => other,
         }
+        out.extend(self.run_tx(&ops[start..]));
+        out
     }
 
-    fn accept_tx(&self, a: &Accept) -> Result<Applied, Failure> {
-        let rkey = receipt_key(&a.sender, &a.envelope.message_id);
+    /// Applies `ops` in one transaction. A refusal writes nothing but its audit entry and does
+    /// not affect the others; an internal error aborts them all.
+    fn run_tx(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        if ops.is_empty() {
+            return Vec::new();
+        }
         let trees = (
             &self.receipts,
             &self.transfers,
@@ -628,100 +628,253 @@ impl SledStorage {
         );
         let outcome = trees.transaction(
             |(receipts, transfers, refs, queues, uses, consented, revoked, meta, le, lh)| {
-                if let Some(found) = receipts.get(&rkey)? {
-                    return duplicate_receipt(&found, &a.envelope_digest);
-                }
-                // After the receipt check: a retry of a stored message is answered even when
-                // the queue its first attempt filled is full.
-                for r in &a.envelope.recipients {
-                    if self.queue_depth(r) >= a.max_queue_depth {
-                        return abort(Refusal::new(
-                            Reason::RecipientQueueFull,
-                            format!(
-                                "the queue of {r} is full ({} items); try again later",
-                                a.max_queue_depth
-                            ),
-                        ));
-                    }
-                }
-                if let Some(c) = &a.decision.consent {
-                    if Self::is_revoked_in(revoked, &c.issuer, &c.jti, c.issued_at)? {
-                        return abort(Refusal::new(
-                            Reason::ConsentRevoked,
-                            format!("consent token {} has been revoked by its issuer", c.jti),
-                        ));
-                    }
-                    let key = token_key(&c.issuer, &c.jti);
-                    let used = uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
-                    if let Some(max) = c.max_uses
-                        && used >= u64::from(max)
-                    {
-                        return abort(Refusal::new(
-                            Reason::ConsentUsedUp,
-                            format!("consent token {} allows {max} use(s), all used", c.jti),
-                        ));
-                    }
-                    uses.insert(key, &(used + 1).to_be_bytes())?;
-                }
-                let mut receipt = build_receipt(a);
-                let tid = a.transfer_id.as_bytes();
-                transfers.insert(&tid[..], build_transfer(a).encode_to_vec())?;
-                refs.insert(
-                    &tid[..],
-                    &(a.envelope.recipients.len() as u64).to_be_bytes(),
-                )?;
-                let mut seq = Self::next_seq(meta)?;
-                for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
-                    let item = StoredItem {
-                        transfer_id: tid.to_vec(),
-                        recall: None,
-                        agreement_id: authority.agreement_id.clone(),
-                        clause: authority.clause.clone(),
-                    };
-                    queues.insert(queue_key(r, seq), item.encode_to_vec())?;
-                    seq += 1;
-                }
-                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-                if let Some(c) = &a.decision.consent {
-                    let mut key = token_key(&c.issuer, &c.jti);
-                    key.extend_from_slice(tid);
-                    consented.insert(key, consented_record(a, c).encode_to_vec())?;
-                }
-                let entry = audit_log::entry(pb::audit_entry::Event::TransferAccepted(
-                    pb::TransferAccepted {
-                        transfer_id: receipt.transfer_id.clone(),
-                        envelope: Some(facts(
-                            &a.sender,
-                            &a.envelope,
-                            a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
-                        )),
-                        authorities: receipt.authorities.clone(),
-                    },
-                ));
-                let log = TxLog {
-                    entries: le,
-                    hashes: lh,
+                let t = Trees {
+                    receipts,
+                    transfers,
+                    refs,
+                    queues,
+                    uses,
+                    consented,
+                    revoked,
                     meta,
+                    log: TxLog {
+                        entries: le,
+                        hashes: lh,
+                        meta,
+                    },
                 };
-                let index = log.append(&entry)?;
-                receipt.audit = Some(pb::AuditProof {
-                    log_index: index,
-                    entry: entry.encode_to_vec(),
-                    ..Default::default()
-                });
-                let stored = StoredReceipt {
-                    receipt: Some(receipt.clone()),
-                    envelope_digest: a.envelope_digest.to_vec(),
-                };
-                receipts.insert(rkey.as_slice(), stored.encode_to_vec())?;
-                Ok((receipt, seq - 1))
+                let mut fx = Effects::default();
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(self.op_in(&t, op, &mut fx)?);
+                }
+                Ok((results, fx))
             },
         );
-        let (receipt, last) = tx_outcome(outcome)?;
-        if !receipt.duplicate {
-            self.bump(&a.envelope.recipients, last);
+        match tx_outcome(outcome) {
+            Ok((results, fx)) => {
+                self.settle(&fx);
+                results
+            }
+            Err(f) => {
+                let why = match f {
+                    Failure::Internal(e) => e.to_string(),
+                    Failure::Refused(r) => r.to_string(),
+                };
+                ops.iter()
+                    .map(|_| {
+                        Err(Failure::Internal(Internal::new(
+                            "applying a batch",
+                            why.clone(),
+                        )))
+                    })
+                    .collect()
+            }
         }
-        Ok(Applied::Accepted(Box::new(receipt)))
+    }
+
+    /// One operation inside the batch's transaction. The outer error aborts the transaction;
+    /// the inner result is the operation's own outcome.
+    fn op_in(
+        &self,
+        t: &Trees<'_>,
+        op: &Op,
+        fx: &mut Effects,
+    ) -> TxResult<Result<Applied, Failure>> {
+        match op {
+            Op::Accept(a) => self.accept_in(t, a, fx),
+            Op::Ack { recipient, seqs } => Self::ack_in(t, recipient, seqs, fx).map(Ok),
+            Op::Refuse(refused) => {
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
+                        *refused.clone(),
+                    )))?;
+                Ok(Ok(Applied::Logged))
+            }
+            Op::Delivered { recipient, items } => {
+                for (seq, transfer_id, recall_notice) in items {
+                    t.log
+                        .append(&audit_log::entry(pb::audit_entry::Event::Delivered(
+                            pb::Delivered {
+                                recipient: recipient.to_string(),
+                                delivery_id: seq.to_string(),
+                                transfer_id: transfer_id.clone(),
+                                recall_notice: *recall_notice,
+                            },
+                        )))?;
+                }
+                Ok(Ok(Applied::Logged))
+            }
+            Op::ConfigLoaded(c) => {
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::ConfigLoaded(
+                        c.clone(),
+                    )))?;
+                Ok(Ok(Applied::Logged))
+            }
+            Op::Revoke(_) => Err(ConflictableTransactionError::Abort(Failure::Internal(
+                Internal::new("applying a batch", "a revocation must run on its own"),
+            ))),
+        }
+    }
+
+    /// Records what a committed batch changed in the in-memory counters.
+    fn settle(&self, fx: &Effects) {
+        let mut depths = self.lock_depths();
+        for (r, delta) in &fx.depth {
+            let d = depths.entry(r.clone()).or_default();
+            *d = d.saturating_add_signed(*delta);
+        }
+        drop(depths);
+        self.last_seq
+            .fetch_max(fx.last_seq, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Accepts a transfer, or refuses it (then only its audit entry is written).
+    fn accept_in(
+        &self,
+        t: &Trees<'_>,
+        a: &Accept,
+        fx: &mut Effects,
+    ) -> TxResult<Result<Applied, Failure>> {
+        match self.accept_checks(t, a, fx)? {
+            Err(refusal) => {
+                // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
+                // logged like any other, in the same group commit.
+                let consent = a.decision.consent.as_ref().map(|c| (c.jti, c.issuer));
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
+                        pb::TransferRefused {
+                            envelope: Some(facts(&a.sender, &a.envelope, consent)),
+                            reason: refusal.reason.as_str().into(),
+                            message: refusal.message.clone(),
+                        },
+                    )))?;
+                Ok(Err(Failure::Refused(refusal)))
+            }
+            Ok(Some(duplicate)) => Ok(Ok(Applied::Accepted(Box::new(duplicate)))),
+            Ok(None) => Self::accept_writes(t, a, fx).map(|r| Ok(Applied::Accepted(Box::new(r)))),
+        }
+    }
+
+    /// The checks that can change between decision and commit, before anything is written:
+    /// `Ok(Some(receipt))` for a duplicate, `Err(refusal)`, or `Ok(None)` to go ahead.
+    fn accept_checks(
+        &self,
+        t: &Trees<'_>,
+        a: &Accept,
+        fx: &Effects,
+    ) -> TxResult<Result<Option<pb::Receipt>, Refusal>> {
+        let rkey = receipt_key(&a.sender, &a.envelope.message_id);
+        if let Some(found) = t.receipts.get(&rkey)? {
+            return match duplicate_receipt(&found, &a.envelope_digest) {
+                Ok((receipt, _)) => Ok(Ok(Some(receipt))),
+                Err(ConflictableTransactionError::Abort(Failure::Refused(r))) => Ok(Err(r)),
+                Err(other) => Err(other),
+            };
+        }
+        // After the receipt check: a retry of a stored message is answered even when the queue
+        // its first attempt filled is full.
+        for r in &a.envelope.recipients {
+            let depth = self
+                .queue_depth(r)
+                .saturating_add_signed(fx.depth.get(r).copied().unwrap_or(0));
+            if depth >= a.max_queue_depth {
+                return Ok(Err(Refusal::new(
+                    Reason::RecipientQueueFull,
+                    format!(
+                        "the queue of {r} is full ({} items); try again later",
+                        a.max_queue_depth
+                    ),
+                )));
+            }
+        }
+        if let Some(c) = &a.decision.consent {
+            if Self::is_revoked_in(t.revoked, &c.issuer, &c.jti, c.issued_at)? {
+                return Ok(Err(Refusal::new(
+                    Reason::ConsentRevoked,
+                    format!("consent token {} has been revoked by its issuer", c.jti),
+                )));
+            }
+            let used = t
+                .uses
+                .get(token_key(&c.issuer, &c.jti))?
+                .and_then(|v| be_u64(&v))
+                .unwrap_or(0);
+            if let Some(max) = c.max_uses
+                && used >= u64::from(max)
+            {
+                return Ok(Err(Refusal::new(
+                    Reason::ConsentUsedUp,
+                    format!("consent token {} allows {max} use(s), all used", c.jti),
+                )));
+            }
+        }
+        Ok(Ok(None))
+    }
+
+    /// Stores an accepted transfer: the transfer, its queue entries, the consent use, the audit
+    /// entry and the receipt.
+    fn accept_writes(t: &Trees<'_>, a: &Accept, fx: &mut Effects) -> TxResult<pb::Receipt> {
+        if let Some(c) = &a.decision.consent {
+            let key = token_key(&c.issuer, &c.jti);
+            let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+            t.uses.insert(key, &(used + 1).to_be_bytes())?;
+        }
+        let mut receipt = build_receipt(a);
+        let tid = a.transfer_id.as_bytes();
+        t.transfers
+            .insert(&tid[..], build_transfer(a).encode_to_vec())?;
+        t.refs.insert(
+            &tid[..],
+            &(a.envelope.recipients.len() as u64).to_be_bytes(),
+        )?;
+        let mut seq = Self::next_seq(t.meta)?;
+        for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
+            let item = StoredItem {
+                transfer_id: tid.to_vec(),
+                recall: None,
+                agreement_id: authority.agreement_id.clone(),
+                clause: authority.clause.clone(),
+            };
+            t.queues.insert(queue_key(r, seq), item.encode_to_vec())?;
+            *fx.depth.entry(r.clone()).or_default() += 1;
+            fx.last_seq = fx.last_seq.max(seq);
+            seq += 1;
+        }
+        t.meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+        if let Some(c) = &a.decision.consent {
+            let mut key = token_key(&c.issuer, &c.jti);
+            key.extend_from_slice(tid);
+            t.consented
+                .insert(key, consented_record(a, c).encode_to_vec())?;
+        }
+        let entry = audit_log::entry(pb::audit_entry::Event::TransferAccepted(
+            pb::TransferAccepted {
+                transfer_id: receipt.transfer_id.clone(),
+                envelope: Some(facts(
+                    &a.sender,
+                    &a.envelope,
+                    a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
+                )),
+                authorities: receipt.authorities.clone(),
+            },
+        ));
+        let index = t.log.append(&entry)?;
+        receipt.audit = Some(pb::AuditProof {
+            log_index: index,
+            entry: entry.encode_to_vec(),
+            ..Default::default()
+        });
+        let stored = StoredReceipt {
+            receipt: Some(receipt.clone()),
+            envelope_digest: a.envelope_digest.to_vec(),
+        };
+        t.receipts.insert(
+            receipt_key(&a.sender, &a.envelope.message_id),
+            stored.encode_to_vec(),
+        )?;
+        Ok(receipt)
     }
 
     fn bump(&self, added: &[AgencyId], last: u64) {
@@ -733,38 +886,32 @@ impl SledStorage {
             .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn apply_ack(&self, recipient: &AgencyId, seqs: &[u64]) -> Result<Applied, Failure> {
-        let trees = (
-            &self.queues,
-            &self.refs,
-            &self.transfers,
-            &self.log.entries,
-            &self.log.hashes,
-            &self.meta,
-        );
-        let outcome = trees.transaction(|(queues, refs, transfers, le, lh, meta)| {
-            let log = TxLog {
-                entries: le,
-                hashes: lh,
-                meta,
+    /// Removes acknowledged deliveries (and a transfer once every recipient has it).
+    fn ack_in(
+        t: &Trees<'_>,
+        recipient: &AgencyId,
+        seqs: &[u64],
+        fx: &mut Effects,
+    ) -> TxResult<Applied> {
+        let mut removed = 0u32;
+        for seq in seqs {
+            let Some(raw) = t.queues.remove(queue_key(recipient, *seq))? else {
+                continue;
             };
-            let mut removed = 0u32;
-            for seq in seqs {
-                let Some(raw) = queues.remove(queue_key(recipient, *seq))? else {
-                    continue;
-                };
-                removed += 1;
-                let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
-                    ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
-                        "decoding a queue item",
-                        e,
-                    )))
-                })?;
-                let (transfer_id, recall_notice) = match &item.recall {
-                    Some(n) => (n.transfer_id.clone(), true),
-                    None => (uuid_string(&item.transfer_id), false),
-                };
-                log.append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(
+            removed += 1;
+            *fx.depth.entry(recipient.clone()).or_default() -= 1;
+            let item = StoredItem::decode(raw.as_ref()).map_err(|e| {
+                ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
+                    "decoding a queue item",
+                    e,
+                )))
+            })?;
+            let (transfer_id, recall_notice) = match &item.recall {
+                Some(n) => (n.transfer_id.clone(), true),
+                None => (uuid_string(&item.transfer_id), false),
+            };
+            t.log
+                .append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(
                     pb::Acknowledged {
                         recipient: recipient.to_string(),
                         delivery_id: seq.to_string(),
@@ -772,50 +919,24 @@ impl SledStorage {
                         recall_notice,
                     },
                 )))?;
-                if recall_notice {
-                    continue;
-                }
-                let left = refs
-                    .get(&item.transfer_id)?
-                    .and_then(|v| be_u64(&v))
-                    .unwrap_or(1)
-                    .saturating_sub(1);
-                if left == 0 {
-                    refs.remove(item.transfer_id.as_slice())?;
-                    transfers.remove(item.transfer_id.as_slice())?;
-                } else {
-                    refs.insert(item.transfer_id.as_slice(), &left.to_be_bytes())?;
-                }
+            if recall_notice {
+                continue;
             }
-            Ok(removed)
-        });
-        let removed = tx_outcome(outcome)?;
-        if removed > 0 {
-            let mut depths = self.lock_depths();
-            let d = depths.entry(recipient.clone()).or_default();
-            *d = d.saturating_sub(u64::from(removed));
+            let left = t
+                .refs
+                .get(&item.transfer_id)?
+                .and_then(|v| be_u64(&v))
+                .unwrap_or(1)
+                .saturating_sub(1);
+            if left == 0 {
+                t.refs.remove(item.transfer_id.as_slice())?;
+                t.transfers.remove(item.transfer_id.as_slice())?;
+            } else {
+                t.refs
+                    .insert(item.transfer_id.as_slice(), &left.to_be_bytes())?;
+            }
         }
         Ok(Applied::Acked(removed))
-    }
-
-    fn apply_delivered(
-        &self,
-        recipient: &AgencyId,
-        items: &[(u64, String, bool)],
-    ) -> Result<Applied, Failure> {
-        let entries: Vec<pb::AuditEntry> = items
-            .iter()
-            .map(|(seq, transfer_id, recall_notice)| {
-                audit_log::entry(pb::audit_entry::Event::Delivered(pb::Delivered {
-                    recipient: recipient.to_string(),
-                    delivery_id: seq.to_string(),
-                    transfer_id: transfer_id.clone(),
-                    recall_notice: *recall_notice,
-                }))
-            })
-            .collect();
-        self.append_only(&entries)?;
-        Ok(Applied::Logged)
     }
 
     fn apply_revoke(&self, r: &Revoke) -> Result<Applied, Failure> {
@@ -1130,25 +1251,8 @@ impl ConsentLedger for SledStorage {
 }
 
 impl Storage for SledStorage {
-    fn apply(&self, op: &Op) -> Result<Applied, Failure> {
-        match op {
-            Op::Accept(a) => self.apply_accept(a),
-            Op::Ack { recipient, seqs } => self.apply_ack(recipient, seqs),
-            Op::Revoke(r) => self.apply_revoke(r),
-            Op::Refuse(refused) => {
-                self.append_only(&[audit_log::entry(pb::audit_entry::Event::TransferRefused(
-                    *refused.clone(),
-                ))])?;
-                Ok(Applied::Logged)
-            }
-            Op::Delivered { recipient, items } => self.apply_delivered(recipient, items),
-            Op::ConfigLoaded(c) => {
-                self.append_only(&[audit_log::entry(pb::audit_entry::Event::ConfigLoaded(
-                    c.clone(),
-                ))])?;
-                Ok(Applied::Logged)
-            }
-        }
+    fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        self.apply_batch_sled(ops)
     }
 
     fn seal(

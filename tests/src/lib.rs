@@ -4,6 +4,8 @@
 //! Tests never use `certs-dev/`: every test makes its own CA, broker certificate and client
 //! certificates, including the bad ones (another CA, expired, revoked, unknown Common Name).
 
+pub mod process;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -218,10 +220,30 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         ])
         .arg("--target-dir")
         .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        // Inherited, it would differ from the outer build's and make cargo rebuild everything
-        // whose build script watches it (ring, hence most of the tree).
-        .env_remove("CARGO_MANIFEST_DIR");
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // The variables cargo sets for this test (CARGO_MANIFEST_DIR, CARGO_PKG_NAME,
+        // CARGO_PKG_VERSION_*, ...), inherited, would differ from the outer build's and make
+        // cargo rebuild everything whose build script watches them (ring watches all of these,
+        // hence most of the tree), and the next `cargo test` rebuild it back.
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    &*name,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(&key);
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

@@ -6,4 +6,5 @@ mod audit;
 mod config;
 mod consent;
 mod mtls;
+mod relay;
 mod services;
