@@ -183,10 +183,21 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 impl Spool {
-    /// Opens the spool at `root`, creating its folders.
+    /// Opens the spool at `root`, creating its folders and removing the agent's own temporary
+    /// files left by a crash (never the outbox's: those belong to the agency's systems).
     pub fn open(root: &Path) -> io::Result<Spool> {
         for folder in FOLDERS {
             fs::create_dir_all(root.join(folder))?;
+        }
+        for folder in ["sent", "refused", "failed", "inbox", ".state", ".state/ids"] {
+            for entry in fs::read_dir(root.join(folder))? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") && entry.file_type()?.is_file() {
+                    fs::remove_file(entry.path())?;
+                }
+            }
         }
         Ok(Spool {
             root: root.to_path_buf(),
@@ -283,16 +294,18 @@ impl Spool {
             }
             (None, None) => None,
         };
+        let fingerprint = hex_digest(&bytes);
         let message_id = match &msg.message_id {
             Some(id) => id
                 .parse::<MessageId>()
                 .map_err(|e| parse("message_id", &e))?,
-            None => self
-                .message_id_for(name)
-                .map_err(|source| OutboxError::Read {
-                    path: self.dir(".state/ids").join(name).display().to_string(),
-                    source,
-                })?,
+            None => {
+                self.message_id_for(name, &fingerprint)
+                    .map_err(|source| OutboxError::Read {
+                        path: self.dir(".state/ids").join(name).display().to_string(),
+                        source,
+                    })?
+            }
         };
         let kind: Kind = msg.kind.parse().map_err(|e| parse("kind", &e))?;
         let tlp: Tlp = msg
@@ -315,18 +328,25 @@ impl Spool {
         Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
     }
 
-    /// The message id chosen for outbox file `name`: read from `.state/ids/`, or chosen now and
-    /// stored durably before it is used, so that a retry after a crash reuses it.
-    pub fn message_id_for(&self, name: &str) -> io::Result<MessageId> {
+    /// The message id chosen for outbox file `name` with content `fingerprint` (its SHA-256):
+    /// read from `.state/ids/`, or chosen now and stored durably before it is used, so that a
+    /// retry after a crash reuses it. The fingerprint keeps a stale record (left by a crash after
+    /// the file moved out, before its record was removed) from lending its id to a new file of
+    /// the same name.
+    pub fn message_id_for(&self, name: &str, fingerprint: &str) -> io::Result<MessageId> {
         let dir = self.dir(".state/ids");
         let path = dir.join(name);
-        if let Ok(text) = fs::read_to_string(&path)
-            && let Ok(id) = text.trim().parse()
-        {
-            return Ok(id);
+        if let Ok(text) = fs::read_to_string(&path) {
+            let mut parts = text.split_whitespace();
+            if let (Some(id), Some(print)) = (parts.next(), parts.next())
+                && print == fingerprint
+                && let Ok(id) = id.parse()
+            {
+                return Ok(id);
+            }
         }
         let id = MessageId::new_random();
-        atomic_write(&dir, name, id.to_string().as_bytes())?;
+        atomic_write(&dir, name, format!("{id} {fingerprint}\n").as_bytes())?;
         Ok(id)
     }
 
@@ -572,6 +592,24 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_id_record_is_not_reused_for_new_content() {
+        let (_d, s) = spool();
+        let first = s.message_id_for("m.json", "aaaa").unwrap();
+        assert_eq!(s.message_id_for("m.json", "aaaa").unwrap(), first);
+        assert_ne!(s.message_id_for("m.json", "bbbb").unwrap(), first);
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_removed_at_start() {
+        let (d, s) = spool();
+        fs::write(s.dir("inbox").join(".x.json.tmp"), "partial").unwrap();
+        fs::write(s.dir("outbox").join(".agency.json.tmp"), "in progress").unwrap();
+        let s = Spool::open(d.path()).unwrap();
+        assert!(!s.dir("inbox").join(".x.json.tmp").exists());
+        assert!(s.dir("outbox").join(".agency.json.tmp").exists());
+    }
+
+    #[test]
     fn malformed_files_explain_themselves() {
         let (_d, s) = spool();
         let cases = [
@@ -609,7 +647,7 @@ mod tests {
     fn completion_moves_the_file_with_its_sidecar() {
         let (_d, s) = spool();
         fs::write(s.dir("outbox").join("m.json"), "x").unwrap();
-        let id = s.message_id_for("m.json").unwrap();
+        let id = s.message_id_for("m.json", "x").unwrap();
         let path = s
             .complete_refused("m.json", id, "NO_AGREEMENT", "no")
             .unwrap();
