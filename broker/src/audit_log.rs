@@ -86,22 +86,28 @@ fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Reads the stored hashes at `indexes` with `get`, which looks one up by its big-endian index.
+fn read_with<E: std::error::Error + Send + Sync + 'static>(
+    indexes: &[u64],
+    get: impl Fn([u8; 8]) -> Result<Option<sled::IVec>, E>,
+) -> Result<Vec<Hash>, MerkleError> {
+    indexes
+        .iter()
+        .map(|i| {
+            let v = get(i.to_be_bytes())
+                .map_err(|e| MerkleError::Storage(Box::new(e)))?
+                .ok_or(MerkleError::MissingHash { index: *i })?;
+            Hash::from_slice(&v).map_err(|_| MerkleError::MalformedHash)
+        })
+        .collect()
+}
+
 /// Reads stored hashes from the committed tree.
 pub struct TreeHashes<'a>(pub &'a sled::Tree);
 
 impl HashReader for TreeHashes<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
-        indexes
-            .iter()
-            .map(|i| {
-                let v = self
-                    .0
-                    .get(i.to_be_bytes())
-                    .map_err(|e| MerkleError::Storage(Box::new(e)))?
-                    .ok_or(MerkleError::MissingHash { index: *i })?;
-                Hash::from_slice(&v).map_err(|_| MerkleError::MalformedHash)
-            })
-            .collect()
+        read_with(indexes, |k| self.0.get(k))
     }
 }
 
@@ -110,17 +116,7 @@ struct TxHashes<'a>(&'a TransactionalTree);
 
 impl HashReader for TxHashes<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
-        indexes
-            .iter()
-            .map(|i| {
-                let v = self
-                    .0
-                    .get(i.to_be_bytes())
-                    .map_err(|e| MerkleError::Storage(Box::new(e)))?
-                    .ok_or(MerkleError::MissingHash { index: *i })?;
-                Hash::from_slice(&v).map_err(|_| MerkleError::MalformedHash)
-            })
-            .collect()
+        read_with(indexes, |k| self.0.get(k))
     }
 }
 

@@ -1141,21 +1141,29 @@ fn build_receipt(a: &Accept) -> pb::Receipt {
                 clause: x.clause.clone(),
             })
             .collect(),
-        consent_jti: a
-            .decision
-            .consent
-            .as_ref()
-            .map(|c| c.jti.to_string())
-            .unwrap_or_default(),
-        consent_issuer: a
-            .decision
-            .consent
-            .as_ref()
-            .map(|c| c.issuer.to_string())
-            .unwrap_or_default(),
+        consent_jti: consent_jti(a),
+        consent_issuer: consent_issuer(a),
         duplicate: false,
         audit: None,
     }
+}
+
+/// The consent token's id behind an accepted transfer, or "" when none was needed.
+fn consent_jti(a: &Accept) -> String {
+    a.decision
+        .consent
+        .as_ref()
+        .map(|c| c.jti.to_string())
+        .unwrap_or_default()
+}
+
+/// The consent token's issuer key id, or "" when none was needed.
+fn consent_issuer(a: &Accept) -> String {
+    a.decision
+        .consent
+        .as_ref()
+        .map(|c| c.issuer.to_string())
+        .unwrap_or_default()
 }
 
 fn build_transfer(a: &Accept) -> pb::Transfer {
@@ -1175,18 +1183,8 @@ fn build_transfer(a: &Accept) -> pb::Transfer {
         content_type: e.content_type.clone(),
         tlp: pb::Tlp::from(e.tlp) as i32,
         payload: e.payload.clone(),
-        consent_jti: a
-            .decision
-            .consent
-            .as_ref()
-            .map(|c| c.jti.to_string())
-            .unwrap_or_default(),
-        consent_issuer: a
-            .decision
-            .consent
-            .as_ref()
-            .map(|c| c.issuer.to_string())
-            .unwrap_or_default(),
+        consent_jti: consent_jti(a),
+        consent_issuer: consent_issuer(a),
         // Per recipient: filled in when delivered.
         agreement_id: String::new(),
         clause: String::new(),
