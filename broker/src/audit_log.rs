@@ -66,8 +66,14 @@ pub fn load_or_create_key(dir: &Path, origin: &str) -> Result<LogSigner, Interna
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let signer = LogSigner::generate(origin)
                 .map_err(|e| Internal::new("generating the log key", e))?;
-            write_secret(&path, signer.to_secret_string().as_bytes())
-                .map_err(|e| Internal::new("writing the log key", e))?;
+            match write_secret(&path, signer.to_secret_string().as_bytes()) {
+                Ok(()) => {}
+                // Another process created it meanwhile: use that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return load_or_create_key(dir, origin);
+                }
+                Err(e) => return Err(Internal::new("writing the log key", e)),
+            }
             tracing::info!(key = %signer.verifier_key(), "generated a new audit log key");
             Ok(signer)
         }

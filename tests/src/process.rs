@@ -135,9 +135,10 @@ fn toml_path(path: &Path) -> String {
 }
 
 /// Writes a broker configuration to `path`: listening on `127.0.0.1:0`, data in `data_dir`, the
-/// TLS files of `pki`, the agencies `ico`, `ncsc` and `nca`, the given `limits`, and two
-/// agreements in force permitting `ncsc -> ico` and `nca -> ico` threat assessments and
-/// `ico -> ncsc` incident records (nothing else: `nca -> ncsc` is refused with `NO_AGREEMENT`).
+/// TLS files of `pki`, the agencies `ico`, `ncsc` and `nca`, the auditor `auditor` (who may
+/// export the audit log), the given `limits`, and two agreements in force permitting
+/// `ncsc -> ico` and `nca -> ico` threat assessments and `ico -> ncsc` incident records (nothing
+/// else: `nca -> ncsc` is refused with `NO_AGREEMENT`).
 pub fn write_broker_config(
     path: &Path,
     pki: &PkiFiles,
@@ -148,6 +149,7 @@ pub fn write_broker_config(
         r#"# Written by concordat_tests::process for one test.
 listen = "127.0.0.1:0"
 data_dir = {data_dir}
+auditors = ["auditor"]
 
 [tls]
 cert = {cert}

@@ -124,6 +124,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr().context("reading the bound address")?;
+            // The log key exists before the readiness line: tools may read it at once.
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            concordat_broker::audit_log::load_or_create_key(&config.data_dir, &config.log_origin)?;
             // One line on stdout that scripts and tests wait for: the broker is ready.
             println!("concordat-broker listening on {addr}");
             concordat_broker::serve(config, listener, shutdown_signal()).await?;
