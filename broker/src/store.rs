@@ -816,7 +816,10 @@ impl SledStorage {
     /// Stores an accepted transfer: the transfer, its queue entries, the consent use, the audit
     /// entry and the receipt.
     fn accept_writes(t: &Trees<'_>, a: &Accept, fx: &mut Effects) -> TxResult<pb::Receipt> {
-        if let Some(c) = &a.decision.consent {
+        // Uses are counted only for tokens that limit them: nothing else reads the count.
+        if let Some(c) = &a.decision.consent
+            && c.max_uses.is_some()
+        {
             let key = token_key(&c.issuer, &c.jti);
             let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
             t.uses.insert(key, &(used + 1).to_be_bytes())?;
@@ -825,10 +828,14 @@ impl SledStorage {
         let tid = a.transfer_id.as_bytes();
         t.transfers
             .insert(&tid[..], build_transfer(a).encode_to_vec())?;
-        t.refs.insert(
-            &tid[..],
-            &(a.envelope.recipients.len() as u64).to_be_bytes(),
-        )?;
+        // How many recipients still hold the transfer; absent means one (the common case, so
+        // it costs no write).
+        if a.envelope.recipients.len() > 1 {
+            t.refs.insert(
+                &tid[..],
+                &(a.envelope.recipients.len() as u64).to_be_bytes(),
+            )?;
+        }
         let mut seq = Self::next_seq(t.meta)?;
         for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
             let item = StoredItem {
@@ -922,14 +929,12 @@ impl SledStorage {
             if recall_notice {
                 continue;
             }
-            let left = t
-                .refs
-                .get(&item.transfer_id)?
-                .and_then(|v| be_u64(&v))
-                .unwrap_or(1)
-                .saturating_sub(1);
+            let counted = t.refs.get(&item.transfer_id)?.and_then(|v| be_u64(&v));
+            let left = counted.unwrap_or(1).saturating_sub(1);
             if left == 0 {
-                t.refs.remove(item.transfer_id.as_slice())?;
+                if counted.is_some() {
+                    t.refs.remove(item.transfer_id.as_slice())?;
+                }
                 t.transfers.remove(item.transfer_id.as_slice())?;
             } else {
                 t.refs
