@@ -399,6 +399,10 @@ struct StoredItem {
     agreement_id: String,
     #[prost(string, tag = "4")]
     clause: String,
+    /// The transfer itself when it has a single recipient: then it lives in its queue item
+    /// alone, and there is no shared record in `transfers` to write and delete.
+    #[prost(message, optional, tag = "5")]
+    transfer: Option<pb::Transfer>,
 }
 
 /// A transfer made under a consent token, indexed for recall.
@@ -826,16 +830,19 @@ impl SledStorage {
         }
         let mut receipt = build_receipt(a);
         let tid = a.transfer_id.as_bytes();
-        t.transfers
-            .insert(&tid[..], build_transfer(a).encode_to_vec())?;
-        // How many recipients still hold the transfer; absent means one (the common case, so
-        // it costs no write).
-        if a.envelope.recipients.len() > 1 {
+        // A transfer for one recipient travels inside its queue item; one for several is stored
+        // once, with a count of the recipients still holding it.
+        let inline = if a.envelope.recipients.len() == 1 {
+            Some(build_transfer(a))
+        } else {
+            t.transfers
+                .insert(&tid[..], build_transfer(a).encode_to_vec())?;
             t.refs.insert(
                 &tid[..],
                 &(a.envelope.recipients.len() as u64).to_be_bytes(),
             )?;
-        }
+            None
+        };
         let mut seq = Self::next_seq(t.meta)?;
         for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
             let item = StoredItem {
@@ -843,6 +850,7 @@ impl SledStorage {
                 recall: None,
                 agreement_id: authority.agreement_id.clone(),
                 clause: authority.clause.clone(),
+                transfer: inline.clone(),
             };
             t.queues.insert(queue_key(r, seq), item.encode_to_vec())?;
             *fx.depth.entry(r.clone()).or_default() += 1;
@@ -926,7 +934,7 @@ impl SledStorage {
                         recall_notice,
                     },
                 )))?;
-            if recall_notice {
+            if recall_notice || item.transfer.is_some() {
                 continue;
             }
             let counted = t.refs.get(&item.transfer_id)?.and_then(|v| be_u64(&v));
@@ -1033,6 +1041,7 @@ impl SledStorage {
                             recall: Some(notice),
                             agreement_id: String::new(),
                             clause: String::new(),
+                            transfer: None,
                         };
                         queues.insert(queue_key(&to, seq), item.encode_to_vec())?;
                         added.push(to);
@@ -1350,16 +1359,21 @@ impl Storage for SledStorage {
             let body = match stored.recall {
                 Some(notice) => pb::delivery::Body::RecallNotice(notice),
                 None => {
-                    let Some(raw) = self
-                        .transfers
-                        .get(&stored.transfer_id)
-                        .map_err(sled_err("reading a transfer"))?
-                    else {
-                        tracing::error!(seq, "queued transfer is missing; skipping it");
-                        continue;
+                    let mut transfer = match stored.transfer {
+                        Some(inline) => inline,
+                        None => {
+                            let Some(raw) = self
+                                .transfers
+                                .get(&stored.transfer_id)
+                                .map_err(sled_err("reading a transfer"))?
+                            else {
+                                tracing::error!(seq, "queued transfer is missing; skipping it");
+                                continue;
+                            };
+                            pb::Transfer::decode(raw.as_ref())
+                                .map_err(|e| Internal::new("decoding a transfer", e))?
+                        }
                     };
-                    let mut transfer = pb::Transfer::decode(raw.as_ref())
-                        .map_err(|e| Internal::new("decoding a transfer", e))?;
                     transfer.agreement_id = stored.agreement_id;
                     transfer.clause = stored.clause;
                     pb::delivery::Body::Transfer(transfer)
