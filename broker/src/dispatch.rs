@@ -28,8 +28,13 @@ pub struct Dispatcher {
     next_id: AtomicU64,
 }
 
+/// The most subscriptions one agency may hold at once.
+pub const MAX_SUBSCRIPTIONS: usize = 16;
+
 #[derive(Default)]
 struct Recipient {
+    /// Open subscriptions.
+    subscriptions: usize,
     /// Queue sequence number → the subscription it is in flight on.
     in_flight: HashMap<u64, u64>,
     /// Wakes this recipient's subscriptions when items become available again.
@@ -47,16 +52,17 @@ impl Dispatcher {
         self.recipients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new subscription of `recipient`; returns its id and the notifier to wait on.
-    pub fn register(&self, recipient: &AgencyId) -> (SubscriptionId, Arc<Notify>) {
+    /// Registers a new subscription of `recipient`; returns its id and the notifier to wait on,
+    /// or `None` when the agency already holds [`MAX_SUBSCRIPTIONS`].
+    pub fn register(&self, recipient: &AgencyId) -> Option<(SubscriptionId, Arc<Notify>)> {
+        let mut all = self.lock();
+        let state = all.entry(recipient.clone()).or_default();
+        if state.subscriptions >= MAX_SUBSCRIPTIONS {
+            return None;
+        }
+        state.subscriptions += 1;
         let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let notify = self
-            .lock()
-            .entry(recipient.clone())
-            .or_default()
-            .notify
-            .clone();
-        (id, notify)
+        Some((id, state.notify.clone()))
     }
 
     /// How many items subscription `sub` has in flight.
@@ -111,6 +117,7 @@ impl Dispatcher {
     pub fn release(&self, recipient: &AgencyId, sub: SubscriptionId) {
         let mut all = self.lock();
         if let Some(state) = all.get_mut(recipient) {
+            state.subscriptions = state.subscriptions.saturating_sub(1);
             state.in_flight.retain(|_, s| *s != sub.0);
             state.notify.notify_waiters();
         }

@@ -75,6 +75,8 @@ pub enum Reason {
     RecipientQueueFull,
     /// The same message id was already used for a different envelope.
     MessageIdReused,
+    /// The agency already holds as many subscriptions as the broker allows.
+    TooManySubscriptions,
 }
 
 impl Reason {
@@ -110,6 +112,7 @@ impl Reason {
             Reason::RevocationInvalid => "REVOCATION_INVALID",
             Reason::RecipientQueueFull => "RECIPIENT_QUEUE_FULL",
             Reason::MessageIdReused => "MESSAGE_ID_REUSED",
+            Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
         }
     }
 
@@ -123,7 +126,7 @@ impl Reason {
             | Reason::ConsentMalformed
             | Reason::MessageIdReused => Code::InvalidArgument,
             Reason::Unauthenticated | Reason::UnknownAgency => Code::Unauthenticated,
-            Reason::RecipientQueueFull => Code::ResourceExhausted,
+            Reason::RecipientQueueFull | Reason::TooManySubscriptions => Code::ResourceExhausted,
             _ => Code::PermissionDenied,
         }
     }

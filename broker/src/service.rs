@@ -314,9 +314,28 @@ impl pb::exchange_server::Exchange for ExchangeService {
             0 => max,
             w => w.min(max),
         } as usize;
+        let Some(registered) = self.state.dispatcher.register(&recipient) else {
+            return Err(refused(
+                &caller,
+                "subscribe",
+                Refusal::new(
+                    Reason::TooManySubscriptions,
+                    format!(
+                        "{recipient} already holds {} subscriptions; close one first",
+                        crate::dispatch::MAX_SUBSCRIPTIONS
+                    ),
+                ),
+            ));
+        };
         let (tx, rx) = mpsc::channel(window);
         tracing::info!(agency = %recipient, window, "subscribed");
-        tokio::spawn(deliver(self.state.clone(), recipient, window, tx));
+        tokio::spawn(deliver(
+            self.state.clone(),
+            recipient,
+            window,
+            tx,
+            registered,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -374,8 +393,12 @@ async fn deliver(
     recipient: AgencyId,
     window: usize,
     tx: mpsc::Sender<Result<pb::Delivery, Status>>,
+    registered: (
+        crate::dispatch::SubscriptionId,
+        std::sync::Arc<tokio::sync::Notify>,
+    ),
 ) {
-    let (sub, notify) = state.dispatcher.register(&recipient);
+    let (sub, notify) = registered;
     let mut durable = state.store.durable();
     let mut shutdown = state.shutdown.clone();
     loop {

@@ -72,3 +72,47 @@ async fn reflection_lists_the_services() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_agency_holds_a_bounded_number_of_subscriptions() {
+    use concordat_broker::{dispatch::MAX_SUBSCRIPTIONS, refusal::reason_of};
+    use concordat_proto::pb::SubscribeRequest;
+
+    let mut pki = TestPki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = spawn_broker(federation_config(&pki, dir.path(), None).unwrap())
+        .await
+        .unwrap();
+    let client = pki.connect(broker.addr, "ico").await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..MAX_SUBSCRIPTIONS {
+        let stream = client
+            .exchange()
+            .subscribe(SubscribeRequest { window: 1 })
+            .await
+            .unwrap()
+            .into_inner();
+        open.push(stream);
+    }
+    let status = client
+        .exchange()
+        .subscribe(SubscribeRequest { window: 1 })
+        .await
+        .expect_err("one subscription too many");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason_of(&status).as_deref(), Some("TOO_MANY_SUBSCRIPTIONS"));
+
+    // Closing one frees its place (the broker notices the closed stream asynchronously).
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match client.exchange().subscribe(SubscribeRequest { window: 1 }).await {
+            Ok(_) => break,
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(reason_of(&status).as_deref(), Some("TOO_MANY_SUBSCRIPTIONS"));
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("the closed subscription was never released: {status:?}"),
+        }
+    }
+}
