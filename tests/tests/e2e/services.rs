@@ -100,16 +100,26 @@ async fn an_agency_holds_a_bounded_number_of_subscriptions() {
         .await
         .expect_err("one subscription too many");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-    assert_eq!(reason_of(&status).as_deref(), Some("TOO_MANY_SUBSCRIPTIONS"));
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("TOO_MANY_SUBSCRIPTIONS")
+    );
 
     // Closing one frees its place (the broker notices the closed stream asynchronously).
     drop(open.pop());
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match client.exchange().subscribe(SubscribeRequest { window: 1 }).await {
+        match client
+            .exchange()
+            .subscribe(SubscribeRequest { window: 1 })
+            .await
+        {
             Ok(_) => break,
             Err(status) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(reason_of(&status).as_deref(), Some("TOO_MANY_SUBSCRIPTIONS"));
+                assert_eq!(
+                    reason_of(&status).as_deref(),
+                    Some("TOO_MANY_SUBSCRIPTIONS")
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             Err(status) => panic!("the closed subscription was never released: {status:?}"),
