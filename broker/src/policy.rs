@@ -19,7 +19,6 @@ use concordat_proto::{
     ids::{AgencyId, OrgId},
     paserk::{KeyId, PublicKey},
 };
-use sha2::{Digest, Sha256};
 use time::{Date, Duration, OffsetDateTime};
 
 use crate::{
@@ -175,6 +174,8 @@ pub struct Context<'a> {
     pub ledger: &'a dyn ConsentLedger,
     /// The time of the decision.
     pub now: OffsetDateTime,
+    /// SHA-256 of the envelope's payload, computed once by the caller.
+    pub payload_digest: [u8; 32],
 }
 
 /// Decides whether `sender` may send `envelope`. The sender is the authenticated caller.
@@ -206,7 +207,7 @@ pub fn decide(
         authorities.push(authority(cx, sender, recipient, envelope.kind)?);
     }
 
-    let payload_digest: [u8; 32] = Sha256::digest(&envelope.payload).into();
+    let payload_digest = cx.payload_digest;
 
     // 3. Anonymised or aggregate information needs no consent.
     let Some(organisation) = &envelope.organisation else {

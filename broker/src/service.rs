@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use concordat_proto::{audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb};
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -70,8 +71,10 @@ impl State {
     /// Decides on one envelope from `sender` and, if accepted, stores it durably. Every
     /// refusal is in the audit log before it is returned.
     async fn submit(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<pb::Receipt, Failure> {
-        let raw = store::raw_facts(sender, &wire);
-        match self.prepare(sender, wire) {
+        // The payload is hashed once, here, for every use below.
+        let payload_sha256: [u8; 32] = Sha256::digest(&wire.payload).into();
+        let raw = store::raw_facts(sender, &wire, &payload_sha256);
+        match self.prepare(sender, wire, payload_sha256) {
             Ok(Prepared::Duplicate(mut receipt)) => {
                 self.store.prove_receipt(&mut receipt).await?;
                 Ok(*receipt)
@@ -102,10 +105,15 @@ impl State {
     }
 
     /// Validates and decides, without writing.
-    fn prepare(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<Prepared, Failure> {
+    fn prepare(
+        &self,
+        sender: &AgencyId,
+        wire: pb::Envelope,
+        payload_sha256: [u8; 32],
+    ) -> Result<Prepared, Failure> {
         let envelope = Envelope::try_from(wire)
             .map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
-        let digest = store::envelope_digest(&envelope);
+        let digest = store::envelope_digest(&envelope, &payload_sha256);
         let storage = self.store.storage();
         // A retry of an accepted message gets the first receipt back; the writer checks again.
         if let Some((mut receipt, first)) = storage.receipt(sender, &envelope.message_id)? {
@@ -126,6 +134,7 @@ impl State {
             limits: &self.limits,
             ledger: storage,
             now,
+            payload_digest: payload_sha256,
         };
         let decision = match policy::decide(&cx, sender, &envelope) {
             Ok(decision) => decision,

@@ -374,8 +374,9 @@ fn write_loop(
     }
 }
 
-/// A digest identifying an envelope's content, independent of the consent token's bytes.
-pub fn envelope_digest(e: &Envelope) -> [u8; 32] {
+/// A digest identifying an envelope's content, independent of the consent token's bytes, given
+/// the SHA-256 of its payload.
+pub fn envelope_digest(e: &Envelope, payload_sha256: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
     let mut field = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_be_bytes());
@@ -396,7 +397,7 @@ pub fn envelope_digest(e: &Envelope) -> [u8; 32] {
     field(e.incident_ref.as_deref().unwrap_or_default().as_bytes());
     field(e.content_type.as_bytes());
     field(e.tlp.as_str().as_bytes());
-    field(&Sha256::digest(&e.payload));
+    field(payload_sha256);
     h.finalize().into()
 }
 
@@ -782,7 +783,12 @@ impl SledStorage {
                 t.log
                     .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
                         pb::TransferRefused {
-                            envelope: Some(facts(&a.sender, &a.envelope, consent)),
+                            envelope: Some(facts(
+                                &a.sender,
+                                &a.envelope,
+                                consent,
+                                &a.decision.payload_digest,
+                            )),
                             reason: refusal.reason.as_str().into(),
                             message: refusal.message.clone(),
                         },
@@ -904,6 +910,7 @@ impl SledStorage {
                     &a.sender,
                     &a.envelope,
                     a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
+                    &a.decision.payload_digest,
                 )),
                 authorities: receipt.authorities.clone(),
             },
@@ -1107,6 +1114,7 @@ pub fn facts(
     sender: &AgencyId,
     e: &Envelope,
     consent: Option<(TokenId, KeyId)>,
+    payload_sha256: &[u8; 32],
 ) -> pb::EnvelopeFacts {
     pb::EnvelopeFacts {
         message_id: e.message_id.to_string(),
@@ -1120,7 +1128,7 @@ pub fn facts(
             .unwrap_or_default(),
         incident_ref: e.incident_ref.clone().unwrap_or_default(),
         tlp: pb::Tlp::from(e.tlp) as i32,
-        payload_sha256: Sha256::digest(&e.payload).to_vec(),
+        payload_sha256: payload_sha256.to_vec(),
         payload_size: e.payload.len() as u64,
         consent_jti: consent.map(|c| c.0.to_string()).unwrap_or_default(),
         consent_issuer: consent.map(|c| c.1.to_string()).unwrap_or_default(),
@@ -1129,7 +1137,11 @@ pub fn facts(
 
 /// What the audit log records about an envelope that did not validate: its fields as far as
 /// they go, each cut to a bounded length, the payload only by digest.
-pub fn raw_facts(sender: &AgencyId, e: &pb::Envelope) -> pb::EnvelopeFacts {
+pub fn raw_facts(
+    sender: &AgencyId,
+    e: &pb::Envelope,
+    payload_sha256: &[u8; 32],
+) -> pb::EnvelopeFacts {
     let cut = |s: &str| s.chars().take(128).collect::<String>();
     pb::EnvelopeFacts {
         message_id: cut(&e.message_id),
@@ -1139,7 +1151,7 @@ pub fn raw_facts(sender: &AgencyId, e: &pb::Envelope) -> pb::EnvelopeFacts {
         organisation: cut(&e.organisation),
         incident_ref: cut(&e.incident_ref),
         tlp: e.tlp,
-        payload_sha256: Sha256::digest(&e.payload).to_vec(),
+        payload_sha256: payload_sha256.to_vec(),
         payload_size: e.payload.len() as u64,
         consent_jti: String::new(),
         consent_issuer: concordat_proto::consent::key_id_of(&e.consent_token)
