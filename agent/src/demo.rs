@@ -149,6 +149,25 @@ impl Running {
         }
     }
 
+    /// Drops `json` as `name` in `from`'s outbox, prints its acceptance, and waits until `to`
+    /// has it in its inbox; returns the message id. `step` names the step in errors.
+    async fn relay(
+        &mut self,
+        out: &mut dyn Write,
+        (from, to): (&'static str, &'static str),
+        name: &str,
+        json: &serde_json::Value,
+        step: &str,
+    ) -> anyhow::Result<String> {
+        self.drop_file(from, name, json)?;
+        let id = self
+            .decided(out, from, name)
+            .await?
+            .with_context(|| format!("{step} was refused"))?;
+        self.delivered(out, to, &format!("{id}.json")).await?;
+        Ok(id)
+    }
+
     /// Waits until `agency` has an inbox file whose name starts with `prefix`; prints it.
     async fn delivered(
         &mut self,
@@ -301,29 +320,29 @@ async fn script(
     desks: &HashMap<&str, SecretKey>,
 ) -> anyhow::Result<()> {
     writeln!(out, "\n1. NCA sends a threat assessment to the ICO")?;
-    demo.drop_file(
-        "nca",
-        "01-threat-assessment.json",
-        &serde_json::json!({
+    demo
+        .relay(
+            out,
+            ("nca", "ico"),
+            "01-threat-assessment.json",
+            &serde_json::json!({
             "recipients": ["ico"],
             "kind": "threat_assessment",
             "tlp": "amber",
             "content_type": "application/json",
             "payload": {"title": "Ransomware affiliates targeting UK education", "confidence": "high"},
         }),
-    )?;
-    let id = demo
-        .decided(out, "nca", "01-threat-assessment.json")
-        .await?
-        .context("step 1 was refused")?;
-    demo.delivered(out, "ico", &format!("{id}.json")).await?;
+            "step 1",
+        )
+        .await?;
 
     writeln!(
         out,
         "\n2. ICO sends an anonymised incident summary to the NCSC"
     )?;
-    demo.drop_file(
-        "ico",
+    demo.relay(
+        out,
+        ("ico", "ncsc"),
         "02-incident-summary.json",
         &serde_json::json!({
             "recipients": ["ncsc"],
@@ -331,12 +350,9 @@ async fn script(
             "tlp": "green",
             "payload": {"period": "2026-Q3", "sector": "education", "reported_breaches": 41},
         }),
-    )?;
-    let id = demo
-        .decided(out, "ico", "02-incident-summary.json")
-        .await?
-        .context("step 2 was refused")?;
-    demo.delivered(out, "ncsc", &format!("{id}.json")).await?;
+        "step 2",
+    )
+    .await?;
 
     writeln!(
         out,
@@ -390,24 +406,23 @@ async fn script(
         claims.jti(),
         claims.iss()
     )?;
-    demo.drop_file(
-        "ncsc",
-        "04-incident-acme-consented.json",
-        &serde_json::json!({
-            "recipients": ["ico"],
-            "kind": "incident_record",
-            "organisation": "acme-ltd",
-            "incident_ref": "INC-2026-0042",
-            "tlp": "amber+strict",
-            "payload": record,
-            "consent_token": token,
-        }),
-    )?;
     let id = demo
-        .decided(out, "ncsc", "04-incident-acme-consented.json")
-        .await?
-        .context("step 4 was refused")?;
-    demo.delivered(out, "ico", &format!("{id}.json")).await?;
+        .relay(
+            out,
+            ("ncsc", "ico"),
+            "04-incident-acme-consented.json",
+            &serde_json::json!({
+                "recipients": ["ico"],
+                "kind": "incident_record",
+                "organisation": "acme-ltd",
+                "incident_ref": "INC-2026-0042",
+                "tlp": "amber+strict",
+                "payload": record,
+                "consent_token": token,
+            }),
+            "step 4",
+        )
+        .await?;
 
     writeln!(
         out,

@@ -932,15 +932,6 @@ impl SledStorage {
         Ok(receipt)
     }
 
-    fn bump(&self, added: &[AgencyId], last: u64) {
-        let mut depths = self.lock_depths();
-        for r in added {
-            *depths.entry(r.clone()).or_default() += 1;
-        }
-        self.last_seq
-            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// Removes acknowledged deliveries (and a transfer once every recipient has it).
     fn ack_in(
         t: &Trees<'_>,
@@ -1094,7 +1085,14 @@ impl SledStorage {
             });
         let (recall_notices, duplicate, last, added) = tx_outcome(outcome)?;
         if recall_notices > 0 {
-            self.bump(&added, last);
+            let mut fx = Effects {
+                last_seq: last,
+                ..Effects::default()
+            };
+            for r in added {
+                *fx.depth.entry(r).or_default() += 1;
+            }
+            self.settle(&fx);
         }
         Ok(Applied::Revoked {
             recall_notices,
