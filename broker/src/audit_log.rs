@@ -1,5 +1,6 @@
 //! The tamper-evident audit log: entries as leaves of an RFC 6962 Merkle tree, stored in sled
-//! in the tlog stored-hash layout, and signed checkpoints over it.
+//! in the tlog stored-hash layout (bundled: one record of entries and one of hashes per group
+//! commit), and signed checkpoints over it.
 //!
 //! Entries are appended inside the same sled transaction as the change they describe (see
 //! [`crate::store`]), so an acknowledged transfer always has its entry and no entry describes a
@@ -8,8 +9,11 @@
 //! that it is consistent with the previous one: the broker never signs a fork.
 
 use std::{
+    cell::RefCell,
+    collections::BTreeMap,
     fs,
     path::Path,
+    sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -92,52 +96,215 @@ fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Reads the stored hashes at `indexes` with `get`, which looks one up by its big-endian index.
-fn read_with<E: std::error::Error + Send + Sync + 'static>(
-    indexes: &[u64],
-    get: impl Fn([u8; 8]) -> Result<Option<sled::IVec>, E>,
-) -> Result<Vec<Hash>, MerkleError> {
-    indexes
-        .iter()
-        .map(|i| {
-            let v = get(i.to_be_bytes())
-                .map_err(|e| MerkleError::Storage(Box::new(e)))?
-                .ok_or(MerkleError::MissingHash { index: *i })?;
-            Hash::from_slice(&v).map_err(|_| MerkleError::MalformedHash)
-        })
-        .collect()
+/// How many hash bundles [`Log`] keeps decoded in memory for proofs.
+const HASH_CACHE_BUNDLES: usize = 512;
+
+/// A batch's entries as one sled value: a big-endian `u32` count, then each entry's end offset
+/// (big-endian `u32`, relative to the data), then the entries' bytes back to back.
+fn encode_entry_bundle(entries: &[Vec<u8>]) -> Result<Vec<u8>, Internal> {
+    let too_big = || Internal::new("bundling audit entries", "bundle larger than 4 GiB");
+    let data: usize = entries.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(4 + 4 * entries.len() + data);
+    out.extend_from_slice(
+        &u32::try_from(entries.len())
+            .map_err(|_| too_big())?
+            .to_be_bytes(),
+    );
+    let mut end = 0usize;
+    for e in entries {
+        end += e.len();
+        out.extend_from_slice(&u32::try_from(end).map_err(|_| too_big())?.to_be_bytes());
+    }
+    for e in entries {
+        out.extend_from_slice(e);
+    }
+    Ok(out)
 }
 
-/// Reads stored hashes from the committed tree.
-pub struct TreeHashes<'a>(pub &'a sled::Tree);
-
-impl HashReader for TreeHashes<'_> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
-        read_with(indexes, |k| self.0.get(k))
-    }
+fn be_u32_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    usize::try_from(u32::from_be_bytes(b)).ok()
 }
 
-/// Reads stored hashes inside a transaction, seeing its own writes.
-struct TxHashes<'a>(&'a TransactionalTree);
+/// The number of entries in a bundle, or `None` if it is malformed.
+fn bundle_len(bundle: &[u8]) -> Option<usize> {
+    let count = be_u32_at(bundle, 0)?;
+    // The offsets table must fit.
+    (bundle.len() >= 4 + 4 * count).then_some(count)
+}
 
-impl HashReader for TxHashes<'_> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
-        read_with(indexes, |k| self.0.get(k))
+/// Entry `k` of a bundle, or `None` if there is no such entry or the bundle is malformed.
+fn bundle_entry(bundle: &[u8], k: usize) -> Option<&[u8]> {
+    let count = bundle_len(bundle)?;
+    if k >= count {
+        return None;
     }
+    let data = bundle.get(4 + 4 * count..)?;
+    let start = if k == 0 { 0 } else { be_u32_at(bundle, 4 * k)? };
+    let end = be_u32_at(bundle, 4 + 4 * k)?;
+    data.get(start..end)
 }
 
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// The trees of the log, as seen inside a transaction.
+fn storage_err(e: impl std::error::Error + Send + Sync + 'static) -> MerkleError {
+    MerkleError::Storage(Box::new(e))
+}
+
+/// The hashes of the log: stored in bundles (one per group commit, keyed by the stored-hash
+/// index of its first hash), with the most recently used bundles kept in memory.
+struct Hashes {
+    tree: sled::Tree,
+    cache: Mutex<BTreeMap<u64, sled::IVec>>,
+}
+
+impl Hashes {
+    /// The hash at stored index `i`.
+    fn get(&self, i: u64) -> Result<Hash, MerkleError> {
+        let covering = |start: u64, bundle: &[u8]| -> Option<Hash> {
+            let k = usize::try_from(i.checked_sub(start)?).ok()?;
+            let at = k.checked_mul(32)?;
+            Hash::from_slice(bundle.get(at..at.checked_add(32)?)?).ok()
+        };
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((start, bundle)) = cache.range(..=i).next_back()
+            && let Some(h) = covering(*start, bundle)
+        {
+            return Ok(h);
+        }
+        drop(cache);
+        let found = self
+            .tree
+            .range(..=i.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(storage_err)?;
+        let Some((key, bundle)) = found else {
+            return Err(MerkleError::MissingHash { index: i });
+        };
+        let start = be_u64(&key).ok_or(MerkleError::MalformedHash)?;
+        if bundle.len() % 32 != 0 {
+            return Err(MerkleError::MalformedHash);
+        }
+        let h = covering(start, &bundle).ok_or(MerkleError::MissingHash { index: i })?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= HASH_CACHE_BUNDLES {
+            // Bundles are immutable once written; starting afresh keeps the cache bounded and
+            // the hot ones (the roots every proof needs) are read again at once.
+            cache.clear();
+        }
+        cache.insert(start, bundle);
+        Ok(h)
+    }
+}
+
+impl HashReader for Hashes {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
+        indexes.iter().map(|i| self.get(*i)).collect()
+    }
+}
+
+/// The hashes of the perfect subtrees of the committed tree (one per set bit of its size), by
+/// stored-hash index: all that appending needs to read. The writer keeps them in memory so that
+/// a transaction never reads the committed trees (sled's iterators take a lock that its
+/// transactions hold).
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    size: u64,
+    hashes: BTreeMap<u64, Hash>,
+}
+
+impl Frontier {
+    /// The stored-hash indexes of the perfect subtrees of a tree of `size` entries.
+    fn indexes(size: u64) -> impl Iterator<Item = u64> {
+        (0..64u8)
+            .filter(move |level| (size >> level) & 1 == 1)
+            .map(move |level| merkle::stored_hash_index(level, (size >> level) - 1))
+    }
+
+    /// Reads the frontier of a tree of `size` entries.
+    fn load(size: u64, reader: &dyn HashReader) -> Result<Frontier, MerkleError> {
+        let indexes: Vec<u64> = Frontier::indexes(size).collect();
+        let hashes = reader.read_hashes(&indexes)?;
+        if hashes.len() != indexes.len() {
+            return Err(MerkleError::ShortRead {
+                expected: indexes.len(),
+                got: hashes.len(),
+            });
+        }
+        Ok(Frontier {
+            size,
+            hashes: indexes.into_iter().zip(hashes).collect(),
+        })
+    }
+
+    /// The frontier after `pending` is appended.
+    fn advanced(&self, pending: &Pending) -> Result<Frontier, MerkleError> {
+        let size = pending.start + pending.entries.len() as u64;
+        let reader = PendingReader {
+            pending,
+            frontier: self,
+        };
+        Frontier::load(size, &reader)
+    }
+}
+
+impl HashReader for Frontier {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
+        indexes
+            .iter()
+            .map(|i| {
+                self.hashes
+                    .get(i)
+                    .copied()
+                    .ok_or(MerkleError::MissingHash { index: *i })
+            })
+            .collect()
+    }
+}
+
+/// The trees of the log, as seen inside a transaction: appended entries and their hashes are
+/// kept in memory and written as one bundle each by [`TxLog::finish`].
 pub struct TxLog<'a> {
-    /// Entries by big-endian index.
-    pub entries: &'a TransactionalTree,
-    /// Stored hashes by big-endian stored-hash index.
-    pub hashes: &'a TransactionalTree,
-    /// Holds [`LOG_SIZE`].
-    pub meta: &'a TransactionalTree,
+    entries: &'a TransactionalTree,
+    hashes: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    frontier: Frontier,
+    pending: RefCell<Pending>,
+}
+
+struct Pending {
+    /// The log size when the transaction began.
+    start: u64,
+    entries: Vec<Vec<u8>>,
+    /// The stored-hash index of the first pending hash.
+    hash_start: u64,
+    hashes: Vec<Hash>,
+}
+
+/// Reads pending hashes, falling back to the committed tree's frontier.
+struct PendingReader<'p> {
+    pending: &'p Pending,
+    frontier: &'p Frontier,
+}
+
+impl HashReader for PendingReader<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
+        indexes
+            .iter()
+            .map(|&i| {
+                let found = match i.checked_sub(self.pending.hash_start) {
+                    Some(k) => usize::try_from(k)
+                        .ok()
+                        .and_then(|k| self.pending.hashes.get(k)),
+                    None => self.frontier.hashes.get(&i),
+                };
+                found.copied().ok_or(MerkleError::MissingHash { index: i })
+            })
+            .collect()
+    }
 }
 
 impl TxLog<'_> {
@@ -146,52 +313,146 @@ impl TxLog<'_> {
         &self,
         entry: &pb::AuditEntry,
     ) -> Result<u64, ConflictableTransactionError<Failure>> {
-        let n = self
-            .meta
-            .get(LOG_SIZE)?
-            .and_then(|v| be_u64(&v))
-            .unwrap_or(0);
+        self.append_bytes(entry).map(|(index, _)| index)
+    }
+
+    /// Appends `entry` and returns its index and its encoding.
+    pub fn append_bytes(
+        &self,
+        entry: &pb::AuditEntry,
+    ) -> Result<(u64, Vec<u8>), ConflictableTransactionError<Failure>> {
+        let mut p = self.pending.borrow_mut();
+        let n = p.start + p.entries.len() as u64;
         let bytes = entry.encode_to_vec();
-        let new = merkle::stored_hashes(n, &bytes, &TxHashes(self.hashes)).map_err(|e| {
+        let reader = PendingReader {
+            pending: &p,
+            frontier: &self.frontier,
+        };
+        let new = merkle::stored_hashes(n, &bytes, &reader).map_err(|e| {
             ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
                 "hashing an audit entry",
                 e,
             )))
         })?;
-        let first = merkle::stored_hash_count(n);
-        for (i, h) in new.iter().enumerate() {
-            self.hashes
-                .insert(&(first + i as u64).to_be_bytes(), &h.0)?;
+        p.hashes.extend(new);
+        p.entries.push(bytes.clone());
+        Ok((n, bytes))
+    }
+
+    /// Writes what was appended — one bundle of entries, one of hashes, the new size — and
+    /// returns the frontier to hand to [`Log::advance`] once the transaction has committed
+    /// (`None` if nothing was appended).
+    pub fn finish(&self) -> Result<Option<Frontier>, ConflictableTransactionError<Failure>> {
+        let p = self.pending.borrow();
+        if p.entries.is_empty() {
+            return Ok(None);
         }
-        self.entries.insert(&n.to_be_bytes(), bytes)?;
-        self.meta.insert(LOG_SIZE, &(n + 1).to_be_bytes())?;
-        Ok(n)
+        let internal = |e: Internal| ConflictableTransactionError::Abort(Failure::Internal(e));
+        let bundle = encode_entry_bundle(&p.entries).map_err(internal)?;
+        self.entries.insert(&p.start.to_be_bytes(), bundle)?;
+        let hashes: Vec<u8> = p.hashes.iter().flat_map(|h| h.0).collect();
+        self.hashes.insert(&p.hash_start.to_be_bytes(), hashes)?;
+        let size = p.start + p.entries.len() as u64;
+        self.meta.insert(LOG_SIZE, &size.to_be_bytes())?;
+        let frontier = self
+            .frontier
+            .advanced(&p)
+            .map_err(|e| internal(Internal::new("advancing the log frontier", e)))?;
+        Ok(Some(frontier))
     }
 }
 
 /// The committed log: reads, proofs and checkpoint signing.
+///
+/// Storage: the tree `log_entries` holds one bundle of entries per group commit, keyed by the
+/// big-endian index of its first entry; `log_hashes` holds the stored hashes (P§3 of
+/// docs/audit-log-proofs.md) added by that commit, concatenated, keyed by the big-endian
+/// stored-hash index of the first. Two writes per commit instead of three or more per entry.
 pub struct Log {
-    /// Entries by big-endian index.
-    pub entries: sled::Tree,
-    /// Stored hashes.
-    pub hashes: sled::Tree,
+    entries: sled::Tree,
+    hashes: Hashes,
     meta: sled::Tree,
     signer: LogSigner,
+    /// The committed tree's frontier; only the writer advances it.
+    frontier: Mutex<Frontier>,
 }
 
 impl Log {
     /// The log over these trees, signing with `signer`.
-    pub fn new(
+    pub fn open(
         entries: sled::Tree,
         hashes: sled::Tree,
         meta: sled::Tree,
         signer: LogSigner,
-    ) -> Self {
-        Log {
+    ) -> Result<Self, Internal> {
+        let hashes = Hashes {
+            tree: hashes,
+            cache: Mutex::new(BTreeMap::new()),
+        };
+        let size = meta
+            .get(LOG_SIZE)
+            .map_err(|e| Internal::new("reading the log size", e))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
+        let frontier = Frontier::load(size, &hashes)
+            .map_err(|e| Internal::new("reading the log frontier", e))?;
+        Ok(Log {
             entries,
             hashes,
             meta,
             signer,
+            frontier: Mutex::new(frontier),
+        })
+    }
+
+    /// The trees a transaction needs: entries, hashes.
+    pub fn trees(&self) -> (&sled::Tree, &sled::Tree) {
+        (&self.entries, &self.hashes.tree)
+    }
+
+    fn lock_frontier(&self) -> std::sync::MutexGuard<'_, Frontier> {
+        // Replaced whole, never torn.
+        self.frontier.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The log inside a transaction over [`Log::trees`] and `meta`.
+    pub fn in_tx<'a>(
+        &'a self,
+        entries: &'a TransactionalTree,
+        hashes: &'a TransactionalTree,
+        meta: &'a TransactionalTree,
+    ) -> Result<TxLog<'a>, ConflictableTransactionError<Failure>> {
+        let start = meta.get(LOG_SIZE)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let frontier = self.lock_frontier().clone();
+        if frontier.size != start {
+            return Err(ConflictableTransactionError::Abort(Failure::Internal(
+                Internal::new(
+                    "appending to the audit log",
+                    format!(
+                        "the stored log has {start} entries but its frontier {}",
+                        frontier.size
+                    ),
+                ),
+            )));
+        }
+        Ok(TxLog {
+            entries,
+            hashes,
+            meta,
+            frontier,
+            pending: RefCell::new(Pending {
+                start,
+                entries: Vec::new(),
+                hash_start: merkle::stored_hash_count(start),
+                hashes: Vec::new(),
+            }),
+        })
+    }
+
+    /// Records that a transaction which returned `frontier` from [`TxLog::finish`] committed.
+    pub fn advance(&self, frontier: Option<Frontier>) {
+        if let Some(f) = frontier {
+            *self.lock_frontier() = f;
         }
     }
 
@@ -207,22 +468,64 @@ impl Log {
 
     /// The entry at `index`.
     pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal> {
-        Ok(self
+        Ok(self.entries_from(index, 1)?.into_iter().next())
+    }
+
+    /// Up to `limit` consecutive entries from `index` on (fewer at the end of the log).
+    pub fn entries_from(&self, index: u64, limit: usize) -> Result<Vec<Vec<u8>>, Internal> {
+        let read = |e| Internal::new("reading audit entries", e);
+        let malformed = || Internal::new("reading audit entries", "malformed entry bundle");
+        let mut out = Vec::new();
+        let mut next = index;
+        // The bundle holding `index`, then the ones after it.
+        let first = self
             .entries
-            .get(index.to_be_bytes())
-            .map_err(|e| Internal::new("reading an audit entry", e))?
-            .map(|v| v.to_vec()))
+            .range(..=index.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(read)?;
+        let Some(first) = first else {
+            return Ok(out);
+        };
+        let rest = self.entries.range((
+            std::ops::Bound::Excluded(first.0.clone()),
+            std::ops::Bound::Unbounded,
+        ));
+        for item in std::iter::once(Ok(first)).chain(rest) {
+            let (key, bundle) = item.map_err(read)?;
+            let start = be_u64(&key).ok_or_else(malformed)?;
+            if start != next && !out.is_empty() {
+                return Err(malformed());
+            }
+            let count = bundle_len(&bundle).ok_or_else(malformed)?;
+            let skip = usize::try_from(next - start).map_err(|_| malformed())?;
+            if skip >= count {
+                // `index` lies beyond the last bundle.
+                return Ok(out);
+            }
+            for k in skip..count {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(bundle_entry(&bundle, k).ok_or_else(malformed)?.to_vec());
+                next += 1;
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     pub fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
-        merkle::prove_record(size, index, &TreeHashes(&self.hashes))
+        merkle::prove_record(size, index, &self.hashes)
             .map_err(|e| Internal::new("proving inclusion", e))
     }
 
     /// The consistency proof from the tree of `old` entries to that of `new`.
     pub fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal> {
-        merkle::prove_tree(new, old, &TreeHashes(&self.hashes))
+        merkle::prove_tree(new, old, &self.hashes)
             .map_err(|e| Internal::new("proving consistency", e))
     }
 
@@ -256,8 +559,20 @@ impl Log {
         if previous.is_some_and(|p| p.size == size) {
             return Ok(None);
         }
-        let root = merkle::tree_hash(size, &TreeHashes(&self.hashes))
-            .map_err(|e| Internal::new("hashing the tree", e))?;
+        // The root folds the frontier; when the stored size and the frontier disagree, the
+        // frontier has no hash for the size asked and this fails rather than sign a guess.
+        let frontier = self.lock_frontier().clone();
+        if frontier.size != size {
+            return Err(Internal::new(
+                "sealing the log",
+                format!(
+                    "the stored log has {size} entries but its frontier {}",
+                    frontier.size
+                ),
+            ));
+        }
+        let root =
+            merkle::tree_hash(size, &frontier).map_err(|e| Internal::new("hashing the tree", e))?;
         if let Some(p) = previous {
             if p.size > size {
                 return Err(Internal::new(
@@ -305,6 +620,14 @@ pub fn now() -> prost_types::Timestamp {
 pub fn entry(event: pb::audit_entry::Event) -> pb::AuditEntry {
     pb::AuditEntry {
         time: Some(now()),
+        event: Some(event),
+    }
+}
+
+/// An entry recording `event` at `time`.
+pub fn entry_at(time: prost_types::Timestamp, event: pb::audit_entry::Event) -> pb::AuditEntry {
+    pb::AuditEntry {
+        time: Some(time),
         event: Some(event),
     }
 }

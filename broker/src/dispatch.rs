@@ -93,9 +93,8 @@ impl Dispatcher {
         let mut all = self.lock();
         let state = all.entry(recipient.clone()).or_default();
         let taken = &state.in_flight;
-        let items = storage.queued(recipient, 0, durable, budget, &|seq| {
-            taken.contains_key(&seq)
-        })?;
+        let items =
+            storage.claimable(recipient, durable, budget, &|seq| taken.contains_key(&seq))?;
         for item in &items {
             state.in_flight.insert(item.seq, sub.0);
         }

@@ -85,6 +85,12 @@ impl State {
                     self.store.prove_receipt(&mut receipt).await?;
                     Ok(*receipt)
                 }
+                // A retry that raced its first attempt: the first receipt, now committed.
+                Applied::Duplicate(log_index) => {
+                    let mut receipt = self.store.storage().receipt_at(log_index)?;
+                    self.store.prove_receipt(&mut receipt).await?;
+                    Ok(receipt)
+                }
                 other => Err(Internal::new(
                     "storing a transfer",
                     format!("unexpected outcome {other:?}"),
@@ -630,43 +636,35 @@ impl pb::audit_server::Audit for AuditService {
                 return;
             }
             let storage = state.store.storage();
-            for index in req.index_from..end {
-                let record = (|| -> Result<Option<pb::ExportRecord>, Internal> {
-                    let bytes = storage.log_entry(index)?.ok_or_else(|| {
-                        Internal::new("exporting", format!("entry {index} is missing"))
-                    })?;
-                    if !filter.is_empty() {
-                        let entry =
-                            audit::decode(&bytes).map_err(|e| Internal::new("exporting", e))?;
-                        if !filter.matches(&entry) {
-                            return Ok(None);
-                        }
+            let mut index = req.index_from;
+            while index < end {
+                let want = usize::try_from((end - index).min(EXPORT_CHUNK)).unwrap_or(1);
+                let chunk = match storage.log_entries(index, want) {
+                    Ok(chunk) if !chunk.is_empty() => chunk,
+                    Ok(_) => {
+                        let e = Internal::new("exporting", format!("entry {index} is missing"));
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
                     }
-                    let inclusion_proof = if partial {
-                        storage
-                            .prove_entry(index, cp.size)?
-                            .into_iter()
-                            .map(|h| h.0.to_vec())
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    Ok(Some(pb::ExportRecord {
-                        index,
-                        entry: bytes,
-                        inclusion_proof,
-                    }))
-                })();
-                let item = match record {
-                    Ok(None) => continue,
-                    Ok(Some(r)) => Ok(pb::ExportItem {
-                        item: Some(pb::export_item::Item::Record(r)),
-                    }),
-                    Err(e) => Err(Status::from(e)),
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
                 };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
+                for bytes in chunk {
+                    let record = export_record(storage, &filter, partial, cp.size, index, bytes);
+                    index += 1;
+                    let item = match record {
+                        Ok(None) => continue,
+                        Ok(Some(r)) => Ok(pb::ExportItem {
+                            item: Some(pb::export_item::Item::Record(r)),
+                        }),
+                        Err(e) => Err(Status::from(e)),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        return;
+                    }
                 }
             }
         });
@@ -714,4 +712,38 @@ impl pb::audit_server::Audit for AuditService {
             consistency_proof: proof.into_iter().map(|h| h.0.to_vec()).collect(),
         }))
     }
+}
+
+/// Entries read from storage at a time by an export.
+const EXPORT_CHUNK: u64 = 1024;
+
+/// The export record of entry `index`, or `None` if the filter leaves it out.
+fn export_record(
+    storage: &dyn crate::store::Storage,
+    filter: &audit::Filter,
+    partial: bool,
+    size: u64,
+    index: u64,
+    bytes: Vec<u8>,
+) -> Result<Option<pb::ExportRecord>, Internal> {
+    if !filter.is_empty() {
+        let entry = audit::decode(&bytes).map_err(|e| Internal::new("exporting", e))?;
+        if !filter.matches(&entry) {
+            return Ok(None);
+        }
+    }
+    let inclusion_proof = if partial {
+        storage
+            .prove_entry(index, size)?
+            .into_iter()
+            .map(|h| h.0.to_vec())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Some(pb::ExportRecord {
+        index,
+        entry: bytes,
+        inclusion_proof,
+    }))
 }

@@ -1,0 +1,1234 @@
+//! The embedded engine: [`SledStorage`], the broker's state in one sled database.
+//!
+//! Trees (keys big-endian where numeric):
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `receipts` | sender `\0` message id | the audit log index of its acceptance, and its envelope's digest |
+//! | `queues` | recipient `\0` first sequence number | a block of queue items ([`super::queue`]) |
+//! | `queue_acks` | as `queues` | which items of a partly acknowledged block are acknowledged |
+//! | `transfers`, `refs` | transfer id | a transfer to several recipients, and how many still hold it |
+//! | `consent_uses` | issuer key id, token id | transfers made under a token that limits its uses |
+//! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token, for recall |
+//! | `revocations` | `jti:` issuer, token id / `before:` issuer | revoked tokens |
+//! | `meta` | name | sequence counter, layout version, log size and checkpoint |
+//! | `log_entries`, `log_hashes` | first index | the audit log ([`crate::audit_log`]) |
+//!
+//! A group commit's operations share one sled transaction (a revocation, which scans committed
+//! state first, gets its own): sled's cost is per write and per transaction, so the writes of
+//! a burst are gathered into few records — one block per recipient, one list of consented
+//! transfers per token, one bundle of audit entries — and only the receipt is written per
+//! transfer. Receipts hold no copy of what the audit log says; they are rebuilt from its entry.
+//!
+//! Inside a transaction nothing reads a committed tree directly (sled's iterators take the
+//! lock its transactions hold): the queue index and the log's frontier are in memory.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::Path,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use concordat_proto::{
+    consent::TokenId,
+    ids::{AgencyId, MessageId},
+    merkle::Hash,
+    paserk::KeyId,
+    pb,
+};
+use prost::Message;
+use sled::{
+    Transactional,
+    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
+};
+use time::OffsetDateTime;
+
+use super::{
+    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, facts,
+    queue::{
+        AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
+        StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
+    },
+    receipt_from_entry, timestamp,
+};
+use crate::{
+    audit_log::{self, Frontier, Log, SignedCheckpoint, TxLog},
+    policy::{ConsentLedger, ConsentUse},
+    refusal::{Failure, Internal, Reason, Refusal},
+};
+
+/// sled's page cache size.
+const CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// sled's log segment size. Values in a node are stored together, and a node larger than a
+/// quarter of a segment is written to a file of its own; queue blocks and log bundles are tens
+/// of KiB, so the default 512 KiB segments would turn most node rewrites into file creations.
+const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The `meta` key of the next queue sequence number.
+const NEXT_SEQ: &[u8] = b"next_seq";
+/// The `meta` key of the storage layout's version.
+const LAYOUT: &[u8] = b"store_layout";
+/// This layout: queue blocks, receipts by log index, bundled log.
+const LAYOUT_VERSION: &[u8] = b"2";
+
+/// What the broker stores per accepted message id, for idempotency.
+#[derive(Clone, PartialEq, Message)]
+struct StoredReceipt {
+    /// The audit log index of the transfer's acceptance.
+    #[prost(uint64, tag = "1")]
+    log_index: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    envelope_digest: Vec<u8>,
+}
+
+/// A transfer made under a consent token, kept for recall.
+#[derive(Clone, PartialEq, Message)]
+struct ConsentedTransfer {
+    /// The token's `iat`, in nanoseconds since the Unix epoch.
+    #[prost(int64, tag = "1")]
+    issued_at_nanos: i64,
+    #[prost(string, repeated, tag = "2")]
+    recipients: Vec<String>,
+    #[prost(string, tag = "3")]
+    message_id: String,
+    #[prost(string, tag = "4")]
+    sender: String,
+    #[prost(string, tag = "5")]
+    organisation: String,
+    #[prost(string, tag = "6")]
+    jti: String,
+    #[prost(string, tag = "7")]
+    transfer_id: String,
+}
+
+/// The transfers one commit made under one token.
+#[derive(Clone, PartialEq, Message)]
+struct ConsentedBlock {
+    #[prost(message, repeated, tag = "1")]
+    transfers: Vec<ConsentedTransfer>,
+}
+
+/// The sled engine.
+pub struct SledStorage {
+    db: sled::Db,
+    receipts: sled::Tree,
+    transfers: sled::Tree,
+    refs: sled::Tree,
+    queues: sled::Tree,
+    queue_acks: sled::Tree,
+    uses: sled::Tree,
+    consented: sled::Tree,
+    revoked: sled::Tree,
+    meta: sled::Tree,
+    log: Log,
+    index: Mutex<QueueIndex>,
+    last_seq: AtomicU64,
+}
+
+fn sled_err(context: &'static str) -> impl Fn(sled::Error) -> Internal {
+    move |e| Internal::new(context, e)
+}
+
+fn receipt_key(sender: &AgencyId, id: &MessageId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(sender.as_str().len() + 17);
+    k.extend_from_slice(sender.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn token_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(issuer.as_bytes());
+    k.extend_from_slice(jti.as_bytes());
+    k
+}
+
+fn revoked_before_key(issuer: &KeyId) -> Vec<u8> {
+    let mut k = b"before:".to_vec();
+    k.extend_from_slice(issuer.as_bytes());
+    k
+}
+
+fn revoked_jti_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
+    let mut k = b"jti:".to_vec();
+    k.extend_from_slice(&token_key(issuer, jti));
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn be_i128(bytes: &[u8]) -> Option<i128> {
+    Some(i128::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The trees of the store as seen inside one transaction.
+struct Trees<'a> {
+    receipts: &'a TransactionalTree,
+    transfers: &'a TransactionalTree,
+    refs: &'a TransactionalTree,
+    queues: &'a TransactionalTree,
+    queue_acks: &'a TransactionalTree,
+    uses: &'a TransactionalTree,
+    revoked: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    consented: &'a TransactionalTree,
+    log: TxLog<'a>,
+}
+
+/// What a transaction gathers while it runs, written at its end.
+#[derive(Default)]
+struct Effects {
+    /// Items queued per recipient (for the depth checks of later operations).
+    queued: HashMap<AgencyId, u64>,
+    /// The items queued, into blocks.
+    blocks: BlockBuilder,
+    /// Positions newly acknowledged, per recipient and block.
+    acks: BTreeMap<(AgencyId, u64), BTreeSet<usize>>,
+    /// Transfers made under each token, with the first sequence number they were queued at.
+    consented: BTreeMap<Vec<u8>, (u64, Vec<ConsentedTransfer>)>,
+    /// The highest queue sequence number assigned.
+    last_seq: u64,
+}
+
+/// What a committed transaction changes in memory.
+#[derive(Default)]
+struct Committed {
+    blocks: Vec<(AgencyId, Vec<ItemMeta>)>,
+    acks: Vec<(AgencyId, u64, Vec<usize>)>,
+    last_seq: u64,
+    frontier: Option<Frontier>,
+}
+
+/// Aborts a sled transaction with a failure.
+type TxResult<T> = Result<T, ConflictableTransactionError<Failure>>;
+
+fn abort<T>(f: impl Into<Failure>) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(f.into()))
+}
+
+/// Writes the blocks a transaction queued; returns their index entries.
+fn write_blocks(
+    queues: &TransactionalTree,
+    blocks: BlockBuilder,
+) -> TxResult<Vec<(AgencyId, Vec<ItemMeta>)>> {
+    let mut out = Vec::new();
+    for (recipient, items) in blocks.finish() {
+        let Some(first) = items.first().map(|i| i.seq) else {
+            continue;
+        };
+        let Some(metas) = items
+            .iter()
+            .map(StoredItem::meta)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return abort(Internal::new("queueing", "a malformed queue item"));
+        };
+        queues.insert(
+            block_key(&recipient, first),
+            StoredBlock { items }.encode_to_vec(),
+        )?;
+        out.push((recipient, metas));
+    }
+    Ok(out)
+}
+
+impl SledStorage {
+    /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
+    /// start) for checkpoints whose origin is `origin`.
+    pub fn open(dir: &Path, origin: &str) -> Result<SledStorage, Internal> {
+        let signer = audit_log::load_or_create_key(dir, origin)?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            // sled caches up to 1 GiB by default; keep the broker's memory bounded.
+            .cache_capacity(CACHE_BYTES)
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .map_err(sled_err("opening the database"))?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err("opening a tree"));
+        let meta = tree("meta")?;
+        check_layout(&meta)?;
+        let storage = SledStorage {
+            receipts: tree("receipts")?,
+            transfers: tree("transfers")?,
+            refs: tree("refs")?,
+            queues: tree("queues")?,
+            queue_acks: tree("queue_acks")?,
+            uses: tree("consent_uses")?,
+            consented: tree("consented_transfers")?,
+            revoked: tree("revocations")?,
+            log: Log::open(
+                tree("log_entries")?,
+                tree("log_hashes")?,
+                meta.clone(),
+                signer,
+            )?,
+            meta,
+            index: Mutex::new(QueueIndex::default()),
+            last_seq: AtomicU64::new(0),
+            db,
+        };
+        let next = storage
+            .meta
+            .get(NEXT_SEQ)
+            .map_err(sled_err("reading the sequence counter"))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(1);
+        storage
+            .last_seq
+            .store(next.saturating_sub(1), Ordering::SeqCst);
+        *storage.lock_index() = storage.load_index()?;
+        Ok(storage)
+    }
+
+    /// Reads every block's index entries and acknowledgements.
+    fn load_index(&self) -> Result<QueueIndex, Internal> {
+        let malformed =
+            |what: &str| Internal::new("reading the queues", format!("malformed {what}"));
+        let mut index = QueueIndex::default();
+        for item in self.queues.iter() {
+            let (key, value) = item.map_err(sled_err("reading the queues"))?;
+            let (recipient, _) = parse_block_key(&key).ok_or_else(|| malformed("block key"))?;
+            let metas = BlockHeader::decode(value.as_ref())
+                .ok()
+                .and_then(|h| h.metas())
+                .ok_or_else(|| malformed("block"))?;
+            let acked = self
+                .queue_acks
+                .get(&key)
+                .map_err(sled_err("reading the queues"))?
+                .map(|bits| decode_acked(&bits, metas.len()))
+                .unwrap_or_default();
+            index.add_block(&recipient, metas, acked);
+        }
+        Ok(index)
+    }
+
+    fn lock_index(&self) -> MutexGuard<'_, QueueIndex> {
+        // Updated only by the writer, in whole steps; a panic elsewhere cannot tear it.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_seq(meta: &TransactionalTree) -> TxResult<u64> {
+        Ok(meta.get(NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1))
+    }
+
+    fn is_revoked_in(
+        revoked: &TransactionalTree,
+        issuer: &KeyId,
+        jti: &TokenId,
+        issued_at: OffsetDateTime,
+    ) -> TxResult<bool> {
+        if revoked.get(revoked_jti_key(issuer, jti))?.is_some() {
+            return Ok(true);
+        }
+        let before = revoked
+            .get(revoked_before_key(issuer))?
+            .and_then(|v| be_i128(&v));
+        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+    }
+
+    /// Applies a batch: consecutive operations share one sled transaction; a revocation, which
+    /// scans committed state, runs in a transaction of its own between them.
+    fn apply_batch_sled(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut start = 0;
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Revoke(r) = op {
+                out.extend(self.run_tx(&ops[start..i]));
+                out.push(self.apply_revoke(r));
+                start = i + 1;
+            }
+        }
+        out.extend(self.run_tx(&ops[start..]));
+        out
+    }
+
+    /// Applies `ops` in one transaction. A refusal writes nothing but its audit entry and does
+    /// not affect the others; an internal error aborts them all.
+    fn run_tx(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        if ops.is_empty() {
+            return Vec::new();
+        }
+        let (entries, hashes) = self.log.trees();
+        let trees = [
+            &self.receipts,
+            &self.transfers,
+            &self.refs,
+            &self.queues,
+            &self.queue_acks,
+            &self.uses,
+            &self.consented,
+            &self.revoked,
+            &self.meta,
+            entries,
+            hashes,
+        ];
+        let outcome = trees[..].transaction(|view| {
+            let [
+                receipts,
+                transfers,
+                refs,
+                queues,
+                queue_acks,
+                uses,
+                consented,
+                revoked,
+                meta,
+                le,
+                lh,
+            ] = view.as_slice()
+            else {
+                return abort(Internal::new("applying a batch", "wrong number of trees"));
+            };
+            let t = Trees {
+                receipts,
+                transfers,
+                refs,
+                queues,
+                queue_acks,
+                uses,
+                revoked,
+                meta,
+                consented,
+                log: self.log.in_tx(le, lh, meta)?,
+            };
+            let mut fx = Effects::default();
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                results.push(self.op_in(&t, op, &mut fx)?);
+            }
+            let committed = self.finish(&t, fx)?;
+            Ok((results, committed))
+        });
+        match tx_outcome(outcome) {
+            Ok((results, committed)) => {
+                self.settle(committed);
+                results
+            }
+            Err(f) => {
+                let why = match f {
+                    Failure::Internal(e) => e.to_string(),
+                    Failure::Refused(r) => r.to_string(),
+                };
+                ops.iter()
+                    .map(|_| {
+                        Err(Failure::Internal(Internal::new(
+                            "applying a batch",
+                            why.clone(),
+                        )))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Writes what the transaction gathered: queue blocks, acknowledgements, consented
+    /// transfers, the audit log's bundles.
+    fn finish(&self, t: &Trees<'_>, fx: Effects) -> TxResult<Committed> {
+        let blocks = write_blocks(t.queues, fx.blocks)?;
+        let mut acks = Vec::with_capacity(fx.acks.len());
+        {
+            let index = self.lock_index();
+            for ((recipient, block), positions) in fx.acks {
+                let positions: Vec<usize> = positions.into_iter().collect();
+                let key = block_key(&recipient, block);
+                match index.after_ack(&recipient, block, &positions) {
+                    Some(AckOutcome::Partial(bits)) => {
+                        t.queue_acks.insert(key, encode_acked(&bits))?;
+                    }
+                    Some(AckOutcome::Complete { had_bitmap }) => {
+                        if had_bitmap {
+                            t.queue_acks.remove(key.as_slice())?;
+                        }
+                        t.queues.remove(key)?;
+                    }
+                    None => continue,
+                }
+                acks.push((recipient, block, positions));
+            }
+        }
+        for (mut key, (first, transfers)) in fx.consented {
+            key.extend_from_slice(&first.to_be_bytes());
+            t.consented
+                .insert(key, ConsentedBlock { transfers }.encode_to_vec())?;
+        }
+        Ok(Committed {
+            blocks,
+            acks,
+            last_seq: fx.last_seq,
+            frontier: t.log.finish()?,
+        })
+    }
+
+    /// Applies what a committed transaction changed to the in-memory state.
+    fn settle(&self, c: Committed) {
+        self.log.advance(c.frontier);
+        let mut index = self.lock_index();
+        for (recipient, items) in c.blocks {
+            index.add_block(&recipient, items, Vec::new());
+        }
+        for (recipient, block, positions) in c.acks {
+            index.ack(&recipient, block, &positions);
+        }
+        drop(index);
+        self.last_seq.fetch_max(c.last_seq, Ordering::SeqCst);
+    }
+
+    /// One operation inside the batch's transaction. The outer error aborts the transaction;
+    /// the inner result is the operation's own outcome.
+    fn op_in(
+        &self,
+        t: &Trees<'_>,
+        op: &Op,
+        fx: &mut Effects,
+    ) -> TxResult<Result<Applied, Failure>> {
+        match op {
+            Op::Accept(a) => self.accept_in(t, a, fx),
+            Op::Ack { recipient, seqs } => self.ack_in(t, recipient, seqs, fx).map(Ok),
+            Op::Refuse(refused) => {
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
+                        *refused.clone(),
+                    )))?;
+                Ok(Ok(Applied::Logged))
+            }
+            Op::Delivered { recipient, items } => {
+                for (seq, transfer_id, recall_notice) in items {
+                    t.log
+                        .append(&audit_log::entry(pb::audit_entry::Event::Delivered(
+                            pb::Delivered {
+                                recipient: recipient.to_string(),
+                                delivery_id: seq.to_string(),
+                                transfer_id: transfer_id.clone(),
+                                recall_notice: *recall_notice,
+                            },
+                        )))?;
+                }
+                Ok(Ok(Applied::Logged))
+            }
+            Op::ConfigLoaded(c) => {
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::ConfigLoaded(
+                        c.clone(),
+                    )))?;
+                Ok(Ok(Applied::Logged))
+            }
+            Op::Revoke(_) => abort(Internal::new(
+                "applying a batch",
+                "a revocation must run on its own",
+            )),
+        }
+    }
+
+    /// Accepts a transfer, or refuses it (then only its audit entry is written).
+    fn accept_in(
+        &self,
+        t: &Trees<'_>,
+        a: &Accept,
+        fx: &mut Effects,
+    ) -> TxResult<Result<Applied, Failure>> {
+        match self.accept_checks(t, a, fx)? {
+            Err(refusal) => {
+                // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
+                // logged like any other, in the same group commit.
+                let consent = a.decision.consent.as_ref().map(|c| (c.jti, c.issuer));
+                t.log
+                    .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
+                        pb::TransferRefused {
+                            envelope: Some(facts(
+                                &a.sender,
+                                &a.envelope,
+                                consent,
+                                &a.decision.payload_digest,
+                            )),
+                            reason: refusal.reason.as_str().into(),
+                            message: refusal.message.clone(),
+                        },
+                    )))?;
+                Ok(Err(Failure::Refused(refusal)))
+            }
+            Ok(Some(log_index)) => Ok(Ok(Applied::Duplicate(log_index))),
+            Ok(None) => Self::accept_writes(t, a, fx).map(|r| Ok(Applied::Accepted(Box::new(r)))),
+        }
+    }
+
+    /// The checks that can change between decision and commit, before anything is written:
+    /// `Ok(Some(log_index))` for a duplicate, `Err(refusal)`, or `Ok(None)` to go ahead.
+    fn accept_checks(
+        &self,
+        t: &Trees<'_>,
+        a: &Accept,
+        fx: &Effects,
+    ) -> TxResult<Result<Option<u64>, Refusal>> {
+        let rkey = receipt_key(&a.sender, &a.envelope.message_id);
+        if let Some(found) = t.receipts.get(&rkey)? {
+            let stored = match StoredReceipt::decode(found.as_ref()) {
+                Ok(s) => s,
+                Err(e) => return abort(Internal::new("decoding a stored receipt", e)),
+            };
+            if stored.envelope_digest != a.envelope_digest {
+                return Ok(Err(message_id_reused()));
+            }
+            return Ok(Ok(Some(stored.log_index)));
+        }
+        // After the receipt check: a retry of a stored message is answered even when the queue
+        // its first attempt filled is full.
+        {
+            let index = self.lock_index();
+            for r in &a.envelope.recipients {
+                let depth = index
+                    .depth(r)
+                    .saturating_add(fx.queued.get(r).copied().unwrap_or(0));
+                if depth >= a.max_queue_depth {
+                    return Ok(Err(Refusal::new(
+                        Reason::RecipientQueueFull,
+                        format!(
+                            "the queue of {r} is full ({} items); try again later",
+                            a.max_queue_depth
+                        ),
+                    )));
+                }
+            }
+        }
+        if let Some(c) = &a.decision.consent {
+            if Self::is_revoked_in(t.revoked, &c.issuer, &c.jti, c.issued_at)? {
+                return Ok(Err(Refusal::new(
+                    Reason::ConsentRevoked,
+                    format!("consent token {} has been revoked by its issuer", c.jti),
+                )));
+            }
+            if let Some(max) = c.max_uses {
+                let used = t
+                    .uses
+                    .get(token_key(&c.issuer, &c.jti))?
+                    .and_then(|v| be_u64(&v))
+                    .unwrap_or(0);
+                if used >= u64::from(max) {
+                    return Ok(Err(Refusal::new(
+                        Reason::ConsentUsedUp,
+                        format!("consent token {} allows {max} use(s), all used", c.jti),
+                    )));
+                }
+            }
+        }
+        Ok(Ok(None))
+    }
+
+    /// Stores an accepted transfer: its queue items, the consent use, the audit entry and the
+    /// receipt.
+    fn accept_writes(t: &Trees<'_>, a: &Accept, fx: &mut Effects) -> TxResult<pb::Receipt> {
+        // Uses are counted only for tokens that limit them: nothing else reads the count.
+        if let Some(c) = &a.decision.consent
+            && c.max_uses.is_some()
+        {
+            let key = token_key(&c.issuer, &c.jti);
+            let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+            t.uses.insert(key, &(used + 1).to_be_bytes())?;
+        }
+        let tid = a.transfer_id.as_bytes();
+        let transfer = build_transfer(a);
+        // A transfer for one recipient travels inside its queue item; one for several is stored
+        // once, with a count of the recipients still holding it.
+        let (kind, inline) = if a.envelope.recipients.len() == 1 {
+            (ItemKind::Inline, Some(transfer))
+        } else {
+            t.transfers.insert(&tid[..], transfer.encode_to_vec())?;
+            t.refs.insert(
+                &tid[..],
+                &(a.envelope.recipients.len() as u64).to_be_bytes(),
+            )?;
+            (ItemKind::Shared, None)
+        };
+        let mut seq = Self::next_seq(t.meta)?;
+        let first_seq = seq;
+        for (r, authority) in a.envelope.recipients.iter().zip(&a.decision.authorities) {
+            fx.blocks.push(
+                r,
+                StoredItem {
+                    seq,
+                    transfer_id: tid.to_vec(),
+                    kind: kind.to_wire(),
+                    agreement_id: authority.agreement_id.clone(),
+                    clause: authority.clause.clone(),
+                    transfer: inline.clone(),
+                    recall: None,
+                },
+            );
+            *fx.queued.entry(r.clone()).or_default() += 1;
+            fx.last_seq = fx.last_seq.max(seq);
+            seq += 1;
+        }
+        t.meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+        if let Some(c) = &a.decision.consent {
+            fx.consented
+                .entry(token_key(&c.issuer, &c.jti))
+                .or_insert_with(|| (first_seq, Vec::new()))
+                .1
+                .push(consented_record(a, c));
+        }
+        let entry = audit_log::entry_at(
+            timestamp(a.accepted_at),
+            pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
+                transfer_id: a.transfer_id.to_string(),
+                envelope: Some(facts(
+                    &a.sender,
+                    &a.envelope,
+                    a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
+                    &a.decision.payload_digest,
+                )),
+                authorities: a
+                    .decision
+                    .authorities
+                    .iter()
+                    .map(|x| pb::Authority {
+                        recipient: x.recipient.to_string(),
+                        agreement_id: x.agreement_id.clone(),
+                        clause: x.clause.clone(),
+                    })
+                    .collect(),
+            }),
+        );
+        let (log_index, bytes) = t.log.append_bytes(&entry)?;
+        t.receipts.insert(
+            receipt_key(&a.sender, &a.envelope.message_id),
+            StoredReceipt {
+                log_index,
+                envelope_digest: a.envelope_digest.to_vec(),
+            }
+            .encode_to_vec(),
+        )?;
+        receipt_from_entry(log_index, &entry, bytes).or_else(abort)
+    }
+
+    /// Acknowledges deliveries of `recipient` (and drops a shared transfer once every
+    /// recipient has it). Unknown or already acknowledged ids are ignored.
+    fn ack_in(
+        &self,
+        t: &Trees<'_>,
+        recipient: &AgencyId,
+        seqs: &[u64],
+        fx: &mut Effects,
+    ) -> TxResult<Applied> {
+        let found: Vec<_> = {
+            let index = self.lock_index();
+            seqs.iter()
+                .filter_map(|seq| index.locate(recipient, *seq))
+                .collect()
+        };
+        let mut removed = 0u32;
+        for loc in found {
+            if !fx
+                .acks
+                .entry((recipient.clone(), loc.block))
+                .or_default()
+                .insert(loc.position)
+            {
+                // Twice in one commit.
+                continue;
+            }
+            removed += 1;
+            let item = &loc.item;
+            t.log
+                .append(&audit_log::entry(pb::audit_entry::Event::Acknowledged(
+                    pb::Acknowledged {
+                        recipient: recipient.to_string(),
+                        delivery_id: item.seq.to_string(),
+                        transfer_id: item.transfer_id.to_string(),
+                        recall_notice: item.kind == ItemKind::Recall,
+                    },
+                )))?;
+            if item.kind != ItemKind::Shared {
+                continue;
+            }
+            let tid = item.transfer_id.as_bytes();
+            let counted = t.refs.get(tid)?.and_then(|v| be_u64(&v));
+            let left = counted.unwrap_or(1).saturating_sub(1);
+            if left == 0 {
+                if counted.is_some() {
+                    t.refs.remove(&tid[..])?;
+                }
+                t.transfers.remove(&tid[..])?;
+            } else {
+                t.refs.insert(&tid[..], &left.to_be_bytes())?;
+            }
+        }
+        Ok(Applied::Acked(removed))
+    }
+
+    fn apply_revoke(&self, r: &Revoke) -> Result<Applied, Failure> {
+        let prefix = match r.target {
+            RevokeTarget::Token(jti) => token_key(&r.issuer, &jti),
+            RevokeTarget::IssuedBefore(_) => r.issuer.as_bytes().to_vec(),
+        };
+        // The transfers that may be affected; the transaction decides which are.
+        // Keys are issuer (33 bytes) || jti (16) || first sequence number (8).
+        let mut candidates: Vec<(TokenId, ConsentedTransfer)> = Vec::new();
+        for item in self.consented.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(sled_err("scanning consented transfers"))?;
+            let block = ConsentedBlock::decode(v.as_ref())
+                .map_err(|e| Internal::new("decoding consented transfers", e))?;
+            let jti = k
+                .get(33..49)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(TokenId::from_bytes)
+                .ok_or_else(|| Internal::new("decoding consented transfers", "short key"))?;
+            candidates.extend(block.transfers.into_iter().map(|t| (jti, t)));
+        }
+        let (entries, hashes) = self.log.trees();
+        let outcome = (&self.revoked, &self.queues, &self.meta, entries, hashes).transaction(
+            |(revoked, queues, meta, le, lh)| {
+                let log = self.log.in_tx(le, lh, meta)?;
+                let previous_before = revoked
+                    .get(revoked_before_key(&r.issuer))?
+                    .and_then(|v| be_i128(&v));
+                let already = |rec: &ConsentedTransfer, jti: &TokenId| -> TxResult<bool> {
+                    let iat = i128::from(rec.issued_at_nanos);
+                    Ok(revoked.get(revoked_jti_key(&r.issuer, jti))?.is_some()
+                        || previous_before.is_some_and(|b| iat < b))
+                };
+                let mut recalled: Vec<&ConsentedTransfer> = Vec::new();
+                match r.target {
+                    RevokeTarget::Token(jti) => {
+                        if revoked.get(revoked_jti_key(&r.issuer, &jti))?.is_some() {
+                            return Ok((0, true, Committed::default()));
+                        }
+                        for (_, rec) in &candidates {
+                            if !already(rec, &jti)? {
+                                recalled.push(rec);
+                            }
+                        }
+                        revoked.insert(
+                            revoked_jti_key(&r.issuer, &jti),
+                            &r.revoked_at.unix_timestamp().to_be_bytes(),
+                        )?;
+                    }
+                    RevokeTarget::IssuedBefore(before) => {
+                        let cut = before.unix_timestamp_nanos();
+                        if previous_before.is_some_and(|b| b >= cut) {
+                            return Ok((0, true, Committed::default()));
+                        }
+                        for (jti, rec) in &candidates {
+                            let iat = i128::from(rec.issued_at_nanos);
+                            if iat < cut && !already(rec, jti)? {
+                                recalled.push(rec);
+                            }
+                        }
+                        revoked.insert(revoked_before_key(&r.issuer), &cut.to_be_bytes())?;
+                    }
+                }
+                let mut seq = Self::next_seq(meta)?;
+                let mut blocks = BlockBuilder::default();
+                let mut queued = Vec::new();
+                for rec in recalled {
+                    let Ok(transfer_id) = rec.transfer_id.parse::<uuid::Uuid>() else {
+                        continue;
+                    };
+                    for recipient in &rec.recipients {
+                        let Ok(to) = recipient.parse::<AgencyId>() else {
+                            continue;
+                        };
+                        let notice = pb::RecallNotice {
+                            transfer_id: rec.transfer_id.clone(),
+                            message_id: rec.message_id.clone(),
+                            consent_jti: rec.jti.clone(),
+                            consent_issuer: r.issuer.to_string(),
+                            revoked_at: Some(timestamp(r.revoked_at)),
+                            sender: rec.sender.clone(),
+                            organisation: rec.organisation.clone(),
+                        };
+                        blocks.push(
+                            &to,
+                            StoredItem {
+                                seq,
+                                transfer_id: transfer_id.as_bytes().to_vec(),
+                                kind: ItemKind::Recall.to_wire(),
+                                recall: Some(notice),
+                                ..Default::default()
+                            },
+                        );
+                        queued.push(pb::RecallQueued {
+                            recipient: to.to_string(),
+                            transfer_id: rec.transfer_id.clone(),
+                            message_id: rec.message_id.clone(),
+                            consent_jti: rec.jti.clone(),
+                            consent_issuer: r.issuer.to_string(),
+                            organisation: rec.organisation.clone(),
+                            sender: rec.sender.clone(),
+                        });
+                        seq += 1;
+                    }
+                }
+                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                let notices = u32::try_from(queued.len()).unwrap_or(u32::MAX);
+                // The revocation, then each recall notice it queued, in the same transaction.
+                log.append(&audit_log::entry(pb::audit_entry::Event::ConsentRevoked(
+                    pb::ConsentRevoked {
+                        submitted_by: r.submitted_by.to_string(),
+                        issuer: r.issuer.to_string(),
+                        jti: match r.target {
+                            RevokeTarget::Token(jti) => jti.to_string(),
+                            RevokeTarget::IssuedBefore(_) => String::new(),
+                        },
+                        issued_before: match r.target {
+                            RevokeTarget::Token(_) => None,
+                            RevokeTarget::IssuedBefore(t) => Some(timestamp(t)),
+                        },
+                        recall_notices: notices,
+                    },
+                )))?;
+                for q in queued {
+                    log.append(&audit_log::entry(pb::audit_entry::Event::RecallQueued(q)))?;
+                }
+                let committed = Committed {
+                    blocks: write_blocks(queues, blocks)?,
+                    acks: Vec::new(),
+                    last_seq: seq - 1,
+                    frontier: log.finish()?,
+                };
+                Ok((notices, false, committed))
+            },
+        );
+        let (recall_notices, duplicate, committed) = tx_outcome(outcome)?;
+        self.settle(committed);
+        Ok(Applied::Revoked {
+            recall_notices,
+            duplicate,
+        })
+    }
+
+    /// The receipt of the acceptance logged at `log_index`, marked as a duplicate.
+    fn receipt_from_log(&self, log_index: u64) -> Result<pb::Receipt, Internal> {
+        let bytes = self.log.entry(log_index)?.ok_or_else(|| {
+            Internal::new(
+                "reading a receipt",
+                format!("audit entry {log_index} is missing"),
+            )
+        })?;
+        let entry = concordat_proto::audit::decode(&bytes)
+            .map_err(|e| Internal::new("reading a receipt", e))?;
+        let mut receipt = receipt_from_entry(log_index, &entry, bytes)?;
+        receipt.duplicate = true;
+        Ok(receipt)
+    }
+}
+
+/// Refuses a database written in another layout, and marks a new one with this layout.
+fn check_layout(meta: &sled::Tree) -> Result<(), Internal> {
+    let read = sled_err("reading the storage layout");
+    match meta.get(LAYOUT).map_err(&read)?.as_deref() {
+        Some(LAYOUT_VERSION) => Ok(()),
+        Some(other) => Err(Internal::new(
+            "opening the database",
+            format!(
+                "its storage layout {:?} is not this broker's ({:?}): it was written by another \
+                 version",
+                String::from_utf8_lossy(other),
+                String::from_utf8_lossy(LAYOUT_VERSION)
+            ),
+        )),
+        None if meta.get(NEXT_SEQ).map_err(&read)?.is_some()
+            || meta.get(audit_log::LOG_SIZE).map_err(&read)?.is_some() =>
+        {
+            Err(Internal::new(
+                "opening the database",
+                "it was written by an older broker, in a layout this one does not read; export \
+                 its audit log with that version and start from a new data directory",
+            ))
+        }
+        None => {
+            meta.insert(LAYOUT, LAYOUT_VERSION)
+                .map_err(sled_err("recording the storage layout"))?;
+            Ok(())
+        }
+    }
+}
+
+fn message_id_reused() -> Refusal {
+    Refusal::new(
+        Reason::MessageIdReused,
+        "this message id was already used for a different envelope; choose a new id",
+    )
+}
+
+fn tx_outcome<T>(r: Result<T, TransactionError<Failure>>) -> Result<T, Failure> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(f) => f,
+        TransactionError::Storage(e) => {
+            Failure::Internal(Internal::new("writing to the database", e))
+        }
+    })
+}
+
+/// The consent token's id behind an accepted transfer, or "" when none was needed.
+fn consent_jti(a: &Accept) -> String {
+    a.decision
+        .consent
+        .as_ref()
+        .map(|c| c.jti.to_string())
+        .unwrap_or_default()
+}
+
+/// The consent token's issuer key id, or "" when none was needed.
+fn consent_issuer(a: &Accept) -> String {
+    a.decision
+        .consent
+        .as_ref()
+        .map(|c| c.issuer.to_string())
+        .unwrap_or_default()
+}
+
+fn build_transfer(a: &Accept) -> pb::Transfer {
+    let e = &a.envelope;
+    pb::Transfer {
+        transfer_id: a.transfer_id.to_string(),
+        message_id: e.message_id.to_string(),
+        sender: a.sender.to_string(),
+        recipients: e.recipients.iter().map(ToString::to_string).collect(),
+        kind: pb::MessageKind::from(e.kind) as i32,
+        organisation: e
+            .organisation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        incident_ref: e.incident_ref.clone().unwrap_or_default(),
+        content_type: e.content_type.clone(),
+        tlp: pb::Tlp::from(e.tlp) as i32,
+        payload: e.payload.clone(),
+        consent_jti: consent_jti(a),
+        consent_issuer: consent_issuer(a),
+        // Per recipient: filled in when delivered.
+        agreement_id: String::new(),
+        clause: String::new(),
+        accepted_at: Some(timestamp(a.accepted_at)),
+    }
+}
+
+fn consented_record(a: &Accept, c: &ConsentUse) -> ConsentedTransfer {
+    ConsentedTransfer {
+        issued_at_nanos: i64::try_from(c.issued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+        recipients: a
+            .envelope
+            .recipients
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        message_id: a.envelope.message_id.to_string(),
+        sender: a.sender.to_string(),
+        organisation: a
+            .envelope
+            .organisation
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        jti: c.jti.to_string(),
+        transfer_id: a.transfer_id.to_string(),
+    }
+}
+
+impl ConsentLedger for SledStorage {
+    fn is_revoked(
+        &self,
+        issuer: &KeyId,
+        jti: &TokenId,
+        issued_at: OffsetDateTime,
+    ) -> Result<bool, Internal> {
+        let read = sled_err("reading revocations");
+        if self
+            .revoked
+            .get(revoked_jti_key(issuer, jti))
+            .map_err(&read)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        let before = self
+            .revoked
+            .get(revoked_before_key(issuer))
+            .map_err(&read)?
+            .and_then(|v| be_i128(&v));
+        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+    }
+
+    fn uses(&self, issuer: &KeyId, jti: &TokenId) -> Result<u32, Internal> {
+        let used = self
+            .uses
+            .get(token_key(issuer, jti))
+            .map_err(sled_err("reading consent uses"))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
+        Ok(u32::try_from(used).unwrap_or(u32::MAX))
+    }
+}
+
+impl Storage for SledStorage {
+    fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
+        self.apply_batch_sled(ops)
+    }
+
+    fn seal(
+        &self,
+        previous: Option<&SignedCheckpoint>,
+    ) -> Result<Option<SignedCheckpoint>, Internal> {
+        self.log.seal(previous)
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        self.log.latest()
+    }
+
+    fn log_size(&self) -> Result<u64, Internal> {
+        self.log.size()
+    }
+
+    fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal> {
+        self.log.entry(index)
+    }
+
+    fn log_entries(&self, index: u64, limit: usize) -> Result<Vec<Vec<u8>>, Internal> {
+        self.log.entries_from(index, limit)
+    }
+
+    fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
+        self.log.prove_entry(index, size)
+    }
+
+    fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal> {
+        self.log.prove_consistency(old, new)
+    }
+
+    fn log_verifier_key(&self) -> String {
+        self.log.verifier_key()
+    }
+
+    fn sync(&self) -> Result<(), Internal> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(sled_err("flushing the database"))
+    }
+
+    fn receipt(
+        &self,
+        sender: &AgencyId,
+        id: &MessageId,
+    ) -> Result<Option<(pb::Receipt, [u8; 32])>, Internal> {
+        let Some(raw) = self
+            .receipts
+            .get(receipt_key(sender, id))
+            .map_err(sled_err("reading a receipt"))?
+        else {
+            return Ok(None);
+        };
+        let stored = StoredReceipt::decode(raw.as_ref())
+            .map_err(|e| Internal::new("decoding a receipt", e))?;
+        let digest: [u8; 32] = stored
+            .envelope_digest
+            .as_slice()
+            .try_into()
+            .map_err(|_| Internal::new("decoding a receipt", "bad digest length"))?;
+        Ok(Some((self.receipt_from_log(stored.log_index)?, digest)))
+    }
+
+    fn receipt_at(&self, log_index: u64) -> Result<pb::Receipt, Internal> {
+        self.receipt_from_log(log_index)
+    }
+
+    fn claimable(
+        &self,
+        recipient: &AgencyId,
+        durable: u64,
+        limit: usize,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<Vec<Queued>, Internal> {
+        let locations = self.lock_index().claimable(recipient, durable, limit, skip);
+        let mut out = Vec::with_capacity(locations.len());
+        // Locations come in block order: each block is read and decoded once.
+        let mut current: Option<(u64, StoredBlock)> = None;
+        for loc in locations {
+            if current.as_ref().map(|(first, _)| *first) != Some(loc.block) {
+                current = match self
+                    .queues
+                    .get(block_key(recipient, loc.block))
+                    .map_err(sled_err("reading a queue"))?
+                {
+                    Some(raw) => Some((
+                        loc.block,
+                        StoredBlock::decode(raw.as_ref())
+                            .map_err(|e| Internal::new("decoding a queue block", e))?,
+                    )),
+                    // Acknowledged in full since the index was read.
+                    None => None,
+                };
+            }
+            let Some((_, block)) = current.as_mut() else {
+                continue;
+            };
+            let Some(stored) = block
+                .items
+                .get_mut(loc.position)
+                .filter(|i| i.seq == loc.item.seq)
+            else {
+                tracing::error!(
+                    seq = loc.item.seq,
+                    "queue block disagrees with its index; skipping the item"
+                );
+                continue;
+            };
+            let body = match loc.item.kind {
+                ItemKind::Recall => match stored.recall.take() {
+                    Some(notice) => pb::delivery::Body::RecallNotice(notice),
+                    None => {
+                        tracing::error!(
+                            seq = loc.item.seq,
+                            "recall notice is missing; skipping it"
+                        );
+                        continue;
+                    }
+                },
+                ItemKind::Inline | ItemKind::Shared => {
+                    let transfer = match stored.transfer.take() {
+                        Some(inline) => Some(inline),
+                        None => self
+                            .transfers
+                            .get(loc.item.transfer_id.as_bytes())
+                            .map_err(sled_err("reading a transfer"))?
+                            .map(|raw| pb::Transfer::decode(raw.as_ref()))
+                            .transpose()
+                            .map_err(|e| Internal::new("decoding a transfer", e))?,
+                    };
+                    let Some(mut transfer) = transfer else {
+                        tracing::error!(
+                            seq = loc.item.seq,
+                            "queued transfer is missing; skipping it"
+                        );
+                        continue;
+                    };
+                    transfer.agreement_id = std::mem::take(&mut stored.agreement_id);
+                    transfer.clause = std::mem::take(&mut stored.clause);
+                    pb::delivery::Body::Transfer(transfer)
+                }
+            };
+            out.push(Queued {
+                seq: loc.item.seq,
+                body,
+            });
+        }
+        Ok(out)
+    }
+
+    fn queue_depth(&self, recipient: &AgencyId) -> u64 {
+        self.lock_index().depth(recipient)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+}
