@@ -7,10 +7,15 @@
 //! verifies, whose issuer is trusted for this sender and organisation, and whose claims cover
 //! this exact transfer (organisation, sender, recipients, kind, incident, payload, time window),
 //! and which is neither revoked nor used up. Anonymised envelopes need no token.
+//!
+//! [`VerifiedTokens`] remembers which tokens' signatures have been verified, so that a token
+//! used for many transfers (the records of one incident, say) costs one Ed25519 verification
+//! rather than one per transfer; everything else is checked on every envelope.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
+    sync::{Arc, Mutex},
 };
 
 use concordat_proto::{
@@ -162,10 +167,92 @@ pub trait ConsentLedger: Send + Sync {
     fn uses(&self, issuer: &KeyId, jti: &TokenId) -> Result<u32, Internal>;
 }
 
+/// Consent tokens whose signature verified under a trusted issuer's key, with their claims.
+///
+/// An Ed25519 verification is a pure function of the key, the signed message and the
+/// signature, so its success for the exact same token (compared byte for byte, never by a
+/// digest) under the same key stays true; only successes are remembered. Nothing else is
+/// cached: the issuer's permissions, the claims against the envelope, the time window,
+/// revocation and use counts are checked for every transfer. At most `2 × capacity` tokens are
+/// held, in two generations: when the newer fills, the older is dropped, so tokens in use stay
+/// and memory is bounded.
+pub struct VerifiedTokens {
+    capacity: usize,
+    generations: Mutex<Generations>,
+}
+
+#[derive(Default)]
+struct Generations {
+    current: HashMap<Box<str>, Arc<ConsentClaims>>,
+    previous: HashMap<Box<str>, Arc<ConsentClaims>>,
+}
+
+impl VerifiedTokens {
+    /// The default number of tokens per generation.
+    pub const DEFAULT_CAPACITY: usize = 4096;
+
+    /// An empty cache of `capacity` tokens per generation (at least one).
+    pub fn new(capacity: usize) -> Self {
+        VerifiedTokens {
+            capacity: capacity.max(1),
+            generations: Mutex::new(Generations::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
+        // Every update is a single insert or swap: a panic elsewhere cannot leave it torn.
+        self.generations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The claims of `token` if its signature was verified before.
+    fn get(&self, token: &str) -> Option<Arc<ConsentClaims>> {
+        let mut g = self.lock();
+        if let Some(claims) = g.current.get(token) {
+            return Some(claims.clone());
+        }
+        let (token, claims) = g.previous.remove_entry(token)?;
+        g.insert(self.capacity, token, claims.clone());
+        Some(claims)
+    }
+
+    /// Remembers that `token` verified, with its claims.
+    fn remember(&self, token: &str, claims: Arc<ConsentClaims>) {
+        self.lock().insert(self.capacity, token.into(), claims);
+    }
+
+    /// How many tokens are remembered (for tests and diagnostics).
+    pub fn len(&self) -> usize {
+        let g = self.lock();
+        g.current.len() + g.previous.len()
+    }
+
+    /// Whether no token is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        VerifiedTokens::new(VerifiedTokens::DEFAULT_CAPACITY)
+    }
+}
+
+impl Generations {
+    fn insert(&mut self, capacity: usize, token: Box<str>, claims: Arc<ConsentClaims>) {
+        if self.current.len() >= capacity {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(token, claims);
+    }
+}
+
 /// Everything [`decide`] looks at besides the envelope.
 pub struct Context<'a> {
     /// The rules.
     pub policy: &'a Policy,
+    /// Tokens verified before.
+    pub verified: &'a VerifiedTokens,
     /// The agencies of the federation.
     pub agencies: &'a BTreeMap<AgencyId, Agency>,
     /// Size limits.
@@ -311,14 +398,15 @@ fn authority(
     }
 }
 
-/// Finds the token's issuer among the trusted ones, verifies the token, and checks that the
-/// issuer may speak for this organisation to authorise this sender.
+/// Finds the token's issuer among the trusted ones, verifies the token (or finds that it was
+/// verified before), and checks that the issuer may speak for this organisation to authorise
+/// this sender.
 fn verify_token(
     cx: &Context<'_>,
     sender: &AgencyId,
     organisation: &OrgId,
     token: Option<&str>,
-) -> Result<ConsentClaims, Failure> {
+) -> Result<Arc<ConsentClaims>, Failure> {
     let Some(token) = token else {
         return Err(refuse(
             Reason::ConsentMissing,
@@ -327,14 +415,24 @@ fn verify_token(
             ),
         ));
     };
-    let key_id = consent::key_id_of(token).map_err(consent_refusal)?;
-    let Some(issuer) = cx.policy.issuers.get(&key_id) else {
-        return Err(refuse(
-            Reason::ConsentUnknownIssuer,
-            format!("consent token signed by {key_id}, which this broker does not trust"),
-        ));
+    let (key_id, issuer, claims) = match cx.verified.get(token) {
+        // Verified before under the key of its issuer, `iss` (consent::verify checks that
+        // the claim names the verifying key); the policy is fixed for the broker's lifetime,
+        // but the issuer is looked up again all the same.
+        Some(claims) => match cx.policy.issuers.get(claims.iss()) {
+            Some(issuer) => (*claims.iss(), issuer, claims),
+            None => return Err(unknown_issuer(claims.iss())),
+        },
+        None => {
+            let key_id = consent::key_id_of(token).map_err(consent_refusal)?;
+            let Some(issuer) = cx.policy.issuers.get(&key_id) else {
+                return Err(unknown_issuer(&key_id));
+            };
+            let claims = Arc::new(consent::verify(token, &issuer.key).map_err(consent_refusal)?);
+            cx.verified.remember(token, claims.clone());
+            (key_id, issuer, claims)
+        }
     };
-    let claims = consent::verify(token, &issuer.key).map_err(consent_refusal)?;
     if issuer.agency.as_ref().is_some_and(|desk| desk != sender) {
         return Err(refuse(
             Reason::ConsentIssuerNotAllowed,
@@ -357,6 +455,13 @@ fn verify_token(
         ));
     }
     Ok(claims)
+}
+
+fn unknown_issuer(key_id: &KeyId) -> Failure {
+    refuse(
+        Reason::ConsentUnknownIssuer,
+        format!("consent token signed by {key_id}, which this broker does not trust"),
+    )
 }
 
 fn consent_refusal(e: ConsentError) -> Failure {
@@ -478,4 +583,174 @@ fn check_claims(
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use concordat_proto::{envelope::Tlp, ids::MessageId, paserk::SecretKey};
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A ledger with nothing revoked and nothing used, or everything revoked.
+    struct Ledger {
+        revoked: bool,
+    }
+
+    impl ConsentLedger for Ledger {
+        fn is_revoked(&self, _: &KeyId, _: &TokenId, _: OffsetDateTime) -> Result<bool, Internal> {
+            Ok(self.revoked)
+        }
+
+        fn uses(&self, _: &KeyId, _: &TokenId) -> Result<u32, Internal> {
+            Ok(0)
+        }
+    }
+
+    /// The default federation with `desk` as the NCSC's consent desk.
+    fn config(desk: &SecretKey) -> Config {
+        let mut config = Config::embedded_default().unwrap();
+        config.policy.issuers.clear();
+        config.policy.issuers.insert(
+            desk.key_id(),
+            ConsentIssuer {
+                key: desk.public(),
+                agency: Some("ncsc".parse().unwrap()),
+                organisations: Organisations::Any,
+            },
+        );
+        config
+    }
+
+    /// A token of `desk` for acme-ltd's incident records from the NCSC to the ICO.
+    fn token(desk: &SecretKey, now: OffsetDateTime) -> String {
+        ConsentClaims::builder("acme-ltd", "ncsc", "a test")
+            .recipient("ico")
+            .kind(Kind::IncidentRecord)
+            .valid_for(Duration::hours(1))
+            .build(desk.key_id(), now)
+            .unwrap()
+            .sign(desk)
+            .unwrap()
+    }
+
+    fn envelope(to: &str, token: &str) -> Envelope {
+        Envelope {
+            message_id: MessageId::new_random(),
+            recipients: vec![to.parse().unwrap()],
+            kind: Kind::IncidentRecord,
+            organisation: Some("acme-ltd".parse().unwrap()),
+            incident_ref: None,
+            content_type: "application/json".into(),
+            tlp: Tlp::Amber,
+            payload: b"{}".to_vec(),
+            consent_token: Some(token.into()),
+        }
+    }
+
+    fn reason(result: Result<Decision, Failure>) -> Option<Reason> {
+        match result {
+            Err(Failure::Refused(r)) => Some(r.reason),
+            Err(Failure::Internal(e)) => panic!("internal error: {e}"),
+            Ok(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_still_has_every_claim_and_the_ledger_checked() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let verified = VerifiedTokens::default();
+        let now = OffsetDateTime::now_utc();
+        let token = token(&desk, now);
+        let ncsc: AgencyId = "ncsc".parse().unwrap();
+        let decide_with = |e: &Envelope, ledger: &Ledger, now: OffsetDateTime| {
+            let cx = Context {
+                policy: &config.policy,
+                verified: &verified,
+                agencies: &config.agencies,
+                limits: &config.limits,
+                ledger,
+                now,
+                payload_digest: [0; 32],
+            };
+            decide(&cx, &ncsc, e)
+        };
+        let open = Ledger { revoked: false };
+
+        assert_eq!(
+            reason(decide_with(&envelope("ico", &token), &open, now)),
+            None
+        );
+        assert_eq!(verified.len(), 1, "the verified token is remembered");
+        // Served from memory, the claims are still checked against each envelope ...
+        assert_eq!(
+            reason(decide_with(&envelope("nca", &token), &open, now)),
+            Some(Reason::NoAgreement)
+        );
+        let mut other_org = envelope("ico", &token);
+        other_org.organisation = Some("other-ltd".parse().unwrap());
+        assert_eq!(
+            reason(decide_with(&other_org, &open, now)),
+            Some(Reason::ConsentWrongOrganisation)
+        );
+        // ... against the clock ...
+        assert_eq!(
+            reason(decide_with(
+                &envelope("ico", &token),
+                &open,
+                now + Duration::hours(2)
+            )),
+            Some(Reason::ConsentExpired)
+        );
+        // ... and against the ledger.
+        assert_eq!(
+            reason(decide_with(
+                &envelope("ico", &token),
+                &Ledger { revoked: true },
+                now
+            )),
+            Some(Reason::ConsentRevoked)
+        );
+        // The same token with one signature byte changed is a different token: verified, and
+        // refused.
+        let mut forged = token.clone().into_bytes();
+        // A character inside the signature, the last part of the body.
+        let at = token.rfind('.').unwrap() - 5;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(
+            reason(decide_with(&envelope("ico", &forged), &open, now)),
+            Some(Reason::ConsentBadSignature)
+        );
+        assert_eq!(verified.len(), 1, "refused tokens are not remembered");
+    }
+
+    #[test]
+    fn the_cache_keeps_two_generations() {
+        let desk = SecretKey::generate();
+        let now = OffsetDateTime::now_utc();
+        let verified = VerifiedTokens::new(2);
+        let claims = Arc::new(
+            ConsentClaims::builder("acme-ltd", "ncsc", "a test")
+                .recipient("ico")
+                .kind(Kind::IncidentRecord)
+                .valid_for(Duration::hours(1))
+                .build(desk.key_id(), now)
+                .unwrap(),
+        );
+        for t in ["a", "b", "c"] {
+            verified.remember(t, claims.clone());
+        }
+        // "a" and "b" filled the first generation; "c" started the second.
+        assert_eq!(verified.len(), 3);
+        // Looking "a" up promotes it into the current generation ...
+        assert!(verified.get("a").is_some());
+        // ... which is now full, so the next token drops the generation holding "b".
+        verified.remember("d", claims.clone());
+        assert!(verified.get("b").is_none());
+        assert!(verified.get("a").is_some() && verified.get("d").is_some());
+        assert!(verified.len() <= 4);
+    }
 }

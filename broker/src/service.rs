@@ -19,7 +19,7 @@ use crate::{
     dispatch::Dispatcher,
     identity::{Authenticator, Caller, caller},
     metrics::Metrics,
-    policy::{self, Policy},
+    policy::{self, Policy, VerifiedTokens},
     refusal::{Failure, Internal, Reason, Refusal},
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
@@ -35,6 +35,7 @@ pub struct State {
     agencies: BTreeMap<AgencyId, Agency>,
     limits: Limits,
     policy: Policy,
+    verified: VerifiedTokens,
     store: Store,
     dispatcher: Dispatcher,
     shutdown: watch::Receiver<bool>,
@@ -56,6 +57,7 @@ impl State {
             agencies: config.agencies.clone(),
             limits: config.limits.clone(),
             policy: config.policy.clone(),
+            verified: VerifiedTokens::default(),
             store,
             dispatcher: Dispatcher::default(),
             shutdown,
@@ -136,6 +138,7 @@ impl State {
         let now = OffsetDateTime::now_utc();
         let cx = policy::Context {
             policy: &self.policy,
+            verified: &self.verified,
             agencies: &self.agencies,
             limits: &self.limits,
             ledger: storage,
