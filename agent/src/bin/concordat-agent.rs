@@ -10,6 +10,11 @@ use concordat_agent::{
     spool::Spool,
 };
 
+/// gRPC, TLS and sled allocate heavily from several threads; mimalloc is cheaper and fragments
+/// less than the system allocator there (measured with `concordat bench relay`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,
