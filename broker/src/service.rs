@@ -75,8 +75,17 @@ impl State {
     async fn submit(&self, sender: &AgencyId, wire: pb::Envelope) -> Result<pb::Receipt, Failure> {
         // The payload is hashed once, here, for every use below.
         let payload_sha256: [u8; 32] = Sha256::digest(&wire.payload).into();
-        let raw = store::raw_facts(sender, &wire, &payload_sha256);
-        match self.prepare(sender, wire, payload_sha256) {
+        let (outcome, facts) = match Envelope::from_wire(wire) {
+            Ok(envelope) => match self.prepare(sender, envelope, payload_sha256) {
+                Ok(prepared) => (Ok(prepared), None),
+                Err((failure, facts)) => (Err(failure), facts),
+            },
+            Err((e, wire)) => (
+                Err(Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")).into()),
+                Some(Box::new(store::raw_facts(sender, &wire, &payload_sha256))),
+            ),
+        };
+        match outcome {
             Ok(Prepared::Duplicate(mut receipt)) => {
                 self.store.prove_receipt(&mut receipt).await?;
                 Ok(*receipt)
@@ -87,7 +96,8 @@ impl State {
                     self.store.prove_receipt(&mut receipt).await?;
                     Ok(*receipt)
                 }
-                // A retry that raced its first attempt: the first receipt, now committed.
+                // A retry of an accepted message (or one racing its first attempt): the first
+                // receipt.
                 Applied::Duplicate(log_index) => {
                     let mut receipt = self.store.storage().receipt_at(log_index)?;
                     self.store.prove_receipt(&mut receipt).await?;
@@ -101,7 +111,7 @@ impl State {
             },
             Err(Failure::Refused(r)) => {
                 let refused = pb::TransferRefused {
-                    envelope: Some(raw),
+                    envelope: facts.map(|f| *f),
                     reason: r.reason.as_str().into(),
                     message: r.message.clone(),
                 };
@@ -112,29 +122,16 @@ impl State {
         }
     }
 
-    /// Validates and decides, without writing.
+    /// Decides on a validated envelope, without writing. A refusal comes with what the audit
+    /// log records of the envelope.
     fn prepare(
         &self,
         sender: &AgencyId,
-        wire: pb::Envelope,
+        envelope: Envelope,
         payload_sha256: [u8; 32],
-    ) -> Result<Prepared, Failure> {
-        let envelope = Envelope::try_from(wire)
-            .map_err(|e| Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")))?;
+    ) -> Result<Prepared, (Failure, Option<Box<pb::EnvelopeFacts>>)> {
         let digest = store::envelope_digest(&envelope, &payload_sha256);
         let storage = self.store.storage();
-        // A retry of an accepted message gets the first receipt back; the writer checks again.
-        if let Some((mut receipt, first)) = storage.receipt(sender, &envelope.message_id)? {
-            if first != digest {
-                return Err(Refusal::new(
-                    Reason::MessageIdReused,
-                    "this message id was already used for a different envelope; choose a new id",
-                )
-                .into());
-            }
-            receipt.duplicate = true;
-            return Ok(Prepared::Duplicate(Box::new(receipt)));
-        }
         let now = OffsetDateTime::now_utc();
         let cx = policy::Context {
             policy: &self.policy,
@@ -145,20 +142,30 @@ impl State {
             now,
             payload_digest: payload_sha256,
         };
+        // A retry of an accepted message is recognised by the writer, which answers with the
+        // first receipt; only when the decision refuses it (its token expired or used up since,
+        // say) is the receipt looked up here.
         let decision = match policy::decide(&cx, sender, &envelope) {
             Ok(decision) => decision,
-            // A retry racing its first attempt may be decided just after the first was stored
-            // (spending the token's last use, say): it still gets the first receipt.
             Err(Failure::Refused(refusal)) => {
-                return match storage.receipt(sender, &envelope.message_id)? {
-                    Some((mut receipt, first)) if first == digest => {
+                let facts = || {
+                    Some(Box::new(store::refused_facts(
+                        sender,
+                        &envelope,
+                        &payload_sha256,
+                    )))
+                };
+                return match storage.receipt(sender, &envelope.message_id) {
+                    Ok(Some((mut receipt, first))) if first == digest => {
                         receipt.duplicate = true;
                         Ok(Prepared::Duplicate(Box::new(receipt)))
                     }
-                    _ => Err(refusal.into()),
+                    Ok(Some(_)) => Err((store::message_id_reused().into(), facts())),
+                    Ok(None) => Err((refusal.into(), facts())),
+                    Err(e) => Err((e.into(), None)),
                 };
             }
-            Err(internal) => return Err(internal),
+            Err(internal) => return Err((internal, None)),
         };
         Ok(Prepared::Accept(Op::Accept(Box::new(Accept {
             sender: sender.clone(),

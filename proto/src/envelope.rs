@@ -262,10 +262,8 @@ impl fmt::Debug for Envelope {
     }
 }
 
-fn label(field: &'static str, value: String) -> Result<Option<String>, EnvelopeError> {
-    if value.is_empty() {
-        return Ok(None);
-    }
+/// Checks an optional label: empty (absent), or at most [`MAX_LABEL_LEN`] printable ASCII bytes.
+fn check_label(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
     if value.len() > MAX_LABEL_LEN {
         return Err(EnvelopeError::Invalid {
             field,
@@ -278,13 +276,20 @@ fn label(field: &'static str, value: String) -> Result<Option<String>, EnvelopeE
             problem: "must be printable ASCII".into(),
         });
     }
-    Ok(Some(value))
+    Ok(())
 }
 
-impl TryFrom<pb::Envelope> for Envelope {
-    type Error = EnvelopeError;
+/// What validating a wire envelope parses, before its strings and payload are moved.
+struct Checked {
+    message_id: MessageId,
+    recipients: Vec<AgencyId>,
+    kind: Kind,
+    organisation: Option<OrgId>,
+    tlp: Tlp,
+}
 
-    fn try_from(wire: pb::Envelope) -> Result<Self, EnvelopeError> {
+impl Checked {
+    fn of(wire: &pb::Envelope) -> Result<Checked, EnvelopeError> {
         let message_id = wire
             .message_id
             .parse()
@@ -302,7 +307,7 @@ impl TryFrom<pb::Envelope> for Envelope {
             });
         }
         let mut recipients: Vec<AgencyId> = Vec::with_capacity(wire.recipients.len());
-        for r in wire.recipients {
+        for r in &wire.recipients {
             let id: AgencyId = r.parse().map_err(|e| EnvelopeError::id("recipients", e))?;
             if recipients.contains(&id) {
                 return Err(EnvelopeError::Invalid {
@@ -321,19 +326,48 @@ impl TryFrom<pb::Envelope> for Envelope {
                     .map_err(|e| EnvelopeError::id("organisation", e))?,
             )
         };
-        let consent_token = (!wire.consent_token.is_empty()).then_some(wire.consent_token);
-        Ok(Envelope {
+        let kind = Kind::try_from(wire.kind)?;
+        check_label("incident_ref", &wire.incident_ref)?;
+        check_label("content_type", &wire.content_type)?;
+        Ok(Checked {
             message_id,
             recipients,
-            kind: Kind::try_from(wire.kind)?,
+            kind,
             organisation,
-            incident_ref: label("incident_ref", wire.incident_ref)?,
-            content_type: label("content_type", wire.content_type)?
-                .unwrap_or_else(|| "application/octet-stream".into()),
             tlp: Tlp::try_from(wire.tlp)?,
-            payload: wire.payload,
-            consent_token,
         })
+    }
+}
+
+impl Envelope {
+    /// Validates `wire`. On failure it is handed back with the reason, so that the caller can
+    /// still describe what it refused without having copied it beforehand.
+    pub fn from_wire(wire: pb::Envelope) -> Result<Envelope, (EnvelopeError, Box<pb::Envelope>)> {
+        let c = match Checked::of(&wire) {
+            Ok(c) => c,
+            Err(e) => return Err((e, Box::new(wire))),
+        };
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        Ok(Envelope {
+            message_id: c.message_id,
+            recipients: c.recipients,
+            kind: c.kind,
+            organisation: c.organisation,
+            incident_ref: some(wire.incident_ref),
+            content_type: some(wire.content_type)
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            tlp: c.tlp,
+            payload: wire.payload,
+            consent_token: some(wire.consent_token),
+        })
+    }
+}
+
+impl TryFrom<pb::Envelope> for Envelope {
+    type Error = EnvelopeError;
+
+    fn try_from(wire: pb::Envelope) -> Result<Self, EnvelopeError> {
+        Envelope::from_wire(wire).map_err(|(e, _)| e)
     }
 }
 
@@ -369,6 +403,23 @@ mod tests {
             tlp: pb::Tlp::Amber as i32,
             payload: b"{}".to_vec(),
             consent_token: "v4.public.x".into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_wire_envelope_is_handed_back_whole() {
+        for (field, wire) in [
+            ("tlp", pb::Envelope { tlp: 99, ..valid() }),
+            (
+                "incident_ref",
+                pb::Envelope {
+                    incident_ref: "bad\tlabel".into(),
+                    ..valid()
+                },
+            ),
+        ] {
+            let (_, back) = Envelope::from_wire(wire.clone()).unwrap_err();
+            assert_eq!(*back, wire, "{field}");
         }
     }
 

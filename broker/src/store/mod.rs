@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     audit_log::SignedCheckpoint,
     policy::{ConsentLedger, Decision},
-    refusal::{Failure, Internal},
+    refusal::{Failure, Internal, Reason, Refusal},
 };
 
 pub mod queue;
@@ -470,6 +470,30 @@ pub fn facts(
         consent_jti: consent.map(|c| c.0.to_string()).unwrap_or_default(),
         consent_issuer: consent.map(|c| c.1.to_string()).unwrap_or_default(),
     }
+}
+
+/// What the audit log records about a validated envelope the decision refused: its facts, with
+/// the issuer named by the consent token's footer if it has one (whether or not it verified).
+pub fn refused_facts(
+    sender: &AgencyId,
+    e: &Envelope,
+    payload_sha256: &[u8; 32],
+) -> pb::EnvelopeFacts {
+    let mut f = facts(sender, e, None, payload_sha256);
+    if let Some(token) = &e.consent_token {
+        f.consent_issuer = concordat_proto::consent::key_id_of(token)
+            .map(|k| k.to_string())
+            .unwrap_or_default();
+    }
+    f
+}
+
+/// The refusal of a message id used before for another envelope.
+pub fn message_id_reused() -> Refusal {
+    Refusal::new(
+        Reason::MessageIdReused,
+        "this message id was already used for a different envelope; choose a new id",
+    )
 }
 
 /// What the audit log records about an envelope that did not validate: its fields as far as

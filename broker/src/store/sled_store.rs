@@ -27,7 +27,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
     sync::{
-        Mutex, MutexGuard,
+        Mutex, MutexGuard, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -47,7 +47,7 @@ use sled::{
 use time::OffsetDateTime;
 
 use super::{
-    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, facts,
+    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, facts, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -126,6 +126,9 @@ pub struct SledStorage {
     meta: sled::Tree,
     log: Log,
     index: Mutex<QueueIndex>,
+    /// The `revocations` tree, mirrored: read for every consented transfer, changed only by
+    /// revocations, which the writer applies.
+    revocations: RwLock<HashMap<Vec<u8>, sled::IVec>>,
     last_seq: AtomicU64,
 }
 
@@ -176,7 +179,6 @@ struct Trees<'a> {
     queues: &'a TransactionalTree,
     queue_acks: &'a TransactionalTree,
     uses: &'a TransactionalTree,
-    revoked: &'a TransactionalTree,
     meta: &'a TransactionalTree,
     consented: &'a TransactionalTree,
     log: TxLog<'a>,
@@ -272,9 +274,20 @@ impl SledStorage {
             )?,
             meta,
             index: Mutex::new(QueueIndex::default()),
+            revocations: RwLock::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
             db,
         };
+        let revocations = storage
+            .revoked
+            .iter()
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v)))
+            .collect::<Result<HashMap<_, _>, _>>()
+            .map_err(sled_err("reading revocations"))?;
+        *storage
+            .revocations
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = revocations;
         let next = storage
             .meta
             .get(NEXT_SEQ)
@@ -320,19 +333,13 @@ impl SledStorage {
         Ok(meta.get(NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1))
     }
 
-    fn is_revoked_in(
-        revoked: &TransactionalTree,
-        issuer: &KeyId,
-        jti: &TokenId,
-        issued_at: OffsetDateTime,
-    ) -> TxResult<bool> {
-        if revoked.get(revoked_jti_key(issuer, jti))?.is_some() {
-            return Ok(true);
-        }
-        let before = revoked
-            .get(revoked_before_key(issuer))?
-            .and_then(|v| be_i128(&v));
-        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+    /// Whether the token `jti` of `issuer`, issued at `issued_at`, is revoked.
+    fn revoked(&self, issuer: &KeyId, jti: &TokenId, issued_at: OffsetDateTime) -> bool {
+        let r = self.revocations.read().unwrap_or_else(|p| p.into_inner());
+        r.contains_key(&revoked_jti_key(issuer, jti))
+            || r.get(&revoked_before_key(issuer))
+                .and_then(|v| be_i128(v))
+                .is_some_and(|b| issued_at.unix_timestamp_nanos() < b)
     }
 
     /// Applies a batch: consecutive operations share one sled transaction; a revocation, which
@@ -366,7 +373,6 @@ impl SledStorage {
             &self.queue_acks,
             &self.uses,
             &self.consented,
-            &self.revoked,
             &self.meta,
             entries,
             hashes,
@@ -380,7 +386,6 @@ impl SledStorage {
                 queue_acks,
                 uses,
                 consented,
-                revoked,
                 meta,
                 le,
                 lh,
@@ -395,7 +400,6 @@ impl SledStorage {
                 queues,
                 queue_acks,
                 uses,
-                revoked,
                 meta,
                 consented,
                 log: self.log.in_tx(le, lh, meta)?,
@@ -599,7 +603,7 @@ impl SledStorage {
             }
         }
         if let Some(c) = &a.decision.consent {
-            if Self::is_revoked_in(t.revoked, &c.issuer, &c.jti, c.issued_at)? {
+            if self.revoked(&c.issuer, &c.jti, c.issued_at) {
                 return Ok(Err(Refusal::new(
                     Reason::ConsentRevoked,
                     format!("consent token {} has been revoked by its issuer", c.jti),
@@ -795,25 +799,27 @@ impl SledStorage {
                         || previous_before.is_some_and(|b| iat < b))
                 };
                 let mut recalled: Vec<&ConsentedTransfer> = Vec::new();
-                match r.target {
+                let written = match r.target {
                     RevokeTarget::Token(jti) => {
                         if revoked.get(revoked_jti_key(&r.issuer, &jti))?.is_some() {
-                            return Ok((0, true, Committed::default()));
+                            return Ok((0, true, Committed::default(), None));
                         }
                         for (_, rec) in &candidates {
                             if !already(rec, &jti)? {
                                 recalled.push(rec);
                             }
                         }
-                        revoked.insert(
+                        let record = (
                             revoked_jti_key(&r.issuer, &jti),
-                            &r.revoked_at.unix_timestamp().to_be_bytes(),
-                        )?;
+                            r.revoked_at.unix_timestamp().to_be_bytes().to_vec(),
+                        );
+                        revoked.insert(record.0.as_slice(), record.1.as_slice())?;
+                        record
                     }
                     RevokeTarget::IssuedBefore(before) => {
                         let cut = before.unix_timestamp_nanos();
                         if previous_before.is_some_and(|b| b >= cut) {
-                            return Ok((0, true, Committed::default()));
+                            return Ok((0, true, Committed::default(), None));
                         }
                         for (jti, rec) in &candidates {
                             let iat = i128::from(rec.issued_at_nanos);
@@ -821,9 +827,11 @@ impl SledStorage {
                                 recalled.push(rec);
                             }
                         }
-                        revoked.insert(revoked_before_key(&r.issuer), &cut.to_be_bytes())?;
+                        let record = (revoked_before_key(&r.issuer), cut.to_be_bytes().to_vec());
+                        revoked.insert(record.0.as_slice(), record.1.as_slice())?;
+                        record
                     }
-                }
+                };
                 let mut seq = Self::next_seq(meta)?;
                 let mut blocks = BlockBuilder::default();
                 let mut queued = Vec::new();
@@ -893,10 +901,16 @@ impl SledStorage {
                     last_seq: seq - 1,
                     frontier: log.finish()?,
                 };
-                Ok((notices, false, committed))
+                Ok((notices, false, committed, Some(written)))
             },
         );
-        let (recall_notices, duplicate, committed) = tx_outcome(outcome)?;
+        let (recall_notices, duplicate, committed, written) = tx_outcome(outcome)?;
+        if let Some((key, value)) = written {
+            self.revocations
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, value.into());
+        }
         self.settle(committed);
         Ok(Applied::Revoked {
             recall_notices,
@@ -949,13 +963,6 @@ fn check_layout(meta: &sled::Tree) -> Result<(), Internal> {
             Ok(())
         }
     }
-}
-
-fn message_id_reused() -> Refusal {
-    Refusal::new(
-        Reason::MessageIdReused,
-        "this message id was already used for a different envelope; choose a new id",
-    )
 }
 
 fn tx_outcome<T>(r: Result<T, TransactionError<Failure>>) -> Result<T, Failure> {
@@ -1040,21 +1047,7 @@ impl ConsentLedger for SledStorage {
         jti: &TokenId,
         issued_at: OffsetDateTime,
     ) -> Result<bool, Internal> {
-        let read = sled_err("reading revocations");
-        if self
-            .revoked
-            .get(revoked_jti_key(issuer, jti))
-            .map_err(&read)?
-            .is_some()
-        {
-            return Ok(true);
-        }
-        let before = self
-            .revoked
-            .get(revoked_before_key(issuer))
-            .map_err(&read)?
-            .and_then(|v| be_i128(&v));
-        Ok(before.is_some_and(|b| issued_at.unix_timestamp_nanos() < b))
+        Ok(self.revoked(issuer, jti, issued_at))
     }
 
     fn uses(&self, issuer: &KeyId, jti: &TokenId) -> Result<u32, Internal> {
