@@ -56,7 +56,16 @@ pub struct RelayBench {
     pub payload: usize,
     /// Client connections the requests are spread over.
     pub connections: usize,
+    /// Deliveries in flight to the subscriber (the broker's `max_window` is raised to match).
+    pub window: u32,
+    /// Also run the full broker with a new consent token for every message, so that every
+    /// send pays for a signature verification.
+    pub fresh_tokens: bool,
 }
+
+/// Tokens the fresh-token run cycles through: more than the broker remembers
+/// (`VerifiedTokens`, two generations of 4096), so every send is verified.
+const FRESH_TOKENS: usize = 16_384;
 
 /// The figures of one run.
 #[derive(Debug, Clone)]
@@ -67,6 +76,8 @@ pub struct RunResult {
     pub delivered: u64,
     /// Failed requests.
     pub errors: u64,
+    /// The failures, by gRPC code and message, with their counts.
+    pub error_kinds: Vec<(String, u64)>,
     /// Wall time.
     pub elapsed: Duration,
     /// Median latency.
@@ -280,16 +291,18 @@ async fn load(
     senders: Vec<Broker>,
     receiver: Broker,
     envelope: pb::Envelope,
+    tokens: Arc<Vec<String>>,
     settings: &RelayBench,
-    rss: Arc<Mutex<Vec<f64>>>,
 ) -> anyhow::Result<RunResult> {
+    let rss = Arc::new(Mutex::new(Vec::new()));
+    let window = settings.window;
     let delivered = Arc::new(AtomicU64::new(0));
     let consumer = {
         let delivered = delivered.clone();
         tokio::spawn(async move {
             let mut stream = receiver
                 .exchange()
-                .subscribe(pb::SubscribeRequest { window: 64 })
+                .subscribe(pb::SubscribeRequest { window })
                 .await?
                 .into_inner();
             let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<String>();
@@ -346,30 +359,45 @@ async fn load(
     for i in 0..settings.in_flight {
         let mut client = senders[i % senders.len()].exchange();
         let template = envelope.clone();
+        let tokens = tokens.clone();
+        // Each worker starts at its own place in the pool, so that none repeats another.
+        let mut next = i * tokens.len() / settings.in_flight.max(1);
         workers.push(tokio::spawn(async move {
             let mut latencies: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
+            let mut errors: HashMap<String, u64> = HashMap::new();
             while Instant::now() < deadline {
                 let mut e = template.clone();
                 e.message_id = MessageId::new_random().to_string();
+                if let Some(token) = tokens.get(next % tokens.len().max(1)) {
+                    e.consent_token.clone_from(token);
+                }
+                next += 1;
                 let t = Instant::now();
                 match client.send(e).await {
                     Ok(_) => {
                         latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
                     }
-                    Err(_) => errors += 1,
+                    Err(status) => {
+                        let kind = format!("{:?}: {}", status.code(), status.message());
+                        *errors.entry(kind).or_default() += 1;
+                    }
                 }
             }
             (latencies, errors)
         }));
     }
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut error_kinds: HashMap<String, u64> = HashMap::new();
     for w in workers {
         let (l, e) = w.await?;
         latencies.extend(l);
-        errors += e;
+        for (kind, n) in e {
+            *error_kinds.entry(kind).or_default() += n;
+        }
     }
+    let errors = error_kinds.values().sum();
+    let mut error_kinds: Vec<(String, u64)> = error_kinds.into_iter().collect();
+    error_kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let elapsed = start.elapsed();
     let _ = sampler.await;
     // Let the subscriber catch up with what was accepted, briefly.
@@ -390,6 +418,7 @@ async fn load(
         accepted,
         delivered: delivered.load(Ordering::Relaxed),
         errors,
+        error_kinds,
         elapsed,
         p50: pct(0.50),
         p99: pct(0.99),
@@ -410,15 +439,10 @@ async fn clients(
     Ok(out)
 }
 
-/// Runs the relay benchmark and prints its figures.
-pub async fn relay(
-    settings: RelayBench,
-    out: &mut dyn Write,
-) -> anyhow::Result<(RunResult, RunResult)> {
-    let mut pki = Pki::new()?;
-    let desk = SecretKey::generate();
-    let token = operator::issue_consent(
-        &desk,
+/// A consent token of `desk` for the benchmark's transfers.
+fn bench_token(desk: &SecretKey) -> anyhow::Result<String> {
+    operator::issue_consent(
+        desk,
         &ConsentRequest {
             organisation: "acme-ltd".parse()?,
             from: "ncsc".parse()?,
@@ -431,51 +455,24 @@ pub async fn relay(
             max_uses: None,
         },
         OffsetDateTime::now_utc(),
-    )?;
-    let envelope = pb::Envelope {
-        message_id: String::new(),
-        recipients: vec!["ico".into()],
-        kind: pb::MessageKind::IncidentRecord as i32,
-        organisation: "acme-ltd".into(),
-        incident_ref: "INC-BENCH".into(),
-        content_type: "application/octet-stream".into(),
-        tlp: pb::Tlp::Amber as i32,
-        payload: vec![0x5a; settings.payload],
-        consent_token: token,
-    };
-    writeln!(
-        out,
-        "relay benchmark: {} requests in flight over {} connection(s), {}-byte payloads, {:?} per run, {} CPU(s)",
-        settings.in_flight,
-        settings.connections,
-        settings.payload,
-        settings.duration,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    )?;
-
-    // 1. The bare relay.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let stop = spawn_bare(&pki, listener)?;
-    let senders = clients(&mut pki, "ncsc", addr, settings.connections).await?;
-    let receiver = pki.client("ico", addr)?.connect().await?;
-    let bare = load(
-        senders,
-        receiver,
-        envelope.clone(),
-        &settings,
-        Arc::new(Mutex::new(Vec::new())),
     )
-    .await?;
-    let _ = stop.send(());
-    print_run(out, "bare mTLS relay", &bare)?;
+}
 
-    // 2. The full broker: the default federation with this run's PKI and consent desk.
+/// Runs the load through a full broker: the default federation with this run's PKI and
+/// `desk` as the NCSC's consent desk, in a fresh data directory.
+async fn run_full(
+    pki: &mut Pki,
+    desk: &SecretKey,
+    envelope: &pb::Envelope,
+    tokens: Arc<Vec<String>>,
+    settings: &RelayBench,
+) -> anyhow::Result<RunResult> {
     let dir = tempfile::tempdir()?;
     let mut config = Config::embedded_default()?;
     config.tls = pki.tls_material()?;
     config.data_dir = dir.path().join("broker");
     config.metrics_listen = None;
+    config.limits.max_window = settings.window;
     config.policy.issuers.clear();
     config.policy.issuers.insert(
         desk.key_id(),
@@ -491,28 +488,94 @@ pub async fn relay(
     let server = tokio::spawn(concordat_broker::serve(config, listener, async {
         let _ = stopped.await;
     }));
+    let senders = clients(pki, "ncsc", addr, settings.connections).await?;
+    let receiver = pki.client("ico", addr)?.connect().await?;
+    let result = load(senders, receiver, envelope.clone(), tokens, settings).await?;
+    let _ = stop.send(());
+    server.await??;
+    Ok(result)
+}
+
+/// Runs the relay benchmark and prints its figures: the bare relay, the full broker, and with
+/// [`RelayBench::fresh_tokens`] the full broker once more with a new token per message.
+pub async fn relay(
+    settings: RelayBench,
+    out: &mut dyn Write,
+) -> anyhow::Result<(RunResult, RunResult)> {
+    let mut pki = Pki::new()?;
+    let desk = SecretKey::generate();
+    let token = bench_token(&desk)?;
+    let envelope = pb::Envelope {
+        message_id: String::new(),
+        recipients: vec!["ico".into()],
+        kind: pb::MessageKind::IncidentRecord as i32,
+        organisation: "acme-ltd".into(),
+        incident_ref: "INC-BENCH".into(),
+        content_type: "application/octet-stream".into(),
+        tlp: pb::Tlp::Amber as i32,
+        payload: vec![0x5a; settings.payload],
+        consent_token: token.clone(),
+    };
+    writeln!(
+        out,
+        "relay benchmark: {} requests in flight over {} connection(s), {}-byte consented incident records, subscriber window {}, {:?} per run, {} CPU(s)",
+        settings.in_flight,
+        settings.connections,
+        settings.payload,
+        settings.window,
+        settings.duration,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )?;
+    let one_token = Arc::new(vec![token]);
+
+    // 1. The bare relay.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = spawn_bare(&pki, listener)?;
     let senders = clients(&mut pki, "ncsc", addr, settings.connections).await?;
     let receiver = pki.client("ico", addr)?.connect().await?;
-    let full = load(
+    let bare = load(
         senders,
         receiver,
-        envelope,
+        envelope.clone(),
+        one_token.clone(),
         &settings,
-        Arc::new(Mutex::new(Vec::new())),
     )
     .await?;
     let _ = stop.send(());
-    server.await??;
+    print_run(out, "bare mTLS relay", &bare)?;
+
+    // 2. The full broker, every message under the same consent token (the records of one
+    //    incident): its signature is verified on first use, its claims on every send.
+    let full = run_full(&mut pki, &desk, &envelope, one_token, &settings).await?;
     print_run(out, "full broker", &full)?;
     writeln!(
         out,
-        "  (mTLS + consent token verification + decision + durable append with audit entry + fsync before receipt)"
+        "  (mTLS + consent decision + durable append with audit entries + fsync before receipt; one token)"
     )?;
     writeln!(
         out,
         "ratio full/bare throughput: {:.2} (target >= 0.50)",
         full.rate() / bare.rate().max(1e-9)
     )?;
+
+    // 3. Optionally, a new token for every message.
+    if settings.fresh_tokens {
+        let tokens = (0..FRESH_TOKENS)
+            .map(|_| bench_token(&desk))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let fresh = run_full(&mut pki, &desk, &envelope, Arc::new(tokens), &settings).await?;
+        print_run(out, "full, new tokens", &fresh)?;
+        writeln!(
+            out,
+            "  (as above, but each message has a token the broker has not verified before)"
+        )?;
+        writeln!(
+            out,
+            "ratio full (new tokens)/bare throughput: {:.2}",
+            fresh.rate() / bare.rate().max(1e-9)
+        )?;
+    }
     Ok((bare, full))
 }
 
@@ -528,6 +591,9 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
         r.errors,
         r.elapsed.as_secs_f64()
     )?;
+    for (kind, n) in r.error_kinds.iter().take(5) {
+        writeln!(out, "  {n} failed: {kind}")?;
+    }
     if !r.rss_mib.is_empty() {
         let n = r.rss_mib.len();
         let pick = |i: usize| r.rss_mib.get(i).copied().unwrap_or(0.0);

@@ -172,6 +172,12 @@ enum BenchCommand {
         /// Client connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Deliveries in flight to the subscriber (the broker's max_window is set to match).
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        window: u32,
+        /// Also run the full broker with a new consent token for every message.
+        #[arg(long)]
+        fresh_tokens: bool,
     },
     /// Export and offline verification of a log of this many entries.
     Audit {
@@ -493,12 +499,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     in_flight,
                     payload,
                     connections,
+                    window,
+                    fresh_tokens,
                 } => {
                     let settings = concordat_agent::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),
                         in_flight: in_flight.max(1),
                         payload,
                         connections: connections.max(1),
+                        window,
+                        fresh_tokens,
                     };
                     concordat_agent::bench::relay(settings, &mut out).await?;
                 }
