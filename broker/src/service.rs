@@ -167,15 +167,14 @@ impl State {
             }
             Err(internal) => return Err((internal, None)),
         };
-        Ok(Prepared::Accept(Op::Accept(Box::new(Accept {
-            sender: sender.clone(),
+        Ok(Prepared::Accept(Op::Accept(Box::new(Accept::new(
+            sender.clone(),
             envelope,
             decision,
-            envelope_digest: digest,
-            transfer_id: uuid::Uuid::new_v4(),
-            accepted_at: now,
-            max_queue_depth: self.limits.max_queue_depth,
-        }))))
+            digest,
+            now,
+            self.limits.max_queue_depth,
+        )))))
     }
 
     /// [`State::submit`], with the outcome logged.

@@ -90,7 +90,7 @@ pub enum Op {
 pub struct Accept {
     /// The authenticated sender.
     pub sender: AgencyId,
-    /// The envelope.
+    /// The envelope; its payload has moved into [`Accept::transfer`].
     pub envelope: Envelope,
     /// The decision that allowed it.
     pub decision: Decision,
@@ -102,6 +102,69 @@ pub struct Accept {
     pub accepted_at: OffsetDateTime,
     /// Refuse if any recipient's queue holds this many items.
     pub max_queue_depth: u64,
+    /// What is delivered (the agreement and clause, which differ per recipient, left empty).
+    pub transfer: pb::Transfer,
+    /// What the audit log records of the envelope.
+    pub facts: pb::EnvelopeFacts,
+    /// The agreement relied on for each recipient, as receipts and the log name them.
+    pub authorities: Vec<pb::Authority>,
+}
+
+impl Accept {
+    /// The write for `envelope`, accepted by `decision`. The records it will store are made
+    /// here, on the caller's thread, so that the one writer thread only places them.
+    pub fn new(
+        sender: AgencyId,
+        mut envelope: Envelope,
+        decision: Decision,
+        envelope_digest: [u8; 32],
+        accepted_at: OffsetDateTime,
+        max_queue_depth: u64,
+    ) -> Accept {
+        let transfer_id = uuid::Uuid::new_v4();
+        let consent = decision.consent.as_ref().map(|c| (c.jti, c.issuer));
+        let facts = facts(&sender, &envelope, consent, &decision.payload_digest);
+        let e = &mut envelope;
+        let transfer = pb::Transfer {
+            transfer_id: transfer_id.to_string(),
+            message_id: facts.message_id.clone(),
+            sender: facts.sender.clone(),
+            recipients: facts.recipients.clone(),
+            kind: facts.kind,
+            organisation: facts.organisation.clone(),
+            incident_ref: facts.incident_ref.clone(),
+            content_type: e.content_type.clone(),
+            tlp: facts.tlp,
+            payload: std::mem::take(&mut e.payload),
+            consent_jti: facts.consent_jti.clone(),
+            consent_issuer: facts.consent_issuer.clone(),
+            // Per recipient: filled in when delivered.
+            agreement_id: String::new(),
+            clause: String::new(),
+            accepted_at: Some(timestamp(accepted_at)),
+        };
+        let authorities = decision
+            .authorities
+            .iter()
+            .map(|x| pb::Authority {
+                recipient: x.recipient.to_string(),
+                agreement_id: x.agreement_id.clone(),
+                clause: x.clause.clone(),
+            })
+            .collect();
+        Accept {
+            sender,
+            envelope,
+            decision,
+            envelope_digest,
+            transfer_id,
+            accepted_at,
+            max_queue_depth,
+            transfer,
+            facts,
+            authorities,
+        }
+    }
 }
 
 /// A verified revocation to record.

@@ -47,7 +47,7 @@ use sled::{
 use time::OffsetDateTime;
 
 use super::{
-    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, facts, message_id_reused,
+    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -607,16 +607,10 @@ impl SledStorage {
             Err(refusal) => {
                 // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
                 // logged like any other, in the same group commit.
-                let consent = a.decision.consent.as_ref().map(|c| (c.jti, c.issuer));
                 t.log
                     .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
                         pb::TransferRefused {
-                            envelope: Some(facts(
-                                &a.sender,
-                                &a.envelope,
-                                consent,
-                                &a.decision.payload_digest,
-                            )),
+                            envelope: Some(a.facts.clone()),
                             reason: refusal.reason.as_str().into(),
                             message: refusal.message.clone(),
                         },
@@ -702,7 +696,7 @@ impl SledStorage {
             t.uses.insert(key, &(used + 1).to_be_bytes())?;
         }
         let tid = a.transfer_id.as_bytes();
-        let transfer = build_transfer(a);
+        let transfer = a.transfer.clone();
         // A transfer for one recipient travels inside its queue item; one for several is stored
         // once, with a count of the recipients still holding it.
         let (kind, inline) = if a.envelope.recipients.len() == 1 {
@@ -745,23 +739,9 @@ impl SledStorage {
         let entry = audit_log::entry_at(
             timestamp(a.accepted_at),
             pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
-                transfer_id: a.transfer_id.to_string(),
-                envelope: Some(facts(
-                    &a.sender,
-                    &a.envelope,
-                    a.decision.consent.as_ref().map(|c| (c.jti, c.issuer)),
-                    &a.decision.payload_digest,
-                )),
-                authorities: a
-                    .decision
-                    .authorities
-                    .iter()
-                    .map(|x| pb::Authority {
-                        recipient: x.recipient.to_string(),
-                        agreement_id: x.agreement_id.clone(),
-                        clause: x.clause.clone(),
-                    })
-                    .collect(),
+                transfer_id: a.transfer.transfer_id.clone(),
+                envelope: Some(a.facts.clone()),
+                authorities: a.authorities.clone(),
             }),
         );
         let (log_index, bytes) = t.log.append_bytes(&entry)?;
@@ -1061,69 +1041,15 @@ fn tx_outcome<T>(r: Result<T, TransactionError<Failure>>) -> Result<T, Failure> 
     })
 }
 
-/// The consent token's id behind an accepted transfer, or "" when none was needed.
-fn consent_jti(a: &Accept) -> String {
-    a.decision
-        .consent
-        .as_ref()
-        .map(|c| c.jti.to_string())
-        .unwrap_or_default()
-}
-
-/// The consent token's issuer key id, or "" when none was needed.
-fn consent_issuer(a: &Accept) -> String {
-    a.decision
-        .consent
-        .as_ref()
-        .map(|c| c.issuer.to_string())
-        .unwrap_or_default()
-}
-
-fn build_transfer(a: &Accept) -> pb::Transfer {
-    let e = &a.envelope;
-    pb::Transfer {
-        transfer_id: a.transfer_id.to_string(),
-        message_id: e.message_id.to_string(),
-        sender: a.sender.to_string(),
-        recipients: e.recipients.iter().map(ToString::to_string).collect(),
-        kind: pb::MessageKind::from(e.kind) as i32,
-        organisation: e
-            .organisation
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        incident_ref: e.incident_ref.clone().unwrap_or_default(),
-        content_type: e.content_type.clone(),
-        tlp: pb::Tlp::from(e.tlp) as i32,
-        payload: e.payload.clone(),
-        consent_jti: consent_jti(a),
-        consent_issuer: consent_issuer(a),
-        // Per recipient: filled in when delivered.
-        agreement_id: String::new(),
-        clause: String::new(),
-        accepted_at: Some(timestamp(a.accepted_at)),
-    }
-}
-
 fn consented_record(a: &Accept, c: &ConsentUse) -> ConsentedTransfer {
     ConsentedTransfer {
         issued_at_nanos: i64::try_from(c.issued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-        recipients: a
-            .envelope
-            .recipients
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        message_id: a.envelope.message_id.to_string(),
-        sender: a.sender.to_string(),
-        organisation: a
-            .envelope
-            .organisation
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        jti: c.jti.to_string(),
-        transfer_id: a.transfer_id.to_string(),
+        recipients: a.facts.recipients.clone(),
+        message_id: a.facts.message_id.clone(),
+        sender: a.facts.sender.clone(),
+        organisation: a.facts.organisation.clone(),
+        jti: a.facts.consent_jti.clone(),
+        transfer_id: a.transfer.transfer_id.clone(),
     }
 }
 
@@ -1340,9 +1266,10 @@ mod tests {
             payload,
             consent_token: None,
         };
-        Op::Accept(Box::new(Accept {
-            sender: agency("ncsc"),
-            decision: Decision {
+        Op::Accept(Box::new(Accept::new(
+            agency("ncsc"),
+            envelope,
+            Decision {
                 authorities: to
                     .iter()
                     .map(|r| Authority {
@@ -1355,12 +1282,10 @@ mod tests {
                 consent,
                 payload_digest: [7; 32],
             },
-            envelope_digest: [1; 32],
-            transfer_id: uuid::Uuid::new_v4(),
-            accepted_at: OffsetDateTime::now_utc(),
-            max_queue_depth: 1000,
-            envelope,
-        }))
+            [1; 32],
+            OffsetDateTime::now_utc(),
+            1000,
+        )))
     }
 
     /// Applies `ops` as the writer does: one batch, a checkpoint, a flush.
