@@ -149,6 +149,15 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// The record of `tree` with the largest big-endian key at most `index`: the bundle that holds
+/// entry or hash `index`, if any does.
+fn bundle_at_or_before(
+    tree: &sled::Tree,
+    index: u64,
+) -> sled::Result<Option<(sled::IVec, sled::IVec)>> {
+    tree.range(..=index.to_be_bytes()).next_back().transpose()
+}
+
 fn storage_err(e: impl std::error::Error + Send + Sync + 'static) -> MerkleError {
     MerkleError::Storage(Box::new(e))
 }
@@ -175,12 +184,7 @@ impl Hashes {
             return Ok(h);
         }
         drop(cache);
-        let found = self
-            .tree
-            .range(..=i.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(storage_err)?;
+        let found = bundle_at_or_before(&self.tree, i).map_err(storage_err)?;
         let Some((key, bundle)) = found else {
             return Err(MerkleError::MissingHash { index: i });
         };
@@ -415,6 +419,22 @@ impl Log {
         self.frontier.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The committed tree's frontier, which must be that of a log of `size` entries (the size
+    /// stored beside the entries); `doing` names the operation for the error.
+    fn frontier_of(&self, size: u64, doing: &'static str) -> Result<Frontier, Internal> {
+        let frontier = self.lock_frontier().clone();
+        if frontier.size != size {
+            return Err(Internal::new(
+                doing,
+                format!(
+                    "the stored log has {size} entries but its frontier {}",
+                    frontier.size
+                ),
+            ));
+        }
+        Ok(frontier)
+    }
+
     /// The log inside a transaction over [`Log::trees`] and `meta`.
     pub fn in_tx<'a>(
         &'a self,
@@ -423,18 +443,9 @@ impl Log {
         meta: &'a TransactionalTree,
     ) -> Result<TxLog<'a>, ConflictableTransactionError<Failure>> {
         let start = meta.get(LOG_SIZE)?.and_then(|v| be_u64(&v)).unwrap_or(0);
-        let frontier = self.lock_frontier().clone();
-        if frontier.size != start {
-            return Err(ConflictableTransactionError::Abort(Failure::Internal(
-                Internal::new(
-                    "appending to the audit log",
-                    format!(
-                        "the stored log has {start} entries but its frontier {}",
-                        frontier.size
-                    ),
-                ),
-            )));
-        }
+        let frontier = self
+            .frontier_of(start, "appending to the audit log")
+            .map_err(|e| ConflictableTransactionError::Abort(Failure::Internal(e)))?;
         Ok(TxLog {
             entries,
             hashes,
@@ -478,12 +489,7 @@ impl Log {
         let mut out = Vec::new();
         let mut next = index;
         // The bundle holding `index`, then the ones after it.
-        let first = self
-            .entries
-            .range(..=index.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(read)?;
+        let first = bundle_at_or_before(&self.entries, index).map_err(read)?;
         let Some(first) = first else {
             return Ok(out);
         };
@@ -559,18 +565,9 @@ impl Log {
         if previous.is_some_and(|p| p.size == size) {
             return Ok(None);
         }
-        // The root folds the frontier; when the stored size and the frontier disagree, the
-        // frontier has no hash for the size asked and this fails rather than sign a guess.
-        let frontier = self.lock_frontier().clone();
-        if frontier.size != size {
-            return Err(Internal::new(
-                "sealing the log",
-                format!(
-                    "the stored log has {size} entries but its frontier {}",
-                    frontier.size
-                ),
-            ));
-        }
+        // The root folds the frontier; when the stored size and the frontier disagree, this
+        // fails rather than sign a guess.
+        let frontier = self.frontier_of(size, "sealing the log")?;
         let root =
             merkle::tree_hash(size, &frontier).map_err(|e| Internal::new("hashing the tree", e))?;
         if let Some(p) = previous {
@@ -618,10 +615,7 @@ pub fn now() -> prost_types::Timestamp {
 
 /// An entry recording `event` now.
 pub fn entry(event: pb::audit_entry::Event) -> pb::AuditEntry {
-    pb::AuditEntry {
-        time: Some(now()),
-        event: Some(event),
-    }
+    entry_at(now(), event)
 }
 
 /// An entry recording `event` at `time`.

@@ -156,8 +156,8 @@ impl State {
                     )))
                 };
                 return match storage.receipt(sender, &envelope.message_id) {
-                    Ok(Some((mut receipt, first))) if first == digest => {
-                        receipt.duplicate = true;
+                    // The stored receipt comes marked as a duplicate.
+                    Ok(Some((receipt, first))) if first == digest => {
                         Ok(Prepared::Duplicate(Box::new(receipt)))
                     }
                     Ok(Some(_)) => Err((store::message_id_reused().into(), facts())),

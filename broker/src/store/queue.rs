@@ -91,14 +91,21 @@ pub struct StoredItem {
     pub recall: Option<pb::RecallNotice>,
 }
 
+impl ItemMeta {
+    /// The index entry of a stored item's first three fields, or `None` if they are malformed.
+    fn from_stored(seq: u64, transfer_id: &[u8], kind: i32) -> Option<ItemMeta> {
+        Some(ItemMeta {
+            seq,
+            transfer_id: uuid::Uuid::from_slice(transfer_id).ok()?,
+            kind: ItemKind::from_wire(kind)?,
+        })
+    }
+}
+
 impl StoredItem {
     /// The item's index entry, or `None` if it is malformed.
     pub fn meta(&self) -> Option<ItemMeta> {
-        Some(ItemMeta {
-            seq: self.seq,
-            transfer_id: uuid::Uuid::from_slice(&self.transfer_id).ok()?,
-            kind: ItemKind::from_wire(self.kind)?,
-        })
+        ItemMeta::from_stored(self.seq, &self.transfer_id, self.kind)
     }
 
     fn payload_len(&self) -> usize {
@@ -138,13 +145,7 @@ impl BlockHeader {
     pub fn metas(&self) -> Option<Vec<ItemMeta>> {
         self.items
             .iter()
-            .map(|h| {
-                Some(ItemMeta {
-                    seq: h.seq,
-                    transfer_id: uuid::Uuid::from_slice(&h.transfer_id).ok()?,
-                    kind: ItemKind::from_wire(h.kind)?,
-                })
-            })
+            .map(|h| ItemMeta::from_stored(h.seq, &h.transfer_id, h.kind))
             .collect()
     }
 }
@@ -168,11 +169,6 @@ impl BlockBuilder {
         }
         *bytes += size;
         items.push(item);
-    }
-
-    /// Whether nothing was queued.
-    pub fn is_empty(&self) -> bool {
-        self.done.is_empty() && self.open.values().all(|(items, _)| items.is_empty())
     }
 
     /// Every block, each with its recipient; items in sequence order within a block.
@@ -388,14 +384,6 @@ impl QueueIndex {
         }
         out
     }
-
-    /// The recipients with unacknowledged items, and how many.
-    pub fn depths(&self) -> impl Iterator<Item = (&AgencyId, u64)> {
-        self.depths
-            .iter()
-            .map(|(a, d)| (a, *d))
-            .filter(|(_, d)| *d > 0)
-    }
 }
 
 #[cfg(test)]
@@ -455,8 +443,8 @@ mod tests {
     #[test]
     fn blocks_close_at_the_item_and_byte_limits() {
         let (ico, nca) = (agency("ico"), agency("nca"));
+        assert!(BlockBuilder::default().finish().is_empty());
         let mut b = BlockBuilder::default();
-        assert!(b.is_empty());
         for seq in 0..(MAX_BLOCK_ITEMS as u64 + 3) {
             b.push(&ico, item(seq, 10));
         }
@@ -517,7 +505,6 @@ mod tests {
         assert_eq!(q.locate(&ico, 3), None);
         assert_eq!(q.ack(&ico, 7, &[0]), 1);
         assert_eq!(q.depth(&ico), 0);
-        assert_eq!(q.depths().count(), 0);
         assert!(q.claimable(&ico, 100, 10, &|_| false).is_empty());
     }
 

@@ -699,7 +699,7 @@ impl SledStorage {
         let transfer = a.transfer.clone();
         // A transfer for one recipient travels inside its queue item; one for several is stored
         // once, with a count of the recipients still holding it.
-        let (kind, inline) = if a.envelope.recipients.len() == 1 {
+        let (kind, mut inline) = if a.envelope.recipients.len() == 1 {
             (ItemKind::Inline, Some(transfer))
         } else {
             t.transfers.insert(&tid[..], transfer.encode_to_vec())?;
@@ -720,7 +720,9 @@ impl SledStorage {
                     kind: kind.to_wire(),
                     agreement_id: authority.agreement_id.clone(),
                     clause: authority.clause.clone(),
-                    transfer: inline.clone(),
+                    // Only a transfer for a single recipient is inline: it moves into that
+                    // recipient's item.
+                    transfer: inline.take(),
                     recall: None,
                 },
             );
