@@ -129,6 +129,13 @@ impl Pki {
 }
 
 /// The process's resident memory in MiB, from /proc.
+/// A histogram of latencies in microseconds (up to a minute, three significant digits): its
+/// size is fixed, so recording does not grow the process that the benchmark measures.
+fn latency_histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| anyhow::anyhow!("making a latency histogram: {e}"))
+}
+
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -362,8 +369,8 @@ async fn load(
         let tokens = tokens.clone();
         // Each worker starts at its own place in the pool, so that none repeats another.
         let mut next = i * tokens.len() / settings.in_flight.max(1);
+        let mut latencies = latency_histogram()?;
         workers.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::new();
             let mut errors: HashMap<String, u64> = HashMap::new();
             while Instant::now() < deadline {
                 let mut e = template.clone();
@@ -374,9 +381,9 @@ async fn load(
                 next += 1;
                 let t = Instant::now();
                 match client.send(e).await {
-                    Ok(_) => {
-                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
-                    }
+                    Ok(_) => latencies.saturating_record(
+                        u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    ),
                     Err(status) => {
                         let kind = format!("{:?}: {}", status.code(), status.message());
                         *errors.entry(kind).or_default() += 1;
@@ -386,11 +393,13 @@ async fn load(
             (latencies, errors)
         }));
     }
-    let mut latencies = Vec::new();
+    let mut latencies = latency_histogram()?;
     let mut error_kinds: HashMap<String, u64> = HashMap::new();
     for w in workers {
         let (l, e) = w.await?;
-        latencies.extend(l);
+        latencies
+            .add(l)
+            .map_err(|e| anyhow::anyhow!("merging latency histograms: {e}"))?;
         for (kind, n) in e {
             *error_kinds.entry(kind).or_default() += n;
         }
@@ -401,18 +410,13 @@ async fn load(
     let elapsed = start.elapsed();
     let _ = sampler.await;
     // Let the subscriber catch up with what was accepted, briefly.
-    let accepted = latencies.len() as u64;
+    let accepted = latencies.len();
     let catch_up = Instant::now() + Duration::from_secs(10);
     while delivered.load(Ordering::Relaxed) < accepted && Instant::now() < catch_up {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     consumer.abort();
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(Duration::ZERO, |us| Duration::from_micros(u64::from(*us)))
-    };
+    let pct = |p: f64| Duration::from_micros(latencies.value_at_quantile(p));
     let rss_mib = rss.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(RunResult {
         accepted,
@@ -596,15 +600,25 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
     }
     if !r.rss_mib.is_empty() {
         let n = r.rss_mib.len();
-        let pick = |i: usize| r.rss_mib.get(i).copied().unwrap_or(0.0);
+        let pick = |i: usize| r.rss_mib.get(i.min(n - 1)).copied().unwrap_or(0.0);
+        let deciles: Vec<String> = (0..=10)
+            .map(|d| format!("{:.0}", pick(d * (n - 1) / 10)))
+            .collect();
         writeln!(
             out,
-            "  process RSS (MiB) at start / 25% / 50% / 75% / end: {:.0} / {:.0} / {:.0} / {:.0} / {:.0}",
-            pick(0),
-            pick(n / 4),
-            pick(n / 2),
-            pick(3 * n / 4),
-            pick(n - 1)
+            "  process RSS (MiB) at 0%, 10%, ... 100%: {}",
+            deciles.join(" / ")
+        )?;
+        let (half, end) = (pick((n - 1) / 2), pick(n - 1));
+        writeln!(
+            out,
+            "  RSS growth over the second half of the run: {:+.0} MiB ({:+.1} %)",
+            end - half,
+            if half > 0.0 {
+                100.0 * (end - half) / half
+            } else {
+                0.0
+            }
         )?;
     }
     Ok(())
