@@ -86,6 +86,8 @@ pub struct RunResult {
     pub p99: Duration,
     /// Resident memory samples (MiB) over the run.
     pub rss_mib: Vec<f64>,
+    /// CPU time the whole process used during the run, in seconds (none where /proc is absent).
+    pub cpu_seconds: Option<f64>,
 }
 
 impl RunResult {
@@ -128,12 +130,25 @@ impl Pki {
     }
 }
 
-/// The process's resident memory in MiB, from /proc.
 /// A histogram of latencies in microseconds (up to a minute, three significant digits): its
 /// size is fixed, so recording does not grow the process that the benchmark measures.
 fn latency_histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
     hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| anyhow::anyhow!("making a latency histogram: {e}"))
+}
+
+/// The process's resident memory in MiB, from /proc.
+/// The CPU time (user and system) this process has used, in seconds, from /proc; the kernel
+/// reports it there in units of 1/100 s on every architecture.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name, in parentheses, may hold spaces: count the fields after it.
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = after.split_whitespace();
+    // After the name: state is field 3 of the line, utime 14 and stime 15.
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn rss_mib() -> f64 {
@@ -347,6 +362,7 @@ async fn load(
     };
 
     let start = Instant::now();
+    let cpu_at_start = cpu_seconds();
     let deadline = start + settings.duration;
     let sampler = {
         let rss = rss.clone();
@@ -408,6 +424,7 @@ async fn load(
     let mut error_kinds: Vec<(String, u64)> = error_kinds.into_iter().collect();
     error_kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let elapsed = start.elapsed();
+    let cpu = cpu_at_start.zip(cpu_seconds()).map(|(a, b)| b - a);
     let _ = sampler.await;
     // Let the subscriber catch up with what was accepted, briefly.
     let accepted = latencies.len();
@@ -427,6 +444,7 @@ async fn load(
         p50: pct(0.50),
         p99: pct(0.99),
         rss_mib,
+        cpu_seconds: cpu,
     })
 }
 
@@ -597,6 +615,13 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
     )?;
     for (kind, n) in r.error_kinds.iter().take(5) {
         writeln!(out, "  {n} failed: {kind}")?;
+    }
+    if let Some(cpu) = r.cpu_seconds {
+        writeln!(
+            out,
+            "  process CPU: {:.2} cores busy on average (load generator and server together)",
+            cpu / r.elapsed.as_secs_f64().max(1e-9)
+        )?;
     }
     if !r.rss_mib.is_empty() {
         let n = r.rss_mib.len();
