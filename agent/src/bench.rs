@@ -86,7 +86,7 @@ pub struct RunResult {
     pub p99: Duration,
     /// Resident memory samples (MiB) over the run.
     pub rss_mib: Vec<f64>,
-    /// CPU time the whole process used during the run, in seconds (none where /proc is absent).
+    /// CPU time the whole process used during the run, in seconds (none if it could not be read).
     pub cpu_seconds: Option<f64>,
 }
 
@@ -137,20 +137,18 @@ fn latency_histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("making a latency histogram: {e}"))
 }
 
-/// The process's resident memory in MiB, from /proc.
-/// The CPU time (user and system) this process has used, in seconds, from /proc; the kernel
-/// reports it there in units of 1/100 s on every architecture.
+/// The CPU time (user and system, all threads) this process has used, in seconds.
 fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name, in parentheses, may hold spaces: count the fields after it.
-    let after = stat.get(stat.rfind(')')? + 1..)?;
-    let mut fields = after.split_whitespace();
-    // After the name: state is field 3 of the line, utime 14 and stime 15.
-    let utime: f64 = fields.nth(11)?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    use nix::sys::{
+        resource::{UsageWho, getrusage},
+        time::TimeValLike,
+    };
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
+    Some(micros as f64 / 1e6)
 }
 
+/// The process's resident memory in MiB, from /proc.
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -625,7 +623,7 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
     }
     if !r.rss_mib.is_empty() {
         let n = r.rss_mib.len();
-        let pick = |i: usize| r.rss_mib.get(i.min(n - 1)).copied().unwrap_or(0.0);
+        let pick = |i: usize| r.rss_mib.get(i).copied().unwrap_or(0.0);
         let deciles: Vec<String> = (0..=10)
             .map(|d| format!("{:.0}", pick(d * (n - 1) / 10)))
             .collect();
