@@ -388,7 +388,7 @@ async fn load(
             let mut errors: HashMap<String, u64> = HashMap::new();
             while Instant::now() < deadline {
                 let mut e = template.clone();
-                e.message_id = MessageId::new_random().to_string();
+                e.message_id = MessageId::new_time_ordered(OffsetDateTime::now_utc()).to_string();
                 if let Some(token) = tokens.get(next % tokens.len().max(1)) {
                     e.consent_token.clone_from(token);
                 }

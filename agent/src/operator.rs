@@ -245,7 +245,8 @@ pub fn envelope(
     payload: Vec<u8>,
 ) -> Envelope {
     Envelope {
-        message_id: message_id.unwrap_or_else(MessageId::new_random),
+        message_id: message_id
+            .unwrap_or_else(|| MessageId::new_time_ordered(time::OffsetDateTime::now_utc())),
         recipients: to,
         kind,
         organisation,

@@ -345,7 +345,7 @@ impl Spool {
                 return Ok(id);
             }
         }
-        let id = MessageId::new_random();
+        let id = MessageId::new_time_ordered(time::OffsetDateTime::now_utc());
         atomic_write(&dir, name, format!("{id} {fingerprint}\n").as_bytes())?;
         Ok(id)
     }
