@@ -95,6 +95,14 @@ impl RunResult {
     pub fn rate(&self) -> f64 {
         self.accepted as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// Seconds of the process's CPU per accepted transfer, when the CPU time is known and
+    /// anything was accepted.
+    pub fn cpu_per_transfer(&self) -> Option<f64> {
+        self.cpu_seconds
+            .filter(|_| self.accepted > 0)
+            .map(|cpu| cpu / self.accepted as f64)
+    }
 }
 
 struct Pki {
@@ -578,6 +586,13 @@ pub async fn relay(
         "ratio full/bare throughput: {:.2} (target >= 0.50)",
         full.rate() / bare.rate().max(1e-9)
     )?;
+    if let (Some(f), Some(b)) = (full.cpu_per_transfer(), bare.cpu_per_transfer()) {
+        writeln!(
+            out,
+            "ratio full/bare CPU per accepted transfer: {:.2}",
+            f / b.max(1e-12)
+        )?;
+    }
 
     // 3. Optionally, a new token for every message.
     if settings.fresh_tokens {
@@ -617,8 +632,9 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
     if let Some(cpu) = r.cpu_seconds {
         writeln!(
             out,
-            "  process CPU: {:.2} cores busy on average (load generator and server together)",
-            cpu / r.elapsed.as_secs_f64().max(1e-9)
+            "  process CPU: {:.2} cores busy on average, {:.0} µs per accepted transfer (load generator and server together)",
+            cpu / r.elapsed.as_secs_f64().max(1e-9),
+            r.cpu_per_transfer().unwrap_or(0.0) * 1e6
         )?;
     }
     if !r.rss_mib.is_empty() {
