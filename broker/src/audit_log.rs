@@ -12,7 +12,7 @@ use std::{
     cell::RefCell,
     collections::BTreeMap,
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -47,42 +47,159 @@ pub struct SignedCheckpoint {
     pub root: Hash,
 }
 
-/// Loads the log key from `dir`, or creates it (mode 0600) on first start.
+/// Loads the log key from `dir`, or creates it (mode 0600) on first start: only when `dir`
+/// holds no log yet (no database and no published checkpoint). A data directory that has a log
+/// but no key, or a key that does not verify its published checkpoint, is refused: a new key
+/// would make every checkpoint already handed out unverifiable, and would let the broker sign
+/// a second history.
 pub fn load_or_create_key(dir: &Path, origin: &str) -> Result<LogSigner, Internal> {
-    let path = dir.join(LOG_KEY_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let signer = LogSigner::from_secret_string(text.trim()).map_err(|e| {
-                Internal::new("reading the log key", format!("{}: {e}", path.display()))
-            })?;
-            if signer.name() != origin {
-                return Err(Internal::new(
-                    "reading the log key",
-                    format!(
-                        "{} is for log {:?}, not {origin:?}",
-                        path.display(),
-                        signer.name()
-                    ),
-                ));
-            }
-            Ok(signer)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_key(dir, origin)? {
+        Some(signer) => Ok(signer),
+        None if holds_a_log(dir) => Err(missing_key(dir)),
+        None => {
+            let path = dir.join(LOG_KEY_FILE);
             let signer = LogSigner::generate(origin)
                 .map_err(|e| Internal::new("generating the log key", e))?;
             match write_secret(&path, signer.to_secret_string().as_bytes()) {
                 Ok(()) => {}
                 // Another process created it meanwhile: use that one.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return load_or_create_key(dir, origin);
+                    return load_key(dir, origin);
                 }
                 Err(e) => return Err(Internal::new("writing the log key", e)),
             }
             tracing::info!(key = %signer.verifier_key(), "generated a new audit log key");
             Ok(signer)
         }
-        Err(e) => Err(Internal::new("reading the log key", e)),
     }
+}
+
+/// Loads the log key from `dir`; it must exist, and it must verify the checkpoint the broker
+/// last published there (if any).
+pub fn load_key(dir: &Path, origin: &str) -> Result<LogSigner, Internal> {
+    read_key(dir, origin)?.ok_or_else(|| missing_key(dir))
+}
+
+/// Whether `dir` holds a log: a database or a published checkpoint.
+fn holds_a_log(dir: &Path) -> bool {
+    dir.join(DB_DIR).exists() || dir.join(PUBLISHED_CHECKPOINT_FILE).exists()
+}
+
+fn missing_key(dir: &Path) -> Internal {
+    Internal::new(
+        "reading the log key",
+        format!(
+            "the audit log key {} is missing, but {} already holds an audit log: restore the \
+             key file from a backup (a new key would not verify the checkpoints the broker has \
+             published, and is never made for an existing log)",
+            dir.join(LOG_KEY_FILE).display(),
+            dir.display()
+        ),
+    )
+}
+
+/// The key in `dir`, checked against the published checkpoint; `None` if there is no key file.
+fn read_key(dir: &Path, origin: &str) -> Result<Option<LogSigner>, Internal> {
+    let path = dir.join(LOG_KEY_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Internal::new(
+                "reading the log key",
+                format!("{}: {e}", path.display()),
+            ));
+        }
+    };
+    let signer = LogSigner::from_secret_string(text.trim())
+        .map_err(|e| Internal::new("reading the log key", format!("{}: {e}", path.display())))?;
+    if signer.name() != origin {
+        return Err(Internal::new(
+            "reading the log key",
+            format!(
+                "{} is for log {:?}, not {origin:?}",
+                path.display(),
+                signer.name()
+            ),
+        ));
+    }
+    // A replaced key does not verify what the broker published with the original one.
+    if let Err(e) = read_published(dir, &signer.verifier()) {
+        return Err(Internal::new(
+            "reading the log key",
+            format!(
+                "{} does not verify the checkpoint published in {} ({e}): the key was replaced; \
+                 restore the original key file",
+                path.display(),
+                dir.join(PUBLISHED_CHECKPOINT_FILE).display()
+            ),
+        ));
+    }
+    Ok(Some(signer))
+}
+
+/// The database's directory inside the data directory.
+pub const DB_DIR: &str = "db";
+/// The file, beside the database, that holds the last checkpoint the broker published.
+pub const PUBLISHED_CHECKPOINT_FILE: &str = "checkpoint";
+
+/// Reads the last published checkpoint from `dir`, verified with `verifier`; `None` if the
+/// broker has published none there.
+///
+/// It is kept outside the database because sled's recovery can silently roll the database
+/// back: compared with what the database recovered, it tells whether acknowledged history was
+/// lost (see [`crate::store::check_recovered`]).
+pub fn read_published(
+    dir: &Path,
+    verifier: &checkpoint::LogVerifier,
+) -> Result<Option<SignedCheckpoint>, Internal> {
+    let path = dir.join(PUBLISHED_CHECKPOINT_FILE);
+    let note = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Internal::new(
+                "reading the published checkpoint",
+                format!("{}: {e}", path.display()),
+            ));
+        }
+    };
+    let note = String::from_utf8(note).map_err(|_| {
+        Internal::new(
+            "reading the published checkpoint",
+            format!("{} is not UTF-8", path.display()),
+        )
+    })?;
+    let cp = checkpoint::open(&note, verifier).map_err(|e| {
+        Internal::new(
+            "reading the published checkpoint",
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    Ok(Some(SignedCheckpoint {
+        size: cp.size(),
+        root: *cp.root(),
+        note,
+    }))
+}
+
+/// Replaces the published checkpoint in `dir` with `cp`, atomically and durably: a temporary
+/// file, fsync, rename over the old one, fsync of the directory.
+pub fn publish(dir: &Path, cp: &SignedCheckpoint) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(PUBLISHED_CHECKPOINT_FILE);
+    let tmp = dir.join(format!(".{PUBLISHED_CHECKPOINT_FILE}.tmp"));
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(cp.note.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -143,6 +260,12 @@ fn bundle_entry(bundle: &[u8], k: usize) -> Option<&[u8]> {
     let start = if k == 0 { 0 } else { be_u32_at(bundle, 4 * k)? };
     let end = be_u32_at(bundle, 4 + 4 * k)?;
     data.get(start..end)
+}
+
+/// The entries of a bundle, or `None` if it is malformed.
+pub fn bundle_entries(bundle: &[u8]) -> Option<Vec<&[u8]>> {
+    let count = bundle_len(bundle)?;
+    (0..count).map(|k| bundle_entry(bundle, k)).collect()
 }
 
 fn be_u64(bytes: &[u8]) -> Option<u64> {
@@ -379,15 +502,20 @@ pub struct Log {
     signer: LogSigner,
     /// The committed tree's frontier; only the writer advances it.
     frontier: Mutex<Frontier>,
+    /// The data directory, where [`Log::publish_sealed`] keeps the published checkpoint.
+    dir: PathBuf,
+    /// The checkpoint sealed since the last flush, to publish once the flush is durable.
+    unpublished: Mutex<Option<SignedCheckpoint>>,
 }
 
 impl Log {
-    /// The log over these trees, signing with `signer`.
+    /// The log over these trees, signing with `signer`, publishing its checkpoints in `dir`.
     pub fn open(
         entries: sled::Tree,
         hashes: sled::Tree,
         meta: sled::Tree,
         signer: LogSigner,
+        dir: &Path,
     ) -> Result<Self, Internal> {
         let hashes = Hashes {
             tree: hashes,
@@ -406,6 +534,8 @@ impl Log {
             meta,
             signer,
             frontier: Mutex::new(frontier),
+            dir: dir.to_path_buf(),
+            unpublished: Mutex::new(None),
         })
     }
 
@@ -593,7 +723,81 @@ impl Log {
         self.meta
             .insert(LOG_CHECKPOINT, note.as_bytes())
             .map_err(|e| Internal::new("storing the checkpoint", e))?;
-        Ok(Some(SignedCheckpoint { note, size, root }))
+        let sealed = SignedCheckpoint { note, size, root };
+        *self.lock_unpublished() = Some(sealed.clone());
+        Ok(Some(sealed))
+    }
+
+    fn lock_unpublished(&self) -> std::sync::MutexGuard<'_, Option<SignedCheckpoint>> {
+        // Replaced whole, never torn.
+        self.unpublished.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the checkpoint sealed since the last call, once the flush that made it
+    /// durable has returned: the file beside the database then never names a tree that the
+    /// database could not have recovered. On failure it stays pending for the next flush.
+    pub fn publish_sealed(&self) -> Result<(), Internal> {
+        let mut pending = self.lock_unpublished();
+        if let Some(cp) = pending.as_ref() {
+            publish(&self.dir, cp).map_err(|e| {
+                Internal::new(
+                    "publishing the checkpoint",
+                    format!(
+                        "{}: {e}",
+                        self.dir.join(PUBLISHED_CHECKPOINT_FILE).display()
+                    ),
+                )
+            })?;
+            *pending = None;
+        }
+        Ok(())
+    }
+
+    /// Publishes the latest checkpoint in the database beside it, whatever was published.
+    pub fn publish_latest(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        let Some(cp) = self.latest()? else {
+            return Ok(None);
+        };
+        publish(&self.dir, &cp).map_err(|e| Internal::new("publishing the checkpoint", e))?;
+        Ok(Some(cp))
+    }
+
+    /// The checkpoint last published beside the database.
+    pub fn published(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        read_published(&self.dir, &self.signer.verifier())
+    }
+
+    /// The root hash of the tree of the first `size` entries, from the stored hashes.
+    pub fn root_at(&self, size: u64) -> Result<Hash, Internal> {
+        merkle::tree_hash(size, &self.hashes).map_err(|e| Internal::new("hashing the tree", e))
+    }
+
+    /// Recomputes the leaf hashes of the newest `count` entries from the entries themselves
+    /// and compares them with the stored hashes; returns the first disagreement, if any.
+    pub fn check_tail(&self, count: u64) -> Result<Option<String>, Internal> {
+        let size = self.size()?;
+        let first = size.saturating_sub(count);
+        let limit = usize::try_from(size - first).unwrap_or(usize::MAX);
+        let entries = self.entries_from(first, limit)?;
+        if entries.len() != limit {
+            return Ok(Some(format!(
+                "the log has {size} entries, but only {} of the newest {limit} could be read",
+                entries.len()
+            )));
+        }
+        for (k, entry) in entries.iter().enumerate() {
+            let index = first + k as u64;
+            let stored = match self.hashes.get(merkle::stored_hash_index(0, index)) {
+                Ok(h) => h,
+                Err(e) => return Ok(Some(format!("the hash of entry {index}: {e}"))),
+            };
+            if stored != merkle::leaf_hash(entry) {
+                return Ok(Some(format!(
+                    "entry {index} does not match its stored hash"
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// The verifier key clients need: `name+keyid+base64`.

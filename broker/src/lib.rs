@@ -68,6 +68,15 @@ pub enum ServeError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The recovered store is not whole: it is never served.
+    #[error("{0}")]
+    Recovery(#[from] store::RecoveryError),
+    /// The listening socket's address could not be read.
+    #[error("reading the listening address: {source}")]
+    Listener {
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The data directory could not be created.
     #[error("creating the data directory {path}: {source}")]
     DataDir {
@@ -84,6 +93,18 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with(config, listener, shutdown, |_| {}).await
+}
+
+/// [`serve`], calling `ready` with the listening address once everything is up: the store
+/// opened and checked, the metrics listener bound, the services built. Only then is health
+/// `SERVING`. A broker that cannot start returns its error without calling `ready`.
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
+) -> Result<(), ServeError> {
     let tls = tls::server_config(&config.tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
@@ -98,6 +119,7 @@ pub async fn serve(
         &config.data_dir,
         &config.log_origin,
     )?);
+    store::check_recovered(storage.as_ref(), &config.data_dir)?;
     let agency_ids = config.agencies.keys().cloned().collect();
     for (agency, depth) in store::nonempty_queues(storage.as_ref(), &agency_ids) {
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
@@ -185,10 +207,13 @@ pub async fn serve(
     let audit =
         AuditServer::with_interceptor(service::AuditService::new(state.clone()), authenticator);
 
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listener { source })?;
     let incoming = ReceiverStream::new(tls::accept_loop(listener, acceptor));
+    ready(local);
     tracing::info!(
-        addr = ?local,
+        addr = %local,
         config = %config.source,
         agencies = config.agencies.len(),
         "broker listening"

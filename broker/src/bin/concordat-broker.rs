@@ -40,6 +40,21 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Checks a stopped broker's store offline: recomputes the whole audit log tree from the
+    /// stored entries, checks every stored hash, both checkpoints, every queue item and every
+    /// receipt. Exits 0 if the store is whole, 1 if not.
+    Verify {
+        /// The configuration file (for the log's origin); without it, the embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory (default: the configuration's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// If the store is whole, publish its latest checkpoint beside it (for a data
+        /// directory last served by a broker that did not keep that file).
+        #[arg(long)]
+        publish_checkpoint: bool,
+    },
     /// Prints the audit log's verifier key (name+keyid+base64), creating the log key in the
     /// data directory if the broker has never run. Give it to agents (`log_key`) and auditors.
     LogKey {
@@ -99,6 +114,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ok");
             Ok(())
         }
+        Command::Verify {
+            config,
+            data_dir,
+            publish_checkpoint,
+        } => verify(config, data_dir, publish_checkpoint),
         Command::LogKey { config, data_dir } => {
             let mut config = load(config.as_ref())?;
             if let Some(dir) = data_dir {
@@ -128,17 +148,83 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            let addr = listener.local_addr().context("reading the bound address")?;
-            // The log key exists before the readiness line: tools may read it at once.
-            std::fs::create_dir_all(&config.data_dir)
-                .with_context(|| format!("creating {}", config.data_dir.display()))?;
-            concordat_broker::audit_log::load_or_create_key(&config.data_dir, &config.log_origin)?;
-            // One line on stdout that scripts and tests wait for: the broker is ready.
-            println!("concordat-broker listening on {addr}");
-            concordat_broker::serve(config, listener, shutdown_signal()).await?;
+            concordat_broker::serve_with(config, listener, shutdown_signal(), |addr| {
+                // One line on stdout that scripts and tests wait for: the broker is ready (the
+                // store is open and checked, the log key exists, every listener is bound).
+                println!("concordat-broker listening on {addr}");
+            })
+            .await?;
             Ok(())
         }
     }
+}
+
+/// `concordat-broker verify`.
+fn verify(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    publish_checkpoint: bool,
+) -> anyhow::Result<()> {
+    use concordat_broker::{audit_log, store::SledStorage};
+    let mut config = load(config.as_ref())?;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let dir = &config.data_dir;
+    if !dir.join(audit_log::DB_DIR).is_dir() {
+        anyhow::bail!("{} holds no broker database", dir.display());
+    }
+    println!("verifying the store in {}", dir.display());
+    let storage = SledStorage::open(dir, &config.log_origin)
+        .with_context(|| format!("opening the store in {}", dir.display()))?;
+    let report = storage.verify()?;
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let hex = |c: Option<(u64, concordat_proto::merkle::Hash)>| match c {
+        Some((size, root)) => format!("{size} entries, root {}", root.to_hex()),
+        None => "none".into(),
+    };
+    println!(
+        "audit log: {} entries rehashed, {} stored hashes compared, in {:.2} s ({:.0} entries/s)",
+        report.entries,
+        report.hashes,
+        secs,
+        report.entries as f64 / secs
+    );
+    println!("checkpoint in the database: {}", hex(report.checkpoint));
+    println!("published checkpoint:       {}", hex(report.published));
+    println!(
+        "queue items: {}; receipts: {}",
+        report.queue_items, report.receipts
+    );
+    if report.unpublished && !publish_checkpoint {
+        println!(
+            "problem: no published checkpoint ({}) beside a log of {} entries; if this \
+             directory was last served by a broker that did not keep one, run again with \
+             --publish-checkpoint",
+            dir.join(audit_log::PUBLISHED_CHECKPOINT_FILE).display(),
+            report.entries
+        );
+        anyhow::bail!("the store in {} has no published checkpoint", dir.display());
+    }
+    if !report.ok() {
+        for p in &report.problems {
+            println!("problem: {p}");
+        }
+        anyhow::bail!(
+            "the store in {} is not whole: {} problem(s); do not serve it (README: \"When the \
+             broker refuses to start\")",
+            dir.display(),
+            report.problem_count
+        );
+    }
+    if publish_checkpoint && let Some(cp) = storage.publish_latest()? {
+        println!(
+            "published the database's checkpoint of {} entries beside it",
+            cp.size
+        );
+    }
+    println!("ok: the store is whole");
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -18,6 +18,7 @@
 
 use std::{
     collections::BTreeSet,
+    path::Path,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -44,7 +45,7 @@ use crate::{
 pub mod queue;
 mod sled_store;
 
-pub use sled_store::SledStorage;
+pub use sled_store::{SledStorage, StoreReport};
 
 /// The longest the writer waits for a batch to fill when it is under load.
 const LINGER: Duration = Duration::from_millis(5);
@@ -225,8 +226,16 @@ pub trait Storage: ConsentLedger + Send + Sync + 'static {
     /// Applies operations in order, each atomically (refusals do not affect the others). They
     /// are not durable until [`Storage::sync`] returns.
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>>;
-    /// Makes every applied operation durable.
+    /// Makes every applied operation durable, then publishes the checkpoint sealed since the
+    /// last call outside the database (see [`check_recovered`]).
     fn sync(&self) -> Result<(), Internal>;
+    /// The checkpoint last published outside the database, if any.
+    fn published_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal>;
+    /// The root hash of the log's first `size` entries, from the stored hashes.
+    fn tree_root(&self, size: u64) -> Result<Hash, Internal>;
+    /// Recomputes the hashes of the newest `count` entries and compares them with the stored
+    /// ones; returns the first disagreement.
+    fn check_tail(&self, count: u64) -> Result<Option<String>, Internal>;
     /// The receipt of an accepted message (marked `duplicate`, without its proof), and the
     /// digest of its envelope.
     fn receipt(
@@ -269,6 +278,119 @@ pub trait Storage: ConsentLedger + Send + Sync + 'static {
     fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal>;
     /// The key that verifies the log's checkpoints (`name+keyid+base64`).
     fn log_verifier_key(&self) -> String;
+}
+
+/// How many of the newest entries the start-up check rehashes from their stored bytes.
+const TAIL_CHECK: u64 = 4096;
+
+/// What an operator does when the broker refuses a store, appended to every such refusal.
+const RESTORE_ADVICE: &str = "The data directory was damaged or rolled back, and serving it \
+would lose acknowledged transfers and sign a history that contradicts the one already \
+published. Keep this directory for investigation; restore the data directory from a backup \
+(or a copy) whose log reaches the published checkpoint, check it offline with \
+`concordat-broker verify --data-dir DIR`, then start the broker again (README: \"When the broker \
+refuses to start\")";
+
+/// Why the broker refuses to serve the store it recovered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoveryError {
+    /// The recovered store contradicts the history it had published, or cannot prove it is
+    /// whole.
+    #[error("refusing to serve the store in {dir}: {problem}. {RESTORE_ADVICE}")]
+    Damaged {
+        /// The data directory.
+        dir: String,
+        /// What does not hold.
+        problem: String,
+    },
+    /// The store could not be read.
+    #[error("checking the recovered store: {0}")]
+    Internal(#[from] Internal),
+}
+
+/// Checks, before anything is served, that the store recovered everything the broker had
+/// published: the log is at least as large as the checkpoint kept beside the database (which
+/// sled's recovery cannot roll back) and the checkpoint kept in it, its stored hashes give
+/// both their roots, and the newest entries match their stored hashes.
+///
+/// sled 0.34 recovers a damaged log by silently dropping everything after the first bad
+/// record; without this check the broker would start on the shorter log and sign a second
+/// checkpoint of an already-published size (see ../shared/PITFALLS.md).
+pub fn check_recovered(storage: &dyn Storage, data_dir: &Path) -> Result<(), RecoveryError> {
+    let damaged = |problem: String| RecoveryError::Damaged {
+        dir: data_dir.display().to_string(),
+        problem,
+    };
+    let size = storage.log_size()?;
+    let root = storage.tree_root(size).map_err(|e| {
+        damaged(format!(
+            "the recovered audit log of {size} entries has no complete tree: {e}"
+        ))
+    })?;
+    if let Some(problem) = storage.check_tail(TAIL_CHECK)? {
+        return Err(damaged(format!(
+            "the recovered audit log is corrupt: {problem}"
+        )));
+    }
+    let stored = storage.latest_checkpoint().map_err(|e| {
+        damaged(format!(
+            "the checkpoint in the database does not verify: {e}"
+        ))
+    })?;
+    let published = storage.published_checkpoint().map_err(|e| {
+        damaged(format!(
+            "the published checkpoint ({}) does not verify: {e}",
+            data_dir
+                .join(crate::audit_log::PUBLISHED_CHECKPOINT_FILE)
+                .display()
+        ))
+    })?;
+    if published.is_none() && size > 0 {
+        return Err(damaged(format!(
+            "the database holds an audit log of {size} entries (root {}), but the file {} that \
+             records the last published checkpoint is missing, so nothing proves the log was \
+             not rolled back. If this directory was last served by a broker that did not keep \
+             that file, run `concordat-broker verify --data-dir DIR --publish-checkpoint` once",
+            root.to_hex(),
+            data_dir
+                .join(crate::audit_log::PUBLISHED_CHECKPOINT_FILE)
+                .display()
+        )));
+    }
+    for (what, cp) in [
+        ("the broker last published", published),
+        ("the database's own latest checkpoint is", stored),
+    ] {
+        let Some(cp) = cp else { continue };
+        if cp.size > size {
+            return Err(damaged(format!(
+                "the database recovered an audit log of {size} entries (root {}), but {what} \
+                 a checkpoint of {} entries (root {}): acknowledged history was lost",
+                root.to_hex(),
+                cp.size,
+                cp.root.to_hex()
+            )));
+        }
+        let at = storage.tree_root(cp.size).map_err(|e| {
+            damaged(format!(
+                "the recovered log's first {} entries: {e}",
+                cp.size
+            ))
+        })?;
+        if at != cp.root {
+            return Err(damaged(format!(
+                "the database recovered an audit log of {size} entries whose first {} have \
+                 root {}, but {what} a checkpoint of {} entries with root {}: the recovered \
+                 log contradicts it",
+                cp.size,
+                at.to_hex(),
+                cp.size,
+                cp.root.to_hex()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The handle the services use: reads, and writes through the group-commit writer.

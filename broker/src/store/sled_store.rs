@@ -46,6 +46,10 @@ use sled::{
 };
 use time::OffsetDateTime;
 
+mod verify;
+
+pub use verify::StoreReport;
+
 use super::{
     Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, message_id_reused,
     queue::{
@@ -309,8 +313,9 @@ impl SledStorage {
     /// start) for checkpoints whose origin is `origin`.
     pub fn open(dir: &Path, origin: &str) -> Result<SledStorage, Internal> {
         let signer = audit_log::load_or_create_key(dir, origin)?;
-        let db_dir = dir.join("db");
+        let db_dir = dir.join(audit_log::DB_DIR);
         check_segment_size(&db_dir)?;
+        let fresh = !db_dir.exists();
         let db = sled::Config::new()
             .path(&db_dir)
             .mode(sled::Mode::HighThroughput)
@@ -336,6 +341,7 @@ impl SledStorage {
                 tree("log_hashes")?,
                 meta.clone(),
                 signer,
+                dir,
             )?,
             meta,
             index: Mutex::new(QueueIndex::default()),
@@ -365,6 +371,12 @@ impl SledStorage {
             .last_seq
             .store(next.saturating_sub(1), Ordering::SeqCst);
         *storage.lock_index() = storage.load_index()?;
+        if fresh {
+            // A new log publishes its empty tree at once: from then on a log without a
+            // published checkpoint beside it can only have lost it.
+            storage.log.seal(None)?;
+            storage.sync()?;
+        }
         Ok(storage)
     }
 
@@ -1123,7 +1135,21 @@ impl Storage for SledStorage {
         self.db.flush().map_err(sled_err("flushing the database"))?;
         self.files
             .sync()
-            .map_err(|e| Internal::new("syncing the database files", e))
+            .map_err(|e| Internal::new("syncing the database files", e))?;
+        // Only now is the sealed checkpoint's tree durable: publish it beside the database.
+        self.log.publish_sealed()
+    }
+
+    fn published_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        self.log.published()
+    }
+
+    fn tree_root(&self, size: u64) -> Result<Hash, Internal> {
+        self.log.root_at(size)
+    }
+
+    fn check_tail(&self, count: u64) -> Result<Option<String>, Internal> {
+        self.log.check_tail(count)
     }
 
     fn receipt(
@@ -1495,6 +1521,98 @@ mod tests {
     }
 
     #[test]
+    fn the_start_check_refuses_a_rolled_back_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        commit(&s, &[accept(&["ico"], b"one".to_vec(), None)]);
+        drop(s);
+        // A copy of the database as it was, published at 1 entry.
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(&dir.path().join("db"), &copy.path().join("db"));
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        crate::store::check_recovered(&s, dir.path()).unwrap();
+        commit(&s, &[accept(&["ico"], b"two".to_vec(), None)]);
+        let published = s.published_checkpoint().unwrap().unwrap();
+        assert_eq!(published.size, 2);
+        drop(s);
+        // The database rolls back; the published checkpoint does not.
+        std::fs::remove_dir_all(dir.path().join("db")).unwrap();
+        copy_dir(&copy.path().join("db"), &dir.path().join("db"));
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let e = crate::store::check_recovered(&s, dir.path()).unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "refusing to serve",
+            "audit log of 1 entries",
+            "checkpoint of 2 entries",
+            &published.root.to_hex(),
+            "verify --data-dir",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        // So does the offline check.
+        let report = s.verify().unwrap();
+        assert!(!report.ok(), "{report:?}");
+    }
+
+    #[test]
+    fn verify_finds_a_changed_hash_and_an_orphan_queue_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        commit(
+            &s,
+            &[
+                accept(&["ico"], b"one".to_vec(), None),
+                accept(&["ico", "nca"], b"two".to_vec(), None),
+            ],
+        );
+        let report = s.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(
+            (report.entries, report.queue_items, report.receipts),
+            (2, 3, 2)
+        );
+        // One stored hash changed, one queue item for a transfer the log never accepted.
+        let (_, hashes) = s.log.trees();
+        let (key, bundle) = hashes.iter().next().unwrap().unwrap();
+        let mut changed = bundle.to_vec();
+        changed[0] ^= 1;
+        hashes.insert(key, changed).unwrap();
+        let orphan = StoredItem {
+            seq: 99,
+            transfer_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+            kind: ItemKind::Inline.to_wire(),
+            transfer: Some(pb::Transfer::default()),
+            ..Default::default()
+        };
+        s.queues
+            .insert(
+                block_key(&agency("ico"), 99),
+                StoredBlock {
+                    items: vec![orphan],
+                }
+                .encode_to_vec(),
+            )
+            .unwrap();
+        let report = s.verify().unwrap();
+        let all = report.problems.join("\n");
+        assert!(all.contains("stored hash 0 differs"), "{all}");
+        assert!(all.contains("has no transfer_accepted entry"), "{all}");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[test]
     fn a_database_in_the_old_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
@@ -1522,6 +1640,8 @@ mod tests {
     #[test]
     fn a_database_with_sleds_default_segments_is_refused_with_our_message() {
         let dir = tempfile::tempdir().unwrap();
+        // An older broker made its key, then its database.
+        audit_log::load_or_create_key(dir.path(), ORIGIN).unwrap();
         drop(sled::open(dir.path().join("db")).unwrap());
         let Err(e) = SledStorage::open(dir.path(), ORIGIN) else {
             panic!("opened a database with other segments");

@@ -171,12 +171,15 @@ impl Site {
     }
 
     /// Stops the broker and starts another on the same data directory (and log key), on a new
-    /// port. With `wipe`, the database is deleted in between: a new history under the same key.
+    /// port. With `wipe`, the database and the checkpoint published beside it are deleted in
+    /// between (a lost disk, the key restored from elsewhere): a new history under the same
+    /// key, which the broker cannot tell from a first start.
     async fn restart(mut self, wipe: bool) -> Site {
         let data_dir = self.data_dir();
         self.broker.stop().await.unwrap();
         if wipe {
             fs::remove_dir_all(data_dir.join("db")).unwrap();
+            fs::remove_file(data_dir.join(audit_log::PUBLISHED_CHECKPOINT_FILE)).unwrap();
             assert!(data_dir.join(audit_log::LOG_KEY_FILE).exists());
         }
         // The stopped broker's writer thread drops the database (and its file lock) just after

@@ -9,3 +9,4 @@ mod consent;
 mod mtls;
 mod relay;
 mod services;
+mod store_damage;
