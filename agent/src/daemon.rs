@@ -40,7 +40,11 @@ const ACK_BATCH: usize = 256;
 
 /// Refusals that are about the broker's state rather than the message: the file stays in the
 /// outbox and is retried later.
-const TRANSIENT_REASONS: [&str; 1] = ["RECIPIENT_QUEUE_FULL"];
+const TRANSIENT_REASONS: [&str; 3] = [
+    "RECIPIENT_QUEUE_FULL",
+    "STORAGE_FULL",
+    "STORAGE_UNAVAILABLE",
+];
 
 /// What the agent did, for callers that watch it (the demo, tests).
 #[derive(Debug, Clone)]

@@ -106,12 +106,22 @@ pub struct Limits {
     pub max_queue_depth: u64,
     /// The most deliveries in flight (sent, not acknowledged) on one subscription.
     pub max_window: u32,
+    /// Below this much free space in the data directory's file system, `Send` is refused
+    /// with `STORAGE_FULL` (acknowledgements and subscriptions go on, so queues drain).
+    pub min_free_bytes: u64,
+    /// A flush that takes longer fails its requests with `STORAGE_UNAVAILABLE` and turns
+    /// health `NOT_SERVING` (see [`crate::store`]).
+    pub flush_timeout: std::time::Duration,
 }
 
 /// The default queue depth limit per recipient.
 pub const DEFAULT_MAX_QUEUE_DEPTH: u64 = 100_000;
 /// The default (and largest) in-flight window of a subscription.
 pub const DEFAULT_MAX_WINDOW: u32 = 64;
+/// The default free-space floor: 256 MiB.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
+/// The default bound on one flush: 10 s.
+pub const DEFAULT_FLUSH_TIMEOUT_MS: u64 = 10_000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -119,6 +129,8 @@ impl Default for Limits {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_queue_depth: DEFAULT_MAX_QUEUE_DEPTH,
             max_window: DEFAULT_MAX_WINDOW,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            flush_timeout: std::time::Duration::from_millis(DEFAULT_FLUSH_TIMEOUT_MS),
         }
     }
 }
@@ -334,10 +346,21 @@ impl Config {
                 format!("must be between 1 and 4096, got {}", raw.limits.max_window),
             ));
         }
+        if !(100..=600_000).contains(&raw.limits.flush_timeout_ms) {
+            return Err(invalid(
+                "limits.flush_timeout_ms",
+                format!(
+                    "must be between 100 and 600000 (10 minutes), got {}",
+                    raw.limits.flush_timeout_ms
+                ),
+            ));
+        }
         let limits = Limits {
             max_message_bytes: max,
             max_queue_depth: raw.limits.max_queue_depth,
             max_window: raw.limits.max_window,
+            min_free_bytes: raw.limits.min_free_bytes,
+            flush_timeout: std::time::Duration::from_millis(raw.limits.flush_timeout_ms),
         };
 
         let metrics_listen = raw
@@ -609,6 +632,12 @@ impl Config {
             "max window:    {} deliveries in flight",
             self.limits.max_window
         );
+        let _ = writeln!(
+            s,
+            "storage:       Send refused below {} bytes free; flushes bounded to {} ms",
+            self.limits.min_free_bytes,
+            self.limits.flush_timeout.as_millis()
+        );
         let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
         let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
         issuers.sort_by_key(|(id, _)| id.to_string());
@@ -840,6 +869,8 @@ struct RawLimits {
     max_message_bytes: usize,
     max_queue_depth: u64,
     max_window: u32,
+    min_free_bytes: u64,
+    flush_timeout_ms: u64,
 }
 
 impl Default for RawLimits {
@@ -849,6 +880,8 @@ impl Default for RawLimits {
             max_message_bytes: d.max_message_bytes,
             max_queue_depth: d.max_queue_depth,
             max_window: d.max_window,
+            min_free_bytes: d.min_free_bytes,
+            flush_timeout_ms: u64::try_from(d.flush_timeout.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }

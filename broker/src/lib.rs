@@ -71,6 +71,9 @@ pub enum ServeError {
     /// The recovered store is not whole: it is never served.
     #[error("{0}")]
     Recovery(#[from] store::RecoveryError),
+    /// The storage stayed unavailable (its flushes failing or stalled) and the broker gave up.
+    #[error("{0}")]
+    StorageFailed(String),
     /// The listening socket's address could not be read.
     #[error("reading the listening address: {source}")]
     Listener {
@@ -125,7 +128,10 @@ pub async fn serve_with(
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
     }
     tracing::info!(log_key = %store::Storage::log_verifier_key(storage.as_ref()), "audit log");
-    let store = store::Store::start(storage)?;
+    let store = store::Store::start(
+        storage,
+        store::StoreOptions::new(&config.data_dir, config.limits.flush_timeout),
+    )?;
     store
         .commit(store::Op::ConfigLoaded(concordat_proto::pb::ConfigLoaded {
             config_sha256: config.digest.to_vec(),
@@ -165,6 +171,21 @@ pub async fn serve_with(
             }
         });
     }
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // Health follows the storage: NOT_SERVING while writes are refused.
+    {
+        let mut health = store.health();
+        let reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            while health.changed().await.is_ok() {
+                let serving = *health.borrow_and_update() == store::Health::Serving;
+                set_health(&reporter, serving).await;
+            }
+        });
+    }
+    let failed = store.clone();
+    let (gave_up_tx, mut gave_up_rx) = tokio::sync::oneshot::channel::<String>();
+
     let state = Arc::new(service::State::new(
         &config,
         authenticator.clone(),
@@ -173,16 +194,7 @@ pub async fn serve_with(
         metrics,
     ));
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ExchangeServer<service::ExchangeService>>()
-        .await;
-    health_reporter
-        .set_serving::<ConsentServer<service::ConsentService>>()
-        .await;
-    health_reporter
-        .set_serving::<AuditServer<service::AuditService>>()
-        .await;
+    set_health(&health_reporter, true).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(concordat_proto::FILE_DESCRIPTOR_SET)
@@ -226,11 +238,36 @@ pub async fn serve_with(
         .add_service(consent)
         .add_service(audit)
         .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                why = failed.failed() => {
+                    let _ = gave_up_tx.send(why);
+                }
+            }
             // End the subscriptions so that graceful shutdown does not wait for them forever.
             let _ = stop_tx.send(true);
         })
         .await?;
+    if let Ok(why) = gave_up_rx.try_recv() {
+        return Err(ServeError::StorageFailed(why));
+    }
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Sets every service's health (and the server's) to `SERVING` or `NOT_SERVING`.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    for name in [
+        <ExchangeServer<service::ExchangeService> as tonic::server::NamedService>::NAME,
+        <ConsentServer<service::ConsentService> as tonic::server::NamedService>::NAME,
+        <AuditServer<service::AuditService> as tonic::server::NamedService>::NAME,
+    ] {
+        reporter.set_service_status(name, status).await;
+    }
 }

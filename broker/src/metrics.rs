@@ -178,7 +178,11 @@ mod tests {
     fn overdue_reviews_counts_and_depths_are_exposed() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(SledStorage::open(dir.path(), "test/log").unwrap());
-        let store = Store::start(storage).unwrap();
+        let store = Store::start(
+            storage,
+            crate::store::StoreOptions::new(dir.path(), std::time::Duration::from_secs(10)),
+        )
+        .unwrap();
         let agreement = |id: &str, review_by| Agreement {
             id: id.into(),
             title: "t".into(),

@@ -77,6 +77,10 @@ pub enum Reason {
     MessageIdReused,
     /// The agency already holds as many subscriptions as the broker allows.
     TooManySubscriptions,
+    /// The broker's storage is failing or stalled; nothing was written. Try again later.
+    StorageUnavailable,
+    /// The broker's disk is nearly full: it takes no new transfers until space is freed.
+    StorageFull,
 }
 
 impl Reason {
@@ -113,6 +117,8 @@ impl Reason {
             Reason::RecipientQueueFull => "RECIPIENT_QUEUE_FULL",
             Reason::MessageIdReused => "MESSAGE_ID_REUSED",
             Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            Reason::StorageUnavailable => "STORAGE_UNAVAILABLE",
+            Reason::StorageFull => "STORAGE_FULL",
         }
     }
 
@@ -126,7 +132,10 @@ impl Reason {
             | Reason::ConsentMalformed
             | Reason::MessageIdReused => Code::InvalidArgument,
             Reason::Unauthenticated | Reason::UnknownAgency => Code::Unauthenticated,
-            Reason::RecipientQueueFull | Reason::TooManySubscriptions => Code::ResourceExhausted,
+            Reason::RecipientQueueFull | Reason::TooManySubscriptions | Reason::StorageFull => {
+                Code::ResourceExhausted
+            }
+            Reason::StorageUnavailable => Code::Unavailable,
             _ => Code::PermissionDenied,
         }
     }

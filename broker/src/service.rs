@@ -131,6 +131,22 @@ impl State {
         payload_sha256: [u8; 32],
     ) -> Result<Prepared, (Failure, Option<Box<pb::EnvelopeFacts>>)> {
         let digest = store::envelope_digest(&envelope, &payload_sha256);
+        // The disk floor comes first: nothing new is taken on a nearly full disk, while
+        // acknowledgements (which free queue space) go on.
+        let free = self.store.free_bytes();
+        if free < self.limits.min_free_bytes {
+            let refusal = Refusal::new(
+                Reason::StorageFull,
+                format!(
+                    "the broker's disk has {} MiB free, below its floor of {} MiB: it takes no \
+                     new transfers until space is freed; try again later",
+                    free / (1024 * 1024),
+                    self.limits.min_free_bytes / (1024 * 1024)
+                ),
+            );
+            let facts = store::refused_facts(sender, &envelope, &payload_sha256);
+            return Err((refusal.into(), Some(Box::new(facts))));
+        }
         let storage = self.store.storage();
         let now = OffsetDateTime::now_utc();
         let cx = policy::Context {

@@ -160,6 +160,8 @@ client_ca = {ca}
 max_message_bytes = {max_message_bytes}
 max_queue_depth = {max_queue_depth}
 max_window = {max_window}
+min_free_bytes = {min_free_bytes}
+flush_timeout_ms = {flush_timeout_ms}
 
 [[agencies]]
 id = "ico"
@@ -212,6 +214,8 @@ clause = "2.1"
         max_message_bytes = limits.max_message_bytes,
         max_queue_depth = limits.max_queue_depth,
         max_window = limits.max_window,
+        min_free_bytes = limits.min_free_bytes,
+        flush_timeout_ms = limits.flush_timeout.as_millis(),
     );
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

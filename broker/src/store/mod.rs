@@ -393,6 +393,119 @@ pub fn check_recovered(storage: &dyn Storage, data_dir: &Path) -> Result<(), Rec
     Ok(())
 }
 
+/// How the writer is watched, and where free space is measured.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// A batch whose apply and flush take longer is failed with `STORAGE_UNAVAILABLE`, and
+    /// health turns `NOT_SERVING` until a flush completes again.
+    pub flush_timeout: Duration,
+    /// If no flush has completed this long after the storage became unavailable, the store
+    /// gives up ([`Store::failed`]): the broker exits non-zero for a supervisor to restart it.
+    pub give_up_after: Duration,
+    /// The directory whose file system's free space [`Store::free_bytes`] reports.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl StoreOptions {
+    /// Options for a store in `data_dir` whose flushes may take at most `flush_timeout`; it
+    /// gives up six timeouts after it became unavailable.
+    pub fn new(data_dir: &Path, flush_timeout: Duration) -> StoreOptions {
+        StoreOptions {
+            flush_timeout,
+            give_up_after: flush_timeout * 6,
+            data_dir: Some(data_dir.to_path_buf()),
+        }
+    }
+}
+
+/// Whether the store can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Writes are applied and flushed.
+    Serving,
+    /// A flush failed or stalled: every write is refused with `STORAGE_UNAVAILABLE` until a
+    /// flush completes again.
+    Unavailable,
+}
+
+/// The refusal of a write while the storage is unavailable.
+pub fn storage_unavailable() -> Refusal {
+    Refusal::new(
+        Reason::StorageUnavailable,
+        "the broker cannot write to its storage at the moment; nothing was recorded, try again \
+         later",
+    )
+}
+
+/// What the writer thread and its watchdog share.
+struct Shared {
+    options: StoreOptions,
+    /// The batch being applied and flushed: when it began, and who waits for it.
+    inflight: std::sync::Mutex<Option<Inflight>>,
+    health: watch::Sender<Health>,
+    /// When the storage became unavailable.
+    unavailable_since: std::sync::Mutex<Option<Instant>>,
+    /// Why the store gave up, once it has.
+    failed: watch::Sender<Option<String>>,
+    /// The free bytes of the data directory's file system (`u64::MAX` if unknown).
+    free_bytes: std::sync::atomic::AtomicU64,
+}
+
+struct Inflight {
+    since: Instant,
+    replies: Vec<oneshot::Sender<Result<Applied, Failure>>>,
+}
+
+impl Shared {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, Option<Inflight>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.unavailable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns health `NOT_SERVING` (once) and logs why.
+    fn mark_unavailable(&self, why: &str) {
+        let mut since = self.lock_since();
+        if since.is_none() {
+            *since = Some(Instant::now());
+            tracing::error!(
+                "storage unavailable: {why}; refusing writes with STORAGE_UNAVAILABLE, health \
+                 NOT_SERVING"
+            );
+            self.health.send_replace(Health::Unavailable);
+        }
+    }
+
+    fn mark_serving(&self) {
+        let mut since = self.lock_since();
+        if let Some(at) = since.take() {
+            tracing::warn!(
+                after = ?at.elapsed(),
+                "storage recovered: flushes complete again, health SERVING"
+            );
+            self.health.send_replace(Health::Serving);
+        }
+    }
+
+    fn refresh_free_bytes(&self) {
+        if let Some(dir) = &self.options.data_dir {
+            let free = free_bytes(dir).unwrap_or(u64::MAX);
+            self.free_bytes
+                .store(free, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The bytes available to unprivileged writers in the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
 /// The handle the services use: reads, and writes through the group-commit writer.
 #[derive(Clone)]
 pub struct Store {
@@ -400,6 +513,8 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     durable: watch::Receiver<u64>,
     checkpoint: watch::Receiver<Option<SignedCheckpoint>>,
+    shared: Arc<Shared>,
+    health: watch::Receiver<Health>,
 }
 
 struct Job {
@@ -408,34 +523,95 @@ struct Job {
 }
 
 impl Store {
-    /// Starts the writer thread over `storage`.
-    pub fn start(storage: Arc<dyn Storage>) -> Result<Store, Internal> {
+    /// Starts the writer thread over `storage`, and the watchdog that bounds its flushes.
+    pub fn start(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store, Internal> {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (durable_tx, durable) = watch::channel(storage.last_seq());
         let (checkpoint_tx, checkpoint) = watch::channel(storage.latest_checkpoint()?);
+        let (health_tx, health) = watch::channel(Health::Serving);
+        let shared = Arc::new(Shared {
+            options,
+            inflight: std::sync::Mutex::new(None),
+            health: health_tx,
+            unavailable_since: std::sync::Mutex::new(None),
+            failed: watch::channel(None).0,
+            free_bytes: std::sync::atomic::AtomicU64::new(u64::MAX),
+        });
+        shared.refresh_free_bytes();
         let writer = storage.clone();
+        let writer_shared = shared.clone();
         thread::Builder::new()
             .name("concordat-writer".into())
-            .spawn(move || write_loop(writer.as_ref(), rx, durable_tx, checkpoint_tx))
+            .spawn(move || {
+                write_loop(
+                    writer.as_ref(),
+                    rx,
+                    durable_tx,
+                    checkpoint_tx,
+                    &writer_shared,
+                )
+            })
             .map_err(|e| Internal::new("starting the writer thread", e))?;
+        let watched = Arc::downgrade(&shared);
+        thread::Builder::new()
+            .name("concordat-watchdog".into())
+            .spawn(move || watchdog(watched))
+            .map_err(|e| Internal::new("starting the writer's watchdog", e))?;
         Ok(Store {
             storage,
             jobs,
             durable,
             checkpoint,
+            shared,
+            health,
         })
     }
 
-    /// Applies `op` and returns once it is on disk.
+    /// Applies `op` and returns once it is on disk. While the storage is unavailable (a flush
+    /// failed or stalled) it is refused at once with `STORAGE_UNAVAILABLE`.
     pub async fn commit(&self, op: Op) -> Result<Applied, Failure> {
+        let mut health = self.health.clone();
+        if *health.borrow_and_update() == Health::Unavailable {
+            return Err(storage_unavailable().into());
+        }
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { op, reply })
             .await
             .map_err(|_| Internal::new("submitting a write", "the writer has stopped"))?;
-        answer
-            .await
-            .map_err(|_| Internal::new("awaiting a write", "the writer has stopped"))?
+        tokio::select! {
+            answer = answer => answer
+                .map_err(|_| Internal::new("awaiting a write", "the writer has stopped"))?,
+            // Waiting behind a stalled flush: give up now. The writer skips a job whose caller
+            // is gone; one it had already taken may still be applied later, which a retry
+            // under the same message id finds (its receipt, not a second transfer).
+            _ = health.wait_for(|h| *h == Health::Unavailable) => {
+                Err(storage_unavailable().into())
+            }
+        }
+    }
+
+    /// Whether the store can write, as it changes.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Completes with the reason once the store has given up: its storage stayed unavailable
+    /// for [`StoreOptions::give_up_after`]. The broker then exits for a supervisor to restart.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.shared.failed.subscribe();
+        match failed.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "the writer's watchdog stopped".into(),
+        }
+    }
+
+    /// The free bytes of the data directory's file system, measured at the last batch and at
+    /// least every second (`u64::MAX` if unknown).
+    pub fn free_bytes(&self) -> u64 {
+        self.shared
+            .free_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The storage, for reads.
@@ -494,17 +670,96 @@ fn fill_proof(
     Ok(())
 }
 
+/// How often the watchdog looks at the writer, and refreshes the free space.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the writer waits between flushes that try whether the storage is back.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Fails the batch whose flush has taken longer than [`StoreOptions::flush_timeout`], marks
+/// the storage unavailable, and gives up once it has been for [`StoreOptions::give_up_after`].
+/// sled 0.34 can block for good in a flush when its disk is full (../shared/PITFALLS.md): the
+/// thread stuck in it cannot answer, so this one does.
+fn watchdog(shared: std::sync::Weak<Shared>) {
+    loop {
+        thread::sleep(WATCH_INTERVAL);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.refresh_free_bytes();
+        let timeout = shared.options.flush_timeout;
+        let stalled = {
+            let mut inflight = shared.lock_inflight();
+            match inflight.as_mut() {
+                Some(batch) if batch.since.elapsed() > timeout => {
+                    Some(std::mem::take(&mut batch.replies))
+                }
+                _ => None,
+            }
+        };
+        if let Some(replies) = stalled {
+            shared.mark_unavailable(&format!("a flush has not completed within {timeout:?}"));
+            for reply in replies {
+                let _ = reply.send(Err(storage_unavailable().into()));
+            }
+        }
+        let since = *shared.lock_since();
+        if let Some(at) = since
+            && at.elapsed() > shared.options.give_up_after
+            && shared.failed.borrow().is_none()
+        {
+            let why = format!(
+                "the storage has been unavailable for {:?} (no flush completed): giving up so \
+                 that a supervisor restarts the broker",
+                at.elapsed()
+            );
+            tracing::error!("{why}");
+            shared.failed.send_replace(Some(why));
+        }
+    }
+}
+
 fn write_loop(
     storage: &dyn Storage,
     mut rx: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
     checkpoint: watch::Sender<Option<SignedCheckpoint>>,
+    shared: &Shared,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut latest = checkpoint.borrow().clone();
     let mut previous_batch = 0usize;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
+        if shared.lock_since().is_some() {
+            // Unavailable: try a flush, under the watchdog, before taking writes again.
+            *shared.lock_inflight() = Some(Inflight {
+                since: Instant::now(),
+                replies: Vec::new(),
+            });
+            let probe = storage.sync();
+            *shared.lock_inflight() = None;
+            match probe {
+                Ok(()) => {
+                    if let Ok(cp) = storage.latest_checkpoint() {
+                        latest = cp;
+                        checkpoint.send_replace(latest.clone());
+                    }
+                    durable.send_replace(storage.last_seq());
+                    shared.mark_serving();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "storage still unavailable");
+                    while let Ok(job) = rx.try_recv() {
+                        batch.push(job);
+                    }
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(storage_unavailable().into()));
+                    }
+                    thread::sleep(PROBE_INTERVAL);
+                    continue;
+                }
+            }
+        }
         // Under load (the last batch had company), wait a moment for more work: a flush and a
         // transaction are paid per batch, so fuller batches carry more per fsync. A lone
         // request is never held back.
@@ -532,35 +787,51 @@ fn write_loop(
                 },
             }
         }
+        // A caller that gave up (the storage was unavailable) is not written for.
+        batch.retain(|job| !job.reply.is_closed());
         previous_batch = batch.len();
+        if batch.is_empty() {
+            continue;
+        }
         let (ops, replies): (Vec<Op>, Vec<_>) =
             batch.drain(..).map(|job| (job.op, job.reply)).unzip();
+        // The watchdog answers these callers if applying and flushing stall.
+        *shared.lock_inflight() = Some(Inflight {
+            since: Instant::now(),
+            replies,
+        });
         let results = storage.apply_batch(&ops);
-        // Seal the batch with a checkpoint, flushed together with it.
+        // Seal the batch with a checkpoint, flushed together with it (and published beside
+        // the database once the flush is durable).
         let sealed = storage.seal(latest.as_ref());
         let synced = sealed.and_then(|new| storage.sync().map(|()| new));
-        if let Ok(new) = &synced {
-            if let Some(cp) = new {
-                latest = Some(cp.clone());
-                checkpoint.send_replace(latest.clone());
+        let replies = shared
+            .lock_inflight()
+            .take()
+            .map(|b| b.replies)
+            .unwrap_or_default();
+        shared.refresh_free_bytes();
+        match synced {
+            Ok(new) => {
+                if let Some(cp) = new {
+                    latest = Some(cp.clone());
+                    checkpoint.send_replace(latest.clone());
+                }
+                durable.send_replace(storage.last_seq());
+                shared.mark_serving();
+                // Inclusion proofs are computed by the waiting handlers (Store::prove_receipt),
+                // in parallel, not here on the one writer thread. Replies the watchdog already
+                // answered are gone.
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
             }
-            durable.send_replace(storage.last_seq());
-            // Inclusion proofs are computed by the waiting handlers (Store::prove_receipt), in
-            // parallel, not here on the one writer thread.
-        }
-        let synced = synced.map(|_| ());
-        for (reply, result) in replies.into_iter().zip(results) {
-            let answer = match &synced {
-                Ok(()) => result,
-                Err(e) => Err(Failure::Internal(Internal::new(
-                    "flushing to disk",
-                    e.to_string(),
-                ))),
-            };
-            let _ = reply.send(answer);
-        }
-        if let Err(e) = synced {
-            tracing::error!(error = %e, "flush failed: the writes of this batch were not acknowledged");
+            Err(e) => {
+                shared.mark_unavailable(&format!("a flush failed: {e}"));
+                for reply in replies {
+                    let _ = reply.send(Err(storage_unavailable().into()));
+                }
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ mod audit;
 mod audit_crash;
 mod config;
 mod consent;
+mod full_disk;
 mod mtls;
 mod relay;
 mod services;
