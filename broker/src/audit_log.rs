@@ -14,7 +14,6 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use concordat_proto::{
@@ -806,15 +805,9 @@ impl Log {
     }
 }
 
-/// The current time as a protobuf timestamp.
+/// The current time as a protobuf timestamp, from the broker's [`crate::clock`].
 pub fn now() -> prost_types::Timestamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
+    crate::clock::now_timestamp()
 }
 
 /// An entry recording `event` now.

@@ -8,6 +8,7 @@
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
 //!   that decides whether an envelope may be relayed.
+//! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
 //! - [`metrics`]: Prometheus counters and gauges, served at `/metrics` when configured.
@@ -18,6 +19,7 @@
 //! from the listener: no sleeps, no races.
 
 pub mod audit_log;
+pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod identity;
@@ -111,7 +113,7 @@ pub async fn serve_with(
     let tls = tls::server_config(&config.tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
-    for warning in config.warnings(time::OffsetDateTime::now_utc().date()) {
+    for warning in config.warnings(clock::now().date()) {
         tracing::warn!("{warning}");
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
@@ -123,6 +125,10 @@ pub async fn serve_with(
         &config.log_origin,
     )?);
     store::check_recovered(storage.as_ref(), &config.data_dir)?;
+    // The clock never goes back before what the log already holds.
+    if let Some(t) = store::newest_entry_time(storage.as_ref())? {
+        clock::raise_floor(t);
+    }
     let agency_ids = config.agencies.keys().cloned().collect();
     for (agency, depth) in store::nonempty_queues(storage.as_ref(), &agency_ids) {
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");

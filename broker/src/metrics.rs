@@ -11,7 +11,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use time::OffsetDateTime;
 
 use crate::{policy::Policy, store::Store};
 
@@ -97,7 +96,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format, with the gauges brought up to date.
     pub fn render(&self, policy: &Policy, store: &Store, agencies: &[String]) -> String {
-        let today = OffsetDateTime::now_utc().date();
+        let today = crate::clock::now().date();
         for a in &policy.agreements {
             self.overdue
                 .get_or_create(&AgreementLabel {

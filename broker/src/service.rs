@@ -9,7 +9,6 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 use concordat_proto::{audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -148,7 +147,7 @@ impl State {
             return Err((refusal.into(), Some(Box::new(facts))));
         }
         let storage = self.store.storage();
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::now();
         let cx = policy::Context {
             policy: &self.policy,
             verified: &self.verified,
@@ -564,7 +563,7 @@ impl pb::consent_server::Consent for ConsentService {
                 submitted_by: submitter,
                 issuer: key_id,
                 target,
-                revoked_at: OffsetDateTime::now_utc(),
+                revoked_at: crate::clock::now(),
             })))
             .await?;
         let Applied::Revoked {

@@ -350,6 +350,8 @@ pub struct BrokerProcess {
     config: PathBuf,
     data_dir: PathBuf,
     addr: SocketAddr,
+    /// Environment variables set for the next [`BrokerProcess::restart`].
+    env: Vec<(String, String)>,
 }
 
 impl BrokerProcess {
@@ -358,13 +360,23 @@ impl BrokerProcess {
     /// `broker.log` beside `config`.
     pub fn start(config: &Path, data_dir: &Path) -> anyhow::Result<Self> {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (process, addr) = Self::spawn(config, data_dir, any_port)?;
+        let (process, addr) = Self::spawn(config, data_dir, any_port, &[])?;
         Ok(BrokerProcess {
             process,
             config: config.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             addr,
+            env: Vec::new(),
         })
+    }
+
+    /// Sets the environment of the broker's next [`BrokerProcess::restart`] (for instance
+    /// libfaketime's, to run it under another wall clock).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
     }
 
     /// Starts the broker again, on the same address and data directory, after it was killed
@@ -378,7 +390,7 @@ impl BrokerProcess {
         }
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            match Self::spawn(&self.config, &self.data_dir, self.addr) {
+            match Self::spawn(&self.config, &self.data_dir, self.addr, &self.env) {
                 Ok((process, addr)) => {
                     self.process = process;
                     self.addr = addr;
@@ -396,10 +408,12 @@ impl BrokerProcess {
         config: &Path,
         data_dir: &Path,
         listen: SocketAddr,
+        env: &[(String, String)],
     ) -> anyhow::Result<(Supervised, SocketAddr)> {
         let log = config.with_file_name("broker.log");
         let mut command = Command::new(binary("concordat-broker")?);
         command
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("serve")
             .arg("--config")
             .arg(config)

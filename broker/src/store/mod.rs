@@ -506,6 +506,25 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
+/// The time of the newest entry in the log, if any: the floor of the broker's clock.
+pub fn newest_entry_time(storage: &dyn Storage) -> Result<Option<OffsetDateTime>, Internal> {
+    let size = storage.log_size()?;
+    let Some(last) = size.checked_sub(1) else {
+        return Ok(None);
+    };
+    let Some(bytes) = storage.log_entry(last)? else {
+        return Ok(None);
+    };
+    let entry = concordat_proto::audit::decode(&bytes)
+        .map_err(|e| Internal::new("reading the newest audit entry", e))?;
+    Ok(entry.time.and_then(|t| {
+        OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+        )
+        .ok()
+    }))
+}
+
 /// The handle the services use: reads, and writes through the group-commit writer.
 #[derive(Clone)]
 pub struct Store {

@@ -4,6 +4,7 @@
 
 mod audit;
 mod audit_crash;
+mod clock;
 mod config;
 mod consent;
 mod full_disk;
