@@ -164,7 +164,7 @@ impl Running {
             .decided(out, from, name)
             .await?
             .with_context(|| format!("{step} was refused"))?;
-        self.delivered(out, to, &format!("{id}.json")).await?;
+        self.delivered(out, to, &format!("{from}.{id}.json")).await?;
         Ok(id)
     }
 
@@ -440,7 +440,7 @@ async fn script(
         "   revoked; {} recall notice(s) queued",
         response.recall_notices
     )?;
-    demo.delivered(out, "ico", &format!("{id}.recall.json"))
+    demo.delivered(out, "ico", &format!("ncsc.{id}.recall.json"))
         .await?;
     Ok(())
 }

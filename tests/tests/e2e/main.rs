@@ -6,6 +6,8 @@ mod audit;
 mod audit_crash;
 mod config;
 mod consent;
+mod deadline;
+mod inbox;
 mod mtls;
 mod relay;
 mod services;
