@@ -164,7 +164,8 @@ impl Running {
             .decided(out, from, name)
             .await?
             .with_context(|| format!("{step} was refused"))?;
-        self.delivered(out, to, &format!("{from}.{id}.json")).await?;
+        self.delivered(out, to, &format!("{from}.{id}.json"))
+            .await?;
         Ok(id)
     }
 

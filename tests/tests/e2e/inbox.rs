@@ -8,7 +8,7 @@ use std::{
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use concordat_agent::client::{Broker, ClientTls};
@@ -291,6 +291,7 @@ async fn a_full_disk_holds_deliveries_until_space_returns_without_a_reconnect() 
 
     // Space returns: everything lands, on the same subscription.
     fs::remove_file(&filler).unwrap();
+    let space_returned = Instant::now();
     let inbox_for_wait = inbox.clone();
     let landed = tokio::task::spawn_blocking(move || {
         wait_for(
@@ -305,6 +306,10 @@ async fn a_full_disk_holds_deliveries_until_space_returns_without_a_reconnect() 
     .await
     .unwrap();
     landed.unwrap_or_else(|e| panic!("{e:#}\n{}", ico.log_tail(20)));
+    eprintln!(
+        "full disk: {COUNT} deliveries landed {:?} after space returned",
+        space_returned.elapsed()
+    );
     assert!(partial_files(&inbox).is_empty());
     let text = fs::read_to_string(&log).unwrap();
     let subscriptions = text
