@@ -360,7 +360,11 @@ async fn send_file(
         }
     };
     let message_id = envelope.message_id;
-    match broker.exchange().send(pb::Envelope::from(envelope)).await {
+    let mut client = broker.exchange();
+    match broker
+        .deadline(client.send(pb::Envelope::from(envelope)))
+        .await
+    {
         Ok(receipt) => {
             let receipt = receipt.into_inner();
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
@@ -477,13 +481,13 @@ async fn receive(
         Ok(b) => b,
         Err(e) => return Ok(Ended::Disconnected(e.to_string())),
     };
-    let mut stream = match broker
-        .exchange()
-        .subscribe(pb::SubscribeRequest {
-            window: settings.window,
-        })
-        .await
-    {
+    // The deadline bounds the subscription's start; the stream itself runs until it ends, and
+    // the connection's keepalive pings notice a broker that stops answering.
+    let mut client = broker.exchange();
+    let subscribed = client.subscribe(pb::SubscribeRequest {
+        window: settings.window,
+    });
+    let mut stream = match broker.deadline(subscribed).await {
         Ok(s) => s.into_inner(),
         Err(status) => {
             return Ok(Ended::Disconnected(format!(
@@ -613,12 +617,10 @@ async fn ack_loop(broker: Broker, mut ids: mpsc::UnboundedReceiver<String>) {
                 Err(_) => break,
             }
         }
-        if let Err(status) = client
-            .ack(pb::AckRequest {
-                delivery_ids: batch,
-            })
-            .await
-        {
+        let acked = client.ack(pb::AckRequest {
+            delivery_ids: batch,
+        });
+        if let Err(status) = broker.deadline(acked).await {
             tracing::debug!(code = ?status.code(), "acknowledgement failed; the broker will redeliver");
         }
     }

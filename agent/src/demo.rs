@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    client::ClientTls,
+    client::{ClientTls, Timeouts},
     daemon::{self, AgentEvent, AgentSettings},
     operator::{self, ConsentRequest},
     pki::Ca,
@@ -269,6 +269,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
             ca_pem: ca.cert_pem().into_bytes(),
             cert_pem: cert.cert_pem.into_bytes(),
             key_pem: cert.key_pem.into_bytes(),
+            timeouts: Timeouts::default(),
         };
         tls.insert(agency, client.clone());
         crate::spool::Spool::open(&root.join(agency))?;
