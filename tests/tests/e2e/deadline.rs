@@ -1,7 +1,7 @@
 //! Clients never wait forever: against a wedged broker, the real `concordat` CLI gives up
-//! within its deadline and says so in one line. Two wedges: one that never finishes connecting
-//! (a TCP listener that never speaks), and one that connects (TCP, mutual TLS and all) and then
-//! never answers a call.
+//! within its deadline and says so in one line, and the real agent gives up on each attempt
+//! and tries again. Two wedges: one that never finishes connecting (a TCP listener that never
+//! speaks), and one that connects (TCP, mutual TLS and all) and then never answers a call.
 
 use std::{
     path::Path,
@@ -150,4 +150,88 @@ async fn send_gives_up_on_a_broker_that_connects_and_never_answers() {
     );
     assert_one_clear_line(&ran, &url, "deadline exceeded");
     wedge.abort();
+}
+
+/// The agent daemon, with `[timeouts] connect_ms = 300` in its `agent.toml`, against a broker
+/// that never finishes connecting: it gives up on each attempt, says why once, and keeps
+/// retrying (it does not hang in its first connection attempt).
+#[test]
+fn the_agent_gives_up_on_a_wedged_broker_and_keeps_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pki = TestPki::new().unwrap();
+    let pki = PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico"]).unwrap();
+    let wedged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = wedged.local_addr().unwrap().port();
+    let spool = dir.path().join("ico");
+    std::fs::create_dir_all(&spool).unwrap();
+    let config = spool.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"broker = "https://localhost:{port}"
+ca = {ca:?}
+cert = {cert:?}
+key = {key:?}
+spool = "."
+[reconnect]
+min_backoff_ms = 50
+max_backoff_ms = 200
+[timeouts]
+connect_ms = 300
+"#,
+            ca = pki.ca().display().to_string(),
+            cert = pki.cert("ico").display().to_string(),
+            key = pki.key("ico").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let log = spool.join("agent.log");
+    let mut agent = Command::new(concordat_tests::binary("concordat-agent").unwrap())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Each loop connects on its own; every attempt is a TCP connection the wedge queues up.
+    // Several queued connections show that the agent gave up and tried again.
+    let expected =
+        format!("the broker at https://localhost:{port} did not answer within 300ms (connecting)");
+    wedged.set_nonblocking(true).unwrap();
+    let mut held = Vec::new();
+    let waited = concordat_tests::process::wait_for(
+        "the agent to give up on the wedged broker and retry",
+        LIMIT,
+        || {
+            if let Ok(Some(status)) = agent.try_wait() {
+                return Ok(Err(format!("the agent exited: {status}")));
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // Accepting the queued connections only counts them: nothing is ever written.
+            while let Ok((stream, _)) = wedged.accept() {
+                held.push(stream);
+            }
+            let attempts = held.len();
+            if text.contains(&expected) && attempts >= 4 {
+                Ok(Ok(attempts))
+            } else {
+                Err(format!("{attempts} connection attempts; log: {text}"))
+            }
+        },
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let attempts = waited
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // Said once per loop (state changes are logged once), not once per attempt.
+    let said = text.lines().filter(|l| l.contains(&expected)).count();
+    assert!(
+        (1..=2).contains(&said),
+        "{said} lines for {attempts} attempts:\n{text}"
+    );
 }
