@@ -360,7 +360,7 @@ struct BrokerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// How long to wait for the broker to connect and for each answer, e.g. 5s, 2m (default:
-    /// the configuration's [timeouts] rpc_ms, or 30s).
+    /// the configuration's timeouts.rpc_ms, or 30s).
     #[arg(long, value_parser = parse_timeout)]
     timeout: Option<std::time::Duration>,
 }
