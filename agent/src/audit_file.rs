@@ -132,9 +132,9 @@ pub async fn export(
     out: &Path,
     format: Format,
 ) -> anyhow::Result<ExportSummary> {
+    // The deadline bounds the export's start; the stream may take as long as the log is big.
     let mut stream = broker
-        .audit()
-        .export(request)
+        .deadline(broker.audit().export(request))
         .await
         .map_err(crate::operator::describe_status)?
         .into_inner();
@@ -489,12 +489,11 @@ pub async fn entry_from_broker(
     key: Option<&LogVerifier>,
 ) -> anyhow::Result<pb::AuditEntry> {
     let mut stream = broker
-        .audit()
-        .export(pb::ExportRequest {
+        .deadline(broker.audit().export(pb::ExportRequest {
             index_from: index,
             index_to: index + 1,
             ..Default::default()
-        })
+        }))
         .await
         .map_err(crate::operator::describe_status)?
         .into_inner();

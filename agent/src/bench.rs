@@ -40,7 +40,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    client::{Broker, ClientTls},
+    client::{Broker, ClientTls, Timeouts},
     operator::{self, ConsentRequest},
     pki::{Ca, Issued},
 };
@@ -134,6 +134,7 @@ impl Pki {
             ca_pem: self.ca.cert_pem().into_bytes(),
             cert_pem: cert.cert_pem.into_bytes(),
             key_pem: cert.key_pem.into_bytes(),
+            timeouts: Timeouts::default(),
         })
     }
 }

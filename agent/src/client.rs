@@ -1,6 +1,14 @@
-//! Connecting to the broker over mutual TLS with an agency's certificate.
+//! Connecting to the broker over mutual TLS with an agency's certificate, and never waiting
+//! for it forever.
+//!
+//! Connecting (TCP, TLS and HTTP/2 together) is bounded by [`Timeouts::connect`], and every call
+//! made through [`Broker::deadline`] by [`Timeouts::rpc`]: a wedged broker costs a client one
+//! deadline and one clear error, not a hang. A streaming call (`Subscribe`, `Export`) is bounded
+//! only until it starts; the stream itself may rightly run for hours, so the connection under
+//! it is watched instead, by HTTP/2 pings that must be answered within
+//! [`Timeouts::keepalive_timeout`].
 
-use std::{path::Path, time::Duration};
+use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_client::AuditClient, consent_client::ConsentClient, exchange_client::ExchangeClient,
@@ -39,6 +47,42 @@ pub enum ClientError {
         /// The transport error.
         source: tonic::transport::Error,
     },
+    /// The broker did not complete the connection within the connect timeout.
+    #[error(
+        "the broker at {url} did not answer within {} (connecting)",
+        humantime::format_duration(*after)
+    )]
+    ConnectTimeout {
+        /// The broker's URL.
+        url: String,
+        /// How long the client waited.
+        after: Duration,
+    },
+}
+
+/// How long a client waits for the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting: the TCP, TLS and HTTP/2 handshakes together.
+    pub connect: Duration,
+    /// Each call's answer; for a streaming call, its start.
+    pub rpc: Duration,
+    /// How often the connection is checked with an HTTP/2 ping, busy or idle.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is taken for dead (and every
+    /// call and stream on it fails, to be retried on a new one).
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            rpc: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// Where the broker is and which certificates to use, PEM-encoded.
@@ -52,6 +96,8 @@ pub struct ClientTls {
     pub cert_pem: Vec<u8>,
     /// This agency's private key.
     pub key_pem: Vec<u8>,
+    /// How long to wait for the broker.
+    pub timeouts: Timeouts,
 }
 
 impl ClientTls {
@@ -73,6 +119,7 @@ impl ClientTls {
             ca_pem: read(ca)?,
             cert_pem: read(cert)?,
             key_pem: read(key)?,
+            timeouts: Timeouts::default(),
         })
     }
 
@@ -90,24 +137,35 @@ impl ClientTls {
             .tls_config(tls)
             .map_err(url_err)
             .map(|e| {
-                e.connect_timeout(Duration::from_secs(10))
+                let t = &self.timeouts;
+                e.connect_timeout(t.connect)
                     .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(20))
+                    .http2_keep_alive_interval(t.keepalive_interval)
+                    .keep_alive_timeout(t.keepalive_timeout)
+                    .keep_alive_while_idle(true)
             })
     }
 
-    /// Connects to the broker.
+    /// Connects to the broker, within [`Timeouts::connect`]. (The endpoint's own connect
+    /// timeout covers only the TCP handshake; a peer that accepts and then says nothing would
+    /// hold the TLS handshake forever.)
     pub async fn connect(&self) -> Result<Broker, ClientError> {
-        let channel = self
-            .endpoint()?
-            .connect()
+        let endpoint = self.endpoint()?;
+        let channel = tokio::time::timeout(self.timeouts.connect, endpoint.connect())
             .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                url: self.broker_url.clone(),
+                after: self.timeouts.connect,
+            })?
             .map_err(|source| ClientError::Connect {
                 url: self.broker_url.clone(),
                 source,
             })?;
-        Ok(Broker { channel })
+        Ok(Broker {
+            channel,
+            url: Arc::from(self.broker_url.as_str()),
+            rpc_timeout: self.timeouts.rpc,
+        })
     }
 }
 
@@ -115,9 +173,29 @@ impl ClientTls {
 #[derive(Clone)]
 pub struct Broker {
     channel: Channel,
+    url: Arc<str>,
+    rpc_timeout: Duration,
 }
 
 impl Broker {
+    /// Waits for `call` (a call on one of this broker's clients) for at most the RPC timeout;
+    /// past it, the call is dropped (which cancels it) and the result is `DEADLINE_EXCEEDED`
+    /// with a message that names the broker and the timeout. For a streaming call, pass the
+    /// call itself: the stream it returns is not bounded.
+    pub async fn deadline<T>(
+        &self,
+        call: impl Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        match tokio::time::timeout(self.rpc_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "the broker at {} did not answer within {} (deadline exceeded)",
+                self.url,
+                humantime::format_duration(self.rpc_timeout)
+            ))),
+        }
+    }
+
     /// The underlying channel (for health checks and reflection).
     pub fn channel(&self) -> Channel {
         self.channel.clone()

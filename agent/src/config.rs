@@ -1,5 +1,5 @@
 //! The agent's configuration (`agent.toml`): where the broker is, which certificates to use,
-//! where the spool directory is, and how to reconnect.
+//! where the spool directory is, how to reconnect, and how long to wait for the broker.
 //!
 //! Relative paths are resolved against the configuration file's directory. Errors name the
 //! file, the key and what is wrong.
@@ -11,7 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::client::{ClientError, ClientTls};
+use crate::client::{ClientError, ClientTls, Timeouts};
 
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub window: u32,
     /// The broker's audit log key (`concordat-broker log-key` prints it).
     pub log_key: Option<concordat_proto::checkpoint::LogVerifier>,
+    /// How long to wait for the broker (`[timeouts]`).
+    pub timeouts: Timeouts,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +87,34 @@ struct Raw {
     log_key: Option<String>,
     #[serde(default)]
     reconnect: RawReconnect,
+    #[serde(default)]
+    timeouts: RawTimeouts,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    connect_ms: u64,
+    rpc_ms: u64,
+    keepalive_interval_ms: u64,
+    keepalive_timeout_ms: u64,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        let t = Timeouts::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        RawTimeouts {
+            connect_ms: ms(t.connect),
+            rpc_ms: ms(t.rpc),
+            keepalive_interval_ms: ms(t.keepalive_interval),
+            keepalive_timeout_ms: ms(t.keepalive_timeout),
+        }
+    }
+}
+
+/// The longest timeout accepted: a day. Longer is a mistake, not a choice.
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -141,6 +170,26 @@ impl AgentConfig {
                 "backoffs must be positive and max_backoff_ms >= min_backoff_ms".into(),
             ));
         }
+        let t = raw.timeouts;
+        for (key, value) in [
+            ("timeouts.connect_ms", t.connect_ms),
+            ("timeouts.rpc_ms", t.rpc_ms),
+            ("timeouts.keepalive_interval_ms", t.keepalive_interval_ms),
+            ("timeouts.keepalive_timeout_ms", t.keepalive_timeout_ms),
+        ] {
+            if value == 0 || value > MAX_TIMEOUT_MS {
+                return Err(invalid(
+                    key,
+                    format!("{value} must be between 1 and {MAX_TIMEOUT_MS} (a day)"),
+                ));
+            }
+        }
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(t.connect_ms),
+            rpc: Duration::from_millis(t.rpc_ms),
+            keepalive_interval: Duration::from_millis(t.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(t.keepalive_timeout_ms),
+        };
         if raw.window == 0 {
             return Err(invalid("window", "must be at least 1".into()));
         }
@@ -167,12 +216,15 @@ impl AgentConfig {
             log_level: raw.log_level,
             window: raw.window,
             log_key,
+            timeouts,
         })
     }
 
     /// The TLS client settings, read from the files.
     pub fn client_tls(&self) -> Result<ClientTls, ClientError> {
-        ClientTls::from_files(&self.broker, &self.ca, &self.cert, &self.key)
+        let mut tls = ClientTls::from_files(&self.broker, &self.ca, &self.cert, &self.key)?;
+        tls.timeouts = self.timeouts;
+        Ok(tls)
     }
 }
 
@@ -204,6 +256,16 @@ window = 64
 # Exponential backoff with jitter between these bounds.
 min_backoff_ms = 250
 max_backoff_ms = 30000
+
+[timeouts]
+# Connecting to the broker (TCP, TLS and HTTP/2 handshakes together).
+connect_ms = 10000
+# Each call's answer; for the inbox subscription, its start (the stream has no deadline).
+rpc_ms = 30000
+# An HTTP/2 ping every keepalive_interval_ms; unanswered within keepalive_timeout_ms, the
+# connection is taken for dead and the agent reconnects.
+keepalive_interval_ms = 30000
+keepalive_timeout_ms = 20000
 "#
     )
 }
@@ -222,6 +284,51 @@ mod tests {
         assert_eq!(c.cert, dir.path().join("ico.pem"));
         assert_eq!(c.spool, dir.path().join("."));
         assert_eq!(c.min_backoff, Duration::from_millis(250));
+        assert_eq!(c.timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn timeouts_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            sample("ico").replace("rpc_ms = 30000", "rpc_ms = 2500"),
+        )
+        .unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        assert_eq!(c.timeouts.rpc, Duration::from_millis(2500));
+        assert_eq!(c.timeouts.connect, Duration::from_secs(10));
+        // A file without the table gets the defaults.
+        let without = sample("ico");
+        let without = &without[..without.find("[timeouts]").unwrap()];
+        std::fs::write(&path, without).unwrap();
+        assert_eq!(
+            AgentConfig::load(&path).unwrap().timeouts,
+            Timeouts::default()
+        );
+        for (from, to, key) in [
+            ("rpc_ms = 30000", "rpc_ms = 0", "timeouts.rpc_ms"),
+            (
+                "connect_ms = 10000",
+                "connect_ms = 100000000000",
+                "timeouts.connect_ms",
+            ),
+            (
+                "keepalive_timeout_ms = 20000",
+                "keepalive_timeout_ms = 0",
+                "timeouts.keepalive_timeout_ms",
+            ),
+            (
+                "rpc_ms = 30000",
+                "rpc_ms = 1\ndeadline_ms = 5",
+                "deadline_ms",
+            ),
+        ] {
+            std::fs::write(&path, sample("ico").replace(from, to)).unwrap();
+            let e = AgentConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains(key), "{to}: {e}");
+        }
     }
 
     #[test]

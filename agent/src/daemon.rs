@@ -5,14 +5,18 @@
 //!   a transport reason stays in the outbox and is retried under the same message id, so the
 //!   broker returns the first decision rather than making a second transfer.
 //! - The **inbox loop** subscribes to the broker, writes each delivery durably to `inbox/`, and
-//!   only then acknowledges it. Unacknowledged deliveries are redelivered after a reconnect; the
-//!   spool writes each message once.
+//!   only then acknowledges it. A delivery the inbox refuses (a full disk) is written again with
+//!   a short backoff on the same subscription until it goes in; unacknowledged deliveries are
+//!   redelivered after a reconnect; the spool writes each message once.
 //!
 //! Both reconnect with exponential backoff and jitter, and log each change of connection state
 //! once. On shutdown the outbox loop finishes the files in hand and the inbox loop the delivery
 //! in hand, then both return.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use concordat_proto::pb;
 use futures::StreamExt;
@@ -27,7 +31,7 @@ use crate::{
     client::{Broker, ClientTls},
     config::AgentConfig,
     operator::refusal_of,
-    spool::{Delivered, Spool},
+    spool::{Delivered, DeliveryError, Spool},
     witness::{Witness, WitnessError},
 };
 
@@ -37,6 +41,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const SEND_CONCURRENCY: usize = 32;
 /// The most delivery ids acknowledged in one call.
 const ACK_BATCH: usize = 256;
+
+/// The first pause before writing a delivery again that the inbox refused.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between attempts to write a refused delivery.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often a delivery that still cannot be written is logged at error level again.
+const STORE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Refusals that are about the broker's state rather than the message: the file stays in the
 /// outbox and is retried later.
@@ -353,7 +364,11 @@ async fn send_file(
         }
     };
     let message_id = envelope.message_id;
-    match broker.exchange().send(pb::Envelope::from(envelope)).await {
+    let mut client = broker.exchange();
+    match broker
+        .deadline(client.send(pb::Envelope::from(envelope)))
+        .await
+    {
         Ok(receipt) => {
             let receipt = receipt.into_inner();
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
@@ -470,13 +485,13 @@ async fn receive(
         Ok(b) => b,
         Err(e) => return Ok(Ended::Disconnected(e.to_string())),
     };
-    let mut stream = match broker
-        .exchange()
-        .subscribe(pb::SubscribeRequest {
-            window: settings.window,
-        })
-        .await
-    {
+    // The deadline bounds the subscription's start; the stream itself runs until it ends, and
+    // the connection's keepalive pings notice a broker that stops answering.
+    let mut client = broker.exchange();
+    let subscribed = client.subscribe(pb::SubscribeRequest {
+        window: settings.window,
+    });
+    let mut stream = match broker.deadline(subscribed).await {
         Ok(s) => s.into_inner(),
         Err(status) => {
             return Ok(Ended::Disconnected(format!(
@@ -503,15 +518,8 @@ async fn receive(
             }
         };
         let id = delivery.delivery_id.clone();
-        let stored = blocking(spool, move |s| {
-            s.deliver(&delivery).map_err(|e| match e {
-                crate::spool::DeliveryError::Io(io) => io,
-                other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
-            })
-        })
-        .await;
-        match stored {
-            Ok(delivered) => {
+        match store(spool, delivery, &id, shutdown).await? {
+            Stored::Delivered(delivered) => {
                 let duplicate = matches!(delivered, Delivered::AlreadyPresent(_));
                 tracing::info!(delivery = %id, file = %delivered.path().display(), duplicate, "delivered");
                 let _ = ack_tx.send(id);
@@ -523,16 +531,82 @@ async fn receive(
                     },
                 );
             }
-            Err(e) => {
-                // Not acknowledged: the broker keeps it and delivers it again later.
-                tracing::error!(delivery = %id, error = %e, "cannot store a delivery; leaving it with the broker");
+            Stored::Unusable(why) => {
+                // Not acknowledged: the broker keeps it, for an operator to look into.
+                tracing::error!(delivery = %id, "cannot store a delivery; leaving it with the broker: {why}");
             }
+            Stored::Shutdown => break Ended::Shutdown,
         }
     };
     drop(ack_tx);
     // Let the last acknowledgements go out before the connection is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
     Ok(ended)
+}
+
+/// What became of one delivery in [`store`].
+enum Stored {
+    /// In the inbox: to be acknowledged.
+    Delivered(Delivered),
+    /// Not something the agent can store (a hostile name, say): not acknowledged.
+    Unusable(String),
+    /// Shutdown came while the inbox was refusing it: not acknowledged.
+    Shutdown,
+}
+
+/// Writes one delivery to the inbox. While the file system refuses it (full, say), the same
+/// delivery is tried again after a pause that doubles from [`STORE_RETRY_MIN`] to
+/// [`STORE_RETRY_MAX`], on the subscription the agent already holds: space coming back is
+/// noticed within seconds, without waiting for a reconnect that a live connection never needs.
+/// The next deliveries wait meanwhile (the broker holds at most the window in flight).
+/// The failure is logged at error level when it starts and every [`STORE_LOG_INTERVAL`] after.
+async fn store(
+    spool: &Spool,
+    delivery: pb::Delivery,
+    id: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Stored> {
+    let delivery = Arc::new(delivery);
+    let mut delay = STORE_RETRY_MIN;
+    let mut failures: u32 = 0;
+    let mut logged: Option<Instant> = None;
+    loop {
+        let written = {
+            let (spool, delivery) = (spool.clone(), Arc::clone(&delivery));
+            tokio::task::spawn_blocking(move || spool.deliver(&delivery)).await?
+        };
+        let error = match written {
+            Ok(delivered) => {
+                if failures > 0 {
+                    tracing::info!(delivery = %id, failures, "stored once the inbox accepted it again");
+                }
+                return Ok(Stored::Delivered(delivered));
+            }
+            Err(DeliveryError::Io(error)) => error,
+            Err(other) => return Ok(Stored::Unusable(other.to_string())),
+        };
+        failures += 1;
+        if logged.is_none_or(|at| at.elapsed() >= STORE_LOG_INTERVAL) {
+            let cause = if error.kind() == std::io::ErrorKind::StorageFull {
+                "the inbox's file system is full"
+            } else {
+                "the inbox refused the write"
+            };
+            tracing::error!(
+                delivery = %id,
+                error = %error,
+                failures,
+                "cannot store a delivery: {cause}; retrying until it can be written"
+            );
+            logged = Some(Instant::now());
+        } else {
+            tracing::debug!(delivery = %id, error = %error, failures, "cannot store a delivery yet");
+        }
+        if !pause(delay, shutdown).await {
+            return Ok(Stored::Shutdown);
+        }
+        delay = (delay * 2).min(STORE_RETRY_MAX);
+    }
 }
 
 /// Acknowledges stored deliveries in batches. A failed acknowledgement is harmless: the broker
@@ -547,12 +621,10 @@ async fn ack_loop(broker: Broker, mut ids: mpsc::UnboundedReceiver<String>) {
                 Err(_) => break,
             }
         }
-        if let Err(status) = client
-            .ack(pb::AckRequest {
-                delivery_ids: batch,
-            })
-            .await
-        {
+        let acked = client.ack(pb::AckRequest {
+            delivery_ids: batch,
+        });
+        if let Err(status) = broker.deadline(acked).await {
             tracing::debug!(code = ?status.code(), "acknowledgement failed; the broker will redeliver");
         }
     }

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    client::ClientTls,
+    client::{ClientTls, Timeouts},
     daemon::{self, AgentEvent, AgentSettings},
     operator::{self, ConsentRequest},
     pki::Ca,
@@ -164,7 +164,8 @@ impl Running {
             .decided(out, from, name)
             .await?
             .with_context(|| format!("{step} was refused"))?;
-        self.delivered(out, to, &format!("{id}.json")).await?;
+        self.delivered(out, to, &format!("{from}.{id}.json"))
+            .await?;
         Ok(id)
     }
 
@@ -268,6 +269,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
             ca_pem: ca.cert_pem().into_bytes(),
             cert_pem: cert.cert_pem.into_bytes(),
             key_pem: cert.key_pem.into_bytes(),
+            timeouts: Timeouts::default(),
         };
         tls.insert(agency, client.clone());
         crate::spool::Spool::open(&root.join(agency))?;
@@ -440,7 +442,7 @@ async fn script(
         "   revoked; {} recall notice(s) queued",
         response.recall_notices
     )?;
-    demo.delivered(out, "ico", &format!("{id}.recall.json"))
+    demo.delivered(out, "ico", &format!("ncsc.{id}.recall.json"))
         .await?;
     Ok(())
 }

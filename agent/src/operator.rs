@@ -180,10 +180,9 @@ pub async fn send_revocation(
 ) -> anyhow::Result<pb::RevokeResponse> {
     let broker = tls.connect().await?;
     let response = broker
-        .consent()
-        .revoke(pb::RevokeRequest {
+        .deadline(broker.consent().revoke(pb::RevokeRequest {
             revocation: statement,
-        })
+        }))
         .await
         .map_err(describe_status)?;
     Ok(response.into_inner())
@@ -206,7 +205,11 @@ pub enum SendOutcome {
 /// Sends one envelope; a refusal is an outcome, a transport failure an error.
 pub async fn send(tls: &ClientTls, envelope: Envelope) -> anyhow::Result<SendOutcome> {
     let broker = tls.connect().await?;
-    match broker.exchange().send(pb::Envelope::from(envelope)).await {
+    let mut client = broker.exchange();
+    match broker
+        .deadline(client.send(pb::Envelope::from(envelope)))
+        .await
+    {
         Ok(receipt) => Ok(SendOutcome::Accepted(receipt.into_inner())),
         Err(status) => match refusal_of(&status) {
             Some((reason, message)) => Ok(SendOutcome::Refused { reason, message }),
@@ -224,9 +227,14 @@ pub fn refusal_of(status: &tonic::Status) -> Option<(String, String)> {
 }
 
 /// An error for a status that is not a refusal (or is one, from an RPC where refusals are errors).
+/// A missed deadline ([`crate::client::Broker::deadline`]) is its own message, which names the
+/// broker and the timeout.
 pub fn describe_status(status: tonic::Status) -> anyhow::Error {
     match refusal_of(&status) {
         Some((reason, message)) => anyhow::anyhow!("refused [{reason}]: {message}"),
+        None if status.code() == tonic::Code::DeadlineExceeded => {
+            anyhow::anyhow!("{}", status.message())
+        }
         None => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
     }
 }

@@ -5,13 +5,22 @@
 //! sent/      accepted files, each with <name>.receipt.json
 //! refused/   refused files, each with <name>.reason.json (reason code and message)
 //! failed/    files that could not be read or parsed, each with <name>.error.txt
-//! inbox/     deliveries: <message_id>.json, and <message_id>.recall.json for recall notices
+//! inbox/     deliveries: <sender>.<message_id>.json, and <sender>.<message_id>.recall.json
+//!            for recall notices
 //! .state/    the agent's own bookkeeping (message ids chosen for outbox files)
 //! ```
 //!
 //! Every write is atomic and durable: a temporary file in the same directory, fsync, rename,
-//! fsync of the directory. A delivery is acknowledged only after its file is on disk, and one
-//! already in the inbox is not written twice, so each message lands exactly once.
+//! fsync of the directory; a write that fails removes its temporary file. A delivery is
+//! acknowledged only after its file is on disk, and one already in the inbox is not written
+//! twice, so each message lands exactly once.
+//!
+//! The broker scopes message ids per sender: two agencies may use the same id, and their
+//! messages are different transfers. Inbox files are therefore named, and recognised as already
+//! delivered, by sender and message id together ([`InboxKey`]); by the id alone, one agency's
+//! message would pass for a redelivery of another's and be acknowledged unwritten. Inboxes
+//! written by earlier agents hold `<message_id>.json` (and `<message_id>.recall.json`): such a
+//! file counts as this delivery only if the `sender` it records is this delivery's sender.
 
 use std::{
     fs::{self, File},
@@ -22,7 +31,7 @@ use std::{
 use base64::Engine as _;
 use concordat_proto::{
     envelope::{Envelope, Kind, Tlp},
-    ids::MessageId,
+    ids::{AgencyId, MessageId},
     pb,
 };
 use serde::{Deserialize, Serialize};
@@ -435,32 +444,105 @@ impl Spool {
     }
 
     /// Writes a delivery to the inbox, durably, unless it is already there.
+    ///
+    /// A delivery already there (from this sender, under this message id) is not written
+    /// again, but the inbox directory is fsynced before this returns: the earlier write may have
+    /// been cut short between its rename and its directory fsync, and the caller acknowledges
+    /// on return.
     pub fn deliver(&self, delivery: &pb::Delivery) -> Result<Delivered, DeliveryError> {
         let inbox = self.dir("inbox");
-        let (name, json) = match &delivery.body {
-            Some(pb::delivery::Body::Transfer(t)) => {
-                let id: MessageId = t
-                    .message_id
-                    .parse()
-                    .map_err(|_| DeliveryError::Invalid("message id is not a UUID"))?;
-                (format!("{id}.json"), transfer_json(t))
-            }
-            Some(pb::delivery::Body::RecallNotice(n)) => {
-                let id: MessageId = n
-                    .message_id
-                    .parse()
-                    .map_err(|_| DeliveryError::Invalid("message id is not a UUID"))?;
-                (format!("{id}.recall.json"), recall_json(n))
-            }
+        let (key, json) = match &delivery.body {
+            Some(pb::delivery::Body::Transfer(t)) => (
+                InboxKey::parse(&t.sender, &t.message_id, InboxKind::Transfer)?,
+                transfer_json(t),
+            ),
+            Some(pb::delivery::Body::RecallNotice(n)) => (
+                InboxKey::parse(&n.sender, &n.message_id, InboxKind::RecallNotice)?,
+                recall_json(n),
+            ),
             None => return Err(DeliveryError::Invalid("empty delivery")),
         };
+        let name = key.file_name();
         let path = inbox.join(&name);
-        if path.exists() {
-            return Ok(Delivered::AlreadyPresent(path));
+        let present = if path.exists() {
+            Some(path.clone())
+        } else {
+            key.legacy_file_in(&inbox)
+        };
+        if let Some(present) = present {
+            sync_dir(&inbox)?;
+            return Ok(Delivered::AlreadyPresent(present));
         }
         let bytes = serde_json::to_vec_pretty(&json).map_err(io::Error::other)?;
         atomic_write(&inbox, &name, &bytes)?;
         Ok(Delivered::Written(path))
+    }
+}
+
+/// What an inbox file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxKind {
+    /// A transfer: `<sender>.<message_id>.json`.
+    Transfer,
+    /// A recall notice for a transfer: `<sender>.<message_id>.recall.json`.
+    RecallNotice,
+}
+
+/// What names an inbox file: the sender and the message id of one transfer (the broker scopes
+/// message ids per sender), and whether the file is the transfer or its recall notice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxKey {
+    /// The sending agency.
+    pub sender: AgencyId,
+    /// The sender's message id.
+    pub message_id: MessageId,
+    /// The transfer or its recall notice.
+    pub kind: InboxKind,
+}
+
+/// The one field of an inbox file that an old-style name leaves out.
+#[derive(Deserialize)]
+struct RecordedSender {
+    sender: String,
+}
+
+impl InboxKey {
+    /// The key of a delivery as the broker sent it; both fields become parts of a file name,
+    /// so both must parse.
+    fn parse(sender: &str, message_id: &str, kind: InboxKind) -> Result<Self, DeliveryError> {
+        Ok(InboxKey {
+            sender: sender
+                .parse()
+                .map_err(|_| DeliveryError::Invalid("sender is not an agency id"))?,
+            message_id: message_id
+                .parse()
+                .map_err(|_| DeliveryError::Invalid("message id is not a UUID"))?,
+            kind,
+        })
+    }
+
+    /// The inbox file name: `<sender>.<message_id>.json` or `<sender>.<message_id>.recall.json`.
+    /// Agency ids have no dots, so the name splits back unambiguously.
+    pub fn file_name(&self) -> String {
+        format!("{}.{}", self.sender, self.legacy_file_name())
+    }
+
+    /// The name earlier agents gave the same delivery: the message id alone.
+    fn legacy_file_name(&self) -> String {
+        match self.kind {
+            InboxKind::Transfer => format!("{}.json", self.message_id),
+            InboxKind::RecallNotice => format!("{}.recall.json", self.message_id),
+        }
+    }
+
+    /// The old-style file in `inbox` that holds this delivery, if there is one: a file of the
+    /// legacy name whose recorded sender is this sender. A file from another sender, or one that
+    /// cannot be read, is not this delivery (writing it again risks a duplicate, never a loss).
+    fn legacy_file_in(&self, inbox: &Path) -> Option<PathBuf> {
+        let path = inbox.join(self.legacy_file_name());
+        let bytes = fs::read(&path).ok()?;
+        let recorded: RecordedSender = serde_json::from_slice(&bytes).ok()?;
+        (recorded.sender == self.sender.as_str()).then_some(path)
     }
 }
 
@@ -538,14 +620,23 @@ fn hex_digest(bytes: &[u8]) -> String {
 
 /// Writes `bytes` to `dir/name` atomically and durably: a temporary file, fsync, rename, fsync
 /// of the directory.
+///
+/// If writing, syncing or renaming fails (a full disk, say), the temporary file is removed
+/// before the error is returned: a failed write leaves nothing behind.
 pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
         f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, dir.join(name))
+    });
+    if let Err(e) = written {
+        // The write's error is the one to report. If the file cannot be removed either (or
+        // was never created), `Spool::open` removes any leftover at the next start.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
 }
 
@@ -667,36 +758,178 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"x");
     }
 
+    fn transfer(sender: &str, id: &str, payload: &[u8]) -> pb::Delivery {
+        pb::Delivery {
+            delivery_id: "7".into(),
+            body: Some(pb::delivery::Body::Transfer(pb::Transfer {
+                sender: sender.into(),
+                message_id: id.into(),
+                content_type: "application/json".into(),
+                payload: payload.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn recall(sender: &str, id: &str) -> pb::Delivery {
+        pb::Delivery {
+            delivery_id: "9".into(),
+            body: Some(pb::delivery::Body::RecallNotice(pb::RecallNotice {
+                sender: sender.into(),
+                message_id: id.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
     #[test]
     fn deliveries_are_written_once() {
         let (_d, s) = spool();
         let id = MessageId::new_random();
-        let delivery = pb::Delivery {
-            delivery_id: "7".into(),
-            body: Some(pb::delivery::Body::Transfer(pb::Transfer {
-                message_id: id.to_string(),
-                content_type: "application/json".into(),
-                payload: br#"{"a":1}"#.to_vec(),
-                ..Default::default()
-            })),
-        };
+        let delivery = transfer("ncsc", &id.to_string(), br#"{"a":1}"#);
         let first = s.deliver(&delivery).unwrap();
-        assert!(matches!(first, Delivered::Written(_)));
+        assert_eq!(
+            first,
+            Delivered::Written(s.dir("inbox").join(format!("ncsc.{id}.json")))
+        );
         let again = s.deliver(&delivery).unwrap();
         assert_eq!(again, Delivered::AlreadyPresent(first.path().to_path_buf()));
         let v: serde_json::Value =
             serde_json::from_slice(&fs::read(first.path()).unwrap()).unwrap();
         assert_eq!(v["payload"]["a"], 1);
-        let hostile = pb::Delivery {
-            delivery_id: "8".into(),
-            body: Some(pb::delivery::Body::Transfer(pb::Transfer {
-                message_id: "../../etc/passwd".into(),
-                ..Default::default()
-            })),
-        };
+        assert_eq!(v["sender"], "ncsc");
+        let notice = s.deliver(&recall("ncsc", &id.to_string())).unwrap();
+        assert_eq!(
+            notice,
+            Delivered::Written(s.dir("inbox").join(format!("ncsc.{id}.recall.json")))
+        );
         assert!(matches!(
-            s.deliver(&hostile),
-            Err(DeliveryError::Invalid(_))
+            s.deliver(&recall("ncsc", &id.to_string())).unwrap(),
+            Delivered::AlreadyPresent(_)
         ));
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        let (_d, s) = spool();
+        let id = MessageId::new_random().to_string();
+        for delivery in [
+            transfer("ncsc", "../../etc/passwd", b"{}"),
+            transfer("../ncsc", &id, b"{}"),
+            transfer("", &id, b"{}"),
+            transfer("nc.sc", &id, b"{}"),
+            recall("ncsc", "not-a-uuid"),
+            recall("NCSC/..", &id),
+            pb::Delivery::default(),
+        ] {
+            assert!(
+                matches!(s.deliver(&delivery), Err(DeliveryError::Invalid(_))),
+                "{delivery:?}"
+            );
+        }
+        assert_eq!(fs::read_dir(s.dir("inbox")).unwrap().count(), 0);
+    }
+
+    /// Two agencies may use the same message id (the broker scopes ids per sender): neither
+    /// delivery is taken for the other.
+    #[test]
+    fn the_same_message_id_from_two_senders_lands_twice() {
+        let (_d, s) = spool();
+        let id = MessageId::new_random().to_string();
+        let ncsc = s
+            .deliver(&transfer("ncsc", &id, br#"{"from":"ncsc"}"#))
+            .unwrap();
+        let nca = s
+            .deliver(&transfer("nca", &id, br#"{"from":"nca"}"#))
+            .unwrap();
+        assert!(matches!(ncsc, Delivered::Written(_)));
+        assert!(matches!(nca, Delivered::Written(_)));
+        assert_ne!(ncsc.path(), nca.path());
+        for (delivered, from) in [(&ncsc, "ncsc"), (&nca, "nca")] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&fs::read(delivered.path()).unwrap()).unwrap();
+            assert_eq!(
+                (v["sender"].as_str(), v["payload"]["from"].as_str()),
+                (Some(from), Some(from))
+            );
+        }
+        let r1 = s.deliver(&recall("ncsc", &id)).unwrap();
+        let r2 = s.deliver(&recall("nca", &id)).unwrap();
+        assert!(matches!(r1, Delivered::Written(_)) && matches!(r2, Delivered::Written(_)));
+        assert_eq!(fs::read_dir(s.dir("inbox")).unwrap().count(), 4);
+    }
+
+    /// An inbox written by an earlier agent names files by message id alone. Such a file is this
+    /// delivery only if it records the same sender; otherwise the delivery is written.
+    #[test]
+    fn old_style_inbox_files_count_only_for_their_own_sender() {
+        let id = MessageId::new_random().to_string();
+        let old_transfer = format!("{id}.json");
+        let old_recall = format!("{id}.recall.json");
+        let recorded = |sender: &str| format!(r#"{{"type":"transfer","sender":"{sender}"}}"#);
+        // (old file name, its content, the delivery, written again?)
+        let cases: [(&str, String, pb::Delivery, bool); 7] = [
+            (
+                &old_transfer,
+                recorded("ncsc"),
+                transfer("ncsc", &id, b"{}"),
+                false,
+            ),
+            (
+                &old_transfer,
+                recorded("nca"),
+                transfer("ncsc", &id, b"{}"),
+                true,
+            ),
+            (
+                &old_transfer,
+                "not json".into(),
+                transfer("ncsc", &id, b"{}"),
+                true,
+            ),
+            (
+                &old_transfer,
+                r#"{"no":"sender"}"#.into(),
+                transfer("ncsc", &id, b"{}"),
+                true,
+            ),
+            (&old_recall, recorded("ncsc"), recall("ncsc", &id), false),
+            (&old_recall, recorded("nca"), recall("ncsc", &id), true),
+            // An old transfer file is not the recall notice of the same message.
+            (&old_transfer, recorded("ncsc"), recall("ncsc", &id), true),
+        ];
+        for (i, (old_name, content, delivery, written)) in cases.into_iter().enumerate() {
+            let (_d, s) = spool();
+            let old = s.dir("inbox").join(old_name);
+            fs::write(&old, &content).unwrap();
+            let outcome = s.deliver(&delivery).unwrap();
+            if written {
+                assert!(
+                    matches!(&outcome, Delivered::Written(p) if p.file_name().unwrap().to_string_lossy().starts_with("ncsc.")),
+                    "case {i}: {outcome:?}"
+                );
+            } else {
+                assert_eq!(outcome, Delivered::AlreadyPresent(old.clone()), "case {i}");
+            }
+            // The old file is never touched.
+            assert_eq!(fs::read_to_string(&old).unwrap(), content, "case {i}");
+        }
+    }
+
+    /// A write that fails leaves no temporary file behind (and the target does not appear).
+    #[test]
+    fn a_failed_atomic_write_removes_its_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // The rename cannot replace a non-empty directory: the write fails after the
+        // temporary file was written and synced.
+        fs::create_dir_all(dir.path().join("taken").join("inside")).unwrap();
+        let err = atomic_write(dir.path(), "taken", b"data").unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["taken"]);
+        assert!(dir.path().join("taken").is_dir());
     }
 }

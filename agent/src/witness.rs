@@ -167,11 +167,10 @@ impl Witness {
             return Ok(());
         }
         let response = broker
-            .audit()
-            .checkpoint(pb::CheckpointRequest {
+            .deadline(broker.audit().checkpoint(pb::CheckpointRequest {
                 from_size: small.size(),
                 to_size: large.size(),
-            })
+            }))
             .await
             .map_err(|s| match crate::operator::refusal_of(&s) {
                 // An honest broker can always prove consistency between two sizes it signed;

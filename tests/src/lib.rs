@@ -14,7 +14,7 @@ use std::{
 };
 
 use concordat_agent::{
-    client::{Broker, ClientTls},
+    client::{Broker, ClientTls, Timeouts},
     pki::{Ca, Issued},
 };
 use concordat_broker::config::{Agency, Config, TlsMaterial};
@@ -101,6 +101,7 @@ impl TestPki {
             ca_pem: self.ca_pem().into_bytes(),
             cert_pem: cert.cert_pem.clone().into_bytes(),
             key_pem: cert.key_pem.clone().into_bytes(),
+            timeouts: Timeouts::default(),
         }
     }
 

@@ -359,20 +359,37 @@ struct BrokerArgs {
     /// Read broker URL and TLS files from an agent configuration instead.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How long to wait for the broker to connect and for each answer, e.g. 5s, 2m (default:
+    /// the configuration's timeouts.rpc_ms, or 30s).
+    #[arg(long, value_parser = parse_timeout)]
+    timeout: Option<std::time::Duration>,
+}
+
+/// A `--timeout`: a human duration, more than zero.
+fn parse_timeout(value: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl BrokerArgs {
     fn tls(&self) -> anyhow::Result<ClientTls> {
-        if let Some(path) = &self.config {
-            let config = AgentConfig::load(path)?;
-            return Ok(config.client_tls()?);
-        }
-        match (&self.broker, &self.ca, &self.cert, &self.key) {
-            (Some(url), Some(ca), Some(cert), Some(key)) => {
-                Ok(ClientTls::from_files(url, ca, cert, key)?)
+        let mut tls = match (&self.config, &self.broker, &self.ca, &self.cert, &self.key) {
+            (Some(path), ..) => AgentConfig::load(path)?.client_tls()?,
+            (None, Some(url), Some(ca), Some(cert), Some(key)) => {
+                ClientTls::from_files(url, ca, cert, key)?
             }
             _ => anyhow::bail!("give --broker, --ca, --cert and --key, or --config"),
+        };
+        // One deadline the operator can reason about: no single wait, connecting included,
+        // is longer than --timeout.
+        if let Some(timeout) = self.timeout {
+            tls.timeouts.rpc = timeout;
+            tls.timeouts.connect = tls.timeouts.connect.min(timeout);
         }
+        Ok(tls)
     }
 }
 

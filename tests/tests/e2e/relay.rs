@@ -142,13 +142,16 @@ fn moved(spool: &SpoolDir, folder: &str) -> BTreeSet<String> {
     spool.moved(folder).unwrap().into_iter().collect()
 }
 
-/// The message ids in an inbox: `<message_id>.json` files.
+/// The message ids in an inbox: `<sender>.<message_id>.json` files.
 fn inbox_ids(spool: &SpoolDir) -> BTreeSet<String> {
     spool
         .files("inbox")
         .unwrap()
         .into_iter()
-        .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+        .filter_map(|n| {
+            let (_sender, id) = n.strip_suffix(".json")?.split_once('.')?;
+            Some(id.to_owned())
+        })
         .collect()
 }
 
@@ -347,7 +350,7 @@ fn sigkill_of_broker_and_agents_mid_run_loses_and_duplicates_nothing() {
     assert!(extra.is_empty(), "not sent but in the inbox: {extra:?}");
     assert_eq!(inbox.files("inbox").unwrap().len(), accepted_total);
     for (id, name) in &ids {
-        let delivery = inbox.read_json("inbox", &format!("{id}.json")).unwrap();
+        let delivery = inbox.read_json("inbox", &format!("nca.{id}.json")).unwrap();
         assert_eq!(delivery["sender"], "nca");
         assert_eq!(
             delivery["transfer_id"],
@@ -431,7 +434,7 @@ fn offline_recipient_gets_everything_once_it_connects() {
     );
     assert_eq!(inbox.files("inbox").unwrap().len(), COUNT);
     for (id, name) in &sent {
-        let delivery = inbox.read_json("inbox", &format!("{id}.json")).unwrap();
+        let delivery = inbox.read_json("inbox", &format!("nca.{id}.json")).unwrap();
         let seq: usize = name[1..3].parse().unwrap();
         assert_eq!(delivery["payload"]["seq"], seq);
     }
