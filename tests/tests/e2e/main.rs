@@ -13,4 +13,5 @@ mod inbox;
 mod mtls;
 mod relay;
 mod services;
+mod startup;
 mod store_damage;
