@@ -7,5 +7,7 @@ mod audit_crash;
 mod config;
 mod consent;
 mod mtls;
+mod refusals;
 mod relay;
 mod services;
+mod wire;
