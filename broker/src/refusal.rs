@@ -326,7 +326,9 @@ mod tests {
         let too_large = Status::out_of_range(
             "Error, decoded message length too large: found 6291525 bytes, the limit is: 4259840 bytes",
         );
-        let cases: &[(Status, ReadLimit, Option<(Reason, &str)>)] = &[
+        /// The status, the service's limit, and the refusal expected.
+        type Case = (Status, ReadLimit, Option<(Reason, &'static str)>);
+        let cases: &[Case] = &[
             (
                 too_large.clone(),
                 exchange,

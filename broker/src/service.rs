@@ -617,8 +617,8 @@ impl pb::audit_server::Audit for AuditService {
         let req = request.into_inner();
         let mut logged = pb::AuditExported {
             auditor: caller.id().to_string(),
-            since: req.since.clone(),
-            until: req.until.clone(),
+            since: req.since,
+            until: req.until,
             agency: req.agency.clone(),
             organisation: req.organisation.clone(),
             reason: req.reason.clone(),
