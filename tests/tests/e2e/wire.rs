@@ -68,6 +68,24 @@ async fn raw_call(channel: Channel, path: &'static str, body: Vec<u8>) -> Result
     .map(|_| ())
 }
 
+/// Streams `body` as one message to `path` and returns how the response stream ends.
+async fn raw_stream(channel: Channel, path: &'static str, body: Vec<u8>) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut results = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::iter([body])),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await?
+        .into_inner();
+    while results.message().await?.is_some() {}
+    Ok(())
+}
+
 fn envelope(payload_bytes: usize) -> pb::Envelope {
     pb::Envelope {
         message_id: MessageId::new_random().to_string(),
@@ -165,9 +183,31 @@ async fn a_body_that_does_not_decode_is_malformed() {
             );
         }
     }
-    // Each of the twelve came from a fresh certificate, so none was folded into another.
+    // An envelope of a stream that does not decode ends the stream with the same reason.
+    let client = pki.connect(broker.addr, "ncsc").await.unwrap();
+    let status = raw_stream(
+        client.channel(),
+        "/concordat.v1.Exchange/SendStream",
+        bodies[0].to_vec(),
+    )
+    .await
+    .expect_err("a malformed envelope must end the stream");
+    assert_refused(&status, Code::InvalidArgument, "MALFORMED", "SendStream");
+
+    // A certificate that names no agency is refused for that, before its body is read.
+    let client = pki.connect(broker.addr, "mi6").await.unwrap();
+    let status = raw_call(
+        client.channel(),
+        "/concordat.v1.Exchange/Send",
+        bodies[0].to_vec(),
+    )
+    .await
+    .unwrap_err();
+    assert_refused(&status, Code::Unauthenticated, "UNKNOWN_AGENCY", "mi6");
+
+    // Each of the thirteen came from a fresh certificate, so none was folded into another.
     let entries = log_entries(&mut pki, broker.addr).await;
-    assert_eq!(refusals(&entries, "ncsc", "MALFORMED"), 12, "{entries:#?}");
+    assert_eq!(refusals(&entries, "ncsc", "MALFORMED"), 13, "{entries:#?}");
 }
 
 #[tokio::test]
