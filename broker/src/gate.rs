@@ -107,7 +107,7 @@ where
                     "no client certificate on this connection",
                 )),
             };
-            let certificate = peer.as_ref().and_then(|p| p.certificate.as_ref());
+            let certificate = peer.as_ref().and_then(|p| p.certificate.as_deref());
             let caller = match identified {
                 Ok(caller) => caller,
                 Err(refusal) => {
@@ -121,7 +121,11 @@ where
                     return Ok(status.into_http());
                 }
             };
-            let call = Call::new(caller, rpc, certificate.cloned());
+            let call = Call::new(
+                caller,
+                rpc,
+                peer.as_ref().and_then(|p| p.certificate.clone()),
+            );
             request.extensions_mut().insert(call.clone());
             let response = inner.call(request).await?;
             if call.reached() {

@@ -209,7 +209,7 @@ pub struct Call {
     /// The RPC, e.g. `Exchange.Send`.
     pub rpc: &'static str,
     /// The connection's certificate.
-    pub certificate: Option<Certificate>,
+    pub certificate: Option<Arc<Certificate>>,
     /// Set once a handler has taken the call: what the gate sees answered before then came
     /// from the transport (a body that does not decode, one too large).
     pub(crate) reached: Arc<AtomicBool>,
@@ -217,7 +217,7 @@ pub struct Call {
 
 impl Call {
     /// A call by `caller` of `rpc` over a connection with `certificate`.
-    pub fn new(caller: Caller, rpc: &'static str, certificate: Option<Certificate>) -> Call {
+    pub fn new(caller: Caller, rpc: &'static str, certificate: Option<Arc<Certificate>>) -> Call {
         Call {
             caller,
             rpc,

@@ -58,7 +58,7 @@ impl<'a> RefusedCall<'a> {
         RefusedCall {
             rpc: call.rpc,
             caller: Some(&call.caller),
-            certificate: call.certificate.as_ref(),
+            certificate: call.certificate.as_deref(),
             peer: None,
         }
     }

@@ -78,8 +78,9 @@ pub struct PeerIdentity {
     pub remote_addr: SocketAddr,
     /// The Subject Common Name of the peer's certificate, if it has exactly one.
     pub common_name: Option<String>,
-    /// The peer's certificate (its subject and fingerprint), for the audit log.
-    pub certificate: Option<crate::identity::Certificate>,
+    /// The peer's certificate (its subject and fingerprint), for the audit log. Shared: tonic
+    /// clones the identity into every request.
+    pub certificate: Option<Arc<crate::identity::Certificate>>,
 }
 
 /// A TLS stream whose client certificate has been verified, with the identity read from it.
@@ -194,7 +195,8 @@ pub fn accept_loop(
                     .peer_certificates()
                     .and_then(|certs| certs.first());
                 let common_name = leaf.and_then(|leaf| common_name(leaf));
-                let certificate = leaf.map(|leaf| crate::identity::Certificate::from_der(leaf));
+                let certificate =
+                    leaf.map(|leaf| Arc::new(crate::identity::Certificate::from_der(leaf)));
                 let peer = PeerIdentity {
                     remote_addr,
                     common_name,
