@@ -22,7 +22,7 @@ use crate::{
     identity::{Authenticator, Call, Caller, call},
     metrics::Metrics,
     policy::{self, Policy, VerifiedTokens},
-    refusal::{self as refusals, Failure, Internal, ReadLimit, Reason, Refusal},
+    refusal::{Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
     refusal_log::{RefusalLog, RefusedCall},
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
@@ -317,7 +317,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
                         // The transport's refusals of one envelope (too large, does not decode)
                         // end the stream, with the broker's reasons.
                         Err(status) => {
-                            return Err(match refusals::from_transport(&status, limit) {
+                            return Err(match from_transport(&status, limit) {
                                 Some(refusal) => state.refuse(&call, refusal).await,
                                 None => status,
                             });

@@ -6,8 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use concordat_agent::{client::Broker, pki::Issued};
-use concordat_broker::refusal::reason_of;
+use concordat_agent::{
+    audit_file::{self, Format},
+    client::Broker,
+    pki::Issued,
+};
+use concordat_broker::{
+    audit_log::{self, DEFAULT_ORIGIN},
+    refusal::reason_of,
+};
 use concordat_proto::{audit, pb};
 use concordat_tests::{BrokerHandle, TestPki, federation_config, spawn_broker};
 use rcgen::{DistinguishedName, DnType};
@@ -338,6 +345,25 @@ async fn every_refused_call_is_logged_with_the_certificate() {
     );
     assert!(words.contains("REFUSED"), "{words}");
     assert!(words.contains(&fingerprint(&certs[6])), "{words}");
+
+    // The agent's offline tools read the new entries: a full export verifies, and the CLI's
+    // explanation of an entry read from the file names the certificate.
+    let key = audit_log::load_or_create_key(site.dir.path(), DEFAULT_ORIGIN)
+        .unwrap()
+        .verifier();
+    let file = site.dir.path().join("export.jsonl");
+    let auditor = site.pki.connect(site.broker.addr, "auditor").await.unwrap();
+    audit_file::export(&auditor, pb::ExportRequest::default(), &file, Format::Jsonl)
+        .await
+        .unwrap();
+    let verified = audit_file::verify(&file, &key).unwrap().unwrap();
+    assert!(!verified.partial);
+    let from_file = audit_file::entry_from_file(&file, by_agency[0].index).unwrap();
+    assert_eq!(
+        audit::explain(by_agency[0].index, &from_file),
+        words,
+        "the file's entry is the exported one"
+    );
 }
 
 #[tokio::test]
