@@ -12,9 +12,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -101,9 +101,22 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, PkiError> {
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, cn);
+        self.leaf_with(subject, sans, usage, not_before, not_after)
+    }
+
+    fn leaf_with(
+        &mut self,
+        subject: DistinguishedName,
+        sans: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name = subject;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
@@ -154,6 +167,24 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
             not_before,
             not_after,
+        )
+    }
+
+    /// A client certificate with exactly this subject, valid for `days` days. Tests use it for
+    /// subjects no agency has, such as two Common Names (push a second one as
+    /// `DnType::CustomDnType(vec![2, 5, 4, 3])`).
+    pub fn issue_client_subject(
+        &mut self,
+        subject: DistinguishedName,
+        days: i64,
+    ) -> Result<Issued, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        self.leaf_with(
+            subject,
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            now - Duration::days(1),
+            now + Duration::days(days),
         )
     }
 

@@ -4,7 +4,9 @@
 //! - [`config`]: the TOML configuration, validated once at start-up (or the embedded default).
 //! - [`tls`]: the rustls server configuration (client certificates required, CRLs honoured) and
 //!   the accept loop that attaches the peer's certificate identity to each connection.
-//! - [`identity`]: the interceptor that turns that certificate into a [`identity::Caller`].
+//! - [`identity`]: matches that certificate against the federation ([`identity::Caller`]).
+//! - [`gate`]: in front of every service: authenticates, gives the transport's own refusals
+//!   (undecodable or oversized requests) the broker's reasons, logs every refusal it makes.
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
 //!   that decides whether an envelope may be relayed.
@@ -14,6 +16,7 @@
 //! - [`metrics`]: Prometheus counters and gauges, served at `/metrics` when configured.
 //! - [`dispatch`]: which deliveries are in flight on which subscription.
 //! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
+//! - [`refusal_log`]: refused calls in the audit log, identical ones within a minute folded.
 //!
 //! [`serve`] takes an already-bound listener, so tests bind `127.0.0.1:0` and read the address
 //! from the listener: no sleeps, no races.
@@ -22,10 +25,12 @@ pub mod audit_log;
 pub mod clock;
 pub mod config;
 pub mod dispatch;
+pub mod gate;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod refusal;
+pub mod refusal_log;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -37,14 +42,17 @@ use concordat_proto::pb::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
 
-use crate::{config::Config, identity::Authenticator};
+use crate::{config::Config, gate::Gate, identity::Authenticator, refusal::ReadLimit};
 
-/// Room on top of the largest payload for the envelope's other fields and its consent token,
-/// so an oversized payload is refused by the broker with `PAYLOAD_TOO_LARGE` rather than by the
-/// transport.
+/// Room on top of the largest payload for the envelope's other fields and its consent token.
+/// The transport reads envelopes up to the payload limit plus this; the broker's policy refuses
+/// a payload above the limit within it, and the gate refuses a larger envelope, unread, from its
+/// length prefix: both with `PAYLOAD_TOO_LARGE`.
 const ENVELOPE_OVERHEAD: usize = 64 * 1024;
+/// The largest request the `Consent` and `Audit` services read (tonic's default, made explicit
+/// so that refusals can name it).
+const MAX_OTHER_REQUEST: usize = 4 * 1024 * 1024;
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +159,23 @@ pub async fn serve_with(
                 refusal::Internal::new("logging the configuration", r.to_string())
             }
         })?;
+    let refusals = Arc::new(refusal_log::RefusalLog::new(store.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        // Writes the counts of folded refusals once their window has passed.
+        let refusals = refusals.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refusal_log::FLUSH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => refusals.flush_expired().await,
+                    // The only change is to `true`: stopping.
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
@@ -198,6 +222,7 @@ pub async fn serve_with(
         store,
         stop_rx,
         metrics,
+        refusals.clone(),
     ));
 
     set_health(&health_reporter, true).await;
@@ -212,18 +237,34 @@ pub async fn serve_with(
         .build_v1alpha()?;
 
     let max_message = config.limits.max_message_bytes + ENVELOPE_OVERHEAD;
-    let exchange = InterceptedService::new(
-        ExchangeServer::new(service::ExchangeService::new(state.clone()))
+    let envelopes = ReadLimit {
+        max_message,
+        max_payload: Some(config.limits.max_message_bytes),
+    };
+    let others = ReadLimit {
+        max_message: MAX_OTHER_REQUEST,
+        max_payload: None,
+    };
+    let gates = gate::Shared::new(authenticator, refusals.clone());
+    let exchange = Gate::new(
+        ExchangeServer::new(service::ExchangeService::new(state.clone(), envelopes))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        authenticator.clone(),
+        gates.clone(),
+        envelopes,
     );
-    let consent = ConsentServer::with_interceptor(
-        service::ConsentService::new(state.clone()),
-        authenticator.clone(),
+    let consent = Gate::new(
+        ConsentServer::new(service::ConsentService::new(state.clone()))
+            .max_decoding_message_size(MAX_OTHER_REQUEST),
+        gates.clone(),
+        others,
     );
-    let audit =
-        AuditServer::with_interceptor(service::AuditService::new(state.clone()), authenticator);
+    let audit = Gate::new(
+        AuditServer::new(service::AuditService::new(state.clone()))
+            .max_decoding_message_size(MAX_OTHER_REQUEST),
+        gates,
+        others,
+    );
 
     let local = listener
         .local_addr()
@@ -257,6 +298,8 @@ pub async fn serve_with(
     if let Ok(why) = gave_up_rx.try_recv() {
         return Err(ServeError::StorageFailed(why));
     }
+    // Counts of folded refusals still open are written before the broker goes.
+    refusals.flush_all().await;
     tracing::info!("broker stopped");
     Ok(())
 }

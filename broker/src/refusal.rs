@@ -244,6 +244,62 @@ impl From<Failure> for Status {
     }
 }
 
+/// How large a request the transport reads for a service, for [`from_transport`]'s messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// The largest request message read, in bytes (tonic's `max_decoding_message_size`).
+    pub max_message: usize,
+    /// The largest payload accepted, for a service whose requests carry one.
+    pub max_payload: Option<usize>,
+}
+
+/// tonic's message for a request above `max_decoding_message_size`, up to the sizes.
+const TOO_LARGE_PREFIX: &str = "Error, decoded message length too large: found ";
+/// prost's prefix on a message that does not decode.
+const DECODE_PREFIX: &str = "failed to decode Protobuf message: ";
+
+/// The refusal for a status that the transport answered before any handler ran, when it is the
+/// caller's doing: a request above the read limit is [`Reason::PayloadTooLarge`], one that does
+/// not decode (or whose gRPC framing is broken) [`Reason::Malformed`]. Other statuses (an unknown
+/// method, say) are not refusals and give `None`.
+///
+/// tonic checks a message's length from its 5-byte gRPC prefix, before reading its body, so a
+/// request of any size the prefix can state (up to 4 GiB) is refused here without being read.
+pub fn from_transport(status: &Status, limit: ReadLimit) -> Option<Refusal> {
+    match status.code() {
+        Code::OutOfRange if status.message().starts_with(TOO_LARGE_PREFIX) => {
+            let found = status.message()[TOO_LARGE_PREFIX.len()..]
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok());
+            let size = found.map_or_else(|| "larger than that".into(), |n| format!("{n} bytes"));
+            let message = match limit.max_payload {
+                Some(payload) => format!(
+                    "the envelope is {size}; this broker accepts payloads of at most {payload} bytes \
+                     (envelopes of at most {} bytes)",
+                    limit.max_message
+                ),
+                None => format!(
+                    "the request is {size}; this broker reads requests of at most {} bytes here",
+                    limit.max_message
+                ),
+            };
+            Some(Refusal::new(Reason::PayloadTooLarge, message))
+        }
+        // Before a handler runs, tonic's only internal errors are about the request's bytes.
+        Code::Internal => {
+            let detail = status.message();
+            let detail = detail.strip_prefix(DECODE_PREFIX).unwrap_or(detail);
+            let detail: String = detail.chars().take(200).collect();
+            Some(Refusal::new(
+                Reason::Malformed,
+                format!("the request does not decode: {detail}"),
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// The reason code of a status, if it carries a Concordat `ErrorInfo`.
 pub fn reason_of(status: &Status) -> Option<String> {
     let details = status.get_error_details();
@@ -264,6 +320,69 @@ mod tests {
         assert_eq!(status.code(), Code::PermissionDenied);
         assert_eq!(status.message(), "needs consent");
         assert_eq!(reason_of(&status).as_deref(), Some("CONSENT_MISSING"));
+    }
+
+    #[test]
+    fn transport_statuses_become_refusals() {
+        let exchange = ReadLimit {
+            max_message: 4_259_840,
+            max_payload: Some(4_194_304),
+        };
+        let other = ReadLimit {
+            max_message: 4_194_304,
+            max_payload: None,
+        };
+        let too_large = Status::out_of_range(
+            "Error, decoded message length too large: found 6291525 bytes, the limit is: 4259840 bytes",
+        );
+        /// The status, the service's limit, and the refusal expected.
+        type Case = (Status, ReadLimit, Option<(Reason, &'static str)>);
+        let cases: &[Case] = &[
+            (
+                too_large.clone(),
+                exchange,
+                Some((
+                    Reason::PayloadTooLarge,
+                    "the envelope is 6291525 bytes; this broker accepts payloads of at most 4194304 bytes (envelopes of at most 4259840 bytes)",
+                )),
+            ),
+            (
+                too_large,
+                other,
+                Some((
+                    Reason::PayloadTooLarge,
+                    "the request is 6291525 bytes; this broker reads requests of at most 4194304 bytes here",
+                )),
+            ),
+            (
+                Status::internal(
+                    "failed to decode Protobuf message: Envelope.message_id: buffer underflow",
+                ),
+                exchange,
+                Some((
+                    Reason::Malformed,
+                    "the request does not decode: Envelope.message_id: buffer underflow",
+                )),
+            ),
+            (
+                Status::internal("Unexpected EOF decoding stream."),
+                other,
+                Some((
+                    Reason::Malformed,
+                    "the request does not decode: Unexpected EOF decoding stream.",
+                )),
+            ),
+            (Status::out_of_range("something else"), exchange, None),
+            (Status::unimplemented(""), exchange, None),
+        ];
+        for (status, limit, expected) in cases {
+            let got = from_transport(status, *limit);
+            assert_eq!(
+                got.as_ref().map(|r| (r.reason, r.message.as_str())),
+                *expected,
+                "{status:?}"
+            );
+        }
     }
 
     #[test]

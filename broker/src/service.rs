@@ -1,8 +1,10 @@
 //! The gRPC services: `Exchange` (sending and receiving), `Consent` (revocation) and `Audit`.
 //!
-//! Every handler starts from the [`Caller`] that the authenticator attached; none reads an
-//! identity from a message. Every refusal is logged here, with the caller and the reason code,
-//! never with payloads or token bytes.
+//! Every handler starts from the [`Call`] that the gate attached; none reads an identity from a
+//! message. Every refusal is logged here, with the caller and the reason code, never with
+//! payloads or token bytes, and is in the audit log: a refused envelope as `TransferRefused`,
+//! any other refused call through [`RefusalLog`] as `CallRefused`. Every audit export is logged
+//! as `AuditExported` when it ends.
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
@@ -16,10 +18,11 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     config::{Agency, Config, Limits},
     dispatch::Dispatcher,
-    identity::{Authenticator, Caller, caller},
+    identity::{Authenticator, Call, Caller, call},
     metrics::Metrics,
     policy::{self, Policy, VerifiedTokens},
-    refusal::{Failure, Internal, Reason, Refusal},
+    refusal::{Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
+    refusal_log::{RefusalLog, RefusedCall},
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
 
@@ -39,6 +42,7 @@ pub struct State {
     dispatcher: Dispatcher,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
+    refusals: Arc<RefusalLog>,
 }
 
 impl State {
@@ -50,6 +54,7 @@ impl State {
         store: Store,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
+        refusals: Arc<RefusalLog>,
     ) -> Self {
         State {
             authenticator,
@@ -61,6 +66,20 @@ impl State {
             dispatcher: Dispatcher::default(),
             shutdown,
             metrics,
+            refusals,
+        }
+    }
+
+    /// Logs a refusal of `call` (in the audit log too) and turns it into a status.
+    async fn refuse(&self, call: &Call, refusal: Refusal) -> Status {
+        self.refusals.refuse(RefusedCall::of(call), refusal).await
+    }
+
+    /// The caller's agency id, or a logged refusal for auditors.
+    async fn agency_of(&self, call: &Call) -> Result<AgencyId, Status> {
+        match call.caller.agency() {
+            Ok(agency) => Ok(agency.clone()),
+            Err(refusal) => Err(self.refuse(call, refusal).await),
         }
     }
 
@@ -244,29 +263,17 @@ enum Prepared {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Logs a refusal of `caller` and turns it into a status.
-fn refused(caller: &Caller, what: &str, refusal: Refusal) -> Status {
-    tracing::warn!(agency = %caller.id(), reason = %refusal.reason, "refused {what}: {}", refusal.message);
-    refusal.into()
-}
-
-/// The caller's agency id, or a logged refusal for auditors.
-fn agency_of(caller: &Caller, what: &str) -> Result<AgencyId, Status> {
-    caller
-        .agency()
-        .cloned()
-        .map_err(|r| refused(caller, what, r))
-}
-
 /// The `Exchange` service.
 pub struct ExchangeService {
     state: Arc<State>,
+    /// What the transport reads of one envelope, for the refusals of a stream's envelopes.
+    limit: ReadLimit,
 }
 
 impl ExchangeService {
-    /// The service over shared state.
-    pub fn new(state: Arc<State>) -> Self {
-        ExchangeService { state }
+    /// The service over shared state, whose transport reads envelopes up to `limit`.
+    pub fn new(state: Arc<State>, limit: ReadLimit) -> Self {
+        ExchangeService { state, limit }
     }
 }
 
@@ -276,7 +283,8 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloResponse>, Status> {
-        let caller = caller(&request)?;
+        let call = call(&request)?;
+        let caller = &call.caller;
         let display_name = self
             .state
             .authenticator
@@ -293,8 +301,8 @@ impl pb::exchange_server::Exchange for ExchangeService {
     }
 
     async fn send(&self, request: Request<pb::Envelope>) -> Result<Response<pb::Receipt>, Status> {
-        let caller = caller(&request)?;
-        let sender = agency_of(&caller, "send")?;
+        let call = call(&request)?;
+        let sender = self.state.agency_of(&call).await?;
         let receipt = self
             .state
             .submit_logged(&sender, request.into_inner())
@@ -308,16 +316,28 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<Streaming<pb::Envelope>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        let caller = caller(&request)?;
-        let sender = agency_of(&caller, "send")?;
+        let call = call(&request)?;
+        let sender = self.state.agency_of(&call).await?;
         let state = self.state.clone();
+        let limit = self.limit;
         let results = request
             .into_inner()
             .map(move |item| {
                 let state = state.clone();
                 let sender = sender.clone();
+                let call = call.clone();
                 async move {
-                    let wire = item?;
+                    let wire = match item {
+                        Ok(wire) => wire,
+                        // The transport's refusals of one envelope (too large, does not decode)
+                        // end the stream, with the broker's reasons.
+                        Err(status) => {
+                            return Err(match from_transport(&status, limit) {
+                                Some(refusal) => state.refuse(&call, refusal).await,
+                                None => status,
+                            });
+                        }
+                    };
                     let message_id = wire.message_id.clone();
                     let outcome = match state.submit_logged(&sender, wire).await {
                         Ok(receipt) => pb::send_result::Outcome::Receipt(receipt),
@@ -346,25 +366,22 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = caller(&request)?;
-        let recipient = agency_of(&caller, "subscribe")?;
+        let call = call(&request)?;
+        let recipient = self.state.agency_of(&call).await?;
         let max = self.state.limits.max_window;
         let window = match request.get_ref().window {
             0 => max,
             w => w.min(max),
         } as usize;
         let Some(registered) = self.state.dispatcher.register(&recipient) else {
-            return Err(refused(
-                &caller,
-                "subscribe",
-                Refusal::new(
-                    Reason::TooManySubscriptions,
-                    format!(
-                        "{recipient} already holds {} subscriptions; close one first",
-                        crate::dispatch::MAX_SUBSCRIPTIONS
-                    ),
+            let refusal = Refusal::new(
+                Reason::TooManySubscriptions,
+                format!(
+                    "{recipient} already holds {} subscriptions; close one first",
+                    crate::dispatch::MAX_SUBSCRIPTIONS
                 ),
-            ));
+            );
+            return Err(self.state.refuse(&call, refusal).await);
         };
         let (tx, rx) = mpsc::channel(window);
         tracing::info!(agency = %recipient, window, "subscribed");
@@ -382,30 +399,27 @@ impl pb::exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let caller = caller(&request)?;
-        let recipient = agency_of(&caller, "ack")?;
+        let call = call(&request)?;
+        let recipient = self.state.agency_of(&call).await?;
         let ids = request.into_inner().delivery_ids;
         if ids.len() > MAX_ACK_IDS {
-            return Err(refused(
-                &caller,
-                "ack",
-                Refusal::new(
-                    Reason::Malformed,
-                    format!("at most {MAX_ACK_IDS} delivery ids per Ack"),
-                ),
-            ));
+            let refusal = Refusal::new(
+                Reason::Malformed,
+                format!("at most {MAX_ACK_IDS} delivery ids per Ack"),
+            );
+            return Err(self.state.refuse(&call, refusal).await);
         }
-        let seqs = ids
+        let seqs = match ids
             .iter()
             .map(|id| id.parse::<u64>())
             .collect::<Result<Vec<u64>, _>>()
-            .map_err(|_| {
-                refused(
-                    &caller,
-                    "ack",
-                    Refusal::new(Reason::Malformed, "delivery ids are decimal numbers"),
-                )
-            })?;
+        {
+            Ok(seqs) => seqs,
+            Err(_) => {
+                let refusal = Refusal::new(Reason::Malformed, "delivery ids are decimal numbers");
+                return Err(self.state.refuse(&call, refusal).await);
+            }
+        };
         let applied = self
             .state
             .store
@@ -524,34 +538,34 @@ impl pb::consent_server::Consent for ConsentService {
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let caller = caller(&request)?;
-        let submitter = agency_of(&caller, "revoke")?;
+        let call = call(&request)?;
+        let caller = &call.caller;
+        let submitter = self.state.agency_of(&call).await?;
         let token = request.into_inner().revocation;
-        let invalid = |e: consent::ConsentError| {
-            refused(
-                &caller,
-                "revoke",
+        let verified = (|| {
+            let invalid = |e: consent::ConsentError| {
                 Refusal::new(
                     Reason::RevocationInvalid,
                     format!("revocation statement: {e}"),
-                ),
-            )
-        };
-        if token.len() > paseto::MAX_TOKEN_LEN {
-            return Err(invalid(consent::ConsentError::TooLong));
-        }
-        let key_id = consent::key_id_of(&token).map_err(invalid)?;
-        let Some(issuer) = self.state.policy.issuers.get(&key_id) else {
-            return Err(refused(
-                &caller,
-                "revoke",
-                Refusal::new(
+                )
+            };
+            if token.len() > paseto::MAX_TOKEN_LEN {
+                return Err(invalid(consent::ConsentError::TooLong));
+            }
+            let key_id = consent::key_id_of(&token).map_err(invalid)?;
+            let Some(issuer) = self.state.policy.issuers.get(&key_id) else {
+                return Err(Refusal::new(
                     Reason::ConsentUnknownIssuer,
                     format!("revocation signed by {key_id}, which this broker does not trust"),
-                ),
-            ));
+                ));
+            };
+            let revocation = consent::verify_revocation(&token, &issuer.key).map_err(invalid)?;
+            Ok((key_id, revocation))
+        })();
+        let (key_id, revocation) = match verified {
+            Ok(verified) => verified,
+            Err(refusal) => return Err(self.state.refuse(&call, refusal).await),
         };
-        let revocation = consent::verify_revocation(&token, &issuer.key).map_err(invalid)?;
         let target = match revocation.target() {
             consent::RevocationTarget::Token(jti) => RevokeTarget::Token(jti),
             consent::RevocationTarget::IssuedBefore(t) => RevokeTarget::IssuedBefore(t),
@@ -595,10 +609,6 @@ impl AuditService {
     }
 }
 
-fn malformed(caller: &Caller, what: &str, message: String) -> Status {
-    refused(caller, what, Refusal::new(Reason::Malformed, message))
-}
-
 #[tonic::async_trait]
 impl pb::audit_server::Audit for AuditService {
     type ExportStream = ResponseStream<pb::ExportItem>;
@@ -607,21 +617,29 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         request: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        let caller = caller(&request)?;
+        let call = call(&request)?;
+        let caller = &call.caller;
         if !matches!(caller, Caller::Auditor(_)) {
-            return Err(refused(
-                &caller,
-                "audit export",
-                Refusal::new(
-                    Reason::NotAuthorised,
-                    format!(
-                        "{} is not an auditor; only auditor certificates may export the audit log",
-                        caller.id()
-                    ),
+            let refusal = Refusal::new(
+                Reason::NotAuthorised,
+                format!(
+                    "{} is not an auditor; only auditor certificates may export the audit log",
+                    caller.id()
                 ),
-            ));
+            );
+            return Err(self.state.refuse(&call, refusal).await);
         }
         let req = request.into_inner();
+        let mut logged = pb::AuditExported {
+            auditor: caller.id().to_string(),
+            since: req.since,
+            until: req.until,
+            agency: req.agency.clone(),
+            organisation: req.organisation.clone(),
+            reason: req.reason.clone(),
+            index_from: req.index_from,
+            ..Default::default()
+        };
         let filter = audit::Filter {
             since: req.since.map(|t| t.seconds),
             until: req.until.map(|t| t.seconds),
@@ -638,58 +656,75 @@ impl pb::audit_server::Audit for AuditService {
             req.index_to.min(cp.size)
         };
         if req.index_from > end {
-            return Err(malformed(
-                &caller,
-                "audit export",
+            let refusal = Refusal::new(
+                Reason::Malformed,
                 format!("index_from {} is beyond {end}", req.index_from),
-            ));
+            );
+            return Err(self.state.refuse(&call, refusal).await);
         }
+        logged.index_to = end;
+        logged.checkpoint_size = cp.size;
         // Proofs are needed whenever the export is not the whole log.
         let partial = !filter.is_empty() || req.index_from > 0 || end < cp.size;
         tracing::info!(auditor = %caller.id(), size = cp.size, from = req.index_from, to = end, partial, "audit export");
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
-            if tx
-                .send(Ok(pb::ExportItem {
-                    item: Some(pb::export_item::Item::Checkpoint(cp.note.clone())),
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let storage = state.store.storage();
-            let mut index = req.index_from;
-            while index < end {
-                let want = usize::try_from((end - index).min(EXPORT_CHUNK)).unwrap_or(1);
-                let chunk = match storage.log_entries(index, want) {
-                    Ok(chunk) if !chunk.is_empty() => chunk,
-                    Ok(_) => {
-                        let e = Internal::new("exporting", format!("entry {index} is missing"));
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                for bytes in chunk {
-                    let record = export_record(storage, &filter, partial, cp.size, index, bytes);
-                    index += 1;
-                    let item = match record {
-                        Ok(None) => continue,
-                        Ok(Some(r)) => Ok(pb::ExportItem {
-                            item: Some(pb::export_item::Item::Record(r)),
-                        }),
-                        Err(e) => Err(Status::from(e)),
+            let (entries, complete) = async {
+                if tx
+                    .send(Ok(pb::ExportItem {
+                        item: Some(pb::export_item::Item::Checkpoint(cp.note.clone())),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return (0, false);
+                }
+                let storage = state.store.storage();
+                let mut index = req.index_from;
+                let mut sent = 0;
+                while index < end {
+                    let want = usize::try_from((end - index).min(EXPORT_CHUNK)).unwrap_or(1);
+                    let chunk = match storage.log_entries(index, want) {
+                        Ok(chunk) if !chunk.is_empty() => chunk,
+                        Ok(_) => {
+                            let e = Internal::new("exporting", format!("entry {index} is missing"));
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return (sent, false);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return (sent, false);
+                        }
                     };
-                    let failed = item.is_err();
-                    if tx.send(item).await.is_err() || failed {
-                        return;
+                    for bytes in chunk {
+                        let record =
+                            export_record(storage, &filter, partial, cp.size, index, bytes);
+                        index += 1;
+                        let item = match record {
+                            Ok(None) => continue,
+                            Ok(Some(r)) => Ok(pb::ExportItem {
+                                item: Some(pb::export_item::Item::Record(r)),
+                            }),
+                            Err(e) => Err(Status::from(e)),
+                        };
+                        let failed = item.is_err();
+                        if tx.send(item).await.is_err() || failed {
+                            return (sent, false);
+                        }
+                        sent += 1;
                     }
                 }
+                (sent, true)
+            }
+            .await;
+            // The export is in the log before its stream ends.
+            logged.entries = entries;
+            logged.complete = complete;
+            tracing::info!(auditor = %logged.auditor, entries, complete, "audit export ended");
+            let op = Op::Log(Box::new(pb::audit_entry::Event::AuditExported(logged)));
+            if let Err(e) = state.store.commit(op).await {
+                let _ = tx.send(Err(Status::from(e))).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -699,7 +734,7 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
-        let caller = caller(&request)?;
+        let call = call(&request)?;
         let req = request.into_inner();
         let Some(cp) = self.state.store.checkpoint() else {
             return Err(Internal::new(
@@ -714,14 +749,14 @@ impl pb::audit_server::Audit for AuditService {
             req.to_size
         };
         if to > cp.size || req.from_size > to {
-            return Err(malformed(
-                &caller,
-                "checkpoint",
+            let refusal = Refusal::new(
+                Reason::Malformed,
                 format!(
                     "need from_size <= to_size <= {} (got {} and {to})",
                     cp.size, req.from_size
                 ),
-            ));
+            );
+            return Err(self.state.refuse(&call, refusal).await);
         }
         let proof = if req.from_size == 0 || req.from_size == to {
             Vec::new()

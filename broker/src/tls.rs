@@ -78,6 +78,9 @@ pub struct PeerIdentity {
     pub remote_addr: SocketAddr,
     /// The Subject Common Name of the peer's certificate, if it has exactly one.
     pub common_name: Option<String>,
+    /// The peer's certificate (its subject and fingerprint), for the audit log. Shared: tonic
+    /// clones the identity into every request.
+    pub certificate: Option<Arc<crate::identity::Certificate>>,
 }
 
 /// A TLS stream whose client certificate has been verified, with the identity read from it.
@@ -186,15 +189,18 @@ pub fn accept_loop(
                         return;
                     }
                 };
-                let common_name = stream
+                let leaf = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(|leaf| common_name(leaf));
+                    .and_then(|certs| certs.first());
+                let common_name = leaf.and_then(|leaf| common_name(leaf));
+                let certificate =
+                    leaf.map(|leaf| Arc::new(crate::identity::Certificate::from_der(leaf)));
                 let peer = PeerIdentity {
                     remote_addr,
                     common_name,
+                    certificate,
                 };
                 tracing::debug!(peer = %remote_addr, cn = ?peer.common_name, "TLS established");
                 let _ = tx

@@ -50,6 +50,8 @@ pub fn event_name(entry: &pb::AuditEntry) -> &'static str {
         Some(Event::ConsentRevoked(_)) => "consent_revoked",
         Some(Event::RecallQueued(_)) => "recall_queued",
         Some(Event::ConfigLoaded(_)) => "config_loaded",
+        Some(Event::CallRefused(_)) => "call_refused",
+        Some(Event::AuditExported(_)) => "audit_exported",
         None => "none",
     }
 }
@@ -136,6 +138,14 @@ fn facts(entry: &pb::AuditEntry) -> (Vec<&str>, Option<&str>, Option<&str>) {
             nonempty(&q.organisation),
             None,
         ),
+        // A refused call involves the agency (or auditor) the certificate was recognised as.
+        Some(Event::CallRefused(c)) => (
+            nonempty(&c.caller).into_iter().collect(),
+            None,
+            Some(c.reason.as_str()),
+        ),
+        // An export involves its auditor; it is about no organisation, whatever it asked for.
+        Some(Event::AuditExported(x)) => (vec![x.auditor.as_str()], None, None),
         Some(Event::ConfigLoaded(_)) | None => (Vec::new(), None, None),
     }
 }
@@ -224,6 +234,19 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
         }),
         Some(Event::ConfigLoaded(c)) => json!({
             "config_sha256": hex(&c.config_sha256), "source": c.source, "broker_version": c.broker_version,
+        }),
+        Some(Event::CallRefused(c)) => json!({
+            "rpc": c.rpc, "caller": c.caller, "cert_subject": c.cert_subject,
+            "cert_sha256": hex(&c.cert_sha256), "reason": c.reason, "message": c.message,
+            "count": c.count, "first_at": rfc3339(c.first_at.as_ref()),
+            "last_at": rfc3339(c.last_at.as_ref()),
+        }),
+        Some(Event::AuditExported(x)) => json!({
+            "auditor": x.auditor, "since": rfc3339(x.since.as_ref()),
+            "until": rfc3339(x.until.as_ref()), "agency": x.agency,
+            "organisation": x.organisation, "reason": x.reason, "index_from": x.index_from,
+            "index_to": x.index_to, "checkpoint_size": x.checkpoint_size, "entries": x.entries,
+            "complete": x.complete,
         }),
         None => Value::Null,
     };
@@ -347,6 +370,67 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
             c.source,
             hex(&c.config_sha256)
         ),
+        Some(Event::CallRefused(c)) => {
+            let who = if c.caller.is_empty() {
+                "a certificate that names no caller of this federation".to_owned()
+            } else {
+                c.caller.clone()
+            };
+            let mut s = format!(
+                "Entry {index} ({when}): the broker REFUSED a {} call from {who} (certificate subject {:?}, SHA-256 {}).\n  Rule: {} — {}",
+                c.rpc,
+                c.cert_subject,
+                hex(&c.cert_sha256),
+                c.reason,
+                c.message
+            );
+            if c.count > 1 {
+                s.push_str(&format!(
+                    "\n  This entry stands for {} identical refusals from {} to {}.",
+                    c.count,
+                    rfc3339(c.first_at.as_ref()),
+                    rfc3339(c.last_at.as_ref())
+                ));
+            }
+            s
+        }
+        Some(Event::AuditExported(x)) => {
+            let mut filter = Vec::new();
+            if x.since.is_some() {
+                filter.push(format!("since {}", rfc3339(x.since.as_ref())));
+            }
+            if x.until.is_some() {
+                filter.push(format!("until {}", rfc3339(x.until.as_ref())));
+            }
+            for (name, value) in [
+                ("agency", &x.agency),
+                ("organisation", &x.organisation),
+                ("reason", &x.reason),
+            ] {
+                if !value.is_empty() {
+                    filter.push(format!("{name} {value}"));
+                }
+            }
+            let filter = if filter.is_empty() {
+                "no filter".to_owned()
+            } else {
+                format!("filter {}", filter.join(", "))
+            };
+            format!(
+                "Entry {index} ({when}): auditor {} exported entries {} to {} of the log as of size {} ({filter}): {} entr{} sent{}.",
+                x.auditor,
+                x.index_from,
+                x.index_to,
+                x.checkpoint_size,
+                x.entries,
+                if x.entries == 1 { "y" } else { "ies" },
+                if x.complete {
+                    ""
+                } else {
+                    ", then it stopped early"
+                }
+            )
+        }
         None => format!("Entry {index} ({when}): no event."),
     }
 }
@@ -445,6 +529,112 @@ mod tests {
         for (f, expected) in cases {
             assert_eq!(f.matches(&e), *expected, "{f:?}");
         }
+    }
+
+    fn call_refused(caller: &str, reason: &str, count: u32) -> pb::AuditEntry {
+        pb::AuditEntry {
+            time: Some(prost_types::Timestamp {
+                seconds: 100,
+                nanos: 0,
+            }),
+            event: Some(Event::CallRefused(pb::CallRefused {
+                rpc: "Exchange.Send".into(),
+                caller: caller.into(),
+                cert_subject: "CN=mi6".into(),
+                cert_sha256: vec![0xab; 32],
+                reason: reason.into(),
+                message: "m".into(),
+                count,
+                first_at: Some(prost_types::Timestamp {
+                    seconds: 40,
+                    nanos: 0,
+                }),
+                last_at: Some(prost_types::Timestamp {
+                    seconds: 90,
+                    nanos: 0,
+                }),
+            })),
+        }
+    }
+
+    #[test]
+    fn refused_calls_and_exports_filter_by_caller_and_reason() {
+        let by = |agency: Option<&str>, org: Option<&str>, reason: Option<&str>| Filter {
+            agency: agency.map(Into::into),
+            organisation: org.map(Into::into),
+            reason: reason.map(Into::into),
+            ..Default::default()
+        };
+        let unknown = call_refused("", "UNKNOWN_AGENCY", 1);
+        let auditor = call_refused("auditor", "NOT_AUTHORISED", 1);
+        let export = pb::AuditEntry {
+            time: None,
+            event: Some(Event::AuditExported(pb::AuditExported {
+                auditor: "auditor".into(),
+                organisation: "acme-ltd".into(),
+                ..Default::default()
+            })),
+        };
+        let cases: &[(&pb::AuditEntry, Filter, bool)] = &[
+            (&unknown, by(None, None, Some("UNKNOWN_AGENCY")), true),
+            (&unknown, by(None, None, Some("NOT_AUTHORISED")), false),
+            (&unknown, by(Some("ico"), None, None), false),
+            (&unknown, by(None, Some("acme-ltd"), None), false),
+            (&auditor, by(Some("auditor"), None, None), true),
+            (&auditor, by(Some("ico"), None, None), false),
+            (
+                &auditor,
+                by(Some("auditor"), None, Some("NOT_AUTHORISED")),
+                true,
+            ),
+            (&export, by(Some("auditor"), None, None), true),
+            (&export, by(Some("ico"), None, None), false),
+            (&export, by(None, Some("acme-ltd"), None), false),
+            (&export, by(None, None, Some("NOT_AUTHORISED")), false),
+        ];
+        for (entry, filter, expected) in cases {
+            assert_eq!(filter.matches(entry), *expected, "{entry:?} {filter:?}");
+        }
+    }
+
+    #[test]
+    fn refused_calls_and_exports_explain_themselves() {
+        let folded = call_refused("", "UNKNOWN_AGENCY", 99);
+        let words = explain(3, &folded);
+        for needle in [
+            "REFUSED",
+            "Exchange.Send",
+            "CN=mi6",
+            &"ab".repeat(32),
+            "UNKNOWN_AGENCY",
+            "99 identical",
+        ] {
+            assert!(words.contains(needle), "{needle}: {words}");
+        }
+        let json = to_json(&decode(&folded.encode_to_vec()).unwrap());
+        assert_eq!(json["event"], "call_refused");
+        assert_eq!(json["details"]["count"], 99);
+        assert_eq!(json["details"]["cert_sha256"], "ab".repeat(32));
+        let export = pb::AuditEntry {
+            time: None,
+            event: Some(Event::AuditExported(pb::AuditExported {
+                auditor: "auditor".into(),
+                reason: "NO_AGREEMENT".into(),
+                index_to: 9,
+                checkpoint_size: 9,
+                entries: 2,
+                complete: true,
+                ..Default::default()
+            })),
+        };
+        let words = explain(4, &export);
+        assert!(
+            words.contains("auditor auditor exported entries 0 to 9"),
+            "{words}"
+        );
+        assert!(words.contains("reason NO_AGREEMENT"), "{words}");
+        assert!(words.contains("2 entries sent."), "{words}");
+        assert_eq!(to_json(&export)["event"], "audit_exported");
     }
 
     #[test]

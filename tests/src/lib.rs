@@ -68,6 +68,14 @@ impl TestPki {
         Ok(self.ca.issue_client(cn, 30)?)
     }
 
+    /// A valid client certificate with exactly this subject (e.g. two Common Names).
+    pub fn client_cert_subject(
+        &mut self,
+        subject: rcgen::DistinguishedName,
+    ) -> anyhow::Result<Issued> {
+        Ok(self.ca.issue_client_subject(subject, 30)?)
+    }
+
     /// A client certificate with Common Name `cn` that expired yesterday.
     pub fn expired_cert(&mut self, cn: &str) -> anyhow::Result<Issued> {
         let now = time::OffsetDateTime::now_utc();

@@ -84,6 +84,8 @@ pub enum Op {
     },
     /// Record the configuration the broker started with.
     ConfigLoaded(pb::ConfigLoaded),
+    /// Record an event that changes nothing but the audit log (a refused call, an export).
+    Log(Box<pb::audit_entry::Event>),
 }
 
 /// An accepted envelope, decided and ready to store.

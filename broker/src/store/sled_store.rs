@@ -604,6 +604,10 @@ impl SledStorage {
                     )))?;
                 Ok(Ok(Applied::Logged))
             }
+            Op::Log(event) => {
+                t.log.append(&audit_log::entry(*event.clone()))?;
+                Ok(Ok(Applied::Logged))
+            }
             Op::Revoke(_) => abort(Internal::new(
                 "applying a batch",
                 "a revocation must run on its own",

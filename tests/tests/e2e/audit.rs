@@ -690,6 +690,7 @@ async fn exports_round_trip_through_the_cli_verifier() {
         "{said}"
     );
 
+    // Every export is logged when it ends: the CSV export finds the JSON one's entry.
     let csv = out.join("full.csv");
     cli.export(&csv, &["--format", "csv"]).await;
     let text = fs::read_to_string(&csv).unwrap();
@@ -697,10 +698,11 @@ async fn exports_round_trip_through_the_cli_verifier() {
         text.starts_with("index,entry,proof,decoded\ncheckpoint,"),
         "{text}"
     );
-    assert_eq!(text.lines().count(), 2 + PLAYED as usize);
+    assert_eq!(text.lines().count(), 2 + PLAYED as usize + 1);
+    assert!(text.lines().last().unwrap().contains("audit_exported"));
     let (status, said) = cli_verify(&csv, &site.key).await;
     assert!(status.success() && said.starts_with("OK:"), "{said}");
-    assert!(said.contains("7 entries"), "{said}");
+    assert!(said.contains("8 entries"), "{said}");
 
     let index = |r: &pb::Receipt| r.audit.as_ref().unwrap().log_index;
     let filters: [(&[&str], BTreeSet<u64>); 4] = [
@@ -874,8 +876,13 @@ async fn every_tampering_fails_verification_and_names_its_line() {
     let entry = lines[0]["entry"].as_str().unwrap();
     assert_eq!(b64_encode(&b64_decode(entry)), entry);
 
-    // Checkpoints of the same size: one by another key, and a fork by the log's own key.
-    let cp = checkpoint::open(head["checkpoint"].as_str().unwrap(), key).unwrap();
+    // The partial export came after the full one, whose own entry it sees: its tree has one
+    // entry more.
+    let partial_cp = checkpoint::open(head["checkpoint"].as_str().unwrap(), key).unwrap();
+    assert_eq!(partial_cp.size(), PLAYED + 1);
+    // Checkpoints of the full export's size: one by another key, and a fork by the log's own key.
+    let (full_head, _) = read_jsonl(&full_path);
+    let cp = checkpoint::open(full_head["checkpoint"].as_str().unwrap(), key).unwrap();
     let stranger = LogSigner::generate(DEFAULT_ORIGIN).unwrap();
     let same = Checkpoint::new(DEFAULT_ORIGIN, cp.size(), *cp.root()).unwrap();
     let by_stranger = checkpoint::sign(&same, &stranger).unwrap();
@@ -1077,9 +1084,9 @@ async fn every_tampering_fails_verification_and_names_its_line() {
         (
             "an index beyond the checkpoint",
             Source::Partial,
-            Box::new(|t| edit(t, 6, |v| v["index"] = json!(PLAYED))),
+            Box::new(|t| edit(t, 6, |v| v["index"] = json!(PLAYED + 1))),
             6,
-            "entry 7 is beyond the checkpoint's size 7",
+            "entry 8 is beyond the checkpoint's size 8",
         ),
         (
             "a full export marked partial",
@@ -1540,12 +1547,12 @@ async fn checkpoint_rpc_proves_consistency_and_refuses_impossible_sizes() {
     let ncsc = site.client("ncsc").await;
     checkpoint_rpc(&ncsc, early.size(), 0).await.unwrap();
 
-    for (from, to) in [
-        (6, 3),
-        (2, PLAYED + 1),
-        (PLAYED + 1, 0),
-        (PLAYED + 1, PLAYED + 2),
-    ] {
+    for case in 0..4 {
+        // Each refusal is logged, so the log grows by one entry with each.
+        let size = checkpoint::open(&latest(&auditor).await, &key)
+            .unwrap()
+            .size();
+        let (from, to) = [(6, 3), (2, size + 1), (size + 1, 0), (size + 1, size + 2)][case];
         let status = checkpoint_rpc(&auditor, from, to).await.unwrap_err();
         assert_eq!(
             reason_of(&status).as_deref(),

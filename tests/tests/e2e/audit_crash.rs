@@ -460,7 +460,12 @@ fn sigkill_under_load_keeps_every_acknowledged_entry_and_never_forks() {
         "a full export holds every entry"
     );
     for (old, (latest, proof)) in seen_before_crashes.iter().zip(&consistent_with) {
-        assert_eq!(latest, &head, "the log grew after the export");
+        // The export itself is logged when it ends: one entry more, nothing else.
+        assert_eq!(
+            latest.size(),
+            head.size() + 1,
+            "the log grew after the export by more than the export's own entry"
+        );
         checkpoint::check_consistent(old, &head, proof).unwrap_or_else(|e| {
             panic!(
                 "the export's checkpoint ({}) is not consistent with one seen before a crash \
@@ -523,10 +528,27 @@ fn sigkill_under_load_keeps_every_acknowledged_entry_and_never_forks() {
     // The broker's own store, once it is stopped, agrees with the export.
     let status = broker.terminate(STOP_TIMEOUT).unwrap();
     assert!(status.success(), "broker exited with {status}");
+    // (It holds one entry more: the export's own, logged when the export ended.)
     let store = SledStorage::open(&data_dir, DEFAULT_ORIGIN).unwrap();
-    assert_eq!(store.log_size().unwrap(), head.size());
+    assert_eq!(store.log_size().unwrap(), head.size() + 1);
+    let last = audit::decode(&store.log_entry(head.size()).unwrap().unwrap()).unwrap();
+    assert!(
+        matches!(last.event, Some(Event::AuditExported(_))),
+        "{last:?}"
+    );
     let latest = store.latest_checkpoint().unwrap().unwrap();
-    assert_eq!(latest.note, head_note["checkpoint"].as_str().unwrap());
+    assert_eq!(latest.size, head.size() + 1);
+    let exported_size = checkpoint::open(head_note["checkpoint"].as_str().unwrap(), &key)
+        .unwrap()
+        .size();
+    assert_eq!(exported_size, head.size());
+    let stored = store
+        .log_entries(0, usize::try_from(head.size()).unwrap())
+        .unwrap();
+    assert!(
+        stored == entries,
+        "the store's entries differ from the export's"
+    );
 
     let summary: Vec<String> = rounds
         .iter()
