@@ -92,7 +92,11 @@ fn assessment(id: MessageId, text: &str) -> pb::Envelope {
 /// The transfers in an inbox (not recall notices), as (sender, message id, summary).
 fn inbox_transfers(inbox: &Path) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(inbox).unwrap() {
+    // The agent creates its spool's folders once it runs: until then the inbox is empty.
+    let Ok(entries) = fs::read_dir(inbox) else {
+        return out;
+    };
+    for entry in entries {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !name.ends_with(".json") || name.ends_with(".recall.json") {
             continue;
