@@ -538,8 +538,10 @@ pub struct Store {
     health: watch::Receiver<Health>,
 }
 
+/// A write for the writer thread, or (`op: None`) a nudge from the watchdog to try a flush
+/// while the storage is unavailable.
 struct Job {
-    op: Op,
+    op: Option<Op>,
     reply: oneshot::Sender<Result<Applied, Failure>>,
 }
 
@@ -574,9 +576,10 @@ impl Store {
             })
             .map_err(|e| Internal::new("starting the writer thread", e))?;
         let watched = Arc::downgrade(&shared);
+        let nudge = jobs.downgrade();
         thread::Builder::new()
             .name("concordat-watchdog".into())
-            .spawn(move || watchdog(watched))
+            .spawn(move || watchdog(watched, nudge))
             .map_err(|e| Internal::new("starting the writer's watchdog", e))?;
         Ok(Store {
             storage,
@@ -597,7 +600,7 @@ impl Store {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { op, reply })
+            .send(Job { op: Some(op), reply })
             .await
             .map_err(|_| Internal::new("submitting a write", "the writer has stopped"))?;
         tokio::select! {
@@ -700,13 +703,22 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// the storage unavailable, and gives up once it has been for [`StoreOptions::give_up_after`].
 /// sled 0.34 can block for good in a flush when its disk is full (../shared/PITFALLS.md): the
 /// thread stuck in it cannot answer, so this one does.
-fn watchdog(shared: std::sync::Weak<Shared>) {
+fn watchdog(shared: std::sync::Weak<Shared>, nudge: mpsc::WeakSender<Job>) {
     loop {
         thread::sleep(WATCH_INTERVAL);
         let Some(shared) = shared.upgrade() else {
             return;
         };
         shared.refresh_free_bytes();
+        // Unavailable and idle: nudge the writer to try a flush, so that the store recovers
+        // even when no request arrives (requests are refused at once meanwhile).
+        if shared.lock_since().is_some()
+            && shared.lock_inflight().is_none()
+            && let Some(jobs) = nudge.upgrade()
+        {
+            let (reply, _) = oneshot::channel();
+            let _ = jobs.try_send(Job { op: None, reply });
+        }
         let timeout = shared.options.flush_timeout;
         let stalled = {
             let mut inflight = shared.lock_inflight();
@@ -808,14 +820,17 @@ fn write_loop(
                 },
             }
         }
-        // A caller that gave up (the storage was unavailable) is not written for.
-        batch.retain(|job| !job.reply.is_closed());
+        // A caller that gave up (the storage was unavailable) is not written for, and a nudge
+        // has done its work by now.
+        batch.retain(|job| job.op.is_some() && !job.reply.is_closed());
         previous_batch = batch.len();
         if batch.is_empty() {
             continue;
         }
-        let (ops, replies): (Vec<Op>, Vec<_>) =
-            batch.drain(..).map(|job| (job.op, job.reply)).unzip();
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch
+            .drain(..)
+            .filter_map(|job| job.op.map(|op| (op, job.reply)))
+            .unzip();
         // The watchdog answers these callers if applying and flushing stall.
         *shared.lock_inflight() = Some(Inflight {
             since: Instant::now(),
