@@ -6,6 +6,8 @@ mod audit;
 mod audit_crash;
 mod config;
 mod consent;
+mod flood;
 mod mtls;
 mod relay;
 mod services;
+mod tls_reload;

@@ -1,0 +1,186 @@
+//! Reloading the TLS material (CRL, certificate, key) without a restart: on SIGHUP to a real
+//! broker process, and when the files change. A revoked agency is refused from then on and its
+//! open connections are closed; a reload that fails keeps the old material.
+
+use std::time::{Duration, Instant};
+
+use concordat_agent::client::{Broker, ClientTls};
+use concordat_broker::config::Limits;
+use concordat_proto::pb::HelloRequest;
+use concordat_tests::{
+    TestPki,
+    process::{BrokerProcess, PkiFiles, write_broker_config_with_crl},
+};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tempfile::TempDir;
+
+/// How long a reload may take to show (a debug build on a busy machine).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the tests look again for an outcome.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A broker process whose configuration names a CRL file, with the files of its PKI.
+struct Fixture {
+    _dir: TempDir,
+    pki: TestPki,
+    files: PkiFiles,
+    broker: BrokerProcess,
+}
+
+impl Fixture {
+    /// Writes the PKI (agencies `ico`, `ncsc`, `nca`), a CRL revoking nothing and a
+    /// configuration that names it with file polling off (only SIGHUP reloads), and starts the
+    /// broker.
+    fn start() -> Fixture {
+        let mut pki = TestPki::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico", "ncsc", "nca"])
+            .unwrap();
+        files.write_crl(&pki, &[]).unwrap();
+        let config = dir.path().join("broker.toml");
+        let data = dir.path().join("data");
+        write_broker_config_with_crl(
+            &config,
+            &files,
+            &data,
+            &Limits::default(),
+            Some(&files.crl()),
+        )
+        .unwrap();
+        // Polling off: what these tests see is the signal's doing.
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replacen("\n[limits]", "reload_poll_seconds = 0\n\n[limits]", 1),
+        )
+        .unwrap();
+        let broker = BrokerProcess::start(&config, &data).unwrap();
+        Fixture {
+            _dir: dir,
+            pki,
+            files,
+            broker,
+        }
+    }
+
+    fn tls(&self, agency: &str) -> ClientTls {
+        ClientTls::from_files(
+            &format!("https://localhost:{}", self.broker.addr().port()),
+            &self.files.ca(),
+            &self.files.cert(agency),
+            &self.files.key(agency),
+        )
+        .unwrap()
+    }
+
+    fn sighup(&self) {
+        let pid = self.broker.pid().expect("the broker is running");
+        nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGHUP)
+            .unwrap();
+    }
+
+    /// Panics with the broker's log unless it is still running.
+    fn assert_running(&mut self) {
+        let running = self.broker.is_running();
+        assert!(
+            running,
+            "the broker is not running:\n{}",
+            self.broker.log_tail(30)
+        );
+    }
+}
+
+/// Whether a fresh connection with `tls` gets a `Hello` answered.
+async fn hello_fresh(tls: &ClientTls) -> bool {
+    match tls.connect().await {
+        Ok(broker) => hello(&broker).await,
+        Err(_) => false,
+    }
+}
+
+/// Whether `Hello` on an existing connection is answered.
+async fn hello(broker: &Broker) -> bool {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        broker.exchange().hello(HelloRequest {}),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
+}
+
+/// Polls `check` until it holds, for at most `timeout`; false if it never did.
+async fn eventually<F: Future<Output = bool>>(timeout: Duration, mut check: impl FnMut() -> F) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// SIGHUP reloads the CRL: the process keeps running, a new connection with the revoked
+/// certificate is refused, the revoked agency's open connection is closed, and the other
+/// agencies carry on, on their open connections and on new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_crl_and_closes_revoked_connections() {
+    let mut fx = Fixture::start();
+    let ncsc = fx.tls("ncsc").connect().await.unwrap();
+    let ico = fx.tls("ico").connect().await.unwrap();
+    assert!(hello(&ncsc).await && hello(&ico).await);
+
+    fx.files.write_crl(&fx.pki, &["ncsc"]).unwrap();
+    fx.sighup();
+    let ncsc_tls = fx.tls("ncsc");
+    let refused = eventually(RELOAD_TIMEOUT, || async { !hello_fresh(&ncsc_tls).await }).await;
+    fx.assert_running();
+    assert!(
+        refused,
+        "a new connection with the revoked certificate is still served:\n{}",
+        fx.broker.log_tail(30)
+    );
+    let closed = eventually(Duration::from_secs(5), || async { !hello(&ncsc).await }).await;
+    assert!(closed, "the revoked agency's open connection still works");
+
+    assert!(hello(&ico).await, "another agency's open connection was closed");
+    assert!(hello_fresh(&fx.tls("ico")).await);
+    assert!(hello_fresh(&fx.tls("nca")).await);
+    fx.assert_running();
+    let log = fx.broker.log_tail(200);
+    assert!(log.contains("TLS material reloaded"), "{log}");
+}
+
+/// A reload that fails (the CRL file is not a CRL) keeps the old material and says why, naming
+/// the file; a later good reload still takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_keeps_the_old_material() {
+    let mut fx = Fixture::start();
+    let ico = fx.tls("ico").connect().await.unwrap();
+    assert!(hello(&ico).await);
+
+    fx.files.replace_crl(b"this is not a CRL\n").unwrap();
+    fx.sighup();
+    let crl = fx.files.crl();
+    let crl_name = crl.display().to_string();
+    let broker = &fx.broker;
+    let logged = eventually(RELOAD_TIMEOUT, || async {
+        let log = broker.log_tail(200);
+        log.contains("TLS reload failed") && log.contains(&crl_name)
+    })
+    .await;
+    assert!(logged, "no reload failure naming {crl_name} in:\n{}", fx.broker.log_tail(30));
+    fx.assert_running();
+    assert!(hello(&ico).await, "the open connection was lost");
+    assert!(hello_fresh(&fx.tls("ncsc")).await, "new connections refused");
+
+    fx.files.write_crl(&fx.pki, &["ncsc"]).unwrap();
+    fx.sighup();
+    let ncsc_tls = fx.tls("ncsc");
+    let refused = eventually(RELOAD_TIMEOUT, || async { !hello_fresh(&ncsc_tls).await }).await;
+    assert!(refused, "the good CRL after the bad one was not applied");
+    assert!(hello(&ico).await);
+    fx.assert_running();
+}
