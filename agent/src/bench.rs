@@ -301,9 +301,12 @@ impl Exchange for BareService {
 
 /// Serves the bare relay with the broker's own TLS configuration and accept loop.
 fn spawn_bare(pki: &Pki, listener: tokio::net::TcpListener) -> anyhow::Result<oneshot::Sender<()>> {
-    let tls = concordat_broker::tls::server_config(&pki.tls_material()?)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let incoming = ReceiverStream::new(concordat_broker::tls::accept_loop(listener, acceptor));
+    let tls = concordat_broker::tls::server_tls(&pki.tls_material()?)?;
+    let incoming = ReceiverStream::new(concordat_broker::tls::accept_loop(
+        listener,
+        concordat_broker::tls::CurrentTls::new(tls),
+        concordat_broker::connections::Connections::new(Default::default()),
+    ));
     let relay = BareService(Arc::new(BareRelay::new(&["ico", "ncsc", "nca"])));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
@@ -926,7 +929,9 @@ async fn flood_connection(
         FloodKind::Idle => while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {},
         FloodKind::Slow => {
             // The first bytes of a TLS 1.2/1.3 ClientHello record, then filler, one a second.
-            let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+            let hello = [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
             let mut i = 0usize;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {

@@ -4,6 +4,10 @@
 //! - [`config`]: the TOML configuration, validated once at start-up (or the embedded default).
 //! - [`tls`]: the rustls server configuration (client certificates required, CRLs honoured) and
 //!   the accept loop that attaches the peer's certificate identity to each connection.
+//! - [`connections`]: the registry of open connections: caps per source address and in all,
+//!   shedding connections still in their handshake first.
+//! - [`reload`]: reloading the TLS material on request (SIGHUP) or when its files change,
+//!   closing the connections whose certificates it no longer accepts.
 //! - [`identity`]: the interceptor that turns that certificate into a [`identity::Caller`].
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
@@ -19,16 +23,18 @@
 
 pub mod audit_log;
 pub mod config;
+pub mod connections;
 pub mod dispatch;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod refusal;
+pub mod reload;
 pub mod service;
 pub mod store;
 pub mod tls;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_server::AuditServer, consent_server::ConsentServer, exchange_server::ExchangeServer,
@@ -43,6 +49,10 @@ use crate::{config::Config, identity::Authenticator};
 /// so an oversized payload is refused by the broker with `PAYLOAD_TOO_LARGE` rather than by the
 /// transport.
 const ENVELOPE_OVERHEAD: usize = 64 * 1024;
+/// How often the broker pings an established connection (HTTP/2 PING) to find dead peers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -78,14 +88,26 @@ pub enum ServeError {
     },
 }
 
-/// Runs the broker on `listener` until `shutdown` completes, then stops gracefully.
+/// Runs the broker on `listener` until `shutdown` completes, then stops gracefully. The TLS
+/// material is reloaded when its files change (see [`reload`]); use [`serve_with_reload`] to
+/// ask for reloads as well.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let tls = tls::server_config(&config.tls)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    serve_with_reload(config, listener, shutdown, reload::channel().1).await
+}
+
+/// [`serve`], also reloading whenever the [`reload::ReloadHandle`] of `reloads` asks.
+pub async fn serve_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    reloads: reload::ReloadRequests,
+) -> Result<(), ServeError> {
+    let current_tls = tls::CurrentTls::new(tls::server_tls(&config.tls)?);
+    let connections = connections::Connections::new(config.limits.connections.clone());
     let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
     for warning in config.warnings(time::OffsetDateTime::now_utc().date()) {
         tracing::warn!("{warning}");
@@ -143,6 +165,13 @@ pub async fn serve(
             }
         });
     }
+    let reloader = reload::Reloader::new(
+        config.tls_files.clone(),
+        &config.tls,
+        current_tls.clone(),
+        connections.clone(),
+    );
+    tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
     let state = Arc::new(service::State::new(
         &config,
         authenticator.clone(),
@@ -186,7 +215,7 @@ pub async fn serve(
         AuditServer::with_interceptor(service::AuditService::new(state.clone()), authenticator);
 
     let local = listener.local_addr().ok();
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, acceptor));
+    let incoming = ReceiverStream::new(tls::accept_loop(listener, current_tls, connections));
     tracing::info!(
         addr = ?local,
         config = %config.source,
@@ -194,6 +223,8 @@ pub async fn serve(
         "broker listening"
     );
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the broker until SIGINT or SIGTERM.
+    /// Runs the broker until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate, key, client
+    /// CA and CRLs.
     Serve {
         /// The configuration file; without it, the embedded development default.
         #[arg(long)]
@@ -125,20 +126,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 config.data_dir = dir;
             }
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("binding {}", config.listen))?;
+            let listener =
+                bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr().context("reading the bound address")?;
             // The log key exists before the readiness line: tools may read it at once.
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
             concordat_broker::audit_log::load_or_create_key(&config.data_dir, &config.log_origin)?;
+            // SIGHUP is caught before the broker says it is ready: from then on it reloads, and
+            // never kills the process.
+            let (reload, reloads) = concordat_broker::reload::channel();
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the TLS material");
+                    reload.request();
+                }
+            });
             // One line on stdout that scripts and tests wait for: the broker is ready.
             println!("concordat-broker listening on {addr}");
-            concordat_broker::serve(config, listener, shutdown_signal()).await?;
+            concordat_broker::serve_with_reload(config, listener, shutdown_signal(), reloads)
+                .await?;
             Ok(())
         }
     }
+}
+
+/// The listen backlog: connections the kernel completes before the broker accepts them. The
+/// accept loop never waits, so this only has to absorb bursts (the standard library's 128 is
+/// too few for hundreds of agents reconnecting at once); the kernel caps it at `somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Completes on SIGINT or SIGTERM.

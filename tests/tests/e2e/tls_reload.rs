@@ -5,11 +5,12 @@
 use std::time::{Duration, Instant};
 
 use concordat_agent::client::{Broker, ClientTls};
-use concordat_broker::config::Limits;
+use concordat_broker::config::{Limits, TlsFiles};
 use concordat_proto::pb::HelloRequest;
 use concordat_tests::{
-    TestPki,
+    TestPki, federation_config,
     process::{BrokerProcess, PkiFiles, write_broker_config_with_crl},
+    spawn_broker,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
 use tempfile::TempDir;
@@ -34,8 +35,8 @@ impl Fixture {
     fn start() -> Fixture {
         let mut pki = TestPki::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let files = PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico", "ncsc", "nca"])
-            .unwrap();
+        let files =
+            PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico", "ncsc", "nca"]).unwrap();
         files.write_crl(&pki, &[]).unwrap();
         let config = dir.path().join("broker.toml");
         let data = dir.path().join("data");
@@ -75,8 +76,7 @@ impl Fixture {
 
     fn sighup(&self) {
         let pid = self.broker.pid().expect("the broker is running");
-        nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGHUP)
-            .unwrap();
+        nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGHUP).unwrap();
     }
 
     /// Panics with the broker's log unless it is still running.
@@ -109,7 +109,10 @@ async fn hello(broker: &Broker) -> bool {
 }
 
 /// Polls `check` until it holds, for at most `timeout`; false if it never did.
-async fn eventually<F: Future<Output = bool>>(timeout: Duration, mut check: impl FnMut() -> F) -> bool {
+async fn eventually<F: Future<Output = bool>>(
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if check().await {
@@ -145,7 +148,10 @@ async fn sighup_reloads_the_crl_and_closes_revoked_connections() {
     let closed = eventually(Duration::from_secs(5), || async { !hello(&ncsc).await }).await;
     assert!(closed, "the revoked agency's open connection still works");
 
-    assert!(hello(&ico).await, "another agency's open connection was closed");
+    assert!(
+        hello(&ico).await,
+        "another agency's open connection was closed"
+    );
     assert!(hello_fresh(&fx.tls("ico")).await);
     assert!(hello_fresh(&fx.tls("nca")).await);
     fx.assert_running();
@@ -171,10 +177,17 @@ async fn a_failed_reload_keeps_the_old_material() {
         log.contains("TLS reload failed") && log.contains(&crl_name)
     })
     .await;
-    assert!(logged, "no reload failure naming {crl_name} in:\n{}", fx.broker.log_tail(30));
+    assert!(
+        logged,
+        "no reload failure naming {crl_name} in:\n{}",
+        fx.broker.log_tail(30)
+    );
     fx.assert_running();
     assert!(hello(&ico).await, "the open connection was lost");
-    assert!(hello_fresh(&fx.tls("ncsc")).await, "new connections refused");
+    assert!(
+        hello_fresh(&fx.tls("ncsc")).await,
+        "new connections refused"
+    );
 
     fx.files.write_crl(&fx.pki, &["ncsc"]).unwrap();
     fx.sighup();
@@ -183,4 +196,46 @@ async fn a_failed_reload_keeps_the_old_material() {
     assert!(refused, "the good CRL after the bad one was not applied");
     assert!(hello(&ico).await);
     fx.assert_running();
+}
+
+/// Without any signal, a changed CRL file is picked up by the broker's poll of the TLS files:
+/// the revoked agency is refused on new connections and its open one is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_files_are_reloaded_without_a_signal() {
+    let mut pki = TestPki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let files = PkiFiles::write(&mut pki, &pki_dir, &["ico", "ncsc"]).unwrap();
+    files.write_crl(&pki, &[]).unwrap();
+    let crl = std::fs::read_to_string(files.crl()).unwrap();
+    let mut config = federation_config(&pki, &dir.path().join("data"), Some(&crl)).unwrap();
+    config.tls_files = Some(TlsFiles {
+        cert: pki_dir.join("broker.pem"),
+        key: pki_dir.join("broker.key"),
+        client_ca: files.ca(),
+        crl: Some(files.crl()),
+    });
+    config.tls_reload_poll = Some(Duration::from_millis(100));
+    let broker = spawn_broker(config).await.unwrap();
+    let tls = |agency: &str| {
+        ClientTls::from_files(
+            &format!("https://localhost:{}", broker.addr.port()),
+            &files.ca(),
+            &files.cert(agency),
+            &files.key(agency),
+        )
+        .unwrap()
+    };
+    let ncsc = tls("ncsc").connect().await.unwrap();
+    let ico = tls("ico").connect().await.unwrap();
+    assert!(hello(&ncsc).await && hello(&ico).await);
+
+    files.write_crl(&pki, &["ncsc"]).unwrap();
+    let ncsc_tls = tls("ncsc");
+    let refused = eventually(RELOAD_TIMEOUT, || async { !hello_fresh(&ncsc_tls).await }).await;
+    assert!(refused, "the changed CRL was not picked up");
+    let closed = eventually(Duration::from_secs(5), || async { !hello(&ncsc).await }).await;
+    assert!(closed, "the revoked agency's open connection still works");
+    assert!(hello(&ico).await);
+    assert!(hello_fresh(&tls("ico")).await);
 }
