@@ -1129,6 +1129,40 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_reload_poll_are_read() {
+        let defaults = Config::parse(DEFAULT_CONFIG, "test.toml", &Embedded).unwrap();
+        assert_eq!(defaults.limits.connections, ConnectionLimits::default());
+        assert_eq!(defaults.tls_reload_poll, Some(DEFAULT_TLS_RELOAD_POLL));
+        let text = DEFAULT_CONFIG
+            .replacen(
+                "[limits]",
+                "[limits]\nmax_handshakes_per_source = 4\nmax_connections = 100\nhandshake_timeout_ms = 1500\npreface_timeout_ms = 2500",
+                1,
+            )
+            .replacen(
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"ca.pem\"\nreload_poll_seconds = 0",
+                1,
+            );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        assert_eq!(
+            c.limits.connections,
+            ConnectionLimits {
+                max_handshakes_per_source: 4,
+                max_connections: 100,
+                handshake_timeout: Duration::from_millis(1500),
+                preface_timeout: Duration::from_millis(2500),
+            }
+        );
+        assert_eq!(c.tls_reload_poll, None);
+        let files = c.tls_files.unwrap();
+        assert_eq!(files.client_ca, PathBuf::from("ca.pem"));
+        assert_eq!(files.crl, None);
+        // The embedded default has no files to reload.
+        assert!(Config::embedded_default().unwrap().tls_files.is_none());
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_file_and_line() {
         let text = DEFAULT_CONFIG.replacen("[limits]", "[limits]\nmax_mesage_bytes = 1", 1);
         let shown = Config::parse(&text, "test.toml", &Embedded)

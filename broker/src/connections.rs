@@ -320,7 +320,7 @@ mod tests {
         let (second, _) = c.admit(ip(2)).unwrap();
         let (third, _) = c.admit(ip(3)).unwrap();
         let _est = third.establish(peer(), None, Vec::new()).unwrap();
-        let (_, shed) = c.admit(ip(1)).unwrap();
+        let (_newcomer, shed) = c.admit(ip(1)).unwrap();
         assert!(shed);
         assert!(oldest.cancel.is_cancelled());
         assert!(!second.cancel.is_cancelled());

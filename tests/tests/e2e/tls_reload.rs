@@ -2,7 +2,10 @@
 //! broker process, and when the files change. A revoked agency is refused from then on and its
 //! open connections are closed; a reload that fails keeps the old material.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use concordat_agent::client::{Broker, ClientTls};
 use concordat_broker::config::{Limits, TlsFiles};
@@ -238,4 +241,116 @@ async fn changed_files_are_reloaded_without_a_signal() {
     assert!(closed, "the revoked agency's open connection still works");
     assert!(hello(&ico).await);
     assert!(hello_fresh(&tls("ico")).await);
+}
+
+/// Each row breaks one TLS file; the reload asked for through the library's handle fails
+/// naming that file, and the broker keeps serving with the old material. A good reload then
+/// reports what changed and which connections it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_broken_file_and_changes_nothing() {
+    let mut pki = TestPki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let files = PkiFiles::write(&mut pki, &pki_dir, &["ico", "ncsc"]).unwrap();
+    files.write_crl(&pki, &[]).unwrap();
+    let crl = std::fs::read_to_string(files.crl()).unwrap();
+    let mut config = federation_config(&pki, &dir.path().join("data"), Some(&crl)).unwrap();
+    let tls_files = TlsFiles {
+        cert: pki_dir.join("broker.pem"),
+        key: pki_dir.join("broker.key"),
+        client_ca: files.ca(),
+        crl: Some(files.crl()),
+    };
+    config.tls_files = Some(tls_files.clone());
+    config.tls_reload_poll = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reload, reloads) = concordat_broker::reload::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(concordat_broker::serve_with_reload(
+        config,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        reloads,
+    ));
+    let tls = |agency: &str| {
+        ClientTls::from_files(
+            &format!("https://localhost:{}", addr.port()),
+            &files.ca(),
+            &files.cert(agency),
+            &files.key(agency),
+        )
+        .unwrap()
+    };
+    let ncsc = tls("ncsc").connect().await.unwrap();
+    assert!(hello(&ncsc).await);
+
+    let other_key = pki.client_cert("someone").unwrap().key_pem;
+    let cases: &[(&str, &Path, &[u8], &str)] = &[
+        (
+            "a key that is not the certificate's",
+            &tls_files.key,
+            other_key.as_bytes(),
+            "broker.key",
+        ),
+        (
+            "a CRL that is not PEM",
+            &files.crl(),
+            b"garbage\n",
+            "crl.pem",
+        ),
+        (
+            "a CRL whose DER does not parse",
+            &files.crl(),
+            b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+            "crl.pem",
+        ),
+        ("an empty CA file", &files.ca(), b"", "ca.pem"),
+        (
+            "a certificate file with a key in it",
+            &tls_files.cert,
+            other_key.as_bytes(),
+            "broker.pem",
+        ),
+    ];
+    // Read before the rows break the files (the CA file is the client's too).
+    let ico_tls = tls("ico");
+    for (what, path, bytes, named) in cases {
+        let good = std::fs::read(path).unwrap();
+        std::fs::write(path, bytes).unwrap();
+        let error = reload
+            .reload()
+            .await
+            .expect_err(&format!("{what}: the reload must fail"))
+            .to_string();
+        assert!(
+            error.contains(named),
+            "{what}: {error} does not name {named}"
+        );
+        assert!(hello(&ncsc).await, "{what}: the open connection was lost");
+        assert!(
+            hello_fresh(&ico_tls).await,
+            "{what}: new connections refused"
+        );
+        std::fs::write(path, good).unwrap();
+    }
+
+    files.write_crl(&pki, &["ncsc"]).unwrap();
+    let outcome = reload.reload().await.unwrap();
+    assert!(outcome.crl_changed);
+    assert!(!outcome.certificate_changed && !outcome.key_changed && !outcome.client_ca_changed);
+    assert_eq!(outcome.crls, 1);
+    let closed: Vec<_> = outcome
+        .closed
+        .iter()
+        .map(|c| c.common_name.as_deref())
+        .collect();
+    assert_eq!(closed, [Some("ncsc")]);
+    assert!(!hello(&ncsc).await);
+    assert!(!hello_fresh(&tls("ncsc")).await);
+    assert!(hello_fresh(&tls("ico")).await);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }
