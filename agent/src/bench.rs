@@ -306,6 +306,7 @@ fn spawn_bare(pki: &Pki, listener: tokio::net::TcpListener) -> anyhow::Result<on
         listener,
         concordat_broker::tls::CurrentTls::new(tls),
         concordat_broker::connections::Connections::new(Default::default()),
+        Arc::new(concordat_broker::metrics::Metrics::default()),
     ));
     let relay = BareService(Arc::new(BareRelay::new(&["ico", "ncsc", "nca"])));
     let (stop, stopped) = oneshot::channel::<()>();

@@ -177,7 +177,7 @@ pub async fn serve_with_reload(
         authenticator.clone(),
         store,
         stop_rx,
-        metrics,
+        metrics.clone(),
     ));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -215,7 +215,12 @@ pub async fn serve_with_reload(
         AuditServer::with_interceptor(service::AuditService::new(state.clone()), authenticator);
 
     let local = listener.local_addr().ok();
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, current_tls, connections));
+    let incoming = ReceiverStream::new(tls::accept_loop(
+        listener,
+        current_tls,
+        connections,
+        metrics,
+    ));
     tracing::info!(
         addr = ?local,
         config = %config.source,

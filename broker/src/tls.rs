@@ -43,6 +43,7 @@ use tonic::transport::server::Connected;
 use crate::{
     config::TlsMaterial,
     connections::{Connections, Established, Pending},
+    metrics::Metrics,
 };
 
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4), which must be the first bytes
@@ -273,9 +274,14 @@ pub fn accept_loop(
     listener: TcpListener,
     tls: CurrentTls,
     connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
 ) -> mpsc::Receiver<io::Result<AuthenticatedStream>> {
     let (tx, rx) = mpsc::channel(64);
-    let log = Arc::new(RefusalLog::default());
+    let log = Arc::new(RefusalLog {
+        metrics,
+        last_warning: Mutex::new(None),
+        suppressed: AtomicU64::new(0),
+    });
     tokio::spawn(async move {
         loop {
             let (tcp, remote_addr) = tokio::select! {
@@ -406,16 +412,17 @@ async fn hand_over(
         .await;
 }
 
-/// Logs refused connections: each at debug level, and at most one warning per
+/// Logs and counts refused connections: each at debug level, and at most one warning per
 /// [`WARN_INTERVAL`] that says how many more there were.
-#[derive(Default)]
 struct RefusalLog {
+    metrics: Arc<Metrics>,
     last_warning: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl RefusalLog {
     fn refused(&self, peer: Option<SocketAddr>, cause: &str, error: &dyn std::fmt::Display) {
+        self.metrics.connection_refused(cause);
         tracing::debug!(peer = ?peer, cause, error = %error, "connection refused");
         let now = Instant::now();
         let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
