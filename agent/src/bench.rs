@@ -801,7 +801,7 @@ impl Default for FloodBench {
 
 /// How long a flood connection waits after the server closed it before it opens again: the
 /// attacker keeps its connections up, at a rate this machine can also afford to serve.
-const FLOOD_REOPEN_PAUSE: Duration = Duration::from_secs(1);
+pub const FLOOD_REOPEN_PAUSE: Duration = Duration::from_secs(1);
 /// The most a flood connection waits for `connect` to finish.
 const FLOOD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -269,7 +269,7 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 /// `connections` (see [`crate::connections`]), and each admitted one completes its TLS handshake
 /// with the configuration in force in `tls`, then sends the HTTP/2 preface, each within its
 /// deadline, in a task of its own. Failed handshakes — no certificate, another CA, expired,
-/// revoked, too slow — are logged (warnings at most every [`WARN_INTERVAL`]) and dropped.
+/// revoked, too slow — are logged (a warning at most every ten seconds) and dropped.
 pub fn accept_loop(
     listener: TcpListener,
     tls: CurrentTls,
