@@ -121,6 +121,7 @@ impl Connections {
     /// handshake. Returns its registration, and whether an older pending connection was shed
     /// to make room for it.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<(Pending, bool), Refused> {
+        let source = source_key(source);
         let mut state = self.state();
         if state.per_source.get(&source).copied().unwrap_or(0)
             >= self.limits.max_handshakes_per_source
@@ -190,6 +191,19 @@ impl Connections {
             }
         }
         closed
+    }
+}
+
+/// The address a source is counted under: an IPv4 address as itself (also when it arrives
+/// IPv4-mapped on an IPv6 socket), an IPv6 address by its /64 prefix, which is what one host
+/// or one customer usually gets.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -348,6 +362,25 @@ mod tests {
         assert!(held.iter().all(|e| !e.cancel.is_cancelled()));
         drop(held);
         assert!(c.admit(ip(2)).is_ok());
+    }
+
+    #[test]
+    fn sources_are_counted_by_ipv4_address_and_ipv6_prefix() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("127.0.0.2", "127.0.0.2", true),
+            ("127.0.0.2", "127.0.0.3", false),
+            ("127.0.0.2", "::ffff:127.0.0.2", true),
+            ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", true),
+            ("2001:db8:1:2::1", "2001:db8:1:3::1", false),
+        ];
+        for (a, b, same) in cases {
+            let (a, b): (IpAddr, IpAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(source_key(a) == source_key(b), *same, "{a} vs {b}");
+            // And the cap sees it the same way.
+            let c = Connections::new(limits(1, 10));
+            let _first = c.admit(a).unwrap();
+            assert_eq!(c.admit(b).is_err(), *same, "{a} then {b}");
+        }
     }
 
     #[test]
