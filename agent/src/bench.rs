@@ -1,5 +1,5 @@
-//! Benchmarks that print figures (never assertions): `concordat bench relay` and
-//! `concordat bench audit`.
+//! Benchmarks that print figures (never assertions): `concordat bench relay`,
+//! `concordat bench audit` and `concordat bench flood`.
 //!
 //! - **relay**: the same traffic through two servers in one process, one after the other: a bare
 //!   tonic mTLS relay (same TLS stack, no consent checks, no storage: an in-memory hand-off to
@@ -9,11 +9,14 @@
 //!   throughput, latency p50/p99, their ratio, and the process's memory over the run.
 //! - **audit**: fills a log with a number of entries, then exports it through the broker and
 //!   verifies the export offline, printing entries per second for each.
+//! - **flood**: a legitimate agency's `Hello` latency (p50/p99, a fresh mTLS connection for
+//!   each call) without and then with a flood of idle and slow TCP connections from another
+//!   loopback address ([`Flood`], also used by the end-to-end tests).
 
 use std::{
     collections::HashMap,
     io::Write,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -299,9 +302,13 @@ impl Exchange for BareService {
 
 /// Serves the bare relay with the broker's own TLS configuration and accept loop.
 fn spawn_bare(pki: &Pki, listener: tokio::net::TcpListener) -> anyhow::Result<oneshot::Sender<()>> {
-    let tls = concordat_broker::tls::server_config(&pki.tls_material()?)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let incoming = ReceiverStream::new(concordat_broker::tls::accept_loop(listener, acceptor));
+    let tls = concordat_broker::tls::server_tls(&pki.tls_material()?)?;
+    let incoming = ReceiverStream::new(concordat_broker::tls::accept_loop(
+        listener,
+        concordat_broker::tls::CurrentTls::new(tls),
+        concordat_broker::connections::Connections::new(Default::default()),
+        Arc::new(concordat_broker::metrics::Metrics::default()),
+    ));
     let relay = BareService(Arc::new(BareRelay::new(&["ico", "ncsc", "nca"])));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
@@ -774,7 +781,10 @@ pub async fn audit(entries: u64, out: &mut dyn Write) -> anyhow::Result<()> {
     })
     .await??;
     if !report.ok() {
-        anyhow::bail!("the benchmark's own store failed to verify: {:?}", report.problems);
+        anyhow::bail!(
+            "the benchmark's own store failed to verify: {:?}",
+            report.problems
+        );
     }
     writeln!(
         out,
@@ -786,4 +796,325 @@ pub async fn audit(entries: u64, out: &mut dyn Write) -> anyhow::Result<()> {
     )
     .context("printing")?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flood: idle and slow connections from one address, and a legitimate agency's Hello.
+
+/// Settings of the flood benchmark.
+#[derive(Debug, Clone)]
+pub struct FloodBench {
+    /// Connections the flood keeps open (half idle, half sending one byte per second).
+    pub connections: usize,
+    /// Legitimate `Hello` calls measured in each run, each on a fresh connection.
+    pub hellos: usize,
+    /// The address the flood comes from (any address of 127.0.0.0/8 is loopback).
+    pub from: IpAddr,
+}
+
+impl Default for FloodBench {
+    fn default() -> Self {
+        FloodBench {
+            connections: 2000,
+            hellos: 100,
+            from: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        }
+    }
+}
+
+/// How long a flood connection waits after the server closed it before it opens again: the
+/// attacker keeps its connections up, at a rate this machine can also afford to serve.
+pub const FLOOD_REOPEN_PAUSE: Duration = Duration::from_secs(1);
+/// The most a flood connection waits for `connect` to finish.
+const FLOOD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a flood connection does once it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloodKind {
+    /// Sends nothing at all.
+    Idle,
+    /// Sends the start of a TLS ClientHello one byte per second.
+    Slow,
+}
+
+/// A running flood of TCP connections from one source address. It stops when dropped or
+/// [`Flood::stop`]ped.
+pub struct Flood {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    opened: Arc<AtomicU64>,
+    open_now: Arc<AtomicU64>,
+}
+
+impl Flood {
+    /// Starts `connections` flood connections from `from` to `target`, alternately idle and
+    /// slow, each reopened [`FLOOD_REOPEN_PAUSE`] after the server closes it.
+    pub fn start(target: SocketAddr, from: IpAddr, connections: usize) -> Flood {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let opened = Arc::new(AtomicU64::new(0));
+        let open_now = Arc::new(AtomicU64::new(0));
+        let tasks = (0..connections)
+            .map(|i| {
+                let kind = if i % 2 == 0 {
+                    FloodKind::Idle
+                } else {
+                    FloodKind::Slow
+                };
+                let mut stopped = stopped.clone();
+                let (opened, open_now) = (opened.clone(), open_now.clone());
+                tokio::spawn(async move {
+                    while !*stopped.borrow() {
+                        tokio::select! {
+                            () = flood_connection(target, from, kind, &opened, &open_now) => {}
+                            _ = stopped.wait_for(|s| *s) => return,
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(FLOOD_REOPEN_PAUSE) => {}
+                            _ = stopped.wait_for(|s| *s) => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        Flood {
+            stop,
+            tasks,
+            opened,
+            open_now,
+        }
+    }
+
+    /// Connections opened so far (each reopening counts).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections open at this moment (as far as the flood knows: the server may have closed
+    /// some that it has not yet noticed).
+    pub fn open_now(&self) -> u64 {
+        self.open_now.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` connections have been opened, or `timeout` has passed; returns how many
+    /// were opened.
+    pub async fn wait_opened(&self, n: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        while self.opened() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.opened()
+    }
+
+    /// Stops the flood and closes its connections.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One flood connection, from connect until the server closes it (or it could not connect).
+async fn flood_connection(
+    target: SocketAddr,
+    from: IpAddr,
+    kind: FloodKind,
+    opened: &AtomicU64,
+    open_now: &AtomicU64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = match target {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    let Ok(socket) = socket else { return };
+    if socket.bind(SocketAddr::new(from, 0)).is_err() {
+        return;
+    }
+    let Ok(Ok(mut stream)) =
+        tokio::time::timeout(FLOOD_CONNECT_TIMEOUT, socket.connect(target)).await
+    else {
+        return;
+    };
+    opened.fetch_add(1, Ordering::Relaxed);
+    open_now.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, mut writer) = stream.split();
+    let mut buf = [0u8; 256];
+    match kind {
+        FloodKind::Idle => while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {},
+        FloodKind::Slow => {
+            // The first bytes of a TLS 1.2/1.3 ClientHello record, then filler, one a second.
+            let hello = [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            let mut i = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let byte = hello.get(i).copied().unwrap_or(0);
+                        i += 1;
+                        if writer.write_all(&[byte]).await.is_err() {
+                            break;
+                        }
+                    }
+                    read = reader.read(&mut buf) => {
+                        if !matches!(read, Ok(n) if n > 0) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    open_now.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Latencies of legitimate `Hello` calls.
+#[derive(Debug, Clone)]
+pub struct HelloLatencies {
+    /// Calls measured (including failed ones).
+    pub calls: u64,
+    /// Calls that failed or timed out; each counts as [`HELLO_TIMEOUT`] in the percentiles.
+    pub failures: u64,
+    /// Median, connect and call together.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// The slowest.
+    pub max: Duration,
+}
+
+/// The most one legitimate connect-and-`Hello` may take before it counts as failed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes `n` `Hello` calls one after another, each on a fresh connection with `tls`
+/// (connect, TLS handshake, HTTP/2, call), for at most `budget` in all, and returns their
+/// latencies.
+pub async fn hello_latencies(
+    tls: &ClientTls,
+    n: usize,
+    budget: Duration,
+) -> anyhow::Result<HelloLatencies> {
+    let mut histogram = latency_histogram()?;
+    let mut failures = 0;
+    let started = Instant::now();
+    for _ in 0..n {
+        if started.elapsed() >= budget {
+            break;
+        }
+        let t = Instant::now();
+        let call = async {
+            let broker = tls.connect().await?;
+            broker.exchange().hello(pb::HelloRequest {}).await?;
+            anyhow::Ok(())
+        };
+        let elapsed = match tokio::time::timeout(HELLO_TIMEOUT, call).await {
+            Ok(Ok(())) => t.elapsed(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "legitimate Hello failed");
+                failures += 1;
+                HELLO_TIMEOUT
+            }
+            Err(_) => {
+                failures += 1;
+                HELLO_TIMEOUT
+            }
+        };
+        histogram.record(elapsed.as_micros().max(1) as u64)?;
+    }
+    let at = |q: f64| Duration::from_micros(histogram.value_at_quantile(q));
+    Ok(HelloLatencies {
+        calls: histogram.len(),
+        failures,
+        p50: at(0.5),
+        p99: at(0.99),
+        max: Duration::from_micros(histogram.max()),
+    })
+}
+
+/// Runs the flood benchmark: a broker in this process, legitimate `Hello` latencies from
+/// 127.0.0.1 without a flood and then while [`FloodBench::connections`] idle and slow
+/// connections are held from [`FloodBench::from`]. Prints both and returns them.
+pub async fn flood(
+    settings: FloodBench,
+    out: &mut dyn Write,
+) -> anyhow::Result<(HelloLatencies, HelloLatencies)> {
+    raise_fd_limit();
+    let mut pki = Pki::new()?;
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::embedded_default()?;
+    config.tls = pki.tls_material()?;
+    config.data_dir = dir.path().join("broker");
+    config.metrics_listen = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(concordat_broker::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let tls = pki.client("ico", addr)?;
+    writeln!(
+        out,
+        "flood benchmark: {} legitimate Hello calls from 127.0.0.1, each on a fresh mTLS connection; flood of {} connections (half idle, half one byte a second) from {}",
+        settings.hellos, settings.connections, settings.from
+    )?;
+    let budget = HELLO_TIMEOUT * 12;
+    let quiet = hello_latencies(&tls, settings.hellos, budget).await?;
+    print_hellos(out, "without flood", &quiet)?;
+
+    let flood = Flood::start(addr, settings.from, settings.connections);
+    let opened = flood
+        .wait_opened(settings.connections as u64, Duration::from_secs(10))
+        .await;
+    // Let the slow connections get going and the broker's deadlines come round at least once.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let flooded = hello_latencies(&tls, settings.hellos, budget).await?;
+    let (total, open) = (flood.opened(), flood.open_now());
+    flood.stop().await;
+    print_hellos(out, "with flood", &flooded)?;
+    writeln!(
+        out,
+        "  (flood: {opened} connections opened before measuring, {total} opened in all, {open} open at the end)"
+    )?;
+    writeln!(
+        out,
+        "flooded p99: {:.1} ms (target < 1000 ms)",
+        flooded.p99.as_secs_f64() * 1e3
+    )?;
+    let _ = stop.send(());
+    server.await??;
+    Ok((quiet, flooded))
+}
+
+fn print_hellos(out: &mut dyn Write, name: &str, h: &HelloLatencies) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{name:<14} p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms  ({} calls, {} failed or over {:?})",
+        h.p50.as_secs_f64() * 1e3,
+        h.p99.as_secs_f64() * 1e3,
+        h.max.as_secs_f64() * 1e3,
+        h.calls,
+        h.failures,
+        HELLO_TIMEOUT
+    )?;
+    Ok(())
+}
+
+/// Raises this process's soft limit on open files to its hard limit: a flood and the broker
+/// it floods share one process here.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }

@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use concordat_proto::{
@@ -74,6 +75,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Certificates and keys for mutual TLS.
     pub tls: TlsMaterial,
+    /// The files `tls` was read from, which a reload reads again; `None` for material that
+    /// came from no file (the embedded default, a configuration built in code).
+    pub tls_files: Option<TlsFiles>,
+    /// How often the broker looks at the TLS files' modification times to reload them when
+    /// they change; `None` (`tls.reload_poll_seconds = 0`) for never: SIGHUP still reloads.
+    pub tls_reload_poll: Option<Duration>,
     /// The agencies of the federation, by id.
     pub agencies: BTreeMap<AgencyId, Agency>,
     /// Certificate Common Names allowed to call the `Audit` service.
@@ -112,6 +119,47 @@ pub struct Limits {
     /// A flush that takes longer fails its requests with `STORAGE_UNAVAILABLE` and turns
     /// health `NOT_SERVING` (see [`crate::store`]).
     pub flush_timeout: std::time::Duration,
+    /// Limits on connections: how many, from where, and how long they may take to start.
+    pub connections: ConnectionLimits,
+}
+
+/// Limits on connections, which keep a flood of idle or slow sockets from locking agencies
+/// out (see [`crate::connections`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// The most connections still in their handshake (TCP accepted, TLS or the HTTP/2 preface
+    /// not finished) from one source address; more are closed at once.
+    pub max_handshakes_per_source: usize,
+    /// The most connections open at once, in handshake or established. When full, the oldest
+    /// connection still in its handshake is shed to make room; if none is, the new one is
+    /// refused. Established (authenticated) connections are never shed for a newcomer.
+    pub max_connections: usize,
+    /// How long the TLS handshake may take, from accept.
+    pub handshake_timeout: Duration,
+    /// How long after the TLS handshake the client may take to send the HTTP/2 preface.
+    pub preface_timeout: Duration,
+}
+
+/// The default handshakes in progress per source address.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// The default total connection cap.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// The default TLS handshake deadline.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default HTTP/2 preface deadline.
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default interval between looks at the TLS files.
+pub const DEFAULT_TLS_RELOAD_POLL: Duration = Duration::from_secs(5);
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            preface_timeout: DEFAULT_PREFACE_TIMEOUT,
+        }
+    }
 }
 
 /// The default queue depth limit per recipient.
@@ -131,6 +179,7 @@ impl Default for Limits {
             max_window: DEFAULT_MAX_WINDOW,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             flush_timeout: std::time::Duration::from_millis(DEFAULT_FLUSH_TIMEOUT_MS),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -157,6 +206,70 @@ impl fmt::Debug for TlsMaterial {
             .field("client_ca", &self.client_ca.len())
             .field("crls", &self.crls.len())
             .finish()
+    }
+}
+
+/// The files the TLS material is read from, as absolute or working-directory-relative paths
+/// (already resolved against the configuration file's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The broker's certificate chain (`tls.cert`).
+    pub cert: PathBuf,
+    /// The broker's private key (`tls.key`).
+    pub key: PathBuf,
+    /// The federation CA (`tls.client_ca`).
+    pub client_ca: PathBuf,
+    /// The revocation lists (`tls.crl`), if any.
+    pub crl: Option<PathBuf>,
+}
+
+/// Why the TLS files could not be loaded: which file, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", file.display())]
+pub struct TlsFileError {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl TlsFiles {
+    /// The files in the order they are read, each with its configuration key.
+    pub fn all(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = vec![
+            ("tls.cert", self.cert.as_path()),
+            ("tls.key", self.key.as_path()),
+            ("tls.client_ca", self.client_ca.as_path()),
+        ];
+        if let Some(crl) = &self.crl {
+            files.push(("tls.crl", crl.as_path()));
+        }
+        files
+    }
+
+    /// Reads and parses the files. The error names the file that is wrong.
+    pub fn load(&self) -> Result<TlsMaterial, TlsFileError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| TlsFileError {
+                file: path.to_path_buf(),
+                problem: format!("cannot read: {e}"),
+            })
+        };
+        let cert = read(&self.cert)?;
+        let key = read(&self.key)?;
+        let client_ca = read(&self.client_ca)?;
+        let crl = self.crl.as_deref().map(read).transpose()?;
+        TlsMaterial::from_pem(&cert, &key, &client_ca, crl.as_deref()).map_err(
+            |(which, problem)| TlsFileError {
+                file: match which {
+                    "cert" => self.cert.clone(),
+                    "key" => self.key.clone(),
+                    "client_ca" => self.client_ca.clone(),
+                    _ => self.crl.clone().unwrap_or_default(),
+                },
+                problem,
+            },
+        )
     }
 }
 
@@ -217,6 +330,8 @@ impl Config {
             listen,
             data_dir,
             tls,
+            tls_files: None,
+            tls_reload_poll: None,
             agencies,
             auditors: BTreeSet::new(),
             limits: Limits::default(),
@@ -241,7 +356,11 @@ impl Config {
     /// The embedded default: the development PKI, `./var/broker`, 127.0.0.1:7443, and the
     /// federation of `ico`, `ncsc` and `nca`.
     pub fn embedded_default() -> Result<Self, ConfigError> {
-        Self::parse(DEFAULT_CONFIG, "<embedded default>", &Embedded)
+        let mut config = Self::parse(DEFAULT_CONFIG, "<embedded default>", &Embedded)?;
+        // Compiled in: there is nothing to reload.
+        config.tls_files = None;
+        config.tls_reload_poll = None;
+        Ok(config)
     }
 
     /// Parses configuration text. `file` names it in errors; `files` resolves the paths it names.
@@ -283,6 +402,22 @@ impl Config {
             .transpose()?;
         let tls = TlsMaterial::from_pem(&cert, &key, &client_ca, crl.as_deref())
             .map_err(|(which, problem)| invalid(&format!("tls.{which}"), problem))?;
+        let tls_files = Some(TlsFiles {
+            cert: files.resolve(&raw.tls.cert),
+            key: files.resolve(&raw.tls.key),
+            client_ca: files.resolve(&raw.tls.client_ca),
+            crl: raw.tls.crl.as_deref().map(|p| files.resolve(p)),
+        });
+        let tls_reload_poll = match raw.tls.reload_poll_seconds {
+            0 => None,
+            s if s > 86_400 => {
+                return Err(invalid(
+                    "tls.reload_poll_seconds",
+                    format!("must be at most 86400 (0 turns polling off), got {s}"),
+                ));
+            }
+            s => Some(Duration::from_secs(s)),
+        };
 
         if raw.agencies.is_empty() {
             return Err(invalid(
@@ -355,12 +490,45 @@ impl Config {
                 ),
             ));
         }
+        let ranged = |key: &str, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                Err(invalid(
+                    &format!("limits.{key}"),
+                    format!("must be between {min} and {max}, got {value}"),
+                ))
+            } else {
+                Ok(value)
+            }
+        };
+        let connections = ConnectionLimits {
+            max_handshakes_per_source: ranged(
+                "max_handshakes_per_source",
+                raw.limits.max_handshakes_per_source,
+                1,
+                1_000_000,
+            )? as usize,
+            max_connections: ranged("max_connections", raw.limits.max_connections, 1, 10_000_000)?
+                as usize,
+            handshake_timeout: Duration::from_millis(ranged(
+                "handshake_timeout_ms",
+                raw.limits.handshake_timeout_ms,
+                100,
+                60_000,
+            )?),
+            preface_timeout: Duration::from_millis(ranged(
+                "preface_timeout_ms",
+                raw.limits.preface_timeout_ms,
+                100,
+                60_000,
+            )?),
+        };
         let limits = Limits {
             max_message_bytes: max,
             max_queue_depth: raw.limits.max_queue_depth,
             max_window: raw.limits.max_window,
             min_free_bytes: raw.limits.min_free_bytes,
             flush_timeout: std::time::Duration::from_millis(raw.limits.flush_timeout_ms),
+            connections,
         };
 
         let metrics_listen = raw
@@ -584,6 +752,8 @@ impl Config {
             listen,
             data_dir,
             tls,
+            tls_files,
+            tls_reload_poll,
             agencies,
             auditors,
             limits,
@@ -637,6 +807,19 @@ impl Config {
             "storage:       Send refused below {} bytes free; flushes bounded to {} ms",
             self.limits.min_free_bytes,
             self.limits.flush_timeout.as_millis()
+        );
+        let c = &self.limits.connections;
+        let _ = writeln!(
+            s,
+            "connections:   at most {}, {} handshakes per source address; TLS within {:?}, HTTP/2 preface within {:?}",
+            c.max_connections, c.max_handshakes_per_source, c.handshake_timeout, c.preface_timeout
+        );
+        let _ = writeln!(
+            s,
+            "tls reload:    on SIGHUP{}",
+            self.tls_reload_poll.map_or(String::new(), |p| format!(
+                " and when the files change (looked at every {p:?})"
+            ))
         );
         let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
         let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
@@ -861,6 +1044,12 @@ struct RawTls {
     key: PathBuf,
     client_ca: PathBuf,
     crl: Option<PathBuf>,
+    #[serde(default = "default_reload_poll_seconds")]
+    reload_poll_seconds: u64,
+}
+
+fn default_reload_poll_seconds() -> u64 {
+    DEFAULT_TLS_RELOAD_POLL.as_secs()
 }
 
 #[derive(Deserialize)]
@@ -871,6 +1060,10 @@ struct RawLimits {
     max_window: u32,
     min_free_bytes: u64,
     flush_timeout_ms: u64,
+    max_handshakes_per_source: u64,
+    max_connections: u64,
+    handshake_timeout_ms: u64,
+    preface_timeout_ms: u64,
 }
 
 impl Default for RawLimits {
@@ -882,6 +1075,10 @@ impl Default for RawLimits {
             max_window: d.max_window,
             min_free_bytes: d.min_free_bytes,
             flush_timeout_ms: u64::try_from(d.flush_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_handshakes_per_source: d.connections.max_handshakes_per_source as u64,
+            max_connections: d.connections.max_connections as u64,
+            handshake_timeout_ms: d.connections.handshake_timeout.as_millis() as u64,
+            preface_timeout_ms: d.connections.preface_timeout.as_millis() as u64,
         }
     }
 }
@@ -936,6 +1133,21 @@ mod tests {
                 "max_message_bytes = 0",
                 "limits.max_message_bytes",
             ),
+            (
+                "max_message_bytes = 4194304",
+                "max_message_bytes = 4194304\nhandshake_timeout_ms = 0",
+                "limits.handshake_timeout_ms",
+            ),
+            (
+                "max_message_bytes = 4194304",
+                "max_message_bytes = 4194304\nmax_handshakes_per_source = 0",
+                "limits.max_handshakes_per_source",
+            ),
+            (
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"ca.pem\"\nreload_poll_seconds = 100000",
+                "tls.reload_poll_seconds",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_CONFIG.contains(from), "default lacks {from}");
@@ -947,6 +1159,40 @@ mod tests {
                 "{to:?}: expected key {key}, got {shown}"
             );
         }
+    }
+
+    #[test]
+    fn connection_limits_and_reload_poll_are_read() {
+        let defaults = Config::parse(DEFAULT_CONFIG, "test.toml", &Embedded).unwrap();
+        assert_eq!(defaults.limits.connections, ConnectionLimits::default());
+        assert_eq!(defaults.tls_reload_poll, Some(DEFAULT_TLS_RELOAD_POLL));
+        let text = DEFAULT_CONFIG
+            .replacen(
+                "[limits]",
+                "[limits]\nmax_handshakes_per_source = 4\nmax_connections = 100\nhandshake_timeout_ms = 1500\npreface_timeout_ms = 2500",
+                1,
+            )
+            .replacen(
+                "client_ca = \"ca.pem\"",
+                "client_ca = \"ca.pem\"\nreload_poll_seconds = 0",
+                1,
+            );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        assert_eq!(
+            c.limits.connections,
+            ConnectionLimits {
+                max_handshakes_per_source: 4,
+                max_connections: 100,
+                handshake_timeout: Duration::from_millis(1500),
+                preface_timeout: Duration::from_millis(2500),
+            }
+        );
+        assert_eq!(c.tls_reload_poll, None);
+        let files = c.tls_files.unwrap();
+        assert_eq!(files.client_ca, PathBuf::from("ca.pem"));
+        assert_eq!(files.crl, None);
+        // The embedded default has no files to reload.
+        assert!(Config::embedded_default().unwrap().tls_files.is_none());
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! - [`config`]: the TOML configuration, validated once at start-up (or the embedded default).
 //! - [`tls`]: the rustls server configuration (client certificates required, CRLs honoured) and
 //!   the accept loop that attaches the peer's certificate identity to each connection.
+//! - [`connections`]: the registry of open connections: caps per source address and in all,
+//!   shedding connections still in their handshake first.
+//! - [`reload`]: reloading the TLS material on request (SIGHUP) or when its files change,
+//!   closing the connections whose certificates it no longer accepts.
 //! - [`identity`]: matches that certificate against the federation ([`identity::Caller`]).
 //! - [`gate`]: in front of every service: authenticates, gives the transport's own refusals
 //!   (undecodable or oversized requests) the broker's reasons, logs every refusal it makes.
@@ -24,6 +28,7 @@
 pub mod audit_log;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod dispatch;
 pub mod gate;
 pub mod identity;
@@ -31,11 +36,12 @@ pub mod metrics;
 pub mod policy;
 pub mod refusal;
 pub mod refusal_log;
+pub mod reload;
 pub mod service;
 pub mod store;
 pub mod tls;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_server::AuditServer, consent_server::ConsentServer, exchange_server::ExchangeServer,
@@ -53,6 +59,10 @@ const ENVELOPE_OVERHEAD: usize = 64 * 1024;
 /// The largest request the `Consent` and `Audit` services read (tonic's default, made explicit
 /// so that refusals can name it).
 const MAX_OTHER_REQUEST: usize = 4 * 1024 * 1024;
+/// How often the broker pings an established connection (HTTP/2 PING) to find dead peers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -100,26 +110,39 @@ pub enum ServeError {
     },
 }
 
-/// Runs the broker on `listener` until `shutdown` completes, then stops gracefully.
+/// Runs the broker on `listener` until `shutdown` completes, then stops gracefully. The TLS
+/// material is reloaded when its files change (see [`reload`]); use [`serve_with_reload`] to
+/// ask for reloads as well.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve_with(config, listener, shutdown, |_| {}).await
+    serve_with(config, listener, shutdown, reload::channel().1, |_| {}).await
 }
 
-/// [`serve`], calling `ready` with the listening address once everything is up: the store
-/// opened and checked, the metrics listener bound, the services built. Only then is health
-/// `SERVING`. A broker that cannot start returns its error without calling `ready`.
+/// [`serve`], also reloading whenever the [`reload::ReloadHandle`] of `reloads` asks.
+pub async fn serve_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    reloads: reload::ReloadRequests,
+) -> Result<(), ServeError> {
+    serve_with(config, listener, shutdown, reloads, |_| {}).await
+}
+
+/// [`serve_with_reload`], calling `ready` with the listening address once everything is up:
+/// the store opened and checked, the metrics listener bound, the services built. Only then is
+/// health `SERVING`. A broker that cannot start returns its error without calling `ready`.
 pub async fn serve_with(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    reloads: reload::ReloadRequests,
     ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<(), ServeError> {
-    let tls = tls::server_config(&config.tls)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let current_tls = tls::CurrentTls::new(tls::server_tls(&config.tls)?);
+    let connections = connections::Connections::new(config.limits.connections.clone());
     let authenticator = Authenticator::new(config.agencies.clone(), config.auditors.clone());
     for warning in config.warnings(clock::now().date()) {
         tracing::warn!("{warning}");
@@ -216,12 +239,19 @@ pub async fn serve_with(
     let failed = store.clone();
     let (gave_up_tx, mut gave_up_rx) = tokio::sync::oneshot::channel::<String>();
 
+    let reloader = reload::Reloader::new(
+        config.tls_files.clone(),
+        &config.tls,
+        current_tls.clone(),
+        connections.clone(),
+    );
+    tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
     let state = Arc::new(service::State::new(
         &config,
         authenticator.clone(),
         store,
         stop_rx,
-        metrics,
+        metrics.clone(),
         refusals.clone(),
     ));
 
@@ -269,7 +299,12 @@ pub async fn serve_with(
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Listener { source })?;
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, acceptor));
+    let incoming = ReceiverStream::new(tls::accept_loop(
+        listener,
+        current_tls,
+        connections,
+        metrics,
+    ));
     ready(local);
     tracing::info!(
         addr = %local,
@@ -278,6 +313,8 @@ pub async fn serve_with(
         "broker listening"
     );
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served over plain HTTP at `/metrics` when `metrics_listen` is set.
 //!
-//! Counters of accepted and refused transfers (by reason code), and, computed at each scrape,
+//! Counters of accepted and refused transfers (by reason code) and of connections closed before
+//! they were established (by cause), and, computed at each scrape,
 //! whether each agreement's review is overdue, each recipient's queue depth and the audit log's
 //! size. No payload, organisation or token ever becomes a label.
 
@@ -17,6 +18,11 @@ use crate::{policy::Policy, store::Store};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +43,7 @@ pub struct Metrics {
     overdue: Family<AgreementLabel, Gauge>,
     queue_depth: Family<AgencyLabel, Gauge>,
     log_size: Gauge,
+    connections_refused: Family<CauseLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -47,6 +54,7 @@ impl Default for Metrics {
         let overdue = Family::<AgreementLabel, Gauge>::default();
         let queue_depth = Family::<AgencyLabel, Gauge>::default();
         let log_size = Gauge::default();
+        let connections_refused = Family::<CauseLabel, Counter>::default();
         registry.register("transfers_accepted", "Transfers accepted", accepted.clone());
         registry.register(
             "transfers_refused",
@@ -68,6 +76,11 @@ impl Default for Metrics {
             "Entries in the audit log",
             log_size.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed before they were established, by cause (per_source_cap, full, shed, tls, timeout, protocol, accept)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             accepted,
@@ -75,6 +88,7 @@ impl Default for Metrics {
             overdue,
             queue_depth,
             log_size,
+            connections_refused,
         }
     }
 }
@@ -90,6 +104,15 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection closed before it was established, by cause.
+    pub fn connection_refused(&self, cause: &str) {
+        self.connections_refused
+            .get_or_create(&CauseLabel {
+                cause: cause.to_owned(),
             })
             .inc();
     }

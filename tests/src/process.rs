@@ -88,6 +88,7 @@ pub fn wait_while_progressing<T>(
 #[derive(Debug, Clone)]
 pub struct PkiFiles {
     dir: PathBuf,
+    serials: std::collections::BTreeMap<String, u64>,
 }
 
 impl PkiFiles {
@@ -102,14 +103,45 @@ impl PkiFiles {
         put("ca.pem", &pki.ca_pem())?;
         put("broker.pem", &pki.broker.cert_pem)?;
         put("broker.key", &pki.broker.key_pem)?;
+        let mut serials = std::collections::BTreeMap::new();
         for agency in agencies {
             let issued = pki.client_cert(agency)?;
             put(&format!("{agency}.pem"), &issued.cert_pem)?;
             put(&format!("{agency}.key"), &issued.key_pem)?;
+            serials.insert((*agency).to_owned(), issued.serial);
         }
         Ok(PkiFiles {
             dir: dir.to_path_buf(),
+            serials,
         })
+    }
+
+    /// The revocation list file, `crl.pem` (written by [`PkiFiles::write_crl`]).
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// Writes `crl.pem` atomically (a temporary file renamed over it): a CRL of `pki`'s CA
+    /// revoking the certificates of `revoked`, which must be agencies written by
+    /// [`PkiFiles::write`].
+    pub fn write_crl(&self, pki: &TestPki, revoked: &[&str]) -> anyhow::Result<()> {
+        let serials = revoked
+            .iter()
+            .map(|a| {
+                self.serials
+                    .get(*a)
+                    .copied()
+                    .ok_or_else(|| anyhow!("no certificate was written for {a}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.replace_crl(pki.crl(&serials)?.as_bytes())
+    }
+
+    /// Replaces `crl.pem` atomically with `bytes`, whatever they are.
+    pub fn replace_crl(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tmp = self.dir.join(".crl.pem.tmp");
+        fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, self.crl()).with_context(|| format!("renaming {}", tmp.display()))
     }
 
     /// The federation CA certificate.
@@ -145,6 +177,18 @@ pub fn write_broker_config(
     data_dir: &Path,
     limits: &Limits,
 ) -> anyhow::Result<()> {
+    write_broker_config_with_crl(path, pki, data_dir, limits, None)
+}
+
+/// [`write_broker_config`], with `tls.crl` set to `crl` when given.
+pub fn write_broker_config_with_crl(
+    path: &Path,
+    pki: &PkiFiles,
+    data_dir: &Path,
+    limits: &Limits,
+    crl: Option<&Path>,
+) -> anyhow::Result<()> {
+    let crl = crl.map_or(String::new(), |p| format!("crl = {}\n", toml_path(p)));
     let text = format!(
         r#"# Written by concordat_tests::process for one test.
 listen = "127.0.0.1:0"
@@ -155,7 +199,7 @@ auditors = ["auditor"]
 cert = {cert}
 key = {key}
 client_ca = {ca}
-
+{crl}
 [limits]
 max_message_bytes = {max_message_bytes}
 max_queue_depth = {max_queue_depth}

@@ -185,6 +185,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         entries: u64,
     },
+    /// A legitimate agency's Hello latency (p50/p99) without and with a flood of idle and
+    /// slow connections from another loopback address.
+    Flood {
+        /// Connections the flood holds (half idle, half sending one byte per second).
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// Legitimate Hello calls per run, each on a fresh connection.
+        #[arg(long, default_value_t = 100)]
+        hellos: usize,
+        /// The flood's source address (any of 127.0.0.0/8 is loopback).
+        #[arg(long, default_value = "127.0.0.2")]
+        from: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +544,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 BenchCommand::Audit { entries } => {
                     concordat_agent::bench::audit(entries, &mut out).await?
+                }
+                BenchCommand::Flood {
+                    connections,
+                    hellos,
+                    from,
+                } => {
+                    let settings = concordat_agent::bench::FloodBench {
+                        connections,
+                        hellos: hellos.max(1),
+                        from,
+                    };
+                    concordat_agent::bench::flood(settings, &mut out).await?;
                 }
             }
             Ok(ExitCode::SUCCESS)

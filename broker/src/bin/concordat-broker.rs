@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the broker until SIGINT or SIGTERM.
+    /// Runs the broker until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate, key, client
+    /// CA and CRLs.
     Serve {
         /// The configuration file; without it, the embedded development default.
         #[arg(long)]
@@ -149,10 +150,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 config.data_dir = dir;
             }
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("binding {}", config.listen))?;
-            concordat_broker::serve_with(config, listener, shutdown_signal(), |addr| {
+            let listener =
+                bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+            // SIGHUP is caught from the start: it reloads, and never kills the process.
+            let (reload, reloads) = concordat_broker::reload::channel();
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the TLS material");
+                    reload.request();
+                }
+            });
+            concordat_broker::serve_with(config, listener, shutdown_signal(), reloads, |addr| {
                 // One line on stdout that scripts and tests wait for: the broker is ready (the
                 // store is open and checked, the log key exists, every listener is bound).
                 println!("concordat-broker listening on {addr}");
@@ -229,6 +239,23 @@ fn verify(
     }
     println!("ok: the store is whole");
     Ok(())
+}
+
+/// The listen backlog: connections the kernel completes before the broker accepts them. The
+/// accept loop never waits, so this only has to absorb bursts (the standard library's 128 is
+/// too few for hundreds of agents reconnecting at once); the kernel caps it at `somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Completes on SIGINT or SIGTERM.

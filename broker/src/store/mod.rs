@@ -600,7 +600,10 @@ impl Store {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { op: Some(op), reply })
+            .send(Job {
+                op: Some(op),
+                reply,
+            })
             .await
             .map_err(|_| Internal::new("submitting a write", "the writer has stopped"))?;
         tokio::select! {
