@@ -541,8 +541,11 @@ mod tests {
     use std::path::{Path, PathBuf};
     use time::OffsetDateTime;
 
+    /// A fuzz target's body.
+    type Body = fn(&[u8]) -> Outcome;
+
     /// The fuzz targets of this crate, by the name of their corpus directory.
-    const TARGETS: [(&str, fn(&[u8]) -> Outcome); 5] = [
+    const TARGETS: [(&str, Body); 5] = [
         ("paseto", paseto),
         ("paserk", paserk),
         ("envelope", envelope),
