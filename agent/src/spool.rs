@@ -15,7 +15,7 @@
 
 use std::{
     fs::{self, File},
-    io::{self, Write},
+    io::{self, Read as _, Write},
     path::{Path, PathBuf},
 };
 
@@ -56,6 +56,12 @@ pub enum OutboxError {
     #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
     TooLarge {
         /// The file.
+        path: String,
+    },
+    /// The path names something other than a regular file (a directory, a FIFO, a device).
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
         path: String,
     },
     /// The file is not valid outbox JSON.
@@ -238,13 +244,26 @@ impl Spool {
             path: shown.clone(),
             source,
         })?;
+        // A FIFO would block the outbox loop and a device (`/dev/zero`) would fill memory:
+        // only regular files are read, and never past the limit even if one grows meanwhile.
+        if !meta.is_file() {
+            return Err(OutboxError::NotAFile { path: shown });
+        }
         if meta.len() > MAX_FILE_BYTES {
             return Err(OutboxError::TooLarge { path: shown });
         }
-        fs::read(path).map_err(|source| OutboxError::Read {
-            path: shown,
+        let read_error = |source| OutboxError::Read {
+            path: shown.clone(),
             source,
-        })
+        };
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(OutboxError::TooLarge { path: shown });
+        }
+        Ok(bytes)
     }
 
     /// Reads and validates the outbox file `name` into an envelope, choosing (once) its message
@@ -596,6 +615,32 @@ mod tests {
         }
         fs::create_dir(s.dir("outbox").join("sub")).unwrap();
         assert_eq!(s.pending().unwrap(), ["a.json", "b.json"]);
+    }
+
+    /// A payload or token file that is not a regular file (a FIFO that nobody writes, a
+    /// device that never ends) is refused at once instead of blocking or filling memory.
+    #[test]
+    fn named_files_must_be_regular_files() {
+        let (d, s) = spool();
+        let fifo = d.path().join("pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        fs::write(
+            s.dir("outbox").join("m.json"),
+            r#"{"recipients":["ico"],"kind":"threat_assessment","payload_file":"pipe"}"#,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let loader = s.clone();
+        std::thread::spawn(move || tx.send(loader.load("m.json").map(|_| ())));
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading an outbox file that names a FIFO blocks");
+        let err = result.expect_err("a FIFO is not a payload file");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]
