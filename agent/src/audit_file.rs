@@ -282,7 +282,7 @@ impl RootBuilder {
 }
 
 /// One record of an export file: its line number and its fields (or why it cannot be read).
-type Record = (u64, Result<Vec<String>, String>);
+pub(crate) type Record = (u64, Result<Vec<String>, String>);
 
 /// Reads an export's records.
 fn records(path: &Path) -> anyhow::Result<Box<dyn Iterator<Item = Record>>> {
@@ -290,22 +290,34 @@ fn records(path: &Path) -> anyhow::Result<Box<dyn Iterator<Item = Record>>> {
     let csv = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    Ok(records_from(file, csv))
+}
+
+/// Reads the records of an export from `file`: CSV records (after the header row) if `csv`,
+/// else JSON Lines.
+pub(crate) fn records_from(
+    file: impl io::Read + 'static,
+    csv: bool,
+) -> Box<dyn Iterator<Item = Record>> {
     if csv {
         let reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
             .from_reader(file);
-        Ok(Box::new(reader.into_records().enumerate().map(|(i, r)| {
+        Box::new(reader.into_records().enumerate().map(|(i, r)| {
             (
                 i as u64 + 2,
                 r.map(|rec| rec.iter().map(str::to_owned).collect())
                     .map_err(|e| e.to_string()),
             )
-        })))
+        }))
     } else {
-        Ok(Box::new(BufReader::new(file).lines().enumerate().map(
-            |(i, l)| (i as u64 + 1, l.map(|l| vec![l]).map_err(|e| e.to_string())),
-        )))
+        Box::new(
+            BufReader::new(file)
+                .lines()
+                .enumerate()
+                .map(|(i, l)| (i as u64 + 1, l.map(|l| vec![l]).map_err(|e| e.to_string()))),
+        )
     }
 }
 
@@ -340,7 +352,14 @@ fn parse_line(fields: &[String]) -> Result<Line, String> {
 /// bytes and decoded fields, every inclusion proof (partial exports), and for a full export the
 /// recomputed root and size.
 pub fn verify(path: &Path, key: &LogVerifier) -> anyhow::Result<Result<Verified, VerifyError>> {
-    let mut records = records(path)?;
+    verify_records(records(path)?, key)
+}
+
+/// [`verify`] on records already read (see [`records_from`]).
+pub(crate) fn verify_records(
+    mut records: Box<dyn Iterator<Item = Record>>,
+    key: &LogVerifier,
+) -> anyhow::Result<Result<Verified, VerifyError>> {
     let Some((line, first)) = records.next() else {
         return Ok(Err(bad(0, "the file is empty")));
     };

@@ -14,6 +14,7 @@
 //! - [`witness`]: checks the broker's audit log checkpoints in receipts, and their consistency.
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
+//! - `fuzzing` (hidden): the bodies of the fuzz targets in `agent/fuzz/`, replayed by `cargo test`.
 
 pub mod audit_file;
 pub mod bench;
@@ -21,6 +22,8 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod operator;
 pub mod pki;
 pub mod spool;

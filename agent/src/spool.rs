@@ -24,7 +24,7 @@
 
 use std::{
     fs::{self, File},
-    io::{self, Write},
+    io::{self, Read as _, Write},
     path::{Path, PathBuf},
 };
 
@@ -65,6 +65,12 @@ pub enum OutboxError {
     #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
     TooLarge {
         /// The file.
+        path: String,
+    },
+    /// The path names something other than a regular file (a directory, a FIFO, a device).
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
         path: String,
     },
     /// The file is not valid outbox JSON.
@@ -247,94 +253,33 @@ impl Spool {
             path: shown.clone(),
             source,
         })?;
+        // A FIFO would block the outbox loop and a device (`/dev/zero`) would fill memory:
+        // only regular files are read, and never past the limit even if one grows meanwhile.
+        if !meta.is_file() {
+            return Err(OutboxError::NotAFile { path: shown });
+        }
         if meta.len() > MAX_FILE_BYTES {
             return Err(OutboxError::TooLarge { path: shown });
         }
-        fs::read(path).map_err(|source| OutboxError::Read {
-            path: shown,
+        let read_error = |source| OutboxError::Read {
+            path: shown.clone(),
             source,
-        })
+        };
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(OutboxError::TooLarge { path: shown });
+        }
+        Ok(bytes)
     }
 
     /// Reads and validates the outbox file `name` into an envelope, choosing (once) its message
     /// id if the file does not give one.
     pub fn load(&self, name: &str) -> Result<Envelope, OutboxError> {
         let bytes = self.read_limited(&self.dir("outbox").join(name))?;
-        let msg: OutboxMessage =
-            serde_json::from_slice(&bytes).map_err(|e| OutboxError::Parse(e.to_string()))?;
-        let parse =
-            |what: &str, e: &dyn std::fmt::Display| OutboxError::Parse(format!("{what}: {e}"));
-        let payloads = [
-            msg.payload.is_some(),
-            msg.payload_base64.is_some(),
-            msg.payload_file.is_some(),
-        ];
-        if payloads.iter().filter(|p| **p).count() != 1 {
-            return Err(OutboxError::Parse(
-                "give exactly one of payload, payload_base64 and payload_file".into(),
-            ));
-        }
-        let (payload, default_type) = if let Some(value) = &msg.payload {
-            let bytes = serde_json::to_vec(value).map_err(|e| parse("payload", &e))?;
-            (bytes, "application/json")
-        } else if let Some(b64) = &msg.payload_base64 {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| parse("payload_base64", &e))?;
-            (bytes, "application/octet-stream")
-        } else if let Some(file) = &msg.payload_file {
-            (
-                self.read_limited(&self.root.join(file))?,
-                "application/octet-stream",
-            )
-        } else {
-            return Err(OutboxError::Parse("no payload".into()));
-        };
-        let consent_token = match (&msg.consent_token, &msg.consent_token_file) {
-            (Some(_), Some(_)) => {
-                return Err(OutboxError::Parse(
-                    "give at most one of consent_token and consent_token_file".into(),
-                ));
-            }
-            (Some(t), None) => Some(t.trim().to_owned()),
-            (None, Some(file)) => {
-                let bytes = self.read_limited(&self.root.join(file))?;
-                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
-            }
-            (None, None) => None,
-        };
-        let fingerprint = hex_digest(&bytes);
-        let message_id = match &msg.message_id {
-            Some(id) => id
-                .parse::<MessageId>()
-                .map_err(|e| parse("message_id", &e))?,
-            None => {
-                self.message_id_for(name, &fingerprint)
-                    .map_err(|source| OutboxError::Read {
-                        path: self.dir(".state/ids").join(name).display().to_string(),
-                        source,
-                    })?
-            }
-        };
-        let kind: Kind = msg.kind.parse().map_err(|e| parse("kind", &e))?;
-        let tlp: Tlp = msg
-            .tlp
-            .as_deref()
-            .unwrap_or("amber")
-            .parse()
-            .map_err(|e| parse("tlp", &e))?;
-        let wire = pb::Envelope {
-            message_id: message_id.to_string(),
-            recipients: msg.recipients,
-            kind: pb::MessageKind::from(kind) as i32,
-            organisation: msg.organisation.unwrap_or_default(),
-            incident_ref: msg.incident_ref.unwrap_or_default(),
-            content_type: msg.content_type.unwrap_or_else(|| default_type.into()),
-            tlp: pb::Tlp::from(tlp) as i32,
-            payload,
-            consent_token: consent_token.unwrap_or_default(),
-        };
-        Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+        envelope_from_outbox(name, &bytes, self)
     }
 
     /// The message id chosen for outbox file `name` with content `fingerprint` (its SHA-256):
@@ -560,6 +505,103 @@ fn tlp_name(tlp: i32) -> String {
 
 /// The inbox JSON of a transfer. A JSON payload is inlined as `payload`; any other payload is
 /// `payload_base64`. `payload_sha256` is always given.
+/// Where the parts of an outbox message that are not in its file come from: the payload and
+/// token files it names, and the message id chosen for a file that gives none. The spool reads
+/// them from disk; the fuzz target (`crate::fuzzing`) supplies them from memory.
+pub(crate) trait OutboxSources {
+    /// Reads a file named by an outbox message (relative to the spool directory).
+    fn read_file(&self, path: &Path) -> Result<Vec<u8>, OutboxError>;
+    /// The message id for outbox file `name` whose contents have SHA-256 `fingerprint`.
+    fn message_id(&self, name: &str, fingerprint: &str) -> Result<MessageId, OutboxError>;
+}
+
+impl OutboxSources for Spool {
+    fn read_file(&self, path: &Path) -> Result<Vec<u8>, OutboxError> {
+        self.read_limited(&self.root.join(path))
+    }
+
+    fn message_id(&self, name: &str, fingerprint: &str) -> Result<MessageId, OutboxError> {
+        self.message_id_for(name, fingerprint)
+            .map_err(|source| OutboxError::Read {
+                path: self.dir(".state/ids").join(name).display().to_string(),
+                source,
+            })
+    }
+}
+
+/// Parses and validates the contents `bytes` of outbox file `name` into an envelope.
+pub(crate) fn envelope_from_outbox(
+    name: &str,
+    bytes: &[u8],
+    sources: &impl OutboxSources,
+) -> Result<Envelope, OutboxError> {
+    let msg: OutboxMessage =
+        serde_json::from_slice(bytes).map_err(|e| OutboxError::Parse(e.to_string()))?;
+    let parse = |what: &str, e: &dyn std::fmt::Display| OutboxError::Parse(format!("{what}: {e}"));
+    let payloads = [
+        msg.payload.is_some(),
+        msg.payload_base64.is_some(),
+        msg.payload_file.is_some(),
+    ];
+    if payloads.iter().filter(|p| **p).count() != 1 {
+        return Err(OutboxError::Parse(
+            "give exactly one of payload, payload_base64 and payload_file".into(),
+        ));
+    }
+    let (payload, default_type) = if let Some(value) = &msg.payload {
+        let bytes = serde_json::to_vec(value).map_err(|e| parse("payload", &e))?;
+        (bytes, "application/json")
+    } else if let Some(b64) = &msg.payload_base64 {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| parse("payload_base64", &e))?;
+        (bytes, "application/octet-stream")
+    } else if let Some(file) = &msg.payload_file {
+        (sources.read_file(file)?, "application/octet-stream")
+    } else {
+        return Err(OutboxError::Parse("no payload".into()));
+    };
+    let consent_token = match (&msg.consent_token, &msg.consent_token_file) {
+        (Some(_), Some(_)) => {
+            return Err(OutboxError::Parse(
+                "give at most one of consent_token and consent_token_file".into(),
+            ));
+        }
+        (Some(t), None) => Some(t.trim().to_owned()),
+        (None, Some(file)) => {
+            let bytes = sources.read_file(file)?;
+            Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+        }
+        (None, None) => None,
+    };
+    let fingerprint = hex_digest(bytes);
+    let message_id = match &msg.message_id {
+        Some(id) => id
+            .parse::<MessageId>()
+            .map_err(|e| parse("message_id", &e))?,
+        None => sources.message_id(name, &fingerprint)?,
+    };
+    let kind: Kind = msg.kind.parse().map_err(|e| parse("kind", &e))?;
+    let tlp: Tlp = msg
+        .tlp
+        .as_deref()
+        .unwrap_or("amber")
+        .parse()
+        .map_err(|e| parse("tlp", &e))?;
+    let wire = pb::Envelope {
+        message_id: message_id.to_string(),
+        recipients: msg.recipients,
+        kind: pb::MessageKind::from(kind) as i32,
+        organisation: msg.organisation.unwrap_or_default(),
+        incident_ref: msg.incident_ref.unwrap_or_default(),
+        content_type: msg.content_type.unwrap_or_else(|| default_type.into()),
+        tlp: pb::Tlp::from(tlp) as i32,
+        payload,
+        consent_token: consent_token.unwrap_or_default(),
+    };
+    Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+}
+
 fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
     let mut v = serde_json::json!({
         "type": "transfer",
@@ -664,6 +706,32 @@ mod tests {
         }
         fs::create_dir(s.dir("outbox").join("sub")).unwrap();
         assert_eq!(s.pending().unwrap(), ["a.json", "b.json"]);
+    }
+
+    /// A payload or token file that is not a regular file (a FIFO that nobody writes, a
+    /// device that never ends) is refused at once instead of blocking or filling memory.
+    #[test]
+    fn named_files_must_be_regular_files() {
+        let (d, s) = spool();
+        let fifo = d.path().join("pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        fs::write(
+            s.dir("outbox").join("m.json"),
+            r#"{"recipients":["ico"],"kind":"threat_assessment","payload_file":"pipe"}"#,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let loader = s.clone();
+        std::thread::spawn(move || tx.send(loader.load("m.json").map(|_| ())));
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading an outbox file that names a FIFO blocks");
+        let err = result.expect_err("a FIFO is not a payload file");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`merkle`]: the RFC 6962 Merkle tree of the audit log, its stored-hash layout and proofs.
 //! - [`checkpoint`]: signed tree heads (C2SP tlog-checkpoint as a C2SP signed note).
 //! - [`audit`]: audit log entries: decoding, export filters, JSON view, explanation in words.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets in `proto/fuzz/`, replayed by `cargo test`.
 //!
 //! Architecture invariant: this crate does no I/O. No tokio, no sled, no files, no clocks read
 //! except where a caller passes the time in.
@@ -20,6 +21,8 @@ pub mod audit;
 pub mod checkpoint;
 pub mod consent;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod merkle;
 pub mod paserk;
