@@ -560,6 +560,7 @@ impl Config {
                     to,
                     kinds,
                     clause: f.clause,
+                    opaque: f.opaque,
                 });
             }
             if flows.is_empty() {
@@ -838,6 +839,9 @@ struct RawFlow {
     to: String,
     kinds: Vec<String>,
     clause: String,
+    /// Whether the flow may carry payloads the broker cannot inspect.
+    #[serde(default)]
+    opaque: bool,
 }
 
 /// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.
