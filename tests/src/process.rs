@@ -187,6 +187,8 @@ from = "ncsc"
 to = "ico"
 kinds = ["threat_assessment"]
 clause = "1.1"
+# Tests send arbitrary bytes on this flow.
+opaque = true
 
 [[agreements.flows]]
 from = "ico"
@@ -206,6 +208,7 @@ from = "nca"
 to = "ico"
 kinds = ["threat_assessment"]
 clause = "2.1"
+opaque = true
 "#,
         data_dir = toml_path(data_dir),
         cert = toml_path(&pki.dir.join("broker.pem")),

@@ -85,6 +85,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         to: to.parse().unwrap(),
         kinds: kinds.iter().copied().collect(),
         clause: clause.into(),
+        opaque: false,
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]
@@ -235,7 +236,7 @@ fn anonymised(recipient: &str, kind: pb::MessageKind) -> pb::Envelope {
         kind: kind as i32,
         organisation: String::new(),
         incident_ref: String::new(),
-        payload: b"aggregate: 14 ransomware incidents this week".to_vec(),
+        payload: br#"{"summary":"aggregate: 14 ransomware incidents this week"}"#.to_vec(),
         consent_token: String::new(),
         ..envelope(String::new())
     }
