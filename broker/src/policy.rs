@@ -836,6 +836,226 @@ mod tests {
     }
 
     #[test]
+    fn content_rules_come_after_the_agreement_and_before_consent() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let verified = VerifiedTokens::default();
+        let now = OffsetDateTime::now_utc();
+        let token = token(&desk, now);
+        let open = Ledger { revoked: false };
+        let record = |granularity: &str, orgs: &[&str]| {
+            serde_json::to_vec(&serde_json::json!({
+                "incident": {
+                    "reference": "INC-1",
+                    "first_seen": "2026-11-30T09:15:00Z",
+                    "categories": ["ransomware"],
+                    "summary": "Ransomware on the file servers."
+                },
+                "granularity": granularity,
+                "organisations": orgs,
+            }))
+            .unwrap()
+        };
+        const INCIDENT: &str = "application/vnd.concordat.incident+json; version=1";
+        const STIX: &str = "application/stix+json;version=2.1";
+        // (what, sender, recipient, kind, with the token, content type, payload, reason)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Kind,
+            bool,
+            &'a str,
+            Vec<u8>,
+            Option<Reason>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (
+                "anonymised JSON record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "JSON that does not parse",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "malformed content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json;",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "unparseable content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "json",
+                b"{}".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "opaque anonymised record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/octet-stream",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on a closed flow",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on an opaque flow",
+                "ico",
+                "nca",
+                Kind::DsarConsultation,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                None,
+            ),
+            (
+                "no agreement comes first",
+                "ncsc",
+                "nca",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::NoAgreement),
+            ),
+            (
+                "empty STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e"}"#
+                    .to_vec(),
+                None,
+            ),
+            (
+                "invalid STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--1"}"#.to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "aggregate record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                None,
+            ),
+            (
+                "aggregate record with an organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                None,
+            ),
+            (
+                "specific record, other organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["beta-plc"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record, no organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "record as a threat assessment",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+        ];
+        for (what, sender, to, kind, with_token, content_type, payload, want) in rows {
+            let mut e = envelope(to, &token);
+            e.kind = kind;
+            e.content_type = content_type.into();
+            e.payload = payload;
+            if !with_token {
+                e.organisation = None;
+                e.consent_token = None;
+            }
+            let cx = Context {
+                policy: &config.policy,
+                verified: &verified,
+                agencies: &config.agencies,
+                limits: &config.limits,
+                ledger: &open,
+                now,
+                payload_digest: [0; 32],
+            };
+            let got = reason(decide(&cx, &sender.parse().unwrap(), &e));
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
     fn the_cache_keeps_two_generations() {
         let desk = SecretKey::generate();
         let now = OffsetDateTime::now_utc();
