@@ -212,7 +212,7 @@ const TIMESTAMPS: &[&str] = &[
     "analysis_ended",
 ];
 
-/// The four TLP marking definitions of STIX 2.1 (§7.2.1.4): level, id.
+/// The four TLP marking definitions of STIX 2.1: level, id.
 const TLP: &[(&str, &str)] = &[
     (
         "white",
