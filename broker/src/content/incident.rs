@@ -10,7 +10,8 @@ use std::fmt;
 use concordat_proto::ids::OrgId;
 use serde::Deserialize;
 use serde_json::Value;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use super::stix::is_utc_timestamp;
 
 /// The longest `incident.reference`.
 pub const MAX_REFERENCE: usize = 64;
@@ -187,11 +188,6 @@ impl IncidentRecord {
             Granularity::Aggregate | Granularity::Anonymised => None,
         }
     }
-}
-
-/// An RFC 3339 timestamp with the `Z` (UTC) offset.
-pub(crate) fn is_utc_timestamp(s: &str) -> bool {
-    (s.ends_with('Z') || s.ends_with('z')) && OffsetDateTime::parse(s, &Rfc3339).is_ok()
 }
 
 fn is_code(s: &str) -> bool {

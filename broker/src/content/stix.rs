@@ -496,6 +496,11 @@ struct Timestamp {
     fraction_digits: usize,
 }
 
+/// Whether `s` is `YYYY-MM-DDTHH:MM:SS[.fraction]Z`: RFC 3339 in UTC, as STIX writes it.
+pub(crate) fn is_utc_timestamp(s: &str) -> bool {
+    timestamp(s).is_some()
+}
+
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, the only timestamp form STIX allows.
 fn timestamp(s: &str) -> Option<Timestamp> {
     let b = s.as_bytes();
@@ -696,7 +701,6 @@ fn check_granular_markings(
     let Value::Array(markings) = g else {
         return Err(at.err("granular_markings", "must be a list"));
     };
-    let object = Value::Object(o.clone());
     for (i, m) in markings.iter().enumerate() {
         let p = |k: &str| format!("granular_markings[{i}]{k}");
         let Value::Object(m) = m else {
@@ -720,7 +724,7 @@ fn check_granular_markings(
             let Value::String(s) = s else {
                 return Err(at.err(&p(&format!(".selectors[{j}]")), "must be a string"));
             };
-            if !selects(&object, s) {
+            if !selects(o, s) {
                 return Err(at.err(
                     &p(&format!(".selectors[{j}]")),
                     format!("{s:?} selects nothing present in the object"),
@@ -732,9 +736,12 @@ fn check_granular_markings(
 }
 
 /// Whether the selector `s` (`a.b.[2].c`) selects something present in `object`.
-fn selects(object: &Value, s: &str) -> bool {
-    let mut here = object;
-    for step in s.split('.') {
+fn selects(object: &Map<String, Value>, s: &str) -> bool {
+    let mut steps = s.split('.');
+    let Some(mut here) = steps.next().and_then(|first| object.get(first)) else {
+        return false;
+    };
+    for step in steps {
         let next = if let Some(i) = step.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
             match (i.parse::<usize>(), here) {
                 (Ok(i), Value::Array(items)) => items.get(i),
@@ -859,7 +866,8 @@ mod tests {
 
     #[test]
     fn selectors() {
-        let o: Value = serde_json::from_str(r#"{"a":{"b":[1,{"c":2}]},"l":["x"]}"#).unwrap();
+        let o: Map<String, Value> =
+            serde_json::from_str(r#"{"a":{"b":[1,{"c":2}]},"l":["x"]}"#).unwrap();
         for (s, ok) in [
             ("a", true),
             ("a.b", true),
