@@ -689,10 +689,15 @@ impl Config {
                 let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
                 let _ = writeln!(
                     s,
-                    "    {} -> {}: {}  ({})",
+                    "    {} -> {}: {}{}  ({})",
                     f.from,
                     f.to,
                     kinds.join(", "),
+                    if f.opaque {
+                        ", opaque payloads allowed"
+                    } else {
+                        ""
+                    },
                     f.clause
                 );
             }
