@@ -290,7 +290,8 @@ pub fn decide(
 
     // 1. Every recipient is an agency, and an agreement in force permits the flow.
     let mut authorities = Vec::with_capacity(envelope.recipients.len());
-    let mut every_flow_opaque = true;
+    // Opaque payloads need every flow they take to allow them (and there is at least one).
+    let mut every_flow_opaque = !envelope.recipients.is_empty();
     for recipient in &envelope.recipients {
         if !cx.agencies.contains_key(recipient) {
             return Err(refuse(
@@ -304,9 +305,8 @@ pub fn decide(
     }
 
     // 2. The payload is what its content type says, and the broker can read it, or the flow
-    // allows it not to.
-    // The parsed content is where a check of what the payload says (every string, with its
-    // place: `Content::for_each_string`) plugs in.
+    // allows it not to. The parsed content is where checks of what the payload says (every
+    // string, with its place: `Content::for_each_string`) plug in.
     let _content = check_content(envelope, every_flow_opaque)?;
 
     let payload_digest = cx.payload_digest;
