@@ -475,6 +475,12 @@ async fn clients(
     Ok(out)
 }
 
+/// A JSON document of exactly `bytes` bytes (at least 13): `{"pad":"ZZZ…"}`.
+fn json_payload(bytes: usize) -> Vec<u8> {
+    let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
+    format!(r#"{{"pad":"{}"}}"#, "Z".repeat(pad)).into_bytes()
+}
+
 /// A consent token of `desk` for the benchmark's transfers.
 fn bench_token(desk: &SecretKey) -> anyhow::Result<String> {
     operator::issue_consent(
@@ -547,9 +553,11 @@ pub async fn relay(
         kind: pb::MessageKind::IncidentRecord as i32,
         organisation: "acme-ltd".into(),
         incident_ref: "INC-BENCH".into(),
-        content_type: "application/octet-stream".into(),
+        // JSON, so that the broker reads it as it reads real records (the default federation
+        // takes no opaque payloads on this flow).
+        content_type: "application/json".into(),
         tlp: pb::Tlp::Amber as i32,
-        payload: vec![0x5a; settings.payload],
+        payload: json_payload(settings.payload),
         consent_token: token.clone(),
     };
     writeln!(

@@ -728,6 +728,7 @@ impl Config {
                     to,
                     kinds,
                     clause: f.clause,
+                    opaque: f.opaque,
                 });
             }
             if flows.is_empty() {
@@ -871,10 +872,15 @@ impl Config {
                 let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
                 let _ = writeln!(
                     s,
-                    "    {} -> {}: {}  ({})",
+                    "    {} -> {}: {}{}  ({})",
                     f.from,
                     f.to,
                     kinds.join(", "),
+                    if f.opaque {
+                        ", opaque payloads allowed"
+                    } else {
+                        ""
+                    },
                     f.clause
                 );
             }
@@ -1021,6 +1027,9 @@ struct RawFlow {
     to: String,
     kinds: Vec<String>,
     clause: String,
+    /// Whether the flow may carry payloads the broker cannot inspect.
+    #[serde(default)]
+    opaque: bool,
 }
 
 /// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.

@@ -12,6 +12,8 @@
 //! - [`gate`]: in front of every service: authenticates, gives the transport's own refusals
 //!   (undecodable or oversized requests) the broker's reasons, logs every refusal it makes.
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
+//! - [`content`]: what a payload says: its media type, STIX 2.1 bundles and incident records
+//!   validated, any other JSON parsed, and a visitor over every string in it.
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
 //!   that decides whether an envelope may be relayed.
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
@@ -29,6 +31,7 @@ pub mod audit_log;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod content;
 pub mod dispatch;
 pub mod gate;
 pub mod identity;

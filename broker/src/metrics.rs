@@ -218,6 +218,7 @@ mod tests {
                 to: "ico".parse().unwrap(),
                 kinds: BTreeSet::from([concordat_proto::envelope::Kind::ThreatAssessment]),
                 clause: "c".into(),
+                opaque: false,
             }],
         };
         let policy = Policy {

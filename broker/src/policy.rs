@@ -3,7 +3,9 @@
 //!
 //! [`decide`] applies the MoU rules in a fixed order, each failure a [`Refusal`] with a stable
 //! reason: the payload's size; every recipient is an agency and an agreement in force permits
-//! the flow for this kind; an organisation-specific envelope carries a consent token that
+//! the flow for this kind; the payload is what its content type says ([`crate::content`]), and
+//! an opaque one travels only on flows that allow it, never as an anonymised or aggregate
+//! incident record; an organisation-specific envelope carries a consent token that
 //! verifies, whose issuer is trusted for this sender and organisation, and whose claims cover
 //! this exact transfer (organisation, sender, recipients, kind, incident, payload, time window),
 //! and which is neither revoked nor used up. Anonymised envelopes need no token.
@@ -28,6 +30,7 @@ use time::{Date, Duration, OffsetDateTime};
 
 use crate::{
     config::{Agency, Limits},
+    content::{Content, ContentKind, Granularity},
     refusal::{Failure, Internal, Reason, Refusal},
 };
 
@@ -71,6 +74,9 @@ pub struct Flow {
     pub kinds: BTreeSet<Kind>,
     /// The clause of the agreement that permits it, cited in decisions.
     pub clause: String,
+    /// Whether the flow may carry opaque payloads, which the broker cannot inspect
+    /// (`opaque = true`; default false).
+    pub opaque: bool,
 }
 
 /// Which organisations an issuer may speak for.
@@ -284,6 +290,8 @@ pub fn decide(
 
     // 1. Every recipient is an agency, and an agreement in force permits the flow.
     let mut authorities = Vec::with_capacity(envelope.recipients.len());
+    // Opaque payloads need every flow they take to allow them (and there is at least one).
+    let mut every_flow_opaque = !envelope.recipients.is_empty();
     for recipient in &envelope.recipients {
         if !cx.agencies.contains_key(recipient) {
             return Err(refuse(
@@ -291,8 +299,15 @@ pub fn decide(
                 format!("{recipient} is not an agency of this federation"),
             ));
         }
-        authorities.push(authority(cx, sender, recipient, envelope.kind)?);
+        let found = authority(cx, sender, recipient, envelope.kind)?;
+        every_flow_opaque &= found.opaque;
+        authorities.push(found.authority);
     }
+
+    // 2. The payload is what its content type says, and the broker can read it, or the flow
+    // allows it not to. The parsed content is where checks of what the payload says (every
+    // string, with its place: `Content::for_each_string`) plug in.
+    let _content = check_content(envelope, every_flow_opaque)?;
 
     let payload_digest = cx.payload_digest;
 
@@ -305,7 +320,7 @@ pub fn decide(
         });
     };
 
-    // 2. Organisation-specific: a valid consent token must cover this exact transfer.
+    // 4. Organisation-specific: a valid consent token must cover this exact transfer.
     let claims = verify_token(cx, sender, organisation, envelope.consent_token.as_deref())?;
     check_claims(cx, &claims, sender, organisation, envelope, &payload_digest)?;
     let max_uses = claims.max_uses().map(|n| n.get());
@@ -349,6 +364,96 @@ fn refuse(reason: Reason, message: impl Into<String>) -> Failure {
     Failure::Refused(Refusal::new(reason, message))
 }
 
+/// Reads the payload as its content type says and checks that the broker may relay it:
+/// - a payload that is not what its type says (a STIX bundle or incident record breaking its
+///   schema, JSON that does not parse) is `INVALID_CONTENT`;
+/// - an incident record must travel as an `incident_record`, and its granularity must agree
+///   with the envelope: `incident_specific` names exactly the envelope's organisation (whose
+///   consent the token carries); `aggregate` and `anonymised` go without an organisation;
+/// - an opaque payload is `UNINSPECTABLE_CONTENT` unless every flow it takes allows opaque
+///   payloads, and always as an anonymised or aggregate incident record (an
+///   `incident_record` envelope without an organisation), since nobody could check that it
+///   identifies no one.
+fn check_content(envelope: &Envelope, every_flow_opaque: bool) -> Result<Content, Failure> {
+    let invalid = |e: &dyn std::fmt::Display| refuse(Reason::InvalidContent, e.to_string());
+    let kind = ContentKind::of(&envelope.content_type).map_err(|e| invalid(&e))?;
+    let content = Content::read(kind, &envelope.payload).map_err(|e| invalid(&e))?;
+    match &content {
+        Content::Opaque => {
+            if envelope.kind == Kind::IncidentRecord && envelope.organisation.is_none() {
+                return Err(refuse(
+                    Reason::UninspectableContent,
+                    format!(
+                        "an anonymised or aggregate incident record must be inspectable, so that \
+                         the broker can check it identifies no one; {:?} is opaque",
+                        envelope.content_type
+                    ),
+                ));
+            }
+            if !every_flow_opaque {
+                return Err(refuse(
+                    Reason::UninspectableContent,
+                    format!(
+                        "{:?} is opaque to the broker and the agreement's flow does not allow \
+                         opaque payloads (opaque = true); send JSON, a STIX 2.1 bundle or an \
+                         incident record",
+                        envelope.content_type
+                    ),
+                ));
+            }
+        }
+        Content::Incident(record, _) => {
+            if envelope.kind != Kind::IncidentRecord {
+                return Err(refuse(
+                    Reason::InvalidContent,
+                    format!("an incident record cannot be sent as {}", envelope.kind),
+                ));
+            }
+            match (
+                record.granularity,
+                &envelope.organisation,
+                record.organisation(),
+            ) {
+                (Granularity::IncidentSpecific, Some(org), Some(named)) if org == named => {}
+                (Granularity::IncidentSpecific, Some(org), _) => {
+                    return Err(refuse(
+                        Reason::InvalidContent,
+                        format!(
+                            "the incident_specific record concerns another organisation than \
+                             the envelope's, {org}"
+                        ),
+                    ));
+                }
+                (Granularity::IncidentSpecific, None, _) => {
+                    return Err(refuse(
+                        Reason::InvalidContent,
+                        "an incident_specific record names its organisation in the envelope, \
+                         with that organisation's consent token",
+                    ));
+                }
+                (g, Some(org), _) => {
+                    return Err(refuse(
+                        Reason::InvalidContent,
+                        format!(
+                            "the record's granularity is {g}, but the envelope identifies \
+                             organisation {org}: send it as incident_specific"
+                        ),
+                    ));
+                }
+                (_, None, _) => {}
+            }
+        }
+        Content::Stix(_) | Content::Json(_) => {}
+    }
+    Ok(content)
+}
+
+/// The agreement found for one recipient, and whether its flow allows opaque payloads.
+struct FoundFlow {
+    authority: Authority,
+    opaque: bool,
+}
+
 /// Finds the agreement that permits `sender` → `recipient` for `kind`, preferring one whose
 /// review is not overdue.
 fn authority(
@@ -356,9 +461,9 @@ fn authority(
     sender: &AgencyId,
     recipient: &AgencyId,
     kind: Kind,
-) -> Result<Authority, Failure> {
+) -> Result<FoundFlow, Failure> {
     let today = cx.now.date();
-    let mut overdue: Option<Authority> = None;
+    let mut overdue: Option<FoundFlow> = None;
     for agreement in cx.policy.agreements.iter().filter(|a| a.in_force(today)) {
         let Some(flow) = agreement
             .flows
@@ -367,13 +472,16 @@ fn authority(
         else {
             continue;
         };
-        let found = Authority {
-            recipient: recipient.clone(),
-            agreement_id: agreement.id.clone(),
-            clause: flow.clause.clone(),
-            review_overdue: agreement.review_overdue(today),
+        let found = FoundFlow {
+            authority: Authority {
+                recipient: recipient.clone(),
+                agreement_id: agreement.id.clone(),
+                clause: flow.clause.clone(),
+                review_overdue: agreement.review_overdue(today),
+            },
+            opaque: flow.opaque,
         };
-        if !found.review_overdue {
+        if !found.authority.review_overdue {
             return Ok(found);
         }
         overdue.get_or_insert(found);
@@ -383,12 +491,12 @@ fn authority(
             Reason::AgreementReviewOverdue,
             format!(
                 "agreement {} would permit {kind} from {sender} to {recipient}, but its review is overdue",
-                found.agreement_id
+                found.authority.agreement_id
             ),
         )),
         Some(found) => {
             // Logged at start-up and by check-config; per decision it is only a debug note.
-            tracing::debug!(agreement = %found.agreement_id, "relying on an agreement whose review is overdue");
+            tracing::debug!(agreement = %found.authority.agreement_id, "relying on an agreement whose review is overdue");
             Ok(found)
         }
         None => Err(refuse(
@@ -725,6 +833,226 @@ mod tests {
             Some(Reason::ConsentBadSignature)
         );
         assert_eq!(verified.len(), 1, "refused tokens are not remembered");
+    }
+
+    #[test]
+    fn content_rules_come_after_the_agreement_and_before_consent() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let verified = VerifiedTokens::default();
+        let now = OffsetDateTime::now_utc();
+        let token = token(&desk, now);
+        let open = Ledger { revoked: false };
+        let record = |granularity: &str, orgs: &[&str]| {
+            serde_json::to_vec(&serde_json::json!({
+                "incident": {
+                    "reference": "INC-1",
+                    "first_seen": "2026-11-30T09:15:00Z",
+                    "categories": ["ransomware"],
+                    "summary": "Ransomware on the file servers."
+                },
+                "granularity": granularity,
+                "organisations": orgs,
+            }))
+            .unwrap()
+        };
+        const INCIDENT: &str = "application/vnd.concordat.incident+json; version=1";
+        const STIX: &str = "application/stix+json;version=2.1";
+        // (what, sender, recipient, kind, with the token, content type, payload, reason)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Kind,
+            bool,
+            &'a str,
+            Vec<u8>,
+            Option<Reason>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (
+                "anonymised JSON record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "JSON that does not parse",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "malformed content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json;",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "unparseable content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "json",
+                b"{}".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "opaque anonymised record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/octet-stream",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on a closed flow",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on an opaque flow",
+                "ico",
+                "nca",
+                Kind::DsarConsultation,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                None,
+            ),
+            (
+                "no agreement comes first",
+                "ncsc",
+                "nca",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::NoAgreement),
+            ),
+            (
+                "empty STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e"}"#
+                    .to_vec(),
+                None,
+            ),
+            (
+                "invalid STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--1"}"#.to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "aggregate record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                None,
+            ),
+            (
+                "aggregate record with an organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                None,
+            ),
+            (
+                "specific record, other organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["beta-plc"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record, no organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "record as a threat assessment",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+        ];
+        for (what, sender, to, kind, with_token, content_type, payload, want) in rows {
+            let mut e = envelope(to, &token);
+            e.kind = kind;
+            e.content_type = content_type.into();
+            e.payload = payload;
+            if !with_token {
+                e.organisation = None;
+                e.consent_token = None;
+            }
+            let cx = Context {
+                policy: &config.policy,
+                verified: &verified,
+                agencies: &config.agencies,
+                limits: &config.limits,
+                ledger: &open,
+                now,
+                payload_digest: [0; 32],
+            };
+            let got = reason(decide(&cx, &sender.parse().unwrap(), &e));
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub enum Reason {
     AgreementReviewOverdue,
     /// The payload is larger than the broker accepts.
     PayloadTooLarge,
+    /// The payload is not what its content type says: a STIX bundle or incident record that
+    /// breaks its schema, JSON that does not parse, or an unknown version of a known type.
+    InvalidContent,
+    /// The payload is opaque (the broker cannot read it) and the flow does not allow opaque
+    /// payloads, or it is sent as an anonymised or aggregate incident record.
+    UninspectableContent,
     /// An organisation-specific envelope carries no consent token.
     ConsentMissing,
     /// The consent token is longer than any valid token.
@@ -95,6 +101,8 @@ impl Reason {
             Reason::NoAgreement => "NO_AGREEMENT",
             Reason::AgreementReviewOverdue => "AGREEMENT_REVIEW_OVERDUE",
             Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Reason::InvalidContent => "INVALID_CONTENT",
+            Reason::UninspectableContent => "UNINSPECTABLE_CONTENT",
             Reason::ConsentMissing => "CONSENT_MISSING",
             Reason::ConsentTooLong => "CONSENT_TOO_LONG",
             Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",
@@ -127,6 +135,7 @@ impl Reason {
         match self {
             Reason::Malformed
             | Reason::PayloadTooLarge
+            | Reason::InvalidContent
             | Reason::ConsentTooLong
             | Reason::ConsentUnsupportedVersion
             | Reason::ConsentMalformed

@@ -169,8 +169,8 @@ fn toml_path(path: &Path) -> String {
 /// Writes a broker configuration to `path`: listening on `127.0.0.1:0`, data in `data_dir`, the
 /// TLS files of `pki`, the agencies `ico`, `ncsc` and `nca`, the auditor `auditor` (who may
 /// export the audit log), the given `limits`, and two agreements in force permitting
-/// `ncsc -> ico` and `nca -> ico` threat assessments and `ico -> ncsc` incident records (nothing
-/// else: `nca -> ncsc` is refused with `NO_AGREEMENT`).
+/// `ncsc -> ico` and `nca -> ico` threat assessments (which may be opaque) and `ico -> ncsc`
+/// incident records (nothing else: `nca -> ncsc` is refused with `NO_AGREEMENT`).
 pub fn write_broker_config(
     path: &Path,
     pki: &PkiFiles,
@@ -231,6 +231,8 @@ from = "ncsc"
 to = "ico"
 kinds = ["threat_assessment"]
 clause = "1.1"
+# Tests send arbitrary bytes on this flow.
+opaque = true
 
 [[agreements.flows]]
 from = "ico"
@@ -250,6 +252,7 @@ from = "nca"
 to = "ico"
 kinds = ["threat_assessment"]
 clause = "2.1"
+opaque = true
 "#,
         data_dir = toml_path(data_dir),
         cert = toml_path(&pki.dir.join("broker.pem")),

@@ -98,6 +98,7 @@ fn policy(desk: &SecretKey) -> Policy {
                         .into_iter()
                         .collect(),
                     clause: CLAUSE_NCSC_ICO.into(),
+                    opaque: false,
                 },
             ),
             agreement(
@@ -109,6 +110,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     to: agency("ico"),
                     kinds: [Kind::ThreatAssessment].into_iter().collect(),
                     clause: "3.1".into(),
+                    opaque: false,
                 },
             ),
         ],

@@ -85,6 +85,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         to: to.parse().unwrap(),
         kinds: kinds.iter().copied().collect(),
         clause: clause.into(),
+        opaque: false,
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]
@@ -235,7 +236,7 @@ fn anonymised(recipient: &str, kind: pb::MessageKind) -> pb::Envelope {
         kind: kind as i32,
         organisation: String::new(),
         incident_ref: String::new(),
-        payload: b"aggregate: 14 ransomware incidents this week".to_vec(),
+        payload: br#"{"summary":"aggregate: 14 ransomware incidents this week"}"#.to_vec(),
         consent_token: String::new(),
         ..envelope(String::new())
     }
@@ -863,7 +864,7 @@ async fn accepted_transfers_cite_their_agreement_and_consent() {
         .valid_for(Duration::hours(1));
     let mut e = envelope(sign(&keys.desk, loose));
     e.incident_ref = "INC-99".into();
-    e.payload = b"anything".to_vec();
+    e.payload = br#"{"summary":"anything"}"#.to_vec();
     accepted(&ncsc, e).await;
 }
 
@@ -893,7 +894,7 @@ async fn retries_return_the_first_receipt_without_spending_consent() {
     assert_eq!(third.transfer_id, first.transfer_id);
     // The same id for another payload is refused; so is another recipient list.
     let mut other = e.clone();
-    other.payload = b"a different payload".to_vec();
+    other.payload = br#"{"summary":"a different payload"}"#.to_vec();
     assert_eq!(
         refused(&ncsc, other).await,
         (Code::InvalidArgument, "MESSAGE_ID_REUSED".into())

@@ -7,6 +7,7 @@ mod audit_crash;
 mod clock;
 mod config;
 mod consent;
+mod content;
 mod deadline;
 mod flood;
 mod full_disk;

@@ -462,6 +462,7 @@ fn relay_config(pki: &TestPki, data_dir: &Path) -> Config {
             to: "ico".parse().unwrap(),
             kinds: [Kind::ThreatAssessment].into_iter().collect(),
             clause: "2.1".into(),
+            opaque: false,
         }],
     });
     config

@@ -1,0 +1,537 @@
+//! What a payload says: its media type, and the parsed, checked content behind it.
+//!
+//! The broker understands three kinds of payload by their `content_type`
+//! ([`ContentKind`]):
+//! - `application/stix+json;version=2.1`: a STIX 2.1 bundle, validated against the
+//!   specification's MUST rules ([`stix`]);
+//! - `application/vnd.concordat.incident+json;version=1`: a Concordat incident record
+//!   ([`incident`], schema in `docs/incident-record.md`);
+//! - any other JSON (`application/json`, `*/*+json`): no schema, but parsed, so that every
+//!   string in it can be inspected.
+//!
+//! Anything else is opaque: nobody can check what it says. Whether an opaque payload may be
+//! relayed is the policy's call ([`crate::policy::decide`]), not this module's.
+//!
+//! Every payload is hostile. JSON is parsed only after a linear scan has checked its nesting
+//! depth ([`MAX_DEPTH`]), well below `serde_json`'s own recursion limit of 128, so a deeply
+//! nested document can neither overflow the stack nor reach serde's recursion at all. Size is
+//! bounded by the broker's message limit before this module sees the payload.
+//!
+//! [`Content::for_each_string`] visits every string (values and object keys) with its location,
+//! for checks that look for what a payload must not say.
+
+pub mod incident;
+pub mod stix;
+
+use std::fmt;
+
+use serde_json::Value;
+
+pub use incident::{Granularity, IncidentRecord};
+pub use stix::Bundle;
+
+/// The deepest nesting of arrays and objects accepted in a JSON payload.
+pub const MAX_DEPTH: usize = 64;
+
+/// The media type of STIX 2.1 bundles (without its `version` parameter).
+pub const STIX_MEDIA_TYPE: &str = "application/stix+json";
+/// The media type of Concordat incident records (without its `version` parameter).
+pub const INCIDENT_MEDIA_TYPE: &str = "application/vnd.concordat.incident+json";
+
+/// What the broker knows how to read, by media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContentKind {
+    /// A STIX 2.1 bundle.
+    Stix21,
+    /// A Concordat incident record, version 1.
+    IncidentRecord,
+    /// Some other JSON document.
+    Json,
+    /// Anything else: the broker cannot read it.
+    Opaque,
+}
+
+impl ContentKind {
+    /// Classifies a `content_type` string. Type, subtype and parameter names compare
+    /// case-insensitively, parameter values may be quoted; a malformed media type, or a
+    /// version of STIX or of the incident record this broker does not know, is an error.
+    pub fn of(content_type: &str) -> Result<ContentKind, ContentError> {
+        let media = MediaType::parse(content_type)?;
+        let version = media.param("version");
+        let essence = media.essence();
+        if essence == STIX_MEDIA_TYPE {
+            return match version {
+                // The version parameter is what STIX 2.1 specifies; without it the bundle is
+                // still validated as 2.1 rather than waved through as plain JSON.
+                None | Some("2.1") => Ok(ContentKind::Stix21),
+                Some(v) => Err(ContentError::UnsupportedVersion {
+                    media_type: STIX_MEDIA_TYPE,
+                    version: v.to_owned(),
+                }),
+            };
+        }
+        if essence == INCIDENT_MEDIA_TYPE {
+            return match version {
+                None | Some("1") => Ok(ContentKind::IncidentRecord),
+                Some(v) => Err(ContentError::UnsupportedVersion {
+                    media_type: INCIDENT_MEDIA_TYPE,
+                    version: v.to_owned(),
+                }),
+            };
+        }
+        if essence == "application/json" || media.subtype.ends_with("+json") {
+            return Ok(ContentKind::Json);
+        }
+        Ok(ContentKind::Opaque)
+    }
+
+    /// Whether the broker can read what a payload of this kind says.
+    pub fn is_inspectable(self) -> bool {
+        self != ContentKind::Opaque
+    }
+}
+
+impl fmt::Display for ContentKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContentKind::Stix21 => "a STIX 2.1 bundle",
+            ContentKind::IncidentRecord => "a Concordat incident record",
+            ContentKind::Json => "JSON",
+            ContentKind::Opaque => "opaque content",
+        })
+    }
+}
+
+/// A parsed media type (RFC 9110 §8.3.1): `type/subtype *( OWS ";" OWS name=value )`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaType {
+    /// The type, lower-cased.
+    pub kind: String,
+    /// The subtype, lower-cased.
+    pub subtype: String,
+    /// The parameters in order: names lower-cased, values unquoted and lower-cased (every
+    /// parameter the broker reads is case-insensitive).
+    pub params: Vec<(String, String)>,
+}
+
+impl MediaType {
+    /// Parses `s`.
+    pub fn parse(s: &str) -> Result<MediaType, ContentError> {
+        let bad = |why: &str| ContentError::BadMediaType(format!("{s:?}: {why}"));
+        let (essence, mut rest) = match s.find(';') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        };
+        let essence = essence.trim_matches(|c| c == ' ' || c == '\t');
+        let (kind, subtype) = essence
+            .split_once('/')
+            .ok_or_else(|| bad("no '/' between type and subtype"))?;
+        if !is_token(kind) || !is_token(subtype) {
+            return Err(bad("type and subtype must be non-empty tokens"));
+        }
+        let mut params: Vec<(String, String)> = Vec::new();
+        while let Some(after) = rest.strip_prefix(';') {
+            let after = after.trim_start_matches([' ', '\t']);
+            if after.is_empty() || after.starts_with(';') {
+                // An empty parameter (`a/b;` or `a/b;;c=d`) is allowed by the grammar.
+                rest = after;
+                continue;
+            }
+            let eq = after
+                .find('=')
+                .ok_or_else(|| bad("a parameter has no '='"))?;
+            let name = &after[..eq];
+            if !is_token(name) {
+                return Err(bad("a parameter name is not a token"));
+            }
+            let value_and_rest = &after[eq + 1..];
+            let (value, tail) = if let Some(quoted) = value_and_rest.strip_prefix('"') {
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        '\\' => match chars.next() {
+                            Some((_, escaped)) => value.push(escaped),
+                            None => break,
+                        },
+                        c if c == '\t' || (' '..='~').contains(&c) => value.push(c),
+                        _ => return Err(bad("a quoted value holds a control character")),
+                    }
+                }
+                let end = end.ok_or_else(|| bad("a quoted value is not closed"))?;
+                (value, &quoted[end..])
+            } else {
+                let end = value_and_rest.find(';').unwrap_or(value_and_rest.len());
+                let value = value_and_rest[..end].trim_end_matches([' ', '\t']);
+                if !is_token(value) {
+                    return Err(bad("a parameter value is neither a token nor quoted"));
+                }
+                (value.to_owned(), &value_and_rest[end..])
+            };
+            let tail = tail.trim_start_matches([' ', '\t']);
+            if !tail.is_empty() && !tail.starts_with(';') {
+                return Err(bad("text after a parameter value"));
+            }
+            let name = name.to_ascii_lowercase();
+            if params.iter().any(|(n, _)| *n == name) {
+                return Err(bad(&format!("the parameter {name:?} is given twice")));
+            }
+            params.push((name, value.to_ascii_lowercase()));
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(bad("text after the media type"));
+        }
+        Ok(MediaType {
+            kind: kind.to_ascii_lowercase(),
+            subtype: subtype.to_ascii_lowercase(),
+            params,
+        })
+    }
+
+    /// `type/subtype`, lower-cased.
+    pub fn essence(&self) -> String {
+        format!("{}/{}", self.kind, self.subtype)
+    }
+
+    /// The value of the parameter `name` (lower-case), if given.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// RFC 9110 `token`: one or more `tchar`.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Why a payload is not what its content type says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContentError {
+    /// The `content_type` is not a well-formed media type.
+    #[error("content type {0}")]
+    BadMediaType(String),
+    /// A media type the broker knows, in a version it does not.
+    #[error("{media_type} version {version:?} is not supported")]
+    UnsupportedVersion {
+        /// The media type.
+        media_type: &'static str,
+        /// The version asked for.
+        version: String,
+    },
+    /// JSON nested deeper than [`MAX_DEPTH`].
+    #[error("the JSON is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The payload is not JSON (or not UTF-8).
+    #[error("the payload is not valid JSON: {0}")]
+    NotJson(String),
+    /// A STIX bundle breaks a rule of the specification.
+    #[error("{0}")]
+    Stix(#[from] stix::StixError),
+    /// An incident record breaks its schema.
+    #[error("{0}")]
+    Incident(#[from] incident::IncidentError),
+}
+
+/// A payload the broker has read.
+#[derive(Debug, Clone)]
+pub enum Content {
+    /// A valid STIX 2.1 bundle.
+    Stix(Bundle),
+    /// A valid incident record, with the JSON it was read from.
+    Incident(Box<IncidentRecord>, Value),
+    /// Some other JSON document.
+    Json(Value),
+    /// Bytes the broker cannot read.
+    Opaque,
+}
+
+impl Content {
+    /// Reads `payload` as `kind`, enforcing the depth bound and, for STIX and incident
+    /// records, every rule of their schema.
+    pub fn read(kind: ContentKind, payload: &[u8]) -> Result<Content, ContentError> {
+        match kind {
+            ContentKind::Opaque => Ok(Content::Opaque),
+            ContentKind::Json => Ok(Content::Json(parse_json(payload)?)),
+            ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
+            ContentKind::IncidentRecord => {
+                let value = parse_json(payload)?;
+                let record = IncidentRecord::from_value(&value)?;
+                Ok(Content::Incident(Box::new(record), value))
+            }
+        }
+    }
+
+    /// The kind of content.
+    pub fn kind(&self) -> ContentKind {
+        match self {
+            Content::Stix(_) => ContentKind::Stix21,
+            Content::Incident(..) => ContentKind::IncidentRecord,
+            Content::Json(_) => ContentKind::Json,
+            Content::Opaque => ContentKind::Opaque,
+        }
+    }
+
+    /// Calls `f` with every string in the content (object keys and string values), with
+    /// where it is. Opaque content has none.
+    pub fn for_each_string(&self, f: &mut dyn FnMut(StringAt<'_>)) {
+        match self {
+            Content::Stix(bundle) => bundle.for_each_string(f),
+            Content::Incident(_, value) | Content::Json(value) => {
+                walk_strings(value, &mut JsonPath::root(), None, f)
+            }
+            Content::Opaque => {}
+        }
+    }
+}
+
+/// One string found in a payload, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StringAt<'a> {
+    /// For a STIX bundle, the object it is in: its index in `objects` and its `id`.
+    pub object: Option<ObjectAt<'a>>,
+    /// The JSON path of the string inside that object (or the document), e.g.
+    /// `$.external_references[0].description`. For a key, the path of the member it names.
+    pub path: &'a str,
+    /// Whether the string is an object key rather than a value.
+    pub is_key: bool,
+    /// The string.
+    pub text: &'a str,
+}
+
+/// A STIX object in its bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectAt<'a> {
+    /// Its index in the bundle's `objects`.
+    pub index: usize,
+    /// Its `id`.
+    pub id: &'a str,
+}
+
+/// A JSON path being walked: `$`, `$.a`, `$.a[3]`.
+struct JsonPath(String);
+
+impl JsonPath {
+    fn root() -> Self {
+        JsonPath("$".to_owned())
+    }
+}
+
+/// Visits every string under `value`, extending `path` as it goes.
+fn walk_strings(
+    value: &Value,
+    path: &mut JsonPath,
+    object: Option<ObjectAt<'_>>,
+    f: &mut dyn FnMut(StringAt<'_>),
+) {
+    match value {
+        Value::String(s) => f(StringAt {
+            object,
+            path: &path.0,
+            is_key: false,
+            text: s,
+        }),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.0.len();
+                path.0.push_str(&format!("[{i}]"));
+                walk_strings(item, path, object, f);
+                path.0.truncate(len);
+            }
+        }
+        Value::Object(members) => {
+            for (key, item) in members {
+                let len = path.0.len();
+                path.0.push('.');
+                path.0.push_str(key);
+                f(StringAt {
+                    object,
+                    path: &path.0,
+                    is_key: true,
+                    text: key,
+                });
+                walk_strings(item, path, object, f);
+                path.0.truncate(len);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// Parses `payload` as JSON after checking its nesting depth.
+pub fn parse_json(payload: &[u8]) -> Result<Value, ContentError> {
+    check_depth(payload, MAX_DEPTH)?;
+    serde_json::from_slice(payload).map_err(|e| ContentError::NotJson(e.to_string()))
+}
+
+/// Checks, in one pass and without recursion, that no array or object in `payload` is nested
+/// deeper than `max`. Brackets inside strings do not count. Malformed JSON passes here and is
+/// refused by the parser.
+fn check_depth(payload: &[u8], max: usize) -> Result<(), ContentError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in payload {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(ContentError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The body of the STIX fuzz target: classifies and reads arbitrary bytes as every kind of
+/// content, and walks the strings of whatever is accepted. It must never panic.
+#[doc(hidden)]
+pub fn fuzz_stix(data: &[u8]) {
+    for kind in [
+        ContentKind::Stix21,
+        ContentKind::IncidentRecord,
+        ContentKind::Json,
+    ] {
+        if let Ok(content) = Content::read(kind, data) {
+            let mut n = 0usize;
+            content.for_each_string(&mut |s| n = n.wrapping_add(s.text.len() + s.path.len()));
+        }
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = ContentKind::of(s);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_are_classified() {
+        use ContentKind::*;
+        let rows: &[(&str, Result<ContentKind, ()>)] = &[
+            ("application/stix+json;version=2.1", Ok(Stix21)),
+            ("Application/STIX+JSON; Version=\"2.1\"", Ok(Stix21)),
+            (
+                "application/stix+json ; version=2.1 ; charset=utf-8",
+                Ok(Stix21),
+            ),
+            ("application/stix+json", Ok(Stix21)),
+            ("application/stix+json;version=2.0", Err(())),
+            ("application/stix+json;version=2.1;version=2.0", Err(())),
+            (
+                "application/vnd.concordat.incident+json;version=1",
+                Ok(IncidentRecord),
+            ),
+            (
+                "application/vnd.concordat.incident+json;VERSION=\"1\"",
+                Ok(IncidentRecord),
+            ),
+            ("application/vnd.concordat.incident+json;version=2", Err(())),
+            ("application/json", Ok(Json)),
+            ("application/json; charset=\"utf-8\"", Ok(Json)),
+            ("application/geo+json", Ok(Json)),
+            ("APPLICATION/LD+JSON", Ok(Json)),
+            ("application/octet-stream", Ok(Opaque)),
+            ("text/plain", Ok(Opaque)),
+            ("application/jsonx", Ok(Opaque)),
+            ("application/json-seq", Ok(Opaque)),
+            ("application/pdf; name=\"a \\\"b\\\" c.pdf\"", Ok(Opaque)),
+            ("application", Err(())),
+            ("/json", Err(())),
+            ("application/json;charset", Err(())),
+            ("application/json;charset=\"utf-8", Err(())),
+            ("application/json;charset=utf 8", Err(())),
+            ("application/json x", Err(())),
+            ("", Err(())),
+        ];
+        for (ct, want) in rows {
+            let got = ContentKind::of(ct).map_err(|_| ());
+            assert_eq!(&got, want, "{ct:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_values_are_unescaped() {
+        let m = MediaType::parse(r#"a/b; x="q\"uo;te"; y=Z"#).unwrap();
+        assert_eq!(m.param("x"), Some("q\"uo;te"));
+        assert_eq!(m.param("y"), Some("z"));
+    }
+
+    #[test]
+    fn depth_is_bounded_before_parsing() {
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert_eq!(parse_json(deep.as_bytes()), Err(ContentError::TooDeep));
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        assert!(parse_json(ok.as_bytes()).is_ok());
+        let over = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        assert_eq!(parse_json(over.as_bytes()), Err(ContentError::TooDeep));
+        // Brackets in strings, and escaped quotes, do not count.
+        let s = format!("[\"{}\\\"{}\"]", "[".repeat(200), "{".repeat(200));
+        assert!(parse_json(s.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn every_string_is_visited_with_its_path() {
+        let content = Content::read(ContentKind::Json, br#"{"a":["x",{"b":"y"}],"n":1}"#).unwrap();
+        let mut seen = Vec::new();
+        content
+            .for_each_string(&mut |s| seen.push((s.path.to_owned(), s.is_key, s.text.to_owned())));
+        assert_eq!(
+            seen,
+            [
+                ("$.a".to_owned(), true, "a".to_owned()),
+                ("$.a[0]".to_owned(), false, "x".to_owned()),
+                ("$.a[1].b".to_owned(), true, "b".to_owned()),
+                ("$.a[1].b".to_owned(), false, "y".to_owned()),
+                ("$.n".to_owned(), true, "n".to_owned()),
+            ]
+        );
+        assert!(matches!(
+            Content::read(ContentKind::Opaque, b"\x00"),
+            Ok(Content::Opaque)
+        ));
+    }
+
+    #[test]
+    fn hostile_bytes_do_not_panic() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"\xff\xfe",
+            b"{",
+            b"{\"type\":\"bundle\",\"id\":",
+            b"\"\\",
+            b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+            b"{\"type\":\"bundle\",\"id\":\"bundle--00000000-0000-4000-8000-000000000000\",\"objects\":[1,[],{}]}",
+            b"1e999999",
+        ];
+        for c in cases {
+            fuzz_stix(c);
+        }
+    }
+}
