@@ -24,6 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
+use concordat_agent::client::ClientTls;
 use concordat_broker::config::Limits;
 use nix::{sys::signal::Signal, unistd::Pid};
 
@@ -92,6 +93,17 @@ pub struct PkiFiles {
 }
 
 impl PkiFiles {
+    /// The client TLS settings of `agency` for a broker listening on `addr` (by the name
+    /// `localhost`, which its certificate carries).
+    pub fn client(&self, addr: SocketAddr, agency: &str) -> anyhow::Result<ClientTls> {
+        Ok(ClientTls::from_files(
+            &format!("https://localhost:{}", addr.port()),
+            &self.ca(),
+            &self.cert(agency),
+            &self.key(agency),
+        )?)
+    }
+
     /// Writes the CA and broker certificate of `pki`, and a fresh client certificate for each of
     /// `agencies`, to `dir`.
     pub fn write(pki: &mut TestPki, dir: &Path, agencies: &[&str]) -> anyhow::Result<Self> {

@@ -27,7 +27,7 @@ use std::{
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use concordat_agent::{
     audit_file::{self, Format},
-    client::{Broker, ClientTls},
+    client::Broker,
 };
 use concordat_broker::{
     audit_log::{self, DEFAULT_ORIGIN},
@@ -295,15 +295,7 @@ fn sigkill_under_load_keeps_every_acknowledged_entry_and_never_forks() {
     write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
     let mut broker = BrokerProcess::start(&config, &data_dir).unwrap();
     let addr = broker.addr();
-    let tls = |agency: &str| {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", addr.port()),
-            &files.ca(),
-            &files.cert(agency),
-            &files.key(agency),
-        )
-        .unwrap()
-    };
+    let tls = |agency: &str| files.client(addr, agency).unwrap();
     let (nca, auditor) = (tls("nca"), tls("auditor"));
     let rt = Runtime::new().unwrap();
     let load = Arc::new(Mutex::new(Load::default()));

@@ -5,7 +5,6 @@
 
 use std::{path::Path, time::Duration};
 
-use concordat_agent::client::ClientTls;
 use concordat_broker::config::Limits;
 use concordat_proto::{audit, ids::MessageId, pb};
 use concordat_tests::{
@@ -65,15 +64,7 @@ fn a_wall_clock_stepping_back_does_not_date_entries_back() {
     write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
     let rt = Runtime::new().unwrap();
     let mut broker = BrokerProcess::start(&config, &data_dir).unwrap();
-    let tls = |broker: &BrokerProcess, agency: &str| {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", broker.addr().port()),
-            &files.ca(),
-            &files.cert(agency),
-            &files.key(agency),
-        )
-        .unwrap()
-    };
+    let tls = |broker: &BrokerProcess, agency: &str| files.client(broker.addr(), agency).unwrap();
     rt.block_on(async {
         let nca = tls(&broker, "nca").connect().await.unwrap();
         for _ in 0..5 {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use concordat_agent::client::{Broker, ClientTls};
+use concordat_agent::client::Broker;
 use concordat_broker::config::Limits;
 use concordat_proto::{ids::MessageId, pb};
 use concordat_tests::{
@@ -63,16 +63,12 @@ impl Federation {
 
     /// A connection to the broker as `agency`.
     async fn connect(&self, agency: &str) -> Broker {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", self.broker.addr().port()),
-            &self.pki.ca(),
-            &self.pki.cert(agency),
-            &self.pki.key(agency),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+        self.pki
+            .client(self.broker.addr(), agency)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 }
 

@@ -67,13 +67,7 @@ impl Setup {
     }
 
     fn tls(&self, broker: &BrokerProcess, agency: &str) -> ClientTls {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", broker.addr().port()),
-            &self.files.ca(),
-            &self.files.cert(agency),
-            &self.files.key(agency),
-        )
-        .unwrap()
+        self.files.client(broker.addr(), agency).unwrap()
     }
 }
 

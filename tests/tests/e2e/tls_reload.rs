@@ -68,13 +68,7 @@ impl Fixture {
     }
 
     fn tls(&self, agency: &str) -> ClientTls {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", self.broker.addr().port()),
-            &self.files.ca(),
-            &self.files.cert(agency),
-            &self.files.key(agency),
-        )
-        .unwrap()
+        self.files.client(self.broker.addr(), agency).unwrap()
     }
 
     fn sighup(&self) {
@@ -220,15 +214,7 @@ async fn changed_files_are_reloaded_without_a_signal() {
     });
     config.tls_reload_poll = Some(Duration::from_millis(100));
     let broker = spawn_broker(config).await.unwrap();
-    let tls = |agency: &str| {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", broker.addr.port()),
-            &files.ca(),
-            &files.cert(agency),
-            &files.key(agency),
-        )
-        .unwrap()
-    };
+    let tls = |agency: &str| files.client(broker.addr, agency).unwrap();
     let ncsc = tls("ncsc").connect().await.unwrap();
     let ico = tls("ico").connect().await.unwrap();
     assert!(hello(&ncsc).await && hello(&ico).await);
@@ -275,15 +261,7 @@ async fn a_reload_names_the_broken_file_and_changes_nothing() {
         },
         reloads,
     ));
-    let tls = |agency: &str| {
-        ClientTls::from_files(
-            &format!("https://localhost:{}", addr.port()),
-            &files.ca(),
-            &files.cert(agency),
-            &files.key(agency),
-        )
-        .unwrap()
-    };
+    let tls = |agency: &str| files.client(addr, agency).unwrap();
     let ncsc = tls("ncsc").connect().await.unwrap();
     assert!(hello(&ncsc).await);
 
