@@ -81,7 +81,7 @@ pub enum ServeError {
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// The data directory or database could not be opened.
-    #[error("{0}")]
+    #[error(transparent)]
     Storage(#[from] refusal::Internal),
     /// The metrics listener could not be bound.
     #[error("binding the metrics listener {addr}: {source}")]
@@ -92,7 +92,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The recovered store is not whole: it is never served.
-    #[error("{0}")]
+    #[error(transparent)]
     Recovery(#[from] store::RecoveryError),
     /// The storage stayed unavailable (its flushes failing or stalled) and the broker gave up.
     #[error("{0}")]

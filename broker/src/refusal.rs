@@ -195,12 +195,14 @@ impl From<Refusal> for Status {
 /// A failure inside the broker that is not the caller's fault.
 ///
 /// The client is told only "internal error"; the cause is logged where it is converted.
+///
+/// Its message says everything (what the broker was doing, and the cause); it reports no
+/// separate `source`, so that a chain of errors printed with `{:#}` does not say it twice.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {source}")]
+#[error("{context}: {cause}")]
 pub struct Internal {
     context: &'static str,
-    #[source]
-    source: Box<dyn std::error::Error + Send + Sync>,
+    cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl Internal {
@@ -211,7 +213,7 @@ impl Internal {
     ) -> Self {
         Internal {
             context,
-            source: source.into(),
+            cause: source.into(),
         }
     }
 }

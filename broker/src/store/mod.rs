@@ -308,7 +308,13 @@ pub enum RecoveryError {
     },
     /// The store could not be read.
     #[error("checking the recovered store: {0}")]
-    Internal(#[from] Internal),
+    Internal(Internal),
+}
+
+impl From<Internal> for RecoveryError {
+    fn from(e: Internal) -> Self {
+        RecoveryError::Internal(e)
+    }
 }
 
 /// Checks, before anything is served, that the store recovered everything the broker had
