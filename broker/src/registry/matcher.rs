@@ -547,7 +547,9 @@ mod tests {
     fn matching_table() {
         use MatchKind::*;
         let m = matcher();
-        let cases: &[(&str, &str, &[(&str, MatchKind)])] = &[
+        /// A row: what it shows, the text, and the (organisation, kind) pairs it must yield.
+        type Row = (&'static str, &'static str, &'static [(&'static str, MatchKind)]);
+        let cases: &[Row] = &[
             // Positives. A domain's labels are words too, so a domain whose label is a
             // registered name also matches the name.
             ("plain name", "Acme Ltd", &[("acme-ltd", Name)]),
