@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
-    normalise::{identifiers_form, name_words, names_form, word_pattern},
+    normalise::{identifiers_form, name_words, names_from_identifiers, word_pattern},
 };
 
 /// What kind of evidence identified an organisation.
@@ -181,6 +181,7 @@ pub struct Scratch {
     spans: Vec<Span>,
     found: Vec<(u32, MatchKind)>,
     number: String,
+    keys_named: Vec<bool>,
 }
 
 /// The registry compiled for searching. Build once, share (it is `Send + Sync`).
@@ -285,7 +286,8 @@ impl Matcher {
         scratch: &mut Scratch,
         value: &Value,
     ) -> Vec<JsonMatch<'m>> {
-        let mut reported = vec![false; self.ids.len()];
+        // The organisations reported so far: few, so a sorted list.
+        let mut reported: Vec<u32> = Vec::new();
         let mut results = Vec::new();
         // The walk is iterative (no recursion, whatever the depth); `nodes` records each
         // value's parent and path segment, so a path is only spelt out when it is reported.
@@ -335,7 +337,9 @@ impl Matcher {
                 }
                 Value::Object(map) => {
                     // Keys first (they come before their values in the document).
-                    let mut keys_named = Vec::with_capacity(map.len());
+                    // (The flags live in the scratch so that no object allocates.)
+                    let mut keys_named = std::mem::take(&mut scratch.keys_named);
+                    keys_named.clear();
                     for key in map.keys() {
                         self.scan_into(scratch, key);
                         keys_named.push(!scratch.found.is_empty());
@@ -348,7 +352,7 @@ impl Matcher {
                             &mut results,
                         );
                     }
-                    for ((key, item), named) in map.iter().zip(keys_named).rev() {
+                    for ((key, item), &named) in map.iter().zip(keys_named.iter()).rev() {
                         let segment = if !named && plain_key(key) {
                             Segment::Key(key)
                         } else {
@@ -360,6 +364,7 @@ impl Matcher {
                         });
                         stack.push((item, nodes.len() - 1));
                     }
+                    scratch.keys_named = keys_named;
                 }
                 Value::Null | Value::Bool(_) => {}
             }
@@ -374,20 +379,17 @@ impl Matcher {
         nodes: &[Node<'_>],
         node: usize,
         site: JsonSite,
-        reported: &mut [bool],
+        reported: &mut Vec<u32>,
         results: &mut Vec<JsonMatch<'m>>,
     ) {
         for &(org, kind) in &scratch.found {
-            let Ok(i) = usize::try_from(org) else {
+            let Some(id) = usize::try_from(org).ok().and_then(|i| self.ids.get(i)) else {
                 continue;
             };
-            let (Some(seen), Some(id)) = (reported.get_mut(i), self.ids.get(i)) else {
-                continue;
-            };
-            if *seen {
-                continue;
+            match reported.binary_search(&org) {
+                Ok(_) => continue,
+                Err(at) => reported.insert(at, org),
             }
-            *seen = true;
             results.push(JsonMatch {
                 org: id,
                 kind,
@@ -400,8 +402,11 @@ impl Matcher {
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
     fn scan_into(&self, scratch: &mut Scratch, text: &str) {
         scratch.found.clear();
+        identifiers_form(text, &mut scratch.identifiers);
         if let Some(names) = &self.names {
-            names_form(text, &mut scratch.names);
+            scratch.names.clear();
+            scratch.names.extend_from_slice(&scratch.identifiers);
+            names_from_identifiers(&mut scratch.names);
             scratch.spans.clear();
             if let Ok(iter) = names.ac.try_find_overlapping_iter(scratch.names.as_slice()) {
                 scratch.spans.extend(iter.map(|m| Span {
@@ -431,7 +436,6 @@ impl Matcher {
             }
         }
         if let Some(identifiers) = &self.identifiers {
-            identifiers_form(text, &mut scratch.identifiers);
             if let Ok(iter) = identifiers
                 .ac
                 .try_find_overlapping_iter(scratch.identifiers.as_slice())
@@ -548,7 +552,11 @@ mod tests {
         use MatchKind::*;
         let m = matcher();
         /// A row: what it shows, the text, and the (organisation, kind) pairs it must yield.
-        type Row = (&'static str, &'static str, &'static [(&'static str, MatchKind)]);
+        type Row = (
+            &'static str,
+            &'static str,
+            &'static [(&'static str, MatchKind)],
+        );
         let cases: &[Row] = &[
             // Positives. A domain's labels are words too, so a domain whose label is a
             // registered name also matches the name.

@@ -13,82 +13,74 @@
 //! are not folded. The work is one pass over the text, appending to a caller's buffer: no
 //! allocation per byte, and none at all once the buffer has grown to the text's size.
 
-/// Which separators the identifiers form keeps.
-fn kept_in_identifiers(b: u8) -> bool {
+/// Whether a byte of the identifiers form is a kept mark.
+fn is_mark(b: u8) -> bool {
     matches!(b, b'.' | b'@' | b'-')
 }
 
-/// Appends the names form of `text` to `out` (which it clears first).
+/// Writes the names form of `text` to `out` (which it clears first).
 pub(crate) fn names_form(text: &str, out: &mut Vec<u8>) {
-    normalise(text, out, false);
+    identifiers_form(text, out);
+    names_from_identifiers(out);
 }
 
-/// Appends the identifiers form of `text` to `out` (which it clears first).
+/// Turns an identifiers form into the names form in place: a kept mark stands for exactly one
+/// separator run, which the names form writes as one space.
+pub(crate) fn names_from_identifiers(form: &mut [u8]) {
+    for b in form.iter_mut() {
+        if is_mark(*b) {
+            *b = b' ';
+        }
+    }
+}
+
+/// Writes the identifiers form of `text` to `out` (which it clears first).
+///
+/// One pass: a letter or digit is written lowercased; a separator after a letter or digit is
+/// written as itself if it is a mark, else as a space; a second separator in a row turns a
+/// mark just written into a space (so only a single mark between two word characters stays);
+/// a mark at the very end becomes a space.
 pub(crate) fn identifiers_form(text: &str, out: &mut Vec<u8>) {
-    normalise(text, out, true);
-}
-
-fn normalise(text: &str, out: &mut Vec<u8>, keep_marks: bool) {
     out.clear();
     out.reserve(text.len() + 2);
     out.push(b' ');
-    // The separator run since the last letter or digit: how many characters, and the first.
-    let mut run_len = 0usize;
-    let mut run_byte = b' ';
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if b.is_ascii() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b.to_ascii_lowercase());
             i += 1;
-            if b.is_ascii_alphanumeric() {
-                end_run(out, run_len, run_byte, keep_marks);
-                run_len = 0;
-                out.push(b.to_ascii_lowercase());
-            } else {
-                if run_len == 0 {
-                    run_byte = b;
-                }
-                run_len += 1;
-            }
             continue;
         }
-        // A multi-byte character: decode it (the slice starts on a boundary, as `i` only ever
-        // advances by whole characters).
-        let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
-            break;
-        };
-        i += c.len_utf8();
-        if c.is_alphanumeric() {
-            end_run(out, run_len, run_byte, keep_marks);
-            run_len = 0;
-            let mut buf = [0u8; 4];
-            for l in c.to_lowercase() {
-                out.extend_from_slice(l.encode_utf8(&mut buf).as_bytes());
-            }
+        let separator = if b.is_ascii() {
+            i += 1;
+            b
         } else {
-            if run_len == 0 {
-                run_byte = b' ';
+            // A multi-byte character (`i` only ever advances by whole characters).
+            let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+                break;
+            };
+            i += c.len_utf8();
+            if c.is_alphanumeric() {
+                let mut buf = [0u8; 4];
+                for l in c.to_lowercase() {
+                    out.extend_from_slice(l.encode_utf8(&mut buf).as_bytes());
+                }
+                continue;
             }
-            run_len += 1;
+            b' '
+        };
+        match out.last_mut() {
+            Some(last) if *last == b' ' => {}
+            Some(last) if is_mark(*last) => *last = b' ',
+            _ => out.push(if is_mark(separator) { separator } else { b' ' }),
         }
     }
-    if out.last() != Some(&b' ') {
-        out.push(b' ');
-    }
-}
-
-/// Closes a separator run before a letter or digit: a single kept mark between two word
-/// characters stays, anything else becomes one space (none at the start, which has one).
-fn end_run(out: &mut Vec<u8>, run_len: usize, run_byte: u8, keep_marks: bool) {
-    if run_len == 0 {
-        return;
-    }
-    let after_word = out.last().is_some_and(|&b| b != b' ');
-    if keep_marks && run_len == 1 && after_word && kept_in_identifiers(run_byte) {
-        out.push(run_byte);
-    } else if after_word {
-        out.push(b' ');
+    match out.last_mut() {
+        Some(last) if is_mark(*last) => *last = b' ',
+        Some(b' ') => {}
+        _ => out.push(b' '),
     }
 }
 
