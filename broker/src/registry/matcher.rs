@@ -1,21 +1,25 @@
 //! Finding registered organisations in text and in JSON documents.
 //!
 //! The [`Matcher`] is built once from a [`Registry`]: every name becomes a pattern in the names
-//! form (`" acme "`, suffixes stripped), every identifier a pattern in the identifiers form
-//! (`" 01234567 "`, and for a domain `" acme.example "`, `".acme.example "` and
-//! `"@acme.example "`, which is how a subdomain or an e-mail address ends). Because both the
-//! patterns and the scanned text carry a space at every word boundary (see `normalise`), a
-//! pattern can only match whole words or whole labels: `"macme"`, `"acmeltd"` and
-//! `"notacme.example"` never match. Each form of the text is searched once with an
-//! Aho–Corasick automaton (overlapping, so no match hides another): the work is linear in the
-//! text (plus the matches found), and a [`Scratch`] reused across texts means no allocation per
-//! text once its buffers have grown.
+//! form (`" acme "`, suffixes stripped). Because both the patterns and the scanned text carry a
+//! space at every word boundary (see `normalise`), a pattern can only match whole words:
+//! `"macme"` and `"acmeltd"` never match. The names form of a text is searched once with an
+//! Aho–Corasick automaton (overlapping, so no match hides another). Identifiers are whole
+//! tokens of the identifiers form (which keeps the `.`, `@` and `-` inside a token), so they
+//! are looked up by hashing: a number is a whole token (`01234567`); a domain is a whole token
+//! or the part of one after a `.` or `@` (`vpn.acme.example`, `x@acme.example`), which is why
+//! `notacme.example` and `not-acme.example` never match `acme.example`. The work is linear in
+//! the text (plus the matches found), and a [`Scratch`] reused across texts means no
+//! allocation per text once its buffers have grown.
 //!
 //! Among name matches, one that lies strictly inside a longer name match is dropped ("Acme
 //! Holdings Ltd" names Acme Holdings, not also Acme), and so is one inside a `not_names` phrase
 //! (which names nobody). Identifier matches always count.
 
-use std::fmt::{self, Write as _};
+use std::{
+    collections::HashMap,
+    fmt::{self, Write as _},
+};
 
 use aho_corasick::{AhoCorasick, MatchKind as AcMatchKind};
 use concordat_proto::ids::OrgId;
@@ -126,7 +130,7 @@ struct Owner {
 struct PatternSet {
     patterns: Vec<Vec<u8>>,
     owners: Vec<Vec<Owner>>,
-    index: std::collections::HashMap<Vec<u8>, usize>,
+    index: HashMap<Vec<u8>, usize>,
 }
 
 impl PatternSet {
@@ -189,14 +193,71 @@ pub struct Scratch {
 pub struct Matcher {
     ids: Vec<OrgId>,
     names: Option<Automaton>,
-    identifiers: Option<Automaton>,
+    identifiers: Identifiers,
+}
+
+/// The longest token looked up as a company or charity number.
+const MAX_NUMBER_LEN: usize = 11;
+/// The longest domain (RFC 1035), so the longest suffix of a token looked up as one.
+const MAX_DOMAIN_LEN: usize = 253;
+
+/// Identifiers are single tokens of the identifiers form, so they are looked up by hashing
+/// tokens rather than searched for: a number is a whole token; a domain is a whole token or
+/// the part of one after a `.` or `@` (a subdomain, an e-mail address). Only suffixes of at
+/// most 253 bytes are looked up, so the work per token is bounded by its length times that.
+#[derive(Debug, Default)]
+struct Identifiers {
+    numbers: HashMap<Box<[u8]>, Vec<Owner>>,
+    domains: HashMap<Box<[u8]>, Vec<Owner>>,
+}
+
+impl Identifiers {
+    fn add(map: &mut HashMap<Box<[u8]>, Vec<Owner>>, key: &str, owner: Owner) {
+        map.entry(key.to_ascii_lowercase().into_bytes().into_boxed_slice())
+            .or_default()
+            .push(owner);
+    }
+
+    /// Appends the (organisation, kind) of every identifier in the identifiers form `form`.
+    fn scan(&self, form: &[u8], found: &mut Vec<(u32, MatchKind)>) {
+        let mut push = |owners: Option<&Vec<Owner>>| {
+            for owner in owners.into_iter().flatten() {
+                if let Role::Identifies(kind) = owner.role {
+                    found.push((owner.org, kind));
+                }
+            }
+        };
+        for token in form.split(|&b| b == b' ') {
+            if token.len() < 3 {
+                continue;
+            }
+            if !self.numbers.is_empty()
+                && token.len() <= MAX_NUMBER_LEN
+                && token.iter().any(u8::is_ascii_digit)
+            {
+                push(self.numbers.get(token));
+            }
+            if self.domains.is_empty() || !token.contains(&b'.') {
+                continue;
+            }
+            if token.len() <= MAX_DOMAIN_LEN {
+                push(self.domains.get(token));
+            }
+            let start = token.len().saturating_sub(MAX_DOMAIN_LEN + 1);
+            for (i, &b) in token.iter().enumerate().skip(start) {
+                if b == b'.' || b == b'@' {
+                    push(self.domains.get(&token[i + 1..]));
+                }
+            }
+        }
+    }
 }
 
 impl Matcher {
     /// Compiles the registry's names and identifiers.
     pub fn new(registry: &Registry) -> Result<Self, RegistryError> {
         let mut names = PatternSet::default();
-        let mut identifiers = PatternSet::default();
+        let mut identifiers = Identifiers::default();
         let mut ids = Vec::with_capacity(registry.len());
         for (i, o) in registry.organisations().iter().enumerate() {
             let org = u32::try_from(i)
@@ -214,10 +275,7 @@ impl Matcher {
             }
             let mut token = |text: &str, kind: MatchKind| {
                 let role = Role::Identifies(kind);
-                identifiers.add(
-                    format!(" {} ", text.to_ascii_lowercase()).into_bytes(),
-                    Owner { org, role },
-                );
+                Identifiers::add(&mut identifiers.numbers, text, Owner { org, role });
             };
             if let Some(n) = &o.company_number {
                 token(n.as_str(), MatchKind::CompanyNumber);
@@ -234,21 +292,15 @@ impl Matcher {
                 (&o.email_domains, MatchKind::EmailDomain),
             ] {
                 for d in list {
-                    // The domain itself, a subdomain, an e-mail address's domain.
-                    for before in [" ", ".", "@"] {
-                        let role = Role::Identifies(kind);
-                        identifiers.add(
-                            format!("{before}{} ", d.as_str()).into_bytes(),
-                            Owner { org, role },
-                        );
-                    }
+                    let role = Role::Identifies(kind);
+                    Identifiers::add(&mut identifiers.domains, d.as_str(), Owner { org, role });
                 }
             }
         }
         Ok(Matcher {
             ids,
             names: names.build()?,
-            identifiers: identifiers.build()?,
+            identifiers,
         })
     }
 
@@ -435,25 +487,8 @@ impl Matcher {
                 }
             }
         }
-        if let Some(identifiers) = &self.identifiers {
-            if let Ok(iter) = identifiers
-                .ac
-                .try_find_overlapping_iter(scratch.identifiers.as_slice())
-            {
-                for m in iter {
-                    for owner in identifiers
-                        .owners
-                        .get(m.pattern().as_usize())
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let Role::Identifies(kind) = owner.role {
-                            scratch.found.push((owner.org, kind));
-                        }
-                    }
-                }
-            }
-        }
+        self.identifiers
+            .scan(&scratch.identifiers, &mut scratch.found);
         scratch.found.sort_unstable();
         scratch.found.dedup();
     }
