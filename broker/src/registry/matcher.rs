@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
-    normalise::{identifiers_form, name_words, names_from_identifiers, word_pattern},
+    normalise::{append_identifiers_form, identifiers_form, is_mark, name_words, word_pattern},
 };
 
 /// What kind of evidence identified an organisation.
@@ -185,7 +185,6 @@ pub struct Scratch {
     spans: Vec<Span>,
     found: Vec<(u32, MatchKind)>,
     number: String,
-    keys_named: Vec<bool>,
 }
 
 /// The registry compiled for searching. Build once, share (it is `Send + Sync`).
@@ -218,16 +217,20 @@ impl Identifiers {
             .push(owner);
     }
 
-    /// Appends the (organisation, kind) of every identifier in the identifiers form `form`.
-    fn scan(&self, form: &[u8], found: &mut Vec<(u32, MatchKind)>) {
-        let mut push = |owners: Option<&Vec<Owner>>| {
+    /// Calls `emit(position, organisation, kind)` for every identifier in the identifiers
+    /// form `form`.
+    fn scan(&self, form: &[u8], emit: &mut impl FnMut(usize, u32, MatchKind)) {
+        let mut push = |at: usize, owners: Option<&Vec<Owner>>| {
             for owner in owners.into_iter().flatten() {
                 if let Role::Identifies(kind) = owner.role {
-                    found.push((owner.org, kind));
+                    emit(at, owner.org, kind);
                 }
             }
         };
+        let mut at = 0;
         for token in form.split(|&b| b == b' ') {
+            let token_at = at;
+            at += token.len() + 1;
             if token.len() < 3 {
                 continue;
             }
@@ -235,18 +238,18 @@ impl Identifiers {
                 && token.len() <= MAX_NUMBER_LEN
                 && token.iter().any(u8::is_ascii_digit)
             {
-                push(self.numbers.get(token));
+                push(token_at, self.numbers.get(token));
             }
             if self.domains.is_empty() || !token.contains(&b'.') {
                 continue;
             }
             if token.len() <= MAX_DOMAIN_LEN {
-                push(self.domains.get(token));
+                push(token_at, self.domains.get(token));
             }
             let start = token.len().saturating_sub(MAX_DOMAIN_LEN + 1);
             for (i, &b) in token.iter().enumerate().skip(start) {
                 if b == b'.' || b == b'@' {
-                    push(self.domains.get(&token[i + 1..]));
+                    push(token_at, self.domains.get(&token[i + 1..]));
                 }
             }
         }
@@ -333,49 +336,45 @@ impl Matcher {
     }
 
     /// As [`Matcher::scan_json`], reusing `scratch`'s buffers.
+    ///
+    /// The walk appends the normal form of every string to one buffer (two spaces apart, so
+    /// nothing matches across two strings), noting where each ends; the buffer is then
+    /// scanned once, and each match is placed in its string by binary search. Scanning once
+    /// rather than string by string keeps many short strings as fast as one long text.
     pub fn scan_json_with<'m>(
         &'m self,
         scratch: &mut Scratch,
         value: &Value,
     ) -> Vec<JsonMatch<'m>> {
-        // The organisations reported so far: few, so a sorted list.
-        let mut reported: Vec<u32> = Vec::new();
-        let mut results = Vec::new();
         // The walk is iterative (no recursion, whatever the depth); `nodes` records each
         // value's parent and path segment, so a path is only spelt out when it is reported.
         let mut nodes: Vec<Node<'_>> = vec![Node {
             parent: None,
             segment: Segment::Root,
         }];
+        let mut pieces: Vec<Piece> = Vec::new();
+        scratch.identifiers.clear();
         let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
         while let Some((v, node)) = stack.pop() {
             match v {
                 Value::String(s) => {
-                    self.scan_into(scratch, s);
-                    self.report(
-                        scratch,
-                        &nodes,
+                    append_identifiers_form(s, &mut scratch.identifiers);
+                    pieces.push(Piece {
+                        end: scratch.identifiers.len(),
                         node,
-                        JsonSite::Value,
-                        &mut reported,
-                        &mut results,
-                    );
+                        site: JsonSite::Value,
+                    });
                 }
                 Value::Number(n) => {
                     if n.is_u64() || n.is_i64() {
                         scratch.number.clear();
                         let _ = write!(scratch.number, "{n}");
-                        let text = std::mem::take(&mut scratch.number);
-                        self.scan_into(scratch, &text);
-                        scratch.number = text;
-                        self.report(
-                            scratch,
-                            &nodes,
+                        append_identifiers_form(&scratch.number, &mut scratch.identifiers);
+                        pieces.push(Piece {
+                            end: scratch.identifiers.len(),
                             node,
-                            JsonSite::Value,
-                            &mut reported,
-                            &mut results,
-                        );
+                            site: JsonSite::Value,
+                        });
                     }
                 }
                 Value::Array(items) => {
@@ -389,24 +388,18 @@ impl Matcher {
                 }
                 Value::Object(map) => {
                     // Keys first (they come before their values in the document).
-                    // (The flags live in the scratch so that no object allocates.)
-                    let mut keys_named = std::mem::take(&mut scratch.keys_named);
-                    keys_named.clear();
+                    let first_key = pieces.len();
                     for key in map.keys() {
-                        self.scan_into(scratch, key);
-                        keys_named.push(!scratch.found.is_empty());
-                        self.report(
-                            scratch,
-                            &nodes,
+                        append_identifiers_form(key, &mut scratch.identifiers);
+                        pieces.push(Piece {
+                            end: scratch.identifiers.len(),
                             node,
-                            JsonSite::Key,
-                            &mut reported,
-                            &mut results,
-                        );
+                            site: JsonSite::Key,
+                        });
                     }
-                    for ((key, item), &named) in map.iter().zip(keys_named.iter()).rev() {
-                        let segment = if !named && plain_key(key) {
-                            Segment::Key(key)
+                    for (k, (key, item)) in map.iter().enumerate().rev() {
+                        let segment = if plain_key(key) {
+                            Segment::Key(key, first_key + k)
                         } else {
                             Segment::Hidden
                         };
@@ -416,49 +409,64 @@ impl Matcher {
                         });
                         stack.push((item, nodes.len() - 1));
                     }
-                    scratch.keys_named = keys_named;
                 }
                 Value::Null | Value::Bool(_) => {}
             }
         }
-        results
-    }
 
-    /// Records the first place of each organisation in `scratch.found`.
-    fn report<'m>(
-        &'m self,
-        scratch: &Scratch,
-        nodes: &[Node<'_>],
-        node: usize,
-        site: JsonSite,
-        reported: &mut Vec<u32>,
-        results: &mut Vec<JsonMatch<'m>>,
-    ) {
-        for &(org, kind) in &scratch.found {
-            let Some(id) = usize::try_from(org).ok().and_then(|i| self.ids.get(i)) else {
-                continue;
-            };
-            match reported.binary_search(&org) {
-                Ok(_) => continue,
-                Err(at) => reported.insert(at, org),
+        // (organisation, piece, kind) of every match.
+        let mut hits: Vec<(u32, usize, MatchKind)> = Vec::new();
+        self.scan_form(scratch, |at, org, kind| {
+            let piece = pieces.partition_point(|p| p.end <= at);
+            hits.push((org, piece, kind));
+        });
+        let mut piece_named = vec![false; pieces.len()];
+        for &(_, piece, _) in &hits {
+            if let Some(named) = piece_named.get_mut(piece) {
+                *named = true;
             }
-            results.push(JsonMatch {
-                org: id,
-                kind,
-                path: path_of(nodes, node),
-                site,
-            });
         }
+        // The first place of each organisation, then in document order.
+        hits.sort_unstable();
+        hits.dedup_by_key(|h| h.0);
+        hits.sort_unstable_by_key(|h| (h.1, h.0));
+        hits.into_iter()
+            .filter_map(|(org, piece, kind)| {
+                let id = self.ids.get(usize::try_from(org).ok()?)?;
+                let p = pieces.get(piece)?;
+                Some(JsonMatch {
+                    org: id,
+                    kind,
+                    path: path_of(&nodes, p.node, &piece_named),
+                    site: p.site,
+                })
+            })
+            .collect()
     }
 
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
     fn scan_into(&self, scratch: &mut Scratch, text: &str) {
-        scratch.found.clear();
         identifiers_form(text, &mut scratch.identifiers);
+        let mut found = std::mem::take(&mut scratch.found);
+        found.clear();
+        self.scan_form(scratch, |_, org, kind| found.push((org, kind)));
+        found.sort_unstable();
+        found.dedup();
+        scratch.found = found;
+    }
+
+    /// Scans the identifiers form in `scratch.identifiers` (and the names form made from it),
+    /// calling `emit(position, organisation, kind)` for every match that counts.
+    fn scan_form(&self, scratch: &mut Scratch, mut emit: impl FnMut(usize, u32, MatchKind)) {
         if let Some(names) = &self.names {
+            // The names form is the identifiers form with its kept marks as spaces.
             scratch.names.clear();
-            scratch.names.extend_from_slice(&scratch.identifiers);
-            names_from_identifiers(&mut scratch.names);
+            scratch.names.extend(
+                scratch
+                    .identifiers
+                    .iter()
+                    .map(|&b| if is_mark(b) { b' ' } else { b }),
+            );
             scratch.spans.clear();
             if let Ok(iter) = names.ac.try_find_overlapping_iter(scratch.names.as_slice()) {
                 scratch.spans.extend(iter.map(|m| Span {
@@ -482,16 +490,21 @@ impl Matcher {
                 }
                 for owner in names.owners.get(span.pattern).into_iter().flatten() {
                     if let Role::Identifies(kind) = owner.role {
-                        scratch.found.push((owner.org, kind));
+                        emit(span.start, owner.org, kind);
                     }
                 }
             }
         }
-        self.identifiers
-            .scan(&scratch.identifiers, &mut scratch.found);
-        scratch.found.sort_unstable();
-        scratch.found.dedup();
+        self.identifiers.scan(&scratch.identifiers, &mut emit);
     }
+}
+
+/// Where one string of a JSON document ends in the scanned buffer, and whose it is.
+#[derive(Debug)]
+struct Piece {
+    end: usize,
+    node: usize,
+    site: JsonSite,
 }
 
 #[derive(Debug)]
@@ -504,7 +517,8 @@ struct Node<'v> {
 enum Segment<'v> {
     Root,
     Index(usize),
-    Key(&'v str),
+    /// A property name and the piece it was scanned as (hidden if that piece named someone).
+    Key(&'v str, usize),
     Hidden,
 }
 
@@ -517,7 +531,7 @@ fn plain_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn path_of(nodes: &[Node<'_>], mut node: usize) -> String {
+fn path_of(nodes: &[Node<'_>], mut node: usize, piece_named: &[bool]) -> String {
     let mut segments = Vec::new();
     while let Some(n) = nodes.get(node) {
         segments.push(&n.segment);
@@ -531,7 +545,10 @@ fn path_of(nodes: &[Node<'_>], mut node: usize) -> String {
         let _ = match s {
             Segment::Root => write!(path, "$"),
             Segment::Index(i) => write!(path, "[{i}]"),
-            Segment::Key(k) => write!(path, ".{k}"),
+            Segment::Key(k, piece) if !piece_named.get(*piece).copied().unwrap_or(true) => {
+                write!(path, ".{k}")
+            }
+            Segment::Key(..) => write!(path, "[?]"),
             Segment::Hidden => write!(path, "[?]"),
         };
     }

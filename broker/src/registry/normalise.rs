@@ -14,7 +14,7 @@
 //! allocation per byte, and none at all once the buffer has grown to the text's size.
 
 /// Whether a byte of the identifiers form is a kept mark.
-fn is_mark(b: u8) -> bool {
+pub(crate) fn is_mark(b: u8) -> bool {
     matches!(b, b'.' | b'@' | b'-')
 }
 
@@ -42,6 +42,12 @@ pub(crate) fn names_from_identifiers(form: &mut [u8]) {
 /// a mark at the very end becomes a space.
 pub(crate) fn identifiers_form(text: &str, out: &mut Vec<u8>) {
     out.clear();
+    append_identifiers_form(text, out);
+}
+
+/// Appends the identifiers form of `text` to `out`. Forms appended one after another are
+/// separated by two spaces, which no pattern contains: nothing matches across them.
+pub(crate) fn append_identifiers_form(text: &str, out: &mut Vec<u8>) {
     out.reserve(text.len() + 2);
     out.push(b' ');
     let bytes = text.as_bytes();
