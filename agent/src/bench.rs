@@ -983,8 +983,9 @@ pub fn gate(organisations: usize, out: &mut dyn Write) -> anyhow::Result<()> {
     let matcher = Matcher::new(&registry)?;
     writeln!(
         out,
-        "build:  {:.2} s (2 names, 1 company number, 1 domain each)",
-        t.elapsed().as_secs_f64()
+        "build:  {:.2} s (2 names, 1 company number, 1 domain each); names automaton {:.1} MiB",
+        t.elapsed().as_secs_f64(),
+        matcher.memory_usage() as f64 / (1024.0 * 1024.0)
     )?;
     let budget = Duration::from_secs(2);
     for (label, size) in [("4 KiB", 4 * 1024), ("1 MiB", 1024 * 1024)] {

@@ -152,6 +152,8 @@ impl PatternSet {
         if self.patterns.is_empty() {
             return Ok(None);
         }
+        // The crate picks the automaton (a contiguous NFA for a large registry). A DFA was
+        // measured no faster on `bench gate` at 10,000 organisations, for 20 MiB.
         let ac = AhoCorasick::builder()
             .match_kind(AcMatchKind::Standard)
             .build(&self.patterns)
@@ -305,6 +307,12 @@ impl Matcher {
             names: names.build()?,
             identifiers,
         })
+    }
+
+    /// The heap memory of the compiled names automaton, in bytes (for operators and the
+    /// benchmark; the identifier tables are not counted).
+    pub fn memory_usage(&self) -> usize {
+        self.names.as_ref().map_or(0, |n| n.ac.memory_usage())
     }
 
     /// The organisations `text` names, each with each kind of evidence once, in registry order.

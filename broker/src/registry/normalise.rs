@@ -55,8 +55,13 @@ pub(crate) fn append_identifiers_form(text: &str, out: &mut Vec<u8>) {
     while i < bytes.len() {
         let b = bytes[i];
         if b.is_ascii_alphanumeric() {
-            out.push(b.to_ascii_lowercase());
-            i += 1;
+            // A run of ASCII letters and digits is copied in one go (the common case).
+            let run = bytes[i..]
+                .iter()
+                .position(|c| !c.is_ascii_alphanumeric())
+                .unwrap_or(bytes.len() - i);
+            out.extend(bytes[i..i + run].iter().map(u8::to_ascii_lowercase));
+            i += run;
             continue;
         }
         let separator = if b.is_ascii() {
