@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,7 +26,10 @@ use rustls_pki_types::{
 };
 use serde::Deserialize;
 
-use crate::policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy};
+use crate::{
+    policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy},
+    registry::{Organisation, OrganisationSpec, Registry, RegistryError},
+};
 
 /// The default largest payload, 4 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -95,6 +99,8 @@ pub struct Config {
     pub log_origin: String,
     /// Where to serve Prometheus metrics over plain HTTP (`/metrics`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The protected organisations (`[[organisations]]` and `organisations_file`).
+    pub registry: Arc<Registry>,
 }
 
 /// An agency of the federation.
@@ -339,6 +345,7 @@ impl Config {
             digest: [0; 32],
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
             metrics_listen: None,
+            registry: Arc::new(Registry::default()),
         }
     }
 
@@ -747,6 +754,13 @@ impl Config {
             });
         }
 
+        let registry = Arc::new(load_registry(
+            raw.organisations,
+            raw.organisations_file.as_deref(),
+            file,
+            files,
+        )?);
+
         use sha2::Digest;
         Ok(Config {
             source: file.into(),
@@ -762,6 +776,7 @@ impl Config {
             digest: sha2::Sha256::digest(text.as_bytes()).into(),
             log_origin,
             metrics_listen,
+            registry,
         })
     }
 
@@ -821,6 +836,17 @@ impl Config {
             self.tls_reload_poll.map_or(String::new(), |p| format!(
                 " and when the files change (looked at every {p:?})"
             ))
+        );
+        let identifiers_only = self
+            .registry
+            .organisations()
+            .iter()
+            .filter(|o| o.match_on == crate::registry::MatchOn::Identifiers)
+            .count();
+        let _ = writeln!(
+            s,
+            "organisations: {} registered ({identifiers_only} matched by identifiers only)",
+            self.registry.len()
         );
         let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
         let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
@@ -992,10 +1018,124 @@ struct RawConfig {
     consent_issuers: Vec<RawIssuer>,
     #[serde(default)]
     agreements: Vec<RawAgreement>,
+    #[serde(default)]
+    organisations: Vec<RawOrganisation>,
+    organisations_file: Option<PathBuf>,
 }
 
 fn default_clock_skew() -> u32 {
     60
+}
+
+/// Reads the registry: the `[[organisations]]` of the configuration, then those of
+/// `organisations_file` (a TOML file of `[[organisations]]` tables, relative to the
+/// configuration's directory). Errors name the file the entry is in and its key there.
+fn load_registry(
+    inline: Vec<RawOrganisation>,
+    registry_file: Option<&Path>,
+    file: &str,
+    files: &dyn FileSource,
+) -> Result<Registry, ConfigError> {
+    // Each entry with the file and index it came from, for messages.
+    let mut entries: Vec<(String, usize, RawOrganisation)> = inline
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| (file.to_owned(), i, o))
+        .collect();
+    if let Some(path) = registry_file {
+        let bytes = files.read(path).map_err(|e| ConfigError::Invalid {
+            file: file.into(),
+            key: "organisations_file".into(),
+            problem: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let name = files.resolve(path).display().to_string();
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Invalid {
+            file: file.into(),
+            key: "organisations_file".into(),
+            problem: format!("{name} is not UTF-8 text"),
+        })?;
+        let raw: RawRegistryFile = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            file: name.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        entries.extend(
+            raw.organisations
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| (name.clone(), i, o)),
+        );
+    }
+    let mut organisations = Vec::with_capacity(entries.len());
+    for (source, i, raw) in &entries {
+        let spec = OrganisationSpec {
+            id: raw.id.clone(),
+            legal_name: raw.legal_name.clone(),
+            other_names: raw.other_names.clone(),
+            company_number: raw.company_number.clone(),
+            charity_number: raw.charity_number.clone(),
+            domains: raw.domains.clone(),
+            email_domains: raw.email_domains.clone(),
+            match_on: raw.match_on.clone(),
+            not_names: raw.not_names.clone(),
+        };
+        let org = Organisation::new(spec).map_err(|e| registry_error(source, *i, e))?;
+        organisations.push(org);
+    }
+    Registry::new(organisations).map_err(|e| match e {
+        RegistryError::Duplicate { index, id } => {
+            let (source, i) = entries
+                .get(index)
+                .map_or((file, index), |(s, i, _)| (s.as_str(), *i));
+            ConfigError::Invalid {
+                file: source.into(),
+                key: format!("organisations[{i}].id"),
+                problem: format!("{id} is registered twice"),
+            }
+        }
+        other => registry_error(file, 0, other),
+    })
+}
+
+fn registry_error(file: &str, index: usize, e: RegistryError) -> ConfigError {
+    match e {
+        RegistryError::Field { field, problem } => ConfigError::Invalid {
+            file: file.into(),
+            key: format!("organisations[{index}].{field}"),
+            problem,
+        },
+        other => ConfigError::Invalid {
+            file: file.into(),
+            key: "organisations".into(),
+            problem: other.to_string(),
+        },
+    }
+}
+
+/// A file named by `organisations_file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistryFile {
+    #[serde(default)]
+    organisations: Vec<RawOrganisation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrganisation {
+    id: String,
+    legal_name: String,
+    #[serde(default)]
+    other_names: Vec<String>,
+    company_number: Option<String>,
+    charity_number: Option<String>,
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default)]
+    email_domains: Vec<String>,
+    #[serde(rename = "match")]
+    match_on: Option<String>,
+    #[serde(default)]
+    not_names: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -1157,6 +1297,31 @@ mod tests {
                 "client_ca = \"ca.pem\"\nreload_poll_seconds = 100000",
                 "tls.reload_poll_seconds",
             ),
+            (
+                "company_number = \"01234567\"",
+                "company_number = \"1234\"",
+                "organisations[0].company_number",
+            ),
+            (
+                "id = \"globex-plc\"",
+                "id = \"acme-ltd\"",
+                "organisations[1].id",
+            ),
+            (
+                "legal_name = \"Globex PLC\"",
+                "legal_name = \" \"",
+                "organisations[1].legal_name",
+            ),
+            (
+                "domains = [\"globex.example\"]",
+                "domains = [\"globex\"]",
+                "organisations[1].domains[0]",
+            ),
+            (
+                "domains = [\"globex.example\"]",
+                "domains = [\"globex.example\"]\nmatch = \"names\"",
+                "organisations[1].match",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_CONFIG.contains(from), "default lacks {from}");
@@ -1202,6 +1367,94 @@ mod tests {
         assert_eq!(files.crl, None);
         // The embedded default has no files to reload.
         assert!(Config::embedded_default().unwrap().tls_files.is_none());
+    }
+
+    #[test]
+    fn embedded_default_registers_acme_and_globex() {
+        let c = Config::embedded_default().unwrap();
+        let ids: Vec<&str> = c
+            .registry
+            .organisations()
+            .iter()
+            .map(|o| o.id.as_str())
+            .collect();
+        assert_eq!(ids, ["acme-ltd", "globex-plc"]);
+        let matcher = crate::registry::Matcher::new(&c.registry).unwrap();
+        let found: Vec<String> = matcher
+            .scan("ACME Limited (01234567) and mail.globex.example")
+            .map(|m| format!("{} {}", m.org, m.kind))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "acme-ltd name",
+                "acme-ltd company number",
+                "globex-plc name",
+                "globex-plc domain"
+            ]
+        );
+    }
+
+    /// The registry may live in its own file; its errors name that file and the key there,
+    /// and a duplicate across the two places is found.
+    #[test]
+    fn organisations_file_is_read_and_its_errors_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk {
+            base: dir.path().to_path_buf(),
+        };
+        let text = DEFAULT_CONFIG.replacen(
+            "[tls]",
+            "organisations_file = \"registry.toml\"\n\n[tls]",
+            1,
+        );
+        for (name, bytes) in EMBEDDED_FILES {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        let registry_file = dir.path().join("registry.toml");
+        let shown_file = registry_file.display().to_string();
+
+        let cases: &[(&str, Result<usize, String>)] = &[
+            (
+                "[[organisations]]\nid = \"initech\"\nlegal_name = \"Initech Inc.\"\ncharity_number = \"1234567\"\n",
+                Ok(3),
+            ),
+            (
+                "[[organisations]]\nid = \"initech\"\nlegal_name = \"Initech\"\n\n[[organisations]]\nid = \"hooli\"\nlegal_name = \"Hooli\"\nemail_domains = [\"hooli..example\"]\n",
+                Err(format!("{shown_file}: organisations[1].email_domains[0]: ")),
+            ),
+            (
+                "[[organisations]]\nid = \"acme-ltd\"\nlegal_name = \"Acme again\"\n",
+                Err(format!(
+                    "{shown_file}: organisations[0].id: acme-ltd is registered twice"
+                )),
+            ),
+            (
+                "[[organisations]]\nid = \"x\"\nlegal_nam = \"X\"\n",
+                Err(format!("{shown_file}: ")),
+            ),
+        ];
+        for (registry, want) in cases {
+            std::fs::write(&registry_file, registry).unwrap();
+            match (Config::parse(&text, "broker.toml", &disk), want) {
+                (Ok(c), Ok(n)) => assert_eq!(c.registry.len(), *n, "{registry}"),
+                (Err(e), Err(prefix)) => {
+                    let shown = e.to_string();
+                    assert!(shown.starts_with(prefix.as_str()), "{registry}: {shown}");
+                }
+                (got, want) => panic!("{registry}: got {got:?}, want {want:?}"),
+            }
+        }
+        std::fs::remove_file(&registry_file).unwrap();
+        let shown = Config::parse(&text, "broker.toml", &disk)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            shown.starts_with("broker.toml: organisations_file: cannot read"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   validated, any other JSON parsed, and a visitor over every string in it.
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
 //!   that decides whether an envelope may be relayed.
+//! - [`registry`]: the protected organisations, and the [`registry::Matcher`] that finds their
+//!   names and identifiers in a payload.
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
@@ -39,6 +41,7 @@ pub mod metrics;
 pub mod policy;
 pub mod refusal;
 pub mod refusal_log;
+pub mod registry;
 pub mod reload;
 pub mod service;
 pub mod store;

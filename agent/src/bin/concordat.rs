@@ -179,6 +179,12 @@ enum BenchCommand {
         #[arg(long)]
         fresh_tokens: bool,
     },
+    /// The content gate's organisation matcher: MB/s over 4 KiB and 1 MiB payloads.
+    Gate {
+        /// Registered organisations.
+        #[arg(long, default_value_t = 10_000)]
+        organisations: usize,
+    },
     /// Export and offline verification of a log of this many entries.
     Audit {
         /// Entries in the log.
@@ -556,6 +562,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         from,
                     };
                     concordat_agent::bench::flood(settings, &mut out).await?;
+                }
+                BenchCommand::Gate { organisations } => {
+                    concordat_agent::bench::gate(organisations, &mut out)?
                 }
             }
             Ok(ExitCode::SUCCESS)
