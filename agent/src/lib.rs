@@ -3,7 +3,7 @@
 //!
 //! A tour of the modules:
 //! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
-//! - [`bench`]: `concordat bench relay|audit|flood`, benchmarks that print figures.
+//! - [`bench`](mod@bench): `concordat bench relay|audit|flood|gate`, benchmarks that print figures.
 //! - [`client`]: connecting to the broker over mutual TLS.
 //! - [`config`]: the agent's `agent.toml`.
 //! - [`spool`]: the spool directory — outbox files in, receipts, refusals and deliveries out —

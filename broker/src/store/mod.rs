@@ -59,7 +59,7 @@ const LINGER_POLL: Duration = Duration::from_micros(100);
 /// The most operations one group commit applies before flushing.
 const MAX_BATCH: usize = 512;
 
-/// A write, applied atomically by [`Storage::apply`].
+/// A write, applied atomically by [`Storage::apply_batch`].
 #[derive(Debug)]
 pub enum Op {
     /// Record an accepted transfer and queue it for each recipient.

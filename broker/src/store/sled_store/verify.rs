@@ -43,7 +43,7 @@ pub struct StoreReport {
     pub receipts: u64,
     /// How long the check took.
     pub elapsed: Duration,
-    /// Everything that does not hold, up to [`MAX_LISTED`] of them.
+    /// Everything that does not hold, up to the first fifty.
     pub problems: Vec<String>,
     /// How many problems there were in all.
     pub problem_count: u64,
