@@ -770,3 +770,78 @@ impl SpoolDir {
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 }
+
+/// A tmpfs mounted for one test, unmounted on drop whatever the test's outcome.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on `path`, or says why not (it needs root, or the right to
+    /// mount).
+    pub fn mount(path: &Path, mib: u64) -> Result<Tmpfs, String> {
+        fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs refused ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Fills the file system with `name`, until the kernel says it is full.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        let path = self.path.join(name);
+        let Ok(mut file) = fs::File::create(&path) else {
+            panic!("creating {}", path.display());
+        };
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // The last partial chunk may have gone in: top up byte by byte.
+        while file.write(&[0]).is_ok_and(|n| n == 1) {}
+        path
+    }
+
+    /// Writes `name` until about `leave` bytes are left free.
+    pub fn fill_leaving(&self, name: &str, leave: u64) -> PathBuf {
+        let path = self.path.join(name);
+        let Ok(mut file) = fs::File::create(&path) else {
+            panic!("creating {}", path.display());
+        };
+        let chunk = vec![0xa5u8; 64 * 1024];
+        while concordat_broker::store::free_bytes(&self.path).unwrap_or(0)
+            > leave + chunk.len() as u64
+        {
+            if file.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let plain = Command::new("umount").arg(&self.path).status();
+        if !plain.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}

@@ -10,77 +10,22 @@
 
 use std::{
     fs,
-    io::Write,
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use concordat_agent::client::{Broker, ClientTls};
-use concordat_broker::{config::Limits, refusal::reason_of, store::free_bytes};
+use concordat_broker::{config::Limits, refusal::reason_of};
 use concordat_proto::{ids::MessageId, pb};
 use concordat_tests::{
     TestPki,
-    process::{BrokerProcess, PkiFiles, wait_for, write_broker_config},
+    process::{BrokerProcess, PkiFiles, Tmpfs, wait_for, write_broker_config},
 };
 use tokio::runtime::Runtime;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 /// How long any one request may take before the test calls it a hang.
 const ANSWER_WITHIN: Duration = Duration::from_secs(20);
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `mib` MiB at `dir`, or says why it cannot and returns `None`.
-    fn mount(dir: &Path, mib: u64) -> Option<Tmpfs> {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs {
-                dir: dir.to_path_buf(),
-            }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs here ({}): {}",
-                    o.status,
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    /// Writes a file that leaves about `leave` bytes free.
-    fn fill_leaving(&self, leave: u64) -> PathBuf {
-        let path = self.dir.join("filler");
-        let mut f = fs::File::create(&path).unwrap();
-        let chunk = vec![0xa5u8; 1 << 16];
-        while free_bytes(&self.dir).unwrap() > leave + chunk.len() as u64 {
-            if f.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
 
 struct Site {
     _dir: tempfile::TempDir,
@@ -94,7 +39,13 @@ impl Site {
     fn new(mib: u64, limits: &Limits) -> Option<Site> {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let disk = Tmpfs::mount(&data_dir, mib)?;
+        let disk = match Tmpfs::mount(&data_dir, mib) {
+            Ok(disk) => disk,
+            Err(why) => {
+                eprintln!("SKIPPED: {why} (the test needs root and the right to mount a tmpfs)");
+                return None;
+            }
+        };
         let mut pki = TestPki::new().unwrap();
         let files = PkiFiles::write(
             &mut pki,
@@ -172,7 +123,7 @@ fn below_the_floor_sends_are_refused_and_queues_drain() {
         for _ in 0..3 {
             send(&nca, envelope(512)).await.unwrap();
         }
-        let filler = site.disk.fill_leaving(16 * 1024 * 1024);
+        let filler = site.disk.fill_leaving("filler", 16 * 1024 * 1024);
         // The broker measures free space at least every second.
         let deadline = Instant::now() + Duration::from_secs(10);
         let refused = loop {
@@ -251,7 +202,7 @@ fn a_full_disk_fails_loudly_and_never_hangs() {
     let filler = rt.block_on(async {
         let client = nca.connect().await.unwrap();
         send(&client, envelope(512)).await.unwrap();
-        let filler = site.disk.fill_leaving(2 * 1024 * 1024);
+        let filler = site.disk.fill_leaving("filler", 2 * 1024 * 1024);
         let mut unavailable = 0;
         let mut accepted = 0;
         for _ in 0..200 {

@@ -5,9 +5,7 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,7 +14,7 @@ use concordat_broker::config::Limits;
 use concordat_proto::{ids::MessageId, pb};
 use concordat_tests::{
     TestPki,
-    process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
+    process::{AgentProcess, BrokerProcess, PkiFiles, Tmpfs, wait_for, write_broker_config},
 };
 use tempfile::TempDir;
 
@@ -177,60 +175,6 @@ async fn two_senders_using_the_same_message_id_both_land() {
     assert!(partial_files(&inbox).is_empty());
 }
 
-/// A tmpfs mounted for one test, unmounted on drop whatever the test's outcome.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. `2m`) on `path`, or says why not.
-    fn mount(path: &Path, size: &str) -> Result<Tmpfs, String> {
-        fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("running mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs refused ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs {
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Fills the file system with `name`, until the kernel says it is full.
-    fn fill(&self, name: &str) -> PathBuf {
-        let path = self.path.join(name);
-        let mut file = fs::File::create(&path).unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        loop {
-            match file.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-                Err(e) => panic!("filling {}: {e}", path.display()),
-            }
-        }
-        // The last partial chunk may have gone in: top up byte by byte.
-        while file.write(&[0]).is_ok_and(|n| n == 1) {}
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let plain = Command::new("umount").arg(&self.path).status();
-        if !plain.is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
 /// The ICO's inbox is on a 2 MiB tmpfs that is full. Deliveries cannot be written: none lands,
 /// none is half-written, and none is acknowledged. Once the filler is deleted, the agent
 /// stores them on its own, on the subscription it already has: it must not wait for a
@@ -241,7 +185,7 @@ async fn a_full_disk_holds_deliveries_until_space_returns_without_a_reconnect() 
     let fed = Federation::start();
     let spool = fed.spool_dir("ico");
     let inbox = spool.join("inbox");
-    let tmpfs = match Tmpfs::mount(&inbox, "2m") {
+    let tmpfs = match Tmpfs::mount(&inbox, 2) {
         Ok(t) => t,
         Err(why) => {
             eprintln!(
