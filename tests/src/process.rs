@@ -172,6 +172,22 @@ impl PkiFiles {
     }
 }
 
+/// The files of a one-broker test in `dir`: a fresh PKI for `agencies` under `dir/pki` and the
+/// broker's configuration `dir/broker.toml` (see [`write_broker_config`]) with its data in
+/// `data_dir`. Returns the PKI files and the configuration's path.
+pub fn write_broker_files(
+    dir: &Path,
+    agencies: &[&str],
+    data_dir: &Path,
+    limits: &Limits,
+) -> anyhow::Result<(PkiFiles, PathBuf)> {
+    let mut pki = TestPki::new()?;
+    let files = PkiFiles::write(&mut pki, &dir.join("pki"), agencies)?;
+    let config = dir.join("broker.toml");
+    write_broker_config(&config, &files, data_dir, limits)?;
+    Ok((files, config))
+}
+
 /// A path as a TOML basic string. Rust's debug quoting escapes what TOML needs escaped for the
 /// paths of a temporary directory.
 fn toml_path(path: &Path) -> String {

@@ -7,10 +7,7 @@ use std::{path::Path, time::Duration};
 
 use concordat_broker::config::Limits;
 use concordat_proto::{audit, ids::MessageId, pb};
-use concordat_tests::{
-    TestPki,
-    process::{BrokerProcess, PkiFiles, write_broker_config},
-};
+use concordat_tests::process::{BrokerProcess, write_broker_files};
 use tokio::runtime::Runtime;
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -52,16 +49,14 @@ fn a_wall_clock_stepping_back_does_not_date_entries_back() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut pki = TestPki::new().unwrap();
-    let files = PkiFiles::write(
-        &mut pki,
-        &dir.path().join("pki"),
+    let data_dir = dir.path().join("data");
+    let (files, config) = write_broker_files(
+        dir.path(),
         &["ico", "nca", "auditor"],
+        &data_dir,
+        &Limits::default(),
     )
     .unwrap();
-    let data_dir = dir.path().join("data");
-    let config = dir.path().join("broker.toml");
-    write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
     let rt = Runtime::new().unwrap();
     let mut broker = BrokerProcess::start(&config, &data_dir).unwrap();
     let tls = |broker: &BrokerProcess, agency: &str| files.client(broker.addr(), agency).unwrap();

@@ -17,10 +17,7 @@ use std::{
 use concordat_agent::client::{Broker, ClientTls};
 use concordat_broker::{config::Limits, refusal::reason_of};
 use concordat_proto::{ids::MessageId, pb};
-use concordat_tests::{
-    TestPki,
-    process::{BrokerProcess, PkiFiles, Tmpfs, wait_for, write_broker_config},
-};
+use concordat_tests::process::{BrokerProcess, PkiFiles, Tmpfs, wait_for, write_broker_files};
 use tokio::runtime::Runtime;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
@@ -46,15 +43,8 @@ impl Site {
                 return None;
             }
         };
-        let mut pki = TestPki::new().unwrap();
-        let files = PkiFiles::write(
-            &mut pki,
-            &dir.path().join("pki"),
-            &["ico", "nca", "auditor"],
-        )
-        .unwrap();
-        let config = dir.path().join("broker.toml");
-        write_broker_config(&config, &files, &data_dir, limits).unwrap();
+        let (files, config) =
+            write_broker_files(dir.path(), &["ico", "nca", "auditor"], &data_dir, limits).unwrap();
         Some(Site {
             _dir: dir,
             files,

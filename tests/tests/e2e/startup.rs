@@ -6,17 +6,12 @@
 use std::{fs, time::Duration};
 
 use concordat_broker::config::Limits;
-use concordat_tests::{
-    TestPki,
-    process::{BrokerProcess, PkiFiles, write_broker_config},
-};
+use concordat_tests::process::{BrokerProcess, write_broker_files};
 
 fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let mut pki = TestPki::new().unwrap();
-    let files = PkiFiles::write(&mut pki, &dir.join("pki"), &["ico", "nca"]).unwrap();
     let data_dir = dir.join("data");
-    let config = dir.join("broker.toml");
-    write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
+    let (_, config) =
+        write_broker_files(dir, &["ico", "nca"], &data_dir, &Limits::default()).unwrap();
     (config, data_dir)
 }
 

@@ -28,8 +28,8 @@ use concordat_proto::{
     pb,
 };
 use concordat_tests::{
-    TestPki, binary,
-    process::{BrokerProcess, PkiFiles, write_broker_config},
+    binary,
+    process::{BrokerProcess, PkiFiles, write_broker_files},
 };
 use tokio::runtime::Runtime;
 
@@ -51,12 +51,14 @@ impl Setup {
     fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let mut pki = TestPki::new().unwrap();
-        let files =
-            PkiFiles::write(&mut pki, &root.join("pki"), &["ico", "nca", "auditor"]).unwrap();
         let data_dir = root.join("data");
-        let config = root.join("broker.toml");
-        write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
+        let (files, config) = write_broker_files(
+            &root,
+            &["ico", "nca", "auditor"],
+            &data_dir,
+            &Limits::default(),
+        )
+        .unwrap();
         Setup {
             _dir: dir,
             root,
