@@ -567,6 +567,7 @@ impl Config {
         let mut policy = Policy {
             clock_skew: time::Duration::seconds(i64::from(raw.clock_skew_seconds)),
             enforce_review: raw.enforce_review,
+            agencies: agencies.keys().cloned().collect(),
             ..Policy::default()
         };
         if raw.clock_skew_seconds > 3600 {

@@ -6,7 +6,7 @@
 //! any other refused call through [`RefusalLog`] as `CallRefused`. Every audit export is logged
 //! as `AuditExported` when it ends.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use concordat_proto::{audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb};
 use futures::StreamExt;
@@ -16,7 +16,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    config::{Agency, Config, Limits},
+    config::{Config, Limits},
     dispatch::Dispatcher,
     identity::{Authenticator, Call, Caller, call},
     metrics::Metrics,
@@ -34,7 +34,6 @@ const MAX_ACK_IDS: usize = 4096;
 /// What the services share.
 pub struct State {
     authenticator: Authenticator,
-    agencies: BTreeMap<AgencyId, Agency>,
     limits: Limits,
     policy: Policy,
     verified: VerifiedTokens,
@@ -58,7 +57,6 @@ impl State {
     ) -> Self {
         State {
             authenticator,
-            agencies: config.agencies.clone(),
             limits: config.limits.clone(),
             policy: config.policy.clone(),
             verified: VerifiedTokens::default(),
@@ -170,8 +168,7 @@ impl State {
         let cx = policy::Context {
             policy: &self.policy,
             verified: &self.verified,
-            agencies: &self.agencies,
-            limits: &self.limits,
+            max_payload_bytes: self.limits.max_message_bytes,
             ledger: storage,
             now,
             payload_digest: payload_sha256,

@@ -124,12 +124,16 @@ fn policy(desk: &SecretKey) -> Policy {
         )]),
         clock_skew: Duration::seconds(60),
         enforce_review: false,
+        ..Policy::default()
     }
 }
 
 fn config(pki: &TestPki, data_dir: &Path, desk: &SecretKey) -> Config {
     let mut config = federation_config(pki, data_dir, None).unwrap();
-    config.policy = policy(desk);
+    config.policy = Policy {
+        agencies: config.policy.agencies.clone(),
+        ..policy(desk)
+    };
     config
 }
 

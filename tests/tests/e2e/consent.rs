@@ -154,13 +154,17 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         ]),
         clock_skew: Duration::seconds(60),
         enforce_review,
+        ..Policy::default()
     }
 }
 
 /// The test federation's broker configuration, data in `dir`.
 fn federation(pki: &TestPki, dir: &Path, keys: &Keys, enforce_review: bool) -> Config {
     let mut config = federation_config(pki, dir, None).unwrap();
-    config.policy = policy(keys, enforce_review);
+    config.policy = Policy {
+        agencies: config.policy.agencies.clone(),
+        ..policy(keys, enforce_review)
+    };
     config
 }
 

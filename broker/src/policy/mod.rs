@@ -1,0 +1,566 @@
+//! The rules the broker enforces, and [`decide`], the one function that says whether an
+//! envelope may be relayed. It reads as the whole rule, in order; each step lives in a room of
+//! its own:
+//!
+//! 1. [`agreements`]: every recipient is an agency of the federation and an agreement in force
+//!    permits the flow for this kind of message;
+//! 2. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
+//!    one travels only on flows that allow it, never as an anonymised or aggregate incident
+//!    record;
+//! 3. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
+//!    whose issuer is trusted for this sender and organisation, whose claims cover this exact
+//!    transfer (organisation, sender, recipients, kind, incident, payload, time window), and
+//!    which is neither revoked nor used up. Anonymised envelopes need no token.
+//!
+//! Each failure is a [`Refusal`] with a stable reason. The configuration builds these types
+//! (`crate::config`); nothing here reads the configuration.
+//!
+//! [`VerifiedTokens`] remembers which tokens' signatures have been verified, so that a token
+//! used for many transfers (the records of one incident, say) costs one Ed25519 verification
+//! rather than one per transfer; everything else is checked on every envelope.
+
+pub mod agreements;
+pub mod consent;
+pub mod payload;
+
+use std::collections::{BTreeSet, HashMap};
+
+use concordat_proto::{envelope::Envelope, ids::AgencyId, paserk::KeyId};
+use time::{Date, Duration, OffsetDateTime};
+
+pub use self::{
+    agreements::{Agreement, Flow},
+    consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
+};
+use crate::refusal::{Failure, Reason, Refusal};
+
+/// The rules the broker enforces.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The agreements, in configuration order.
+    pub agreements: Vec<Agreement>,
+    /// Trusted consent issuers by key id.
+    pub issuers: HashMap<KeyId, ConsentIssuer>,
+    /// How far a token's time window is stretched for clock differences.
+    pub clock_skew: Duration,
+    /// Refuse flows whose only agreements are past their review date.
+    pub enforce_review: bool,
+    /// The agencies of the federation.
+    pub agencies: BTreeSet<AgencyId>,
+}
+
+impl Policy {
+    /// The agreements whose review is overdue on `today`.
+    pub fn overdue(&self, today: Date) -> Vec<&Agreement> {
+        self.agreements
+            .iter()
+            .filter(|a| a.review_overdue(today))
+            .collect()
+    }
+}
+
+/// Why one recipient may receive this envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    /// The recipient.
+    pub recipient: AgencyId,
+    /// The agreement relied on.
+    pub agreement_id: String,
+    /// Its clause.
+    pub clause: String,
+    /// Whether that agreement's review was overdue when the decision was made.
+    pub review_overdue: bool,
+}
+
+/// A decision to relay an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// For each recipient, in the envelope's order, the agreement relied on.
+    pub authorities: Vec<Authority>,
+    /// The consent relied on, for organisation-specific envelopes.
+    pub consent: Option<ConsentUse>,
+    /// SHA-256 of the payload.
+    pub payload_digest: [u8; 32],
+}
+
+/// Everything [`decide`] looks at besides the envelope.
+pub struct Context<'a> {
+    /// The rules.
+    pub policy: &'a Policy,
+    /// Tokens verified before.
+    pub verified: &'a VerifiedTokens,
+    /// The largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// Revocations and use counts.
+    pub ledger: &'a dyn ConsentLedger,
+    /// The time of the decision.
+    pub now: OffsetDateTime,
+    /// SHA-256 of the envelope's payload, computed once by the caller.
+    pub payload_digest: [u8; 32],
+}
+
+/// Decides whether `sender` may send `envelope`. The sender is the authenticated caller.
+pub fn decide(
+    cx: &Context<'_>,
+    sender: &AgencyId,
+    envelope: &Envelope,
+) -> Result<Decision, Failure> {
+    if envelope.payload.len() > cx.max_payload_bytes {
+        return Err(refuse(
+            Reason::PayloadTooLarge,
+            format!(
+                "the payload is {} bytes; this broker accepts at most {}",
+                envelope.payload.len(),
+                cx.max_payload_bytes
+            ),
+        ));
+    }
+
+    // 1. Every recipient is an agency, and an agreement in force permits the flow.
+    let mut authorities = Vec::with_capacity(envelope.recipients.len());
+    // Opaque payloads need every flow they take to allow them (and there is at least one).
+    let mut every_flow_opaque = !envelope.recipients.is_empty();
+    for recipient in &envelope.recipients {
+        if !cx.policy.agencies.contains(recipient) {
+            return Err(refuse(
+                Reason::UnknownRecipient,
+                format!("{recipient} is not an agency of this federation"),
+            ));
+        }
+        let found = agreements::authority(cx, sender, recipient, envelope.kind)?;
+        every_flow_opaque &= found.opaque;
+        authorities.push(found.authority);
+    }
+
+    // 2. The payload is what its content type says, and the broker can read it, or the flow
+    // allows it not to. The parsed content is where checks of what the payload says (every
+    // string, with its place: `Content::for_each_string`) plug in.
+    let _content = payload::check_content(envelope, every_flow_opaque)?;
+
+    let payload_digest = cx.payload_digest;
+
+    // 3. Anonymised or aggregate information needs no consent.
+    let Some(organisation) = &envelope.organisation else {
+        return Ok(Decision {
+            authorities,
+            consent: None,
+            payload_digest,
+        });
+    };
+
+    // 4. Organisation-specific: a valid consent token must cover this exact transfer.
+    let claims =
+        consent::verify_token(cx, sender, organisation, envelope.consent_token.as_deref())?;
+    consent::check_claims(cx, &claims, sender, organisation, envelope, &payload_digest)?;
+    let max_uses = claims.max_uses().map(|n| n.get());
+    if cx
+        .ledger
+        .is_revoked(claims.iss(), &claims.jti(), claims.issued_at())?
+    {
+        return Err(refuse(
+            Reason::ConsentRevoked,
+            format!(
+                "consent token {} has been revoked by its issuer",
+                claims.jti()
+            ),
+        ));
+    }
+    if let Some(max) = max_uses {
+        let used = cx.ledger.uses(claims.iss(), &claims.jti())?;
+        if used >= max {
+            return Err(refuse(
+                Reason::ConsentUsedUp,
+                format!(
+                    "consent token {} allows {max} use(s), all used",
+                    claims.jti()
+                ),
+            ));
+        }
+    }
+    Ok(Decision {
+        authorities,
+        consent: Some(ConsentUse {
+            jti: claims.jti(),
+            issuer: *claims.iss(),
+            issued_at: claims.issued_at(),
+            max_uses,
+        }),
+        payload_digest,
+    })
+}
+
+pub(crate) fn refuse(reason: Reason, message: impl Into<String>) -> Failure {
+    Failure::Refused(Refusal::new(reason, message))
+}
+
+/// An RFC 3339 rendering for messages.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use concordat_proto::{
+        consent::{ConsentClaims, TokenId},
+        envelope::{Kind, Tlp},
+        ids::MessageId,
+        paserk::SecretKey,
+    };
+
+    use super::*;
+    use crate::{config::Config, refusal::Internal};
+
+    /// A ledger with nothing revoked and nothing used, or everything revoked.
+    struct Ledger {
+        revoked: bool,
+    }
+
+    impl ConsentLedger for Ledger {
+        fn is_revoked(&self, _: &KeyId, _: &TokenId, _: OffsetDateTime) -> Result<bool, Internal> {
+            Ok(self.revoked)
+        }
+
+        fn uses(&self, _: &KeyId, _: &TokenId) -> Result<u32, Internal> {
+            Ok(0)
+        }
+    }
+
+    /// The default federation with `desk` as the NCSC's consent desk.
+    fn config(desk: &SecretKey) -> Config {
+        let mut config = Config::embedded_default().unwrap();
+        config.policy.issuers.clear();
+        config.policy.issuers.insert(
+            desk.key_id(),
+            ConsentIssuer {
+                key: desk.public(),
+                agency: Some("ncsc".parse().unwrap()),
+                organisations: Organisations::Any,
+            },
+        );
+        config
+    }
+
+    /// A token of `desk` for acme-ltd's incident records from the NCSC to the ICO.
+    fn token(desk: &SecretKey, now: OffsetDateTime) -> String {
+        ConsentClaims::builder("acme-ltd", "ncsc", "a test")
+            .recipient("ico")
+            .kind(Kind::IncidentRecord)
+            .valid_for(Duration::hours(1))
+            .build(desk.key_id(), now)
+            .unwrap()
+            .sign(desk)
+            .unwrap()
+    }
+
+    fn envelope(to: &str, token: &str) -> Envelope {
+        Envelope {
+            message_id: MessageId::new_random(),
+            recipients: vec![to.parse().unwrap()],
+            kind: Kind::IncidentRecord,
+            organisation: Some("acme-ltd".parse().unwrap()),
+            incident_ref: None,
+            content_type: "application/json".into(),
+            tlp: Tlp::Amber,
+            payload: b"{}".to_vec(),
+            consent_token: Some(token.into()),
+        }
+    }
+
+    fn reason(result: Result<Decision, Failure>) -> Option<Reason> {
+        match result {
+            Err(Failure::Refused(r)) => Some(r.reason),
+            Err(Failure::Internal(e)) => panic!("internal error: {e}"),
+            Ok(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_still_has_every_claim_and_the_ledger_checked() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let verified = VerifiedTokens::default();
+        let now = OffsetDateTime::now_utc();
+        let token = token(&desk, now);
+        let ncsc: AgencyId = "ncsc".parse().unwrap();
+        let decide_with = |e: &Envelope, ledger: &Ledger, now: OffsetDateTime| {
+            let cx = Context {
+                policy: &config.policy,
+                verified: &verified,
+                max_payload_bytes: config.limits.max_message_bytes,
+                ledger,
+                now,
+                payload_digest: [0; 32],
+            };
+            decide(&cx, &ncsc, e)
+        };
+        let open = Ledger { revoked: false };
+
+        assert_eq!(
+            reason(decide_with(&envelope("ico", &token), &open, now)),
+            None
+        );
+        assert_eq!(verified.len(), 1, "the verified token is remembered");
+        // Served from memory, the claims are still checked against each envelope ...
+        assert_eq!(
+            reason(decide_with(&envelope("nca", &token), &open, now)),
+            Some(Reason::NoAgreement)
+        );
+        let mut other_org = envelope("ico", &token);
+        other_org.organisation = Some("other-ltd".parse().unwrap());
+        assert_eq!(
+            reason(decide_with(&other_org, &open, now)),
+            Some(Reason::ConsentWrongOrganisation)
+        );
+        // ... against the clock ...
+        assert_eq!(
+            reason(decide_with(
+                &envelope("ico", &token),
+                &open,
+                now + Duration::hours(2)
+            )),
+            Some(Reason::ConsentExpired)
+        );
+        // ... and against the ledger.
+        assert_eq!(
+            reason(decide_with(
+                &envelope("ico", &token),
+                &Ledger { revoked: true },
+                now
+            )),
+            Some(Reason::ConsentRevoked)
+        );
+        // The same token with one signature byte changed is a different token: verified, and
+        // refused.
+        let mut forged = token.clone().into_bytes();
+        // A character inside the signature, the last part of the body.
+        let at = token.rfind('.').unwrap() - 5;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(
+            reason(decide_with(&envelope("ico", &forged), &open, now)),
+            Some(Reason::ConsentBadSignature)
+        );
+        assert_eq!(verified.len(), 1, "refused tokens are not remembered");
+    }
+
+    #[test]
+    fn content_rules_come_after_the_agreement_and_before_consent() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let verified = VerifiedTokens::default();
+        let now = OffsetDateTime::now_utc();
+        let token = token(&desk, now);
+        let open = Ledger { revoked: false };
+        let record = |granularity: &str, orgs: &[&str]| {
+            serde_json::to_vec(&serde_json::json!({
+                "incident": {
+                    "reference": "INC-1",
+                    "first_seen": "2026-11-30T09:15:00Z",
+                    "categories": ["ransomware"],
+                    "summary": "Ransomware on the file servers."
+                },
+                "granularity": granularity,
+                "organisations": orgs,
+            }))
+            .unwrap()
+        };
+        const INCIDENT: &str = "application/vnd.concordat.incident+json; version=1";
+        const STIX: &str = "application/stix+json;version=2.1";
+        // (what, sender, recipient, kind, with the token, content type, payload, reason)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Kind,
+            bool,
+            &'a str,
+            Vec<u8>,
+            Option<Reason>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (
+                "anonymised JSON record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "JSON that does not parse",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json",
+                b"{".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "malformed content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/json;",
+                b"{}".to_vec(),
+                None,
+            ),
+            (
+                "unparseable content type",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "json",
+                b"{}".to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "opaque anonymised record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                "application/octet-stream",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on a closed flow",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::UninspectableContent),
+            ),
+            (
+                "opaque on an opaque flow",
+                "ico",
+                "nca",
+                Kind::DsarConsultation,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                None,
+            ),
+            (
+                "no agreement comes first",
+                "ncsc",
+                "nca",
+                Kind::ThreatAssessment,
+                false,
+                "application/pdf",
+                b"x".to_vec(),
+                Some(Reason::NoAgreement),
+            ),
+            (
+                "empty STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e"}"#
+                    .to_vec(),
+                None,
+            ),
+            (
+                "invalid STIX bundle",
+                "ncsc",
+                "ico",
+                Kind::ThreatAssessment,
+                false,
+                STIX,
+                br#"{"type":"bundle","id":"bundle--1"}"#.to_vec(),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "aggregate record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                None,
+            ),
+            (
+                "aggregate record with an organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                None,
+            ),
+            (
+                "specific record, other organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                true,
+                INCIDENT,
+                record("incident_specific", &["beta-plc"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "specific record, no organisation",
+                "ncsc",
+                "ico",
+                Kind::IncidentRecord,
+                false,
+                INCIDENT,
+                record("incident_specific", &["acme-ltd"]),
+                Some(Reason::InvalidContent),
+            ),
+            (
+                "record as a threat assessment",
+                "ico",
+                "ncsc",
+                Kind::ThreatAssessment,
+                false,
+                INCIDENT,
+                record("aggregate", &[]),
+                Some(Reason::InvalidContent),
+            ),
+        ];
+        for (what, sender, to, kind, with_token, content_type, payload, want) in rows {
+            let mut e = envelope(to, &token);
+            e.kind = kind;
+            e.content_type = content_type.into();
+            e.payload = payload;
+            if !with_token {
+                e.organisation = None;
+                e.consent_token = None;
+            }
+            let cx = Context {
+                policy: &config.policy,
+                verified: &verified,
+                max_payload_bytes: config.limits.max_message_bytes,
+                ledger: &open,
+                now,
+                payload_digest: [0; 32],
+            };
+            let got = reason(decide(&cx, &sender.parse().unwrap(), &e));
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}
