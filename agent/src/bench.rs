@@ -561,6 +561,7 @@ pub async fn relay(
         tlp: pb::Tlp::Amber as i32,
         payload: json_payload(settings.payload),
         consent_token: token.clone(),
+        ..Default::default()
     };
     writeln!(
         out,
@@ -714,6 +715,7 @@ pub async fn audit(entries: u64, out: &mut dyn Write) -> anyhow::Result<()> {
                     }),
                     reason: "CONSENT_MISSING".into(),
                     message: "benchmark entry".into(),
+                    ..Default::default()
                 };
                 ops.push(Op::Refuse(Box::new(refused)));
             }

@@ -96,7 +96,7 @@ impl Running {
         out: &mut dyn Write,
         agency: &'static str,
         file: &str,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Result<String, String>> {
         let event = self
             .wait(agency, |e| match &e {
                 AgentEvent::Sent { file: f, .. }
@@ -127,7 +127,7 @@ impl Running {
                     )?;
                 }
                 writeln!(out, "   file: {} (receipt beside it)", self.shown(&path))?;
-                Ok(Some(receipt.message_id))
+                Ok(Ok(receipt.message_id))
             }
             AgentEvent::Refused {
                 path,
@@ -137,7 +137,7 @@ impl Running {
             } => {
                 writeln!(out, "   refused: {reason}: {message}")?;
                 writeln!(out, "   file: {} (reason beside it)", self.shown(&path))?;
-                Ok(None)
+                Ok(Err(reason))
             }
             AgentEvent::Failed { path, error, .. } => {
                 bail!(
@@ -163,7 +163,7 @@ impl Running {
         let id = self
             .decided(out, from, name)
             .await?
-            .with_context(|| format!("{step} was refused"))?;
+            .map_err(|reason| anyhow::anyhow!("{step} was refused: {reason}"))?;
         self.delivered(out, to, &format!("{from}.{id}.json"))
             .await?;
         Ok(id)
@@ -376,14 +376,40 @@ async fn script(
     if demo
         .decided(out, "ncsc", "03-incident-acme.json")
         .await?
-        .is_some()
+        .is_ok()
     {
         bail!("step 3 should have been refused");
     }
 
     writeln!(
         out,
-        "\n4. The same record with a consent token from the NCSC consent desk"
+        "\n4. The same record sent as anonymised, its organisation field removed: the broker reads the payload"
+    )?;
+    demo.drop_file(
+        "ncsc",
+        "04-incident-acme-anonymised.json",
+        &serde_json::json!({
+            "recipients": ["ico"],
+            "kind": "incident_record",
+            "incident_ref": "INC-2026-0042",
+            "tlp": "amber+strict",
+            "payload": record,
+        }),
+    )?;
+    match demo
+        .decided(out, "ncsc", "04-incident-acme-anonymised.json")
+        .await?
+    {
+        Ok(_) => bail!("step 4 should have been refused"),
+        Err(reason) if reason != "ORGANISATION_IDENTIFIED" => {
+            bail!("step 4 should have been refused ORGANISATION_IDENTIFIED, not {reason}")
+        }
+        Err(_) => {}
+    }
+
+    writeln!(
+        out,
+        "\n5. The same record with a consent token from the NCSC consent desk"
     )?;
     let desk = desks.get("ncsc").context("no NCSC desk")?;
     let token = operator::issue_consent(
@@ -412,7 +438,7 @@ async fn script(
         .relay(
             out,
             ("ncsc", "ico"),
-            "04-incident-acme-consented.json",
+            "05-incident-acme-consented.json",
             &serde_json::json!({
                 "recipients": ["ico"],
                 "kind": "incident_record",
@@ -422,13 +448,13 @@ async fn script(
                 "payload": record,
                 "consent_token": token,
             }),
-            "step 4",
+            "step 5",
         )
         .await?;
 
     writeln!(
         out,
-        "\n5. Acme Ltd withdraws consent: the NCSC consent desk revokes the token"
+        "\n6. Acme Ltd withdraws consent: the NCSC consent desk revokes the token"
     )?;
     let statement = operator::revocation(
         desk,

@@ -250,6 +250,7 @@ mod tests {
                 envelope: Some(facts),
                 reason: "CONSENT_MISSING".into(),
                 message: "no consent token".into(),
+                ..Default::default()
             })
         };
         pb::AuditEntry {

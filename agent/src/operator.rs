@@ -192,7 +192,7 @@ pub async fn send_revocation(
 #[derive(Debug)]
 pub enum SendOutcome {
     /// Accepted: the receipt.
-    Accepted(pb::Receipt),
+    Accepted(Box<pb::Receipt>),
     /// Refused, with the reason code and message.
     Refused {
         /// The stable reason code.
@@ -210,7 +210,7 @@ pub async fn send(tls: &ClientTls, envelope: Envelope) -> anyhow::Result<SendOut
         .deadline(client.send(pb::Envelope::from(envelope)))
         .await
     {
-        Ok(receipt) => Ok(SendOutcome::Accepted(receipt.into_inner())),
+        Ok(receipt) => Ok(SendOutcome::Accepted(Box::new(receipt.into_inner()))),
         Err(status) => match refusal_of(&status) {
             Some((reason, message)) => Ok(SendOutcome::Refused { reason, message }),
             None => Err(describe_status(status)),
@@ -263,6 +263,8 @@ pub fn envelope(
         tlp,
         payload,
         consent_token,
+        organisations: Vec::new(),
+        consent_tokens: Vec::new(),
     }
 }
 

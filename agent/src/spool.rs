@@ -112,6 +112,15 @@ pub struct OutboxMessage {
     pub consent_token: Option<String>,
     /// A file holding the consent token.
     pub consent_token_file: Option<PathBuf>,
+    /// Further organisations the payload identifies, each needing its consent token.
+    #[serde(default)]
+    pub organisations: Vec<String>,
+    /// Further consent tokens, inline, one per further organisation identified.
+    #[serde(default)]
+    pub consent_tokens: Vec<String>,
+    /// Files holding further consent tokens.
+    #[serde(default)]
+    pub consent_token_files: Vec<PathBuf>,
 }
 
 /// What the agent writes beside an accepted file.
@@ -574,6 +583,15 @@ pub(crate) fn envelope_from_outbox(
         }
         (None, None) => None,
     };
+    let mut consent_tokens: Vec<String> = msg
+        .consent_tokens
+        .iter()
+        .map(|t| t.trim().to_owned())
+        .collect();
+    for file in &msg.consent_token_files {
+        let bytes = sources.read_file(file)?;
+        consent_tokens.push(String::from_utf8_lossy(&bytes).trim().to_owned());
+    }
     let fingerprint = hex_digest(bytes);
     let message_id = match &msg.message_id {
         Some(id) => id
@@ -598,6 +616,8 @@ pub(crate) fn envelope_from_outbox(
         tlp: pb::Tlp::from(tlp) as i32,
         payload,
         consent_token: consent_token.unwrap_or_default(),
+        consent_tokens,
+        organisations: msg.organisations,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
 }

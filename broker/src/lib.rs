@@ -94,6 +94,9 @@ pub enum ServeError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The organisation registry could not be compiled for the leak check.
+    #[error("organisation registry: {0}")]
+    Registry(#[from] registry::RegistryError),
     /// The recovered store is not whole: it is never served.
     #[error(transparent)]
     Recovery(#[from] store::RecoveryError),
@@ -252,8 +255,10 @@ pub async fn serve_with(
         connections.clone(),
     );
     tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
+    let organisations = Arc::new(registry::Matcher::new(&config.registry)?);
     let state = Arc::new(service::State::new(
         &config,
+        organisations,
         authenticator.clone(),
         store,
         stop_rx,

@@ -39,6 +39,9 @@ pub enum Reason {
     /// The payload is opaque (the broker cannot read it) and the flow does not allow opaque
     /// payloads, or it is sent as an anonymised or aggregate incident record.
     UninspectableContent,
+    /// The payload names a registered organisation for which the envelope carries no consent
+    /// token.
+    OrganisationIdentified,
     /// An organisation-specific envelope carries no consent token.
     ConsentMissing,
     /// The consent token is longer than any valid token.
@@ -103,6 +106,7 @@ impl Reason {
             Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Reason::InvalidContent => "INVALID_CONTENT",
             Reason::UninspectableContent => "UNINSPECTABLE_CONTENT",
+            Reason::OrganisationIdentified => "ORGANISATION_IDENTIFIED",
             Reason::ConsentMissing => "CONSENT_MISSING",
             Reason::ConsentTooLong => "CONSENT_TOO_LONG",
             Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",
@@ -163,6 +167,64 @@ pub struct Refusal {
     pub reason: Reason,
     /// What a person should read.
     pub message: String,
+    /// For a refused transfer, the agreement and clause that applied, or that none did; `None`
+    /// for refusals that are not about a flow (a call, a revocation).
+    pub citation: Option<Citation>,
+}
+
+/// What a refused transfer's flow was judged under: sent as `ErrorInfo` metadata
+/// (`agreement_id`, `clause`) and recorded in the `TransferRefused` audit entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Citation {
+    /// The agreements and clauses of the flows found, one per recipient (in the envelope's
+    /// order), at least one.
+    Clauses(Vec<(String, String)>),
+    /// No agreement in force covers the flow (or it could not be determined, for an envelope
+    /// too malformed to say where it goes).
+    NoAgreement,
+}
+
+impl Citation {
+    /// The value of `ErrorInfo.metadata["agreement_id"]` and of the audit entry's
+    /// `agreement_id`: the distinct agreement ids, comma-separated, or `none`.
+    pub fn agreement_id(&self) -> String {
+        match self {
+            Citation::Clauses(c) => {
+                let mut ids: Vec<&str> = Vec::new();
+                for (id, _) in c {
+                    if !ids.contains(&id.as_str()) {
+                        ids.push(id);
+                    }
+                }
+                ids.join(",")
+            }
+            Citation::NoAgreement => "none".into(),
+        }
+    }
+
+    /// The value of `ErrorInfo.metadata["clause"]` and of the audit entry's `clause`: the
+    /// distinct `agreement/clause` pairs when the flows rely on several agreements, the clause
+    /// alone when on one, or `none`.
+    pub fn clause(&self) -> String {
+        match self {
+            Citation::Clauses(c) => {
+                let several = c.iter().any(|(id, _)| *id != c[0].0);
+                let mut out: Vec<String> = Vec::new();
+                for (id, clause) in c {
+                    let one = if several {
+                        format!("{id}/{clause}")
+                    } else {
+                        clause.clone()
+                    };
+                    if !out.contains(&one) {
+                        out.push(one);
+                    }
+                }
+                out.join(",")
+            }
+            Citation::NoAgreement => "none".into(),
+        }
+    }
 }
 
 impl Refusal {
@@ -171,6 +233,26 @@ impl Refusal {
         Refusal {
             reason,
             message: message.into(),
+            citation: None,
+        }
+    }
+
+    /// The refusal citing `citation`, unless it already cites something.
+    pub fn cited(mut self, citation: impl FnOnce() -> Citation) -> Self {
+        if self.citation.is_none() {
+            self.citation = Some(citation());
+        }
+        self
+    }
+}
+
+impl Failure {
+    /// A refusal citing `citation` unless it already cites something; internal errors as
+    /// they are.
+    pub fn cited(self, citation: impl FnOnce() -> Citation) -> Self {
+        match self {
+            Failure::Refused(r) => Failure::Refused(r.cited(citation)),
+            internal => internal,
         }
     }
 }
@@ -183,11 +265,12 @@ impl fmt::Display for Refusal {
 
 impl From<Refusal> for Status {
     fn from(r: Refusal) -> Status {
-        let details = ErrorDetails::with_error_info(
-            r.reason.as_str(),
-            ERROR_DOMAIN,
-            std::collections::HashMap::<String, String>::new(),
-        );
+        let mut metadata = std::collections::HashMap::<String, String>::new();
+        if let Some(c) = &r.citation {
+            metadata.insert("agreement_id".into(), c.agreement_id());
+            metadata.insert("clause".into(), c.clause());
+        }
+        let details = ErrorDetails::with_error_info(r.reason.as_str(), ERROR_DOMAIN, metadata);
         Status::with_error_details(r.reason.code(), r.message, details)
     }
 }
@@ -320,10 +403,54 @@ pub fn reason_of(status: &Status) -> Option<String> {
         .map(|info| info.reason.clone())
 }
 
+/// The agreement and clause a refused transfer's status cites (`ErrorInfo` metadata
+/// `agreement_id` and `clause`; `none` when no agreement covers the flow), if it cites any.
+pub fn citation_of(status: &Status) -> Option<(String, String)> {
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)?;
+    Some((
+        info.metadata.get("agreement_id")?.clone(),
+        info.metadata.get("clause")?.clone(),
+    ))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_cites_its_clauses_or_says_none() {
+        let one = |a: &str, c: &str| (a.to_owned(), c.to_owned());
+        let cases = [
+            (Citation::NoAgreement, ("none", "none")),
+            (
+                Citation::Clauses(vec![one("mou-a", "4.2")]),
+                ("mou-a", "4.2"),
+            ),
+            (
+                Citation::Clauses(vec![one("mou-a", "4.2"), one("mou-a", "4.2")]),
+                ("mou-a", "4.2"),
+            ),
+            (
+                Citation::Clauses(vec![one("mou-a", "4.2"), one("mou-b", "3")]),
+                ("mou-a,mou-b", "mou-a/4.2,mou-b/3"),
+            ),
+        ];
+        for (citation, (agreement, clause)) in cases {
+            let status =
+                Status::from(Refusal::new(Reason::ConsentMissing, "x").cited(|| citation.clone()));
+            assert_eq!(
+                citation_of(&status),
+                Some((agreement.to_owned(), clause.to_owned())),
+                "{citation:?}"
+            );
+        }
+        let uncited = Status::from(Refusal::new(Reason::NotAuthorised, "x"));
+        assert_eq!(citation_of(&uncited), None);
+    }
 
     #[test]
     fn refusal_carries_reason_and_message() {

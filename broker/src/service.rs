@@ -21,8 +21,9 @@ use crate::{
     identity::{Authenticator, Call, Caller, call},
     metrics::Metrics,
     policy::{self, Policy, VerifiedTokens},
-    refusal::{Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
+    refusal::{Citation, Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
     refusal_log::{RefusalLog, RefusedCall},
+    registry::Matcher,
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
 
@@ -36,6 +37,7 @@ pub struct State {
     authenticator: Authenticator,
     limits: Limits,
     policy: Policy,
+    organisations: Arc<Matcher>,
     verified: VerifiedTokens,
     store: Store,
     dispatcher: Dispatcher,
@@ -49,6 +51,7 @@ impl State {
     /// `shutdown` turns true.
     pub fn new(
         config: &Config,
+        organisations: Arc<Matcher>,
         authenticator: Authenticator,
         store: Store,
         shutdown: watch::Receiver<bool>,
@@ -58,7 +61,12 @@ impl State {
         State {
             authenticator,
             limits: config.limits.clone(),
-            policy: config.policy.clone(),
+            // The federation's agencies are the configuration's, whoever built the policy.
+            policy: Policy {
+                agencies: config.agencies.keys().cloned().collect(),
+                ..config.policy.clone()
+            },
+            organisations,
             verified: VerifiedTokens::default(),
             store,
             dispatcher: Dispatcher::default(),
@@ -96,8 +104,13 @@ impl State {
                 Ok(prepared) => (Ok(prepared), None),
                 Err((failure, facts)) => (Err(failure), facts),
             },
+            // An envelope too malformed to say where it goes is covered by no agreement.
             Err((e, wire)) => (
-                Err(Refusal::new(Reason::Malformed, format!("malformed envelope: {e}")).into()),
+                Err(
+                    Refusal::new(Reason::Malformed, format!("malformed envelope: {e}"))
+                        .cited(|| Citation::NoAgreement)
+                        .into(),
+                ),
                 Some(Box::new(store::raw_facts(sender, &wire, &payload_sha256))),
             ),
         };
@@ -126,11 +139,7 @@ impl State {
                 .into()),
             },
             Err(Failure::Refused(r)) => {
-                let refused = pb::TransferRefused {
-                    envelope: facts.map(|f| *f),
-                    reason: r.reason.as_str().into(),
-                    message: r.message.clone(),
-                };
+                let refused = store::transfer_refused(facts.map(|f| *f), &r);
                 self.store.commit(Op::Refuse(Box::new(refused))).await?;
                 Err(r.into())
             }
@@ -147,26 +156,11 @@ impl State {
         payload_sha256: [u8; 32],
     ) -> Result<Prepared, (Failure, Option<Box<pb::EnvelopeFacts>>)> {
         let digest = store::envelope_digest(&envelope, &payload_sha256);
-        // The disk floor comes first: nothing new is taken on a nearly full disk, while
-        // acknowledgements (which free queue space) go on.
-        let free = self.store.free_bytes();
-        if free < self.limits.min_free_bytes {
-            let refusal = Refusal::new(
-                Reason::StorageFull,
-                format!(
-                    "the broker's disk has {} MiB free, below its floor of {} MiB: it takes no \
-                     new transfers until space is freed; try again later",
-                    free / (1024 * 1024),
-                    self.limits.min_free_bytes / (1024 * 1024)
-                ),
-            );
-            let facts = store::refused_facts(sender, &envelope, &payload_sha256);
-            return Err((refusal.into(), Some(Box::new(facts))));
-        }
         let storage = self.store.storage();
         let now = crate::clock::now();
         let cx = policy::Context {
             policy: &self.policy,
+            organisations: &self.organisations,
             verified: &self.verified,
             max_payload_bytes: self.limits.max_message_bytes,
             ledger: storage,
@@ -191,13 +185,37 @@ impl State {
                     Ok(Some((receipt, first))) if first == digest => {
                         Ok(Prepared::Duplicate(Box::new(receipt)))
                     }
-                    Ok(Some(_)) => Err((store::message_id_reused().into(), facts())),
+                    Ok(Some(_)) => {
+                        let reused = store::message_id_reused();
+                        let reused = match refusal.citation {
+                            Some(c) => reused.cited(|| c),
+                            None => reused,
+                        };
+                        Err((reused.into(), facts()))
+                    }
                     Ok(None) => Err((refusal.into(), facts())),
                     Err(e) => Err((e.into(), None)),
                 };
             }
             Err(internal) => return Err((internal, None)),
         };
+        // The disk floor: nothing new is taken on a nearly full disk, while acknowledgements
+        // (which free queue space) go on.
+        let free = self.store.free_bytes();
+        if free < self.limits.min_free_bytes {
+            let refusal = Refusal::new(
+                Reason::StorageFull,
+                format!(
+                    "the broker's disk has {} MiB free, below its floor of {} MiB: it takes no \
+                     new transfers until space is freed; try again later",
+                    free / (1024 * 1024),
+                    self.limits.min_free_bytes / (1024 * 1024)
+                ),
+            )
+            .cited(|| decision.citation());
+            let facts = store::refused_facts(sender, &envelope, &payload_sha256);
+            return Err((refusal.into(), Some(Box::new(facts))));
+        }
         Ok(Prepared::Accept(Op::Accept(Box::new(Accept::new(
             sender.clone(),
             envelope,

@@ -197,6 +197,10 @@ fn envelope_json(e: Option<&pb::EnvelopeFacts>) -> Value {
         "payload_size": e.payload_size,
         "consent_jti": e.consent_jti,
         "consent_issuer": e.consent_issuer,
+        "consents": e.consents.iter().map(|c| json!({
+            "organisation": c.organisation, "jti": c.jti, "issuer": c.issuer,
+        })).collect::<Vec<_>>(),
+        "organisations": e.organisations,
     })
 }
 
@@ -214,6 +218,8 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
             "envelope": envelope_json(r.envelope.as_ref()),
             "reason": r.reason,
             "message": r.message,
+            "agreement_id": r.agreement_id,
+            "clause": r.clause,
         }),
         Some(Event::Delivered(d)) => json!({
             "recipient": d.recipient, "delivery_id": d.delivery_id,
@@ -261,6 +267,23 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
 pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
     let when = rfc3339(entry.time.as_ref());
     let consent = |e: &pb::EnvelopeFacts| {
+        if e.consents.len() > 1 {
+            let each: Vec<String> = e
+                .consents
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} (token {} signed by issuer {})",
+                        c.organisation, c.jti, c.issuer
+                    )
+                })
+                .collect();
+            return format!(
+                "{} organisations were identified and each consented: {}.",
+                e.consents.len(),
+                each.join("; ")
+            );
+        }
         if e.consent_jti.is_empty() {
             if e.organisation.is_empty() {
                 "No organisation was named, so no consent was needed (anonymised or aggregate information).".to_owned()
@@ -319,8 +342,15 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
                     e.recipients.join(", ")
                 )
             });
+            let under = match (r.agreement_id.as_str(), r.clause.as_str()) {
+                ("", _) => String::new(),
+                ("none", _) => "\n  No agreement covers this flow.".to_owned(),
+                (agreement, clause) => {
+                    format!("\n  Judged under agreement {agreement}, clause: {clause}.")
+                }
+            };
             format!(
-                "Entry {index} ({when}): the broker REFUSED{who}.\n  Rule: {} — {}",
+                "Entry {index} ({when}): the broker REFUSED{who}.\n  Rule: {} — {}{under}",
                 r.reason, r.message
             )
         }
@@ -452,6 +482,7 @@ mod tests {
                 }),
                 reason: reason.into(),
                 message: "m".into(),
+                ..Default::default()
             })),
         }
     }

@@ -16,6 +16,9 @@ use crate::{
 pub const MAX_RECIPIENTS: usize = 32;
 /// The longest incident reference or content type accepted.
 pub const MAX_LABEL_LEN: usize = 128;
+/// The most organisations one envelope may declare (`organisation` and `organisations`
+/// together), and so the most consent tokens it may carry.
+pub const MAX_ORGANISATIONS: usize = 32;
 
 /// What kind of information an envelope carries.
 ///
@@ -240,6 +243,26 @@ pub struct Envelope {
     pub payload: Vec<u8>,
     /// The consent token, if one was given.
     pub consent_token: Option<String>,
+    /// Further organisations the envelope declares, distinct, none equal to `organisation`.
+    pub organisations: Vec<OrgId>,
+    /// Further consent tokens (`consent_tokens` on the wire), none empty.
+    pub consent_tokens: Vec<String>,
+}
+
+impl Envelope {
+    /// Every organisation the envelope declares: `organisation` first, then `organisations`.
+    pub fn declared_organisations(&self) -> impl Iterator<Item = &OrgId> {
+        self.organisation.iter().chain(&self.organisations)
+    }
+
+    /// Every consent token the envelope carries: `consent_token` first, then
+    /// `consent_tokens`.
+    pub fn all_consent_tokens(&self) -> impl Iterator<Item = &str> {
+        self.consent_token
+            .iter()
+            .chain(&self.consent_tokens)
+            .map(String::as_str)
+    }
 }
 
 impl fmt::Debug for Envelope {
@@ -258,6 +281,8 @@ impl fmt::Debug for Envelope {
                 "consent_token",
                 &self.consent_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("organisations", &self.organisations)
+            .field("consent_tokens", &self.consent_tokens.len())
             .finish()
     }
 }
@@ -285,6 +310,7 @@ struct Checked {
     recipients: Vec<AgencyId>,
     kind: Kind,
     organisation: Option<OrgId>,
+    organisations: Vec<OrgId>,
     tlp: Tlp,
 }
 
@@ -326,6 +352,36 @@ impl Checked {
                     .map_err(|e| EnvelopeError::id("organisation", e))?,
             )
         };
+        let mut organisations: Vec<OrgId> = Vec::with_capacity(wire.organisations.len());
+        for o in &wire.organisations {
+            let id: OrgId = o
+                .parse()
+                .map_err(|e| EnvelopeError::id("organisations", e))?;
+            if organisation.as_ref() == Some(&id) || organisations.contains(&id) {
+                return Err(EnvelopeError::Invalid {
+                    field: "organisations",
+                    problem: format!("names {id} twice"),
+                });
+            }
+            organisations.push(id);
+        }
+        let declared = organisations.len() + usize::from(organisation.is_some());
+        let tokens = wire.consent_tokens.len() + usize::from(!wire.consent_token.is_empty());
+        if declared > MAX_ORGANISATIONS || tokens > MAX_ORGANISATIONS {
+            return Err(EnvelopeError::Invalid {
+                field: "organisations",
+                problem: format!(
+                    "an envelope declares at most {MAX_ORGANISATIONS} organisations and carries \
+                     at most as many consent tokens"
+                ),
+            });
+        }
+        if wire.consent_tokens.iter().any(String::is_empty) {
+            return Err(EnvelopeError::Invalid {
+                field: "consent_tokens",
+                problem: "must not hold an empty token".into(),
+            });
+        }
         let kind = Kind::try_from(wire.kind)?;
         check_label("incident_ref", &wire.incident_ref)?;
         check_label("content_type", &wire.content_type)?;
@@ -334,6 +390,7 @@ impl Checked {
             recipients,
             kind,
             organisation,
+            organisations,
             tlp: Tlp::try_from(wire.tlp)?,
         })
     }
@@ -359,6 +416,8 @@ impl Envelope {
             tlp: c.tlp,
             payload: wire.payload,
             consent_token: some(wire.consent_token),
+            organisations: c.organisations,
+            consent_tokens: wire.consent_tokens,
         })
     }
 }
@@ -383,6 +442,8 @@ impl From<Envelope> for pb::Envelope {
             tlp: pb::Tlp::from(e.tlp) as i32,
             payload: e.payload,
             consent_token: e.consent_token.unwrap_or_default(),
+            consent_tokens: e.consent_tokens,
+            organisations: e.organisations.into_iter().map(String::from).collect(),
         }
     }
 }
@@ -403,6 +464,8 @@ mod tests {
             tlp: pb::Tlp::Amber as i32,
             payload: b"{}".to_vec(),
             consent_token: "v4.public.x".into(),
+            consent_tokens: vec!["v4.public.y".into()],
+            organisations: vec!["globex-plc".into()],
         }
     }
 
@@ -450,6 +513,20 @@ mod tests {
             ("incident_ref", |e| e.incident_ref = "x".repeat(129)),
             ("incident_ref", |e| e.incident_ref = "bad\nref".into()),
             ("content_type", |e| e.content_type = "text/\u{7}".into()),
+            ("organisations", |e| e.organisations = vec!["Globex".into()]),
+            ("organisations", |e| {
+                e.organisations = vec!["acme-ltd".into()]
+            }),
+            ("organisations", |e| {
+                e.organisations = vec!["globex-plc".into(), "globex-plc".into()]
+            }),
+            ("organisations", |e| {
+                e.organisations = (0..32).map(|i| format!("org-{i}")).collect()
+            }),
+            ("organisations", |e| {
+                e.consent_tokens = vec!["v4.public.y".into(); 32]
+            }),
+            ("consent_tokens", |e| e.consent_tokens = vec![String::new()]),
         ];
         for (field, mutate) in cases {
             let mut wire = valid();

@@ -426,6 +426,13 @@ struct SendArgs {
     /// The consent token, or @FILE.
     #[arg(long)]
     consent: Option<String>,
+    /// A further organisation the payload identifies (repeatable; each needs --also-consent).
+    #[arg(long)]
+    also_org: Vec<OrgId>,
+    /// A further consent token, or @FILE, one per further organisation the payload identifies
+    /// (repeatable); the broker matches each to its organisation.
+    #[arg(long)]
+    also_consent: Vec<String>,
     /// The incident reference.
     #[arg(long)]
     incident: Option<String>,
@@ -671,7 +678,12 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(operator::inline_or_file)
         .transpose()?;
-    let envelope = operator::envelope(
+    let also_consent = args
+        .also_consent
+        .iter()
+        .map(|t| operator::inline_or_file(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut envelope = operator::envelope(
         args.message_id,
         args.to,
         args.kind,
@@ -682,6 +694,8 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         args.content_type,
         payload,
     );
+    envelope.organisations = args.also_org;
+    envelope.consent_tokens = also_consent;
     match operator::send(&args.broker.tls()?, envelope).await? {
         SendOutcome::Accepted(receipt) => {
             print!("{}", operator::describe_receipt(&receipt));

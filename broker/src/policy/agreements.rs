@@ -3,11 +3,14 @@
 
 use std::collections::BTreeSet;
 
-use concordat_proto::{envelope::Kind, ids::AgencyId};
+use concordat_proto::{
+    envelope::{Envelope, Kind},
+    ids::AgencyId,
+};
 use time::Date;
 
 use super::{Authority, Context, refuse};
-use crate::refusal::{Failure, Reason};
+use crate::refusal::{Citation, Failure, Reason};
 
 /// An agreement (memorandum of understanding) between agencies, and the flows it permits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,39 @@ pub struct Flow {
     /// Whether the flow may carry opaque payloads, which the broker cannot inspect
     /// (`opaque = true`; default false).
     pub opaque: bool,
+}
+
+/// The flows a transfer takes, one per recipient.
+pub(super) struct Flows {
+    /// For each recipient, in the envelope's order, the agreement relied on.
+    pub(super) authorities: Vec<Authority>,
+    /// Whether every flow allows opaque payloads (and there is at least one).
+    pub(super) every_flow_opaque: bool,
+}
+
+/// Finds, for every recipient of `envelope`, that it is an agency of the federation and the
+/// agreement in force that permits the flow.
+pub(super) fn find(
+    cx: &Context<'_>,
+    sender: &AgencyId,
+    envelope: &Envelope,
+) -> Result<Flows, Failure> {
+    let mut flows = Flows {
+        authorities: Vec::with_capacity(envelope.recipients.len()),
+        every_flow_opaque: !envelope.recipients.is_empty(),
+    };
+    for recipient in &envelope.recipients {
+        if !cx.policy.agencies.contains(recipient) {
+            return Err(refuse(
+                Reason::UnknownRecipient,
+                format!("{recipient} is not an agency of this federation"),
+            ));
+        }
+        let found = authority(cx, sender, recipient, envelope.kind)?;
+        flows.every_flow_opaque &= found.opaque;
+        flows.authorities.push(found.authority);
+    }
+    Ok(flows)
 }
 
 /// The agreement found for one recipient, and whether its flow allows opaque payloads.
@@ -99,7 +135,13 @@ pub(super) fn authority(
                 "agreement {} would permit {kind} from {sender} to {recipient}, but its review is overdue",
                 found.authority.agreement_id
             ),
-        )),
+        )
+        .cited(|| {
+            Citation::Clauses(vec![(
+                found.authority.agreement_id.clone(),
+                found.authority.clause.clone(),
+            )])
+        })),
         Some(found) => {
             // Logged at start-up and by check-config; per decision it is only a debug note.
             tracing::debug!(agreement = %found.authority.agreement_id, "relying on an agreement whose review is overdue");

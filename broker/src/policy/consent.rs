@@ -16,7 +16,7 @@ use concordat_proto::{
 };
 use time::OffsetDateTime;
 
-use super::{Context, refuse, rfc3339};
+use super::{Context, organisations::Identified, refuse, rfc3339};
 use crate::refusal::{Failure, Internal, Reason};
 
 /// Which organisations an issuer may speak for.
@@ -43,6 +43,8 @@ pub struct ConsentIssuer {
 /// The consent a transfer was made under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsentUse {
+    /// The organisation that consented.
+    pub organisation: OrgId,
     /// The token's id.
     pub jti: TokenId,
     /// Its issuer's key id.
@@ -146,30 +148,160 @@ impl Generations {
     }
 }
 
-/// Finds the token's issuer among the trusted ones, verifies the token (or finds that it was
-/// verified before), and checks that the issuer may speak for this organisation to authorise
-/// this sender.
-pub(super) fn verify_token(
+/// Checks the consent of every organisation the transfer identifies, in order, and returns
+/// what each transfer uses:
+/// - the envelope's `organisation` is covered by its `consent_token`, as it always was;
+/// - every other organisation by the token among the rest (`consent_tokens`, and
+///   `consent_token` when the envelope declares no `organisation`) whose `sub` names it;
+/// - a declared organisation without a token is `CONSENT_MISSING`; one only the payload names
+///   is `ORGANISATION_IDENTIFIED`, saying where it was found;
+/// - each token must verify, come from an issuer trusted for this sender and organisation,
+///   cover this exact transfer, and be neither revoked nor used up;
+/// - a token in `consent_tokens` for an organisation the transfer does not identify is
+///   `CONSENT_WRONG_ORGANISATION`: the sender believes the payload identifies someone the
+///   broker did not find, which it must say (`organisations`) rather than leave to chance.
+pub(super) fn check_all(
     cx: &Context<'_>,
     sender: &AgencyId,
-    organisation: &OrgId,
-    token: Option<&str>,
-) -> Result<Arc<ConsentClaims>, Failure> {
-    let Some(token) = token else {
+    envelope: &Envelope,
+    identified: &[Identified],
+) -> Result<Vec<ConsentUse>, Failure> {
+    // The tokens not bound to the envelope's organisation, verified, to be matched by `sub`.
+    let mut rest: Vec<Option<Verified<'_>>> = Vec::new();
+    let unbound = envelope
+        .consent_token
+        .as_deref()
+        .filter(|_| envelope.organisation.is_none());
+    for token in unbound
+        .into_iter()
+        .chain(envelope.consent_tokens.iter().map(String::as_str))
+    {
+        rest.push(Some(verified(cx, token)?));
+    }
+    let mut uses = Vec::with_capacity(identified.len());
+    for who in identified {
+        let org = &who.org;
+        let bound = envelope
+            .consent_token
+            .as_deref()
+            .filter(|_| envelope.organisation.as_ref() == Some(org));
+        let v = if let Some(token) = bound {
+            verified(cx, token)?
+        } else {
+            let found = rest
+                .iter_mut()
+                .find(|v| v.as_ref().is_some_and(|v| v.claims.sub() == org.as_str()));
+            match found.and_then(Option::take) {
+                Some(v) => v,
+                None => return Err(missing(who)),
+            }
+        };
+        issuer_may(&v, sender, org)?;
+        check_claims(cx, &v.claims, sender, org, envelope, &cx.payload_digest)?;
+        uses.push(check_ledger(cx, org, &v.claims)?);
+    }
+    // A spare token from `consent_tokens` (a spare `consent_token` is ignored, as it always was).
+    let spare = rest
+        .iter()
+        .skip(usize::from(unbound.is_some()))
+        .flatten()
+        .next();
+    if let Some(v) = spare {
         return Err(refuse(
-            Reason::ConsentMissing,
+            Reason::ConsentWrongOrganisation,
             format!(
-                "information identifying organisation {organisation} needs that organisation's consent token"
+                "consent token {} is for organisation {}, which this transfer does not identify: \
+                 declare it in organisations, or leave the token out",
+                v.claims.jti(),
+                v.claims.sub()
             ),
         ));
-    };
-    let (key_id, issuer, claims) = match cx.verified.get(token) {
+    }
+    Ok(uses)
+}
+
+/// The refusal for an identified organisation without a consent token.
+fn missing(who: &Identified) -> Failure {
+    let org = &who.org;
+    match (&who.found_at, who.declared) {
+        (Some(place), false) => refuse(
+            Reason::OrganisationIdentified,
+            format!(
+                "the payload identifies organisation {org} ({place}) and the envelope carries no \
+                 consent token of {org}: send its consent token (consent_tokens), or remove what \
+                 identifies it"
+            ),
+        ),
+        _ => refuse(
+            Reason::ConsentMissing,
+            format!(
+                "information identifying organisation {org} needs that organisation's consent token"
+            ),
+        ),
+    }
+}
+
+/// Checks the ledger for a token that covers the transfer: not revoked, not used up.
+fn check_ledger(
+    cx: &Context<'_>,
+    org: &OrgId,
+    claims: &ConsentClaims,
+) -> Result<ConsentUse, Failure> {
+    let max_uses = claims.max_uses().map(|n| n.get());
+    if cx
+        .ledger
+        .is_revoked(claims.iss(), &claims.jti(), claims.issued_at())?
+    {
+        return Err(refuse(
+            Reason::ConsentRevoked,
+            format!(
+                "consent token {} has been revoked by its issuer",
+                claims.jti()
+            ),
+        ));
+    }
+    if let Some(max) = max_uses {
+        let used = cx.ledger.uses(claims.iss(), &claims.jti())?;
+        if used >= max {
+            return Err(refuse(
+                Reason::ConsentUsedUp,
+                format!(
+                    "consent token {} allows {max} use(s), all used",
+                    claims.jti()
+                ),
+            ));
+        }
+    }
+    Ok(ConsentUse {
+        organisation: org.clone(),
+        jti: claims.jti(),
+        issuer: *claims.iss(),
+        issued_at: claims.issued_at(),
+        max_uses,
+    })
+}
+
+/// A token whose signature verified under a trusted issuer's key.
+struct Verified<'a> {
+    key_id: KeyId,
+    issuer: &'a ConsentIssuer,
+    claims: Arc<ConsentClaims>,
+}
+
+/// Finds the token's issuer among the trusted ones and verifies the token, or finds that it
+/// was verified before.
+fn verified<'a>(cx: &Context<'a>, token: &str) -> Result<Verified<'a>, Failure> {
+    match cx.verified.get(token) {
         // Verified before under the key of its issuer, `iss` (consent::verify checks that
         // the claim names the verifying key); the policy is fixed for the broker's lifetime,
         // but the issuer is looked up again all the same.
         Some(claims) => match cx.policy.issuers.get(claims.iss()) {
-            Some(issuer) => (*claims.iss(), issuer, claims),
-            None => return Err(unknown_issuer(claims.iss())),
+            Some(issuer) => Ok(Verified {
+                key_id: *claims.iss(),
+                issuer,
+                claims,
+            }),
+            None => Err(unknown_issuer(claims.iss())),
         },
         None => {
             let key_id = consent::key_id_of(token).map_err(consent_refusal)?;
@@ -178,23 +310,27 @@ pub(super) fn verify_token(
             };
             let claims = Arc::new(consent::verify(token, &issuer.key).map_err(consent_refusal)?);
             cx.verified.remember(token, claims.clone());
-            (key_id, issuer, claims)
+            Ok(Verified {
+                key_id,
+                issuer,
+                claims,
+            })
         }
-    };
-    if issuer.agency.as_ref().is_some_and(|desk| desk != sender) {
+    }
+}
+
+/// Checks that the token's issuer may speak for `organisation` to authorise `sender`.
+fn issuer_may(v: &Verified<'_>, sender: &AgencyId, organisation: &OrgId) -> Result<(), Failure> {
+    let key_id = &v.key_id;
+    if let Some(desk) = v.issuer.agency.as_ref().filter(|desk| *desk != sender) {
         return Err(refuse(
             Reason::ConsentIssuerNotAllowed,
             format!(
-                "consent issuer {key_id} is the consent desk of {}; it cannot authorise transfers from {sender}",
-                issuer
-                    .agency
-                    .as_ref()
-                    .map(AgencyId::as_str)
-                    .unwrap_or_default()
+                "consent issuer {key_id} is the consent desk of {desk}; it cannot authorise transfers from {sender}"
             ),
         ));
     }
-    if let Organisations::Only(orgs) = &issuer.organisations
+    if let Organisations::Only(orgs) = &v.issuer.organisations
         && !orgs.contains(organisation)
     {
         return Err(refuse(
@@ -202,7 +338,7 @@ pub(super) fn verify_token(
             format!("consent issuer {key_id} may not speak for organisation {organisation}"),
         ));
     }
-    Ok(claims)
+    Ok(())
 }
 
 fn unknown_issuer(key_id: &KeyId) -> Failure {
@@ -226,7 +362,7 @@ fn consent_refusal(e: ConsentError) -> Failure {
 }
 
 /// Checks that the claims cover this transfer, in the documented order.
-pub(super) fn check_claims(
+fn check_claims(
     cx: &Context<'_>,
     claims: &ConsentClaims,
     sender: &AgencyId,

@@ -2,15 +2,22 @@
 //! envelope may be relayed. It reads as the whole rule, in order; each step lives in a room of
 //! its own:
 //!
-//! 1. [`agreements`]: every recipient is an agency of the federation and an agreement in force
+//! 1. the payload is no larger than the broker accepts (`PAYLOAD_TOO_LARGE`);
+//! 2. [`agreements`]: every recipient is an agency of the federation and an agreement in force
 //!    permits the flow for this kind of message;
-//! 2. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
+//! 3. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
 //!    one travels only on flows that allow it, never as an anonymised or aggregate incident
 //!    record;
-//! 3. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
-//!    whose issuer is trusted for this sender and organisation, whose claims cover this exact
-//!    transfer (organisation, sender, recipients, kind, incident, payload, time window), and
-//!    which is neither revoked nor used up. Anonymised envelopes need no token.
+//! 4. [`organisations`]: the organisations the transfer identifies, those its envelope
+//!    declares and those its payload names (the leak check against the registry);
+//! 5. [`consent`]: each of them consented, by a token that verifies, whose issuer is trusted
+//!    for this sender and organisation, whose claims cover this exact transfer (organisation,
+//!    sender, recipients, kind, incident, payload, time window), and which is neither revoked
+//!    nor used up; a named organisation without a token is `ORGANISATION_IDENTIFIED`.
+//!    Information that identifies nobody needs no token.
+//!
+//! Every refusal cites the agreements and clauses of the flows found
+//! ([`crate::refusal::Citation`]), or says that no agreement covers the flow.
 //!
 //! Each failure is a [`Refusal`] with a stable reason. The configuration builds these types
 //! (`crate::config`); nothing here reads the configuration.
@@ -21,18 +28,26 @@
 
 pub mod agreements;
 pub mod consent;
+pub mod organisations;
 pub mod payload;
 
 use std::collections::{BTreeSet, HashMap};
 
-use concordat_proto::{envelope::Envelope, ids::AgencyId, paserk::KeyId};
+use concordat_proto::{
+    envelope::Envelope,
+    ids::{AgencyId, OrgId},
+    paserk::KeyId,
+};
 use time::{Date, Duration, OffsetDateTime};
 
 pub use self::{
     agreements::{Agreement, Flow},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
 };
-use crate::refusal::{Failure, Reason, Refusal};
+use crate::{
+    refusal::{Citation, Failure, Reason, Refusal},
+    registry::Matcher,
+};
 
 /// The rules the broker enforces.
 #[derive(Debug, Clone, Default)]
@@ -77,16 +92,42 @@ pub struct Authority {
 pub struct Decision {
     /// For each recipient, in the envelope's order, the agreement relied on.
     pub authorities: Vec<Authority>,
-    /// The consent relied on, for organisation-specific envelopes.
-    pub consent: Option<ConsentUse>,
+    /// Every organisation the transfer identifies: those the envelope declares, in its order,
+    /// then those only its payload names.
+    pub organisations: Vec<OrgId>,
+    /// The consent relied on for each of them, in the same order.
+    pub consents: Vec<ConsentUse>,
     /// SHA-256 of the payload.
     pub payload_digest: [u8; 32],
+}
+
+impl Decision {
+    /// The agreements and clauses relied on, for a refusal made after the decision (a token
+    /// revoked meanwhile, a full queue).
+    pub fn citation(&self) -> Citation {
+        citation(&self.authorities)
+    }
+}
+
+/// The agreements and clauses of `authorities`.
+fn citation(authorities: &[Authority]) -> Citation {
+    if authorities.is_empty() {
+        return Citation::NoAgreement;
+    }
+    Citation::Clauses(
+        authorities
+            .iter()
+            .map(|a| (a.agreement_id.clone(), a.clause.clone()))
+            .collect(),
+    )
 }
 
 /// Everything [`decide`] looks at besides the envelope.
 pub struct Context<'a> {
     /// The rules.
     pub policy: &'a Policy,
+    /// The registered organisations, compiled for the leak check.
+    pub organisations: &'a Matcher,
     /// Tokens verified before.
     pub verified: &'a VerifiedTokens,
     /// The largest payload accepted, in bytes.
@@ -100,92 +141,55 @@ pub struct Context<'a> {
 }
 
 /// Decides whether `sender` may send `envelope`. The sender is the authenticated caller.
+///
+/// Every refusal cites the agreements and clauses of the flows found, or says that no
+/// agreement covers the flow.
 pub fn decide(
     cx: &Context<'_>,
     sender: &AgencyId,
     envelope: &Envelope,
 ) -> Result<Decision, Failure> {
+    // 1. The payload fits (checked first: nothing more is read of an oversized envelope).
     if envelope.payload.len() > cx.max_payload_bytes {
-        return Err(refuse(
+        let refusal = refuse(
             Reason::PayloadTooLarge,
             format!(
                 "the payload is {} bytes; this broker accepts at most {}",
                 envelope.payload.len(),
                 cx.max_payload_bytes
             ),
-        ));
+        );
+        return Err(
+            refusal.cited(|| match agreements::find(cx, sender, envelope) {
+                Ok(flows) => citation(&flows.authorities),
+                Err(_) => Citation::NoAgreement,
+            }),
+        );
     }
 
-    // 1. Every recipient is an agency, and an agreement in force permits the flow.
-    let mut authorities = Vec::with_capacity(envelope.recipients.len());
-    // Opaque payloads need every flow they take to allow them (and there is at least one).
-    let mut every_flow_opaque = !envelope.recipients.is_empty();
-    for recipient in &envelope.recipients {
-        if !cx.policy.agencies.contains(recipient) {
-            return Err(refuse(
-                Reason::UnknownRecipient,
-                format!("{recipient} is not an agency of this federation"),
-            ));
-        }
-        let found = agreements::authority(cx, sender, recipient, envelope.kind)?;
-        every_flow_opaque &= found.opaque;
-        authorities.push(found.authority);
-    }
+    // 2. Every recipient is an agency, and an agreement in force permits the flow.
+    let flows =
+        agreements::find(cx, sender, envelope).map_err(|f| f.cited(|| Citation::NoAgreement))?;
+    let cited = |f: Failure| f.cited(|| citation(&flows.authorities));
 
-    // 2. The payload is what its content type says, and the broker can read it, or the flow
-    // allows it not to. The parsed content is where checks of what the payload says (every
-    // string, with its place: `Content::for_each_string`) plug in.
-    let _content = payload::check_content(envelope, every_flow_opaque)?;
+    // 3. The payload is what its content type says, and the broker can read it, or every flow
+    // allows it not to.
+    let content = payload::check_content(envelope, flows.every_flow_opaque).map_err(cited)?;
 
-    let payload_digest = cx.payload_digest;
+    // 4. The organisations the transfer identifies: those the envelope declares and those
+    // its payload names.
+    let identified = organisations::identified(cx.organisations, envelope, &content);
 
-    // 3. Anonymised or aggregate information needs no consent.
-    let Some(organisation) = &envelope.organisation else {
-        return Ok(Decision {
-            authorities,
-            consent: None,
-            payload_digest,
-        });
-    };
+    // 5. Each of them consented, by a valid token that covers this exact transfer; a named
+    // organisation without a token is ORGANISATION_IDENTIFIED. Anonymised or aggregate
+    // information identifies nobody and needs no consent.
+    let consents = consent::check_all(cx, sender, envelope, &identified).map_err(cited)?;
 
-    // 4. Organisation-specific: a valid consent token must cover this exact transfer.
-    let claims =
-        consent::verify_token(cx, sender, organisation, envelope.consent_token.as_deref())?;
-    consent::check_claims(cx, &claims, sender, organisation, envelope, &payload_digest)?;
-    let max_uses = claims.max_uses().map(|n| n.get());
-    if cx
-        .ledger
-        .is_revoked(claims.iss(), &claims.jti(), claims.issued_at())?
-    {
-        return Err(refuse(
-            Reason::ConsentRevoked,
-            format!(
-                "consent token {} has been revoked by its issuer",
-                claims.jti()
-            ),
-        ));
-    }
-    if let Some(max) = max_uses {
-        let used = cx.ledger.uses(claims.iss(), &claims.jti())?;
-        if used >= max {
-            return Err(refuse(
-                Reason::ConsentUsedUp,
-                format!(
-                    "consent token {} allows {max} use(s), all used",
-                    claims.jti()
-                ),
-            ));
-        }
-    }
     Ok(Decision {
-        authorities,
-        consent: Some(ConsentUse {
-            jti: claims.jti(),
-            issuer: *claims.iss(),
-            issued_at: claims.issued_at(),
-            max_uses,
-        }),
-        payload_digest,
+        authorities: flows.authorities,
+        organisations: identified.into_iter().map(|i| i.org).collect(),
+        consents,
+        payload_digest: cx.payload_digest,
     })
 }
 
@@ -265,6 +269,8 @@ mod tests {
             tlp: Tlp::Amber,
             payload: b"{}".to_vec(),
             consent_token: Some(token.into()),
+            organisations: Vec::new(),
+            consent_tokens: Vec::new(),
         }
     }
 
@@ -280,6 +286,7 @@ mod tests {
     fn a_remembered_token_still_has_every_claim_and_the_ledger_checked() {
         let desk = SecretKey::generate();
         let config = config(&desk);
+        let matcher = Matcher::new(&config.registry).unwrap();
         let verified = VerifiedTokens::default();
         let now = OffsetDateTime::now_utc();
         let token = token(&desk, now);
@@ -287,6 +294,7 @@ mod tests {
         let decide_with = |e: &Envelope, ledger: &Ledger, now: OffsetDateTime| {
             let cx = Context {
                 policy: &config.policy,
+                organisations: &matcher,
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger,
@@ -349,6 +357,7 @@ mod tests {
     fn content_rules_come_after_the_agreement_and_before_consent() {
         let desk = SecretKey::generate();
         let config = config(&desk);
+        let matcher = Matcher::new(&config.registry).unwrap();
         let verified = VerifiedTokens::default();
         let now = OffsetDateTime::now_utc();
         let token = token(&desk, now);
@@ -553,6 +562,7 @@ mod tests {
             }
             let cx = Context {
                 policy: &config.policy,
+                organisations: &matcher,
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger: &open,

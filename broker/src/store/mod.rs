@@ -125,8 +125,12 @@ impl Accept {
         max_queue_depth: u64,
     ) -> Accept {
         let transfer_id = uuid::Uuid::new_v4();
-        let consent = decision.consent.as_ref().map(|c| (c.jti, c.issuer));
-        let facts = facts(&sender, &envelope, consent, &decision.payload_digest);
+        let facts = facts(
+            &sender,
+            &envelope,
+            Some(&decision),
+            &decision.payload_digest,
+        );
         let e = &mut envelope;
         let transfer = pb::Transfer {
             transfer_id: transfer_id.to_string(),
@@ -145,6 +149,12 @@ impl Accept {
             agreement_id: String::new(),
             clause: String::new(),
             accepted_at: Some(timestamp(accepted_at)),
+            organisations: decision
+                .organisations
+                .iter()
+                .map(|o| o.to_string())
+                .collect(),
+            consents: facts.consents.clone(),
         };
         let authorities = decision
             .authorities
@@ -905,6 +915,14 @@ pub fn envelope_digest(e: &Envelope, payload_sha256: &[u8; 32]) -> [u8; 32] {
     field(e.content_type.as_bytes());
     field(e.tlp.as_str().as_bytes());
     field(payload_sha256);
+    // Further declared organisations, only when there are some, so that the digest of every
+    // envelope without them stays what earlier versions stored.
+    if !e.organisations.is_empty() {
+        field(b"organisations");
+        for o in &e.organisations {
+            field(o.as_str().as_bytes());
+        }
+    }
     h.finalize().into()
 }
 
@@ -938,6 +956,7 @@ pub fn receipt_from_entry(
         authorities: accepted.authorities.clone(),
         consent_jti: facts.consent_jti,
         consent_issuer: facts.consent_issuer,
+        consents: facts.consents,
         duplicate: false,
         audit: Some(pb::AuditProof {
             log_index,
@@ -948,12 +967,35 @@ pub fn receipt_from_entry(
 }
 
 /// What the audit log records about a validated envelope: never the payload, only its digest.
+/// For an accepted one, `decision` adds the organisations its payload named and the consents
+/// relied on.
 pub fn facts(
     sender: &AgencyId,
     e: &Envelope,
-    consent: Option<(TokenId, KeyId)>,
+    decision: Option<&Decision>,
     payload_sha256: &[u8; 32],
 ) -> pb::EnvelopeFacts {
+    let consents: Vec<pb::ConsentRef> = decision
+        .map(|d| d.consents.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| pb::ConsentRef {
+            organisation: c.organisation.to_string(),
+            jti: c.jti.to_string(),
+            issuer: c.issuer.to_string(),
+        })
+        .collect();
+    // The first consent is also in the fields older readers know.
+    let first = consents.first();
+    let organisations: Vec<String> = match decision {
+        Some(d) => d
+            .organisations
+            .iter()
+            .filter(|o| Some(*o) != e.organisation.as_ref())
+            .map(ToString::to_string)
+            .collect(),
+        None => e.organisations.iter().map(ToString::to_string).collect(),
+    };
     pb::EnvelopeFacts {
         message_id: e.message_id.to_string(),
         sender: sender.to_string(),
@@ -968,8 +1010,10 @@ pub fn facts(
         tlp: pb::Tlp::from(e.tlp) as i32,
         payload_sha256: payload_sha256.to_vec(),
         payload_size: e.payload.len() as u64,
-        consent_jti: consent.map(|c| c.0.to_string()).unwrap_or_default(),
-        consent_issuer: consent.map(|c| c.1.to_string()).unwrap_or_default(),
+        consent_jti: first.map(|c| c.jti.clone()).unwrap_or_default(),
+        consent_issuer: first.map(|c| c.issuer.clone()).unwrap_or_default(),
+        consents,
+        organisations,
     }
 }
 
@@ -987,6 +1031,19 @@ pub fn refused_facts(
             .unwrap_or_default();
     }
     f
+}
+
+/// The audit record of a refused transfer: its facts, the reason and message, and the
+/// agreement and clause cited (`none` when no agreement covers the flow).
+pub fn transfer_refused(envelope: Option<pb::EnvelopeFacts>, r: &Refusal) -> pb::TransferRefused {
+    let citation = r.citation.as_ref();
+    pb::TransferRefused {
+        envelope,
+        reason: r.reason.as_str().into(),
+        message: r.message.clone(),
+        agreement_id: citation.map(|c| c.agreement_id()).unwrap_or_default(),
+        clause: citation.map(|c| c.clause()).unwrap_or_default(),
+    }
 }
 
 /// The refusal of a message id used before for another envelope.
@@ -1019,6 +1076,8 @@ pub fn raw_facts(
         consent_issuer: concordat_proto::consent::key_id_of(&e.consent_token)
             .map(|k| k.to_string())
             .unwrap_or_default(),
+        consents: Vec::new(),
+        organisations: e.organisations.iter().take(32).map(|o| cut(o)).collect(),
     }
 }
 

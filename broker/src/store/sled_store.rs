@@ -56,7 +56,7 @@ use super::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
     },
-    receipt_from_entry, timestamp,
+    receipt_from_entry, timestamp, transfer_refused,
 };
 use crate::{
     audit_log::{self, Frontier, Log, SignedCheckpoint, TxLog},
@@ -625,14 +625,12 @@ impl SledStorage {
         match self.accept_checks(t, a, fx)? {
             Err(refusal) => {
                 // Refusals decided here (revoked meanwhile, used up, queue full, id reused) are
-                // logged like any other, in the same group commit.
+                // logged like any other, in the same group commit, citing the decision's
+                // clauses.
+                let refusal = refusal.cited(|| a.decision.citation());
                 t.log
                     .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
-                        pb::TransferRefused {
-                            envelope: Some(a.facts.clone()),
-                            reason: refusal.reason.as_str().into(),
-                            message: refusal.message.clone(),
-                        },
+                        transfer_refused(Some(a.facts.clone()), &refusal),
                     )))?;
                 Ok(Err(Failure::Refused(refusal)))
             }
@@ -679,7 +677,7 @@ impl SledStorage {
                 }
             }
         }
-        if let Some(c) = &a.decision.consent {
+        for c in &a.decision.consents {
             if self.revoked(&c.issuer, &c.jti, c.issued_at) {
                 return Ok(Err(Refusal::new(
                     Reason::ConsentRevoked,
@@ -707,9 +705,7 @@ impl SledStorage {
     /// receipt.
     fn accept_writes(t: &Trees<'_>, a: &Accept, fx: &mut Effects) -> TxResult<pb::Receipt> {
         // Uses are counted only for tokens that limit them: nothing else reads the count.
-        if let Some(c) = &a.decision.consent
-            && c.max_uses.is_some()
-        {
+        for c in a.decision.consents.iter().filter(|c| c.max_uses.is_some()) {
             let key = token_key(&c.issuer, &c.jti);
             let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
             t.uses.insert(key, &(used + 1).to_be_bytes())?;
@@ -750,7 +746,7 @@ impl SledStorage {
             seq += 1;
         }
         t.meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
-        if let Some(c) = &a.decision.consent {
+        for c in &a.decision.consents {
             fx.consented
                 .entry(token_key(&c.issuer, &c.jti))
                 .or_insert_with(|| (first_seq, Vec::new()))
@@ -1068,8 +1064,8 @@ fn consented_record(a: &Accept, c: &ConsentUse) -> ConsentedTransfer {
         recipients: a.facts.recipients.clone(),
         message_id: a.facts.message_id.clone(),
         sender: a.facts.sender.clone(),
-        organisation: a.facts.organisation.clone(),
-        jti: a.facts.consent_jti.clone(),
+        organisation: c.organisation.to_string(),
+        jti: c.jti.to_string(),
         transfer_id: a.transfer.transfer_id.clone(),
     }
 }
@@ -1300,6 +1296,8 @@ mod tests {
             tlp: Tlp::Green,
             payload,
             consent_token: None,
+            organisations: Vec::new(),
+            consent_tokens: Vec::new(),
         };
         Op::Accept(Box::new(Accept::new(
             agency("ncsc"),
@@ -1314,7 +1312,8 @@ mod tests {
                         review_overdue: false,
                     })
                     .collect(),
-                consent,
+                organisations: consent.iter().map(|c| c.organisation.clone()).collect(),
+                consents: consent.into_iter().collect(),
                 payload_digest: [7; 32],
             },
             [1; 32],
@@ -1444,6 +1443,7 @@ mod tests {
         let issuer: KeyId = concordat_proto::paserk::SecretKey::generate().key_id();
         let jti = TokenId::random();
         let consent = ConsentUse {
+            organisation: "acme-ltd".parse().unwrap(),
             jti,
             issuer,
             issued_at: OffsetDateTime::now_utc(),

@@ -251,6 +251,7 @@ fn envelope(recipient: &str, kind: pb::MessageKind, org: &str, token: String) ->
         tlp: pb::Tlp::Amber as i32,
         payload: PAYLOAD.to_vec(),
         consent_token: token,
+        ..Default::default()
     }
 }
 

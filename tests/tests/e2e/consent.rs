@@ -230,6 +230,7 @@ fn envelope(token: String) -> pb::Envelope {
         tlp: pb::Tlp::Amber as i32,
         payload: PAYLOAD.to_vec(),
         consent_token: token,
+        ..Default::default()
     }
 }
 

@@ -12,6 +12,7 @@ mod deadline;
 mod flood;
 mod full_disk;
 mod inbox;
+mod leak;
 mod mtls;
 mod refusals;
 mod relay;

@@ -1,0 +1,254 @@
+//! The leak check: which organisations a transfer identifies. They are those its envelope
+//! declares (`organisation`, `organisations`) together with those its payload names: every
+//! string of an inspectable payload (a STIX bundle, an incident record, any JSON), keys
+//! included, is scanned once for every registered organisation's names and identifiers
+//! ([`crate::registry::Matcher`]), and an incident record's `organisations` name theirs by id.
+//! Each organisation identified needs its own consent token (the consent step); one the payload
+//! names without a token is refused `ORGANISATION_IDENTIFIED`, with where it was found (the
+//! STIX object's index, id and property, or a JSON path) and never the matched text.
+
+use std::cell::RefCell;
+
+use concordat_proto::{envelope::Envelope, ids::OrgId};
+
+use crate::{
+    content::Content,
+    registry::{JsonMatch, JsonSite, Matcher, Scratch},
+};
+
+/// One organisation a transfer identifies, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identified {
+    /// The organisation.
+    pub org: OrgId,
+    /// Whether the envelope declares it (`organisation` or `organisations`).
+    pub declared: bool,
+    /// Where the payload names it first (never the matched text), if it does.
+    pub found_at: Option<String>,
+}
+
+thread_local! {
+    /// The matcher's buffers, reused by every scan on this thread.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The organisations `envelope` identifies: those it declares first, in its order, then those
+/// only its payload names, in document order.
+pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> Vec<Identified> {
+    let mut out: Vec<Identified> = envelope
+        .declared_organisations()
+        .map(|org| Identified {
+            org: org.clone(),
+            declared: true,
+            found_at: None,
+        })
+        .collect();
+    let mut add = |org: &OrgId, place: String| match out.iter_mut().find(|i| &i.org == org) {
+        Some(i) => {
+            i.found_at.get_or_insert(place);
+        }
+        None => out.push(Identified {
+            org: org.clone(),
+            declared: false,
+            found_at: Some(place),
+        }),
+    };
+    if let Content::Incident(record, _) = content {
+        for org in &record.organisations {
+            add(org, "the record's organisations".into());
+        }
+    }
+    let value = match content {
+        Content::Stix(bundle) => bundle.as_json(),
+        Content::Incident(_, value) | Content::Json(value) => value,
+        Content::Opaque => return out,
+    };
+    let found = SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut scratch) => matcher.scan_json_with(&mut scratch, value),
+        // Only re-entered if a scan panicked mid-way on this thread; start afresh.
+        Err(_) => matcher.scan_json(value),
+    });
+    for m in &found {
+        let place = match content {
+            Content::Stix(bundle) => stix_place(m, bundle.object_ids()),
+            _ => json_place(m),
+        };
+        add(m.org, place);
+    }
+    out
+}
+
+/// Where a match is in a JSON document, in words.
+fn json_place(m: &JsonMatch<'_>) -> String {
+    match m.site {
+        JsonSite::Value => format!("its {} at {}", m.kind, m.path),
+        JsonSite::Key => format!("its {} in a property name of {}", m.kind, m.path),
+    }
+}
+
+/// Where a match is in a STIX bundle: the object's index and id, and the property inside it,
+/// when it is inside an object of `objects`.
+fn stix_place(m: &JsonMatch<'_>, ids: &[String]) -> String {
+    let object = m.path.strip_prefix("$.objects[").and_then(|rest| {
+        let (index, rest) = rest.split_once(']')?;
+        let index: usize = index.parse().ok()?;
+        Some((
+            index,
+            ids.get(index)?,
+            rest.strip_prefix('.').unwrap_or(rest),
+        ))
+    });
+    match object {
+        Some((index, id, property)) => {
+            let property = if property.is_empty() {
+                "the object itself".to_owned()
+            } else {
+                format!("property {property}")
+            };
+            let key = match m.site {
+                JsonSite::Value => "",
+                JsonSite::Key => " (in a property name)",
+            };
+            format!("its {} in object {index} ({id}), {property}{key}", m.kind)
+        }
+        None => json_place(m),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use concordat_proto::pb;
+
+    use super::*;
+    use crate::{
+        content::ContentKind,
+        registry::{Organisation, OrganisationSpec, Registry},
+    };
+
+    fn matcher() -> Matcher {
+        let org = |id: &str, name: &str, number: Option<&str>, domain: &str| {
+            Organisation::new(OrganisationSpec {
+                id: id.into(),
+                legal_name: name.into(),
+                company_number: number.map(Into::into),
+                domains: vec![domain.into()],
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let registry = Registry::new(vec![
+            org("acme-ltd", "Acme Ltd", Some("01234567"), "acme.example"),
+            org("globex-plc", "Globex PLC", None, "globex.example"),
+        ])
+        .unwrap();
+        Matcher::new(&registry).unwrap()
+    }
+
+    fn envelope(organisation: Option<&str>, content_type: &str, payload: &[u8]) -> Envelope {
+        Envelope::try_from(pb::Envelope {
+            message_id: "0b0f5a0e-7d3c-4f7e-9a55-1c2d3e4f5a6b".into(),
+            recipients: vec!["ico".into()],
+            kind: pb::MessageKind::ThreatAssessment as i32,
+            organisation: organisation.unwrap_or_default().into(),
+            content_type: content_type.into(),
+            tlp: pb::Tlp::Amber as i32,
+            payload: payload.to_vec(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    const STIX_BUNDLE: &str = r#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e","objects":[
+        {"type":"indicator","spec_version":"2.1","id":"indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f",
+         "created":"2026-11-30T09:15:00.000Z","modified":"2026-11-30T09:15:00.000Z",
+         "pattern":"[domain-name:value = 'vpn.ACME.example']","pattern_type":"stix",
+         "valid_from":"2026-11-30T09:15:00Z","description":"Seen against Globex plc's mail gateway"}]}"#;
+
+    #[test]
+    fn declared_then_named_each_once_with_where() {
+        let m = matcher();
+        // (what, declared, content type, payload, [(organisation, declared, found at)])
+        type Want<'a> = Vec<(&'a str, bool, Option<&'a str>)>;
+        type Case<'a> = (&'a str, Option<&'a str>, &'a str, &'a [u8], Want<'a>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "json: a name in a description, mixed case",
+                None,
+                "application/json",
+                br#"{"notes":[{"description":"a breach at ACME limited"}]}"#,
+                vec![(
+                    "acme-ltd",
+                    false,
+                    Some("its name at $.notes[0].description"),
+                )],
+            ),
+            (
+                "json: a company number",
+                None,
+                "application/json",
+                br#"{"company":"01234567"}"#,
+                vec![("acme-ltd", false, Some("its company number at $.company"))],
+            ),
+            (
+                "declared and named",
+                Some("acme-ltd"),
+                "application/json",
+                br#"{"url":"https://portal.acme.example/login"}"#,
+                vec![("acme-ltd", true, Some("its name at $.url"))],
+            ),
+            (
+                "stix: object, id and property, in document order",
+                None,
+                "application/stix+json;version=2.1",
+                STIX_BUNDLE.as_bytes(),
+                vec![
+                    (
+                        "globex-plc",
+                        false,
+                        Some(
+                            "its name in object 0 \
+                             (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property description",
+                        ),
+                    ),
+                    (
+                        "acme-ltd",
+                        false,
+                        Some(
+                            "its name in object 0 \
+                             (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property pattern",
+                        ),
+                    ),
+                ],
+            ),
+            (
+                "opaque: only what is declared",
+                Some("globex-plc"),
+                "application/pdf",
+                b"Acme Ltd",
+                vec![("globex-plc", true, None)],
+            ),
+            (
+                "nobody",
+                None,
+                "application/json",
+                br#"{"text":"acmeltd notacme.example 012345678"}"#,
+                vec![],
+            ),
+        ];
+        for (what, org, content_type, payload, want) in cases {
+            let e = envelope(org, content_type, payload);
+            let content =
+                Content::read(ContentKind::of(content_type).unwrap(), &e.payload).unwrap();
+            let got: Vec<(String, bool, Option<String>)> = identified(&m, &e, &content)
+                .into_iter()
+                .map(|i| (i.org.to_string(), i.declared, i.found_at))
+                .collect();
+            let want: Vec<(String, bool, Option<String>)> = want
+                .into_iter()
+                .map(|(o, d, f)| (o.to_owned(), d, f.map(str::to_owned)))
+                .collect();
+            assert_eq!(got, want, "{what}");
+        }
+    }
+}
