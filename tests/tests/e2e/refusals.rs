@@ -442,3 +442,108 @@ async fn a_flood_of_identical_refusals_is_folded() {
         "{folded:#}"
     );
 }
+
+/// Every refused transfer cites the agreement and clause it was judged under, or says that no
+/// agreement covers the flow: in the refusal's `ErrorInfo` metadata and in its audit entry, the
+/// same values.
+#[tokio::test]
+async fn every_refused_transfer_cites_its_clause_or_none() {
+    let pki = TestPki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = federation_config(&pki, dir.path(), None).unwrap();
+    let defaults = concordat_broker::config::Config::embedded_default().unwrap();
+    config.policy.agreements = defaults.policy.agreements;
+    config.registry = defaults.registry;
+    let broker = spawn_broker(config).await.unwrap();
+    let mut site = Site { pki, dir, broker };
+    let ncsc = site.pki.connect(site.broker.addr, "ncsc").await.unwrap();
+    const NCSC_ICO_RECORDS: &str = "Information sharing: NCSC shares information from an \
+                                    organisation it engages with on an incident only with that \
+                                    organisation's approval";
+    const NCSC_ICO_THREATS: &str = "Information sharing: relevant cyber threat information";
+    let envelope =
+        |to: &str, kind: pb::MessageKind, content_type: &str, payload: &[u8]| pb::Envelope {
+            message_id: concordat_proto::ids::MessageId::new_random().to_string(),
+            recipients: vec![to.into()],
+            kind: kind as i32,
+            content_type: content_type.into(),
+            tlp: pb::Tlp::Amber as i32,
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+    use pb::MessageKind::{IncidentRecord, ThreatAssessment};
+    let rows: Vec<(&str, pb::Envelope, &str, (&str, &str))> = vec![
+        (
+            "an unknown recipient",
+            envelope("mi5", ThreatAssessment, "application/json", b"{}"),
+            "UNKNOWN_RECIPIENT",
+            ("none", "none"),
+        ),
+        (
+            "a flow no agreement permits",
+            envelope("nca", ThreatAssessment, "application/json", b"{}"),
+            "NO_AGREEMENT",
+            ("none", "none"),
+        ),
+        (
+            "a malformed envelope",
+            pb::Envelope {
+                message_id: "not-a-uuid".into(),
+                ..envelope("ico", ThreatAssessment, "application/json", b"{}")
+            },
+            "MALFORMED",
+            ("none", "none"),
+        ),
+        (
+            "an opaque payload on an inspectable flow",
+            envelope("ico", ThreatAssessment, "application/pdf", b"%PDF"),
+            "UNINSPECTABLE_CONTENT",
+            ("ico-ncsc-2023", NCSC_ICO_THREATS),
+        ),
+        (
+            "an organisation without its consent",
+            pb::Envelope {
+                organisation: "acme-ltd".into(),
+                ..envelope("ico", IncidentRecord, "application/json", b"{}")
+            },
+            "CONSENT_MISSING",
+            ("ico-ncsc-2023", NCSC_ICO_RECORDS),
+        ),
+        (
+            "a payload naming an organisation",
+            envelope(
+                "ico",
+                IncidentRecord,
+                "application/json",
+                br#"{"summary":"phishing at Globex PLC"}"#,
+            ),
+            "ORGANISATION_IDENTIFIED",
+            ("ico-ncsc-2023", NCSC_ICO_RECORDS),
+        ),
+    ];
+    let mut want = std::collections::HashMap::new();
+    for (what, e, reason, (agreement, clause)) in rows {
+        let id = e.message_id.clone();
+        let status = ncsc.exchange().send(e).await.expect_err(what);
+        assert_eq!(reason_of(&status).as_deref(), Some(reason), "{what}");
+        assert_eq!(
+            concordat_broker::refusal::citation_of(&status),
+            Some((agreement.to_owned(), clause.to_owned())),
+            "{what}: {}",
+            status.message()
+        );
+        want.insert(id, (what, agreement, clause));
+    }
+    let entries = site.entries().await;
+    let mut seen = 0;
+    for e in entries.iter().filter(|e| e["event"] == "transfer_refused") {
+        let d = &e["details"];
+        let id = d["envelope"]["message_id"].as_str().unwrap();
+        let (what, agreement, clause) = want[id];
+        assert_eq!(d["agreement_id"], agreement, "{what}: {d}");
+        assert_eq!(d["clause"], clause, "{what}: {d}");
+        seen += 1;
+    }
+    assert_eq!(seen, want.len(), "every refusal is in the audit log");
+    site.broker.stop().await.unwrap();
+}
