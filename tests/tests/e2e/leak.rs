@@ -381,3 +381,85 @@ async fn a_payload_that_names_an_organisation_needs_its_consent() {
     }
     broker.stop().await.unwrap();
 }
+
+/// A transfer made under two organisations' consent is recalled when either withdraws it: the
+/// recall notice names the organisation and the token that was revoked.
+#[tokio::test]
+async fn revoking_either_consent_recalls_a_two_organisation_transfer() {
+    use concordat_proto::consent::{RevocationTarget, TokenId};
+    use tokio_stream::StreamExt as _;
+
+    let mut pki = TestPki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let desk = SecretKey::generate();
+    let broker = spawn_broker(leak_config(&pki, dir.path(), &desk))
+        .await
+        .unwrap();
+    let ncsc = client(&mut pki, broker.addr, "ncsc").await;
+    let ico = client(&mut pki, broker.addr, "ico").await;
+
+    let acme = token(&desk, "acme-ltd", Kind::ThreatAssessment);
+    let globex = token(&desk, "globex-plc", Kind::ThreatAssessment);
+    let mut e = envelope(
+        Kind::ThreatAssessment,
+        STIX,
+        bundle("Globex PLC", "Seen at Acme Ltd", "https://x.partner.test/"),
+    );
+    // Both tokens in consent_tokens, no organisation declared: each is matched by its `sub`.
+    e.consent_tokens = vec![acme, globex];
+    let receipt = ncsc.exchange().send(e).await.unwrap().into_inner();
+    let orgs: Vec<&str> = receipt
+        .consents
+        .iter()
+        .map(|c| c.organisation.as_str())
+        .collect();
+    // The identity object (Globex) comes before the indicator's description (Acme).
+    assert_eq!(orgs, ["globex-plc", "acme-ltd"], "in document order");
+    let globex_jti: TokenId = receipt.consents[0].jti.parse().unwrap();
+
+    let statement = concordat_proto::consent::Revocation::new(
+        desk.key_id(),
+        RevocationTarget::Token(globex_jti),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap()
+    .sign(&desk)
+    .unwrap();
+    let revoked = ncsc
+        .consent()
+        .revoke(pb::RevokeRequest {
+            revocation: statement,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.recall_notices, 1);
+
+    let mut stream = ico
+        .exchange()
+        .subscribe(pb::SubscribeRequest { window: 8 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut transfer = None;
+    let mut recall = None;
+    while transfer.is_none() || recall.is_none() {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("no delivery within 10 s")
+            .expect("the subscription ended")
+            .unwrap();
+        match d.body {
+            Some(pb::delivery::Body::Transfer(t)) => transfer = Some(t),
+            Some(pb::delivery::Body::RecallNotice(r)) => recall = Some(r),
+            None => panic!("an empty delivery"),
+        }
+    }
+    let (transfer, recall) = (transfer.unwrap(), recall.unwrap());
+    assert_eq!(transfer.organisations, ["globex-plc", "acme-ltd"]);
+    assert_eq!(transfer.consents.len(), 2);
+    assert_eq!(recall.transfer_id, receipt.transfer_id);
+    assert_eq!(recall.organisation, "globex-plc");
+    assert_eq!(recall.consent_jti, globex_jti.to_string());
+    broker.stop().await.unwrap();
+}
