@@ -3,7 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use concordat_proto::{envelope::Kind, ids::AgencyId};
+use concordat_proto::{
+    envelope::{Kind, Tlp},
+    ids::AgencyId,
+};
 use time::Date;
 
 use super::{Authority, Context, refuse};
@@ -52,12 +55,15 @@ pub struct Flow {
     /// Whether the flow may carry opaque payloads, which the broker cannot inspect
     /// (`opaque = true`; default false).
     pub opaque: bool,
+    /// The most restrictive TLP marking the flow may carry (`max_tlp`; none: any).
+    pub max_tlp: Option<Tlp>,
 }
 
 /// The agreement found for one recipient, and whether its flow allows opaque payloads.
 pub(super) struct FoundFlow {
     pub(super) authority: Authority,
     pub(super) opaque: bool,
+    pub(super) max_tlp: Option<Tlp>,
 }
 
 /// Finds the agreement that permits `sender` → `recipient` for `kind`, preferring one whose
@@ -86,6 +92,7 @@ pub(super) fn authority(
                 review_overdue: agreement.review_overdue(today),
             },
             opaque: flow.opaque,
+            max_tlp: flow.max_tlp,
         };
         if !found.authority.review_overdue {
             return Ok(found);

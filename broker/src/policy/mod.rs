@@ -7,7 +7,10 @@
 //! 2. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
 //!    one travels only on flows that allow it, never as an anonymised or aggregate incident
 //!    record;
-//! 3. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
+//! 3. [`tlp`]: TLP 2.0, enforced: a STIX bundle's markings agree with its envelope, no flow
+//!    carries more than its `max_tlp`, TLP:RED goes to one recipient, and nothing the sender
+//!    received under TLP:AMBER+STRICT or TLP:RED goes on to a third agency;
+//! 4. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
 //!    whose issuer is trusted for this sender and organisation, whose claims cover this exact
 //!    transfer (organisation, sender, recipients, kind, incident, payload, time window), and
 //!    which is neither revoked nor used up. Anonymised envelopes need no token.
@@ -22,6 +25,7 @@
 pub mod agreements;
 pub mod consent;
 pub mod payload;
+pub mod tlp;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -31,6 +35,7 @@ use time::{Date, Duration, OffsetDateTime};
 pub use self::{
     agreements::{Agreement, Flow},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
+    tlp::{Carried, Provenance},
 };
 use crate::refusal::{Failure, Reason, Refusal};
 
@@ -81,6 +86,9 @@ pub struct Decision {
     pub consent: Option<ConsentUse>,
     /// SHA-256 of the payload.
     pub payload_digest: [u8; 32],
+    /// The STIX objects it carries: every id for the audit entry, and those each recipient
+    /// may not pass on (TLP:AMBER+STRICT and TLP:RED).
+    pub carried: Carried,
 }
 
 /// Everything [`decide`] looks at besides the envelope.
@@ -93,6 +101,8 @@ pub struct Context<'a> {
     pub max_payload_bytes: usize,
     /// Revocations and use counts.
     pub ledger: &'a dyn ConsentLedger,
+    /// What was delivered to each agency under TLP:AMBER+STRICT or TLP:RED.
+    pub provenance: &'a dyn Provenance,
     /// The time of the decision.
     pub now: OffsetDateTime,
     /// SHA-256 of the envelope's payload, computed once by the caller.
@@ -118,6 +128,7 @@ pub fn decide(
 
     // 1. Every recipient is an agency, and an agreement in force permits the flow.
     let mut authorities = Vec::with_capacity(envelope.recipients.len());
+    let mut tlp_limits = Vec::with_capacity(envelope.recipients.len());
     // Opaque payloads need every flow they take to allow them (and there is at least one).
     let mut every_flow_opaque = !envelope.recipients.is_empty();
     for recipient in &envelope.recipients {
@@ -129,26 +140,37 @@ pub fn decide(
         }
         let found = agreements::authority(cx, sender, recipient, envelope.kind)?;
         every_flow_opaque &= found.opaque;
+        tlp_limits.push(tlp::FlowLimit {
+            recipient: recipient.clone(),
+            agreement_id: found.authority.agreement_id.clone(),
+            clause: found.authority.clause.clone(),
+            max_tlp: found.max_tlp,
+        });
         authorities.push(found.authority);
     }
 
     // 2. The payload is what its content type says, and the broker can read it, or the flow
     // allows it not to. The parsed content is where checks of what the payload says (every
     // string, with its place: `Content::for_each_string`) plug in.
-    let _content = payload::check_content(envelope, every_flow_opaque)?;
+    let content = payload::check_content(envelope, every_flow_opaque)?;
+
+    // 3. The TLP marking agrees with the bundle, the flows permit it, and nothing received
+    // under AMBER+STRICT or RED goes on to a third agency.
+    let carried = tlp::check(cx, sender, envelope, &content, &tlp_limits)?;
 
     let payload_digest = cx.payload_digest;
 
-    // 3. Anonymised or aggregate information needs no consent.
+    // 4. Anonymised or aggregate information needs no consent.
     let Some(organisation) = &envelope.organisation else {
         return Ok(Decision {
             authorities,
             consent: None,
             payload_digest,
+            carried,
         });
     };
 
-    // 4. Organisation-specific: a valid consent token must cover this exact transfer.
+    // 5. Organisation-specific: a valid consent token must cover this exact transfer.
     let claims =
         consent::verify_token(cx, sender, organisation, envelope.consent_token.as_deref())?;
     consent::check_claims(cx, &claims, sender, organisation, envelope, &payload_digest)?;
@@ -186,6 +208,7 @@ pub fn decide(
             max_uses,
         }),
         payload_digest,
+        carried,
     })
 }
 
@@ -224,6 +247,19 @@ mod tests {
 
         fn uses(&self, _: &KeyId, _: &TokenId) -> Result<u32, Internal> {
             Ok(0)
+        }
+    }
+
+    /// Nothing was ever delivered under TLP:AMBER+STRICT or TLP:RED.
+    struct Nothing;
+
+    impl Provenance for Nothing {
+        fn received(
+            &self,
+            _: &AgencyId,
+            _: &str,
+        ) -> Result<Option<tlp::Received>, Internal> {
+            Ok(None)
         }
     }
 
@@ -290,6 +326,7 @@ mod tests {
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger,
+                provenance: &Nothing,
                 now,
                 payload_digest: [0; 32],
             };
@@ -556,6 +593,7 @@ mod tests {
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger: &open,
+                provenance: &Nothing,
                 now,
                 payload_digest: [0; 32],
             };

@@ -18,5 +18,6 @@ mod relay;
 mod services;
 mod startup;
 mod store_damage;
+mod tlp;
 mod tls_reload;
 mod wire;
