@@ -1366,14 +1366,14 @@ mod tests {
     #[test]
     fn a_flow_s_max_tlp_is_read() {
         let from = "clause = \"Information sharing: relevant cyber threat information\"";
-        let text = DEFAULT_CONFIG.replacen(
-            from,
-            &format!("{from}\nmax_tlp = \"TLP:AMBER+STRICT\""),
-            1,
-        );
+        let text =
+            DEFAULT_CONFIG.replacen(from, &format!("{from}\nmax_tlp = \"TLP:AMBER+STRICT\""), 1);
         let config = Config::parse(&text, "test.toml", &Embedded).unwrap();
         let flows = &config.policy.agreements[0].flows;
-        assert_eq!(flows[0].max_tlp, Some(concordat_proto::envelope::Tlp::AmberStrict));
+        assert_eq!(
+            flows[0].max_tlp,
+            Some(concordat_proto::envelope::Tlp::AmberStrict)
+        );
         assert_eq!(flows[1].max_tlp, None);
     }
 

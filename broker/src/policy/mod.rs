@@ -254,11 +254,7 @@ mod tests {
     struct Nothing;
 
     impl Provenance for Nothing {
-        fn received(
-            &self,
-            _: &AgencyId,
-            _: &str,
-        ) -> Result<Option<tlp::Received>, Internal> {
+        fn received(&self, _: &AgencyId, _: &str) -> Result<Option<tlp::Received>, Internal> {
             Ok(None)
         }
     }

@@ -321,8 +321,8 @@ fn markings(bundle: &Bundle) -> Result<Marked, Failure> {
         if o.get("type").and_then(Value::as_str) != Some("marking-definition") {
             continue;
         }
-        let level = declared_level(o)
-            .map_err(|why| mismatch(format!("objects[{index}] {id}: {why}")))?;
+        let level =
+            declared_level(o).map_err(|why| mismatch(format!("objects[{index}] {id}: {why}")))?;
         let Some(level) = level else { continue };
         if let Some((_, fixed)) = MARKINGS.iter().find(|(m, _)| m == id)
             && *fixed != level
@@ -671,9 +671,11 @@ mod tests {
                 payload: Some(bundle(
                     &[CUSTOM],
                     &[],
-                    &[json!({"type": "marking-definition", "spec_version": "2.1", "id": CUSTOM,
+                    &[
+                        json!({"type": "marking-definition", "spec_version": "2.1", "id": CUSTOM,
                         "created": "2026-11-30T09:15:00.000Z", "definition_type": "statement",
-                        "definition": {"statement": "Copyright NCSC"}})],
+                        "definition": {"statement": "Copyright NCSC"}}),
+                    ],
                 )),
                 max_tlp: None,
                 want: Ok(&[]),

@@ -197,6 +197,21 @@ fn bundle(id: &str, object_markings: &[&str], granular: Option<&str>) -> Vec<u8>
     .unwrap()
 }
 
+/// An AMBER bundle that shares no object with [`bundle`]'s.
+fn other_amber_bundle() -> Vec<u8> {
+    String::from_utf8(bundle(
+        "indicator--0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+        &[TLP2_AMBER],
+        None,
+    ))
+    .unwrap()
+    .replace(
+        "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321",
+        "malware--1b2c3d4e-5f6a-4b7c-9d8e-0f1a2b3c4d5e",
+    )
+    .into_bytes()
+}
+
 fn stix(to: &[&str], tlp: pb::Tlp, payload: Vec<u8>) -> pb::Envelope {
     envelope(to, pb::MessageKind::ThreatAssessment, tlp, STIX, payload)
 }
@@ -250,8 +265,11 @@ fn tlp_red_goes_to_exactly_one_recipient() {
     f.send("ico", json_assessment(&["ncsc"], pb::Tlp::Red))
         .unwrap();
     f.send("ico", record_to_nca).unwrap();
-    f.send("ico", json_assessment(&["nca", "ncsc"], pb::Tlp::AmberStrict))
-        .unwrap();
+    f.send(
+        "ico",
+        json_assessment(&["nca", "ncsc"], pb::Tlp::AmberStrict),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -267,7 +285,10 @@ fn a_flow_carries_nothing_above_its_max_tlp() {
                 "3.3",
                 "at most TLP:AMBER",
                 "from nca to ncsc",
-                &format!("TLP:{}", tlp.as_str_name()["TLP_".len()..].replace('_', "+")),
+                &format!(
+                    "TLP:{}",
+                    tlp.as_str_name()["TLP_".len()..].replace('_', "+")
+                ),
             ],
         );
     }
@@ -278,7 +299,11 @@ fn a_flow_carries_nothing_above_its_max_tlp() {
     assert_refused(
         f.send(
             "nca",
-            stix(&["ncsc"], pb::Tlp::Red, bundle(INDICATOR, &[TLP2_RED], None)),
+            stix(
+                &["ncsc"],
+                pb::Tlp::Red,
+                bundle(INDICATOR, &[TLP2_RED], None),
+            ),
         ),
         Code::PermissionDenied,
         "TLP_NOT_PERMITTED",
@@ -322,7 +347,11 @@ fn a_bundle_s_markings_must_agree_with_its_envelope() {
         Row {
             what: "the most restrictive of several markings",
             tlp: pb::Tlp::AmberStrict,
-            payload: bundle(INDICATOR, &[TLP2_GREEN, TLP2_AMBER], Some(TLP2_AMBER_STRICT)),
+            payload: bundle(
+                INDICATOR,
+                &[TLP2_GREEN, TLP2_AMBER],
+                Some(TLP2_AMBER_STRICT),
+            ),
             mismatch: None,
         },
         Row {
@@ -372,21 +401,15 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
         )
         .unwrap();
     // Something delivered under AMBER is the recipient's to share as TLP:AMBER allows.
-    f.send(
-        "nca",
-        stix(
-            &["ico"],
-            pb::Tlp::Amber,
-            bundle(
-                "indicator--0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
-                &[TLP2_AMBER],
-                None,
-            ),
-        ),
-    )
-    .unwrap();
+    f.send("nca", stix(&["ico"], pb::Tlp::Amber, other_amber_bundle()))
+        .unwrap();
 
-    assert!(f.broker.terminate(Duration::from_secs(10)).unwrap().success());
+    assert!(
+        f.broker
+            .terminate(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
     f.broker.restart().unwrap();
 
     // The same indicator, even re-marked and in another bundle, may not go to the NCA.
@@ -395,7 +418,10 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
         (pb::Tlp::Red, &[TLP2_RED][..]),
     ] {
         assert_refused(
-            f.send("ico", stix(&["nca"], tlp, bundle(INDICATOR, markings, None))),
+            f.send(
+                "ico",
+                stix(&["nca"], tlp, bundle(INDICATOR, markings, None)),
+            ),
             Code::PermissionDenied,
             "TLP_ONWARD_FORBIDDEN",
             &[INDICATOR, &first.transfer_id, "TLP:RED", "ncsc", "nca"],
@@ -404,7 +430,11 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
     // Back to its originator is not onward sharing; the originator may send it again.
     f.send(
         "ico",
-        stix(&["ncsc"], pb::Tlp::Red, bundle(INDICATOR, &[TLP2_RED], None)),
+        stix(
+            &["ncsc"],
+            pb::Tlp::Red,
+            bundle(INDICATOR, &[TLP2_RED], None),
+        ),
     )
     .unwrap();
     f.send(
@@ -412,19 +442,8 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
         stix(&["ico"], pb::Tlp::Red, bundle(INDICATOR, &[TLP2_RED], None)),
     )
     .unwrap();
-    f.send(
-        "ico",
-        stix(
-            &["nca"],
-            pb::Tlp::Amber,
-            bundle(
-                "indicator--0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
-                &[TLP2_AMBER],
-                None,
-            ),
-        ),
-    )
-    .unwrap();
+    f.send("ico", stix(&["nca"], pb::Tlp::Amber, other_amber_bundle()))
+        .unwrap();
 
     // The audit log says which objects each accepted bundle carried.
     let accepted = f.accepted_entries();
