@@ -1378,7 +1378,10 @@ mod tests {
     use concordat_proto::envelope::{Envelope, Kind, Tlp};
 
     use super::*;
-    use crate::policy::{Authority, Decision};
+    use crate::policy::{
+        Authority, Decision,
+        tlp::{Carried, Restricted},
+    };
 
     const ORIGIN: &str = "test/audit";
 
@@ -1701,6 +1704,107 @@ mod tests {
         let all = report.problems.join("\n");
         assert!(all.contains("stored hash 0 differs"), "{all}");
         assert!(all.contains("has no transfer_accepted entry"), "{all}");
+    }
+
+    /// An accepted transfer from `from` to `to` carrying the STIX objects `ids` under `tlp`,
+    /// restricted when `tlp` is AMBER+STRICT or RED.
+    fn accept_stix(from: &str, to: &[&str], tlp: Tlp, ids: &[&str]) -> Op {
+        let Op::Accept(mut a) = accept(to, b"{}".to_vec(), None) else {
+            unreachable!()
+        };
+        a.sender = agency(from);
+        a.facts.sender = from.into();
+        a.envelope.tlp = tlp;
+        a.decision.carried = Carried {
+            object_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            restricted: if tlp >= Tlp::AmberStrict {
+                ids.iter()
+                    .map(|id| Restricted {
+                        object_id: (*id).to_owned(),
+                        tlp,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        Op::Accept(a)
+    }
+
+    fn transfer_of(r: &Result<Applied, Failure>) -> String {
+        match r {
+            Ok(Applied::Accepted(receipt)) => receipt.transfer_id.clone(),
+            other => panic!("not accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_was_delivered_under_tlp_red_is_remembered_across_a_restart() {
+        const X: &str = "indicator--6f1e5a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+        const Y: &str = "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321";
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        // Two in one commit: the second sender is added, the first transfer kept.
+        let out = commit(
+            &s,
+            &[
+                accept_stix("ncsc", &["ico"], Tlp::AmberStrict, &[X, Y]),
+                accept_stix("nca", &["ico"], Tlp::Red, &[X]),
+                accept_stix("ncsc", &["nca"], Tlp::Amber, &[Y]),
+            ],
+        );
+        let first = transfer_of(&out[0]);
+        transfer_of(&out[1]);
+        transfer_of(&out[2]);
+        drop(s);
+
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let x = s.received(&agency("ico"), X).unwrap().unwrap();
+        assert_eq!(x.first_transfer, first);
+        assert_eq!(
+            x.from,
+            [agency("nca"), agency("ncsc")].into_iter().collect()
+        );
+        assert_eq!(x.tlp, Tlp::Red, "the most restrictive marking is kept");
+        let y = s.received(&agency("ico"), Y).unwrap().unwrap();
+        assert_eq!(
+            (y.first_transfer.as_str(), y.tlp),
+            (first.as_str(), Tlp::AmberStrict)
+        );
+        // Delivered under AMBER: nothing to remember; nothing for the senders either.
+        assert_eq!(s.received(&agency("nca"), Y).unwrap(), None);
+        assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
+        // The audit entry of the acceptance names the objects.
+        let entry = s.log_entry(0).unwrap().unwrap();
+        let Some(pb::audit_entry::Event::TransferAccepted(a)) =
+            concordat_proto::audit::decode(&entry).unwrap().event
+        else {
+            panic!("not an acceptance");
+        };
+        assert_eq!(a.stix_object_ids, [X, Y]);
+        // verify checks the records against the log.
+        let report = s.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.tlp_records, 2);
+        s.tlp_received
+            .insert(
+                received_key(&agency("nca"), X),
+                StoredReceived {
+                    first_transfer: first.clone(),
+                    from: vec!["ncsc".into()],
+                    tlp: pb::Tlp::Red as i32,
+                }
+                .encode_to_vec(),
+            )
+            .unwrap();
+        let report = s.verify().unwrap();
+        assert!(
+            report.problems.join("\n").contains(&format!(
+                "the TLP record of {X} held by nca names transfer {first}, which was not \
+                 accepted for nca from ncsc"
+            )),
+            "{report:?}"
+        );
     }
 
     fn copy_dir(from: &Path, to: &Path) {
