@@ -12,6 +12,10 @@
 //!    goes on to an agency other than the one(s) it came from, otherwise
 //!    `TLP_ONWARD_FORBIDDEN`, naming the object and the transfer it first arrived in.
 //!
+//! Before the third rule, a bundle whose object ids do not fit in its audit entry
+//! ([`MAX_AUDITED_ID_BYTES`]) is refused `PAYLOAD_TOO_LARGE`: every accepted bundle's ids are
+//! recorded, so that an auditor can trace where an object went.
+//!
 //! The markings are recognised by their fixed ids ([`MARKINGS`]: the five TLP 2.0 marking
 //! definitions of the STIX extension [`TLP2_EXTENSION`] and the four TLP 1.0 ones of STIX 2.1,
 //! WHITE read as CLEAR), and by a marking definition inside the bundle that declares its level
@@ -82,6 +86,11 @@ pub const MARKINGS: &[(&str, Tlp)] = &[
 /// The level at and above which the broker remembers what it delivered, and refuses to let
 /// the recipient pass it on.
 pub const RESTRICTED_FROM: Tlp = Tlp::AmberStrict;
+
+/// The most bytes of object ids one acceptance's audit entry records (`stix_object_ids`).
+/// An entry is at most `concordat_proto::audit::MAX_ENTRY_BYTES` (64 KiB); the rest of it
+/// (envelope facts, authorities) keeps the remaining 16 KiB. About a thousand typical ids fit.
+pub const MAX_AUDITED_ID_BYTES: usize = 48 * 1024;
 
 /// The object types that define rather than inform (shared by every bundle that uses them):
 /// never remembered, never refused as onward sharing.
@@ -158,12 +167,14 @@ pub(super) fn check(
             Reason::TlpMismatch,
             format!(
                 "the bundle's most restrictive marking is {} (objects[{}] {}, {}), but the \
-                 envelope says {}: the envelope must carry the bundle's most restrictive marking",
+                 envelope says {}: the envelope must carry the bundle's most restrictive marking \
+                 ({})",
                 label(highest.tlp),
                 highest.index,
                 highest.object_id,
                 highest.property,
-                label(envelope.tlp)
+                label(envelope.tlp),
+                cite(limits.iter())
             ),
         ));
     }
@@ -176,8 +187,8 @@ pub(super) fn check(
             return Err(refuse(
                 Reason::TlpNotPermitted,
                 format!(
-                    "agreement {} ({}) permits at most {} from {sender} to {}; this transfer is \
-                     marked {}",
+                    "agreement {}, clause {}, permits at most {} from {sender} to {}; this \
+                     transfer is marked {}",
                     limit.agreement_id,
                     limit.clause,
                     label(max),
@@ -193,9 +204,10 @@ pub(super) fn check(
             Reason::TlpNotPermitted,
             format!(
                 "TLP:RED goes to exactly one recipient per transfer; this one names {} ({}): \
-                 send it to each named recipient separately, if each may have it",
+                 send it to each named recipient separately, if each may have it ({})",
                 names.len(),
-                names.join(", ")
+                names.join(", "),
+                cite(limits.iter())
             ),
         ));
     }
@@ -203,6 +215,22 @@ pub(super) fn check(
     let (Some(bundle), Some(marked)) = (bundle, marked) else {
         return Ok(Carried::default());
     };
+
+    // Every accepted bundle's object ids go into its audit entry, which is bounded: a bundle
+    // whose ids do not fit cannot be traced, and is refused before anything is looked up.
+    // (Each id costs its length plus at most three bytes of protobuf framing.)
+    let id_bytes: usize = bundle.object_ids().iter().map(|id| id.len() + 3).sum();
+    if id_bytes > MAX_AUDITED_ID_BYTES {
+        return Err(refuse(
+            Reason::PayloadTooLarge,
+            format!(
+                "the bundle's {} object ids take {id_bytes} bytes, more than the {} an audit \
+                 entry records: split it into smaller bundles",
+                bundle.object_ids().len(),
+                MAX_AUDITED_ID_BYTES
+            ),
+        ));
+    }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
     for (object_id, _) in marked.objects.iter().filter(|(id, _)| !is_definition(id)) {
@@ -219,11 +247,12 @@ pub(super) fn check(
                 Reason::TlpOnwardForbidden,
                 format!(
                     "{object_id} was delivered to {sender} under {} in transfer {} (from {}): \
-                     it may go back to {} but not on to {third}",
+                     it may go back to {} but not on to {third} ({})",
                     label(received.tlp),
                     received.first_transfer,
                     from.join(", "),
-                    from.join(" or ")
+                    from.join(" or "),
+                    cite(limits.iter().filter(|l| &l.recipient == third))
                 ),
             ));
         }
@@ -245,6 +274,20 @@ pub(super) fn check(
         object_ids: bundle.object_ids().to_vec(),
         restricted,
     })
+}
+
+/// The agreements and clauses of `limits`' flows, for refusals:
+/// `to nca: agreement test-tlp, clause 3.1`.
+fn cite<'a>(limits: impl Iterator<Item = &'a FlowLimit>) -> String {
+    let cited: Vec<String> = limits
+        .map(|l| {
+            format!(
+                "to {}: agreement {}, clause {}",
+                l.recipient, l.agreement_id, l.clause
+            )
+        })
+        .collect();
+    cited.join("; ")
 }
 
 /// `TLP:AMBER+STRICT`.
@@ -705,7 +748,12 @@ mod tests {
                 tlp: Tlp::Red,
                 payload: None,
                 max_tlp: None,
-                want: Err((Reason::TlpNotPermitted, "exactly one recipient")),
+                want: Err((
+                    Reason::TlpNotPermitted,
+                    "exactly one recipient per transfer; this one names 2 (ncsc, nca): send it to \
+                     each named recipient separately, if each may have it (to ncsc: agreement \
+                     mou, clause 4.2; to nca: agreement mou, clause 4.2)",
+                )),
             },
             Row {
                 what: "received under RED, on to a third agency",
@@ -714,7 +762,11 @@ mod tests {
                 tlp: Tlp::Green,
                 payload: Some(bundle(&[], &[], &[])),
                 max_tlp: None,
-                want: Err((Reason::TlpOnwardForbidden, "in transfer t-first (from ico)")),
+                want: Err((
+                    Reason::TlpOnwardForbidden,
+                    "in transfer t-first (from ico): it may go back to ico but not on to nca (to \
+                     nca: agreement mou, clause 4.2)",
+                )),
             },
             Row {
                 what: "received under RED, back to where it came from",
@@ -790,6 +842,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, Carried::default());
+    }
+
+    #[test]
+    fn a_bundle_whose_ids_do_not_fit_in_its_audit_entry_is_refused() {
+        let indicator = |i: usize| {
+            json!({
+                "type": "indicator", "spec_version": "2.1",
+                "id": format!("indicator--00000000-0000-4000-8000-{i:012}"),
+                "created": "2026-11-30T09:15:00.000Z", "modified": "2026-11-30T10:00:00.000Z",
+                "pattern": "[ipv4-addr:value = '198.51.100.7']", "pattern_type": "stix",
+                "valid_from": "2026-11-30T09:00:00Z"
+            })
+        };
+        // Each id is 47 bytes, 50 counted.
+        let fits = MAX_AUDITED_ID_BYTES / 50;
+        for (n, refused) in [(fits - 2, false), (fits + 1, true)] {
+            let objects: Vec<Value> = (0..n).map(indicator).collect();
+            let got = run(
+                Row {
+                    what: "",
+                    from: "ico",
+                    to: &["nca"],
+                    tlp: Tlp::Green,
+                    payload: Some(
+                        serde_json::to_vec(&json!({
+                            "type": "bundle",
+                            "id": "bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e",
+                            "objects": objects,
+                        }))
+                        .unwrap(),
+                    ),
+                    max_tlp: None,
+                    want: Ok(&[]),
+                },
+                &Memory::default(),
+            );
+            match got {
+                Err(Failure::Refused(r)) if refused => {
+                    assert_eq!(r.reason, Reason::PayloadTooLarge, "{}", r.message);
+                    assert!(r.message.contains("split it"), "{}", r.message);
+                }
+                Ok(c) if !refused => {
+                    // What is accepted fits in an audit entry, with room to spare.
+                    let entry = concordat_proto::pb::TransferAccepted {
+                        stix_object_ids: c.object_ids,
+                        ..Default::default()
+                    };
+                    use prost::Message as _;
+                    assert!(entry.encoded_len() <= MAX_AUDITED_ID_BYTES);
+                }
+                other => panic!("{n} objects: {other:?}"),
+            }
+        }
     }
 
     #[test]

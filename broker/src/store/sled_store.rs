@@ -813,12 +813,27 @@ impl SledStorage {
 
     /// Remembers, per recipient, the STIX objects a transfer delivers under TLP:AMBER+STRICT
     /// or TLP:RED: the first transfer each arrived in is kept, its sender added to those it
-    /// may go back to, the most restrictive marking kept.
+    /// may go back to, the most restrictive marking kept. An object going back to an agency
+    /// it came from (the sender holds it from that recipient) is not remembered for it: the
+    /// originator is not bound by its own marking.
     fn remember_restricted(t: &Trees<'_>, a: &Accept) -> TxResult<()> {
         let transfer_id = &a.transfer.transfer_id;
         let sender = a.sender.as_str();
-        for holder in &a.envelope.recipients {
-            for object in &a.decision.carried.restricted {
+        for object in &a.decision.carried.restricted {
+            let came_from: Vec<String> = match t
+                .tlp_received
+                .get(received_key(&a.sender, &object.object_id))?
+            {
+                Some(found) => match StoredReceived::decode(found.as_ref()) {
+                    Ok(r) => r.from,
+                    Err(e) => return abort(Internal::new("decoding a TLP record", e)),
+                },
+                None => Vec::new(),
+            };
+            for holder in &a.envelope.recipients {
+                if came_from.iter().any(|f| f == holder.as_str()) {
+                    continue;
+                }
                 let key = received_key(holder, &object.object_id);
                 let tlp = pb::Tlp::from(object.tlp) as i32;
                 let record = match t.tlp_received.get(&key)? {
@@ -1774,8 +1789,13 @@ mod tests {
         // Delivered under AMBER: nothing to remember; nothing for the senders either.
         assert_eq!(s.received(&agency("nca"), Y).unwrap(), None);
         assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
+        // Sent back to where it came from, it does not bind its originator.
+        let back = commit(&s, &[accept_stix("ico", &["ncsc"], Tlp::Red, &[X])]);
+        transfer_of(&back[0]);
+        assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
         // The audit entry of the acceptance names the objects.
         let entry = s.log_entry(0).unwrap().unwrap();
+        assert_eq!(s.log_size().unwrap(), 4);
         let Some(pb::audit_entry::Event::TransferAccepted(a)) =
             concordat_proto::audit::decode(&entry).unwrap().event
         else {

@@ -242,7 +242,12 @@ fn tlp_red_goes_to_exactly_one_recipient() {
         f.send("ico", json_assessment(&["nca", "ncsc"], pb::Tlp::Red)),
         Code::PermissionDenied,
         "TLP_NOT_PERMITTED",
-        &["TLP:RED", "exactly one recipient", "nca, ncsc"],
+        &[
+            "TLP:RED",
+            "exactly one recipient",
+            "nca, ncsc",
+            "to nca: agreement test-tlp, clause 3.1; to ncsc: agreement test-tlp, clause 3.2",
+        ],
     );
     let record = envelope(
         &["nca", "ncsc"],
@@ -281,8 +286,7 @@ fn a_flow_carries_nothing_above_its_max_tlp() {
             Code::PermissionDenied,
             "TLP_NOT_PERMITTED",
             &[
-                "test-tlp",
-                "3.3",
+                "agreement test-tlp, clause 3.3,",
                 "at most TLP:AMBER",
                 "from nca to ncsc",
                 &format!(
@@ -326,7 +330,12 @@ fn a_bundle_s_markings_must_agree_with_its_envelope() {
             what: "an object marked TLP:RED under an AMBER envelope",
             tlp: pb::Tlp::Amber,
             payload: bundle(INDICATOR, &[TLP2_RED], None),
-            mismatch: Some(&["TLP:RED", INDICATOR, "the envelope says TLP:AMBER"]),
+            mismatch: Some(&[
+                "TLP:RED",
+                INDICATOR,
+                "the envelope says TLP:AMBER",
+                "to ico: agreement test-ico-ncsc, clause 1.1",
+            ]),
         },
         Row {
             what: "the same under a RED envelope",
@@ -424,7 +433,13 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
             ),
             Code::PermissionDenied,
             "TLP_ONWARD_FORBIDDEN",
-            &[INDICATOR, &first.transfer_id, "TLP:RED", "ncsc", "nca"],
+            &[
+                INDICATOR,
+                &first.transfer_id,
+                "under TLP:RED",
+                "it may go back to ncsc but not on to nca",
+                "to nca: agreement test-tlp, clause 3.1",
+            ],
         );
     }
     // Back to its originator is not onward sharing; the originator may send it again.
