@@ -471,6 +471,27 @@ fn what_arrived_under_tlp_red_is_not_shared_onward_even_after_a_restart() {
         [INDICATOR, "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321"]
     );
     assert_eq!(accepted.len(), 5, "{accepted:?}");
+
+    // The stopped broker's store checks out, its TLP records included: the ICO holds the
+    // indicator and the malware from the NCSC; what went back to the NCSC binds nobody.
+    assert!(
+        f.broker
+            .terminate(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    let out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
+        .args(["verify", "--data-dir"])
+        .arg(f.broker.data_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("TLP records: 2"), "{stdout}");
 }
 
 /// The configuration key is checked at start: an unknown level names the key.
