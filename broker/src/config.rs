@@ -331,6 +331,11 @@ impl Config {
         tls: TlsMaterial,
         agencies: BTreeMap<AgencyId, Agency>,
     ) -> Self {
+        // The policy knows the federation's agencies (recipients are checked against them).
+        let policy = Policy {
+            agencies: agencies.keys().cloned().collect(),
+            ..Policy::default()
+        };
         Config {
             source: "<in code>".into(),
             listen,
@@ -341,7 +346,7 @@ impl Config {
             agencies,
             auditors: BTreeSet::new(),
             limits: Limits::default(),
-            policy: Policy::default(),
+            policy,
             digest: [0; 32],
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
             metrics_listen: None,
