@@ -233,7 +233,8 @@ pub(super) fn check(
     }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
-    for (object_id, _) in marked.objects.iter().filter(|(id, _)| !is_definition(id)) {
+    for object in marked.objects.iter().filter(|o| !is_definition(&o.id)) {
+        let object_id = &object.id;
         let Some(received) = cx.provenance.received(sender, object_id)? else {
             continue;
         };
@@ -261,11 +262,11 @@ pub(super) fn check(
     let restricted = marked
         .objects
         .iter()
-        .filter(|(id, _)| !is_definition(id))
-        .filter_map(|(id, own)| {
-            let tlp = own.unwrap_or(envelope.tlp);
+        .filter(|o| !is_definition(&o.id))
+        .filter_map(|o| {
+            let tlp = o.own.unwrap_or(envelope.tlp);
             (tlp >= RESTRICTED_FROM).then(|| Restricted {
-                object_id: id.clone(),
+                object_id: o.id.clone(),
                 tlp,
             })
         })
@@ -309,11 +310,20 @@ struct Highest {
     property: String,
 }
 
+/// One object of a bundle and its own TLP marking.
+#[derive(Debug)]
+struct ObjectMarking {
+    /// Its id.
+    id: String,
+    /// The most restrictive TLP marking it references itself, if any.
+    own: Option<Tlp>,
+}
+
 /// The TLP markings of a bundle.
 #[derive(Debug, Default)]
 struct Marked {
-    /// Each object's id and its own most restrictive TLP marking, if it references any.
-    objects: Vec<(String, Option<Tlp>)>,
+    /// Every object, in bundle order, with its own marking.
+    objects: Vec<ObjectMarking>,
     /// The most restrictive marking referenced anywhere, and where first.
     highest: Option<Highest>,
 }
@@ -428,7 +438,10 @@ fn markings(bundle: &Bundle) -> Result<Marked, Failure> {
                 );
             }
         }
-        marked.objects.push((id.clone(), own));
+        marked.objects.push(ObjectMarking {
+            id: id.clone(),
+            own,
+        });
     }
     Ok(marked)
 }
