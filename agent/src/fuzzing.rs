@@ -244,6 +244,7 @@ mod tests {
                 transfer_id: format!("t-{i}"),
                 envelope: Some(facts),
                 authorities: Vec::new(),
+                stix_object_ids: Vec::new(),
             })
         } else {
             Event::TransferRefused(pb::TransferRefused {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use concordat_proto::{
-    envelope::Kind,
+    envelope::{Kind, Tlp},
     ids::{AgencyId, OrgId},
     paserk::PublicKey,
 };
@@ -331,6 +331,11 @@ impl Config {
         tls: TlsMaterial,
         agencies: BTreeMap<AgencyId, Agency>,
     ) -> Self {
+        // The policy knows the federation's agencies (recipients are checked against them).
+        let policy = Policy {
+            agencies: agencies.keys().cloned().collect(),
+            ..Policy::default()
+        };
         Config {
             source: "<in code>".into(),
             listen,
@@ -341,7 +346,7 @@ impl Config {
             agencies,
             auditors: BTreeSet::new(),
             limits: Limits::default(),
-            policy: Policy::default(),
+            policy,
             digest: [0; 32],
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
             metrics_listen: None,
@@ -731,12 +736,28 @@ impl Config {
                         "must cite the clause that permits the flow".into(),
                     ));
                 }
+                let max_tlp = f
+                    .max_tlp
+                    .as_deref()
+                    .map(|t| {
+                        t.parse::<Tlp>().map_err(|_| {
+                            invalid(
+                                &fat("max_tlp"),
+                                format!(
+                                    "{t:?} is not a TLP level (clear, green, amber, amber+strict, \
+                                     red)"
+                                ),
+                            )
+                        })
+                    })
+                    .transpose()?;
                 flows.push(Flow {
                     from,
                     to,
                     kinds,
                     clause: f.clause,
                     opaque: f.opaque,
+                    max_tlp,
                 });
             }
             if flows.is_empty() {
@@ -899,7 +920,7 @@ impl Config {
                 let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
                 let _ = writeln!(
                     s,
-                    "    {} -> {}: {}{}  ({})",
+                    "    {} -> {}: {}{}{}  ({})",
                     f.from,
                     f.to,
                     kinds.join(", "),
@@ -908,6 +929,9 @@ impl Config {
                     } else {
                         ""
                     },
+                    f.max_tlp
+                        .map(|t| format!(", at most TLP:{}", t.as_str().to_uppercase()))
+                        .unwrap_or_default(),
                     f.clause
                 );
             }
@@ -1171,6 +1195,9 @@ struct RawFlow {
     /// Whether the flow may carry payloads the broker cannot inspect.
     #[serde(default)]
     opaque: bool,
+    /// The most restrictive TLP marking the flow may carry.
+    #[serde(default)]
+    max_tlp: Option<String>,
 }
 
 /// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.
@@ -1323,6 +1350,11 @@ mod tests {
                 "domains = [\"globex.example\"]\nmatch = \"names\"",
                 "organisations[1].match",
             ),
+            (
+                "clause = \"Information sharing: relevant cyber threat information\"",
+                "clause = \"x\"\nmax_tlp = \"orange\"",
+                "agreements[0].flows[0].max_tlp",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(DEFAULT_CONFIG.contains(from), "default lacks {from}");
@@ -1334,6 +1366,20 @@ mod tests {
                 "{to:?}: expected key {key}, got {shown}"
             );
         }
+    }
+
+    #[test]
+    fn a_flow_s_max_tlp_is_read() {
+        let from = "clause = \"Information sharing: relevant cyber threat information\"";
+        let text =
+            DEFAULT_CONFIG.replacen(from, &format!("{from}\nmax_tlp = \"TLP:AMBER+STRICT\""), 1);
+        let config = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        let flows = &config.policy.agreements[0].flows;
+        assert_eq!(
+            flows[0].max_tlp,
+            Some(concordat_proto::envelope::Tlp::AmberStrict)
+        );
+        assert_eq!(flows[1].max_tlp, None);
     }
 
     #[test]

@@ -219,6 +219,7 @@ mod tests {
                 kinds: BTreeSet::from([concordat_proto::envelope::Kind::ThreatAssessment]),
                 clause: "c".into(),
                 opaque: false,
+                max_tlp: None,
             }],
         };
         let policy = Policy {

@@ -42,6 +42,14 @@ pub enum Reason {
     /// The payload names a registered organisation for which the envelope carries no consent
     /// token.
     OrganisationIdentified,
+    /// A STIX bundle's most restrictive TLP marking is not the envelope's `tlp`.
+    TlpMismatch,
+    /// The transfer's TLP marking is above what a flow permits (`max_tlp`), or it is TLP:RED
+    /// and names more than one recipient.
+    TlpNotPermitted,
+    /// The payload carries a STIX object the broker delivered to the sender under
+    /// TLP:AMBER+STRICT or TLP:RED, to an agency it did not come from.
+    TlpOnwardForbidden,
     /// An organisation-specific envelope carries no consent token.
     ConsentMissing,
     /// The consent token is longer than any valid token.
@@ -107,6 +115,9 @@ impl Reason {
             Reason::InvalidContent => "INVALID_CONTENT",
             Reason::UninspectableContent => "UNINSPECTABLE_CONTENT",
             Reason::OrganisationIdentified => "ORGANISATION_IDENTIFIED",
+            Reason::TlpMismatch => "TLP_MISMATCH",
+            Reason::TlpNotPermitted => "TLP_NOT_PERMITTED",
+            Reason::TlpOnwardForbidden => "TLP_ONWARD_FORBIDDEN",
             Reason::ConsentMissing => "CONSENT_MISSING",
             Reason::ConsentTooLong => "CONSENT_TOO_LONG",
             Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",
@@ -520,6 +531,19 @@ mod tests {
                 *expected,
                 "{status:?}"
             );
+        }
+    }
+
+    #[test]
+    fn tlp_refusals_are_permission_denied() {
+        for (reason, code) in [
+            (Reason::TlpMismatch, "TLP_MISMATCH"),
+            (Reason::TlpNotPermitted, "TLP_NOT_PERMITTED"),
+            (Reason::TlpOnwardForbidden, "TLP_ONWARD_FORBIDDEN"),
+        ] {
+            let status = Status::from(Refusal::new(reason, "no"));
+            assert_eq!(status.code(), Code::PermissionDenied);
+            assert_eq!(reason_of(&status).as_deref(), Some(code));
         }
     }
 

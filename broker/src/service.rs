@@ -164,6 +164,7 @@ impl State {
             verified: &self.verified,
             max_payload_bytes: self.limits.max_message_bytes,
             ledger: storage,
+            provenance: storage,
             now,
             payload_digest: payload_sha256,
         };

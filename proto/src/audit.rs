@@ -213,6 +213,7 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
             "authorities": a.authorities.iter().map(|x| json!({
                 "recipient": x.recipient, "agreement_id": x.agreement_id, "clause": x.clause,
             })).collect::<Vec<_>>(),
+            "stix_object_ids": a.stix_object_ids,
         }),
         Some(Event::TransferRefused(r)) => json!({
             "envelope": envelope_json(r.envelope.as_ref()),
@@ -324,6 +325,13 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
                 ));
             }
             s.push_str(&format!("  {}\n", consent(e)));
+            if !a.stix_object_ids.is_empty() {
+                s.push_str(&format!(
+                    "  It carried {} STIX object(s): {}.\n",
+                    a.stix_object_ids.len(),
+                    a.stix_object_ids.join(", ")
+                ));
+            }
             s.push_str(&format!(
                 "  Payload: {} bytes, SHA-256 {}.",
                 e.payload_size,
@@ -666,6 +674,41 @@ mod tests {
         assert!(words.contains("reason NO_AGREEMENT"), "{words}");
         assert!(words.contains("2 entries sent."), "{words}");
         assert_eq!(to_json(&export)["event"], "audit_exported");
+    }
+
+    #[test]
+    fn an_accepted_bundle_names_the_objects_it_carried() {
+        let ids = [
+            "indicator--6f1e5a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b",
+            "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321",
+        ];
+        let entry = pb::AuditEntry {
+            time: None,
+            event: Some(Event::TransferAccepted(pb::TransferAccepted {
+                transfer_id: "t-1".into(),
+                envelope: Some(pb::EnvelopeFacts {
+                    sender: "ncsc".into(),
+                    recipients: vec!["ico".into()],
+                    tlp: pb::Tlp::Red as i32,
+                    ..Default::default()
+                }),
+                authorities: Vec::new(),
+                stix_object_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            })),
+        };
+        let back = decode(&entry.encode_to_vec()).unwrap();
+        let words = explain(5, &back);
+        assert!(
+            words.contains(&format!("It carried 2 STIX object(s): {}.", ids.join(", "))),
+            "{words}"
+        );
+        assert_eq!(to_json(&back)["details"]["stix_object_ids"], json!(ids));
+        // Without a bundle, nothing is said of objects.
+        let mut plain = back.clone();
+        if let Some(Event::TransferAccepted(a)) = &mut plain.event {
+            a.stix_object_ids.clear();
+        }
+        assert!(!explain(5, &plain).contains("STIX"));
     }
 
     #[test]

@@ -207,8 +207,8 @@ fn verify(
     println!("checkpoint in the database: {}", hex(report.checkpoint));
     println!("published checkpoint:       {}", hex(report.published));
     println!(
-        "queue items: {}; receipts: {}",
-        report.queue_items, report.receipts
+        "queue items: {}; receipts: {}; TLP records: {}",
+        report.queue_items, report.receipts, report.tlp_records
     );
     if report.unpublished && !publish_checkpoint {
         println!(

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use concordat_proto::{
-    envelope::{Envelope, Kind},
+    envelope::{Envelope, Kind, Tlp},
     ids::AgencyId,
 };
 use time::Date;
@@ -55,6 +55,8 @@ pub struct Flow {
     /// Whether the flow may carry opaque payloads, which the broker cannot inspect
     /// (`opaque = true`; default false).
     pub opaque: bool,
+    /// The most restrictive TLP marking the flow may carry (`max_tlp`; none: any).
+    pub max_tlp: Option<Tlp>,
 }
 
 /// The flows a transfer takes, one per recipient.
@@ -63,6 +65,8 @@ pub(super) struct Flows {
     pub(super) authorities: Vec<Authority>,
     /// Whether every flow allows opaque payloads (and there is at least one).
     pub(super) every_flow_opaque: bool,
+    /// For each recipient, the TLP limit of its flow.
+    pub(super) tlp_limits: Vec<super::tlp::FlowLimit>,
 }
 
 /// Finds, for every recipient of `envelope`, that it is an agency of the federation and the
@@ -75,6 +79,7 @@ pub(super) fn find(
     let mut flows = Flows {
         authorities: Vec::with_capacity(envelope.recipients.len()),
         every_flow_opaque: !envelope.recipients.is_empty(),
+        tlp_limits: Vec::with_capacity(envelope.recipients.len()),
     };
     for recipient in &envelope.recipients {
         if !cx.policy.agencies.contains(recipient) {
@@ -85,6 +90,12 @@ pub(super) fn find(
         }
         let found = authority(cx, sender, recipient, envelope.kind)?;
         flows.every_flow_opaque &= found.opaque;
+        flows.tlp_limits.push(super::tlp::FlowLimit {
+            recipient: recipient.clone(),
+            agreement_id: found.authority.agreement_id.clone(),
+            clause: found.authority.clause.clone(),
+            max_tlp: found.max_tlp,
+        });
         flows.authorities.push(found.authority);
     }
     Ok(flows)
@@ -94,6 +105,7 @@ pub(super) fn find(
 pub(super) struct FoundFlow {
     pub(super) authority: Authority,
     pub(super) opaque: bool,
+    pub(super) max_tlp: Option<Tlp>,
 }
 
 /// Finds the agreement that permits `sender` → `recipient` for `kind`, preferring one whose
@@ -122,6 +134,7 @@ pub(super) fn authority(
                 review_overdue: agreement.review_overdue(today),
             },
             opaque: flow.opaque,
+            max_tlp: flow.max_tlp,
         };
         if !found.authority.review_overdue {
             return Ok(found);

@@ -8,9 +8,12 @@
 //! 3. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
 //!    one travels only on flows that allow it, never as an anonymised or aggregate incident
 //!    record;
-//! 4. [`organisations`]: the organisations the transfer identifies, those its envelope
+//! 4. [`tlp`]: TLP 2.0, enforced: a STIX bundle's markings agree with its envelope, no flow
+//!    carries more than its `max_tlp`, TLP:RED goes to one recipient, and nothing the sender
+//!    received under TLP:AMBER+STRICT or TLP:RED goes on to a third agency;
+//! 5. [`organisations`]: the organisations the transfer identifies, those its envelope
 //!    declares and those its payload names (the leak check against the registry);
-//! 5. [`consent`]: each of them consented, by a token that verifies, whose issuer is trusted
+//! 6. [`consent`]: each of them consented, by a token that verifies, whose issuer is trusted
 //!    for this sender and organisation, whose claims cover this exact transfer (organisation,
 //!    sender, recipients, kind, incident, payload, time window), and which is neither revoked
 //!    nor used up; a named organisation without a token is `ORGANISATION_IDENTIFIED`.
@@ -30,6 +33,7 @@ pub mod agreements;
 pub mod consent;
 pub mod organisations;
 pub mod payload;
+pub mod tlp;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -43,6 +47,7 @@ use time::{Date, Duration, OffsetDateTime};
 pub use self::{
     agreements::{Agreement, Flow},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
+    tlp::{Carried, Provenance},
 };
 use crate::{
     refusal::{Citation, Failure, Reason, Refusal},
@@ -99,6 +104,9 @@ pub struct Decision {
     pub consents: Vec<ConsentUse>,
     /// SHA-256 of the payload.
     pub payload_digest: [u8; 32],
+    /// The STIX objects it carries: every id for the audit entry, and those each recipient
+    /// may not pass on (TLP:AMBER+STRICT and TLP:RED).
+    pub carried: Carried,
 }
 
 impl Decision {
@@ -134,6 +142,8 @@ pub struct Context<'a> {
     pub max_payload_bytes: usize,
     /// Revocations and use counts.
     pub ledger: &'a dyn ConsentLedger,
+    /// What was delivered to each agency under TLP:AMBER+STRICT or TLP:RED.
+    pub provenance: &'a dyn Provenance,
     /// The time of the decision.
     pub now: OffsetDateTime,
     /// SHA-256 of the envelope's payload, computed once by the caller.
@@ -176,11 +186,15 @@ pub fn decide(
     // allows it not to.
     let content = payload::check_content(envelope, flows.every_flow_opaque).map_err(cited)?;
 
-    // 4. The organisations the transfer identifies: those the envelope declares and those
+    // 4. The TLP marking agrees with the bundle, the flows permit it, and nothing received
+    // under AMBER+STRICT or RED goes on to a third agency.
+    let carried = tlp::check(cx, sender, envelope, &content, &flows.tlp_limits).map_err(cited)?;
+
+    // 5. The organisations the transfer identifies: those the envelope declares and those
     // its payload names.
     let identified = organisations::identified(cx.organisations, envelope, &content);
 
-    // 5. Each of them consented, by a valid token that covers this exact transfer; a named
+    // 6. Each of them consented, by a valid token that covers this exact transfer; a named
     // organisation without a token is ORGANISATION_IDENTIFIED. Anonymised or aggregate
     // information identifies nobody and needs no consent.
     let consents = consent::check_all(cx, sender, envelope, &identified).map_err(cited)?;
@@ -190,6 +204,7 @@ pub fn decide(
         organisations: identified.into_iter().map(|i| i.org).collect(),
         consents,
         payload_digest: cx.payload_digest,
+        carried,
     })
 }
 
@@ -228,6 +243,15 @@ mod tests {
 
         fn uses(&self, _: &KeyId, _: &TokenId) -> Result<u32, Internal> {
             Ok(0)
+        }
+    }
+
+    /// Nothing was ever delivered under TLP:AMBER+STRICT or TLP:RED.
+    struct Nothing;
+
+    impl Provenance for Nothing {
+        fn received(&self, _: &AgencyId, _: &str) -> Result<Option<tlp::Received>, Internal> {
+            Ok(None)
         }
     }
 
@@ -298,6 +322,7 @@ mod tests {
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger,
+                provenance: &Nothing,
                 now,
                 payload_digest: [0; 32],
             };
@@ -566,6 +591,7 @@ mod tests {
                 verified: &verified,
                 max_payload_bytes: config.limits.max_message_bytes,
                 ledger: &open,
+                provenance: &Nothing,
                 now,
                 payload_digest: [0; 32],
             };

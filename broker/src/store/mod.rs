@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     audit_log::SignedCheckpoint,
-    policy::{ConsentLedger, Decision},
+    policy::{ConsentLedger, Decision, Provenance},
     refusal::{Failure, Internal, Reason, Refusal},
 };
 
@@ -234,7 +234,7 @@ pub struct Queued {
 
 /// The storage engine under the broker. Reads may come from any thread; `apply` and `sync` are
 /// called only by the writer thread, in order.
-pub trait Storage: ConsentLedger + Send + Sync + 'static {
+pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     /// Applies operations in order, each atomically (refusals do not affect the others). They
     /// are not durable until [`Storage::sync`] returns.
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>>;

@@ -11,6 +11,7 @@
 //! | `consent_uses` | issuer key id, token id | transfers made under a token that limits its uses |
 //! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token, for recall |
 //! | `revocations` | `jti:` issuer, token id / `before:` issuer | revoked tokens |
+//! | `tlp_received` | holder agency `\0` STIX object id | what was delivered to it under TLP:AMBER+STRICT or TLP:RED: the first transfer, the senders, the marking |
 //! | `meta` | name | sequence counter, layout version, log size and checkpoint |
 //! | `log_entries`, `log_hashes` | first index | the audit log ([`crate::audit_log`]) |
 //!
@@ -60,7 +61,10 @@ use super::{
 };
 use crate::{
     audit_log::{self, Frontier, Log, SignedCheckpoint, TxLog},
-    policy::{ConsentLedger, ConsentUse},
+    policy::{
+        ConsentLedger, ConsentUse,
+        tlp::{Provenance, Received},
+    },
     refusal::{Failure, Internal, Reason, Refusal},
 };
 
@@ -112,6 +116,21 @@ struct ConsentedTransfer {
     transfer_id: String,
 }
 
+/// What the broker delivered of one STIX object to one agency under TLP:AMBER+STRICT or
+/// TLP:RED (the `tlp_received` tree), for the onward-sharing rule (`policy::tlp`).
+#[derive(Clone, PartialEq, Message)]
+struct StoredReceived {
+    /// The transfer it first arrived in.
+    #[prost(string, tag = "1")]
+    first_transfer: String,
+    /// Every agency that sent it to the holder, in the order they first did.
+    #[prost(string, repeated, tag = "2")]
+    from: Vec<String>,
+    /// The most restrictive marking it arrived under (`pb::Tlp`).
+    #[prost(int32, tag = "3")]
+    tlp: i32,
+}
+
 /// The transfers one commit made under one token.
 #[derive(Clone, PartialEq, Message)]
 struct ConsentedBlock {
@@ -130,6 +149,7 @@ pub struct SledStorage {
     uses: sled::Tree,
     consented: sled::Tree,
     revoked: sled::Tree,
+    tlp_received: sled::Tree,
     meta: sled::Tree,
     log: Log,
     index: Mutex<QueueIndex>,
@@ -230,6 +250,13 @@ fn revoked_jti_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
     k
 }
 
+fn received_key(holder: &AgencyId, object_id: &str) -> Vec<u8> {
+    let mut k = holder.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(object_id.as_bytes());
+    k
+}
+
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -248,6 +275,7 @@ struct Trees<'a> {
     uses: &'a TransactionalTree,
     meta: &'a TransactionalTree,
     consented: &'a TransactionalTree,
+    tlp_received: &'a TransactionalTree,
     log: TxLog<'a>,
 }
 
@@ -336,6 +364,7 @@ impl SledStorage {
             uses: tree("consent_uses")?,
             consented: tree("consented_transfers")?,
             revoked: tree("revocations")?,
+            tlp_received: tree("tlp_received")?,
             log: Log::open(
                 tree("log_entries")?,
                 tree("log_hashes")?,
@@ -452,6 +481,7 @@ impl SledStorage {
             &self.queue_acks,
             &self.uses,
             &self.consented,
+            &self.tlp_received,
             &self.meta,
             entries,
             hashes,
@@ -465,6 +495,7 @@ impl SledStorage {
                 queue_acks,
                 uses,
                 consented,
+                tlp_received,
                 meta,
                 le,
                 lh,
@@ -481,6 +512,7 @@ impl SledStorage {
                 uses,
                 meta,
                 consented,
+                tlp_received,
                 log: self.log.in_tx(le, lh, meta)?,
             };
             let mut fx = Effects::default();
@@ -753,12 +785,14 @@ impl SledStorage {
                 .1
                 .push(consented_record(a, c));
         }
+        Self::remember_restricted(t, a)?;
         let entry = audit_log::entry_at(
             timestamp(a.accepted_at),
             pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
                 transfer_id: a.transfer.transfer_id.clone(),
                 envelope: Some(a.facts.clone()),
                 authorities: a.authorities.clone(),
+                stix_object_ids: a.decision.carried.object_ids.clone(),
             }),
         );
         let (log_index, bytes) = t.log.append_bytes(&entry)?;
@@ -771,6 +805,58 @@ impl SledStorage {
             .encode_to_vec(),
         )?;
         receipt_from_entry(log_index, &entry, bytes).or_else(abort)
+    }
+
+    /// Remembers, per recipient, the STIX objects a transfer delivers under TLP:AMBER+STRICT
+    /// or TLP:RED: the first transfer each arrived in is kept, its sender added to those it
+    /// may go back to, the most restrictive marking kept. An object going back to an agency
+    /// it came from (the sender holds it from that recipient) is not remembered for it: the
+    /// originator is not bound by its own marking.
+    fn remember_restricted(t: &Trees<'_>, a: &Accept) -> TxResult<()> {
+        let transfer_id = &a.transfer.transfer_id;
+        let sender = a.sender.as_str();
+        for object in &a.decision.carried.restricted {
+            let came_from: Vec<String> = match t
+                .tlp_received
+                .get(received_key(&a.sender, &object.object_id))?
+            {
+                Some(found) => match StoredReceived::decode(found.as_ref()) {
+                    Ok(r) => r.from,
+                    Err(e) => return abort(Internal::new("decoding a TLP record", e)),
+                },
+                None => Vec::new(),
+            };
+            for holder in &a.envelope.recipients {
+                if came_from.iter().any(|f| f == holder.as_str()) {
+                    continue;
+                }
+                let key = received_key(holder, &object.object_id);
+                let tlp = pb::Tlp::from(object.tlp) as i32;
+                let record = match t.tlp_received.get(&key)? {
+                    Some(found) => {
+                        let mut r = match StoredReceived::decode(found.as_ref()) {
+                            Ok(r) => r,
+                            Err(e) => return abort(Internal::new("decoding a TLP record", e)),
+                        };
+                        if r.from.iter().any(|f| f == sender) && r.tlp >= tlp {
+                            continue;
+                        }
+                        if !r.from.iter().any(|f| f == sender) {
+                            r.from.push(sender.to_owned());
+                        }
+                        r.tlp = r.tlp.max(tlp);
+                        r
+                    }
+                    None => StoredReceived {
+                        first_transfer: transfer_id.clone(),
+                        from: vec![sender.to_owned()],
+                        tlp,
+                    },
+                };
+                t.tlp_received.insert(key, record.encode_to_vec())?;
+            }
+        }
+        Ok(())
     }
 
     /// Acknowledges deliveries of `recipient` (and drops a shared transfer once every
@@ -1091,6 +1177,33 @@ impl ConsentLedger for SledStorage {
     }
 }
 
+impl Provenance for SledStorage {
+    fn received(&self, holder: &AgencyId, object_id: &str) -> Result<Option<Received>, Internal> {
+        let Some(found) = self
+            .tlp_received
+            .get(received_key(holder, object_id))
+            .map_err(sled_err("reading TLP records"))?
+        else {
+            return Ok(None);
+        };
+        let r = StoredReceived::decode(found.as_ref())
+            .map_err(|e| Internal::new("decoding a TLP record", e))?;
+        let from = r
+            .from
+            .iter()
+            .map(|a| a.parse::<AgencyId>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Internal::new("decoding a TLP record", e))?;
+        let tlp = concordat_proto::envelope::Tlp::try_from(r.tlp)
+            .map_err(|e| Internal::new("decoding a TLP record", e))?;
+        Ok(Some(Received {
+            first_transfer: r.first_transfer,
+            from,
+            tlp,
+        }))
+    }
+}
+
 impl Storage for SledStorage {
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
         self.apply_batch_sled(ops)
@@ -1276,7 +1389,10 @@ mod tests {
     use concordat_proto::envelope::{Envelope, Kind, Tlp};
 
     use super::*;
-    use crate::policy::{Authority, Decision};
+    use crate::policy::{
+        Authority, Decision,
+        tlp::{Carried, Restricted},
+    };
 
     const ORIGIN: &str = "test/audit";
 
@@ -1315,6 +1431,7 @@ mod tests {
                 organisations: consent.iter().map(|c| c.organisation.clone()).collect(),
                 consents: consent.into_iter().collect(),
                 payload_digest: [7; 32],
+                carried: Default::default(),
             },
             [1; 32],
             OffsetDateTime::now_utc(),
@@ -1602,6 +1719,112 @@ mod tests {
         let all = report.problems.join("\n");
         assert!(all.contains("stored hash 0 differs"), "{all}");
         assert!(all.contains("has no transfer_accepted entry"), "{all}");
+    }
+
+    /// An accepted transfer from `from` to `to` carrying the STIX objects `ids` under `tlp`,
+    /// restricted when `tlp` is AMBER+STRICT or RED.
+    fn accept_stix(from: &str, to: &[&str], tlp: Tlp, ids: &[&str]) -> Op {
+        let Op::Accept(mut a) = accept(to, b"{}".to_vec(), None) else {
+            unreachable!()
+        };
+        a.sender = agency(from);
+        a.facts.sender = from.into();
+        a.envelope.tlp = tlp;
+        a.decision.carried = Carried {
+            object_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            restricted: if tlp >= Tlp::AmberStrict {
+                ids.iter()
+                    .map(|id| Restricted {
+                        object_id: (*id).to_owned(),
+                        tlp,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        Op::Accept(a)
+    }
+
+    fn transfer_of(r: &Result<Applied, Failure>) -> String {
+        match r {
+            Ok(Applied::Accepted(receipt)) => receipt.transfer_id.clone(),
+            other => panic!("not accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_was_delivered_under_tlp_red_is_remembered_across_a_restart() {
+        const X: &str = "indicator--6f1e5a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+        const Y: &str = "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321";
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        // Two in one commit: the second sender is added, the first transfer kept.
+        let out = commit(
+            &s,
+            &[
+                accept_stix("ncsc", &["ico"], Tlp::AmberStrict, &[X, Y]),
+                accept_stix("nca", &["ico"], Tlp::Red, &[X]),
+                accept_stix("ncsc", &["nca"], Tlp::Amber, &[Y]),
+            ],
+        );
+        let first = transfer_of(&out[0]);
+        transfer_of(&out[1]);
+        transfer_of(&out[2]);
+        drop(s);
+
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let x = s.received(&agency("ico"), X).unwrap().unwrap();
+        assert_eq!(x.first_transfer, first);
+        assert_eq!(
+            x.from,
+            [agency("nca"), agency("ncsc")].into_iter().collect()
+        );
+        assert_eq!(x.tlp, Tlp::Red, "the most restrictive marking is kept");
+        let y = s.received(&agency("ico"), Y).unwrap().unwrap();
+        assert_eq!(
+            (y.first_transfer.as_str(), y.tlp),
+            (first.as_str(), Tlp::AmberStrict)
+        );
+        // Delivered under AMBER: nothing to remember; nothing for the senders either.
+        assert_eq!(s.received(&agency("nca"), Y).unwrap(), None);
+        assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
+        // Sent back to where it came from, it does not bind its originator.
+        let back = commit(&s, &[accept_stix("ico", &["ncsc"], Tlp::Red, &[X])]);
+        transfer_of(&back[0]);
+        assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
+        // The audit entry of the acceptance names the objects.
+        let entry = s.log_entry(0).unwrap().unwrap();
+        assert_eq!(s.log_size().unwrap(), 4);
+        let Some(pb::audit_entry::Event::TransferAccepted(a)) =
+            concordat_proto::audit::decode(&entry).unwrap().event
+        else {
+            panic!("not an acceptance");
+        };
+        assert_eq!(a.stix_object_ids, [X, Y]);
+        // verify checks the records against the log.
+        let report = s.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.tlp_records, 2);
+        s.tlp_received
+            .insert(
+                received_key(&agency("nca"), X),
+                StoredReceived {
+                    first_transfer: first.clone(),
+                    from: vec!["ncsc".into()],
+                    tlp: pb::Tlp::Red as i32,
+                }
+                .encode_to_vec(),
+            )
+            .unwrap();
+        let report = s.verify().unwrap();
+        assert!(
+            report.problems.join("\n").contains(&format!(
+                "the TLP record of {X} held by nca names transfer {first}, which was not \
+                 accepted for nca from ncsc"
+            )),
+            "{report:?}"
+        );
     }
 
     fn copy_dir(from: &Path, to: &Path) {

@@ -99,6 +99,7 @@ fn policy(desk: &SecretKey) -> Policy {
                         .collect(),
                     clause: CLAUSE_NCSC_ICO.into(),
                     opaque: false,
+                    max_tlp: None,
                 },
             ),
             agreement(
@@ -111,6 +112,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     kinds: [Kind::ThreatAssessment].into_iter().collect(),
                     clause: "3.1".into(),
                     opaque: false,
+                    max_tlp: None,
                 },
             ),
         ],

@@ -86,6 +86,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         kinds: kinds.iter().copied().collect(),
         clause: clause.into(),
         opaque: false,
+        max_tlp: None,
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]

@@ -19,5 +19,6 @@ mod relay;
 mod services;
 mod startup;
 mod store_damage;
+mod tlp;
 mod tls_reload;
 mod wire;

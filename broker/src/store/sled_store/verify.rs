@@ -1,7 +1,8 @@
 //! The offline check of a stopped broker's store (`concordat-broker verify`): the whole tree
 //! recomputed from the stored entries, every stored hash compared with it, both checkpoints
 //! (the database's and the published one) checked against it, every queue item matched with
-//! the audit entry that queued it, and every receipt with the acceptance it names.
+//! the audit entry that queued it, every receipt with the acceptance it names, and every TLP
+//! record (`tlp_received`) with the acceptance it says the object first arrived in.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,7 +15,7 @@ use concordat_proto::{
 };
 use prost::Message;
 
-use super::{SledStorage, StoredReceipt};
+use super::{SledStorage, StoredReceipt, StoredReceived};
 use crate::{
     audit_log::{self, SignedCheckpoint},
     refusal::Internal,
@@ -41,6 +42,9 @@ pub struct StoreReport {
     pub queue_items: u64,
     /// Receipts checked against their acceptances.
     pub receipts: u64,
+    /// TLP records (objects delivered under AMBER+STRICT or RED) checked against the
+    /// acceptances they name.
+    pub tlp_records: u64,
     /// How long the check took.
     pub elapsed: Duration,
     /// Everything that does not hold, up to the first fifty.
@@ -306,6 +310,40 @@ impl SledStorage {
                 _ => report.problem(format!(
                     "the receipt of {sender}/{message_id} names entry {index}, which is not \
                      that message's acceptance"
+                )),
+            }
+        }
+        // Every TLP record names an acceptance of a transfer to its holder, from its first sender.
+        for item in self.tlp_received.iter() {
+            let (key, value) = item.map_err(read)?;
+            report.tlp_records += 1;
+            let Some(split) = key.iter().position(|b| *b == 0) else {
+                report.problem("a TLP record has a malformed key".into());
+                continue;
+            };
+            let holder = String::from_utf8_lossy(&key[..split]).into_owned();
+            let object = String::from_utf8_lossy(&key[split + 1..]).into_owned();
+            let record = match StoredReceived::decode(value.as_ref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problem(format!("the TLP record of {object} held by {holder}: {e}"));
+                    continue;
+                }
+            };
+            let found = record
+                .first_transfer
+                .parse::<uuid::Uuid>()
+                .ok()
+                .and_then(|t| accepted.get(&t));
+            match found {
+                Some(a)
+                    if a.recipients.contains(&holder) && record.from.first() == Some(&a.sender) => {
+                }
+                _ => report.problem(format!(
+                    "the TLP record of {object} held by {holder} names transfer {}, which was \
+                     not accepted for {holder} from {}",
+                    record.first_transfer,
+                    record.from.first().map_or("anyone", String::as_str)
                 )),
             }
         }
