@@ -561,6 +561,8 @@ pub async fn relay(
         tlp: pb::Tlp::Amber as i32,
         payload: json_payload(settings.payload),
         consent_token: token.clone(),
+        significance_designation: String::new(),
+        significance_countersignature: String::new(),
     };
     writeln!(
         out,

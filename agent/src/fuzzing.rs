@@ -244,6 +244,7 @@ mod tests {
                 transfer_id: format!("t-{i}"),
                 envelope: Some(facts),
                 authorities: Vec::new(),
+                designation: None,
             })
         } else {
             Event::TransferRefused(pb::TransferRefused {

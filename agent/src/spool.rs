@@ -112,6 +112,9 @@ pub struct OutboxMessage {
     pub consent_token: Option<String>,
     /// A file holding the consent token.
     pub consent_token_file: Option<PathBuf>,
+    /// A designation file (`concordat significance countersign`): the two halves of a
+    /// national-significance designation, one per line.
+    pub designation_file: Option<PathBuf>,
 }
 
 /// What the agent writes beside an accepted file.
@@ -574,6 +577,18 @@ pub(crate) fn envelope_from_outbox(
         }
         (None, None) => None,
     };
+    let (significance_designation, significance_countersignature) = match &msg.designation_file {
+        Some(file) => {
+            let bytes = sources.read_file(file)?;
+            designation_halves(&String::from_utf8_lossy(&bytes)).ok_or_else(|| {
+                parse(
+                    "designation_file",
+                    &"must hold two lines, the designation and its countersignature",
+                )
+            })?
+        }
+        None => (String::new(), String::new()),
+    };
     let fingerprint = hex_digest(bytes);
     let message_id = match &msg.message_id {
         Some(id) => id
@@ -598,8 +613,22 @@ pub(crate) fn envelope_from_outbox(
         tlp: pb::Tlp::from(tlp) as i32,
         payload,
         consent_token: consent_token.unwrap_or_default(),
+        significance_designation,
+        significance_countersignature,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+}
+
+/// The two halves of a designation file (written by `concordat significance countersign`):
+/// exactly two non-empty lines, the designation and then its countersignature.
+pub fn designation_halves(text: &str) -> Option<(String, String)> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let designation = lines.next()?.to_owned();
+    let countersignature = lines.next()?.to_owned();
+    lines
+        .next()
+        .is_none()
+        .then_some((designation, countersignature))
 }
 
 fn transfer_json(t: &pb::Transfer) -> serde_json::Value {

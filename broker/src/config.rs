@@ -20,6 +20,7 @@ use concordat_proto::{
     envelope::Kind,
     ids::{AgencyId, OrgId},
     paserk::PublicKey,
+    significance::Officer,
 };
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
@@ -27,7 +28,7 @@ use rustls_pki_types::{
 use serde::Deserialize;
 
 use crate::{
-    policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy},
+    policy::{Agreement, ConsentIssuer, Flow, LegalBases, LegalBasis, Organisations, Policy},
     registry::{Organisation, OrganisationSpec, Registry, RegistryError},
 };
 
@@ -651,6 +652,74 @@ impl Config {
                 },
             );
         }
+        for (i, o) in raw.significance_officers.into_iter().enumerate() {
+            let at = |k: &str| format!("significance_officers[{i}].{k}");
+            if o.id.trim().is_empty()
+                || o.id.len() > 64
+                || o.id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    &at("id"),
+                    "must be 1 to 64 characters without spaces".into(),
+                ));
+            }
+            let agency: AgencyId = o
+                .agency
+                .parse()
+                .map_err(|e| invalid(&at("agency"), format!("{:?} {e}", o.agency)))?;
+            if !agencies.contains_key(&agency) {
+                return Err(invalid(
+                    &at("agency"),
+                    format!("{agency} is not a declared agency"),
+                ));
+            }
+            let text = match (o.key, o.key_file) {
+                (Some(k), None) => k,
+                (None, Some(path)) => {
+                    let bytes = read(&at("key_file"), &path)?;
+                    String::from_utf8(bytes)
+                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        &at("key"),
+                        "give exactly one of key and key_file".into(),
+                    ));
+                }
+            };
+            let key: PublicKey = text
+                .parse()
+                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))?;
+            let key_id = key.key_id();
+            if policy.significance_officers.contains_key(&key_id)
+                || policy.issuers.contains_key(&key_id)
+            {
+                return Err(invalid(
+                    &at("key"),
+                    format!("{key_id} is declared twice (an officer's key is no other key)"),
+                ));
+            }
+            if let Some(other) = policy
+                .significance_officers
+                .values()
+                .find(|x| x.id == o.id && x.agency != agency)
+            {
+                return Err(invalid(
+                    &at("id"),
+                    format!("{} is already an officer of {}", o.id, other.agency),
+                ));
+            }
+            policy.significance_officers.insert(
+                key_id,
+                Officer {
+                    id: o.id,
+                    agency,
+                    key,
+                },
+            );
+        }
         let mut agreement_ids = BTreeSet::new();
         for (i, a) in raw.agreements.into_iter().enumerate() {
             let at = |k: &str| format!("agreements[{i}].{k}");
@@ -731,12 +800,31 @@ impl Config {
                         "must cite the clause that permits the flow".into(),
                     ));
                 }
+                let legal_bases = match &f.legal_bases {
+                    None => LegalBases::default(),
+                    Some(names) => {
+                        let mut bases = Vec::with_capacity(names.len());
+                        for name in names {
+                            let basis: LegalBasis =
+                                name.parse().map_err(|e| invalid(&fat("legal_bases"), e))?;
+                            if bases.contains(&basis) {
+                                return Err(invalid(
+                                    &fat("legal_bases"),
+                                    format!("names {basis} twice"),
+                                ));
+                            }
+                            bases.push(basis);
+                        }
+                        LegalBases::of(&bases)
+                    }
+                };
                 flows.push(Flow {
                     from,
                     to,
                     kinds,
                     clause: f.clause,
                     opaque: f.opaque,
+                    legal_bases,
                 });
             }
             if flows.is_empty() {
@@ -849,6 +937,11 @@ impl Config {
             "organisations: {} registered ({identifiers_only} matched by identifiers only)",
             self.registry.len()
         );
+        let _ = writeln!(
+            s,
+            "significance officers: {}",
+            self.policy.significance_officers.len()
+        );
         let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
         let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
         issuers.sort_by_key(|(id, _)| id.to_string());
@@ -910,6 +1003,13 @@ impl Config {
                     },
                     f.clause
                 );
+                if f.legal_bases != LegalBases::default() {
+                    let _ = writeln!(
+                        s,
+                        "      legal bases for specific content: {}",
+                        f.legal_bases
+                    );
+                }
             }
         }
         s
@@ -1019,6 +1119,8 @@ struct RawConfig {
     consent_issuers: Vec<RawIssuer>,
     #[serde(default)]
     agreements: Vec<RawAgreement>,
+    #[serde(default)]
+    significance_officers: Vec<RawOfficer>,
     #[serde(default)]
     organisations: Vec<RawOrganisation>,
     organisations_file: Option<PathBuf>,
@@ -1171,6 +1273,19 @@ struct RawFlow {
     /// Whether the flow may carry payloads the broker cannot inspect.
     #[serde(default)]
     opaque: bool,
+    /// The legal bases for organisation- or incident-specific content; absent: consent.
+    legal_bases: Option<Vec<String>>,
+}
+
+/// `[[significance_officers]]`: an officer who may designate incidents of national
+/// significance for an agency.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOfficer {
+    id: String,
+    agency: String,
+    key: Option<String>,
+    key_file: Option<PathBuf>,
 }
 
 /// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.

@@ -219,6 +219,7 @@ mod tests {
                 kinds: BTreeSet::from([concordat_proto::envelope::Kind::ThreatAssessment]),
                 clause: "c".into(),
                 opaque: false,
+                legal_bases: Default::default(),
             }],
         };
         let policy = Policy {

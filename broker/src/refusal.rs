@@ -39,6 +39,16 @@ pub enum Reason {
     /// The payload is opaque (the broker cannot read it) and the flow does not allow opaque
     /// payloads, or it is sent as an anonymised or aggregate incident record.
     UninspectableContent,
+    /// Incident- or organisation-specific content on a flow whose only applicable legal basis
+    /// is national significance, without a designation.
+    NationalSignificanceRequired,
+    /// The flow accepts no legal basis for incident- or organisation-specific content.
+    NoLegalBasis,
+    /// The national-significance designation does not verify (signatures, officers, the
+    /// two-person rule) or does not cover this transfer (agency, incident, flow).
+    DesignationInvalid,
+    /// The national-significance designation has expired.
+    DesignationExpired,
     /// An organisation-specific envelope carries no consent token.
     ConsentMissing,
     /// The consent token is longer than any valid token.
@@ -103,6 +113,10 @@ impl Reason {
             Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Reason::InvalidContent => "INVALID_CONTENT",
             Reason::UninspectableContent => "UNINSPECTABLE_CONTENT",
+            Reason::NationalSignificanceRequired => "NATIONAL_SIGNIFICANCE_REQUIRED",
+            Reason::NoLegalBasis => "NO_LEGAL_BASIS",
+            Reason::DesignationInvalid => "DESIGNATION_INVALID",
+            Reason::DesignationExpired => "DESIGNATION_EXPIRED",
             Reason::ConsentMissing => "CONSENT_MISSING",
             Reason::ConsentTooLong => "CONSENT_TOO_LONG",
             Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",

@@ -240,6 +240,61 @@ pub struct Envelope {
     pub payload: Vec<u8>,
     /// The consent token, if one was given.
     pub consent_token: Option<String>,
+    /// The national-significance designation, if one was given (both halves).
+    pub significance: Option<SignificanceTokens>,
+}
+
+/// The two halves of a national-significance designation as an envelope carries them
+/// (`crate::significance`), checked for shape only: both present, each at most
+/// [`crate::paseto::MAX_TOKEN_LEN`] bytes of printable ASCII.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SignificanceTokens {
+    /// The designating officer's token.
+    pub designation: String,
+    /// The countersigning officer's token.
+    pub countersignature: String,
+}
+
+impl fmt::Debug for SignificanceTokens {
+    // Token bytes never reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignificanceTokens(<redacted>)")
+    }
+}
+
+impl SignificanceTokens {
+    /// Checks the wire fields: both empty (no designation) or both set, each at most
+    /// [`crate::paseto::MAX_TOKEN_LEN`] bytes of printable ASCII.
+    fn check(designation: &str, countersignature: &str) -> Result<bool, EnvelopeError> {
+        match (designation.is_empty(), countersignature.is_empty()) {
+            (true, true) => return Ok(false),
+            (false, false) => {}
+            _ => {
+                return Err(EnvelopeError::Invalid {
+                    field: "significance_designation",
+                    problem: "and significance_countersignature must be given together".into(),
+                });
+            }
+        }
+        for (field, token) in [
+            ("significance_designation", designation),
+            ("significance_countersignature", countersignature),
+        ] {
+            if token.len() > crate::paseto::MAX_TOKEN_LEN {
+                return Err(EnvelopeError::Invalid {
+                    field,
+                    problem: format!("is longer than {} bytes", crate::paseto::MAX_TOKEN_LEN),
+                });
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(EnvelopeError::Invalid {
+                    field,
+                    problem: "must be printable ASCII".into(),
+                });
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl fmt::Debug for Envelope {
@@ -258,6 +313,7 @@ impl fmt::Debug for Envelope {
                 "consent_token",
                 &self.consent_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("significance", &self.significance)
             .finish()
     }
 }
@@ -286,6 +342,8 @@ struct Checked {
     kind: Kind,
     organisation: Option<OrgId>,
     tlp: Tlp,
+    /// Whether both halves of a designation are present (and well formed).
+    significance: bool,
 }
 
 impl Checked {
@@ -329,7 +387,12 @@ impl Checked {
         let kind = Kind::try_from(wire.kind)?;
         check_label("incident_ref", &wire.incident_ref)?;
         check_label("content_type", &wire.content_type)?;
+        let significance = SignificanceTokens::check(
+            &wire.significance_designation,
+            &wire.significance_countersignature,
+        )?;
         Ok(Checked {
+            significance,
             message_id,
             recipients,
             kind,
@@ -359,6 +422,10 @@ impl Envelope {
             tlp: c.tlp,
             payload: wire.payload,
             consent_token: some(wire.consent_token),
+            significance: c.significance.then_some(SignificanceTokens {
+                designation: wire.significance_designation,
+                countersignature: wire.significance_countersignature,
+            }),
         })
     }
 }
@@ -383,6 +450,15 @@ impl From<Envelope> for pb::Envelope {
             tlp: pb::Tlp::from(e.tlp) as i32,
             payload: e.payload,
             consent_token: e.consent_token.unwrap_or_default(),
+            significance_designation: e
+                .significance
+                .as_ref()
+                .map(|s| s.designation.clone())
+                .unwrap_or_default(),
+            significance_countersignature: e
+                .significance
+                .map(|s| s.countersignature)
+                .unwrap_or_default(),
         }
     }
 }
@@ -403,6 +479,8 @@ mod tests {
             tlp: pb::Tlp::Amber as i32,
             payload: b"{}".to_vec(),
             consent_token: "v4.public.x".into(),
+            significance_designation: String::new(),
+            significance_countersignature: String::new(),
         }
     }
 
@@ -450,6 +528,20 @@ mod tests {
             ("incident_ref", |e| e.incident_ref = "x".repeat(129)),
             ("incident_ref", |e| e.incident_ref = "bad\nref".into()),
             ("content_type", |e| e.content_type = "text/\u{7}".into()),
+            ("significance_designation", |e| {
+                e.significance_designation = "v4.public.x".into()
+            }),
+            ("significance_designation", |e| {
+                e.significance_countersignature = "v4.public.x".into()
+            }),
+            ("significance_designation", |e| {
+                e.significance_designation = "x".repeat(8 * 1024 + 1);
+                e.significance_countersignature = "v4.public.x".into();
+            }),
+            ("significance_countersignature", |e| {
+                e.significance_designation = "v4.public.x".into();
+                e.significance_countersignature = "v4.public.\n".into();
+            }),
         ];
         for (field, mutate) in cases {
             let mut wire = valid();

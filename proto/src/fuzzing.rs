@@ -694,6 +694,8 @@ mod tests {
             tlp: pb::Tlp::Amber as i32,
             payload: b"{\"a\":1}".to_vec(),
             consent_token: String::from_utf8(paseto_seeds.last().unwrap().clone()).unwrap(),
+            significance_designation: String::new(),
+            significance_countersignature: String::new(),
         };
         let envelopes = [
             valid.clone(),

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use concordat_proto::{envelope::Kind, ids::AgencyId};
 use time::Date;
 
-use super::{Authority, Context, refuse};
+use super::{Authority, Context, legal::LegalBases, refuse};
 use crate::refusal::{Failure, Reason};
 
 /// An agreement (memorandum of understanding) between agencies, and the flows it permits.
@@ -52,12 +52,16 @@ pub struct Flow {
     /// Whether the flow may carry opaque payloads, which the broker cannot inspect
     /// (`opaque = true`; default false).
     pub opaque: bool,
+    /// The legal bases on which it may carry organisation- or incident-specific content
+    /// (`legal_bases`; default consent alone). See `super::legal`.
+    pub legal_bases: LegalBases,
 }
 
 /// The agreement found for one recipient, and whether its flow allows opaque payloads.
 pub(super) struct FoundFlow {
     pub(super) authority: Authority,
     pub(super) opaque: bool,
+    pub(super) legal_bases: LegalBases,
 }
 
 /// Finds the agreement that permits `sender` → `recipient` for `kind`, preferring one whose
@@ -86,6 +90,7 @@ pub(super) fn authority(
                 review_overdue: agreement.review_overdue(today),
             },
             opaque: flow.opaque,
+            legal_bases: flow.legal_bases.clone(),
         };
         if !found.authority.review_overdue {
             return Ok(found);

@@ -7,7 +7,10 @@
 //! 2. [`payload`]: the payload is what its content type says ([`crate::content`]); an opaque
 //!    one travels only on flows that allow it, never as an anonymised or aggregate incident
 //!    record;
-//! 3. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
+//! 3. [`legal`]: organisation- or incident-specific content travels only on flows whose legal
+//!    bases cover it: consent (the organisation's token, checked next), or national
+//!    significance (a valid two-officer designation of the incident for this flow);
+//! 4. [`consent`]: an organisation-specific envelope carries a consent token that verifies,
 //!    whose issuer is trusted for this sender and organisation, whose claims cover this exact
 //!    transfer (organisation, sender, recipients, kind, incident, payload, time window), and
 //!    which is neither revoked nor used up. Anonymised envelopes need no token.
@@ -21,16 +24,18 @@
 
 pub mod agreements;
 pub mod consent;
+pub mod legal;
 pub mod payload;
 
 use std::collections::{BTreeSet, HashMap};
 
-use concordat_proto::{envelope::Envelope, ids::AgencyId, paserk::KeyId};
+use concordat_proto::{envelope::Envelope, ids::AgencyId, paserk::KeyId, significance::Officer};
 use time::{Date, Duration, OffsetDateTime};
 
 pub use self::{
     agreements::{Agreement, Flow},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
+    legal::{LegalBases, LegalBasis},
 };
 use crate::refusal::{Failure, Reason, Refusal};
 
@@ -47,6 +52,8 @@ pub struct Policy {
     pub enforce_review: bool,
     /// The agencies of the federation.
     pub agencies: BTreeSet<AgencyId>,
+    /// The officers authorised to designate incidents of national significance, by key id.
+    pub significance_officers: HashMap<KeyId, Officer>,
 }
 
 impl Policy {
@@ -79,6 +86,8 @@ pub struct Decision {
     pub authorities: Vec<Authority>,
     /// The consent relied on, for organisation-specific envelopes.
     pub consent: Option<ConsentUse>,
+    /// The national-significance designation relied on, if a flow needed one.
+    pub designation: Option<concordat_proto::significance::Designation>,
     /// SHA-256 of the payload.
     pub payload_digest: [u8; 32],
 }
@@ -118,6 +127,7 @@ pub fn decide(
 
     // 1. Every recipient is an agency, and an agreement in force permits the flow.
     let mut authorities = Vec::with_capacity(envelope.recipients.len());
+    let mut bases = Vec::with_capacity(envelope.recipients.len());
     // Opaque payloads need every flow they take to allow them (and there is at least one).
     let mut every_flow_opaque = !envelope.recipients.is_empty();
     for recipient in &envelope.recipients {
@@ -130,20 +140,32 @@ pub fn decide(
         let found = agreements::authority(cx, sender, recipient, envelope.kind)?;
         every_flow_opaque &= found.opaque;
         authorities.push(found.authority);
+        bases.push(found.legal_bases);
     }
 
     // 2. The payload is what its content type says, and the broker can read it, or the flow
     // allows it not to. The parsed content is where checks of what the payload says (every
     // string, with its place: `Content::for_each_string`) plug in.
-    let _content = payload::check_content(envelope, every_flow_opaque)?;
+    let content = payload::check_content(envelope, every_flow_opaque)?;
+
+    // 3. Organisation- or incident-specific content needs a legal basis on every flow:
+    // consent, or a designation of national significance.
+    let flows: Vec<legal::FlowBases<'_>> = envelope
+        .recipients
+        .iter()
+        .zip(&bases)
+        .map(|(recipient, bases)| legal::FlowBases { recipient, bases })
+        .collect();
+    let designation = legal::check(cx, sender, envelope, &content, &flows)?;
 
     let payload_digest = cx.payload_digest;
 
-    // 3. Anonymised or aggregate information needs no consent.
+    // Anonymised or aggregate information needs no consent.
     let Some(organisation) = &envelope.organisation else {
         return Ok(Decision {
             authorities,
             consent: None,
+            designation,
             payload_digest,
         });
     };
@@ -185,6 +207,7 @@ pub fn decide(
             issued_at: claims.issued_at(),
             max_uses,
         }),
+        designation,
         payload_digest,
     })
 }
@@ -265,6 +288,7 @@ mod tests {
             tlp: Tlp::Amber,
             payload: b"{}".to_vec(),
             consent_token: Some(token.into()),
+            significance: None,
         }
     }
 

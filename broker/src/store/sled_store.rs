@@ -763,6 +763,7 @@ impl SledStorage {
                 transfer_id: a.transfer.transfer_id.clone(),
                 envelope: Some(a.facts.clone()),
                 authorities: a.authorities.clone(),
+                designation: a.designation.clone(),
             }),
         );
         let (log_index, bytes) = t.log.append_bytes(&entry)?;
@@ -1300,6 +1301,7 @@ mod tests {
             tlp: Tlp::Green,
             payload,
             consent_token: None,
+            significance: None,
         };
         Op::Accept(Box::new(Accept::new(
             agency("ncsc"),
@@ -1315,6 +1317,7 @@ mod tests {
                     })
                     .collect(),
                 consent,
+                designation: None,
                 payload_digest: [7; 32],
             },
             [1; 32],

@@ -99,6 +99,7 @@ fn policy(desk: &SecretKey) -> Policy {
                         .collect(),
                     clause: CLAUSE_NCSC_ICO.into(),
                     opaque: false,
+                    legal_bases: Default::default(),
                 },
             ),
             agreement(
@@ -111,6 +112,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     kinds: [Kind::ThreatAssessment].into_iter().collect(),
                     clause: "3.1".into(),
                     opaque: false,
+                    legal_bases: Default::default(),
                 },
             ),
         ],
@@ -251,6 +253,8 @@ fn envelope(recipient: &str, kind: pb::MessageKind, org: &str, token: String) ->
         tlp: pb::Tlp::Amber as i32,
         payload: PAYLOAD.to_vec(),
         consent_token: token,
+        significance_designation: String::new(),
+        significance_countersignature: String::new(),
     }
 }
 

@@ -86,6 +86,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         kinds: kinds.iter().copied().collect(),
         clause: clause.into(),
         opaque: false,
+        legal_bases: Default::default(),
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]
@@ -230,6 +231,8 @@ fn envelope(token: String) -> pb::Envelope {
         tlp: pb::Tlp::Amber as i32,
         payload: PAYLOAD.to_vec(),
         consent_token: token,
+        significance_designation: String::new(),
+        significance_countersignature: String::new(),
     }
 }
 

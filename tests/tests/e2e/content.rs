@@ -38,6 +38,7 @@ fn content_config(pki: &TestPki, data_dir: &Path) -> Config {
                 .collect(),
             clause: "1.1".into(),
             opaque,
+            legal_bases: Default::default(),
         }],
     };
     config.policy.agreements = vec![

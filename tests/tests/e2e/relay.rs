@@ -463,6 +463,7 @@ fn relay_config(pki: &TestPki, data_dir: &Path) -> Config {
             kinds: [Kind::ThreatAssessment].into_iter().collect(),
             clause: "2.1".into(),
             opaque: false,
+            legal_bases: Default::default(),
         }],
     });
     config
