@@ -77,6 +77,9 @@ const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The `meta` key of the next queue sequence number.
 const NEXT_SEQ: &[u8] = b"next_seq";
+/// Prefix of the `meta` keys of designations already recorded in the log (then their
+/// SHA-256).
+const DESIGNATION_PREFIX: &[u8] = b"significance/";
 /// The `meta` key of the storage layout's version.
 const LAYOUT: &[u8] = b"store_layout";
 /// This layout: queue blocks, receipts by log index, bundled log.
@@ -756,6 +759,18 @@ impl SledStorage {
                 .or_insert_with(|| (first_seq, Vec::new()))
                 .1
                 .push(consented_record(a, c));
+        }
+        // The first transfer that relies on a designation records it, once, before its own
+        // entry (`docs/national-significance.md`); the key lives in `meta`.
+        if let Some(d) = &a.designation {
+            let key = [DESIGNATION_PREFIX, &d.designation_sha256[..]].concat();
+            if t.meta.get(&key)?.is_none() {
+                t.meta.insert(key, &[][..])?;
+                t.log.append(&audit_log::entry_at(
+                    timestamp(a.accepted_at),
+                    pb::audit_entry::Event::DesignationRecorded(d.clone()),
+                ))?;
+            }
         }
         let entry = audit_log::entry_at(
             timestamp(a.accepted_at),
