@@ -1372,6 +1372,66 @@ mod tests {
     }
 
     /// Each row: a change to the default configuration text and the key its error must name.
+    /// The default flows model the MoUs' legal bases, and officers' keys are read.
+    #[test]
+    fn legal_bases_and_significance_officers_are_read() {
+        use crate::policy::LegalBasis::{Consent, NationalSignificance};
+        let c = Config::embedded_default().unwrap();
+        let bases = |from: &str, to: &str, kind: Kind| {
+            c.policy
+                .agreements
+                .iter()
+                .flat_map(|a| &a.flows)
+                .find(|f| f.from.as_str() == from && f.to.as_str() == to && f.kinds.contains(&kind))
+                .map(|f| f.legal_bases.clone())
+                .unwrap()
+        };
+        let incident = Kind::IncidentRecord;
+        assert_eq!(
+            bases("ico", "ncsc", incident),
+            LegalBases::of(&[NationalSignificance])
+        );
+        assert_eq!(bases("ncsc", "ico", incident), LegalBases::of(&[Consent]));
+        assert_eq!(bases("nca", "ico", incident), LegalBases::of(&[Consent]));
+        assert_eq!(bases("ico", "nca", incident), LegalBases::of(&[Consent]));
+        // Absent, a flow accepts consent, as every flow did before legal bases existed.
+        assert_eq!(
+            bases("ncsc", "ico", Kind::ThreatAssessment),
+            LegalBases::default()
+        );
+        assert!(c.policy.significance_officers.is_empty());
+
+        let key = concordat_proto::paserk::SecretKey::generate();
+        let text = DEFAULT_CONFIG.replacen(
+            "# The MoUs, as code.",
+            &format!(
+                "[[significance_officers]]\nid = \"ico-duty\"\nagency = \"ico\"\nkey = \"{}\"\n\
+                 [[significance_officers]]\nid = \"ico-duty\"\nagency = \"ncsc\"\nkey = \"{}\"\n#",
+                key.public(),
+                concordat_proto::paserk::SecretKey::generate().public()
+            ),
+            1,
+        );
+        let err = Config::parse(&text, "test.toml", &Embedded).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml: significance_officers[1].id: "),
+            "{err}"
+        );
+        let text = text.replacen(
+            "id = \"ico-duty\"\nagency = \"ncsc\"",
+            "id = \"ncsc-duty\"\nagency = \"ncsc\"",
+            1,
+        );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        let officer = &c.policy.significance_officers[&key.key_id()];
+        assert_eq!(
+            (officer.id.as_str(), officer.agency.as_str()),
+            ("ico-duty", "ico")
+        );
+        assert_eq!(c.policy.significance_officers.len(), 2);
+    }
+
     #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
@@ -1437,6 +1497,26 @@ mod tests {
                 "domains = [\"globex.example\"]",
                 "domains = [\"globex.example\"]\nmatch = \"names\"",
                 "organisations[1].match",
+            ),
+            (
+                "legal_bases = [\"national_significance\"]",
+                "legal_bases = [\"gdpr\"]",
+                "agreements[0].flows[2].legal_bases",
+            ),
+            (
+                "legal_bases = [\"national_significance\"]",
+                "legal_bases = [\"consent\", \"consent\"]",
+                "agreements[0].flows[2].legal_bases",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[[significance_officers]]\nid = \"a\"\nagency = \"mi5\"\nkey = \"k4.public.x\"\n#",
+                "significance_officers[0].agency",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[[significance_officers]]\nid = \"a\"\nagency = \"ico\"\nkey = \"k4.public.x\"\n#",
+                "significance_officers[0].key",
             ),
         ];
         for (from, to, key) in cases {

@@ -24,7 +24,7 @@ use concordat_proto::{
     significance::{self, Designation, SignificanceError},
 };
 
-use super::{Context, refuse};
+use super::{Authority, Context, refuse};
 use crate::{
     content::{Content, Granularity},
     refusal::{Failure, Reason},
@@ -107,10 +107,12 @@ impl fmt::Display for LegalBases {
     }
 }
 
-/// One recipient's flow, as the legal step sees it.
+/// One recipient's flow, as the legal step sees it, with the agreement that permits it (which
+/// every refusal of this step cites).
 pub(super) struct FlowBases<'a> {
     pub(super) recipient: &'a AgencyId,
     pub(super) bases: &'a LegalBases,
+    pub(super) authority: &'a Authority,
 }
 
 /// Checks that every flow of the envelope has a legal basis for what it carries, and returns
@@ -164,8 +166,17 @@ pub(super) fn check(
         if organisation_named && flow.bases.accepts(LegalBasis::Consent) {
             continue;
         }
+        let cited = |reason: Reason, message: String| {
+            refuse(
+                reason,
+                format!(
+                    "{message} (agreement {}, clause: {})",
+                    flow.authority.agreement_id, flow.authority.clause
+                ),
+            )
+        };
         if !flow.bases.accepts(LegalBasis::NationalSignificance) {
-            return Err(refuse(
+            return Err(cited(
                 Reason::NoLegalBasis,
                 format!(
                     "the flow {sender} -> {} accepts no legal basis for {what} (legal bases: {}); \
@@ -175,7 +186,7 @@ pub(super) fn check(
             ));
         }
         let Some(d) = &designation else {
-            return Err(refuse(
+            return Err(cited(
                 Reason::NationalSignificanceRequired,
                 format!(
                     "the flow {sender} -> {} carries {what} only for an incident designated of \
@@ -186,32 +197,40 @@ pub(super) fn check(
             ));
         };
         let Some(incident_ref) = incident_ref else {
-            return Err(refuse(
+            return Err(cited(
                 Reason::DesignationInvalid,
                 "a designation covers one incident, but the envelope names no incident \
-                 reference (incident_ref)",
+                 reference (incident_ref)"
+                    .into(),
             ));
         };
-        d.check(
+        if let Err(e) = d.check(
             sender,
             flow.recipient,
             incident_ref,
             cx.now,
             cx.policy.clock_skew,
-        )
-        .map_err(designation_refused)?;
+        ) {
+            let (reason, message) = designation_refusal(e);
+            return Err(cited(reason, message));
+        }
         relied_on = true;
     }
     Ok(designation.filter(|_| relied_on))
 }
 
 /// The refusal for a designation that fails: expired ones have their own reason.
-fn designation_refused(e: SignificanceError) -> Failure {
+fn designation_refusal(e: SignificanceError) -> (Reason, String) {
     let reason = match e {
         SignificanceError::Expired { .. } => Reason::DesignationExpired,
         _ => Reason::DesignationInvalid,
     };
-    refuse(reason, format!("national-significance designation: {e}"))
+    (reason, format!("national-significance designation: {e}"))
+}
+
+fn designation_refused(e: SignificanceError) -> Failure {
+    let (reason, message) = designation_refusal(e);
+    refuse(reason, message)
 }
 
 #[cfg(test)]
@@ -472,6 +491,12 @@ mod tests {
             payload_digest: [0; 32],
         };
         let ncsc = id("ncsc");
+        let authority = Authority {
+            recipient: ncsc.clone(),
+            agreement_id: "ico-ncsc-test".into(),
+            clause: "national significance".into(),
+            review_overdue: false,
+        };
         for (what, bases, organisation_named, content, significance, want) in rows {
             let envelope = Envelope {
                 message_id: MessageId::new_random(),
@@ -488,10 +513,22 @@ mod tests {
             let flows = [FlowBases {
                 recipient: &ncsc,
                 bases,
+                authority: &authority,
             }];
             let got = match check(&cx, &id("ico"), &envelope, &content, &flows) {
                 Ok(d) => Ok(d.is_some()),
-                Err(Failure::Refused(r)) => Err(r.reason),
+                Err(Failure::Refused(r)) => {
+                    // A refusal about the flow cites its agreement and clause.
+                    if r.reason != Reason::DesignationInvalid || what.contains("wrong") {
+                        assert!(
+                            r.message
+                                .contains("agreement ico-ncsc-test, clause: national significance"),
+                            "{what}: {}",
+                            r.message
+                        );
+                    }
+                    Err(r.reason)
+                }
                 Err(Failure::Internal(e)) => panic!("{what}: internal {e}"),
             };
             assert_eq!(got, want, "{what}");

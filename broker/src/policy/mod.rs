@@ -154,7 +154,12 @@ pub fn decide(
         .recipients
         .iter()
         .zip(&bases)
-        .map(|(recipient, bases)| legal::FlowBases { recipient, bases })
+        .zip(&authorities)
+        .map(|((recipient, bases), authority)| legal::FlowBases {
+            recipient,
+            bases,
+            authority,
+        })
         .collect();
     let designation = legal::check(cx, sender, envelope, &content, &flows)?;
 
