@@ -129,7 +129,7 @@ pub fn paseto(data: &[u8]) -> Outcome {
             Ok(a) => a,
             Err(e) => panic!("a valid agency id: {e}"),
         },
-        key: public.clone(),
+        key: public,
     };
     let lookup = |k: &KeyId| (k == &officer.key.key_id()).then_some(&officer);
     assert!(

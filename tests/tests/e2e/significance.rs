@@ -238,7 +238,7 @@ async fn incident_specific_records_need_a_two_officer_designation() {
             Officer {
                 id: id.into(),
                 agency: "ico".parse().unwrap(),
-                key: key.clone(),
+                key: *key,
             },
         );
     }
