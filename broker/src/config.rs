@@ -332,6 +332,11 @@ impl Config {
         tls: TlsMaterial,
         agencies: BTreeMap<AgencyId, Agency>,
     ) -> Self {
+        // The policy knows the federation's agencies too (every recipient must be one).
+        let policy = Policy {
+            agencies: agencies.keys().cloned().collect(),
+            ..Policy::default()
+        };
         Config {
             source: "<in code>".into(),
             listen,
@@ -342,7 +347,7 @@ impl Config {
             agencies,
             auditors: BTreeSet::new(),
             limits: Limits::default(),
-            policy: Policy::default(),
+            policy,
             digest: [0; 32],
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
             metrics_listen: None,

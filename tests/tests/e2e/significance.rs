@@ -204,7 +204,6 @@ async fn incident_specific_records_need_a_two_officer_designation() {
     let (b, b_pub) = officer_key(&keys, "ico-b").await;
 
     let mut config: Config = federation_config(&pki, &dir.path().join("broker"), None).unwrap();
-    config.policy.agencies = config.agencies.keys().cloned().collect();
     let today = time::OffsetDateTime::now_utc().date();
     config.policy.agreements = vec![Agreement {
         id: "ico-ncsc-test".into(),
