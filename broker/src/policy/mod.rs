@@ -374,6 +374,71 @@ mod tests {
         assert_eq!(verified.len(), 1, "refused tokens are not remembered");
     }
 
+    /// The default configuration models the MoUs: an incident-specific record with the
+    /// organisation's consent goes NCSC → ICO and ICO → NCA, but ICO → NCSC only with a
+    /// designation of national significance. (Before legal bases, the ICO → NCSC one was
+    /// accepted on consent alone.)
+    #[test]
+    fn the_default_flows_apply_the_mous_legal_bases() {
+        let now = OffsetDateTime::now_utc();
+        let mut config = Config::embedded_default().unwrap();
+        let desks: Vec<(&str, SecretKey)> = ["ico", "ncsc"]
+            .into_iter()
+            .map(|a| (a, SecretKey::generate()))
+            .collect();
+        for (agency, desk) in &desks {
+            config.policy.issuers.insert(
+                desk.key_id(),
+                ConsentIssuer {
+                    key: desk.public(),
+                    agency: Some(agency.parse().unwrap()),
+                    organisations: Organisations::Any,
+                },
+            );
+        }
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "incident": {
+                "reference": "ICO-1",
+                "first_seen": "2026-11-30T09:15:00Z",
+                "categories": ["ransomware"],
+                "summary": "Ransomware."
+            },
+            "granularity": "incident_specific",
+            "organisations": ["acme-ltd"],
+        }))
+        .unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let cx = Context {
+            policy: &config.policy,
+            verified: &verified,
+            max_payload_bytes: 1 << 20,
+            ledger: &open,
+            now,
+            payload_digest: [0; 32],
+        };
+        for (from, to, want) in [
+            ("ico", "ncsc", Some(Reason::NationalSignificanceRequired)),
+            ("ncsc", "ico", None),
+            ("ico", "nca", None),
+        ] {
+            let desk = &desks.iter().find(|(a, _)| *a == from).unwrap().1;
+            let token = ConsentClaims::builder("acme-ltd", from, "a test")
+                .recipient(to)
+                .kind(Kind::IncidentRecord)
+                .valid_for(Duration::hours(1))
+                .build(desk.key_id(), now)
+                .unwrap()
+                .sign(desk)
+                .unwrap();
+            let mut e = envelope(to, &token);
+            e.content_type = "application/vnd.concordat.incident+json;version=1".into();
+            e.payload = payload.clone();
+            let got = reason(decide(&cx, &from.parse().unwrap(), &e));
+            assert_eq!(got, want, "{from} -> {to}");
+        }
+    }
+
     #[test]
     fn content_rules_come_after_the_agreement_and_before_consent() {
         let desk = SecretKey::generate();
