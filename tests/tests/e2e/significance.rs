@@ -368,4 +368,21 @@ async fn incident_specific_records_need_a_two_officer_designation() {
         "{words}"
     );
     broker.stop().await.unwrap();
+
+    // The store, with the designation it has recorded, still verifies offline.
+    let data_dir = dir.path().join("broker");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(binary("concordat-broker").unwrap())
+            .args(["verify", "--data-dir", &s(&data_dir)])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
