@@ -310,6 +310,11 @@ async fn incident_specific_records_need_a_two_officer_designation() {
         .unwrap()
         .into_inner();
     let accepted_at = receipt.audit.as_ref().unwrap().log_index;
+    // Used again: accepted, and the designation is recorded only once (checked below).
+    ico.exchange()
+        .send(envelope(&token, Some(&valid)))
+        .await
+        .unwrap();
 
     // Expired.
     if let Some(left) = StdDuration::from_millis(1100).checked_sub(made.elapsed()) {
@@ -361,7 +366,20 @@ async fn incident_specific_records_need_a_two_officer_designation() {
         words.contains("recorded a designation") && words.contains("officer ico-b"),
         "{words}"
     );
-    let (ok, words) = explain(accepted_at + 1).await;
+    let exported = fs::read_to_string(&export).unwrap();
+    assert_eq!(
+        exported
+            .matches("\"event\":\"designation_recorded\"")
+            .count(),
+        1,
+        "{exported}"
+    );
+    assert_eq!(
+        exported.matches("\"designated_by\":\"ico-a\"").count(),
+        3,
+        "recorded once, cited by both transfers: {exported}"
+    );
+    let (ok, words) = explain(accepted_at + 2).await;
     assert!(ok, "{words}");
     assert!(
         words.contains("REFUSED") && words.contains("DESIGNATION_EXPIRED"),
