@@ -779,6 +779,47 @@ mod tests {
         assert_eq!(first.tlp, Tlp::Amber);
     }
 
+    /// `designation_file` names a file of two lines, which travel as the envelope's two
+    /// designation halves; anything else sends the message to `failed/`.
+    #[test]
+    fn designation_files_hold_two_halves() {
+        let (d, s) = spool();
+        let message = r#"{"recipients":["ncsc"],"kind":"incident_record","payload":{},"designation_file":"d.txt"}"#;
+        fs::write(s.dir("outbox").join("m.json"), message).unwrap();
+        // (file contents, the halves read, or None: refused)
+        let rows: [(&str, Option<(&str, &str)>); 5] = [
+            (
+                "v4.public.a\nv4.public.b\n",
+                Some(("v4.public.a", "v4.public.b")),
+            ),
+            (
+                "\n  v4.public.a  \r\n\nv4.public.b",
+                Some(("v4.public.a", "v4.public.b")),
+            ),
+            ("v4.public.a\n", None),
+            ("", None),
+            ("v4.public.a\nv4.public.b\nv4.public.c\n", None),
+        ];
+        for (text, want) in rows {
+            fs::write(d.path().join("d.txt"), text).unwrap();
+            let got = s.load("m.json").map(|e| {
+                e.significance
+                    .map(|t| (t.designation, t.countersignature))
+                    .unwrap()
+            });
+            match want {
+                Some((a, b)) => {
+                    let (x, y) = got.unwrap();
+                    assert_eq!((x.as_str(), y.as_str()), (a, b), "{text:?}");
+                }
+                None => assert!(
+                    got.unwrap_err().to_string().contains("designation_file"),
+                    "{text:?}"
+                ),
+            }
+        }
+    }
+
     #[test]
     fn a_stale_id_record_is_not_reused_for_new_content() {
         let (_d, s) = spool();
