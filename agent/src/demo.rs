@@ -8,7 +8,10 @@
 //! 2. an anonymised ICO incident summary to the NCSC;
 //! 3. an NCSC organisation-specific incident record, refused for lack of consent;
 //! 4. the same record with a consent token from the NCSC consent desk, accepted;
-//! 5. the NCSC consent desk revokes that token, and the ICO receives a recall notice.
+//! 5. the NCSC consent desk revokes that token, and the ICO receives a recall notice;
+//! 6. an ICO incident-specific record to the NCSC (a flow whose legal basis is national
+//!    significance) is refused without a designation, then flows once two ICO officers have
+//!    designated the incident of national significance and countersigned it.
 //!
 //! It prints each decision and where each file landed, stops everything and exits.
 
@@ -24,7 +27,9 @@ use concordat_broker::{
     config::{Config, TlsMaterial},
     policy::{ConsentIssuer, Organisations},
 };
-use concordat_proto::{consent::RevocationTarget, envelope::Kind, paserk::SecretKey};
+use concordat_proto::{
+    consent::RevocationTarget, envelope::Kind, paserk::SecretKey, significance::Officer,
+};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
@@ -219,6 +224,11 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
         .iter()
         .map(|a| (*a, SecretKey::generate()))
         .collect();
+    // Two ICO officers who may designate incidents of national significance.
+    let officers = [
+        ("ico-duty-director", SecretKey::generate()),
+        ("ico-deputy-commissioner", SecretKey::generate()),
+    ];
 
     // The broker: the default federation, with this run's PKI, keys and data directory.
     let mut config = Config::embedded_default()?;
@@ -239,6 +249,16 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
                 key: key.public(),
                 agency: Some(agency.parse()?),
                 organisations: Organisations::Any,
+            },
+        );
+    }
+    for (id, key) in &officers {
+        config.policy.significance_officers.insert(
+            key.key_id(),
+            Officer {
+                id: (*id).to_owned(),
+                agency: "ico".parse()?,
+                key: key.public(),
             },
         );
     }
@@ -303,7 +323,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
     for w in &warnings {
         writeln!(out, "note: {w}")?;
     }
-    let outcome = script(&mut demo, out, &desks).await;
+    let outcome = script(&mut demo, out, &desks, &officers).await;
 
     let _ = stop_tx.send(true);
     for agent in agents {
@@ -320,6 +340,7 @@ async fn script(
     demo: &mut Running,
     out: &mut dyn Write,
     desks: &HashMap<&str, SecretKey>,
+    officers: &[(&str, SecretKey); 2],
 ) -> anyhow::Result<()> {
     writeln!(out, "\n1. NCA sends a threat assessment to the ICO")?;
     demo
@@ -470,5 +491,133 @@ async fn script(
     )?;
     demo.delivered(out, "ico", &format!("ncsc.{id}.recall.json"))
         .await?;
+
+    national_significance(demo, out, desks, officers).await
+}
+
+/// Step 6: an incident-specific record flows from the ICO to the NCSC only once two different
+/// ICO officers have designated the incident of national significance.
+async fn national_significance(
+    demo: &mut Running,
+    out: &mut dyn Write,
+    desks: &HashMap<&str, SecretKey>,
+    [(first_id, first), (second_id, second)]: &[(&str, SecretKey); 2],
+) -> anyhow::Result<()> {
+    const REFERENCE: &str = "ICO-2026-0077";
+    writeln!(
+        out,
+        "\n7. ICO sends an incident-specific record to the NCSC (consent given, no designation)"
+    )?;
+    let desk = desks.get("ico").context("no ICO desk")?;
+    let token = operator::issue_consent(
+        desk,
+        &ConsentRequest {
+            organisation: "acme-ltd".parse()?,
+            from: "ico".parse()?,
+            to: vec!["ncsc".parse()?],
+            kinds: vec![Kind::IncidentRecord],
+            purpose: "Acme Ltd agrees the ICO may share this incident with the NCSC".into(),
+            incidents: vec![REFERENCE.into()],
+            payload: None,
+            valid_for: Duration::from_secs(7 * 24 * 3600),
+            max_uses: None,
+        },
+        OffsetDateTime::now_utc(),
+    )?;
+    let record = serde_json::json!({
+        "incident": {
+            "reference": REFERENCE,
+            "first_seen": "2026-11-30T09:15:00Z",
+            "categories": ["ransomware"],
+            "sectors": ["health"],
+            "summary": "Ransomware at a supplier of appointment systems to NHS trusts nationwide."
+        },
+        "granularity": "incident_specific",
+        "organisations": ["acme-ltd"],
+    });
+    let message = |designation: Option<&str>| {
+        let mut m = serde_json::json!({
+            "recipients": ["ncsc"],
+            "kind": "incident_record",
+            "organisation": "acme-ltd",
+            "incident_ref": REFERENCE,
+            "content_type": "application/vnd.concordat.incident+json;version=1",
+            "tlp": "amber",
+            "payload": record,
+            "consent_token": token,
+        });
+        if let (Some(d), Some(map)) = (designation, m.as_object_mut()) {
+            map.insert("designation_file".into(), d.into());
+        }
+        m
+    };
+    demo.drop_file("ico", "07-incident-specific.json", &message(None))?;
+    if demo
+        .decided(out, "ico", "07-incident-specific.json")
+        .await?
+        .is_ok()
+    {
+        bail!("step 7 without a designation should have been refused");
+    }
+
+    writeln!(
+        out,
+        "\n   {first_id} designates {REFERENCE} of national significance; {second_id} countersigns"
+    )?;
+    let now = OffsetDateTime::now_utc();
+    let (half, _) = operator::designate(
+        first,
+        &operator::DesignationRequest {
+            agency: "ico".parse()?,
+            incident: REFERENCE.into(),
+            to: vec!["ncsc".parse()?],
+            grounds: "Disruption to NHS appointment systems across England".into(),
+            valid_for: Duration::from_secs(3 * 24 * 3600),
+        },
+        now,
+    )?;
+    let (file, claims) = operator::countersign_designation(&half, second, now)?;
+    let designations = demo.spool("ico").join("designations");
+    std::fs::create_dir_all(&designations)?;
+    atomic_write(&designations, "ico-2026-0077.designation", file.as_bytes())?;
+    writeln!(
+        out,
+        "   designation {} (two officers), valid until {}",
+        claims.jti(),
+        concordat_broker::policy::rfc3339(claims.expires_at())
+    )?;
+    demo.relay(
+        out,
+        ("ico", "ncsc"),
+        "07-incident-specific-designated.json",
+        &message(Some("designations/ico-2026-0077.designation")),
+        "step 7",
+    )
+    .await?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    /// The demo plays to the end, national significance included: the incident-specific
+    /// record is refused without a designation and delivered with one.
+    #[tokio::test]
+    async fn the_demo_plays_every_step() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut out = Vec::new();
+        super::run(None, &mut out).await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        for expected in [
+            "refused: CONSENT_MISSING",
+            "refused: ORGANISATION_IDENTIFIED",
+            "1 recall notice(s) queued",
+            "refused: NATIONAL_SIGNIFICANCE_REQUIRED",
+            "ico-deputy-commissioner countersigns",
+            "file: ico/sent/07-incident-specific-designated.json",
+            "done: broker and agents stopped",
+        ] {
+            assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+        }
+    }
 }

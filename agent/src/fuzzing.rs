@@ -245,6 +245,7 @@ mod tests {
                 envelope: Some(facts),
                 authorities: Vec::new(),
                 stix_object_ids: Vec::new(),
+                designation: None,
             })
         } else {
             Event::TransferRefused(pb::TransferRefused {

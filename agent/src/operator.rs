@@ -6,10 +6,11 @@ use std::{fmt::Write as _, fs, os::unix::fs::PermissionsExt, path::Path};
 use anyhow::Context as _;
 use concordat_proto::{
     consent::{self, ConsentClaims, Revocation, RevocationTarget},
-    envelope::{Envelope, Kind, Tlp},
+    envelope::{Envelope, Kind, SignificanceTokens, Tlp},
     ids::{AgencyId, MessageId, OrgId},
     paserk::{KeyId, PublicKey, SecretKey},
     pb,
+    significance::{self, DesignationClaims, FlowRef},
 };
 use time::OffsetDateTime;
 
@@ -265,7 +266,100 @@ pub fn envelope(
         consent_token,
         organisations: Vec::new(),
         consent_tokens: Vec::new(),
+        significance: None,
     }
+}
+
+/// What `concordat significance designate` asks for: the first half of a designation.
+#[derive(Debug, Clone)]
+pub struct DesignationRequest {
+    /// The agency whose officer designates (and which will send).
+    pub agency: AgencyId,
+    /// The incident reference, exactly as the records carry it.
+    pub incident: String,
+    /// The agencies the designation opens flows to.
+    pub to: Vec<AgencyId>,
+    /// Why the incident is of national significance (kept in the token; never logged).
+    pub grounds: String,
+    /// How long it is valid.
+    pub valid_for: std::time::Duration,
+}
+
+/// Signs the first half of a national-significance designation with officer `key`; returns
+/// the token and its claims.
+pub fn designate(
+    key: &SecretKey,
+    req: &DesignationRequest,
+    now: OffsetDateTime,
+) -> anyhow::Result<(String, DesignationClaims)> {
+    let valid_for = time::Duration::try_from(req.valid_for).context("expiry is too far away")?;
+    let flows = req
+        .to
+        .iter()
+        .map(|to| FlowRef {
+            from: req.agency.clone(),
+            to: to.clone(),
+        })
+        .collect();
+    let claims = DesignationClaims::new(
+        key.key_id(),
+        req.agency.clone(),
+        req.incident.clone(),
+        flows,
+        req.grounds.clone(),
+        now,
+        now + valid_for,
+    )?;
+    let token = claims.sign(key)?;
+    Ok((token, claims))
+}
+
+/// Countersigns the designation in `first_half` (a file's text: its first non-empty line) with
+/// officer `key`; returns the designation file's text (both halves, one per line) and the
+/// claims countersigned.
+pub fn countersign_designation(
+    first_half: &str,
+    key: &SecretKey,
+    now: OffsetDateTime,
+) -> anyhow::Result<(String, DesignationClaims)> {
+    let designation = first_half
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .context("the designation file is empty")?;
+    let (countersignature, claims) = significance::countersign(designation, key, now)?;
+    Ok((format!("{designation}\n{countersignature}\n"), claims))
+}
+
+/// The designation file's two halves, for an envelope.
+pub fn read_designation(text: &str) -> anyhow::Result<SignificanceTokens> {
+    let (designation, countersignature) = crate::spool::designation_halves(text).context(
+        "a designation file holds two lines: the designation and its countersignature \
+         (concordat significance countersign)",
+    )?;
+    Ok(SignificanceTokens {
+        designation,
+        countersignature,
+    })
+}
+
+/// A designation's claims, for the officers to read.
+pub fn describe_designation(c: &DesignationClaims) -> String {
+    let mut s = String::new();
+    let flows: Vec<String> = c.flows().iter().map(ToString::to_string).collect();
+    let _ = writeln!(s, "designation {}", c.jti());
+    let _ = writeln!(s, "  agency:     {}", c.agency());
+    let _ = writeln!(s, "  incident:   {}", c.incident_ref());
+    let _ = writeln!(s, "  flows:      {}", flows.join(", "));
+    let _ = writeln!(s, "  grounds:    {}", c.grounds());
+    let _ = writeln!(s, "  designated: {} by {}", rfc3339(c.issued_at()), c.iss());
+    let _ = writeln!(s, "  expires:    {}", rfc3339(c.expires_at()));
+    s
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 /// A one-paragraph account of a receipt.

@@ -121,6 +121,9 @@ pub struct OutboxMessage {
     /// Files holding further consent tokens.
     #[serde(default)]
     pub consent_token_files: Vec<PathBuf>,
+    /// A designation file (`concordat significance countersign`): the two halves of a
+    /// national-significance designation, one per line.
+    pub designation_file: Option<PathBuf>,
 }
 
 /// What the agent writes beside an accepted file.
@@ -592,6 +595,18 @@ pub(crate) fn envelope_from_outbox(
         let bytes = sources.read_file(file)?;
         consent_tokens.push(String::from_utf8_lossy(&bytes).trim().to_owned());
     }
+    let (significance_designation, significance_countersignature) = match &msg.designation_file {
+        Some(file) => {
+            let bytes = sources.read_file(file)?;
+            designation_halves(&String::from_utf8_lossy(&bytes)).ok_or_else(|| {
+                parse(
+                    "designation_file",
+                    &"must hold two lines, the designation and its countersignature",
+                )
+            })?
+        }
+        None => (String::new(), String::new()),
+    };
     let fingerprint = hex_digest(bytes);
     let message_id = match &msg.message_id {
         Some(id) => id
@@ -618,8 +633,22 @@ pub(crate) fn envelope_from_outbox(
         consent_token: consent_token.unwrap_or_default(),
         consent_tokens,
         organisations: msg.organisations,
+        significance_designation,
+        significance_countersignature,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+}
+
+/// The two halves of a designation file (written by `concordat significance countersign`):
+/// exactly two non-empty lines, the designation and then its countersignature.
+pub fn designation_halves(text: &str) -> Option<(String, String)> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let designation = lines.next()?.to_owned();
+    let countersignature = lines.next()?.to_owned();
+    lines
+        .next()
+        .is_none()
+        .then_some((designation, countersignature))
 }
 
 fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
@@ -768,6 +797,47 @@ mod tests {
         assert_eq!(first.content_type, "application/json");
         assert_eq!(first.payload, br#"{"x":1}"#);
         assert_eq!(first.tlp, Tlp::Amber);
+    }
+
+    /// `designation_file` names a file of two lines, which travel as the envelope's two
+    /// designation halves; anything else sends the message to `failed/`.
+    #[test]
+    fn designation_files_hold_two_halves() {
+        let (d, s) = spool();
+        let message = r#"{"recipients":["ncsc"],"kind":"incident_record","payload":{},"designation_file":"d.txt"}"#;
+        fs::write(s.dir("outbox").join("m.json"), message).unwrap();
+        // (file contents, the halves read, or None: refused)
+        let rows: [(&str, Option<(&str, &str)>); 5] = [
+            (
+                "v4.public.a\nv4.public.b\n",
+                Some(("v4.public.a", "v4.public.b")),
+            ),
+            (
+                "\n  v4.public.a  \r\n\nv4.public.b",
+                Some(("v4.public.a", "v4.public.b")),
+            ),
+            ("v4.public.a\n", None),
+            ("", None),
+            ("v4.public.a\nv4.public.b\nv4.public.c\n", None),
+        ];
+        for (text, want) in rows {
+            fs::write(d.path().join("d.txt"), text).unwrap();
+            let got = s.load("m.json").map(|e| {
+                e.significance
+                    .map(|t| (t.designation, t.countersignature))
+                    .unwrap()
+            });
+            match want {
+                Some((a, b)) => {
+                    let (x, y) = got.unwrap();
+                    assert_eq!((x.as_str(), y.as_str()), (a, b), "{text:?}");
+                }
+                None => assert!(
+                    got.unwrap_err().to_string().contains("designation_file"),
+                    "{text:?}"
+                ),
+            }
+        }
     }
 
     #[test]

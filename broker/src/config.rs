@@ -20,6 +20,7 @@ use concordat_proto::{
     envelope::{Kind, Tlp},
     ids::{AgencyId, OrgId},
     paserk::PublicKey,
+    significance::Officer,
 };
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
@@ -27,7 +28,7 @@ use rustls_pki_types::{
 use serde::Deserialize;
 
 use crate::{
-    policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy},
+    policy::{Agreement, ConsentIssuer, Flow, LegalBases, LegalBasis, Organisations, Policy},
     registry::{Organisation, OrganisationSpec, Registry, RegistryError},
 };
 
@@ -656,6 +657,74 @@ impl Config {
                 },
             );
         }
+        for (i, o) in raw.significance_officers.into_iter().enumerate() {
+            let at = |k: &str| format!("significance_officers[{i}].{k}");
+            if o.id.trim().is_empty()
+                || o.id.len() > 64
+                || o.id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    &at("id"),
+                    "must be 1 to 64 characters without spaces".into(),
+                ));
+            }
+            let agency: AgencyId = o
+                .agency
+                .parse()
+                .map_err(|e| invalid(&at("agency"), format!("{:?} {e}", o.agency)))?;
+            if !agencies.contains_key(&agency) {
+                return Err(invalid(
+                    &at("agency"),
+                    format!("{agency} is not a declared agency"),
+                ));
+            }
+            let text = match (o.key, o.key_file) {
+                (Some(k), None) => k,
+                (None, Some(path)) => {
+                    let bytes = read(&at("key_file"), &path)?;
+                    String::from_utf8(bytes)
+                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        &at("key"),
+                        "give exactly one of key and key_file".into(),
+                    ));
+                }
+            };
+            let key: PublicKey = text
+                .parse()
+                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))?;
+            let key_id = key.key_id();
+            if policy.significance_officers.contains_key(&key_id)
+                || policy.issuers.contains_key(&key_id)
+            {
+                return Err(invalid(
+                    &at("key"),
+                    format!("{key_id} is declared twice (an officer's key is no other key)"),
+                ));
+            }
+            if let Some(other) = policy
+                .significance_officers
+                .values()
+                .find(|x| x.id == o.id && x.agency != agency)
+            {
+                return Err(invalid(
+                    &at("id"),
+                    format!("{} is already an officer of {}", o.id, other.agency),
+                ));
+            }
+            policy.significance_officers.insert(
+                key_id,
+                Officer {
+                    id: o.id,
+                    agency,
+                    key,
+                },
+            );
+        }
         let mut agreement_ids = BTreeSet::new();
         for (i, a) in raw.agreements.into_iter().enumerate() {
             let at = |k: &str| format!("agreements[{i}].{k}");
@@ -751,6 +820,24 @@ impl Config {
                         })
                     })
                     .transpose()?;
+                let legal_bases = match &f.legal_bases {
+                    None => LegalBases::default(),
+                    Some(names) => {
+                        let mut bases = Vec::with_capacity(names.len());
+                        for name in names {
+                            let basis: LegalBasis =
+                                name.parse().map_err(|e| invalid(&fat("legal_bases"), e))?;
+                            if bases.contains(&basis) {
+                                return Err(invalid(
+                                    &fat("legal_bases"),
+                                    format!("names {basis} twice"),
+                                ));
+                            }
+                            bases.push(basis);
+                        }
+                        LegalBases::of(&bases)
+                    }
+                };
                 flows.push(Flow {
                     from,
                     to,
@@ -758,6 +845,7 @@ impl Config {
                     clause: f.clause,
                     opaque: f.opaque,
                     max_tlp,
+                    legal_bases,
                 });
             }
             if flows.is_empty() {
@@ -870,6 +958,11 @@ impl Config {
             "organisations: {} registered ({identifiers_only} matched by identifiers only)",
             self.registry.len()
         );
+        let _ = writeln!(
+            s,
+            "significance officers: {}",
+            self.policy.significance_officers.len()
+        );
         let _ = writeln!(s, "consent issuers: {}", self.policy.issuers.len());
         let mut issuers: Vec<_> = self.policy.issuers.iter().collect();
         issuers.sort_by_key(|(id, _)| id.to_string());
@@ -934,6 +1027,13 @@ impl Config {
                         .unwrap_or_default(),
                     f.clause
                 );
+                if f.legal_bases != LegalBases::default() {
+                    let _ = writeln!(
+                        s,
+                        "      legal bases for specific content: {}",
+                        f.legal_bases
+                    );
+                }
             }
         }
         s
@@ -1043,6 +1143,8 @@ struct RawConfig {
     consent_issuers: Vec<RawIssuer>,
     #[serde(default)]
     agreements: Vec<RawAgreement>,
+    #[serde(default)]
+    significance_officers: Vec<RawOfficer>,
     #[serde(default)]
     organisations: Vec<RawOrganisation>,
     organisations_file: Option<PathBuf>,
@@ -1198,6 +1300,19 @@ struct RawFlow {
     /// The most restrictive TLP marking the flow may carry.
     #[serde(default)]
     max_tlp: Option<String>,
+    /// The legal bases for organisation- or incident-specific content; absent: consent.
+    legal_bases: Option<Vec<String>>,
+}
+
+/// `[[significance_officers]]`: an officer who may designate incidents of national
+/// significance for an agency.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOfficer {
+    id: String,
+    agency: String,
+    key: Option<String>,
+    key_file: Option<PathBuf>,
 }
 
 /// A TOML local date (`2023-09-12`, unquoted) as a `time::Date`.
@@ -1284,6 +1399,66 @@ mod tests {
     }
 
     /// Each row: a change to the default configuration text and the key its error must name.
+    /// The default flows model the MoUs' legal bases, and officers' keys are read.
+    #[test]
+    fn legal_bases_and_significance_officers_are_read() {
+        use crate::policy::LegalBasis::{Consent, NationalSignificance};
+        let c = Config::embedded_default().unwrap();
+        let bases = |from: &str, to: &str, kind: Kind| {
+            c.policy
+                .agreements
+                .iter()
+                .flat_map(|a| &a.flows)
+                .find(|f| f.from.as_str() == from && f.to.as_str() == to && f.kinds.contains(&kind))
+                .map(|f| f.legal_bases.clone())
+                .unwrap()
+        };
+        let incident = Kind::IncidentRecord;
+        assert_eq!(
+            bases("ico", "ncsc", incident),
+            LegalBases::of(&[NationalSignificance])
+        );
+        assert_eq!(bases("ncsc", "ico", incident), LegalBases::of(&[Consent]));
+        assert_eq!(bases("nca", "ico", incident), LegalBases::of(&[Consent]));
+        assert_eq!(bases("ico", "nca", incident), LegalBases::of(&[Consent]));
+        // Absent, a flow accepts consent, as every flow did before legal bases existed.
+        assert_eq!(
+            bases("ncsc", "ico", Kind::ThreatAssessment),
+            LegalBases::default()
+        );
+        assert!(c.policy.significance_officers.is_empty());
+
+        let key = concordat_proto::paserk::SecretKey::generate();
+        let text = DEFAULT_CONFIG.replacen(
+            "# The MoUs, as code.",
+            &format!(
+                "[[significance_officers]]\nid = \"ico-duty\"\nagency = \"ico\"\nkey = \"{}\"\n\
+                 [[significance_officers]]\nid = \"ico-duty\"\nagency = \"ncsc\"\nkey = \"{}\"\n#",
+                key.public(),
+                concordat_proto::paserk::SecretKey::generate().public()
+            ),
+            1,
+        );
+        let err = Config::parse(&text, "test.toml", &Embedded).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("test.toml: significance_officers[1].id: "),
+            "{err}"
+        );
+        let text = text.replacen(
+            "id = \"ico-duty\"\nagency = \"ncsc\"",
+            "id = \"ncsc-duty\"\nagency = \"ncsc\"",
+            1,
+        );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        let officer = &c.policy.significance_officers[&key.key_id()];
+        assert_eq!(
+            (officer.id.as_str(), officer.agency.as_str()),
+            ("ico-duty", "ico")
+        );
+        assert_eq!(c.policy.significance_officers.len(), 2);
+    }
+
     #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str, &str)] = &[
@@ -1354,6 +1529,26 @@ mod tests {
                 "clause = \"Information sharing: relevant cyber threat information\"",
                 "clause = \"x\"\nmax_tlp = \"orange\"",
                 "agreements[0].flows[0].max_tlp",
+            ),
+            (
+                "legal_bases = [\"national_significance\"]",
+                "legal_bases = [\"gdpr\"]",
+                "agreements[0].flows[2].legal_bases",
+            ),
+            (
+                "legal_bases = [\"national_significance\"]",
+                "legal_bases = [\"consent\", \"consent\"]",
+                "agreements[0].flows[2].legal_bases",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[[significance_officers]]\nid = \"a\"\nagency = \"mi5\"\nkey = \"k4.public.x\"\n#",
+                "significance_officers[0].agency",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[[significance_officers]]\nid = \"a\"\nagency = \"ico\"\nkey = \"k4.public.x\"\n#",
+                "significance_officers[0].key",
             ),
         ];
         for (from, to, key) in cases {

@@ -220,6 +220,7 @@ mod tests {
                 clause: "c".into(),
                 opaque: false,
                 max_tlp: None,
+                legal_bases: Default::default(),
             }],
         };
         let policy = Policy {

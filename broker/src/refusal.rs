@@ -50,6 +50,16 @@ pub enum Reason {
     /// The payload carries a STIX object the broker delivered to the sender under
     /// TLP:AMBER+STRICT or TLP:RED, to an agency it did not come from.
     TlpOnwardForbidden,
+    /// Incident- or organisation-specific content on a flow whose only applicable legal basis
+    /// is national significance, without a designation.
+    NationalSignificanceRequired,
+    /// The flow accepts no legal basis for incident- or organisation-specific content.
+    NoLegalBasis,
+    /// The national-significance designation does not verify (signatures, officers, the
+    /// two-person rule) or does not cover this transfer (agency, incident, flow).
+    DesignationInvalid,
+    /// The national-significance designation has expired.
+    DesignationExpired,
     /// An organisation-specific envelope carries no consent token.
     ConsentMissing,
     /// The consent token is longer than any valid token.
@@ -118,6 +128,10 @@ impl Reason {
             Reason::TlpMismatch => "TLP_MISMATCH",
             Reason::TlpNotPermitted => "TLP_NOT_PERMITTED",
             Reason::TlpOnwardForbidden => "TLP_ONWARD_FORBIDDEN",
+            Reason::NationalSignificanceRequired => "NATIONAL_SIGNIFICANCE_REQUIRED",
+            Reason::NoLegalBasis => "NO_LEGAL_BASIS",
+            Reason::DesignationInvalid => "DESIGNATION_INVALID",
+            Reason::DesignationExpired => "DESIGNATION_EXPIRED",
             Reason::ConsentMissing => "CONSENT_MISSING",
             Reason::ConsentTooLong => "CONSENT_TOO_LONG",
             Reason::ConsentUnsupportedVersion => "CONSENT_UNSUPPORTED_VERSION",

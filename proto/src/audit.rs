@@ -52,6 +52,7 @@ pub fn event_name(entry: &pb::AuditEntry) -> &'static str {
         Some(Event::ConfigLoaded(_)) => "config_loaded",
         Some(Event::CallRefused(_)) => "call_refused",
         Some(Event::AuditExported(_)) => "audit_exported",
+        Some(Event::DesignationRecorded(_)) => "designation_recorded",
         None => "none",
     }
 }
@@ -146,6 +147,16 @@ fn facts(entry: &pb::AuditEntry) -> (Vec<&str>, Option<&str>, Option<&str>) {
         ),
         // An export involves its auditor; it is about no organisation, whatever it asked for.
         Some(Event::AuditExported(x)) => (vec![x.auditor.as_str()], None, None),
+        // A designation involves its agency and the agencies of the flows it opens.
+        Some(Event::DesignationRecorded(d)) => {
+            let mut v = vec![d.agency.as_str()];
+            v.extend(
+                d.flows
+                    .iter()
+                    .filter_map(|f| f.split_once("->").map(|(_, to)| to)),
+            );
+            (v, None, None)
+        }
         Some(Event::ConfigLoaded(_)) | None => (Vec::new(), None, None),
     }
 }
@@ -204,17 +215,60 @@ fn envelope_json(e: Option<&pb::EnvelopeFacts>) -> Value {
     })
 }
 
+fn designation_json(d: &pb::SignificanceDesignation) -> Value {
+    json!({
+        "jti": d.jti,
+        "agency": d.agency,
+        "incident_ref": d.incident_ref,
+        "flows": d.flows,
+        "designated_by": d.designated_by,
+        "designated_by_key": d.designated_by_key,
+        "countersigned_by": d.countersigned_by,
+        "countersigned_by_key": d.countersigned_by_key,
+        "issued_at": rfc3339(d.issued_at.as_ref()),
+        "countersigned_at": rfc3339(d.countersigned_at.as_ref()),
+        "expires_at": rfc3339(d.expires_at.as_ref()),
+        "designation_sha256": hex(&d.designation_sha256),
+    })
+}
+
+/// A designation in words, for `explain`.
+fn designation_words(d: &pb::SignificanceDesignation) -> String {
+    format!(
+        "incident {} of {} designated of national significance (designation {}) by officer {} \
+         ({}) on {}, countersigned by officer {} ({}) on {}; it opens {} until {}",
+        d.incident_ref,
+        d.agency,
+        d.jti,
+        d.designated_by,
+        d.designated_by_key,
+        rfc3339(d.issued_at.as_ref()),
+        d.countersigned_by,
+        d.countersigned_by_key,
+        rfc3339(d.countersigned_at.as_ref()),
+        d.flows.join(", "),
+        rfc3339(d.expires_at.as_ref()),
+    )
+}
+
 /// The entry's fields as JSON, for exports (informative: verifiers hash the entry bytes).
 pub fn to_json(entry: &pb::AuditEntry) -> Value {
     let details = match &entry.event {
-        Some(Event::TransferAccepted(a)) => json!({
-            "transfer_id": a.transfer_id,
-            "envelope": envelope_json(a.envelope.as_ref()),
-            "authorities": a.authorities.iter().map(|x| json!({
-                "recipient": x.recipient, "agreement_id": x.agreement_id, "clause": x.clause,
-            })).collect::<Vec<_>>(),
-            "stix_object_ids": a.stix_object_ids,
-        }),
+        Some(Event::TransferAccepted(a)) => {
+            let mut v = json!({
+                "transfer_id": a.transfer_id,
+                "envelope": envelope_json(a.envelope.as_ref()),
+                "authorities": a.authorities.iter().map(|x| json!({
+                    "recipient": x.recipient, "agreement_id": x.agreement_id, "clause": x.clause,
+                })).collect::<Vec<_>>(),
+                "stix_object_ids": a.stix_object_ids,
+            });
+            if let (Some(d), Some(map)) = (&a.designation, v.as_object_mut()) {
+                map.insert("designation".into(), designation_json(d));
+            }
+            v
+        }
+        Some(Event::DesignationRecorded(d)) => designation_json(d),
         Some(Event::TransferRefused(r)) => json!({
             "envelope": envelope_json(r.envelope.as_ref()),
             "reason": r.reason,
@@ -322,6 +376,12 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
                 s.push_str(&format!(
                     "  Flow to {} is permitted by agreement {}, clause: {}.\n",
                     x.recipient, x.agreement_id, x.clause
+                ));
+            }
+            if let Some(d) = &a.designation {
+                s.push_str(&format!(
+                    "  Legal basis: national significance: {}.\n",
+                    designation_words(d)
                 ));
             }
             s.push_str(&format!("  {}\n", consent(e)));
@@ -432,6 +492,10 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
             }
             s
         }
+        Some(Event::DesignationRecorded(d)) => format!(
+            "Entry {index} ({when}): the broker recorded a designation it relies on for the first time: {}.",
+            designation_words(d)
+        ),
         Some(Event::AuditExported(x)) => {
             let mut filter = Vec::new();
             if x.since.is_some() {
@@ -694,6 +758,7 @@ mod tests {
                 }),
                 authorities: Vec::new(),
                 stix_object_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+                designation: None,
             })),
         };
         let back = decode(&entry.encode_to_vec()).unwrap();

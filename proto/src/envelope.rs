@@ -247,6 +247,8 @@ pub struct Envelope {
     pub organisations: Vec<OrgId>,
     /// Further consent tokens (`consent_tokens` on the wire), none empty.
     pub consent_tokens: Vec<String>,
+    /// The national-significance designation, if one was given (both halves).
+    pub significance: Option<SignificanceTokens>,
 }
 
 impl Envelope {
@@ -262,6 +264,59 @@ impl Envelope {
             .iter()
             .chain(&self.consent_tokens)
             .map(String::as_str)
+    }
+}
+
+/// The two halves of a national-significance designation as an envelope carries them
+/// (`crate::significance`), checked for shape only: both present, each at most
+/// [`crate::paseto::MAX_TOKEN_LEN`] bytes of printable ASCII.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SignificanceTokens {
+    /// The designating officer's token.
+    pub designation: String,
+    /// The countersigning officer's token.
+    pub countersignature: String,
+}
+
+impl fmt::Debug for SignificanceTokens {
+    // Token bytes never reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignificanceTokens(<redacted>)")
+    }
+}
+
+impl SignificanceTokens {
+    /// Checks the wire fields: both empty (no designation) or both set, each at most
+    /// [`crate::paseto::MAX_TOKEN_LEN`] bytes of printable ASCII.
+    fn check(designation: &str, countersignature: &str) -> Result<bool, EnvelopeError> {
+        match (designation.is_empty(), countersignature.is_empty()) {
+            (true, true) => return Ok(false),
+            (false, false) => {}
+            _ => {
+                return Err(EnvelopeError::Invalid {
+                    field: "significance_designation",
+                    problem: "and significance_countersignature must be given together".into(),
+                });
+            }
+        }
+        for (field, token) in [
+            ("significance_designation", designation),
+            ("significance_countersignature", countersignature),
+        ] {
+            if token.len() > crate::paseto::MAX_TOKEN_LEN {
+                return Err(EnvelopeError::Invalid {
+                    field,
+                    problem: format!("is longer than {} bytes", crate::paseto::MAX_TOKEN_LEN),
+                });
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(EnvelopeError::Invalid {
+                    field,
+                    problem: "must be printable ASCII".into(),
+                });
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -283,6 +338,7 @@ impl fmt::Debug for Envelope {
             )
             .field("organisations", &self.organisations)
             .field("consent_tokens", &self.consent_tokens.len())
+            .field("significance", &self.significance)
             .finish()
     }
 }
@@ -312,6 +368,8 @@ struct Checked {
     organisation: Option<OrgId>,
     organisations: Vec<OrgId>,
     tlp: Tlp,
+    /// Whether both halves of a designation are present (and well formed).
+    significance: bool,
 }
 
 impl Checked {
@@ -385,7 +443,12 @@ impl Checked {
         let kind = Kind::try_from(wire.kind)?;
         check_label("incident_ref", &wire.incident_ref)?;
         check_label("content_type", &wire.content_type)?;
+        let significance = SignificanceTokens::check(
+            &wire.significance_designation,
+            &wire.significance_countersignature,
+        )?;
         Ok(Checked {
+            significance,
             message_id,
             recipients,
             kind,
@@ -418,6 +481,10 @@ impl Envelope {
             consent_token: some(wire.consent_token),
             organisations: c.organisations,
             consent_tokens: wire.consent_tokens,
+            significance: c.significance.then_some(SignificanceTokens {
+                designation: wire.significance_designation,
+                countersignature: wire.significance_countersignature,
+            }),
         })
     }
 }
@@ -444,6 +511,15 @@ impl From<Envelope> for pb::Envelope {
             consent_token: e.consent_token.unwrap_or_default(),
             consent_tokens: e.consent_tokens,
             organisations: e.organisations.into_iter().map(String::from).collect(),
+            significance_designation: e
+                .significance
+                .as_ref()
+                .map(|s| s.designation.clone())
+                .unwrap_or_default(),
+            significance_countersignature: e
+                .significance
+                .map(|s| s.countersignature)
+                .unwrap_or_default(),
         }
     }
 }
@@ -466,6 +542,8 @@ mod tests {
             consent_token: "v4.public.x".into(),
             consent_tokens: vec!["v4.public.y".into()],
             organisations: vec!["globex-plc".into()],
+            significance_designation: String::new(),
+            significance_countersignature: String::new(),
         }
     }
 
@@ -527,6 +605,20 @@ mod tests {
                 e.consent_tokens = vec!["v4.public.y".into(); 32]
             }),
             ("consent_tokens", |e| e.consent_tokens = vec![String::new()]),
+            ("significance_designation", |e| {
+                e.significance_designation = "v4.public.x".into()
+            }),
+            ("significance_designation", |e| {
+                e.significance_countersignature = "v4.public.x".into()
+            }),
+            ("significance_designation", |e| {
+                e.significance_designation = "x".repeat(8 * 1024 + 1);
+                e.significance_countersignature = "v4.public.x".into();
+            }),
+            ("significance_countersignature", |e| {
+                e.significance_designation = "v4.public.x".into();
+                e.significance_countersignature = "v4.public.\n".into();
+            }),
         ];
         for (field, mutate) in cases {
             let mut wire = valid();

@@ -19,6 +19,7 @@ use crate::consent::{self, ConsentClaims, Revocation};
 use crate::envelope::Envelope;
 use crate::merkle::{self, Hash};
 use crate::paserk::{KeyId, PublicKey, SecretKey};
+use crate::significance::{self, Officer};
 use crate::{paseto, pb};
 
 /// How far an input got through the code under test.
@@ -119,6 +120,29 @@ pub fn paseto(data: &[u8]) -> Outcome {
     if let Ok(revocation) = &revocation {
         check_revocation_round_trip(revocation, &secret);
         outcome = Outcome::Accepted;
+    }
+    // National-significance halves: the verifier never panics, a token is never both a
+    // consent token and a designation, and a token never countersigns itself (one officer).
+    let officer = Officer {
+        id: "fuzz-officer".into(),
+        agency: match "ico".parse() {
+            Ok(a) => a,
+            Err(e) => panic!("a valid agency id: {e}"),
+        },
+        key: public,
+    };
+    let lookup = |k: &KeyId| (k == &officer.key.key_id()).then_some(&officer);
+    assert!(
+        significance::verify(token, token, lookup).is_err(),
+        "a token countersigned itself"
+    );
+    if let Ok(decoded) = significance::decode_unverified(token) {
+        assert!(
+            claims.is_err(),
+            "a token is both a consent token and a designation"
+        );
+        let _ = significance::countersign(token, &secret, time::OffsetDateTime::UNIX_EPOCH);
+        let _ = decoded.jti();
     }
     // Claims the fuzzer invents without a signature still go through the claim rules; those
     // that name the fuzzing key as issuer must survive signing and verifying unchanged.
@@ -696,6 +720,8 @@ mod tests {
             consent_token: String::from_utf8(paseto_seeds.last().unwrap().clone()).unwrap(),
             consent_tokens: Vec::new(),
             organisations: Vec::new(),
+            significance_designation: String::new(),
+            significance_countersignature: String::new(),
         };
         let envelopes = [
             valid.clone(),

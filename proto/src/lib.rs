@@ -7,6 +7,7 @@
 //! - [`ids`]: identifiers (`AgencyId`, `OrgId`, `MessageId`) as validated newtypes.
 //! - [`envelope`]: message kinds, TLP markings and the validated [`envelope::Envelope`].
 //! - [`paseto`]: PASETO v4.public (Ed25519) signing and strict verification.
+//! - [`significance`]: national-significance designations (two officers' signed halves).
 //! - [`paserk`]: PASERK keys (`k4.secret`, `k4.public`) and key ids (`k4.pid`).
 //! - [`consent`]: consent tokens and revocation statements (`docs/consent-token.md`).
 //! - [`merkle`]: the RFC 6962 Merkle tree of the audit log, its stored-hash layout and proofs.
@@ -27,6 +28,7 @@ pub mod ids;
 pub mod merkle;
 pub mod paserk;
 pub mod paseto;
+pub mod significance;
 
 /// Generated protobuf messages and gRPC stubs for `concordat.v1`.
 #[allow(

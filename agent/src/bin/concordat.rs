@@ -54,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: ConsentCommand,
     },
+    /// National-significance designations: the two-person rule (docs/national-significance.md).
+    Significance {
+        #[command(subcommand)]
+        command: SignificanceCommand,
+    },
     /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
     /// 3 refused, 1 error.
     Send(SendArgs),
@@ -152,6 +157,48 @@ enum ConsentCommand {
         before: Option<String>,
         #[command(flatten)]
         broker: BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SignificanceCommand {
+    /// The first officer designates an incident of national significance: writes the first
+    /// half to --out. A second officer countersigns it before it can be used.
+    Designate {
+        /// The designating officer's secret key file (PASERK k4.secret, `concordat keygen`).
+        #[arg(long)]
+        officer_key: PathBuf,
+        /// The agency the officer designates for (the sender).
+        #[arg(long)]
+        agency: AgencyId,
+        /// The incident reference, exactly as the records carry it.
+        #[arg(long)]
+        incident: String,
+        /// The agencies it may go to, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<AgencyId>,
+        /// Why the incident is of national significance.
+        #[arg(long)]
+        grounds: String,
+        /// How long the designation is valid, e.g. 7d, 12h.
+        #[arg(long, default_value = "7d", value_parser = parse_timeout)]
+        expires: std::time::Duration,
+        /// Where to write the first half.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A second, different officer countersigns a designation: shows what it says, and writes
+    /// the designation file (both halves) that senders attach to envelopes.
+    Countersign {
+        /// The countersigning officer's secret key file.
+        #[arg(long)]
+        officer_key: PathBuf,
+        /// The first half, as `designate` wrote it.
+        #[arg(long)]
+        designation: PathBuf,
+        /// Where to write the designation file.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -436,6 +483,9 @@ struct SendArgs {
     /// The incident reference.
     #[arg(long)]
     incident: Option<String>,
+    /// A designation file (`concordat significance countersign`) to attach.
+    #[arg(long)]
+    designation: Option<PathBuf>,
     /// The TLP marking: clear, green, amber, amber+strict, red.
     #[arg(long, default_value = "amber")]
     tlp: Tlp,
@@ -532,6 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Consent { command } => consent(command).await,
+        Command::Significance { command } => significance(command),
         Command::Send(args) => send(args).await,
         Command::Audit { command } => audit(command).await,
         Command::Bench { command } => {
@@ -670,6 +721,64 @@ async fn consent(command: ConsentCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn significance(command: SignificanceCommand) -> anyhow::Result<ExitCode> {
+    let write = |path: &PathBuf, text: &str| {
+        if path.exists() {
+            anyhow::bail!(
+                "{} already exists; refusing to overwrite it",
+                path.display()
+            );
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    match command {
+        SignificanceCommand::Designate {
+            officer_key,
+            agency,
+            incident,
+            to,
+            grounds,
+            expires,
+            out,
+        } => {
+            let key = operator::read_secret_key(&officer_key)?;
+            let request = operator::DesignationRequest {
+                agency,
+                incident,
+                to,
+                grounds,
+                valid_for: expires,
+            };
+            let (token, claims) = operator::designate(&key, &request, OffsetDateTime::now_utc())?;
+            write(&out, &format!("{token}\n"))?;
+            print!("{}", operator::describe_designation(&claims));
+            println!(
+                "wrote the first half to {}; a second officer must countersign it",
+                out.display()
+            );
+        }
+        SignificanceCommand::Countersign {
+            officer_key,
+            designation,
+            out,
+        } => {
+            let key = operator::read_secret_key(&officer_key)?;
+            let first = std::fs::read_to_string(&designation)
+                .with_context(|| format!("reading {}", designation.display()))?;
+            let (file, claims) =
+                operator::countersign_designation(&first, &key, OffsetDateTime::now_utc())?;
+            write(&out, &file)?;
+            print!("{}", operator::describe_designation(&claims));
+            println!(
+                "countersigned by {}; wrote the designation file {}",
+                key.key_id(),
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let payload = std::fs::read(&args.payload)
         .with_context(|| format!("reading {}", args.payload.display()))?;
@@ -683,6 +792,15 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|t| operator::inline_or_file(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let significance = args
+        .designation
+        .as_ref()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            operator::read_designation(&text)
+        })
+        .transpose()?;
     let mut envelope = operator::envelope(
         args.message_id,
         args.to,
@@ -696,6 +814,7 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     );
     envelope.organisations = args.also_org;
     envelope.consent_tokens = also_consent;
+    envelope.significance = significance;
     match operator::send(&args.broker.tls()?, envelope).await? {
         SendOutcome::Accepted(receipt) => {
             print!("{}", operator::describe_receipt(&receipt));

@@ -9,7 +9,7 @@ use concordat_proto::{
 };
 use time::Date;
 
-use super::{Authority, Context, refuse};
+use super::{Authority, Context, legal::LegalBases, refuse};
 use crate::refusal::{Citation, Failure, Reason};
 
 /// An agreement (memorandum of understanding) between agencies, and the flows it permits.
@@ -57,6 +57,9 @@ pub struct Flow {
     pub opaque: bool,
     /// The most restrictive TLP marking the flow may carry (`max_tlp`; none: any).
     pub max_tlp: Option<Tlp>,
+    /// The legal bases on which it may carry organisation- or incident-specific content
+    /// (`legal_bases`; default consent alone). See `super::legal`.
+    pub legal_bases: LegalBases,
 }
 
 /// The flows a transfer takes, one per recipient.
@@ -67,6 +70,8 @@ pub(super) struct Flows {
     pub(super) every_flow_opaque: bool,
     /// For each recipient, the TLP limit of its flow.
     pub(super) tlp_limits: Vec<super::tlp::FlowLimit>,
+    /// For each recipient, the legal bases of its flow.
+    pub(super) legal_bases: Vec<LegalBases>,
 }
 
 /// Finds, for every recipient of `envelope`, that it is an agency of the federation and the
@@ -80,6 +85,7 @@ pub(super) fn find(
         authorities: Vec::with_capacity(envelope.recipients.len()),
         every_flow_opaque: !envelope.recipients.is_empty(),
         tlp_limits: Vec::with_capacity(envelope.recipients.len()),
+        legal_bases: Vec::with_capacity(envelope.recipients.len()),
     };
     for recipient in &envelope.recipients {
         if !cx.policy.agencies.contains(recipient) {
@@ -96,6 +102,7 @@ pub(super) fn find(
             clause: found.authority.clause.clone(),
             max_tlp: found.max_tlp,
         });
+        flows.legal_bases.push(found.legal_bases);
         flows.authorities.push(found.authority);
     }
     Ok(flows)
@@ -106,6 +113,7 @@ pub(super) struct FoundFlow {
     pub(super) authority: Authority,
     pub(super) opaque: bool,
     pub(super) max_tlp: Option<Tlp>,
+    pub(super) legal_bases: LegalBases,
 }
 
 /// Finds the agreement that permits `sender` → `recipient` for `kind`, preferring one whose
@@ -135,6 +143,7 @@ pub(super) fn authority(
             },
             opaque: flow.opaque,
             max_tlp: flow.max_tlp,
+            legal_bases: flow.legal_bases.clone(),
         };
         if !found.authority.review_overdue {
             return Ok(found);

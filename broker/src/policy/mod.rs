@@ -13,11 +13,14 @@
 //!    received under TLP:AMBER+STRICT or TLP:RED goes on to a third agency;
 //! 5. [`organisations`]: the organisations the transfer identifies, those its envelope
 //!    declares and those its payload names (the leak check against the registry);
-//! 6. [`consent`]: each of them consented, by a token that verifies, whose issuer is trusted
-//!    for this sender and organisation, whose claims cover this exact transfer (organisation,
-//!    sender, recipients, kind, incident, payload, time window), and which is neither revoked
-//!    nor used up; a named organisation without a token is `ORGANISATION_IDENTIFIED`.
-//!    Information that identifies nobody needs no token.
+//! 6. [`legal`]: organisation- or incident-specific content travels only on flows whose legal
+//!    bases cover it: consent (the organisations' tokens, checked next), or national
+//!    significance (a valid two-officer designation of the incident for this flow);
+//! 7. [`consent`]: each organisation identified consented, by a token that verifies, whose
+//!    issuer is trusted for this sender and organisation, whose claims cover this exact
+//!    transfer (organisation, sender, recipients, kind, incident, payload, time window), and
+//!    which is neither revoked nor used up; a named organisation without a token is
+//!    `ORGANISATION_IDENTIFIED`. Information that identifies nobody needs no token.
 //!
 //! Every refusal cites the agreements and clauses of the flows found
 //! ([`crate::refusal::Citation`]), or says that no agreement covers the flow.
@@ -31,6 +34,7 @@
 
 pub mod agreements;
 pub mod consent;
+pub mod legal;
 pub mod organisations;
 pub mod payload;
 pub mod tlp;
@@ -41,12 +45,14 @@ use concordat_proto::{
     envelope::Envelope,
     ids::{AgencyId, OrgId},
     paserk::KeyId,
+    significance::Officer,
 };
 use time::{Date, Duration, OffsetDateTime};
 
 pub use self::{
     agreements::{Agreement, Flow},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
+    legal::{LegalBases, LegalBasis},
     tlp::{Carried, Provenance},
 };
 use crate::{
@@ -67,6 +73,8 @@ pub struct Policy {
     pub enforce_review: bool,
     /// The agencies of the federation.
     pub agencies: BTreeSet<AgencyId>,
+    /// The officers authorised to designate incidents of national significance, by key id.
+    pub significance_officers: HashMap<KeyId, Officer>,
 }
 
 impl Policy {
@@ -102,6 +110,8 @@ pub struct Decision {
     pub organisations: Vec<OrgId>,
     /// The consent relied on for each of them, in the same order.
     pub consents: Vec<ConsentUse>,
+    /// The national-significance designation relied on, if a flow needed one.
+    pub designation: Option<concordat_proto::significance::Designation>,
     /// SHA-256 of the payload.
     pub payload_digest: [u8; 32],
     /// The STIX objects it carries: every id for the audit entry, and those each recipient
@@ -194,9 +204,32 @@ pub fn decide(
     // its payload names.
     let identified = organisations::identified(cx.organisations, envelope, &content);
 
-    // 6. Each of them consented, by a valid token that covers this exact transfer; a named
-    // organisation without a token is ORGANISATION_IDENTIFIED. Anonymised or aggregate
-    // information identifies nobody and needs no consent.
+    // 6. Organisation- or incident-specific content needs a legal basis on every flow:
+    // consent, or a designation of national significance.
+    let bases: Vec<legal::FlowBases<'_>> = envelope
+        .recipients
+        .iter()
+        .zip(&flows.legal_bases)
+        .zip(&flows.authorities)
+        .map(|((recipient, bases), authority)| legal::FlowBases {
+            recipient,
+            bases,
+            authority,
+        })
+        .collect();
+    let designation = legal::check(
+        cx,
+        sender,
+        envelope,
+        &content,
+        &bases,
+        !identified.is_empty(),
+    )
+    .map_err(cited)?;
+
+    // 7. Each organisation identified consented, by a valid token that covers this exact
+    // transfer; a named organisation without a token is ORGANISATION_IDENTIFIED. Anonymised
+    // or aggregate information identifies nobody and needs no consent.
     let consents = consent::check_all(cx, sender, envelope, &identified).map_err(cited)?;
 
     Ok(Decision {
@@ -205,6 +238,7 @@ pub fn decide(
         consents,
         payload_digest: cx.payload_digest,
         carried,
+        designation,
     })
 }
 
@@ -295,6 +329,7 @@ mod tests {
             consent_token: Some(token.into()),
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
+            significance: None,
         }
     }
 
@@ -376,6 +411,74 @@ mod tests {
             Some(Reason::ConsentBadSignature)
         );
         assert_eq!(verified.len(), 1, "refused tokens are not remembered");
+    }
+
+    /// The default configuration models the MoUs: an incident-specific record with the
+    /// organisation's consent goes NCSC → ICO and ICO → NCA, but ICO → NCSC only with a
+    /// designation of national significance. (Before legal bases, the ICO → NCSC one was
+    /// accepted on consent alone.)
+    #[test]
+    fn the_default_flows_apply_the_mous_legal_bases() {
+        let now = OffsetDateTime::now_utc();
+        let mut config = Config::embedded_default().unwrap();
+        let desks: Vec<(&str, SecretKey)> = ["ico", "ncsc"]
+            .into_iter()
+            .map(|a| (a, SecretKey::generate()))
+            .collect();
+        for (agency, desk) in &desks {
+            config.policy.issuers.insert(
+                desk.key_id(),
+                ConsentIssuer {
+                    key: desk.public(),
+                    agency: Some(agency.parse().unwrap()),
+                    organisations: Organisations::Any,
+                },
+            );
+        }
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "incident": {
+                "reference": "ICO-1",
+                "first_seen": "2026-11-30T09:15:00Z",
+                "categories": ["ransomware"],
+                "summary": "Ransomware."
+            },
+            "granularity": "incident_specific",
+            "organisations": ["acme-ltd"],
+        }))
+        .unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let cx = Context {
+            policy: &config.policy,
+            organisations: &matcher,
+            verified: &verified,
+            max_payload_bytes: 1 << 20,
+            ledger: &open,
+            provenance: &Nothing,
+            now,
+            payload_digest: [0; 32],
+        };
+        for (from, to, want) in [
+            ("ico", "ncsc", Some(Reason::NationalSignificanceRequired)),
+            ("ncsc", "ico", None),
+            ("ico", "nca", None),
+        ] {
+            let desk = &desks.iter().find(|(a, _)| *a == from).unwrap().1;
+            let token = ConsentClaims::builder("acme-ltd", from, "a test")
+                .recipient(to)
+                .kind(Kind::IncidentRecord)
+                .valid_for(Duration::hours(1))
+                .build(desk.key_id(), now)
+                .unwrap()
+                .sign(desk)
+                .unwrap();
+            let mut e = envelope(to, &token);
+            e.content_type = "application/vnd.concordat.incident+json;version=1".into();
+            e.payload = payload.clone();
+            let got = reason(decide(&cx, &from.parse().unwrap(), &e));
+            assert_eq!(got, want, "{from} -> {to}");
+        }
     }
 
     #[test]

@@ -605,6 +605,7 @@ mod tests {
             consent_token: None,
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
+            significance: None,
         };
         let limits: Vec<FlowLimit> = row.to.iter().map(|r| limit(r, row.max_tlp)).collect();
         check(&cx, &agency(row.from), &envelope, &content, &limits)

@@ -111,6 +111,8 @@ pub struct Accept {
     pub facts: pb::EnvelopeFacts,
     /// The agreement relied on for each recipient, as receipts and the log name them.
     pub authorities: Vec<pb::Authority>,
+    /// The national-significance designation relied on, as the log records it.
+    pub designation: Option<pb::SignificanceDesignation>,
 }
 
 impl Accept {
@@ -165,7 +167,9 @@ impl Accept {
                 clause: x.clause.clone(),
             })
             .collect();
+        let designation = decision.designation.as_ref().map(designation_record);
         Accept {
+            designation,
             sender,
             envelope,
             decision,
@@ -1014,6 +1018,28 @@ pub fn facts(
         consent_issuer: first.map(|c| c.issuer.clone()).unwrap_or_default(),
         consents,
         organisations,
+    }
+}
+
+/// What the audit log records of a designation relied on: ids, officers and times, never the
+/// tokens or the grounds.
+pub fn designation_record(
+    d: &concordat_proto::significance::Designation,
+) -> pb::SignificanceDesignation {
+    let c = &d.claims;
+    pb::SignificanceDesignation {
+        jti: c.jti().to_string(),
+        agency: c.agency().to_string(),
+        incident_ref: c.incident_ref().to_owned(),
+        flows: c.flows().iter().map(ToString::to_string).collect(),
+        designated_by: d.designated_by.clone(),
+        designated_by_key: c.iss().to_string(),
+        countersigned_by: d.countersigned_by.clone(),
+        countersigned_by_key: d.countersigned_by_key.to_string(),
+        issued_at: Some(timestamp(c.issued_at())),
+        countersigned_at: Some(timestamp(d.countersigned_at)),
+        expires_at: Some(timestamp(c.expires_at())),
+        designation_sha256: d.digest.to_vec(),
     }
 }
 

@@ -81,6 +81,9 @@ const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The `meta` key of the next queue sequence number.
 const NEXT_SEQ: &[u8] = b"next_seq";
+/// Prefix of the `meta` keys of designations already recorded in the log (then their
+/// SHA-256).
+const DESIGNATION_PREFIX: &[u8] = b"significance/";
 /// The `meta` key of the storage layout's version.
 const LAYOUT: &[u8] = b"store_layout";
 /// This layout: queue blocks, receipts by log index, bundled log.
@@ -786,6 +789,18 @@ impl SledStorage {
                 .push(consented_record(a, c));
         }
         Self::remember_restricted(t, a)?;
+        // The first transfer that relies on a designation records it, once, before its own
+        // entry (`docs/national-significance.md`); the key lives in `meta`.
+        if let Some(d) = &a.designation {
+            let key = [DESIGNATION_PREFIX, &d.designation_sha256[..]].concat();
+            if t.meta.get(&key)?.is_none() {
+                t.meta.insert(key, &[][..])?;
+                t.log.append(&audit_log::entry_at(
+                    timestamp(a.accepted_at),
+                    pb::audit_entry::Event::DesignationRecorded(d.clone()),
+                ))?;
+            }
+        }
         let entry = audit_log::entry_at(
             timestamp(a.accepted_at),
             pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
@@ -793,6 +808,7 @@ impl SledStorage {
                 envelope: Some(a.facts.clone()),
                 authorities: a.authorities.clone(),
                 stix_object_ids: a.decision.carried.object_ids.clone(),
+                designation: a.designation.clone(),
             }),
         );
         let (log_index, bytes) = t.log.append_bytes(&entry)?;
@@ -1414,6 +1430,7 @@ mod tests {
             consent_token: None,
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
+            significance: None,
         };
         Op::Accept(Box::new(Accept::new(
             agency("ncsc"),
@@ -1430,6 +1447,7 @@ mod tests {
                     .collect(),
                 organisations: consent.iter().map(|c| c.organisation.clone()).collect(),
                 consents: consent.into_iter().collect(),
+                designation: None,
                 payload_digest: [7; 32],
                 carried: Default::default(),
             },

@@ -100,6 +100,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     clause: CLAUSE_NCSC_ICO.into(),
                     opaque: false,
                     max_tlp: None,
+                    legal_bases: Default::default(),
                 },
             ),
             agreement(
@@ -113,6 +114,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     clause: "3.1".into(),
                     opaque: false,
                     max_tlp: None,
+                    legal_bases: Default::default(),
                 },
             ),
         ],

@@ -87,6 +87,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         clause: clause.into(),
         opaque: false,
         max_tlp: None,
+        legal_bases: Default::default(),
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]

@@ -39,6 +39,7 @@ fn content_config(pki: &TestPki, data_dir: &Path) -> Config {
             clause: "1.1".into(),
             opaque,
             max_tlp: None,
+            legal_bases: Default::default(),
         }],
     };
     config.policy.agreements = vec![

@@ -17,6 +17,7 @@ mod mtls;
 mod refusals;
 mod relay;
 mod services;
+mod significance;
 mod startup;
 mod store_damage;
 mod tlp;

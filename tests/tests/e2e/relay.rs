@@ -464,6 +464,7 @@ fn relay_config(pki: &TestPki, data_dir: &Path) -> Config {
             clause: "2.1".into(),
             opaque: false,
             max_tlp: None,
+            legal_bases: Default::default(),
         }],
     });
     config
