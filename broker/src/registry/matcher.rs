@@ -21,13 +21,13 @@ use std::{
     fmt::{self, Write as _},
 };
 
-use aho_corasick::{AhoCorasick, MatchKind as AcMatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
 use concordat_proto::ids::OrgId;
 use serde_json::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
-    normalise::{append_identifiers_form, identifiers_form, is_mark, name_words, word_pattern},
+    normalise::{NotableToken, append_identifiers_form_noting, is_mark, name_words, word_pattern},
 };
 
 /// What kind of evidence identified an organisation.
@@ -152,10 +152,16 @@ impl PatternSet {
         if self.patterns.is_empty() {
             return Ok(None);
         }
-        // The crate picks the automaton (a contiguous NFA for a large registry). A DFA was
-        // measured no faster on `bench gate` at 10,000 organisations, for 20 MiB.
+        // A DFA costs one table lookup per byte, where the NFA the crate would otherwise pick
+        // for a large registry follows sparse transitions and failure links: measured on
+        // `bench gate` (10,000 organisations, 400 KiB of patterns, 20 MiB of DFA) it scans
+        // about 1.2-1.4x faster. Its memory is roughly 50 bytes per pattern byte, so beyond
+        // `DFA_MAX_PATTERN_BYTES` the crate's own choice (a contiguous NFA) is kept.
+        let pattern_bytes: usize = self.patterns.iter().map(Vec::len).sum();
+        let kind = (pattern_bytes <= DFA_MAX_PATTERN_BYTES).then_some(AhoCorasickKind::DFA);
         let ac = AhoCorasick::builder()
             .match_kind(AcMatchKind::Standard)
+            .kind(kind)
             .build(&self.patterns)
             .map_err(|e| RegistryError::Build(e.to_string()))?;
         Ok(Some(Automaton {
@@ -184,6 +190,7 @@ struct Span {
 pub struct Scratch {
     names: Vec<u8>,
     identifiers: Vec<u8>,
+    tokens: Vec<NotableToken>,
     spans: Vec<Span>,
     found: Vec<(u32, MatchKind)>,
     number: String,
@@ -197,6 +204,10 @@ pub struct Matcher {
     identifiers: Identifiers,
 }
 
+/// The most pattern bytes compiled into a DFA (about 50 MiB of automaton); a larger
+/// registry's names are compiled into a contiguous NFA, slower but far smaller.
+const DFA_MAX_PATTERN_BYTES: usize = 1 << 20;
+
 /// The longest token looked up as a company or charity number.
 const MAX_NUMBER_LEN: usize = 11;
 /// The longest domain (RFC 1035), so the longest suffix of a token looked up as one.
@@ -208,20 +219,31 @@ const MAX_DOMAIN_LEN: usize = 253;
 /// most 253 bytes are looked up, so the work per token is bounded by its length times that.
 #[derive(Debug, Default)]
 struct Identifiers {
-    numbers: HashMap<Box<[u8]>, Vec<Owner>>,
-    domains: HashMap<Box<[u8]>, Vec<Owner>>,
+    numbers: TokenMap,
+    domains: TokenMap,
 }
 
+/// Identifier tokens to their owners. Hashed with foldhash rather than SipHash: every notable
+/// token of a payload is looked up (SipHash was 4 % of `bench gate`), and the keys come from
+/// the registry, not from the payload, so there is nothing for a flooding attack to insert.
+type TokenMap = HashMap<Box<[u8]>, Vec<Owner>, foldhash::fast::RandomState>;
+
 impl Identifiers {
-    fn add(map: &mut HashMap<Box<[u8]>, Vec<Owner>>, key: &str, owner: Owner) {
+    fn add(map: &mut TokenMap, key: &str, owner: Owner) {
         map.entry(key.to_ascii_lowercase().into_bytes().into_boxed_slice())
             .or_default()
             .push(owner);
     }
 
     /// Calls `emit(position, organisation, kind)` for every identifier in the identifiers
-    /// form `form`.
-    fn scan(&self, form: &[u8], emit: &mut impl FnMut(usize, u32, MatchKind)) {
+    /// form `form`, among its `tokens` (those that hold a digit or a mark: no other token can
+    /// be a number or a domain).
+    fn scan(
+        &self,
+        form: &[u8],
+        tokens: &[NotableToken],
+        emit: &mut impl FnMut(usize, u32, MatchKind),
+    ) {
         let mut push = |at: usize, owners: Option<&Vec<Owner>>| {
             for owner in owners.into_iter().flatten() {
                 if let Role::Identifies(kind) = owner.role {
@@ -229,10 +251,11 @@ impl Identifiers {
                 }
             }
         };
-        let mut at = 0;
-        for token in form.split(|&b| b == b' ') {
-            let token_at = at;
-            at += token.len() + 1;
+        for t in tokens {
+            let token_at = t.start;
+            let Some(token) = form.get(t.start..t.end) else {
+                continue;
+            };
             if token.len() < 3 {
                 continue;
             }
@@ -362,11 +385,16 @@ impl Matcher {
         }];
         let mut pieces: Vec<Piece> = Vec::new();
         scratch.identifiers.clear();
+        scratch.tokens.clear();
         let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
         while let Some((v, node)) = stack.pop() {
             match v {
                 Value::String(s) => {
-                    append_identifiers_form(s, &mut scratch.identifiers);
+                    append_identifiers_form_noting(
+                        s,
+                        &mut scratch.identifiers,
+                        &mut scratch.tokens,
+                    );
                     pieces.push(Piece {
                         end: scratch.identifiers.len(),
                         node,
@@ -377,7 +405,11 @@ impl Matcher {
                     if n.is_u64() || n.is_i64() {
                         scratch.number.clear();
                         let _ = write!(scratch.number, "{n}");
-                        append_identifiers_form(&scratch.number, &mut scratch.identifiers);
+                        append_identifiers_form_noting(
+                            &scratch.number,
+                            &mut scratch.identifiers,
+                            &mut scratch.tokens,
+                        );
                         pieces.push(Piece {
                             end: scratch.identifiers.len(),
                             node,
@@ -398,7 +430,11 @@ impl Matcher {
                     // Keys first (they come before their values in the document).
                     let first_key = pieces.len();
                     for key in map.keys() {
-                        append_identifiers_form(key, &mut scratch.identifiers);
+                        append_identifiers_form_noting(
+                            key,
+                            &mut scratch.identifiers,
+                            &mut scratch.tokens,
+                        );
                         pieces.push(Piece {
                             end: scratch.identifiers.len(),
                             node,
@@ -454,7 +490,9 @@ impl Matcher {
 
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
     fn scan_into(&self, scratch: &mut Scratch, text: &str) {
-        identifiers_form(text, &mut scratch.identifiers);
+        scratch.identifiers.clear();
+        scratch.tokens.clear();
+        append_identifiers_form_noting(text, &mut scratch.identifiers, &mut scratch.tokens);
         let mut found = std::mem::take(&mut scratch.found);
         found.clear();
         self.scan_form(scratch, |_, org, kind| found.push((org, kind)));
@@ -503,7 +541,8 @@ impl Matcher {
                 }
             }
         }
-        self.identifiers.scan(&scratch.identifiers, &mut emit);
+        self.identifiers
+            .scan(&scratch.identifiers, &scratch.tokens, &mut emit);
     }
 }
 
