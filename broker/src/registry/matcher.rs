@@ -194,6 +194,9 @@ pub struct Scratch {
     spans: Vec<Span>,
     found: Vec<(u32, MatchKind)>,
     number: String,
+    nodes: Vec<Node>,
+    pieces: Vec<Piece>,
+    hits: Vec<(u32, usize, MatchKind)>,
 }
 
 /// The registry compiled for searching. Build once, share (it is `Send + Sync`).
@@ -379,11 +382,17 @@ impl Matcher {
     ) -> Vec<JsonMatch<'m>> {
         // The walk is iterative (no recursion, whatever the depth); `nodes` records each
         // value's parent and path segment, so a path is only spelt out when it is reported.
-        let mut nodes: Vec<Node<'_>> = vec![Node {
-            parent: None,
+        // Its vectors live in `scratch`, so a walk allocates nothing once they have grown.
+        let mut nodes = std::mem::take(&mut scratch.nodes);
+        let mut pieces = std::mem::take(&mut scratch.pieces);
+        let mut hits = std::mem::take(&mut scratch.hits);
+        nodes.clear();
+        pieces.clear();
+        hits.clear();
+        nodes.push(Node {
+            parent: 0,
             segment: Segment::Root,
-        }];
-        let mut pieces: Vec<Piece> = Vec::new();
+        });
         scratch.identifiers.clear();
         scratch.tokens.clear();
         let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
@@ -420,7 +429,7 @@ impl Matcher {
                 Value::Array(items) => {
                     for (i, item) in items.iter().enumerate().rev() {
                         nodes.push(Node {
-                            parent: Some(node),
+                            parent: node,
                             segment: Segment::Index(i),
                         });
                         stack.push((item, nodes.len() - 1));
@@ -441,15 +450,13 @@ impl Matcher {
                             site: JsonSite::Key,
                         });
                     }
-                    for (k, (key, item)) in map.iter().enumerate().rev() {
-                        let segment = if plain_key(key) {
-                            Segment::Key(key, first_key + k)
-                        } else {
-                            Segment::Hidden
-                        };
+                    for (k, item) in map.values().enumerate().rev() {
                         nodes.push(Node {
-                            parent: Some(node),
-                            segment,
+                            parent: node,
+                            segment: Segment::Key {
+                                position: k,
+                                piece: first_key + k,
+                            },
                         });
                         stack.push((item, nodes.len() - 1));
                     }
@@ -459,33 +466,34 @@ impl Matcher {
         }
 
         // (organisation, piece, kind) of every match.
-        let mut hits: Vec<(u32, usize, MatchKind)> = Vec::new();
         self.scan_form(scratch, |at, org, kind| {
             let piece = pieces.partition_point(|p| p.end <= at);
             hits.push((org, piece, kind));
         });
-        let mut piece_named = vec![false; pieces.len()];
-        for &(_, piece, _) in &hits {
-            if let Some(named) = piece_named.get_mut(piece) {
-                *named = true;
-            }
-        }
+        let mut named: Vec<usize> = hits.iter().map(|h| h.1).collect();
+        named.sort_unstable();
+        named.dedup();
         // The first place of each organisation, then in document order.
         hits.sort_unstable();
         hits.dedup_by_key(|h| h.0);
         hits.sort_unstable_by_key(|h| (h.1, h.0));
-        hits.into_iter()
-            .filter_map(|(org, piece, kind)| {
+        let found = hits
+            .iter()
+            .filter_map(|&(org, piece, kind)| {
                 let id = self.ids.get(usize::try_from(org).ok()?)?;
                 let p = pieces.get(piece)?;
                 Some(JsonMatch {
                     org: id,
                     kind,
-                    path: path_of(&nodes, p.node, &piece_named),
+                    path: path_of(value, &nodes, p.node, &named),
                     site: p.site,
                 })
             })
-            .collect()
+            .collect();
+        scratch.nodes = nodes;
+        scratch.pieces = pieces;
+        scratch.hits = hits;
+        found
     }
 
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
@@ -554,19 +562,24 @@ struct Piece {
     site: JsonSite,
 }
 
+/// A value of the walked document: its parent's node (the root is its own parent) and how
+/// it is reached from there.
 #[derive(Debug)]
-struct Node<'v> {
-    parent: Option<usize>,
-    segment: Segment<'v>,
+struct Node {
+    parent: usize,
+    segment: Segment,
 }
 
 #[derive(Debug)]
-enum Segment<'v> {
+enum Segment {
     Root,
     Index(usize),
-    /// A property name and the piece it was scanned as (hidden if that piece named someone).
-    Key(&'v str, usize),
-    Hidden,
+    /// The `position`th property of its object (in the map's order), whose name was scanned
+    /// as `piece`. The name itself is looked up only when a path is spelt out.
+    Key {
+        position: usize,
+        piece: usize,
+    },
 }
 
 /// A property name shown as itself in a path: a plain identifier of at most 64 characters.
@@ -578,25 +591,38 @@ fn plain_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn path_of(nodes: &[Node<'_>], mut node: usize, piece_named: &[bool]) -> String {
+/// Spells out the path of `node`, descending from `root` along the recorded segments. A
+/// property name is shown only if it is plain and its piece is not in `named` (sorted).
+fn path_of(root: &Value, nodes: &[Node], mut node: usize, named: &[usize]) -> String {
     let mut segments = Vec::new();
     while let Some(n) = nodes.get(node) {
         segments.push(&n.segment);
-        match n.parent {
-            Some(p) => node = p,
-            None => break,
+        if n.parent == node {
+            break;
         }
+        node = n.parent;
     }
     let mut path = String::new();
+    let mut at = Some(root);
     for s in segments.iter().rev() {
         let _ = match s {
             Segment::Root => write!(path, "$"),
-            Segment::Index(i) => write!(path, "[{i}]"),
-            Segment::Key(k, piece) if !piece_named.get(*piece).copied().unwrap_or(true) => {
-                write!(path, ".{k}")
+            Segment::Index(i) => {
+                at = at.and_then(|v| v.as_array()).and_then(|a| a.get(*i));
+                write!(path, "[{i}]")
             }
-            Segment::Key(..) => write!(path, "[?]"),
-            Segment::Hidden => write!(path, "[?]"),
+            Segment::Key { position, piece } => {
+                let entry = at
+                    .and_then(Value::as_object)
+                    .and_then(|m| m.iter().nth(*position));
+                at = entry.map(|(_, v)| v);
+                match entry {
+                    Some((k, _)) if plain_key(k) && named.binary_search(piece).is_err() => {
+                        write!(path, ".{k}")
+                    }
+                    _ => write!(path, "[?]"),
+                }
+            }
         };
     }
     path
