@@ -211,6 +211,9 @@ pub struct Matcher {
 /// registry's names are compiled into a contiguous NFA, slower but far smaller.
 const DFA_MAX_PATTERN_BYTES: usize = 1 << 20;
 
+/// How much of a JSON document's normal form is scanned at once (see `scan_json_with`).
+const JSON_CHUNK: usize = 64 * 1024;
+
 /// The longest token looked up as a company or charity number.
 const MAX_NUMBER_LEN: usize = 11;
 /// The longest domain (RFC 1035), so the longest suffix of a token looked up as one.
@@ -395,8 +398,15 @@ impl Matcher {
         });
         scratch.identifiers.clear();
         scratch.tokens.clear();
+        // Where `scratch.identifiers` starts in the whole document's form: the buffer is
+        // scanned and emptied whenever it reaches `JSON_CHUNK` (at a string boundary, which no
+        // match crosses), so that a large document is scanned while it is still in cache.
+        let mut base = 0;
         let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
         while let Some((v, node)) = stack.pop() {
+            if scratch.identifiers.len() >= JSON_CHUNK {
+                self.scan_chunk(scratch, &pieces, &mut hits, &mut base);
+            }
             match v {
                 Value::String(s) => {
                     append_identifiers_form_noting(
@@ -405,7 +415,7 @@ impl Matcher {
                         &mut scratch.tokens,
                     );
                     pieces.push(Piece {
-                        end: scratch.identifiers.len(),
+                        end: base + scratch.identifiers.len(),
                         node,
                         site: JsonSite::Value,
                     });
@@ -420,7 +430,7 @@ impl Matcher {
                             &mut scratch.tokens,
                         );
                         pieces.push(Piece {
-                            end: scratch.identifiers.len(),
+                            end: base + scratch.identifiers.len(),
                             node,
                             site: JsonSite::Value,
                         });
@@ -445,7 +455,7 @@ impl Matcher {
                             &mut scratch.tokens,
                         );
                         pieces.push(Piece {
-                            end: scratch.identifiers.len(),
+                            end: base + scratch.identifiers.len(),
                             node,
                             site: JsonSite::Key,
                         });
@@ -465,11 +475,7 @@ impl Matcher {
             }
         }
 
-        // (organisation, piece, kind) of every match.
-        self.scan_form(scratch, |at, org, kind| {
-            let piece = pieces.partition_point(|p| p.end <= at);
-            hits.push((org, piece, kind));
-        });
+        self.scan_chunk(scratch, &pieces, &mut hits, &mut base);
         let mut named: Vec<usize> = hits.iter().map(|h| h.1).collect();
         named.sort_unstable();
         named.dedup();
@@ -494,6 +500,26 @@ impl Matcher {
         scratch.pieces = pieces;
         scratch.hits = hits;
         found
+    }
+
+    /// Scans the part of a JSON document's form in `scratch.identifiers`, which starts at
+    /// `*base` in the whole form, adding (organisation, piece, kind) to `hits` for every
+    /// match; then empties the buffer and moves `*base` past it.
+    fn scan_chunk(
+        &self,
+        scratch: &mut Scratch,
+        pieces: &[Piece],
+        hits: &mut Vec<(u32, usize, MatchKind)>,
+        base: &mut usize,
+    ) {
+        let start = *base;
+        self.scan_form(scratch, |at, org, kind| {
+            let piece = pieces.partition_point(|p| p.end <= start + at);
+            hits.push((org, piece, kind));
+        });
+        *base += scratch.identifiers.len();
+        scratch.identifiers.clear();
+        scratch.tokens.clear();
     }
 
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
@@ -855,6 +881,55 @@ mod tests {
             ]
         );
         assert!(got.iter().all(|s| !s.contains("Acme Ltd")));
+    }
+
+    /// A document much larger than `JSON_CHUNK` is scanned in parts: matches in every part,
+    /// including right after a part's end, are found and placed in the right string.
+    #[test]
+    fn large_json_is_scanned_in_parts() {
+        let m = matcher();
+        let filler = "lorem ipsum dolor sit amet consectetur adipiscing elit";
+        let mut items: Vec<Value> = (0..6000).map(|_| Value::from(filler)).collect();
+        let total: usize = items.len() * (filler.len() + 2);
+        assert!(total > 4 * JSON_CHUNK, "the test needs several parts");
+        // The strings whose form starts near a part's boundary, and elsewhere.
+        let per_chunk = JSON_CHUNK / (filler.len() + 2);
+        let places = [3, per_chunk, per_chunk + 1, 2 * per_chunk + 7, 5999];
+        let texts = [
+            "contact soc@mail.acme.example",
+            "Globex PLC",
+            "Hooli Holdings",
+            "company 01234567",
+            "Acme Holdings Ltd",
+        ];
+        for (&i, &t) in places.iter().zip(&texts) {
+            items[i] = Value::from(t);
+        }
+        let doc = serde_json::json!({ "items": items });
+        let got: Vec<String> = m.scan_json(&doc).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "acme-ltd (name) at $.items[3]".to_owned(),
+                format!("globex-plc (name) at $.items[{per_chunk}]"),
+                format!("acme-holdings (name) at $.items[5999]"),
+            ]
+        );
+        // Every part is scanned: with only the number late in the document, it is found.
+        let mut items: Vec<Value> = (0..6000).map(|_| Value::from(filler)).collect();
+        items[2 * per_chunk + 7] = Value::from("company 01234567");
+        let got: Vec<String> = m
+            .scan_json(&Value::Array(items))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [format!(
+                "acme-ltd (company number) at $[{}]",
+                2 * per_chunk + 7
+            )]
+        );
     }
 
     #[test]
