@@ -912,7 +912,7 @@ mod tests {
             [
                 "acme-ltd (name) at $.items[3]".to_owned(),
                 format!("globex-plc (name) at $.items[{per_chunk}]"),
-                format!("acme-holdings (name) at $.items[5999]"),
+                "acme-holdings (name) at $.items[5999]".to_owned(),
             ]
         );
         // Every part is scanned: with only the number late in the document, it is found.
