@@ -148,20 +148,25 @@ impl PatternSet {
         self.owners[i].push(owner);
     }
 
-    fn build(self) -> Result<Option<Automaton>, RegistryError> {
+    fn build(self, dfa_max_pattern_bytes: usize) -> Result<Option<Automaton>, RegistryError> {
         if self.patterns.is_empty() {
             return Ok(None);
         }
         // A DFA costs one table lookup per byte, where the NFA the crate would otherwise pick
-        // for a large registry follows sparse transitions and failure links: measured on
-        // `bench gate` (10,000 organisations, 400 KiB of patterns, 20 MiB of DFA) it scans
-        // about 1.2-1.4x faster. Its memory is roughly 50 bytes per pattern byte, so beyond
-        // `DFA_MAX_PATTERN_BYTES` the crate's own choice (a contiguous NFA) is kept.
+        // for a large registry follows sparse transitions and failure links. On `bench gate`
+        // (10,000 organisations, 400 KiB of patterns, 20 MiB of DFA) it scanned as fast or up
+        // to 1.2x faster, on a shared machine whose noise is of the same order. Its memory
+        // is roughly 50 bytes per pattern byte, so beyond `DFA_MAX_PATTERN_BYTES` a
+        // contiguous NFA (what the crate picks for a large set) is built.
         let pattern_bytes: usize = self.patterns.iter().map(Vec::len).sum();
-        let kind = (pattern_bytes <= DFA_MAX_PATTERN_BYTES).then_some(AhoCorasickKind::DFA);
+        let kind = if pattern_bytes <= dfa_max_pattern_bytes {
+            AhoCorasickKind::DFA
+        } else {
+            AhoCorasickKind::ContiguousNFA
+        };
         let ac = AhoCorasick::builder()
             .match_kind(AcMatchKind::Standard)
-            .kind(kind)
+            .kind(Some(kind))
             .build(&self.patterns)
             .map_err(|e| RegistryError::Build(e.to_string()))?;
         Ok(Some(Automaton {
@@ -290,6 +295,15 @@ impl Identifiers {
 impl Matcher {
     /// Compiles the registry's names and identifiers.
     pub fn new(registry: &Registry) -> Result<Self, RegistryError> {
+        Self::with_dfa_limit(registry, DFA_MAX_PATTERN_BYTES)
+    }
+
+    /// As [`Matcher::new`], compiling the names into a DFA only up to `dfa_max_pattern_bytes`
+    /// of patterns (the tests compare both automata on the same registry).
+    fn with_dfa_limit(
+        registry: &Registry,
+        dfa_max_pattern_bytes: usize,
+    ) -> Result<Self, RegistryError> {
         let mut names = PatternSet::default();
         let mut identifiers = Identifiers::default();
         let mut ids = Vec::with_capacity(registry.len());
@@ -333,7 +347,7 @@ impl Matcher {
         }
         Ok(Matcher {
             ids,
-            names: names.build()?,
+            names: names.build(dfa_max_pattern_bytes)?,
             identifiers,
         })
     }
@@ -930,6 +944,40 @@ mod tests {
                 2 * per_chunk + 7
             )]
         );
+    }
+
+    /// A registry too large for a DFA gets an NFA, which finds exactly the same.
+    #[test]
+    fn nfa_and_dfa_agree() {
+        let registry = Registry::new(vec![
+            org("acme-ltd", "Acme Ltd", |s| {
+                s.company_number = Some("01234567".into());
+                s.domains = vec!["acme.example".into()];
+                s.not_names = vec!["Acme Road".into()];
+            }),
+            org("acme-holdings", "Acme Holdings Limited", |_| {}),
+            org("globex-plc", "Globex PLC", |_| {}),
+        ])
+        .unwrap();
+        let dfa = Matcher::new(&registry).unwrap();
+        let nfa = Matcher::with_dfa_limit(&registry, 0).unwrap();
+        let kind = |m: &Matcher| m.names.as_ref().map(|n| n.ac.kind());
+        assert_eq!(kind(&dfa), Some(AhoCorasickKind::DFA));
+        assert_eq!(kind(&nfa), Some(AhoCorasickKind::ContiguousNFA));
+        for text in [
+            "Acme Holdings Ltd and Globex, 12 Acme Road",
+            "acme and acme holdings; mail x@vpn.acme.example",
+            "company 01234567 of globexplc",
+            "",
+        ] {
+            let found = |m: &Matcher| {
+                let mut v: Vec<(String, MatchKind)> =
+                    m.scan(text).map(|f| (f.org.to_string(), f.kind)).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(found(&nfa), found(&dfa), "{text:?}");
+        }
     }
 
     #[test]
