@@ -7,6 +7,17 @@
 //!   durable append with its audit entry, fsync before the receipt). Senders keep a fixed number
 //!   of requests in flight; a subscriber receives and acknowledges everything. It prints
 //!   throughput, latency p50/p99, their ratio, and the process's memory over the run.
+//!   `--content` picks the payloads ([`RelayContent`]): `json` (the default, a JSON document),
+//!   `opaque` (bytes the broker cannot read, on flows with `opaque = true`), or `stix` (STIX
+//!   2.1 bundles of 4 KiB by default that pass the broker's validation and name no
+//!   registered organisation). With `stix` the full broker runs four times in the same
+//!   process, each half the duration, alternating opaque payloads of the bundles' exact size
+//!   and the bundles (opaque, STIX, opaque, STIX, so that a change in a shared machine's load
+//!   weighs on both), and the STIX/opaque throughput ratio of the two sides' totals is printed
+//!   (target at least 0.90): what reading, validating and scanning a bundle costs over
+//!   relaying the same bytes unread, with the CPU ratio beside it. The full
+//!   broker registers the default organisations plus `--organisations` synthetic ones
+//!   (10,000 by default, as `bench gate` builds them).
 //! - **audit**: fills a log with a number of entries, then exports it through the broker and
 //!   verifies the export offline, printing entries per second for each.
 //! - **flood**: a legitimate agency's `Hello` latency (p50/p99, a fresh mTLS connection for
@@ -66,7 +77,54 @@ pub struct RelayBench {
     /// Also run the full broker with a new consent token for every message, so that every
     /// send pays for a signature verification.
     pub fresh_tokens: bool,
+    /// What the payloads are.
+    pub content: RelayContent,
+    /// Synthetic organisations registered in the full broker besides the default registry's
+    /// (as `bench gate` builds them), so that a payload scan meets a realistic registry.
+    pub organisations: usize,
 }
+
+/// What the relay benchmark's payloads are (`--content`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayContent {
+    /// A JSON document of `payload` bytes, `application/json` (the default).
+    #[default]
+    Json,
+    /// Opaque bytes, `application/octet-stream`, on a flow that allows them (`opaque = true`).
+    Opaque,
+    /// STIX 2.1 bundles of about `payload` bytes (an identity, a malware, indicators and
+    /// relationships under a TLP 2.0 GREEN marking, naming no registered organisation). The
+    /// full broker runs twice, with opaque payloads of the same size and with the bundles,
+    /// and the benchmark prints the STIX/opaque throughput ratio.
+    Stix,
+}
+
+impl RelayContent {
+    /// The payload size used when none is given: 4 KiB bundles for STIX, else 512 bytes.
+    pub fn default_payload(self) -> usize {
+        match self {
+            RelayContent::Stix => 4096,
+            RelayContent::Json | RelayContent::Opaque => 512,
+        }
+    }
+}
+
+impl std::str::FromStr for RelayContent {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "json" => Ok(RelayContent::Json),
+            "opaque" => Ok(RelayContent::Opaque),
+            "stix" => Ok(RelayContent::Stix),
+            other => Err(format!("{other:?} is not opaque, json or stix")),
+        }
+    }
+}
+
+/// The media type of the opaque payloads.
+const OPAQUE_MEDIA_TYPE: &str = "application/octet-stream";
+/// The media type of the STIX payloads.
+const STIX_MEDIA_TYPE: &str = "application/stix+json;version=2.1";
 
 /// Tokens the fresh-token run cycles through: more than the broker remembers
 /// (`VerifiedTokens`, two generations of 4096), so every send is verified.
@@ -477,6 +535,153 @@ async fn clients(
     Ok(out)
 }
 
+/// Opaque bytes (a fixed pseudo-random sequence) of exactly `bytes` bytes.
+fn opaque_payload(bytes: usize) -> Vec<u8> {
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// The TLP 2.0 GREEN marking definition (the id and form the TLP 2.0 extension fixes).
+const TLP2_GREEN_ID: &str = "marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb";
+
+/// A STIX 2.1 bundle of about `bytes` bytes (at least about 2 KiB; never much more than
+/// asked): the TLP 2.0 GREEN marking definition, the identity of an organisation that is not
+/// registered (the reporting analysts), a malware, and as many indicator + `indicates`
+/// relationship pairs as fit, each with prose, a domain pattern and the GREEN marking. It
+/// names no registered organisation, default or synthetic (no registered name, number or
+/// domain), so it passes the leak check; the envelope carrying it is TLP:GREEN.
+fn stix_bundle(bytes: usize) -> Vec<u8> {
+    // Ids are version-4 UUIDs made from a counter, so every run sends the same bundle.
+    let id = |t: &str, k: u64| {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&k.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+        b[8..].copy_from_slice(&(k ^ 0x5bd1_e995).to_le_bytes());
+        format!("{t}--{}", uuid::Builder::from_random_bytes(b).into_uuid())
+    };
+    let created = "2026-12-01T09:00:00.000Z";
+    let identity = id("identity", 1);
+    let malware = id("malware", 2);
+    let head = vec![
+        serde_json::json!({
+            "type": "marking-definition",
+            "spec_version": "2.1",
+            "id": TLP2_GREEN_ID,
+            "created": "2022-10-01T00:00:00.000Z",
+            "name": "TLP:GREEN",
+            "extensions": {
+                "extension-definition--60a3c5c5-0d10-413e-aab3-9e08dde9e88d": {
+                    "extension_type": "property-extension",
+                    "tlp_2_0": "green"
+                }
+            }
+        }),
+        serde_json::json!({
+            "type": "identity",
+            "spec_version": "2.1",
+            "id": identity,
+            "created": created,
+            "modified": created,
+            "name": "Northwind Threat Research",
+            "identity_class": "organization",
+            "sectors": ["technology"],
+            "contact_information": "intel@northwind-research.test",
+            "object_marking_refs": [TLP2_GREEN_ID]
+        }),
+        serde_json::json!({
+            "type": "malware",
+            "spec_version": "2.1",
+            "id": malware,
+            "created": created,
+            "modified": created,
+            "name": "QuietLoader",
+            "description": "A loader delivered by phishing e-mails that fetches a second stage over HTTPS.",
+            "malware_types": ["remote-access-trojan"],
+            "is_family": true,
+            "created_by_ref": identity,
+            "object_marking_refs": [TLP2_GREEN_ID]
+        }),
+    ];
+    let pair = |k: u64| {
+        let indicator = id("indicator", 100 + 2 * k);
+        let words: Vec<&str> = (0..18)
+            .map(|j| PROSE[(k as usize * 7 + j * 3) % PROSE.len()])
+            .collect();
+        [
+            serde_json::json!({
+                "type": "indicator",
+                "spec_version": "2.1",
+                "id": indicator,
+                "created": created,
+                "modified": created,
+                "name": format!("QuietLoader staging domain {k}"),
+                "description": words.join(" "),
+                "indicator_types": ["malicious-activity"],
+                "pattern": format!("[domain-name:value = 'cdn{k}.update-check.test']"),
+                "pattern_type": "stix",
+                "valid_from": created,
+                "created_by_ref": identity,
+                "object_marking_refs": [TLP2_GREEN_ID]
+            }),
+            serde_json::json!({
+                "type": "relationship",
+                "spec_version": "2.1",
+                "id": id("relationship", 101 + 2 * k),
+                "created": created,
+                "modified": created,
+                "relationship_type": "indicates",
+                "source_ref": indicator,
+                "target_ref": malware,
+                "object_marking_refs": [TLP2_GREEN_ID]
+            }),
+        ]
+    };
+    let bundle = |objects: &[serde_json::Value]| {
+        serde_json::json!({"type": "bundle", "id": id("bundle", 0), "objects": objects})
+            .to_string()
+            .into_bytes()
+    };
+    let mut objects = head;
+    let mut doc = bundle(&objects);
+    for k in 0.. {
+        let mut more = objects.clone();
+        more.extend(pair(k));
+        let next = bundle(&more);
+        if next.len() > bytes && k > 0 {
+            break;
+        }
+        objects = more;
+        doc = next;
+    }
+    // Make up the rest with a description of the reporting organisation.
+    let room = bytes.saturating_sub(doc.len() + ",'description':''".len());
+    if room > 0
+        && let Some(identity) = objects
+            .get_mut(1)
+            .and_then(serde_json::Value::as_object_mut)
+    {
+        let mut prose = String::new();
+        for word in PROSE.iter().cycle() {
+            if prose.len() + word.len() + 1 > room {
+                break;
+            }
+            if !prose.is_empty() {
+                prose.push(' ');
+            }
+            prose.push_str(word);
+        }
+        identity.insert("description".into(), prose.into());
+        doc = bundle(&objects);
+    }
+    doc
+}
+
 /// A JSON document of exactly `bytes` bytes (at least 13): `{"pad":"ZZZ…"}`.
 fn json_payload(bytes: usize) -> Vec<u8> {
     let pad = bytes.saturating_sub(r#"{"pad":""}"#.len());
@@ -517,6 +722,17 @@ async fn run_full(
     config.data_dir = dir.path().join("broker");
     config.metrics_listen = None;
     config.limits.max_window = settings.window;
+    // The default registry plus the synthetic organisations, as a real federation's would be.
+    let mut organisations = config.registry.organisations().to_vec();
+    organisations.extend(synthetic_organisations(settings.organisations)?);
+    config.registry = Arc::new(concordat_broker::registry::Registry::new(organisations)?);
+    // Every flow takes opaque payloads, so that the opaque runs are accepted; JSON and STIX
+    // payloads are read and checked whatever the flow says.
+    for agreement in &mut config.policy.agreements {
+        for flow in &mut agreement.flows {
+            flow.opaque = true;
+        }
+    }
     config.policy.issuers.clear();
     config.policy.issuers.insert(
         desk.key_id(),
@@ -549,28 +765,52 @@ pub async fn relay(
     let mut pki = Pki::new()?;
     let desk = SecretKey::generate();
     let token = bench_token(&desk)?;
+    // The payload of this run, and for STIX an opaque one of the same size to compare with.
+    let (content_type, payload, tlp) = match settings.content {
+        RelayContent::Json => (
+            // JSON, so that the broker reads it as it reads real records.
+            "application/json",
+            json_payload(settings.payload),
+            pb::Tlp::Amber,
+        ),
+        RelayContent::Opaque => (
+            OPAQUE_MEDIA_TYPE,
+            opaque_payload(settings.payload),
+            pb::Tlp::Amber,
+        ),
+        RelayContent::Stix => (
+            STIX_MEDIA_TYPE,
+            stix_bundle(settings.payload),
+            pb::Tlp::Green,
+        ),
+    };
+    let payload_bytes = payload.len();
     let envelope = pb::Envelope {
         message_id: String::new(),
         recipients: vec!["ico".into()],
         kind: pb::MessageKind::IncidentRecord as i32,
         organisation: "acme-ltd".into(),
         incident_ref: "INC-BENCH".into(),
-        // JSON, so that the broker reads it as it reads real records (the default federation
-        // takes no opaque payloads on this flow).
-        content_type: "application/json".into(),
-        tlp: pb::Tlp::Amber as i32,
-        payload: json_payload(settings.payload),
+        content_type: content_type.into(),
+        tlp: tlp as i32,
+        payload,
         consent_token: token.clone(),
         ..Default::default()
     };
+    let opaque_twin = pb::Envelope {
+        content_type: OPAQUE_MEDIA_TYPE.into(),
+        payload: opaque_payload(payload_bytes),
+        ..envelope.clone()
+    };
     writeln!(
         out,
-        "relay benchmark: {} requests in flight over {} connection(s), {}-byte consented incident records, subscriber window {}, {:?} per run, {} CPU(s)",
+        "relay benchmark: {} requests in flight over {} connection(s), {}-byte consented incident records ({content_type}), subscriber window {}, {:?} per run, {} registered organisations, {} CPU(s)",
         settings.in_flight,
         settings.connections,
-        settings.payload,
+        payload_bytes,
         settings.window,
         settings.duration,
+        settings.organisations + 2,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
     let one_token = Arc::new(vec![token]);
@@ -594,8 +834,32 @@ pub async fn relay(
 
     // 2. The full broker, every message under the same consent token (the records of one
     //    incident): its signature is verified on first use, its claims on every send.
-    let full = run_full(&mut pki, &desk, &envelope, one_token, &settings).await?;
-    print_run(out, "full broker", &full)?;
+    //    With STIX, the same broker alternately with opaque payloads of the same size, which
+    //    it relays without reading, and with the bundles, which it parses and validates:
+    //    opaque, STIX, opaque, STIX, each half as long, so that a change in the machine's
+    //    load (it is shared) during the benchmark weighs on both sides alike.
+    let mut opaque_runs = Vec::new();
+    let mut stix_runs = Vec::new();
+    let full = if settings.content == RelayContent::Stix {
+        let half = RelayBench {
+            duration: settings.duration / 2,
+            ..settings.clone()
+        };
+        for _ in 0..2 {
+            let opaque = run_full(&mut pki, &desk, &opaque_twin, one_token.clone(), &half).await?;
+            print_run(out, "full, opaque", &opaque)?;
+            opaque_runs.push(opaque);
+            let stix = run_full(&mut pki, &desk, &envelope, one_token.clone(), &half).await?;
+            print_run(out, "full, STIX", &stix)?;
+            stix_runs.push(stix);
+        }
+        combined(&stix_runs)
+    } else {
+        run_full(&mut pki, &desk, &envelope, one_token, &settings).await?
+    };
+    if settings.content != RelayContent::Stix {
+        print_run(out, "full broker", &full)?;
+    }
     writeln!(
         out,
         "  (mTLS + consent decision + durable append with audit entries + fsync before receipt; one token)"
@@ -611,6 +875,21 @@ pub async fn relay(
             "ratio full/bare CPU per accepted transfer: {:.2}",
             f / b.max(1e-12)
         )?;
+    }
+    if !opaque_runs.is_empty() {
+        let opaque = combined(&opaque_runs);
+        writeln!(
+            out,
+            "ratio STIX/opaque throughput (both runs of each together): {:.2} (target >= 0.90)",
+            full.rate() / opaque.rate().max(1e-9)
+        )?;
+        if let (Some(s), Some(o)) = (full.cpu_per_transfer(), opaque.cpu_per_transfer()) {
+            writeln!(
+                out,
+                "ratio opaque/STIX CPU per accepted transfer: {:.2} (what the STIX path costs when CPU, not the disk, is the limit)",
+                o / s.max(1e-12)
+            )?;
+        }
     }
 
     // 3. Optionally, a new token for every message.
@@ -631,6 +910,34 @@ pub async fn relay(
         )?;
     }
     Ok((bare, full))
+}
+
+/// Several runs taken together: their counts and times added (so the rate is the total
+/// accepted over the total time), latencies the worst of theirs, memory samples joined.
+fn combined(runs: &[RunResult]) -> RunResult {
+    let mut all = RunResult {
+        accepted: 0,
+        delivered: 0,
+        errors: 0,
+        error_kinds: Vec::new(),
+        elapsed: Duration::ZERO,
+        p50: Duration::ZERO,
+        p99: Duration::ZERO,
+        rss_mib: Vec::new(),
+        cpu_seconds: Some(0.0),
+    };
+    for r in runs {
+        all.accepted += r.accepted;
+        all.delivered += r.delivered;
+        all.errors += r.errors;
+        all.error_kinds.extend(r.error_kinds.iter().cloned());
+        all.elapsed += r.elapsed;
+        all.p50 = all.p50.max(r.p50);
+        all.p99 = all.p99.max(r.p99);
+        all.rss_mib.extend(&r.rss_mib);
+        all.cpu_seconds = all.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
+    }
+    all
 }
 
 fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<()> {
@@ -1201,10 +1508,19 @@ fn synthetic_word(i: usize) -> String {
     w
 }
 
-/// A registry of `count` synthetic organisations: a legal name ("Norvexal Holdings Ltd"), an
-/// other name ("Norvexal Holdings Trading"), a company number and a domain each.
+/// A registry of `count` synthetic organisations (see [`synthetic_organisations`]).
 fn synthetic_registry(count: usize) -> anyhow::Result<concordat_broker::registry::Registry> {
-    use concordat_broker::registry::{Organisation, OrganisationSpec, Registry};
+    Ok(concordat_broker::registry::Registry::new(
+        synthetic_organisations(count)?,
+    )?)
+}
+
+/// `count` synthetic organisations: a legal name ("Norvexal Holdings Ltd"), an other name
+/// ("Norvexal Holdings UK"), a company number and a domain each.
+fn synthetic_organisations(
+    count: usize,
+) -> anyhow::Result<Vec<concordat_broker::registry::Organisation>> {
+    use concordat_broker::registry::{Organisation, OrganisationSpec};
     let mut orgs = Vec::with_capacity(count);
     for i in 0..count {
         let word = synthetic_word(i);
@@ -1218,7 +1534,7 @@ fn synthetic_registry(count: usize) -> anyhow::Result<concordat_broker::registry
             ..OrganisationSpec::default()
         })?);
     }
-    Ok(Registry::new(orgs)?)
+    Ok(orgs)
 }
 
 /// A STIX-like bundle of about `size` bytes: indicators, notes and identities with prose,
@@ -1372,4 +1688,131 @@ pub fn gate(organisations: usize, out: &mut dyn Write) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use concordat_broker::{
+        content::{Content, ContentKind},
+        registry::{Matcher, Organisation, Registry},
+    };
+
+    /// The default registry's organisations and `synthetic` synthetic ones, as `run_full`
+    /// registers them.
+    fn bench_registry(synthetic: usize) -> Registry {
+        let mut organisations: Vec<Organisation> = Config::embedded_default()
+            .unwrap()
+            .registry
+            .organisations()
+            .to_vec();
+        organisations.extend(synthetic_organisations(synthetic).unwrap());
+        Registry::new(organisations).unwrap()
+    }
+
+    /// The relay benchmark's STIX payloads are valid STIX 2.1 bundles of about the size
+    /// asked, and name no registered organisation: none of the default registry's, none of
+    /// the 10,000 synthetic ones the benchmark registers.
+    #[test]
+    fn stix_payloads_are_valid_and_name_no_one() {
+        let matcher = Matcher::new(&bench_registry(10_000)).unwrap();
+        for size in [4096, 8192, 16_384] {
+            let payload = stix_bundle(size);
+            assert!(
+                payload.len() <= size && payload.len() + 64 >= size,
+                "{size}: {} bytes",
+                payload.len()
+            );
+            let kind = ContentKind::of(STIX_MEDIA_TYPE).unwrap();
+            assert_eq!(kind, ContentKind::Stix21);
+            let Content::Stix(bundle) = Content::read(kind, &payload).unwrap() else {
+                panic!("{size}: not read as STIX");
+            };
+            let types: Vec<&str> = bundle
+                .object_ids()
+                .iter()
+                .map(|id| id.split("--").next().unwrap())
+                .collect();
+            for t in [
+                "marking-definition",
+                "identity",
+                "malware",
+                "indicator",
+                "relationship",
+            ] {
+                assert!(types.contains(&t), "{size}: no {t}");
+            }
+            let found = matcher.scan_json(bundle.as_json());
+            assert!(found.is_empty(), "{size}: names {found:?}");
+        }
+    }
+
+    /// The check above can fail: the same matcher finds a registered organisation, default
+    /// or synthetic, when the bundle names one.
+    #[test]
+    fn the_leak_check_would_see_a_registered_name() {
+        let matcher = Matcher::new(&bench_registry(100)).unwrap();
+        for name in [
+            "Acme Ltd".to_owned(),
+            format!("{} Holdings Ltd", synthetic_word(42)),
+        ] {
+            let text = String::from_utf8(stix_bundle(4096))
+                .unwrap()
+                .replace("Northwind Threat Research", &name);
+            let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(matcher.scan_json(&doc).len(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn opaque_payloads_have_the_size_asked_and_are_opaque() {
+        assert_eq!(opaque_payload(4096).len(), 4096);
+        assert_eq!(
+            ContentKind::of(OPAQUE_MEDIA_TYPE).unwrap(),
+            ContentKind::Opaque
+        );
+    }
+
+    #[test]
+    fn combined_runs_add_up() {
+        let run = |accepted: u64, secs: u64, cpu: Option<f64>| RunResult {
+            accepted,
+            delivered: accepted,
+            errors: 1,
+            error_kinds: vec![("x".into(), 1)],
+            elapsed: Duration::from_secs(secs),
+            p50: Duration::from_millis(secs),
+            p99: Duration::from_millis(10 * secs),
+            rss_mib: vec![1.0],
+            cpu_seconds: cpu,
+        };
+        let all = combined(&[run(100, 1, Some(0.5)), run(500, 3, Some(1.5))]);
+        assert_eq!(all.accepted, 600);
+        assert_eq!(all.errors, 2);
+        assert_eq!(all.elapsed, Duration::from_secs(4));
+        assert!((all.rate() - 150.0).abs() < 1e-9);
+        assert_eq!(all.p99, Duration::from_millis(30));
+        assert_eq!(all.cpu_per_transfer(), Some(2.0 / 600.0));
+        // Unknown CPU time in any run makes the total unknown.
+        assert_eq!(
+            combined(&[run(1, 1, None), run(1, 1, Some(1.0))]).cpu_seconds,
+            None
+        );
+    }
+
+    #[test]
+    fn content_parses() {
+        let cases = [
+            ("json", Ok(RelayContent::Json)),
+            ("opaque", Ok(RelayContent::Opaque)),
+            ("stix", Ok(RelayContent::Stix)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<RelayContent>(), want, "{text}");
+        }
+        assert!("STIX2".parse::<RelayContent>().is_err());
+        assert_eq!(RelayContent::Stix.default_payload(), 4096);
+        assert_eq!(RelayContent::Json.default_payload(), 512);
+    }
 }

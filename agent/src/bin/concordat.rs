@@ -213,9 +213,17 @@ enum BenchCommand {
         /// Requests in flight.
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
-        /// Payload bytes.
-        #[arg(long, default_value_t = 512)]
-        payload: usize,
+        /// Payload bytes (default 512; 4096 with --content stix).
+        #[arg(long)]
+        payload: Option<usize>,
+        /// The payloads: json (a JSON document), opaque (bytes on a flow with opaque = true),
+        /// or stix (STIX 2.1 bundles: the full broker runs with opaque payloads of the same
+        /// size, then with the bundles, and the STIX/opaque throughput ratio is printed).
+        #[arg(long, default_value = "json")]
+        content: concordat_agent::bench::RelayContent,
+        /// Synthetic organisations registered in the full broker besides the default ones.
+        #[arg(long, default_value_t = 10_000)]
+        organisations: usize,
         /// Client connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
@@ -595,14 +603,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     connections,
                     window,
                     fresh_tokens,
+                    content,
+                    organisations,
                 } => {
                     let settings = concordat_agent::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),
                         in_flight: in_flight.max(1),
-                        payload,
+                        payload: payload.unwrap_or(content.default_payload()),
                         connections: connections.max(1),
                         window,
                         fresh_tokens,
+                        content,
+                        organisations,
                     };
                     concordat_agent::bench::relay(settings, &mut out).await?;
                 }

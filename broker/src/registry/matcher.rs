@@ -21,13 +21,13 @@ use std::{
     fmt::{self, Write as _},
 };
 
-use aho_corasick::{AhoCorasick, MatchKind as AcMatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
 use concordat_proto::ids::OrgId;
 use serde_json::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
-    normalise::{append_identifiers_form, identifiers_form, is_mark, name_words, word_pattern},
+    normalise::{NotableToken, append_identifiers_form_noting, is_mark, name_words, word_pattern},
 };
 
 /// What kind of evidence identified an organisation.
@@ -148,14 +148,25 @@ impl PatternSet {
         self.owners[i].push(owner);
     }
 
-    fn build(self) -> Result<Option<Automaton>, RegistryError> {
+    fn build(self, dfa_max_pattern_bytes: usize) -> Result<Option<Automaton>, RegistryError> {
         if self.patterns.is_empty() {
             return Ok(None);
         }
-        // The crate picks the automaton (a contiguous NFA for a large registry). A DFA was
-        // measured no faster on `bench gate` at 10,000 organisations, for 20 MiB.
+        // A DFA costs one table lookup per byte, where the NFA the crate would otherwise pick
+        // for a large registry follows sparse transitions and failure links. On `bench gate`
+        // (10,000 organisations, 400 KiB of patterns, 20 MiB of DFA) it scanned as fast or up
+        // to 1.2x faster, on a shared machine whose noise is of the same order. Its memory
+        // is roughly 50 bytes per pattern byte, so beyond `DFA_MAX_PATTERN_BYTES` a
+        // contiguous NFA (what the crate picks for a large set) is built.
+        let pattern_bytes: usize = self.patterns.iter().map(Vec::len).sum();
+        let kind = if pattern_bytes <= dfa_max_pattern_bytes {
+            AhoCorasickKind::DFA
+        } else {
+            AhoCorasickKind::ContiguousNFA
+        };
         let ac = AhoCorasick::builder()
             .match_kind(AcMatchKind::Standard)
+            .kind(Some(kind))
             .build(&self.patterns)
             .map_err(|e| RegistryError::Build(e.to_string()))?;
         Ok(Some(Automaton {
@@ -184,9 +195,13 @@ struct Span {
 pub struct Scratch {
     names: Vec<u8>,
     identifiers: Vec<u8>,
+    tokens: Vec<NotableToken>,
     spans: Vec<Span>,
     found: Vec<(u32, MatchKind)>,
     number: String,
+    nodes: Vec<Node>,
+    pieces: Vec<Piece>,
+    hits: Vec<(u32, usize, MatchKind)>,
 }
 
 /// The registry compiled for searching. Build once, share (it is `Send + Sync`).
@@ -196,6 +211,13 @@ pub struct Matcher {
     names: Option<Automaton>,
     identifiers: Identifiers,
 }
+
+/// The most pattern bytes compiled into a DFA (about 50 MiB of automaton); a larger
+/// registry's names are compiled into a contiguous NFA, slower but far smaller.
+const DFA_MAX_PATTERN_BYTES: usize = 1 << 20;
+
+/// How much of a JSON document's normal form is scanned at once (see `scan_json_with`).
+const JSON_CHUNK: usize = 64 * 1024;
 
 /// The longest token looked up as a company or charity number.
 const MAX_NUMBER_LEN: usize = 11;
@@ -208,20 +230,31 @@ const MAX_DOMAIN_LEN: usize = 253;
 /// most 253 bytes are looked up, so the work per token is bounded by its length times that.
 #[derive(Debug, Default)]
 struct Identifiers {
-    numbers: HashMap<Box<[u8]>, Vec<Owner>>,
-    domains: HashMap<Box<[u8]>, Vec<Owner>>,
+    numbers: TokenMap,
+    domains: TokenMap,
 }
 
+/// Identifier tokens to their owners. Hashed with foldhash rather than SipHash: every notable
+/// token of a payload is looked up (SipHash was 4 % of `bench gate`), and the keys come from
+/// the registry, not from the payload, so there is nothing for a flooding attack to insert.
+type TokenMap = HashMap<Box<[u8]>, Vec<Owner>, foldhash::fast::RandomState>;
+
 impl Identifiers {
-    fn add(map: &mut HashMap<Box<[u8]>, Vec<Owner>>, key: &str, owner: Owner) {
+    fn add(map: &mut TokenMap, key: &str, owner: Owner) {
         map.entry(key.to_ascii_lowercase().into_bytes().into_boxed_slice())
             .or_default()
             .push(owner);
     }
 
     /// Calls `emit(position, organisation, kind)` for every identifier in the identifiers
-    /// form `form`.
-    fn scan(&self, form: &[u8], emit: &mut impl FnMut(usize, u32, MatchKind)) {
+    /// form `form`, among its `tokens` (those that hold a digit or a mark: no other token can
+    /// be a number or a domain).
+    fn scan(
+        &self,
+        form: &[u8],
+        tokens: &[NotableToken],
+        emit: &mut impl FnMut(usize, u32, MatchKind),
+    ) {
         let mut push = |at: usize, owners: Option<&Vec<Owner>>| {
             for owner in owners.into_iter().flatten() {
                 if let Role::Identifies(kind) = owner.role {
@@ -229,10 +262,11 @@ impl Identifiers {
                 }
             }
         };
-        let mut at = 0;
-        for token in form.split(|&b| b == b' ') {
-            let token_at = at;
-            at += token.len() + 1;
+        for t in tokens {
+            let token_at = t.start;
+            let Some(token) = form.get(t.start..t.end) else {
+                continue;
+            };
             if token.len() < 3 {
                 continue;
             }
@@ -261,6 +295,15 @@ impl Identifiers {
 impl Matcher {
     /// Compiles the registry's names and identifiers.
     pub fn new(registry: &Registry) -> Result<Self, RegistryError> {
+        Self::with_dfa_limit(registry, DFA_MAX_PATTERN_BYTES)
+    }
+
+    /// As [`Matcher::new`], compiling the names into a DFA only up to `dfa_max_pattern_bytes`
+    /// of patterns (the tests compare both automata on the same registry).
+    fn with_dfa_limit(
+        registry: &Registry,
+        dfa_max_pattern_bytes: usize,
+    ) -> Result<Self, RegistryError> {
         let mut names = PatternSet::default();
         let mut identifiers = Identifiers::default();
         let mut ids = Vec::with_capacity(registry.len());
@@ -304,7 +347,7 @@ impl Matcher {
         }
         Ok(Matcher {
             ids,
-            names: names.build()?,
+            names: names.build(dfa_max_pattern_bytes)?,
             identifiers,
         })
     }
@@ -356,19 +399,37 @@ impl Matcher {
     ) -> Vec<JsonMatch<'m>> {
         // The walk is iterative (no recursion, whatever the depth); `nodes` records each
         // value's parent and path segment, so a path is only spelt out when it is reported.
-        let mut nodes: Vec<Node<'_>> = vec![Node {
-            parent: None,
+        // Its vectors live in `scratch`, so a walk allocates nothing once they have grown.
+        let mut nodes = std::mem::take(&mut scratch.nodes);
+        let mut pieces = std::mem::take(&mut scratch.pieces);
+        let mut hits = std::mem::take(&mut scratch.hits);
+        nodes.clear();
+        pieces.clear();
+        hits.clear();
+        nodes.push(Node {
+            parent: 0,
             segment: Segment::Root,
-        }];
-        let mut pieces: Vec<Piece> = Vec::new();
+        });
         scratch.identifiers.clear();
+        scratch.tokens.clear();
+        // Where `scratch.identifiers` starts in the whole document's form: the buffer is
+        // scanned and emptied whenever it reaches `JSON_CHUNK` (at a string boundary, which no
+        // match crosses), so that a large document is scanned while it is still in cache.
+        let mut base = 0;
         let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
         while let Some((v, node)) = stack.pop() {
+            if scratch.identifiers.len() >= JSON_CHUNK {
+                self.scan_chunk(scratch, &pieces, &mut hits, &mut base);
+            }
             match v {
                 Value::String(s) => {
-                    append_identifiers_form(s, &mut scratch.identifiers);
+                    append_identifiers_form_noting(
+                        s,
+                        &mut scratch.identifiers,
+                        &mut scratch.tokens,
+                    );
                     pieces.push(Piece {
-                        end: scratch.identifiers.len(),
+                        end: base + scratch.identifiers.len(),
                         node,
                         site: JsonSite::Value,
                     });
@@ -377,9 +438,13 @@ impl Matcher {
                     if n.is_u64() || n.is_i64() {
                         scratch.number.clear();
                         let _ = write!(scratch.number, "{n}");
-                        append_identifiers_form(&scratch.number, &mut scratch.identifiers);
+                        append_identifiers_form_noting(
+                            &scratch.number,
+                            &mut scratch.identifiers,
+                            &mut scratch.tokens,
+                        );
                         pieces.push(Piece {
-                            end: scratch.identifiers.len(),
+                            end: base + scratch.identifiers.len(),
                             node,
                             site: JsonSite::Value,
                         });
@@ -388,7 +453,7 @@ impl Matcher {
                 Value::Array(items) => {
                     for (i, item) in items.iter().enumerate().rev() {
                         nodes.push(Node {
-                            parent: Some(node),
+                            parent: node,
                             segment: Segment::Index(i),
                         });
                         stack.push((item, nodes.len() - 1));
@@ -398,22 +463,24 @@ impl Matcher {
                     // Keys first (they come before their values in the document).
                     let first_key = pieces.len();
                     for key in map.keys() {
-                        append_identifiers_form(key, &mut scratch.identifiers);
+                        append_identifiers_form_noting(
+                            key,
+                            &mut scratch.identifiers,
+                            &mut scratch.tokens,
+                        );
                         pieces.push(Piece {
-                            end: scratch.identifiers.len(),
+                            end: base + scratch.identifiers.len(),
                             node,
                             site: JsonSite::Key,
                         });
                     }
-                    for (k, (key, item)) in map.iter().enumerate().rev() {
-                        let segment = if plain_key(key) {
-                            Segment::Key(key, first_key + k)
-                        } else {
-                            Segment::Hidden
-                        };
+                    for (k, item) in map.values().enumerate().rev() {
                         nodes.push(Node {
-                            parent: Some(node),
-                            segment,
+                            parent: node,
+                            segment: Segment::Key {
+                                position: k,
+                                piece: first_key + k,
+                            },
                         });
                         stack.push((item, nodes.len() - 1));
                     }
@@ -422,39 +489,58 @@ impl Matcher {
             }
         }
 
-        // (organisation, piece, kind) of every match.
-        let mut hits: Vec<(u32, usize, MatchKind)> = Vec::new();
-        self.scan_form(scratch, |at, org, kind| {
-            let piece = pieces.partition_point(|p| p.end <= at);
-            hits.push((org, piece, kind));
-        });
-        let mut piece_named = vec![false; pieces.len()];
-        for &(_, piece, _) in &hits {
-            if let Some(named) = piece_named.get_mut(piece) {
-                *named = true;
-            }
-        }
+        self.scan_chunk(scratch, &pieces, &mut hits, &mut base);
+        let mut named: Vec<usize> = hits.iter().map(|h| h.1).collect();
+        named.sort_unstable();
+        named.dedup();
         // The first place of each organisation, then in document order.
         hits.sort_unstable();
         hits.dedup_by_key(|h| h.0);
         hits.sort_unstable_by_key(|h| (h.1, h.0));
-        hits.into_iter()
-            .filter_map(|(org, piece, kind)| {
+        let found = hits
+            .iter()
+            .filter_map(|&(org, piece, kind)| {
                 let id = self.ids.get(usize::try_from(org).ok()?)?;
                 let p = pieces.get(piece)?;
                 Some(JsonMatch {
                     org: id,
                     kind,
-                    path: path_of(&nodes, p.node, &piece_named),
+                    path: path_of(value, &nodes, p.node, &named),
                     site: p.site,
                 })
             })
-            .collect()
+            .collect();
+        scratch.nodes = nodes;
+        scratch.pieces = pieces;
+        scratch.hits = hits;
+        found
+    }
+
+    /// Scans the part of a JSON document's form in `scratch.identifiers`, which starts at
+    /// `*base` in the whole form, adding (organisation, piece, kind) to `hits` for every
+    /// match; then empties the buffer and moves `*base` past it.
+    fn scan_chunk(
+        &self,
+        scratch: &mut Scratch,
+        pieces: &[Piece],
+        hits: &mut Vec<(u32, usize, MatchKind)>,
+        base: &mut usize,
+    ) {
+        let start = *base;
+        self.scan_form(scratch, |at, org, kind| {
+            let piece = pieces.partition_point(|p| p.end <= start + at);
+            hits.push((org, piece, kind));
+        });
+        *base += scratch.identifiers.len();
+        scratch.identifiers.clear();
+        scratch.tokens.clear();
     }
 
     /// Fills `scratch.found` with the distinct (organisation, kind) pairs `text` names.
     fn scan_into(&self, scratch: &mut Scratch, text: &str) {
-        identifiers_form(text, &mut scratch.identifiers);
+        scratch.identifiers.clear();
+        scratch.tokens.clear();
+        append_identifiers_form_noting(text, &mut scratch.identifiers, &mut scratch.tokens);
         let mut found = std::mem::take(&mut scratch.found);
         found.clear();
         self.scan_form(scratch, |_, org, kind| found.push((org, kind)));
@@ -503,7 +589,8 @@ impl Matcher {
                 }
             }
         }
-        self.identifiers.scan(&scratch.identifiers, &mut emit);
+        self.identifiers
+            .scan(&scratch.identifiers, &scratch.tokens, &mut emit);
     }
 }
 
@@ -515,19 +602,24 @@ struct Piece {
     site: JsonSite,
 }
 
+/// A value of the walked document: its parent's node (the root is its own parent) and how
+/// it is reached from there.
 #[derive(Debug)]
-struct Node<'v> {
-    parent: Option<usize>,
-    segment: Segment<'v>,
+struct Node {
+    parent: usize,
+    segment: Segment,
 }
 
 #[derive(Debug)]
-enum Segment<'v> {
+enum Segment {
     Root,
     Index(usize),
-    /// A property name and the piece it was scanned as (hidden if that piece named someone).
-    Key(&'v str, usize),
-    Hidden,
+    /// The `position`th property of its object (in the map's order), whose name was scanned
+    /// as `piece`. The name itself is looked up only when a path is spelt out.
+    Key {
+        position: usize,
+        piece: usize,
+    },
 }
 
 /// A property name shown as itself in a path: a plain identifier of at most 64 characters.
@@ -539,25 +631,38 @@ fn plain_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn path_of(nodes: &[Node<'_>], mut node: usize, piece_named: &[bool]) -> String {
+/// Spells out the path of `node`, descending from `root` along the recorded segments. A
+/// property name is shown only if it is plain and its piece is not in `named` (sorted).
+fn path_of(root: &Value, nodes: &[Node], mut node: usize, named: &[usize]) -> String {
     let mut segments = Vec::new();
     while let Some(n) = nodes.get(node) {
         segments.push(&n.segment);
-        match n.parent {
-            Some(p) => node = p,
-            None => break,
+        if n.parent == node {
+            break;
         }
+        node = n.parent;
     }
     let mut path = String::new();
+    let mut at = Some(root);
     for s in segments.iter().rev() {
         let _ = match s {
             Segment::Root => write!(path, "$"),
-            Segment::Index(i) => write!(path, "[{i}]"),
-            Segment::Key(k, piece) if !piece_named.get(*piece).copied().unwrap_or(true) => {
-                write!(path, ".{k}")
+            Segment::Index(i) => {
+                at = at.and_then(|v| v.as_array()).and_then(|a| a.get(*i));
+                write!(path, "[{i}]")
             }
-            Segment::Key(..) => write!(path, "[?]"),
-            Segment::Hidden => write!(path, "[?]"),
+            Segment::Key { position, piece } => {
+                let entry = at
+                    .and_then(Value::as_object)
+                    .and_then(|m| m.iter().nth(*position));
+                at = entry.map(|(_, v)| v);
+                match entry {
+                    Some((k, _)) if plain_key(k) && named.binary_search(piece).is_err() => {
+                        write!(path, ".{k}")
+                    }
+                    _ => write!(path, "[?]"),
+                }
+            }
         };
     }
     path
@@ -790,6 +895,89 @@ mod tests {
             ]
         );
         assert!(got.iter().all(|s| !s.contains("Acme Ltd")));
+    }
+
+    /// A document much larger than `JSON_CHUNK` is scanned in parts: matches in every part,
+    /// including right after a part's end, are found and placed in the right string.
+    #[test]
+    fn large_json_is_scanned_in_parts() {
+        let m = matcher();
+        let filler = "lorem ipsum dolor sit amet consectetur adipiscing elit";
+        let mut items: Vec<Value> = (0..6000).map(|_| Value::from(filler)).collect();
+        let total: usize = items.len() * (filler.len() + 2);
+        assert!(total > 4 * JSON_CHUNK, "the test needs several parts");
+        // The strings whose form starts near a part's boundary, and elsewhere.
+        let per_chunk = JSON_CHUNK / (filler.len() + 2);
+        let places = [3, per_chunk, per_chunk + 1, 2 * per_chunk + 7, 5999];
+        let texts = [
+            "contact soc@mail.acme.example",
+            "Globex PLC",
+            "Hooli Holdings",
+            "company 01234567",
+            "Acme Holdings Ltd",
+        ];
+        for (&i, &t) in places.iter().zip(&texts) {
+            items[i] = Value::from(t);
+        }
+        let doc = serde_json::json!({ "items": items });
+        let got: Vec<String> = m.scan_json(&doc).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "acme-ltd (name) at $.items[3]".to_owned(),
+                format!("globex-plc (name) at $.items[{per_chunk}]"),
+                "acme-holdings (name) at $.items[5999]".to_owned(),
+            ]
+        );
+        // Every part is scanned: with only the number late in the document, it is found.
+        let mut items: Vec<Value> = (0..6000).map(|_| Value::from(filler)).collect();
+        items[2 * per_chunk + 7] = Value::from("company 01234567");
+        let got: Vec<String> = m
+            .scan_json(&Value::Array(items))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [format!(
+                "acme-ltd (company number) at $[{}]",
+                2 * per_chunk + 7
+            )]
+        );
+    }
+
+    /// A registry too large for a DFA gets an NFA, which finds exactly the same.
+    #[test]
+    fn nfa_and_dfa_agree() {
+        let registry = Registry::new(vec![
+            org("acme-ltd", "Acme Ltd", |s| {
+                s.company_number = Some("01234567".into());
+                s.domains = vec!["acme.example".into()];
+                s.not_names = vec!["Acme Road".into()];
+            }),
+            org("acme-holdings", "Acme Holdings Limited", |_| {}),
+            org("globex-plc", "Globex PLC", |_| {}),
+        ])
+        .unwrap();
+        let dfa = Matcher::new(&registry).unwrap();
+        let nfa = Matcher::with_dfa_limit(&registry, 0).unwrap();
+        let kind = |m: &Matcher| m.names.as_ref().map(|n| n.ac.kind());
+        assert_eq!(kind(&dfa), Some(AhoCorasickKind::DFA));
+        assert_eq!(kind(&nfa), Some(AhoCorasickKind::ContiguousNFA));
+        for text in [
+            "Acme Holdings Ltd and Globex, 12 Acme Road",
+            "acme and acme holdings; mail x@vpn.acme.example",
+            "company 01234567 of globexplc",
+            "",
+        ] {
+            let found = |m: &Matcher| {
+                let mut v: Vec<(String, MatchKind)> =
+                    m.scan(text).map(|f| (f.org.to_string(), f.kind)).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(found(&nfa), found(&dfa), "{text:?}");
+        }
     }
 
     #[test]

@@ -48,20 +48,64 @@ pub(crate) fn identifiers_form(text: &str, out: &mut Vec<u8>) {
 /// Appends the identifiers form of `text` to `out`. Forms appended one after another are
 /// separated by two spaces, which no pattern contains: nothing matches across them.
 pub(crate) fn append_identifiers_form(text: &str, out: &mut Vec<u8>) {
+    let mut tokens = Vec::new();
+    append_identifiers_form_noting(text, out, &mut tokens);
+}
+
+/// Where a token of the identifiers form is (`start..end` of the buffer), noted because it
+/// holds a digit or a mark: only such a token can be a company or charity number or a
+/// domain, so the identifier lookups visit only these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NotableToken {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+/// As [`append_identifiers_form`], also noting in `tokens` every token written that holds an
+/// ASCII digit or a kept mark (and possibly a few more: a token whose mark was later turned
+/// into a space is still noted; callers re-check what they need).
+///
+/// This is the hot loop of the matcher, so it is one pass with a fast path for ASCII letters
+/// and digits, and no work per token beyond a flag and, for notable tokens, one push.
+pub(crate) fn append_identifiers_form_noting(
+    text: &str,
+    out: &mut Vec<u8>,
+    tokens: &mut Vec<NotableToken>,
+) {
+    // Working on a local vector (moved out and back, no copy) keeps its pointer and length in
+    // registers: a byte stored through `out` could otherwise alias them, forcing a reload
+    // after every byte.
+    *out = write_identifiers_form(text, std::mem::take(out), tokens);
+}
+
+fn write_identifiers_form(text: &str, mut out: Vec<u8>, tokens: &mut Vec<NotableToken>) -> Vec<u8> {
     out.reserve(text.len() + 2);
     out.push(b' ');
+    // The token being written starts at `start`; `notable` says it holds a digit or a mark.
+    let mut start = out.len();
+    let mut notable = false;
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if b.is_ascii_alphanumeric() {
-            // A run of ASCII letters and digits is copied in one go (the common case).
-            let run = bytes[i..]
-                .iter()
-                .position(|c| !c.is_ascii_alphanumeric())
-                .unwrap_or(bytes.len() - i);
-            out.extend(bytes[i..i + run].iter().map(u8::to_ascii_lowercase));
-            i += run;
+        if is_word_byte(b) {
+            // A run of ASCII letters and digits (the common case): find its end with loads
+            // only, then copy it and lowercase the copy, both vectorised.
+            let run = i;
+            let mut digit = false;
+            while let Some(&c) = bytes.get(i) {
+                if !is_word_byte(c) {
+                    break;
+                }
+                digit |= c.is_ascii_digit();
+                i += 1;
+            }
+            notable |= digit;
+            let from = out.len();
+            out.extend_from_slice(&bytes[run..i]);
+            if let Some(copy) = out.get_mut(from..) {
+                copy.make_ascii_lowercase();
+            }
             continue;
         }
         let separator = if b.is_ascii() {
@@ -84,16 +128,68 @@ pub(crate) fn append_identifiers_form(text: &str, out: &mut Vec<u8>) {
         };
         match out.last_mut() {
             Some(last) if *last == b' ' => {}
-            Some(last) if is_mark(*last) => *last = b' ',
-            _ => out.push(if is_mark(separator) { separator } else { b' ' }),
+            Some(last) if is_mark(*last) => {
+                *last = b' ';
+                close_token(out.len() - 1, &mut start, &mut notable, tokens);
+            }
+            _ if is_mark(separator) => {
+                out.push(separator);
+                notable = true;
+            }
+            _ => {
+                out.push(b' ');
+                close_token(out.len() - 1, &mut start, &mut notable, tokens);
+            }
         }
     }
     match out.last_mut() {
-        Some(last) if is_mark(*last) => *last = b' ',
+        Some(last) if is_mark(*last) => {
+            *last = b' ';
+            close_token(out.len() - 1, &mut start, &mut notable, tokens);
+        }
         Some(b' ') => {}
-        _ => out.push(b' '),
+        _ => {
+            out.push(b' ');
+            close_token(out.len() - 1, &mut start, &mut notable, tokens);
+        }
     }
+    out
 }
+
+/// Ends the token that runs from `*start` to the space at `space`, noting it if notable.
+#[inline]
+fn close_token(
+    space: usize,
+    start: &mut usize,
+    notable: &mut bool,
+    tokens: &mut Vec<NotableToken>,
+) {
+    if *notable && space > *start {
+        tokens.push(NotableToken {
+            start: *start,
+            end: space,
+        });
+    }
+    *notable = false;
+    *start = space + 1;
+}
+
+/// Whether `b` is an ASCII letter or digit, by table (one load, no branches).
+#[inline]
+fn is_word_byte(b: u8) -> bool {
+    WORD_BYTE[usize::from(b)]
+}
+
+/// For each byte value: whether it is an ASCII letter or digit.
+static WORD_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    t
+};
 
 /// Legal-form suffixes stripped from the end of a registered name, as word sequences in the
 /// names form, longest first.
@@ -198,6 +294,54 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(idents(input), *want, "identifiers form of {input:?}");
+        }
+    }
+
+    /// Every token of the identifiers form that holds an ASCII digit or a mark is noted, with
+    /// its exact span; tokens of letters only are not (a noted token whose mark turned into a
+    /// space may remain, which the lookups tolerate).
+    #[test]
+    fn notable_tokens_are_noted() {
+        let cases: &[(&str, &[&str])] = &[
+            ("", &[]),
+            ("plain words only", &[]),
+            ("Company No. 01234567.", &["no", "01234567"]),
+            (
+                "x@Mail.ACME.example. and vpn.acme.example:443",
+                &["x@mail.acme.example", "vpn.acme.example", "443"],
+            ),
+            ("my-acme.example", &["my-acme.example"]),
+            ("acme..example", &["acme"]),
+            ("SC012345 \u{e9}t\u{e9} 12", &["sc012345", "12"]),
+            ("a1", &["a1"]),
+        ];
+        for (input, want) in cases {
+            let mut out = b"  earlier ".to_vec();
+            let mut tokens = Vec::new();
+            append_identifiers_form_noting(input, &mut out, &mut tokens);
+            let got: Vec<&str> = tokens
+                .iter()
+                .map(|t| std::str::from_utf8(&out[t.start..t.end]).unwrap())
+                .collect();
+            assert_eq!(got, *want, "{input:?}");
+            // The form is the same as without noting.
+            let mut plain = b"  earlier ".to_vec();
+            append_identifiers_form(input, &mut plain);
+            assert_eq!(out, plain, "{input:?}");
+            // Every token with a digit or a mark is among the noted ones.
+            let mut at = 0;
+            for token in out.split(|&b| b == b' ') {
+                if token.iter().any(|b| b.is_ascii_digit() || is_mark(*b)) {
+                    assert!(
+                        tokens
+                            .iter()
+                            .any(|t| t.start == at && t.end == at + token.len()),
+                        "{input:?}: {:?} not noted",
+                        String::from_utf8_lossy(token)
+                    );
+                }
+                at += token.len() + 1;
+            }
         }
     }
 
