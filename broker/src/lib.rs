@@ -18,6 +18,8 @@
 //!   that decides whether an envelope may be relayed.
 //! - [`registry`]: the protected organisations, and the [`registry::Matcher`] that finds their
 //!   names and identifiers in a payload.
+//! - [`cli_docs`]: shell completions and man pages of the three binaries, from their clap
+//!   definitions.
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
@@ -30,6 +32,7 @@
 //! from the listener: no sleeps, no races.
 
 pub mod audit_log;
+pub mod cli_docs;
 pub mod clock;
 pub mod config;
 pub mod connections;
