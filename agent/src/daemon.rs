@@ -288,7 +288,7 @@ impl Down {
     fn connect(error: &ClientError) -> Down {
         Down {
             cause: Cause::of(error),
-            error: error.to_string(),
+            error: chain(error),
         }
     }
 
@@ -298,6 +298,22 @@ impl Down {
             error: format!("{:?}: {}", status.code(), status.message()),
         }
     }
+}
+
+/// An error and its sources in one line (tonic's own message is only "transport error"), each
+/// cause once: a source whose text the line already holds is not repeated.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
 }
 
 /// Logs the connection state of one loop (`task`): up once per change; down at warn level
@@ -941,6 +957,32 @@ mod tests {
         for (status, expected) in cases {
             assert_eq!(Cause::of_status(&status), expected, "{status:?}");
         }
+    }
+
+    #[test]
+    fn the_error_line_carries_each_cause_once() {
+        let error = Wrapped(
+            "transport error",
+            Box::new(Wrapped(
+                "tcp connect error",
+                Box::new(io(std::io::ErrorKind::ConnectionRefused)),
+            )),
+        );
+        assert_eq!(
+            chain(&error),
+            "transport error: tcp connect error: connection refused"
+        );
+        let repeated = Wrapped(
+            "reading x: connection refused",
+            Box::new(Wrapped(
+                "connection refused",
+                Box::new(io(std::io::ErrorKind::Other)),
+            )),
+        );
+        assert_eq!(
+            chain(&repeated),
+            "reading x: connection refused: other error"
+        );
     }
 
     #[test]
