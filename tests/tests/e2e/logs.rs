@@ -338,3 +338,63 @@ fn agent_reconnects_within_seconds_of_the_broker_returning() {
         agent.log_tail(20)
     );
 }
+
+/// What `concordat-broker serve` writes to standard error when that is a terminal (a
+/// pseudo-terminal here), with `NO_COLOR` set to `no_color`, from its start until it is ready
+/// (then it is killed).
+fn broker_on_a_terminal(dir: &Path, no_color: &str) -> String {
+    use std::{io::BufRead as _, io::Read as _, process::Stdio};
+    let data_dir = dir.join("data");
+    let (_pki, config) =
+        write_broker_files(dir, &["ico", "ncsc", "nca"], &data_dir, &Limits::default()).unwrap();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child =
+        std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("NO_COLOR", no_color)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(pty.slave))
+            .spawn()
+            .unwrap();
+    // Read the terminal as the child writes, so that it never blocks on a full one.
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Reading the master fails with EIO once the child has exited and closed its side.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let stdout = child.stdout.take().unwrap();
+    let ready = std::io::BufReader::new(stdout).lines().next();
+    assert!(
+        ready.is_some_and(|l| l.is_ok_and(|l| l.starts_with("concordat-broker listening"))),
+        "the broker did not start"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    String::from_utf8_lossy(&reader.join().unwrap()).into_owned()
+}
+
+#[test]
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [("", true), ("1", false)];
+    for (no_color, coloured) in cases {
+        let log = broker_on_a_terminal(&dir.path().join(format!("case{no_color}")), no_color);
+        assert!(log.contains("INFO"), "NO_COLOR={no_color:?}: {log}");
+        assert_eq!(
+            log.contains('\x1b'),
+            coloured,
+            "NO_COLOR={no_color:?}: ANSI escapes expected: {coloured}\n{log}"
+        );
+    }
+}
