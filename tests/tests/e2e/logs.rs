@@ -1,7 +1,8 @@
 //! Logs as an operator's SIEM reads them, from real processes with standard error in a file
 //! (never a terminal): `--log-format json` (or `log_format = "json"`) gives one JSON object per
 //! line with a timestamp, level, target and fields, kinds and reasons by name; neither format
-//! carries ANSI colour into a file, even with `NO_COLOR` unset. The agent says why the broker is
+//! carries ANSI colour into a file, even with `NO_COLOR` unset, while text on a terminal (a
+//! pseudo-terminal) is coloured unless `NO_COLOR` is set. The agent says why the broker is
 //! unreachable, when it tries again and how many files wait; and it reconnects within seconds
 //! of the broker coming back, whatever the length of the outage.
 
