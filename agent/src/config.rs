@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// The log filter when `RUST_LOG` is not set (`info`, `debug`, …).
     pub log_level: String,
+    /// How the log is written: `text` or `json` lines (`log_format`).
+    pub log_format: crate::logging::LogFormat,
     /// Deliveries in flight to this agent at once.
     pub window: u32,
     /// The broker's audit log key (`concordat-broker log-key` prints it).
@@ -82,6 +84,8 @@ struct Raw {
     spool: PathBuf,
     #[serde(default = "default_log_level")]
     log_level: String,
+    #[serde(default)]
+    log_format: crate::logging::LogFormat,
     #[serde(default = "default_window")]
     window: u32,
     log_key: Option<String>,
@@ -127,7 +131,8 @@ impl Default for RawReconnect {
     fn default() -> Self {
         RawReconnect {
             min_backoff_ms: 250,
-            max_backoff_ms: 30_000,
+            // Short, so that the agent is back within seconds of the broker (see `daemon`).
+            max_backoff_ms: 2_000,
         }
     }
 }
@@ -214,6 +219,7 @@ impl AgentConfig {
             min_backoff: Duration::from_millis(r.min_backoff_ms),
             max_backoff: Duration::from_millis(r.max_backoff_ms),
             log_level: raw.log_level,
+            log_format: raw.log_format,
             window: raw.window,
             log_key,
             timeouts,
@@ -244,6 +250,8 @@ spool = "."
 
 # Log filter when RUST_LOG is not set: error, warn, info, debug, trace.
 log_level = "info"
+# Log lines on standard error: "text", or "json" (one object per line, for a SIEM).
+log_format = "text"
 
 # Deliveries in flight to this agent at once (the broker may cap it).
 window = 64
@@ -253,9 +261,11 @@ window = 64
 # log_key = "concordat-broker/audit+1a2b3c4d+AU..."
 
 [reconnect]
-# Exponential backoff with jitter between these bounds.
+# While the broker is unreachable, attempts back off exponentially with jitter between these
+# bounds: a short ceiling brings the agent back within seconds of the broker's return. (A broker
+# that answers "busy" is retried on a longer backoff, up to 30 s.)
 min_backoff_ms = 250
-max_backoff_ms = 30000
+max_backoff_ms = 2000
 
 [timeouts]
 # Connecting to the broker (TCP, TLS and HTTP/2 handshakes together).
@@ -284,6 +294,8 @@ mod tests {
         assert_eq!(c.cert, dir.path().join("ico.pem"));
         assert_eq!(c.spool, dir.path().join("."));
         assert_eq!(c.min_backoff, Duration::from_millis(250));
+        assert_eq!(c.max_backoff, Duration::from_secs(2));
+        assert_eq!(c.log_format, crate::logging::LogFormat::Text);
         assert_eq!(c.timeouts, Timeouts::default());
     }
 
@@ -332,6 +344,31 @@ mod tests {
     }
 
     #[test]
+    fn log_format_is_read_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let cases = [
+            ("log_format = \"json\"", Ok(crate::logging::LogFormat::Json)),
+            ("log_format = \"text\"", Ok(crate::logging::LogFormat::Text)),
+            ("", Ok(crate::logging::LogFormat::Text)),
+            ("log_format = \"xml\"", Err("log_format")),
+            ("log_format = 1", Err("log_format")),
+        ];
+        for (line, expected) in cases {
+            let text = sample("ico").replace("log_format = \"text\"", line);
+            std::fs::write(&path, text).unwrap();
+            match (AgentConfig::load(&path), expected) {
+                (Ok(c), Ok(format)) => assert_eq!(c.log_format, format, "{line}"),
+                (Err(e), Err(key)) => assert!(e.to_string().contains(key), "{line}: {e}"),
+                (got, want) => panic!(
+                    "{line}: {:?} where {want:?} was expected",
+                    got.map(|c| c.log_format)
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
@@ -344,7 +381,7 @@ mod tests {
         assert!(e.contains("agent.toml: broker: "), "{e}");
         std::fs::write(
             &path,
-            sample("ico").replace("max_backoff_ms = 30000", "max_backoff_ms = 1"),
+            sample("ico").replace("max_backoff_ms = 2000", "max_backoff_ms = 1"),
         )
         .unwrap();
         let e = AgentConfig::load(&path).unwrap_err().to_string();

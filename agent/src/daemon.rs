@@ -9,9 +9,20 @@
 //!   a short backoff on the same subscription until it goes in; unacknowledged deliveries are
 //!   redelivered after a reconnect; the spool writes each message once.
 //!
-//! Both reconnect with exponential backoff and jitter, and log each change of connection state
-//! once. On shutdown the outbox loop finishes the files in hand and the inbox loop the delivery
-//! in hand, then both return.
+//! Both reconnect with exponential backoff and full jitter, capped by `reconnect.max_backoff_ms`
+//! (2 s by default): an unreachable broker costs one refused TCP connection per agent every one
+//! to two seconds, which is nothing to a host that is down, and the agent is back within about
+//! two seconds of the broker's return, rather than sleeping through a 30 s ceiling (the choice
+//! over a separate cheap probe: one mechanism, and the attempt *is* the probe). Refusals that
+//! mean "busy" (a full queue or disk) come from a broker that is up: they keep the connection
+//! and back off longer, up to [`BUSY_BACKOFF_MAX`], since each retry sends the file again.
+//!
+//! While the broker is unreachable the agent says why (`cause`: `connection_refused`,
+//! `timeout`, `tls`, `connection_lost`, `dns`, read from the error chain), when it tries next
+//! (`next_attempt`, RFC 3339) and how many files wait in the outbox: at warn level when it
+//! starts, when the cause changes and every [`DOWN_LOG_INTERVAL`] while it lasts; every attempt
+//! at debug level. On shutdown the outbox loop finishes the files in hand and the inbox loop the
+//! delivery in hand, then both return.
 
 use std::{
     path::PathBuf,
@@ -28,7 +39,7 @@ use std::sync::Arc;
 use concordat_proto::checkpoint::LogVerifier;
 
 use crate::{
-    client::{Broker, ClientTls},
+    client::{Broker, ClientError, ClientTls},
     config::AgentConfig,
     operator::refusal_of,
     spool::{Delivered, DeliveryError, Spool},
@@ -48,6 +59,11 @@ const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often a delivery that still cannot be written is logged at error level again.
 const STORE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The longest pause before sending again to a broker that answered "busy".
+pub const BUSY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a broker that stays unreachable is logged at warn level again.
+pub const DOWN_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Refusals that are about the broker's state rather than the message: the file stays in the
 /// outbox and is retried later.
@@ -163,32 +179,237 @@ impl Backoff {
     }
 }
 
-/// Logs connection state changes once each.
+/// Why the broker could not be reached, by name in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Nothing listens at the broker's address.
+    ConnectionRefused,
+    /// The broker did not answer in time (TCP, TLS, HTTP/2 or a call).
+    Timeout,
+    /// The TLS handshake failed: a certificate refused either way, or not TLS at all.
+    Tls,
+    /// The broker's name could not be resolved.
+    Dns,
+    /// An established connection broke, or the broker ended the stream.
+    ConnectionLost,
+    /// The broker answered that it is busy (a full queue or disk): it is up.
+    Busy,
+    /// Anything else; the `error` field says what.
+    Other,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::ConnectionRefused => "connection_refused",
+            Cause::Timeout => "timeout",
+            Cause::Tls => "tls",
+            Cause::Dns => "dns",
+            Cause::ConnectionLost => "connection_lost",
+            Cause::Busy => "busy",
+            Cause::Other => "other",
+        }
+    }
+
+    /// Reads the cause from an error chain (tonic's transport error over hyper's over the
+    /// I/O error or rustls's), innermost known cause first.
+    fn of(error: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut found = None;
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(cause) = Self::of_one(e) {
+                found = Some(cause);
+            }
+            // An I/O error's `source` skips the error it wraps: look at that one too.
+            if let Some(inner) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                && let Some(cause) = Self::of_one(inner)
+            {
+                found = Some(cause);
+            }
+            next = e.source();
+        }
+        found.unwrap_or(Cause::Other)
+    }
+
+    fn of_one(e: &(dyn std::error::Error + 'static)) -> Option<Cause> {
+        use std::io::ErrorKind;
+        if e.is::<rustls::Error>() {
+            return Some(Cause::Tls);
+        }
+        if let Some(ClientError::ConnectTimeout { .. }) = e.downcast_ref::<ClientError>() {
+            return Some(Cause::Timeout);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return Some(Cause::ConnectionRefused),
+                ErrorKind::TimedOut => return Some(Cause::Timeout),
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof => return Some(Cause::ConnectionLost),
+                _ => {}
+            }
+        }
+        let text = e.to_string();
+        if text.starts_with("dns error") {
+            Some(Cause::Dns)
+        } else if text.contains("timed out") {
+            Some(Cause::Timeout)
+        } else {
+            None
+        }
+    }
+
+    /// The cause of a failed call: from its transport error if it carries one, else from
+    /// its code.
+    fn of_status(status: &tonic::Status) -> Cause {
+        match std::error::Error::source(status).map(Cause::of) {
+            Some(cause) if cause != Cause::Other => cause,
+            _ => match status.code() {
+                tonic::Code::DeadlineExceeded => Cause::Timeout,
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                    Cause::ConnectionLost
+                }
+                _ => Cause::Other,
+            },
+        }
+    }
+}
+
+/// Why a loop is not talking to the broker: the cause and the error's own words.
+struct Down {
+    cause: Cause,
+    error: String,
+}
+
+impl Down {
+    fn connect(error: &ClientError) -> Down {
+        Down {
+            cause: Cause::of(error),
+            error: chain(error),
+        }
+    }
+
+    fn status(status: &tonic::Status) -> Down {
+        Down {
+            cause: Cause::of_status(status),
+            error: format!("{:?}: {}", status.code(), status.message()),
+        }
+    }
+}
+
+/// An error and its sources in one line (tonic's own message is only "transport error"), each
+/// cause once: a source whose text the line already holds is not repeated.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
+}
+
+/// Logs the connection state of one loop (`task`): up once per change; down at warn level
+/// when it starts, when its cause changes and every [`DOWN_LOG_INTERVAL`], else at debug.
 struct Link {
-    what: &'static str,
+    task: &'static str,
     up: Option<bool>,
+    cause: Option<Cause>,
+    warned: Option<Instant>,
+    down_since: Option<Instant>,
+    failures: u64,
 }
 
 impl Link {
-    fn new(what: &'static str) -> Self {
-        Link { what, up: None }
+    fn new(task: &'static str) -> Self {
+        Link {
+            task,
+            up: None,
+            cause: None,
+            warned: None,
+            down_since: None,
+            failures: 0,
+        }
     }
 
     fn up(&mut self) {
         if self.up != Some(true) {
-            tracing::info!(loop_ = self.what, "connected to the broker");
+            let down_ms = self
+                .down_since
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+            tracing::info!(
+                task = self.task,
+                failures = self.failures,
+                down_ms,
+                "connected to the broker"
+            );
             self.up = Some(true);
+            self.cause = None;
+            self.warned = None;
+            self.down_since = None;
+            self.failures = 0;
         }
     }
 
-    fn down(&mut self, why: &str) {
-        if self.up != Some(false) {
-            tracing::warn!(
-                loop_ = self.what,
-                "broker unavailable, retrying with backoff: {why}"
+    /// Records a failure; the next attempt comes after `retry_in`.
+    async fn down(&mut self, down: &Down, retry_in: Duration, spool: &Spool) {
+        let now = Instant::now();
+        self.failures += 1;
+        self.down_since.get_or_insert(now);
+        let warn = self.up != Some(false)
+            || self.cause != Some(down.cause)
+            || self
+                .warned
+                .is_none_or(|t| now.duration_since(t) >= DOWN_LOG_INTERVAL);
+        self.up = Some(false);
+        self.cause = Some(down.cause);
+        let next_attempt = time::OffsetDateTime::now_utc() + retry_in;
+        let next_attempt = next_attempt
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX);
+        let message = if down.cause == Cause::Busy {
+            "broker busy"
+        } else {
+            "broker unreachable"
+        };
+        if !warn {
+            tracing::debug!(
+                task = self.task,
+                cause = down.cause.as_str(),
+                error = %down.error,
+                next_attempt,
+                retry_in_ms,
+                failures = self.failures,
+                "{message}"
             );
-            self.up = Some(false);
+            return;
         }
+        self.warned = Some(now);
+        let outbox = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.pending().map(|p| p.len()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        tracing::warn!(
+            task = self.task,
+            cause = down.cause.as_str(),
+            error = %down.error,
+            next_attempt,
+            retry_in_ms,
+            outbox,
+            failures = self.failures,
+            "{message}"
+        );
     }
 }
 
@@ -243,8 +464,10 @@ fn emit(events: &Option<mpsc::UnboundedSender<AgentEvent>>, event: AgentEvent) {
 enum FileOutcome {
     /// Done: moved out of the outbox.
     Done,
-    /// Not done; retry after reconnecting.
-    Retry(String),
+    /// Not done: the broker said it is busy; retry later on the same connection.
+    Busy(String),
+    /// Not done: the call failed; retry after reconnecting.
+    Retry(Down),
 }
 
 async fn outbox_loop(
@@ -255,6 +478,10 @@ async fn outbox_loop(
     witness: Option<Arc<Witness>>,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
+    let mut busy_backoff = Backoff::new(
+        settings.min_backoff,
+        BUSY_BACKOFF_MAX.max(settings.max_backoff),
+    );
     let mut link = Link::new("outbox");
     let mut broker: Option<Broker> = None;
     loop {
@@ -287,8 +514,9 @@ async fn outbox_loop(
                     b
                 }
                 Err(e) => {
-                    link.down(&e.to_string());
-                    if !pause(backoff.next_delay(), &mut shutdown).await {
+                    let delay = backoff.next_delay();
+                    link.down(&Down::connect(&e), delay, &spool).await;
+                    if !pause(delay, &mut shutdown).await {
                         return Ok(());
                     }
                     continue;
@@ -297,7 +525,8 @@ async fn outbox_loop(
         };
         // Files are taken in name order, several in flight; each file started is finished even
         // if shutdown comes meanwhile, but none is started after it.
-        let mut retry: Option<String> = None;
+        let mut retry: Option<Down> = None;
+        let mut busy: Option<String> = None;
         let stopping = shutdown.clone();
         let mut outcomes = futures::stream::iter(pending)
             .take_while(move |_| std::future::ready(!*stopping.borrow()))
@@ -306,20 +535,36 @@ async fn outbox_loop(
         while let Some(outcome) = outcomes.next().await {
             match outcome {
                 Ok(FileOutcome::Done) => {}
-                Ok(FileOutcome::Retry(why)) => retry = Some(why),
+                Ok(FileOutcome::Retry(down)) => retry = Some(down),
+                Ok(FileOutcome::Busy(why)) => busy = Some(why),
                 Err(e) => return Err(e),
             }
         }
         drop(outcomes);
-        match retry {
-            None => {
+        match (retry, busy) {
+            (None, None) => {
                 link.up();
                 backoff.reset();
+                busy_backoff.reset();
             }
-            Some(why) => {
-                link.down(&why);
+            (Some(down), _) => {
+                let delay = backoff.next_delay();
+                link.down(&down, delay, &spool).await;
                 broker = None;
-                if !pause(backoff.next_delay(), &mut shutdown).await {
+                if !pause(delay, &mut shutdown).await {
+                    return Ok(());
+                }
+            }
+            (None, Some(why)) => {
+                // The broker is up and answered: keep the connection, wait longer.
+                backoff.reset();
+                let delay = busy_backoff.next_delay();
+                let down = Down {
+                    cause: Cause::Busy,
+                    error: why,
+                };
+                link.down(&down, delay, &spool).await;
+                if !pause(delay, &mut shutdown).await {
                     return Ok(());
                 }
             }
@@ -396,9 +641,9 @@ async fn send_file(
             Ok(FileOutcome::Done)
         }
         Err(status) => match refusal_of(&status) {
-            Some((reason, _)) if TRANSIENT_REASONS.contains(&reason.as_str()) => Ok(
-                FileOutcome::Retry(format!("{reason}: {}", status.message())),
-            ),
+            Some((reason, _)) if TRANSIENT_REASONS.contains(&reason.as_str()) => {
+                Ok(FileOutcome::Busy(format!("{reason}: {}", status.message())))
+            }
             Some((reason, message)) => {
                 tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
                 let (path, name, reason, message) = blocking(spool, move |s| {
@@ -417,11 +662,7 @@ async fn send_file(
                 );
                 Ok(FileOutcome::Done)
             }
-            None => Ok(FileOutcome::Retry(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            ))),
+            None => Ok(FileOutcome::Retry(Down::status(&status))),
         },
     }
 }
@@ -458,18 +699,21 @@ async fn inbox_loop(
         .await
         {
             Ok(Ended::Shutdown) => return Ok(()),
-            Ok(Ended::Disconnected(why)) => link.down(&why),
+            Ok(Ended::Disconnected(down)) => {
+                let delay = backoff.next_delay();
+                link.down(&down, delay, &spool).await;
+                if !pause(delay, &mut shutdown).await {
+                    return Ok(());
+                }
+            }
             Err(e) => return Err(e),
-        }
-        if !pause(backoff.next_delay(), &mut shutdown).await {
-            return Ok(());
         }
     }
 }
 
 enum Ended {
     Shutdown,
-    Disconnected(String),
+    Disconnected(Down),
 }
 
 /// One subscription: runs until the stream ends, fails, or shutdown.
@@ -483,7 +727,7 @@ async fn receive(
 ) -> anyhow::Result<Ended> {
     let broker = match settings.tls.connect().await {
         Ok(b) => b,
-        Err(e) => return Ok(Ended::Disconnected(e.to_string())),
+        Err(e) => return Ok(Ended::Disconnected(Down::connect(&e))),
     };
     // The deadline bounds the subscription's start; the stream itself runs until it ends, and
     // the connection's keepalive pings notice a broker that stops answering.
@@ -493,13 +737,7 @@ async fn receive(
     });
     let mut stream = match broker.deadline(subscribed).await {
         Ok(s) => s.into_inner(),
-        Err(status) => {
-            return Ok(Ended::Disconnected(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            )));
-        }
+        Err(status) => return Ok(Ended::Disconnected(Down::status(&status))),
     };
     link.up();
     backoff.reset();
@@ -512,10 +750,13 @@ async fn receive(
         };
         let delivery = match next {
             Ok(Some(d)) => d,
-            Ok(None) => break Ended::Disconnected("the broker ended the subscription".into()),
-            Err(status) => {
-                break Ended::Disconnected(format!("{:?}: {}", status.code(), status.message()));
+            Ok(None) => {
+                break Ended::Disconnected(Down {
+                    cause: Cause::ConnectionLost,
+                    error: "the broker ended the subscription".into(),
+                });
             }
+            Err(status) => break Ended::Disconnected(Down::status(&status)),
         };
         let id = delivery.delivery_id.clone();
         match store(spool, delivery, &id, shutdown).await? {
@@ -626,6 +867,150 @@ async fn ack_loop(broker: Broker, mut ids: mpsc::UnboundedReceiver<String>) {
         });
         if let Err(status) = broker.deadline(acked).await {
             tracing::debug!(code = ?status.code(), "acknowledgement failed; the broker will redeliver");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// An error wrapping another, as hyper's and tonic's do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Wrapped(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    );
+
+    fn io(kind: std::io::ErrorKind) -> std::io::Error {
+        std::io::Error::from(kind)
+    }
+
+    #[test]
+    fn causes_are_read_from_the_error_chain() {
+        use std::io::ErrorKind;
+        let tls = std::io::Error::new(
+            ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let cases: Vec<(&str, Box<dyn std::error::Error + Send + Sync>, Cause)> = vec![
+            (
+                "refused",
+                Box::new(io(ErrorKind::ConnectionRefused)),
+                Cause::ConnectionRefused,
+            ),
+            (
+                "refused under two wrappers",
+                Box::new(Wrapped(
+                    "transport error",
+                    Box::new(Wrapped(
+                        "tcp connect error",
+                        Box::new(io(ErrorKind::ConnectionRefused)),
+                    )),
+                )),
+                Cause::ConnectionRefused,
+            ),
+            (
+                "rustls inside an I/O error",
+                Box::new(Wrapped("transport error", Box::new(tls))),
+                Cause::Tls,
+            ),
+            (
+                "connect timeout",
+                Box::new(ClientError::ConnectTimeout {
+                    url: "https://localhost:1".into(),
+                    after: Duration::from_millis(500),
+                }),
+                Cause::Timeout,
+            ),
+            (
+                "tcp timeout",
+                Box::new(io(ErrorKind::TimedOut)),
+                Cause::Timeout,
+            ),
+            (
+                "reset",
+                Box::new(Wrapped("h2", Box::new(io(ErrorKind::ConnectionReset)))),
+                Cause::ConnectionLost,
+            ),
+            (
+                "dns",
+                Box::new(Wrapped("dns error", Box::new(io(ErrorKind::Other)))),
+                Cause::Dns,
+            ),
+            ("unknown", Box::new(io(ErrorKind::Other)), Cause::Other),
+        ];
+        for (what, error, expected) in cases {
+            assert_eq!(Cause::of(error.as_ref()), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn causes_of_failed_calls_fall_back_to_the_code() {
+        let cases = [
+            (tonic::Status::deadline_exceeded("slow"), Cause::Timeout),
+            (tonic::Status::unavailable("gone"), Cause::ConnectionLost),
+            (tonic::Status::internal("internal error"), Cause::Other),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(Cause::of_status(&status), expected, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn the_error_line_carries_each_cause_once() {
+        let error = Wrapped(
+            "transport error",
+            Box::new(Wrapped(
+                "tcp connect error",
+                Box::new(io(std::io::ErrorKind::ConnectionRefused)),
+            )),
+        );
+        assert_eq!(
+            chain(&error),
+            "transport error: tcp connect error: connection refused"
+        );
+        let repeated = Wrapped(
+            "reading x: connection refused",
+            Box::new(Wrapped(
+                "connection refused",
+                Box::new(io(std::io::ErrorKind::Other)),
+            )),
+        );
+        assert_eq!(
+            chain(&repeated),
+            "reading x: connection refused: other error"
+        );
+    }
+
+    #[test]
+    fn cause_names_are_snake_case() {
+        for cause in [
+            Cause::ConnectionRefused,
+            Cause::Timeout,
+            Cause::Tls,
+            Cause::Dns,
+            Cause::ConnectionLost,
+            Cause::Busy,
+            Cause::Other,
+        ] {
+            let name = cause.as_str();
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_never_exceeds_its_ceiling() {
+        let (min, max) = (Duration::from_millis(250), Duration::from_secs(2));
+        let mut backoff = Backoff::new(min, max);
+        for _ in 0..50 {
+            let delay = backoff.next_delay();
+            assert!(delay <= max && delay >= min / 2, "{delay:?}");
         }
     }
 }

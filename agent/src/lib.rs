@@ -9,8 +9,9 @@
 //! - [`spool`]: the spool directory — outbox files in, receipts, refusals and deliveries out —
 //!   with every write atomic and fsynced.
 //! - [`daemon`]: the agent's two loops: sending the outbox and receiving deliveries, each
-//!   reconnecting with backoff.
+//!   reconnecting with a short capped backoff and saying why the broker is unreachable.
 //! - [`demo`]: `concordat demo`, the whole federation in one process.
+//! - [`logging`]: the binaries' log subscriber: text or JSON lines, colour only on a terminal.
 //! - [`witness`]: checks the broker's audit log checkpoints in receipts, and their consistency.
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod logging;
 pub mod operator;
 pub mod pki;
 pub mod spool;

@@ -79,6 +79,9 @@ mod tests {
         let mut out = Vec::new();
         completions(cmd(), Shell::Bash, &mut out);
         let script = String::from_utf8(out).unwrap();
-        assert!(script.contains("keys") && script.contains("make"), "{script}");
+        assert!(
+            script.contains("keys") && script.contains("make"),
+            "{script}"
+        );
     }
 }

@@ -102,6 +102,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The protected organisations (`[[organisations]]` and `organisations_file`).
     pub registry: Arc<Registry>,
+    /// How `concordat-broker serve` writes its log (`log_format`; `--log-format` overrides).
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// An agency of the federation.
@@ -352,6 +354,7 @@ impl Config {
             log_origin: crate::audit_log::DEFAULT_ORIGIN.into(),
             metrics_listen: None,
             registry: Arc::new(Registry::default()),
+            log_format: crate::logging::LogFormat::default(),
         }
     }
 
@@ -887,6 +890,7 @@ impl Config {
             log_origin,
             metrics_listen,
             registry,
+            log_format: raw.log_format,
         })
     }
 
@@ -1137,6 +1141,8 @@ struct RawConfig {
     clock_skew_seconds: u32,
     log_origin: Option<String>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    log_format: crate::logging::LogFormat,
     #[serde(default)]
     enforce_review: bool,
     #[serde(default)]

@@ -23,6 +23,7 @@
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
+//! - [`logging`]: the binaries' log subscriber: text or JSON lines, colour only on a terminal.
 //! - [`metrics`]: Prometheus counters and gauges, served at `/metrics` when configured.
 //! - [`dispatch`]: which deliveries are in flight on which subscription.
 //! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
@@ -40,6 +41,7 @@ pub mod content;
 pub mod dispatch;
 pub mod gate;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod refusal;

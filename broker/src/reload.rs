@@ -214,7 +214,7 @@ impl Reloader {
                 for c in &o.closed {
                     tracing::warn!(
                         peer = %c.peer,
-                        cn = ?c.common_name,
+                        cn = c.common_name.as_deref(),
                         reason = %c.reason,
                         "connection closed: its certificate is no longer accepted"
                     );

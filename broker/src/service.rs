@@ -237,7 +237,10 @@ impl State {
             .message_id
             .parse::<concordat_proto::ids::MessageId>()
             .ok();
-        let kind = wire.kind;
+        // By name (`threat_assessment`), never the wire's number; absent when it is not a kind.
+        let kind = concordat_proto::envelope::Kind::try_from(wire.kind)
+            .ok()
+            .map(tracing::field::display);
         let outcome = self.submit(sender, wire).await;
         let message_id = message_id
             .map(|m| m.to_string())
@@ -259,7 +262,7 @@ impl State {
             }
             Err(Failure::Refused(r)) => {
                 self.metrics.refused(r.reason.as_str());
-                tracing::warn!(agency = %sender, message_id = %message_id, reason = %r.reason, "refused: {}", r.message);
+                tracing::warn!(agency = %sender, message_id = %message_id, kind, reason = %r.reason, "refused: {}", r.message);
             }
             Err(Failure::Internal(e)) => {
                 tracing::error!(agency = %sender, message_id = %message_id, error = %e, "send failed");
@@ -586,6 +589,15 @@ impl pb::consent_server::Consent for ConsentService {
             consent::RevocationTarget::Token(jti) => RevokeTarget::Token(jti),
             consent::RevocationTarget::IssuedBefore(t) => RevokeTarget::IssuedBefore(t),
         };
+        // For the log: the one token, or the time before which every token is revoked.
+        let (token, issued_before) = match &target {
+            RevokeTarget::Token(jti) => (Some(jti.to_string()), None),
+            RevokeTarget::IssuedBefore(t) => (
+                None,
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok(),
+            ),
+        };
         let applied = self
             .state
             .store
@@ -605,7 +617,15 @@ impl pb::consent_server::Consent for ConsentService {
                 Internal::new("revoking", format!("unexpected outcome {applied:?}")).into(),
             );
         };
-        tracing::info!(agency = %caller.id(), issuer = %key_id, target = ?target, recall_notices, duplicate, "consent revoked");
+        tracing::info!(
+            agency = %caller.id(),
+            issuer = %key_id,
+            token = token.as_deref(),
+            issued_before = issued_before.as_deref(),
+            recall_notices,
+            duplicate,
+            "consent revoked"
+        );
         Ok(Response::new(pb::RevokeResponse {
             recall_notices,
             duplicate,

@@ -408,7 +408,7 @@ async fn hand_over(
         common_name,
         certificate,
     };
-    tracing::debug!(peer = %remote_addr, cn = ?peer.common_name, "TLS established");
+    tracing::debug!(peer = %remote_addr, cn = peer.common_name.as_deref(), "TLS established");
     let _ = tx
         .send(Ok(AuthenticatedStream::new(
             stream,
@@ -430,7 +430,9 @@ struct RefusalLog {
 impl RefusalLog {
     fn refused(&self, peer: Option<SocketAddr>, cause: &str, error: &dyn std::fmt::Display) {
         self.metrics.connection_refused(cause);
-        tracing::debug!(peer = ?peer, cause, error = %error, "connection refused");
+        // An absent peer address is left out of the line rather than logged as `None`.
+        let peer = peer.map(tracing::field::display);
+        tracing::debug!(peer, cause, error = %error, "connection refused");
         let now = Instant::now();
         let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| now.duration_since(t) < WARN_INTERVAL) {
@@ -441,7 +443,7 @@ impl RefusalLog {
         drop(last);
         let more = self.suppressed.swap(0, Ordering::Relaxed);
         tracing::warn!(
-            peer = ?peer,
+            peer,
             cause,
             error = %error,
             refused_since_last_warning = more,

@@ -317,8 +317,11 @@ impl Supervised {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         // Plain text in the logs: tracing's ANSI colours only get in the way of reading them.
+        // (A test that sets `NO_COLOR` itself, to check the colour rules, keeps its value.)
+        if !command.get_envs().any(|(key, _)| key == "NO_COLOR") {
+            command.env("NO_COLOR", "1");
+        }
         let child = command
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -393,6 +396,11 @@ impl Supervised {
         self.signal_and_wait(Signal::SIGTERM, timeout)
     }
 
+    /// The whole log (stderr) so far, empty if it cannot be read.
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last `lines` lines of the log.
     fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -427,6 +435,8 @@ pub struct BrokerProcess {
     addr: SocketAddr,
     /// Environment variables set for the next [`BrokerProcess::restart`].
     env: Vec<(String, String)>,
+    /// Extra arguments of `serve` (e.g. `--log-format json`), the same at every restart.
+    args: Vec<String>,
 }
 
 impl BrokerProcess {
@@ -434,14 +444,31 @@ impl BrokerProcess {
     /// free port of 127.0.0.1, and returns once it is listening. Its stderr goes to
     /// `broker.log` beside `config`.
     pub fn start(config: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(config, data_dir, &[], &[])
+    }
+
+    /// [`BrokerProcess::start`] with extra arguments for `serve` (kept for every restart) and
+    /// environment variables (until [`BrokerProcess::set_env`] replaces them).
+    pub fn start_with(
+        config: &Path,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (process, addr) = Self::spawn(config, data_dir, any_port, &[])?;
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (process, addr) = Self::spawn(config, data_dir, any_port, &env, &args)?;
         Ok(BrokerProcess {
             process,
             config: config.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             addr,
-            env: Vec::new(),
+            env,
+            args,
         })
     }
 
@@ -465,7 +492,13 @@ impl BrokerProcess {
         }
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            match Self::spawn(&self.config, &self.data_dir, self.addr, &self.env) {
+            match Self::spawn(
+                &self.config,
+                &self.data_dir,
+                self.addr,
+                &self.env,
+                &self.args,
+            ) {
                 Ok((process, addr)) => {
                     self.process = process;
                     self.addr = addr;
@@ -484,6 +517,7 @@ impl BrokerProcess {
         data_dir: &Path,
         listen: SocketAddr,
         env: &[(String, String)],
+        args: &[String],
     ) -> anyhow::Result<(Supervised, SocketAddr)> {
         let log = config.with_file_name("broker.log");
         let mut command = Command::new(binary("concordat-broker")?);
@@ -495,7 +529,8 @@ impl BrokerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
-            .arg(listen.to_string());
+            .arg(listen.to_string())
+            .args(args);
         let mut process = Supervised::spawn("concordat-broker", command, Stdio::piped(), &log)?;
         let stdout = process
             .child()?
@@ -569,6 +604,11 @@ impl BrokerProcess {
         self.process.terminate(timeout)
     }
 
+    /// Everything the broker has written to standard error so far (across restarts).
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+
     /// The last `lines` lines of the broker's log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
@@ -593,6 +633,25 @@ impl AgentProcess {
         broker: SocketAddr,
         pki: &PkiFiles,
     ) -> anyhow::Result<Self> {
+        Self::start_with(
+            dir,
+            agency,
+            broker,
+            pki,
+            "[reconnect]\nmin_backoff_ms = 50\nmax_backoff_ms = 1000\n",
+        )
+    }
+
+    /// [`AgentProcess::start`] with `rest` in place of its `[reconnect]` table: the end of
+    /// `agent.toml`, which may begin with top-level keys (`log_format = "json"`) and add tables
+    /// (`[timeouts]`). An empty `rest` leaves every other setting at its default.
+    pub fn start_with(
+        dir: &Path,
+        agency: &str,
+        broker: SocketAddr,
+        pki: &PkiFiles,
+        rest: &str,
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("agent.toml");
         let text = format!(
@@ -603,11 +662,7 @@ cert = {cert}
 key = {key}
 spool = "."
 log_level = "info"
-
-[reconnect]
-min_backoff_ms = 50
-max_backoff_ms = 1000
-"#,
+{rest}"#,
             port = broker.port(),
             ca = toml_path(&pki.ca()),
             cert = toml_path(&pki.cert(agency)),
@@ -657,6 +712,11 @@ max_backoff_ms = 1000
     /// Stops the agent with SIGTERM and waits up to `timeout` for it to exit.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         self.process.terminate(timeout)
+    }
+
+    /// Everything the agent has written to standard error so far (across restarts).
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
     }
 
     /// The last `lines` lines of the agent's log, for failure messages.

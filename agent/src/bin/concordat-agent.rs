@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use concordat_agent::{
     config::{self, AgentConfig},
     daemon::{self, AgentSettings},
+    logging::LogFormat,
     spool::Spool,
 };
 
@@ -32,6 +33,10 @@ enum Command {
         /// The agent configuration.
         #[arg(long)]
         config: PathBuf,
+        /// How to write the log on standard error: `text`, or `json` (one object per line,
+        /// for a SIEM). Overrides the configuration's `log_format`.
+        #[arg(long, value_name = "text|json")]
+        log_format: Option<LogFormat>,
     },
     /// Writes a commented sample DIR/agent.toml (spool directory = DIR) and the spool folders.
     Init {
@@ -76,15 +81,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { config } => {
+        Command::Run { config, log_format } => {
             let config = AgentConfig::load(&config)?;
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level)),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            concordat_agent::logging::init(
+                log_format.unwrap_or(config.log_format),
+                &config.log_level,
+            )
+            .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
             rustls::crypto::ring::default_provider()
                 .install_default()
                 .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;

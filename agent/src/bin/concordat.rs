@@ -518,13 +518,13 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The CLI's log is for the person at the terminal: always text (coloured only there).
+    if let Err(e) =
+        concordat_agent::logging::init(concordat_agent::logging::LogFormat::Text, default_filter)
+    {
+        eprintln!("error: installing the log subscriber: {e}");
+        return ExitCode::FAILURE;
+    }
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use concordat_broker::config::Config;
+use concordat_broker::{config::Config, logging::LogFormat};
 
 /// gRPC, TLS and sled allocate heavily from several threads; mimalloc is cheaper and fragments
 /// less than the system allocator there (measured with `concordat bench relay`).
@@ -17,6 +17,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "The Concordat broker: consent-gated relay between agencies"
 )]
 struct Cli {
+    /// How to write the log on standard error: `text`, or `json` (one object per line, for a
+    /// SIEM). Overrides the configuration's `log_format`; default text.
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,14 +101,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Installs the log subscriber: `--log-format`, else the configuration's `log_format`, else
+/// text (see `concordat_broker::logging`).
+fn init_logging(flag: Option<LogFormat>, config: Option<&Config>) -> anyhow::Result<()> {
+    let format = flag.or(config.map(|c| c.log_format)).unwrap_or_default();
+    concordat_broker::logging::init(format, "info")
+        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` reads its configuration first, for its `log_format`; the other commands log
+    // little and take only the flag.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(cli.log_format, None)?;
+    }
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
@@ -144,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
         } => {
             let mut config = load(config.as_ref())?;
+            init_logging(cli.log_format, Some(&config))?;
             if let Some(listen) = listen {
                 config.listen = listen;
             }
