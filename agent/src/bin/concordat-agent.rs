@@ -28,6 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prints a shell completion script for this command (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions {
+        /// The shell.
+        shell: concordat_broker::cli_docs::Shell,
+    },
+    /// Writes man pages, one per command and subcommand, into a directory.
+    Man {
+        /// The directory (created if missing).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
     /// Runs the agent until SIGINT or SIGTERM.
     Run {
         /// The agent configuration.
@@ -62,6 +74,25 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Completions { shell } => {
+            concordat_broker::cli_docs::completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            let files = concordat_broker::cli_docs::man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &out_dir,
+            )
+            .with_context(|| format!("writing man pages into {}", out_dir.display()))?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::Init { dir, agency } => {
             let path = dir.join("agent.toml");
             if path.exists() {

@@ -29,7 +29,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser)]
-#[command(version, about = "Concordat operator tools")]
+#[command(name = "concordat", version, about = "Concordat operator tools")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +37,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prints a shell completion script for this command (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions {
+        /// The shell.
+        shell: concordat_broker::cli_docs::Shell,
+    },
+    /// Writes man pages, one per command and subcommand, into a directory.
+    Man {
+        /// The directory (created if missing).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
     /// Certificates for development federations.
     Certs {
         #[command(subcommand)]
@@ -550,6 +562,25 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Completions { shell } => {
+            concordat_broker::cli_docs::completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out_dir } => {
+            let files = concordat_broker::cli_docs::man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &out_dir,
+            )
+            .with_context(|| format!("writing man pages into {}", out_dir.display()))?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs {
             command:
                 CertsCommand::Dev {

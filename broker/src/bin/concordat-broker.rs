@@ -27,6 +27,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prints a shell completion script for this command (bash, zsh, fish, elvish,
+    /// powershell).
+    Completions {
+        /// The shell.
+        shell: concordat_broker::cli_docs::Shell,
+    },
+    /// Writes man pages, one per command and subcommand, into a directory.
+    Man {
+        /// The directory (created if missing).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
     /// Runs the broker until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate, key, client
     /// CA and CRLs.
     Serve {
@@ -120,6 +132,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
 
     match cli.command {
+        Command::Completions { shell } => {
+            concordat_broker::cli_docs::completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            let files = concordat_broker::cli_docs::man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &out_dir,
+            )
+            .with_context(|| format!("writing man pages into {}", out_dir.display()))?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             print!("{}", config.summary());
