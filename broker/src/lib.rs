@@ -174,9 +174,11 @@ pub async fn serve_with(
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
     }
     tracing::info!(log_key = %store::Storage::log_verifier_key(storage.as_ref()), "audit log");
+    let metrics = Arc::new(metrics::Metrics::default());
     let store = store::Store::start(
         storage,
-        store::StoreOptions::new(&config.data_dir, config.limits.flush_timeout),
+        store::StoreOptions::new(&config.data_dir, config.limits.flush_timeout)
+            .with_metrics(metrics.writer()),
     )?;
     store
         .commit(store::Op::ConfigLoaded(concordat_proto::pb::ConfigLoaded {
@@ -208,7 +210,6 @@ pub async fn serve_with(
             }
         });
     }
-    let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -221,6 +222,7 @@ pub async fn serve_with(
             policy: Arc::new(config.policy.clone()),
             store: store.clone(),
             agencies: Arc::new(config.agencies.keys().map(ToString::to_string).collect()),
+            min_free_bytes: config.limits.min_free_bytes,
         };
         let mut stop = stop_rx.clone();
         tracing::info!(addr = %addr, "metrics at /metrics");
@@ -253,7 +255,8 @@ pub async fn serve_with(
         &config.tls,
         current_tls.clone(),
         connections.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
     let organisations = Arc::new(registry::Matcher::new(&config.registry)?);
     let state = Arc::new(service::State::new(

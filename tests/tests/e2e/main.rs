@@ -13,6 +13,7 @@ mod flood;
 mod full_disk;
 mod inbox;
 mod leak;
+mod metrics;
 mod mtls;
 mod refusals;
 mod relay;

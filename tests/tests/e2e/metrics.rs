@@ -1,0 +1,443 @@
+//! `/metrics` as Prometheus reads it: a real broker process with `metrics_listen`, scraped over
+//! real HTTP with each `Accept` header Prometheus sends, each answer checked for its content
+//! type and parsed by the reference parsers: the Python `prometheus_client` text (0.0.4) and
+//! OpenMetrics parsers, and `promtool check metrics` (which reads the 0.0.4 text format only).
+//! The shipped alert rules (`dist/prometheus/alerts.yml`) are checked and their unit tests run
+//! with `promtool test rules`.
+//!
+//! The Python parser is installed into a virtual environment under the workspace's `target/`
+//! (reused by later runs); `promtool` comes from Debian's `prometheus` package. Where either is
+//! missing, the test says SKIPPED and why, and passes, unless `CONCORDAT_METRICS_TOOLS_REQUIRED`
+//! is set (as `.ci/run` does).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use concordat_broker::{config::Limits, refusal::Reason};
+use concordat_tests::process::{BrokerProcess, write_broker_files};
+
+/// The Python client, pinned so that the parsers do not move under the test.
+const PYTHON_CLIENT: &str = "prometheus-client==0.26.0";
+
+/// What Prometheus 2.x sends when it scrapes (it prefers OpenMetrics).
+const ACCEPT_PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+/// What a client that reads only the classic text format sends.
+const ACCEPT_TEXT: &str = "text/plain;version=0.0.4";
+
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Parses standard input with the parser named by the first argument and prints every family
+/// as JSON: its name, type and samples.
+const PARSE_PY: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families as text
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+parse = openmetrics if sys.argv[1] == "openmetrics" else text
+out = []
+for f in parse(sys.stdin.read()):
+    out.append({"name": f.name, "type": f.type,
+                "samples": [{"name": s.name, "labels": s.labels, "value": float(s.value)} for s in f.samples]})
+print(json.dumps(out, allow_nan=False))
+"#;
+
+/// Whether a missing tool fails the test (CI) or skips it.
+fn required() -> bool {
+    std::env::var_os("CONCORDAT_METRICS_TOOLS_REQUIRED").is_some()
+}
+
+/// Panics (CI) or prints SKIPPED (elsewhere) for a missing tool.
+fn unavailable(what: &str, why: &str) {
+    if required() {
+        panic!("{what} is required (CI) but not available: {why}");
+    }
+    eprintln!("SKIPPED: {what} is not available: {why}");
+}
+
+/// A Python with `prometheus_client`, installing it if needed; `Err` says why not.
+fn parser_python() -> Result<PathBuf, String> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/prometheus-client-venv");
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import prometheus_client.openmetrics.parser"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ))
+        }
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", PYTHON_CLIENT]),
+        &format!("pip install {PYTHON_CLIENT}"),
+    )?;
+    if ready(&python) {
+        Ok(python)
+    } else {
+        Err("prometheus_client does not import after installation".into())
+    }
+}
+
+/// `promtool`, if it runs.
+fn promtool() -> Result<PathBuf, String> {
+    let path = PathBuf::from("promtool");
+    match Command::new(&path).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(path),
+        Ok(o) => Err(format!("promtool --version exited with {}", o.status)),
+        Err(e) => Err(format!(
+            "promtool: {e} (Debian: apt-get install prometheus)"
+        )),
+    }
+}
+
+/// One family as the Python parser sees it.
+#[derive(Debug)]
+struct Family {
+    kind: String,
+    samples: Vec<Sample>,
+}
+
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses `body` with `prometheus_client`'s `parser` ("text" or "openmetrics"); panics with
+/// the parser's error if it refuses the text.
+fn parse(python: &Path, parser: &str, body: &str) -> BTreeMap<String, Family> {
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), PARSE_PY).unwrap();
+    let mut child = Command::new(python)
+        .arg(script.path())
+        .arg(parser)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the {parser} parser refused the exposition: {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    families
+        .into_iter()
+        .map(|f| {
+            let samples = f["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| Sample {
+                    name: s["name"].as_str().unwrap().to_owned(),
+                    labels: s["labels"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect(),
+                    value: s["value"].as_f64().unwrap(),
+                })
+                .collect();
+            (
+                f["name"].as_str().unwrap().to_owned(),
+                Family {
+                    kind: f["type"].as_str().unwrap().to_owned(),
+                    samples,
+                },
+            )
+        })
+        .collect()
+}
+
+/// `GET /metrics` over HTTP/1.1 with `accept` (none when `None`): the status code, the
+/// content type and the body.
+fn scrape(addr: SocketAddr, accept: Option<&str>) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    assert!(
+        !headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked")),
+        "a chunked answer (this reader expects a length): {headers:?}"
+    );
+    let content_type = headers.get("content-type").cloned().unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+/// A broker process with `metrics_listen` on a free port; returns it and the metrics address.
+fn broker_with_metrics(dir: &Path) -> (BrokerProcess, SocketAddr) {
+    let data_dir = dir.join("data");
+    let (_, config) =
+        write_broker_files(dir, &["ico", "nca"], &data_dir, &Limits::default()).unwrap();
+    // A port that was free a moment ago: the broker reports the address it was given, not
+    // the one it bound, so port 0 cannot be used here.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "auditors = [\"auditor\"]",
+        &format!("auditors = [\"auditor\"]\nmetrics_listen = \"{metrics}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+    let broker = BrokerProcess::start(&config, &data_dir).unwrap();
+    (broker, metrics)
+}
+
+/// Every family the broker must expose from the start, with its type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("concordat_transfers_accepted", "counter"),
+    ("concordat_transfers_refused", "counter"),
+    ("concordat_deliveries", "counter"),
+    ("concordat_acknowledgements", "counter"),
+    ("concordat_connections_refused", "counter"),
+    ("concordat_reloads", "counter"),
+    ("concordat_consistency_proofs_refused", "counter"),
+    ("concordat_subscribers", "gauge"),
+    ("concordat_queue_depth", "gauge"),
+    ("concordat_queue_oldest_age_seconds", "gauge"),
+    ("concordat_audit_log_entries", "gauge"),
+    ("concordat_checkpoint_size", "gauge"),
+    ("concordat_checkpoint_age_seconds", "gauge"),
+    ("concordat_storage_free_bytes", "gauge"),
+    ("concordat_storage_min_free_bytes", "gauge"),
+    ("concordat_storage_serving", "gauge"),
+    ("concordat_store_flush_seconds", "histogram"),
+    ("concordat_store_batch_ops", "histogram"),
+];
+
+/// Checks what both parsers must agree on at start.
+fn check_families(format: &str, families: &BTreeMap<String, Family>) {
+    let mut problems = Vec::new();
+    for (name, kind) in FAMILIES {
+        match families.get(*name) {
+            None => problems.push(format!("{name}: missing")),
+            Some(f) if f.kind != *kind => {
+                problems.push(format!("{name}: typed {} rather than {kind}", f.kind));
+            }
+            Some(_) => {}
+        }
+    }
+    // Every counter's samples are named `_total`.
+    for (name, f) in families.iter().filter(|(_, f)| f.kind == "counter") {
+        for s in &f.samples {
+            if s.name != format!("{name}_total") && s.name != format!("{name}_created") {
+                problems.push(format!("{name}: counter sample {}", s.name));
+            }
+        }
+    }
+    // Refusals exist at zero for every reason from the start.
+    if let Some(refused) = families.get("concordat_transfers_refused") {
+        for reason in Reason::ALL {
+            let found = refused.samples.iter().find(|s| {
+                s.name.ends_with("_total")
+                    && s.labels.get("reason").map(String::as_str) == Some(reason.as_str())
+            });
+            match found {
+                Some(s) if s.value == 0.0 => {}
+                Some(s) => problems.push(format!("refused {reason}: {} at start", s.value)),
+                None => problems.push(format!("refused {reason}: no sample")),
+            }
+        }
+    }
+    // Each recipient's queue is there, empty.
+    for agency in ["ico", "nca"] {
+        for name in [
+            "concordat_queue_depth",
+            "concordat_queue_oldest_age_seconds",
+            "concordat_subscribers",
+        ] {
+            let value = families.get(name).and_then(|f| {
+                f.samples
+                    .iter()
+                    .find(|s| s.labels.get("agency").map(String::as_str) == Some(agency))
+                    .map(|s| s.value)
+            });
+            if value != Some(0.0) {
+                problems.push(format!("{name}{{agency={agency}}}: {value:?} at start"));
+            }
+        }
+    }
+    // The start-up write (the configuration's audit entry) went through the writer: one batch
+    // at least, flushed, and sealed into a checkpoint.
+    for name in ["concordat_store_flush_seconds", "concordat_store_batch_ops"] {
+        let count = families.get(name).and_then(|f| {
+            f.samples
+                .iter()
+                .find(|s| s.name == format!("{name}_count"))
+                .map(|s| s.value)
+        });
+        let inf = families.get(name).and_then(|f| {
+            f.samples
+                .iter()
+                .find(|s| {
+                    s.name == format!("{name}_bucket")
+                        && s.labels.get("le").map(String::as_str) == Some("+Inf")
+                })
+                .map(|s| s.value)
+        });
+        if !count.is_some_and(|c| c >= 1.0) || inf != count {
+            problems.push(format!("{name}: count {count:?}, +Inf bucket {inf:?}"));
+        }
+    }
+    let size = families
+        .get("concordat_checkpoint_size")
+        .and_then(|f| f.samples.first())
+        .map(|s| s.value);
+    let entries = families
+        .get("concordat_audit_log_entries")
+        .and_then(|f| f.samples.first())
+        .map(|s| s.value);
+    if !size.is_some_and(|s| s >= 1.0) || size != entries {
+        problems.push(format!(
+            "checkpoint size {size:?} against log entries {entries:?}"
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{format}: {} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn both_formats_are_served_with_their_own_type_and_parse_with_their_types() {
+    let python = parser_python();
+    let promtool = promtool();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, metrics) = broker_with_metrics(dir.path());
+
+    let (status, open_type, open_body) = scrape(metrics, Some(ACCEPT_PROMETHEUS));
+    assert_eq!(status, 200);
+    let (status, text_type, text_body) = scrape(metrics, Some(ACCEPT_TEXT));
+    assert_eq!(status, 200);
+    let (status, default_type, _) = scrape(metrics, None);
+    assert_eq!(status, 200);
+    assert_eq!(open_type, OPENMETRICS_TYPE, "{open_body}");
+    assert_eq!(text_type, TEXT_TYPE, "{text_body}");
+    assert_eq!(default_type, TEXT_TYPE, "without Accept, the classic text");
+    assert!(open_body.ends_with("# EOF\n"), "{open_body}");
+    assert!(!text_body.contains("# EOF"), "{text_body}");
+
+    match &python {
+        Ok(python) => {
+            check_families("text 0.0.4", &parse(python, "text", &text_body));
+            check_families("OpenMetrics", &parse(python, "openmetrics", &open_body));
+        }
+        Err(why) => unavailable("the Python prometheus_client", why),
+    }
+    match &promtool {
+        Ok(promtool) => {
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text_body.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+                "promtool check metrics: {}\n{}{}\n{text_body}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(why) => unavailable("promtool", why),
+    }
+    assert!(broker.terminate(Duration::from_secs(10)).unwrap().success());
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_their_promtool_tests() {
+    let promtool = match promtool() {
+        Ok(p) => p,
+        Err(why) => return unavailable("promtool", &why),
+    };
+    let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(&args)
+            .current_dir(&dist)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
