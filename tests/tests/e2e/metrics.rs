@@ -19,8 +19,13 @@ use std::{
     time::Duration,
 };
 
+use concordat_agent::client::ClientTls;
 use concordat_broker::{config::Limits, refusal::Reason};
-use concordat_tests::process::{BrokerProcess, write_broker_files};
+use concordat_proto::{ids::MessageId, pb};
+use concordat_tests::{
+    TestPki,
+    process::{BrokerProcess, PkiFiles, wait_for, write_broker_files},
+};
 
 /// The Python client, pinned so that the parsers do not move under the test.
 const PYTHON_CLIENT: &str = "prometheus-client==0.26.0";
@@ -223,10 +228,11 @@ fn scrape(addr: SocketAddr, accept: Option<&str>) -> (u16, String, String) {
     (status, content_type, body.to_owned())
 }
 
-/// A broker process with `metrics_listen` on a free port; returns it and the metrics address.
-fn broker_with_metrics(dir: &Path) -> (BrokerProcess, SocketAddr) {
+/// A broker process with `metrics_listen` on a free port; returns it, the metrics address and
+/// its PKI's files.
+fn broker_with_metrics(dir: &Path) -> (BrokerProcess, SocketAddr, PkiFiles) {
     let data_dir = dir.join("data");
-    let (_, config) =
+    let (files, config) =
         write_broker_files(dir, &["ico", "nca"], &data_dir, &Limits::default()).unwrap();
     // A port that was free a moment ago: the broker reports the address it was given, not
     // the one it bound, so port 0 cannot be used here.
@@ -240,7 +246,7 @@ fn broker_with_metrics(dir: &Path) -> (BrokerProcess, SocketAddr) {
     );
     std::fs::write(&config, text).unwrap();
     let broker = BrokerProcess::start(&config, &data_dir).unwrap();
-    (broker, metrics)
+    (broker, metrics, files)
 }
 
 /// Every family the broker must expose from the start, with its type.
@@ -365,7 +371,7 @@ fn both_formats_are_served_with_their_own_type_and_parse_with_their_types() {
     let python = parser_python();
     let promtool = promtool();
     let dir = tempfile::tempdir().unwrap();
-    let (mut broker, metrics) = broker_with_metrics(dir.path());
+    let (mut broker, metrics, _) = broker_with_metrics(dir.path());
 
     let (status, open_type, open_body) = scrape(metrics, Some(ACCEPT_PROMETHEUS));
     assert_eq!(status, 200);
@@ -440,4 +446,128 @@ fn the_shipped_alert_rules_pass_their_promtool_tests() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+fn envelope(to: &str) -> pb::Envelope {
+    pb::Envelope {
+        message_id: MessageId::new_random().to_string(),
+        recipients: vec![to.into()],
+        kind: pb::MessageKind::ThreatAssessment as i32,
+        content_type: "application/json".into(),
+        tlp: pb::Tlp::Green as i32,
+        payload: br#"{"summary":"metrics"}"#.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The value of the sample line `name` (with its labels, as written) in `body`.
+fn value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn counters_and_gauges_follow_transfers_deliveries_and_refused_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, metrics, files) = broker_with_metrics(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = broker.addr();
+
+    rt.block_on(async {
+        let nca = files.client(addr, "nca").unwrap().connect().await.unwrap();
+        for _ in 0..2 {
+            nca.exchange().send(envelope("ico")).await.unwrap();
+        }
+        // No agreement permits nca -> ncsc.
+        let refused = nca.exchange().send(envelope("ncsc")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    });
+    let (_, _, body) = scrape(metrics, Some(ACCEPT_TEXT));
+    for (line, want) in [
+        ("concordat_transfers_accepted_total", 2.0),
+        (
+            "concordat_transfers_refused_total{reason=\"NO_AGREEMENT\"}",
+            1.0,
+        ),
+        ("concordat_queue_depth{agency=\"ico\"}", 2.0),
+        ("concordat_subscribers{agency=\"ico\"}", 0.0),
+    ] {
+        assert_eq!(value(&body, line), Some(want), "{line} in\n{body}");
+    }
+    let age = value(&body, "concordat_queue_oldest_age_seconds{agency=\"ico\"}").unwrap();
+    assert!((0.0..60.0).contains(&age), "oldest item age {age}");
+
+    // ico subscribes, receives both and acknowledges them.
+    rt.block_on(async {
+        let ico = files.client(addr, "ico").unwrap().connect().await.unwrap();
+        let mut stream = ico
+            .exchange()
+            .subscribe(pb::SubscribeRequest { window: 16 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            let d = stream.message().await.unwrap().unwrap();
+            ids.push(d.delivery_id);
+        }
+        let (_, _, open) = scrape(metrics, Some(ACCEPT_PROMETHEUS));
+        for (line, want) in [
+            ("concordat_subscribers{agency=\"ico\"}", 1.0),
+            ("concordat_deliveries_total", 2.0),
+        ] {
+            assert_eq!(value(&open, line), Some(want), "{line} in\n{open}");
+        }
+        let acked = ico
+            .exchange()
+            .ack(pb::AckRequest { delivery_ids: ids })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acked.acknowledged, 2);
+    });
+
+    // A client certificate from another CA fails its handshake.
+    let mut other = TestPki::new().unwrap();
+    let other = PkiFiles::write(&mut other, &dir.path().join("other"), &["nca"]).unwrap();
+    let stranger = ClientTls::from_files(
+        &format!("https://localhost:{}", addr.port()),
+        &files.ca(),
+        &other.cert("nca"),
+        &other.key("nca"),
+    )
+    .unwrap();
+    rt.block_on(async {
+        if let Ok(client) = stranger.connect().await {
+            assert!(client.exchange().send(envelope("ico")).await.is_err());
+        }
+    });
+
+    // Counted once the broker's connection task has seen it fail.
+    let body = wait_for(
+        "the refused handshake to be counted",
+        Duration::from_secs(20),
+        || {
+            let (_, _, body) = scrape(metrics, Some(ACCEPT_TEXT));
+            match value(&body, "concordat_connections_refused_total{cause=\"tls\"}") {
+                Some(n) if n >= 1.0 => Ok(body),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .unwrap();
+    for (line, want) in [
+        ("concordat_acknowledgements_total", 2.0),
+        ("concordat_queue_depth{agency=\"ico\"}", 0.0),
+        ("concordat_queue_oldest_age_seconds{agency=\"ico\"}", 0.0),
+        ("concordat_storage_serving", 1.0),
+    ] {
+        assert_eq!(value(&body, line), Some(want), "{line} in\n{body}");
+    }
+    let entries = value(&body, "concordat_audit_log_entries").unwrap();
+    assert_eq!(value(&body, "concordat_checkpoint_size"), Some(entries));
+    let batches = value(&body, "concordat_store_batch_ops_count").unwrap();
+    assert!(batches >= 4.0, "{batches} batches written\n{body}");
+    drop(rt);
+    assert!(broker.terminate(Duration::from_secs(10)).unwrap().success());
 }
