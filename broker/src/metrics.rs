@@ -9,9 +9,10 @@
 //! from it line by line.
 //!
 //! Every family exists from the start: refusals at zero for every [`Reason`], refused
-//! connections at zero for every cause, reloads for every kind and outcome. Counters are
+//! connections and failed handshakes at zero for every cause, reloads for every kind and
+//! outcome. Counters are
 //! counted where things happen (transfers, deliveries, acknowledgements, refused connections,
-//! reloads, refused consistency proofs); the writer thread records its batches and flushes in
+//! failed handshakes, reloads, refused consistency proofs); the writer thread records its batches and flushes in
 //! [`WriterMetrics`]; everything else (queues, subscribers, the log, the checkpoint, storage,
 //! agreement reviews) is read at each scrape. No payload, organisation or token ever becomes a
 //! label.
@@ -49,6 +50,24 @@ pub const CONNECTION_CAUSES: &[&str] = &[
     "timeout",
     "protocol",
     "accept",
+];
+
+/// The causes under which [`Metrics::handshake_failed`] counts failed handshakes (see
+/// `tls::handshake_failure`): the client's certificate (`no_certificate`, `unknown_ca`,
+/// `expired`, `not_yet_valid`, `revoked`, `bad_certificate`), any other TLS failure
+/// (`tls_other`: no common version or cipher suite, a malformed message, a dropped
+/// connection), `timeout` (no completed handshake or no preface in time) and
+/// `no_http2_preface`.
+pub const HANDSHAKE_CAUSES: &[&str] = &[
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "revoked",
+    "bad_certificate",
+    "tls_other",
+    "timeout",
+    "no_http2_preface",
 ];
 
 /// The kinds of reload counted by [`Metrics::reloaded`]: `tls` (the TLS files, `reload`) and
@@ -130,6 +149,7 @@ pub struct Metrics {
     deliveries: Counter,
     acknowledgements: Counter,
     connections_refused: Family<CauseLabel, Counter>,
+    handshake_failures: Family<CauseLabel, Counter>,
     reloads: Family<ReloadLabel, Counter>,
     consistency_refused: Counter,
     subscribers: Family<AgencyLabel, Gauge>,
@@ -173,6 +193,12 @@ impl Default for Metrics {
             "connections_refused",
             "Connections closed before they were established, by cause: admission (per_source_cap, full, shed), failed handshakes (tls, timeout, protocol), accept errors (accept)",
             connections_refused.clone(),
+        );
+        let handshake_failures = Family::<CauseLabel, Counter>::default();
+        r.register(
+            "handshake_failures",
+            "Failed TLS handshakes and HTTP/2 prefaces, by cause: the client certificate (no_certificate, unknown_ca, expired, not_yet_valid, revoked, bad_certificate), other TLS failures (tls_other), timeout, no_http2_preface",
+            handshake_failures.clone(),
         );
         let reloads = Family::<ReloadLabel, Counter>::default();
         r.register(
@@ -272,6 +298,13 @@ impl Default for Metrics {
                 })
                 .inc_by(0);
         }
+        for cause in HANDSHAKE_CAUSES {
+            handshake_failures
+                .get_or_create(&CauseLabel {
+                    cause: (*cause).to_owned(),
+                })
+                .inc_by(0);
+        }
         for kind in RELOAD_KINDS {
             for outcome in ["ok", "failed"] {
                 reloads
@@ -289,6 +322,7 @@ impl Default for Metrics {
             deliveries,
             acknowledgements,
             connections_refused,
+            handshake_failures,
             reloads,
             consistency_refused,
             subscribers,
@@ -421,6 +455,15 @@ impl Metrics {
     /// Counts a connection closed before it was established, by cause.
     pub fn connection_refused(&self, cause: &str) {
         self.connections_refused
+            .get_or_create(&CauseLabel {
+                cause: cause.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed handshake by cause (one of [`HANDSHAKE_CAUSES`]).
+    pub fn handshake_failed(&self, cause: &str) {
+        self.handshake_failures
             .get_or_create(&CauseLabel {
                 cause: cause.to_owned(),
             })

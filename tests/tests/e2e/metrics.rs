@@ -256,6 +256,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("concordat_deliveries", "counter"),
     ("concordat_acknowledgements", "counter"),
     ("concordat_connections_refused", "counter"),
+    ("concordat_handshake_failures", "counter"),
     ("concordat_reloads", "counter"),
     ("concordat_consistency_proofs_refused", "counter"),
     ("concordat_subscribers", "gauge"),
@@ -527,7 +528,7 @@ fn counters_and_gauges_follow_transfers_deliveries_and_refused_handshakes() {
         assert_eq!(acked.acknowledged, 2);
     });
 
-    // A client certificate from another CA fails its handshake.
+    // A client certificate from another CA (of the same name) fails its handshake.
     let mut other = TestPki::new().unwrap();
     let other = PkiFiles::write(&mut other, &dir.path().join("other"), &["nca"]).unwrap();
     let stranger = ClientTls::from_files(
@@ -549,9 +550,20 @@ fn counters_and_gauges_follow_transfers_deliveries_and_refused_handshakes() {
         Duration::from_secs(20),
         || {
             let (_, _, body) = scrape(metrics, Some(ACCEPT_TEXT));
-            match value(&body, "concordat_connections_refused_total{cause=\"tls\"}") {
-                Some(n) if n >= 1.0 => Ok(body),
-                other => Err(format!("{other:?}")),
+            let tls = value(&body, "concordat_connections_refused_total{cause=\"tls\"}");
+            // Its issuer has our CA's name but not its key: the signature does not verify.
+            let bad = value(
+                &body,
+                "concordat_handshake_failures_total{cause=\"bad_certificate\"}",
+            );
+            match (tls, bad) {
+                (Some(a), Some(b)) if a >= 1.0 && b >= 1.0 => Ok(body),
+                other => Err(format!(
+                    "{other:?} {:?}",
+                    body.lines()
+                        .filter(|l| l.starts_with("concordat_handshake_failures_total"))
+                        .collect::<Vec<_>>()
+                )),
             }
         },
     )
@@ -561,6 +573,7 @@ fn counters_and_gauges_follow_transfers_deliveries_and_refused_handshakes() {
         ("concordat_queue_depth{agency=\"ico\"}", 0.0),
         ("concordat_queue_oldest_age_seconds{agency=\"ico\"}", 0.0),
         ("concordat_storage_serving", 1.0),
+        ("concordat_handshake_failures_total{cause=\"expired\"}", 0.0),
     ] {
         assert_eq!(value(&body, line), Some(want), "{line} in\n{body}");
     }
