@@ -225,7 +225,9 @@ pub async fn serve_with(
             min_free_bytes: config.limits.min_free_bytes,
         };
         let mut stop = stop_rx.clone();
-        tracing::info!(addr = %addr, "metrics at /metrics");
+        // The bound address, so that `metrics_listen = "127.0.0.1:0"` can be found.
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %bound, "metrics at /metrics");
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
