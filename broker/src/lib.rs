@@ -179,9 +179,11 @@ pub async fn serve_with(
         tracing::info!(agency = %agency, depth, "queued deliveries waiting");
     }
     tracing::info!(log_key = %store::Storage::log_verifier_key(storage.as_ref()), "audit log");
+    let metrics = Arc::new(metrics::Metrics::default());
     let store = store::Store::start(
         storage,
-        store::StoreOptions::new(&config.data_dir, config.limits.flush_timeout),
+        store::StoreOptions::new(&config.data_dir, config.limits.flush_timeout)
+            .with_metrics(metrics.writer()),
     )?;
     store
         .commit(store::Op::ConfigLoaded(concordat_proto::pb::ConfigLoaded {
@@ -213,7 +215,6 @@ pub async fn serve_with(
             }
         });
     }
-    let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -226,9 +227,12 @@ pub async fn serve_with(
             policy: Arc::new(config.policy.clone()),
             store: store.clone(),
             agencies: Arc::new(config.agencies.keys().map(ToString::to_string).collect()),
+            min_free_bytes: config.limits.min_free_bytes,
         };
         let mut stop = stop_rx.clone();
-        tracing::info!(addr = %addr, "metrics at /metrics");
+        // The bound address, so that `metrics_listen = "127.0.0.1:0"` can be found.
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %bound, "metrics at /metrics");
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -258,7 +262,8 @@ pub async fn serve_with(
         &config.tls,
         current_tls.clone(),
         connections.clone(),
-    );
+    )
+    .with_metrics(metrics.clone());
     tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
     let organisations = Arc::new(registry::Matcher::new(&config.registry)?);
     let state = Arc::new(service::State::new(

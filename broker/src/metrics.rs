@@ -1,19 +1,78 @@
 //! Prometheus metrics, served over plain HTTP at `/metrics` when `metrics_listen` is set.
 //!
-//! Counters of accepted and refused transfers (by reason code) and of connections closed before
-//! they were established (by cause), and, computed at each scrape,
-//! whether each agreement's review is overdue, each recipient's queue depth and the audit log's
-//! size. No payload, organisation or token ever becomes a label.
+//! Two exposition formats, negotiated by the request's `Accept` header ([`Format`]):
+//! OpenMetrics 1.0 (`application/openmetrics-text`, what Prometheus asks for first) and the
+//! classic Prometheus text format 0.0.4 (`text/plain`, the default). They differ where a
+//! parser notices: OpenMetrics types a counter family without `_total` and ends with `# EOF`;
+//! the 0.0.4 format types the very name its samples carry (`x_total`), or the counter's type is
+//! lost. `prometheus-client` encodes OpenMetrics; [`openmetrics_to_text`] derives the 0.0.4 text
+//! from it line by line.
+//!
+//! Every family exists from the start: refusals at zero for every [`Reason`], refused
+//! connections and failed handshakes at zero for every cause, reloads for every kind and
+//! outcome. Counters are
+//! counted where things happen (transfers, deliveries, acknowledgements, refused connections,
+//! failed handshakes, reloads, refused consistency proofs); the writer thread records its batches and flushes in
+//! [`WriterMetrics`]; everything else (queues, subscribers, the log, the checkpoint, storage,
+//! agreement reviews) is read at each scrape. No payload, organisation or token ever becomes a
+//! label.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeLabelSet, text::encode_registry},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
-use crate::{policy::Policy, store::Store};
+use crate::{
+    policy::Policy,
+    refusal::Reason,
+    store::{Health, Store},
+};
+
+/// The causes under which [`Metrics::connection_refused`] counts connections closed before
+/// they were established (see `connections` and `tls`): admission (`per_source_cap`, `full`,
+/// `shed`), the handshake (`tls`, `timeout`, `protocol`) and `accept` itself.
+pub const CONNECTION_CAUSES: &[&str] = &[
+    "per_source_cap",
+    "full",
+    "shed",
+    "tls",
+    "timeout",
+    "protocol",
+    "accept",
+];
+
+/// The causes under which [`Metrics::handshake_failed`] counts failed handshakes (see
+/// `tls::handshake_failure`): the client's certificate (`no_certificate`, `unknown_ca`,
+/// `expired`, `not_yet_valid`, `revoked`, `bad_certificate`), any other TLS failure
+/// (`tls_other`: no common version or cipher suite, a malformed message, a dropped
+/// connection), `timeout` (no completed handshake or no preface in time) and
+/// `no_http2_preface`.
+pub const HANDSHAKE_CAUSES: &[&str] = &[
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "revoked",
+    "bad_certificate",
+    "tls_other",
+    "timeout",
+    "no_http2_preface",
+];
+
+/// The kinds of reload counted by [`Metrics::reloaded`]: `tls` (the TLS files, `reload`) and
+/// `config` (the configuration).
+pub const RELOAD_KINDS: &[&str] = &["tls", "config"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -35,62 +94,337 @@ struct AgencyLabel {
     agency: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabel {
+    kind: String,
+    outcome: String,
+}
+
+/// What the store's writer thread records: the size and flush time of each batch, and when it
+/// last sealed a checkpoint.
+#[derive(Debug)]
+pub struct WriterMetrics {
+    flush_seconds: Histogram,
+    batch_ops: Histogram,
+    sealed_at: Mutex<Option<Instant>>,
+}
+
+impl Default for WriterMetrics {
+    fn default() -> Self {
+        WriterMetrics {
+            // 0.5 ms to about 16 s.
+            flush_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            // 1 to 512 (the writer's largest batch).
+            batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            sealed_at: Mutex::new(None),
+        }
+    }
+}
+
+impl WriterMetrics {
+    /// Records a batch of `ops` operations written and flushed in `flush`.
+    pub fn batch_written(&self, ops: usize, flush: Duration) {
+        self.batch_ops.observe(ops as f64);
+        self.flush_seconds.observe(flush.as_secs_f64());
+    }
+
+    /// Records that a new checkpoint was sealed and flushed just now.
+    pub fn checkpoint_sealed(&self) {
+        *self.sealed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn checkpoint_age(&self) -> Option<Duration> {
+        self.sealed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
 /// The broker's metrics.
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: Registry,
     accepted: Counter,
     refused: Family<ReasonLabel, Counter>,
-    overdue: Family<AgreementLabel, Gauge>,
-    queue_depth: Family<AgencyLabel, Gauge>,
-    log_size: Gauge,
+    deliveries: Counter,
+    acknowledgements: Counter,
     connections_refused: Family<CauseLabel, Counter>,
+    handshake_failures: Family<CauseLabel, Counter>,
+    reloads: Family<ReloadLabel, Counter>,
+    consistency_refused: Counter,
+    subscribers: Family<AgencyLabel, Gauge>,
+    queue_depth: Family<AgencyLabel, Gauge>,
+    queue_oldest_age: Family<AgencyLabel, Gauge>,
+    overdue: Family<AgreementLabel, Gauge>,
+    log_size: Gauge,
+    checkpoint_size: Gauge,
+    checkpoint_age: Gauge,
+    free_bytes: Gauge,
+    min_free_bytes: Gauge,
+    serving: Gauge,
+    writer: Arc<WriterMetrics>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("concordat");
+        let mut r = Registry::with_prefix("concordat");
         let accepted = Counter::default();
+        r.register("transfers_accepted", "Transfers accepted", accepted.clone());
         let refused = Family::<ReasonLabel, Counter>::default();
-        let overdue = Family::<AgreementLabel, Gauge>::default();
-        let queue_depth = Family::<AgencyLabel, Gauge>::default();
-        let log_size = Gauge::default();
-        let connections_refused = Family::<CauseLabel, Counter>::default();
-        registry.register("transfers_accepted", "Transfers accepted", accepted.clone());
-        registry.register(
+        r.register(
             "transfers_refused",
             "Transfers refused, by reason code",
             refused.clone(),
         );
-        registry.register(
+        let deliveries = Counter::default();
+        r.register(
+            "deliveries",
+            "Queue items handed to subscribers (a redelivery counts again)",
+            deliveries.clone(),
+        );
+        let acknowledgements = Counter::default();
+        r.register(
+            "acknowledgements",
+            "Queue items acknowledged by their recipients",
+            acknowledgements.clone(),
+        );
+        let connections_refused = Family::<CauseLabel, Counter>::default();
+        r.register(
+            "connections_refused",
+            "Connections closed before they were established, by cause: admission (per_source_cap, full, shed), failed handshakes (tls, timeout, protocol), accept errors (accept)",
+            connections_refused.clone(),
+        );
+        let handshake_failures = Family::<CauseLabel, Counter>::default();
+        r.register(
+            "handshake_failures",
+            "Failed TLS handshakes and HTTP/2 prefaces, by cause: the client certificate (no_certificate, unknown_ca, expired, not_yet_valid, revoked, bad_certificate), other TLS failures (tls_other), timeout, no_http2_preface",
+            handshake_failures.clone(),
+        );
+        let reloads = Family::<ReloadLabel, Counter>::default();
+        r.register(
+            "reloads",
+            "Reloads, by kind (tls, config) and outcome (ok, failed)",
+            reloads.clone(),
+        );
+        let consistency_refused = Counter::default();
+        r.register(
+            "consistency_proofs_refused",
+            "Consistency proofs refused because a caller named a log size beyond the current checkpoint (a witness holding a checkpoint this log does not reach)",
+            consistency_refused.clone(),
+        );
+        let subscribers = Family::<AgencyLabel, Gauge>::default();
+        r.register(
+            "subscribers",
+            "Open subscriptions, by agency",
+            subscribers.clone(),
+        );
+        let queue_depth = Family::<AgencyLabel, Gauge>::default();
+        r.register(
+            "queue_depth",
+            "Unacknowledged items queued for each recipient",
+            queue_depth.clone(),
+        );
+        let queue_oldest_age = Family::<AgencyLabel, Gauge>::default();
+        r.register(
+            "queue_oldest_age_seconds",
+            "Age of each recipient's oldest unacknowledged item, 0 when its queue is empty",
+            queue_oldest_age.clone(),
+        );
+        let overdue = Family::<AgreementLabel, Gauge>::default();
+        r.register(
             "agreement_review_overdue",
             "1 when the agreement is past its review date",
             overdue.clone(),
         );
-        registry.register(
-            "queue_depth",
-            "Items queued for each recipient",
-            queue_depth.clone(),
-        );
-        registry.register(
+        let log_size = Gauge::default();
+        r.register(
             "audit_log_entries",
             "Entries in the audit log",
             log_size.clone(),
         );
-        registry.register(
-            "connections_refused",
-            "Connections closed before they were established, by cause (per_source_cap, full, shed, tls, timeout, protocol, accept)",
-            connections_refused.clone(),
+        let checkpoint_size = Gauge::default();
+        r.register(
+            "checkpoint_size",
+            "Entries covered by the latest signed checkpoint",
+            checkpoint_size.clone(),
         );
+        let checkpoint_age = Gauge::default();
+        r.register(
+            "checkpoint_age_seconds",
+            "Seconds since this process last sealed a checkpoint (it seals one at start and with every batch that grows the log)",
+            checkpoint_age.clone(),
+        );
+        let free_bytes = Gauge::default();
+        r.register(
+            "storage_free_bytes",
+            "Free bytes on the data directory's file system",
+            free_bytes.clone(),
+        );
+        let min_free_bytes = Gauge::default();
+        r.register(
+            "storage_min_free_bytes",
+            "The configured floor (limits.min_free_bytes) below which new transfers are refused with STORAGE_FULL",
+            min_free_bytes.clone(),
+        );
+        let serving = Gauge::default();
+        r.register(
+            "storage_serving",
+            "1 while the store accepts writes, 0 while it answers STORAGE_UNAVAILABLE",
+            serving.clone(),
+        );
+        let writer = Arc::new(WriterMetrics::default());
+        r.register(
+            "store_flush_seconds",
+            "Time the writer thread takes to apply, seal and flush one batch",
+            writer.flush_seconds.clone(),
+        );
+        r.register(
+            "store_batch_ops",
+            "Operations written per batch by the writer thread",
+            writer.batch_ops.clone(),
+        );
+        // Families that exist from the start, at zero.
+        for reason in Reason::ALL {
+            refused
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str().to_owned(),
+                })
+                .inc_by(0);
+        }
+        for cause in CONNECTION_CAUSES {
+            connections_refused
+                .get_or_create(&CauseLabel {
+                    cause: (*cause).to_owned(),
+                })
+                .inc_by(0);
+        }
+        for cause in HANDSHAKE_CAUSES {
+            handshake_failures
+                .get_or_create(&CauseLabel {
+                    cause: (*cause).to_owned(),
+                })
+                .inc_by(0);
+        }
+        for kind in RELOAD_KINDS {
+            for outcome in ["ok", "failed"] {
+                reloads
+                    .get_or_create(&ReloadLabel {
+                        kind: (*kind).to_owned(),
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc_by(0);
+            }
+        }
         Metrics {
-            registry: Mutex::new(registry),
+            registry: r,
             accepted,
             refused,
-            overdue,
-            queue_depth,
-            log_size,
+            deliveries,
+            acknowledgements,
             connections_refused,
+            handshake_failures,
+            reloads,
+            consistency_refused,
+            subscribers,
+            queue_depth,
+            queue_oldest_age,
+            overdue,
+            log_size,
+            checkpoint_size,
+            checkpoint_age,
+            free_bytes,
+            min_free_bytes,
+            serving,
+            writer,
         }
     }
+}
+
+/// An exposition format, chosen by the scrape's `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (the default).
+    Text,
+    /// OpenMetrics 1.0.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format the `Accept` header prefers (by `q`; the first of equals), of those served.
+    /// Without a header, or with nothing served in it, the 0.0.4 text.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best: Option<(Format, f32)> = None;
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            let format = match media.as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" | "text/*" | "*/*" => Format::Text,
+                _ => continue,
+            };
+            if q > 0.0 && best.is_none_or(|(_, b)| q > b) {
+                best = Some((format, q));
+            }
+        }
+        best.map_or(Format::Text, |(f, _)| f)
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The 0.0.4 text of an OpenMetrics exposition: each counter's `# HELP` and `# TYPE` name the
+/// family as its samples do (`x_total`), and `# UNIT` and `# EOF`, which 0.0.4 does not know,
+/// go. Samples, label escaping and histograms are the same in both.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(l.trim_end()),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// What a scrape reads besides the counters.
+pub struct Snapshot<'a> {
+    /// The rules (for the review gauges).
+    pub policy: &'a Policy,
+    /// The store (queues, the log, the checkpoint, storage).
+    pub store: &'a Store,
+    /// The agencies.
+    pub agencies: &'a [String],
+    /// The configured `limits.min_free_bytes`.
+    pub min_free_bytes: u64,
+}
+
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
@@ -108,6 +442,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts `n` queue items handed to a subscriber.
+    pub fn delivered(&self, n: usize) {
+        self.deliveries.inc_by(n as u64);
+    }
+
+    /// Counts `n` queue items acknowledged.
+    pub fn acknowledged(&self, n: u64) {
+        self.acknowledgements.inc_by(n);
+    }
+
     /// Counts a connection closed before it was established, by cause.
     pub fn connection_refused(&self, cause: &str) {
         self.connections_refused
@@ -117,35 +461,114 @@ impl Metrics {
             .inc();
     }
 
-    /// The metrics in the Prometheus text format, with the gauges brought up to date.
-    pub fn render(&self, policy: &Policy, store: &Store, agencies: &[String]) -> String {
-        let today = crate::clock::now().date();
-        for a in &policy.agreements {
+    /// Counts a failed handshake by cause (one of [`HANDSHAKE_CAUSES`]).
+    pub fn handshake_failed(&self, cause: &str) {
+        self.handshake_failures
+            .get_or_create(&CauseLabel {
+                cause: cause.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a reload of `kind` (one of [`RELOAD_KINDS`]) that succeeded or failed.
+    pub fn reloaded(&self, kind: &str, ok: bool) {
+        self.reloads
+            .get_or_create(&ReloadLabel {
+                kind: kind.to_owned(),
+                outcome: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a consistency proof refused for a size beyond the log's checkpoint.
+    pub fn consistency_refused(&self) {
+        self.consistency_refused.inc();
+    }
+
+    /// Counts a subscription of `agency` opened (`true`) or ended (`false`).
+    pub fn subscribed(&self, agency: &str, open: bool) {
+        let g = self.subscribers.get_or_create(&AgencyLabel {
+            agency: agency.to_owned(),
+        });
+        if open {
+            g.inc();
+        } else {
+            g.dec();
+        }
+    }
+
+    /// What the store's writer thread records into.
+    pub fn writer(&self) -> Arc<WriterMetrics> {
+        self.writer.clone()
+    }
+
+    /// The metrics in `format`, with the gauges brought up to date from `now`.
+    pub fn render(&self, now: &Snapshot<'_>, format: Format) -> String {
+        self.refresh(now);
+        let mut out = String::new();
+        if encode_registry(&mut out, &self.registry).is_err() {
+            tracing::error!("encoding metrics failed");
+        }
+        match format {
+            Format::OpenMetrics => {
+                out.push_str("# EOF\n");
+                out
+            }
+            Format::Text => openmetrics_to_text(&out),
+        }
+    }
+
+    /// Reads the gauges that are computed at each scrape.
+    fn refresh(&self, now: &Snapshot<'_>) {
+        let today = crate::clock::now();
+        for a in &now.policy.agreements {
             self.overdue
                 .get_or_create(&AgreementLabel {
                     agreement: a.id.clone(),
                 })
-                .set(i64::from(a.review_overdue(today)));
+                .set(i64::from(a.review_overdue(today.date())));
         }
-        for agency in agencies {
-            if let Ok(id) = agency.parse() {
-                let depth = store.storage().queue_depth(&id);
-                self.queue_depth
-                    .get_or_create(&AgencyLabel {
-                        agency: agency.clone(),
+        let storage = now.store.storage();
+        let durable = *now.store.durable().borrow();
+        for agency in now.agencies {
+            let label = AgencyLabel {
+                agency: agency.clone(),
+            };
+            // Present from the start, at zero.
+            let _ = self.subscribers.get_or_create(&label);
+            let Ok(id) = agency.parse() else { continue };
+            let depth = storage.queue_depth(&id);
+            self.queue_depth
+                .get_or_create(&label)
+                .set(gauge_value(depth));
+            let oldest = if depth == 0 {
+                None
+            } else {
+                storage
+                    .claimable(&id, durable, 1, &|_| false)
+                    .ok()
+                    .and_then(|items| items.into_iter().next())
+                    .and_then(|item| match item.body {
+                        concordat_proto::pb::delivery::Body::Transfer(t) => t.accepted_at,
+                        concordat_proto::pb::delivery::Body::RecallNotice(n) => n.revoked_at,
                     })
-                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
-            }
+            };
+            let age = oldest.map_or(0, |t| (today.unix_timestamp() - t.seconds).max(0));
+            self.queue_oldest_age.get_or_create(&label).set(age);
         }
-        if let Ok(n) = store.storage().log_size() {
-            self.log_size.set(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Ok(n) = storage.log_size() {
+            self.log_size.set(gauge_value(n));
         }
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        if encode(&mut out, &registry).is_err() {
-            tracing::error!("encoding metrics failed");
+        if let Some(cp) = now.store.checkpoint() {
+            self.checkpoint_size.set(gauge_value(cp.size));
         }
-        out
+        if let Some(age) = self.writer.checkpoint_age() {
+            self.checkpoint_age.set(gauge_value(age.as_secs()));
+        }
+        self.free_bytes.set(gauge_value(now.store.free_bytes()));
+        self.min_free_bytes.set(gauge_value(now.min_free_bytes));
+        let serving = *now.store.health().borrow() == Health::Serving;
+        self.serving.set(i64::from(serving));
     }
 }
 
@@ -160,6 +583,22 @@ pub struct Exporter {
     pub store: Store,
     /// The agencies.
     pub agencies: Arc<Vec<String>>,
+    /// The configured `limits.min_free_bytes`.
+    pub min_free_bytes: u64,
+}
+
+impl Exporter {
+    fn render(&self, format: Format) -> String {
+        self.metrics.render(
+            &Snapshot {
+                policy: &self.policy,
+                store: &self.store,
+                agencies: &self.agencies,
+                min_free_bytes: self.min_free_bytes,
+            },
+            format,
+        )
+    }
 }
 
 /// Serves `/metrics` on `listener` until `shutdown` completes.
@@ -170,12 +609,16 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
             let e = exporter.clone();
             async move {
+                let accept = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let format = Format::negotiate(accept);
                 (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    e.metrics.render(&e.policy, &e.store, &e.agencies),
+                    [(axum::http::header::CONTENT_TYPE, format.content_type())],
+                    e.render(format),
                 )
             }
         }),
@@ -197,7 +640,52 @@ mod tests {
     };
 
     #[test]
-    fn overdue_reviews_counts_and_depths_are_exposed() {
+    fn the_accept_header_chooses_the_format() {
+        let cases = [
+            (None, Format::Text),
+            (Some(""), Format::Text),
+            (Some("text/plain;version=0.0.4"), Format::Text),
+            (Some("*/*"), Format::Text),
+            (Some("application/json"), Format::Text),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                Format::OpenMetrics,
+            ),
+            (
+                Some("application/openmetrics-text; version=1.0.0"),
+                Format::OpenMetrics,
+            ),
+            (
+                Some("application/openmetrics-text;q=0.2, text/plain;q=0.9"),
+                Format::Text,
+            ),
+            (
+                Some("text/plain;q=0.5, application/openmetrics-text"),
+                Format::OpenMetrics,
+            ),
+            (Some("application/openmetrics-text;q=0"), Format::Text),
+            (Some("APPLICATION/OpenMetrics-Text"), Format::OpenMetrics),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn the_text_format_types_counters_by_their_sample_names() {
+        let open = "# HELP a_seconds A.\n# TYPE a_seconds counter\n# UNIT a_seconds seconds\n\
+                    a_seconds_total 1\n# HELP g G.\n# TYPE g gauge\ng{x=\"a b\"} 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(open),
+            "# HELP a_seconds_total A.\n# TYPE a_seconds_total counter\na_seconds_total 1\n\
+             # HELP g G.\n# TYPE g gauge\ng{x=\"a b\"} 2\n"
+        );
+    }
+
+    #[test]
+    fn overdue_reviews_counts_and_depths_are_exposed_in_both_formats() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(SledStorage::open(dir.path(), "test/log").unwrap());
         let store = Store::start(
@@ -234,18 +722,48 @@ mod tests {
         metrics.accepted();
         metrics.refused("NO_AGREEMENT");
         metrics.refused("NO_AGREEMENT");
-        let text = metrics.render(&policy, &store, &["ico".into()]);
-        for line in [
+        metrics.subscribed("ico", true);
+        let now = Snapshot {
+            policy: &policy,
+            store: &store,
+            agencies: &["ico".into(), "nca".into()],
+            min_free_bytes: 7,
+        };
+        let open = metrics.render(&now, Format::OpenMetrics);
+        let text = metrics.render(&now, Format::Text);
+        let both = [
             "concordat_agreement_review_overdue{agreement=\"old\"} 1",
             "concordat_agreement_review_overdue{agreement=\"fresh\"} 0",
             "concordat_transfers_accepted_total 1",
             "concordat_transfers_refused_total{reason=\"NO_AGREEMENT\"} 2",
+            "concordat_transfers_refused_total{reason=\"CONSENT_REVOKED\"} 0",
             "concordat_queue_depth{agency=\"ico\"} 0",
+            "concordat_subscribers{agency=\"ico\"} 1",
+            "concordat_subscribers{agency=\"nca\"} 0",
+            "concordat_storage_min_free_bytes 7",
+        ];
+        for (format, body, only) in [
+            (
+                "OpenMetrics",
+                &open,
+                ["# TYPE concordat_transfers_accepted counter", "# EOF"],
+            ),
+            (
+                "text",
+                &text,
+                [
+                    "# TYPE concordat_transfers_accepted_total counter",
+                    "# TYPE concordat_store_flush_seconds histogram",
+                ],
+            ),
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            for line in both.iter().chain(only.iter()) {
+                assert!(
+                    body.lines().any(|l| l == *line),
+                    "{format}: missing {line:?} in\n{body}"
+                );
+            }
         }
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -111,6 +111,51 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (for metrics that exist from the start at zero).
+    pub const ALL: &'static [Reason] = &[
+        Reason::Malformed,
+        Reason::Unauthenticated,
+        Reason::UnknownAgency,
+        Reason::NotAuthorised,
+        Reason::UnknownRecipient,
+        Reason::NoAgreement,
+        Reason::AgreementReviewOverdue,
+        Reason::PayloadTooLarge,
+        Reason::InvalidContent,
+        Reason::UninspectableContent,
+        Reason::OrganisationIdentified,
+        Reason::TlpMismatch,
+        Reason::TlpNotPermitted,
+        Reason::TlpOnwardForbidden,
+        Reason::NationalSignificanceRequired,
+        Reason::NoLegalBasis,
+        Reason::DesignationInvalid,
+        Reason::DesignationExpired,
+        Reason::ConsentMissing,
+        Reason::ConsentTooLong,
+        Reason::ConsentUnsupportedVersion,
+        Reason::ConsentMalformed,
+        Reason::ConsentBadSignature,
+        Reason::ConsentUnknownIssuer,
+        Reason::ConsentIssuerNotAllowed,
+        Reason::ConsentExpired,
+        Reason::ConsentNotYetValid,
+        Reason::ConsentInvalidClaims,
+        Reason::ConsentWrongOrganisation,
+        Reason::ConsentWrongSender,
+        Reason::ConsentWrongRecipient,
+        Reason::ConsentWrongKind,
+        Reason::ConsentWrongIncident,
+        Reason::ConsentPayloadMismatch,
+        Reason::ConsentRevoked,
+        Reason::ConsentUsedUp,
+        Reason::RevocationInvalid,
+        Reason::RecipientQueueFull,
+        Reason::MessageIdReused,
+        Reason::TooManySubscriptions,
+        Reason::StorageUnavailable,
+        Reason::StorageFull,
+    ];
     /// The stable code, as sent in `ErrorInfo.reason`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -445,6 +490,110 @@ pub fn citation_of(status: &Status) -> Option<(String, String)> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_every_reason_once() {
+        // No wildcard: a new variant does not compile here until it is listed, and then the
+        // assertion below fails until it is in `Reason::ALL` too.
+        let covered = |r: Reason| match r {
+            Reason::Malformed => {}
+            Reason::Unauthenticated => {}
+            Reason::UnknownAgency => {}
+            Reason::NotAuthorised => {}
+            Reason::UnknownRecipient => {}
+            Reason::NoAgreement => {}
+            Reason::AgreementReviewOverdue => {}
+            Reason::PayloadTooLarge => {}
+            Reason::InvalidContent => {}
+            Reason::UninspectableContent => {}
+            Reason::OrganisationIdentified => {}
+            Reason::TlpMismatch => {}
+            Reason::TlpNotPermitted => {}
+            Reason::TlpOnwardForbidden => {}
+            Reason::NationalSignificanceRequired => {}
+            Reason::NoLegalBasis => {}
+            Reason::DesignationInvalid => {}
+            Reason::DesignationExpired => {}
+            Reason::ConsentMissing => {}
+            Reason::ConsentTooLong => {}
+            Reason::ConsentUnsupportedVersion => {}
+            Reason::ConsentMalformed => {}
+            Reason::ConsentBadSignature => {}
+            Reason::ConsentUnknownIssuer => {}
+            Reason::ConsentIssuerNotAllowed => {}
+            Reason::ConsentExpired => {}
+            Reason::ConsentNotYetValid => {}
+            Reason::ConsentInvalidClaims => {}
+            Reason::ConsentWrongOrganisation => {}
+            Reason::ConsentWrongSender => {}
+            Reason::ConsentWrongRecipient => {}
+            Reason::ConsentWrongKind => {}
+            Reason::ConsentWrongIncident => {}
+            Reason::ConsentPayloadMismatch => {}
+            Reason::ConsentRevoked => {}
+            Reason::ConsentUsedUp => {}
+            Reason::RevocationInvalid => {}
+            Reason::RecipientQueueFull => {}
+            Reason::MessageIdReused => {}
+            Reason::TooManySubscriptions => {}
+            Reason::StorageUnavailable => {}
+            Reason::StorageFull => {}
+        };
+        for r in [
+            Reason::Malformed,
+            Reason::Unauthenticated,
+            Reason::UnknownAgency,
+            Reason::NotAuthorised,
+            Reason::UnknownRecipient,
+            Reason::NoAgreement,
+            Reason::AgreementReviewOverdue,
+            Reason::PayloadTooLarge,
+            Reason::InvalidContent,
+            Reason::UninspectableContent,
+            Reason::OrganisationIdentified,
+            Reason::TlpMismatch,
+            Reason::TlpNotPermitted,
+            Reason::TlpOnwardForbidden,
+            Reason::NationalSignificanceRequired,
+            Reason::NoLegalBasis,
+            Reason::DesignationInvalid,
+            Reason::DesignationExpired,
+            Reason::ConsentMissing,
+            Reason::ConsentTooLong,
+            Reason::ConsentUnsupportedVersion,
+            Reason::ConsentMalformed,
+            Reason::ConsentBadSignature,
+            Reason::ConsentUnknownIssuer,
+            Reason::ConsentIssuerNotAllowed,
+            Reason::ConsentExpired,
+            Reason::ConsentNotYetValid,
+            Reason::ConsentInvalidClaims,
+            Reason::ConsentWrongOrganisation,
+            Reason::ConsentWrongSender,
+            Reason::ConsentWrongRecipient,
+            Reason::ConsentWrongKind,
+            Reason::ConsentWrongIncident,
+            Reason::ConsentPayloadMismatch,
+            Reason::ConsentRevoked,
+            Reason::ConsentUsedUp,
+            Reason::RevocationInvalid,
+            Reason::RecipientQueueFull,
+            Reason::MessageIdReused,
+            Reason::TooManySubscriptions,
+            Reason::StorageUnavailable,
+            Reason::StorageFull,
+        ] {
+            covered(r);
+            assert_eq!(
+                Reason::ALL.iter().filter(|a| **a == r).count(),
+                1,
+                "{r} in Reason::ALL"
+            );
+        }
+        let codes: std::collections::BTreeSet<&str> =
+            Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len());
+    }
 
     #[test]
     fn a_refusal_cites_its_clauses_or_says_none() {

@@ -156,6 +156,7 @@ pub struct Reloader {
     current: CurrentTls,
     connections: Arc<Connections>,
     fingerprint: Fingerprint,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Reloader {
@@ -172,7 +173,14 @@ impl Reloader {
             current,
             connections,
             fingerprint: Fingerprint::of(initial),
+            metrics: None,
         }
+    }
+
+    /// This reloader, counting its reloads in `metrics` (kind `tls`).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reads the files again and, if they make a usable configuration, puts it in force and
@@ -209,6 +217,9 @@ impl Reloader {
     /// Reloads and logs the outcome, saying what set it off.
     fn reload_and_log(&mut self, trigger: &str) -> Result<ReloadOutcome, ReloadError> {
         let outcome = self.reload();
+        if let Some(m) = &self.metrics {
+            m.reloaded("tls", outcome.is_ok());
+        }
         match &outcome {
             Ok(o) => {
                 for c in &o.closed {

@@ -403,6 +403,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
             return Err(self.state.refuse(&call, refusal).await);
         };
         let (tx, rx) = mpsc::channel(window);
+        self.state.metrics.subscribed(recipient.as_str(), true);
         tracing::info!(agency = %recipient, window, "subscribed");
         tokio::spawn(deliver(
             self.state.clone(),
@@ -453,6 +454,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
                 Internal::new("acknowledging", format!("unexpected outcome {applied:?}")).into(),
             );
         };
+        self.state.metrics.acknowledged(u64::from(acknowledged));
         tracing::debug!(agency = %recipient, acknowledged, "acknowledged");
         Ok(Response::new(pb::AckResponse { acknowledged }))
     }
@@ -515,6 +517,7 @@ async fn deliver(
             }
         }
         let mut gone = false;
+        let mut sent = 0;
         for item in items {
             let delivery = pb::Delivery {
                 delivery_id: item.seq.to_string(),
@@ -524,7 +527,9 @@ async fn deliver(
                 gone = true;
                 break;
             }
+            sent += 1;
         }
+        state.metrics.delivered(sent);
         if gone {
             break;
         }
@@ -536,6 +541,7 @@ async fn deliver(
         }
     }
     state.dispatcher.release(&recipient, sub);
+    state.metrics.subscribed(recipient.as_str(), false);
     tracing::info!(agency = %recipient, "subscription ended");
 }
 
@@ -785,6 +791,10 @@ impl pb::audit_server::Audit for AuditService {
             req.to_size
         };
         if to > cp.size || req.from_size > to {
+            if to > cp.size {
+                // What a witness holding a checkpoint this log does not reach would ask.
+                self.state.metrics.consistency_refused();
+            }
             let refusal = Refusal::new(
                 Reason::Malformed,
                 format!(

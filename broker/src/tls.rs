@@ -351,10 +351,12 @@ async fn handshake(
         match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
+                log.metrics.handshake_failed(handshake_failure(&e));
                 log.refused(Some(remote_addr), "tls", &e);
                 return None;
             }
             Err(_) => {
+                log.metrics.handshake_failed("timeout");
                 log.refused(Some(remote_addr), "timeout", &"TLS handshake timed out");
                 return None;
             }
@@ -363,6 +365,7 @@ async fn handshake(
     match tokio::time::timeout(limits.preface_timeout, stream.read_exact(&mut preface)).await {
         Ok(Ok(_)) if preface == HTTP2_PREFACE => Some((stream, preface)),
         Ok(Ok(_)) => {
+            log.metrics.handshake_failed("no_http2_preface");
             log.refused(
                 Some(remote_addr),
                 "protocol",
@@ -371,13 +374,36 @@ async fn handshake(
             None
         }
         Ok(Err(e)) => {
+            log.metrics.handshake_failed(handshake_failure(&e));
             log.refused(Some(remote_addr), "tls", &e);
             None
         }
         Err(_) => {
+            log.metrics.handshake_failed("timeout");
             log.refused(Some(remote_addr), "timeout", &"no HTTP/2 preface in time");
             None
         }
+    }
+}
+
+/// The cause of a failed TLS handshake, as counted in `concordat_handshake_failures_total`
+/// (one of [`crate::metrics::HANDSHAKE_CAUSES`]): what rustls said of the client's
+/// certificate, or `tls_other`.
+fn handshake_failure(e: &io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(rustls) = e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) else {
+        return "tls_other";
+    };
+    match rustls {
+        E::NoCertificatesPresented => "no_certificate",
+        E::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "unknown_ca",
+            C::Expired | C::ExpiredContext { .. } => "expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+            C::Revoked => "revoked",
+            _ => "bad_certificate",
+        },
+        _ => "tls_other",
     }
 }
 
@@ -449,5 +475,41 @@ impl RefusalLog {
             refused_since_last_warning = more,
             "connection refused"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::{CertificateError as C, Error as E};
+
+    use super::*;
+
+    #[test]
+    fn failed_handshakes_are_counted_by_what_rustls_said() {
+        let wrapped = |e: E| io::Error::new(io::ErrorKind::InvalidData, e);
+        let cases = [
+            (wrapped(E::NoCertificatesPresented), "no_certificate"),
+            (
+                wrapped(E::InvalidCertificate(C::UnknownIssuer)),
+                "unknown_ca",
+            ),
+            (wrapped(E::InvalidCertificate(C::Expired)), "expired"),
+            (
+                wrapped(E::InvalidCertificate(C::NotValidYet)),
+                "not_yet_valid",
+            ),
+            (wrapped(E::InvalidCertificate(C::Revoked)), "revoked"),
+            (
+                wrapped(E::InvalidCertificate(C::BadSignature)),
+                "bad_certificate",
+            ),
+            (wrapped(E::DecryptError), "tls_other"),
+            (io::Error::from(io::ErrorKind::UnexpectedEof), "tls_other"),
+        ];
+        for (error, want) in cases {
+            let got = handshake_failure(&error);
+            assert_eq!(got, want, "{error}");
+            assert!(crate::metrics::HANDSHAKE_CAUSES.contains(&got));
+        }
     }
 }

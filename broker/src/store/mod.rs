@@ -426,6 +426,8 @@ pub struct StoreOptions {
     pub give_up_after: Duration,
     /// The directory whose file system's free space [`Store::free_bytes`] reports.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Where the writer thread records its batches, flushes and checkpoints (`/metrics`).
+    pub metrics: Option<Arc<crate::metrics::WriterMetrics>>,
 }
 
 impl StoreOptions {
@@ -436,7 +438,14 @@ impl StoreOptions {
             flush_timeout,
             give_up_after: flush_timeout * 6,
             data_dir: Some(data_dir.to_path_buf()),
+            metrics: None,
         }
+    }
+
+    /// These options, with the writer recording into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::WriterMetrics>) -> StoreOptions {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -859,6 +868,7 @@ fn write_loop(
             since: Instant::now(),
             replies,
         });
+        let started = Instant::now();
         let results = storage.apply_batch(&ops);
         // Seal the batch with a checkpoint, flushed together with it (and published beside
         // the database once the flush is durable).
@@ -870,6 +880,12 @@ fn write_loop(
             .map(|b| b.replies)
             .unwrap_or_default();
         shared.refresh_free_bytes();
+        if let (Ok(new), Some(m)) = (&synced, &shared.options.metrics) {
+            m.batch_written(ops.len(), started.elapsed());
+            if new.is_some() {
+                m.checkpoint_sealed();
+            }
+        }
         match synced {
             Ok(new) => {
                 if let Some(cp) = new {

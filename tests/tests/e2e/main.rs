@@ -15,6 +15,7 @@ mod full_disk;
 mod inbox;
 mod leak;
 mod logs;
+mod metrics;
 mod mtls;
 mod refusals;
 mod relay;
