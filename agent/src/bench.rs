@@ -866,7 +866,7 @@ pub async fn relay(
     )?;
     writeln!(
         out,
-        "ratio full/bare throughput: {:.2} (target >= 0.50)",
+        "ratio full/bare throughput: {:.2}",
         full.rate() / bare.rate().max(1e-9)
     )?;
     if let (Some(f), Some(b)) = (full.cpu_per_transfer(), bare.cpu_per_transfer()) {
