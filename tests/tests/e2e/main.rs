@@ -25,4 +25,5 @@ mod startup;
 mod store_damage;
 mod tlp;
 mod tls_reload;
+mod units;
 mod wire;
