@@ -146,6 +146,56 @@ pub struct ReceiptFile {
     /// The audit log index of the transfer's entry, when the broker provides it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub log_index: Option<u64>,
+    /// The whole proof of acceptance, as the broker gave it: checked offline by
+    /// `concordat receipt verify FILE --log-key K`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub proof: Option<ProofFile>,
+}
+
+/// A receipt's audit proof in a receipt file: the entry, a signed checkpoint that includes it,
+/// and the RFC 6962 inclusion proof.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProofFile {
+    /// The entry's index in the audit log.
+    pub log_index: u64,
+    /// The entry's exact bytes (a serialized `AuditEntry`), base64.
+    pub entry: String,
+    /// The signed checkpoint (a C2SP signed note).
+    pub checkpoint: String,
+    /// The inclusion proof's hashes, base64, leaf to root.
+    pub inclusion_proof: Vec<String>,
+}
+
+impl ProofFile {
+    /// The proof of `receipt`, if it carries one.
+    pub fn of(receipt: &pb::Receipt) -> Option<ProofFile> {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        receipt.audit.as_ref().map(|a| ProofFile {
+            log_index: a.log_index,
+            entry: b64.encode(&a.entry),
+            checkpoint: a.checkpoint.clone(),
+            inclusion_proof: a.inclusion_proof.iter().map(|h| b64.encode(h)).collect(),
+        })
+    }
+
+    /// The proof as the wire has it; `Err` names the field that is not base64.
+    pub fn to_wire(&self) -> Result<pb::AuditProof, String> {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let decode = |field: &str, s: &str| {
+            b64.decode(s.trim())
+                .map_err(|e| format!("proof.{field} is not base64: {e}"))
+        };
+        Ok(pb::AuditProof {
+            log_index: self.log_index,
+            checkpoint: self.checkpoint.clone(),
+            entry: decode("entry", &self.entry)?,
+            inclusion_proof: self
+                .inclusion_proof
+                .iter()
+                .map(|h| decode("inclusion_proof", h))
+                .collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 /// One recipient's authority, in a receipt file.
@@ -365,6 +415,7 @@ impl Spool {
             consent_jti: receipt.consent_jti.clone(),
             consent_issuer: receipt.consent_issuer.clone(),
             log_index: receipt.audit.as_ref().map(|a| a.log_index),
+            proof: ProofFile::of(receipt),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let id = receipt.message_id.parse().ok();

@@ -52,6 +52,52 @@ fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, WitnessError> {
         .collect()
 }
 
+/// Checks, offline, that `proof` proves the acceptance of transfer `transfer_id` (message
+/// `message_id`): the checkpoint is signed by the log key `verifier` names, the entry is that
+/// transfer's `transfer_accepted` entry, and the inclusion proof places the entry at its index
+/// in the checkpoint's tree. Returns the checkpoint, or what is wrong.
+pub fn verify_proof(
+    verifier: &LogVerifier,
+    transfer_id: &str,
+    message_id: &str,
+    proof: &pb::AuditProof,
+) -> Result<Checkpoint, String> {
+    let cp = checkpoint::open(&proof.checkpoint, verifier)
+        .map_err(|e| format!("the receipt's checkpoint does not verify: {e}"))?;
+    let entry = audit::decode(&proof.entry).map_err(|e| format!("the receipt's entry: {e}"))?;
+    match &entry.event {
+        Some(pb::audit_entry::Event::TransferAccepted(a))
+            if a.transfer_id == transfer_id
+                && a.envelope
+                    .as_ref()
+                    .is_some_and(|e| e.message_id == message_id) => {}
+        _ => {
+            return Err(format!(
+                "the audit entry of receipt {transfer_id} describes something else"
+            ));
+        }
+    }
+    let path: Vec<Hash> = proof
+        .inclusion_proof
+        .iter()
+        .map(|h| Hash::from_slice(h).map_err(|_| "a proof hash is not 32 bytes".to_owned()))
+        .collect::<Result<_, _>>()?;
+    merkle::check_record(
+        &path,
+        cp.size(),
+        cp.root(),
+        proof.log_index,
+        &merkle::leaf_hash(&proof.entry),
+    )
+    .map_err(|e| {
+        format!(
+            "entry {} is not in the checkpoint's tree: {e}",
+            proof.log_index
+        )
+    })?;
+    Ok(cp)
+}
+
 impl Witness {
     /// A witness trusting `verifier`, keeping its last checkpoint in `state_dir/checkpoint`.
     pub fn new(verifier: LogVerifier, state_dir: PathBuf) -> anyhow::Result<Self> {
@@ -98,37 +144,13 @@ impl Witness {
                 receipt.message_id
             )));
         };
-        let cp = checkpoint::open(&proof.checkpoint, &self.verifier)
-            .map_err(|e| self.alarm(format!("receipt checkpoint does not verify: {e}")))?;
-        let entry =
-            audit::decode(&proof.entry).map_err(|e| self.alarm(format!("receipt entry: {e}")))?;
-        match &entry.event {
-            Some(pb::audit_entry::Event::TransferAccepted(a))
-                if a.transfer_id == receipt.transfer_id
-                    && a.envelope
-                        .as_ref()
-                        .is_some_and(|e| e.message_id == receipt.message_id) => {}
-            _ => {
-                return Err(self.alarm(format!(
-                    "the audit entry of receipt {} describes something else",
-                    receipt.transfer_id
-                )));
-            }
-        }
-        let path = hashes(&proof.inclusion_proof)?;
-        merkle::check_record(
-            &path,
-            cp.size(),
-            cp.root(),
-            proof.log_index,
-            &merkle::leaf_hash(&proof.entry),
+        let cp = verify_proof(
+            &self.verifier,
+            &receipt.transfer_id,
+            &receipt.message_id,
+            proof,
         )
-        .map_err(|e| {
-            self.alarm(format!(
-                "entry {} is not in the checkpoint's tree: {e}",
-                proof.log_index
-            ))
-        })?;
+        .map_err(|why| self.alarm(why))?;
         self.advance(broker, cp, &proof.checkpoint).await
     }
 

@@ -79,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Receipts the agent saved (`sent/<name>.receipt.json`): offline verification.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
     /// The audit log: export, offline verification, explanation.
     Audit {
         #[command(subcommand)]
@@ -325,6 +330,52 @@ enum AuditCommand {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Checks a receipt file offline: its checkpoint is signed by the log key, its entry is
+    /// the transfer's acceptance, and the inclusion proof places the entry in the checkpoint's
+    /// tree. Prints a one-line verdict; exit 1 on failure.
+    Verify {
+        /// The receipt file (`sent/<name>.receipt.json`).
+        file: PathBuf,
+        /// The log's verifier key (concordat-broker log-key), or @FILE.
+        #[arg(long)]
+        log_key: String,
+    },
+}
+
+/// `concordat receipt verify`: the verdict, or why the receipt does not prove anything.
+fn verify_receipt(file: &std::path::Path, key: &LogVerifier) -> anyhow::Result<String> {
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let receipt: concordat_agent::spool::ReceiptFile = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a receipt file", file.display()))?;
+    let proof = receipt.proof.as_ref().with_context(|| {
+        format!(
+            "{} holds no proof (written by an agent older than the proof field)",
+            file.display()
+        )
+    })?;
+    let wire = proof
+        .to_wire()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let cp = concordat_agent::witness::verify_proof(
+        key,
+        &receipt.transfer_id,
+        &receipt.message_id,
+        &wire,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(format!(
+        "VERIFIED: transfer {} (message {}) is entry {} of {} (checkpoint of size {}, root {})",
+        receipt.transfer_id,
+        receipt.message_id,
+        wire.log_index,
+        cp.origin(),
+        cp.size(),
+        cp.root().to_hex()
+    ))
 }
 
 fn rfc3339(flag: &str, value: Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
@@ -623,6 +674,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consent { command } => consent(command).await,
         Command::Significance { command } => significance(command),
         Command::Send(args) => send(args).await,
+        Command::Receipt {
+            command: ReceiptCommand::Verify { file, log_key: key },
+        } => {
+            let key = log_key(&key)?;
+            match verify_receipt(&file, &key) {
+                Ok(verdict) => {
+                    println!("{verdict}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("FAILED: {e:#}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Audit { command } => audit(command).await,
         Command::Bench { command } => {
             let mut out = std::io::stdout();

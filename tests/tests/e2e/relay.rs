@@ -808,3 +808,78 @@ fn sigterm_stops_the_agent_promptly_with_nothing_half_moved() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
     assert!(spool.files("outbox").unwrap().is_empty());
 }
+
+/// The agent keeps each receipt's whole proof (entry, signed checkpoint, inclusion proof) in
+/// `sent/<name>.receipt.json`, and `concordat receipt verify FILE --log-key K` checks it offline,
+/// with nothing but the file and the log's verifier key; a changed byte in the entry, or another
+/// log's key, fails it.
+#[test]
+fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
+    let fed = Federation::start(&Limits::default());
+    let mut nca = fed.agent("nca");
+    let outbox = nca.spool().clone();
+    outbox.drop_message("m.json", &message("ico", 1)).unwrap();
+    wait_for("the file sent", OUTCOME_TIMEOUT, || {
+        match outbox.count_moved("sent") {
+            1 => Ok(()),
+            n => Err(n.to_string()),
+        }
+    })
+    .unwrap();
+    let receipt = outbox.root().join("sent/m.json.receipt.json");
+    let saved: ReceiptFile = serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
+    let proof = saved.proof.as_ref().expect("the receipt keeps its proof");
+    assert_eq!(Some(proof.log_index), saved.log_index);
+
+    let key_out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
+        .args(["log-key", "--config"])
+        .arg(fed.dir.path().join("broker.toml"))
+        .arg("--data-dir")
+        .arg(fed.broker.data_dir())
+        .output()
+        .unwrap();
+    assert!(key_out.status.success());
+    let key = String::from_utf8(key_out.stdout).unwrap().trim().to_owned();
+    let verify = |file: &Path, key: &str| {
+        let out = std::process::Command::new(concordat_tests::binary("concordat").unwrap())
+            .args(["receipt", "verify"])
+            .arg(file)
+            .args(["--log-key", key])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, said) = verify(&receipt, &key);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.starts_with("VERIFIED: transfer"), "{said}");
+
+    // One byte of the entry changed (the base64 re-encoded, so the file still parses).
+    let mut tampered = saved;
+    {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let p = tampered.proof.as_mut().unwrap();
+        let mut entry = b64.decode(&p.entry).unwrap();
+        let last = entry.len() - 1;
+        entry[last] ^= 1;
+        p.entry = b64.encode(entry);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let changed = dir.path().join("changed.receipt.json");
+    std::fs::write(&changed, serde_json::to_vec(&tampered).unwrap()).unwrap();
+    let (code, said) = verify(&changed, &key);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.starts_with("FAILED:"), "{said}");
+
+    // Another log's key does not verify the checkpoint.
+    let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
+        .unwrap()
+        .verifier_key();
+    let (code, said) = verify(&receipt, &other);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("checkpoint does not verify"), "{said}");
+    let _ = nca.terminate(STOP_TIMEOUT);
+}
