@@ -7,8 +7,7 @@
 //! standard error is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so a
 //! log file or a journal never gets escape codes. `RUST_LOG` overrides the default filter.
 //!
-//! The agent crate has a twin of this module (`concordat_agent::logging`), so that the agent
-//! does not need the broker library for its logs.
+//! The agent's binaries use it too (`concordat_agent::logging` re-exports it).
 
 use std::{ffi::OsStr, fmt, io::IsTerminal, str::FromStr};
 
