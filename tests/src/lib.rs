@@ -269,3 +269,52 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         Err(e) => Err(anyhow::anyhow!("{e}")),
     }
 }
+
+/// A Python (in a virtual environment `target/<venv>` of the workspace, made and reused across
+/// runs) in which `import <module>` works, installing `requirement` from PyPI with pip when it
+/// does not yet; `Err` says why there is none (no `python3`, no `venv` module, no PyPI). Used by
+/// the tests that check the broker against outside tools (the OASIS STIX validator, the
+/// Prometheus parsers).
+pub fn python_venv(venv: &str, module: &str, requirement: &str) -> Result<PathBuf, String> {
+    use std::process::Command;
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(venv);
+    let python = venv.join("bin/python");
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ))
+        }
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", requirement]),
+        &format!("pip install {requirement}"),
+    )?;
+    if ready(&python) {
+        Ok(python)
+    } else {
+        Err(format!("{module} does not import after installation"))
+    }
+}

@@ -67,44 +67,11 @@ fn unavailable(what: &str, why: &str) {
 
 /// A Python with `prometheus_client`, installing it if needed; `Err` says why not.
 fn parser_python() -> Result<PathBuf, String> {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/prometheus-client-venv");
-    let python = venv.join("bin/python");
-    let ready = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import prometheus_client.openmetrics.parser"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if ready(&python) {
-        return Ok(python);
-    }
-    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
-        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{what} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            ))
-        }
-    };
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        "python3 -m venv",
-    )?;
-    run(
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", PYTHON_CLIENT]),
-        &format!("pip install {PYTHON_CLIENT}"),
-    )?;
-    if ready(&python) {
-        Ok(python)
-    } else {
-        Err("prometheus_client does not import after installation".into())
-    }
+    concordat_tests::python_venv(
+        "prometheus-client-venv",
+        "prometheus_client.openmetrics.parser",
+        PYTHON_CLIENT,
+    )
 }
 
 /// `promtool`, if it runs.

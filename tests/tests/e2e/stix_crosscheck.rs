@@ -1,18 +1,12 @@
-//! Cross-check: every bundle of `testdata/stix/` gets the same verdict from the broker as from
+//! Cross-check: every bundle of `broker/testdata/stix/` gets the same verdict from the broker as from
 //! the OASIS `stix2-validator`, but for the differences listed, with their reasons, in
-//! `testdata/stix/oasis-differences.txt` (and explained in `docs/stix.md`).
+//! `broker/testdata/stix/oasis-differences.txt` (and explained in `docs/stix.md`).
 //!
 //! The validator is installed by this test into a virtual environment under the workspace's
 //! `target/` (reused by later runs). Without `python3` or PyPI, the test says SKIPPED and why,
 //! and passes, unless `CONCORDAT_STIX_CROSSCHECK_REQUIRED` is set (as `.ci/run` does).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{collections::BTreeMap, path::PathBuf, process::Command};
 
 use concordat_broker::content::{Content, ContentKind};
 
@@ -35,49 +29,12 @@ for path in sys.argv[1:]:
 "#;
 
 fn corpus_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/stix")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../broker/testdata/stix")
 }
 
 /// A Python with the validator, installing it if needed; `Err` says why not.
 fn validator_python() -> Result<PathBuf, String> {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/stix2-validator-venv");
-    let python = venv.join("bin/python");
-    let ready = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import stix2validator"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if ready(&python) {
-        return Ok(python);
-    }
-    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
-        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{what} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            ))
-        }
-    };
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        "python3 -m venv",
-    )?;
-    run(
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", VALIDATOR]),
-        &format!("pip install {VALIDATOR}"),
-    )?;
-    if ready(&python) {
-        Ok(python)
-    } else {
-        Err("stix2validator does not import after installation".into())
-    }
+    concordat_tests::python_venv("stix2-validator-venv", "stix2validator", VALIDATOR)
 }
 
 #[test]
