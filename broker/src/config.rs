@@ -407,6 +407,31 @@ impl Config {
                 .read(path)
                 .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
         };
+        // A PASERK public key given inline (`key`) or in a file (`key_file`), exactly one of
+        // the two; `at` names a key of the table it is in.
+        let public_key = |at: &dyn Fn(&str) -> String,
+                          key: Option<String>,
+                          key_file: Option<PathBuf>|
+         -> Result<PublicKey, ConfigError> {
+            let text = match (key, key_file) {
+                (Some(k), None) => k,
+                (None, Some(path)) => {
+                    let bytes = read(&at("key_file"), &path)?;
+                    String::from_utf8(bytes)
+                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
+                        .trim()
+                        .to_owned()
+                }
+                _ => {
+                    return Err(invalid(
+                        &at("key"),
+                        "give exactly one of key and key_file".into(),
+                    ));
+                }
+            };
+            text.parse()
+                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))
+        };
         let cert = read("tls.cert", &raw.tls.cert)?;
         let key = read("tls.key", &raw.tls.key)?;
         let client_ca = read("tls.client_ca", &raw.tls.client_ca)?;
@@ -584,25 +609,7 @@ impl Config {
         }
         for (i, issuer) in raw.consent_issuers.into_iter().enumerate() {
             let at = |k: &str| format!("consent_issuers[{i}].{k}");
-            let text = match (issuer.key, issuer.key_file) {
-                (Some(k), None) => k,
-                (None, Some(path)) => {
-                    let bytes = read(&at("key_file"), &path)?;
-                    String::from_utf8(bytes)
-                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
-                        .trim()
-                        .to_owned()
-                }
-                _ => {
-                    return Err(invalid(
-                        &at("key"),
-                        "give exactly one of key and key_file".into(),
-                    ));
-                }
-            };
-            let key: PublicKey = text
-                .parse()
-                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))?;
+            let key = public_key(&at, issuer.key, issuer.key_file)?;
             let agency = match issuer.agency {
                 None => None,
                 Some(a) => {
@@ -681,25 +688,7 @@ impl Config {
                     format!("{agency} is not a declared agency"),
                 ));
             }
-            let text = match (o.key, o.key_file) {
-                (Some(k), None) => k,
-                (None, Some(path)) => {
-                    let bytes = read(&at("key_file"), &path)?;
-                    String::from_utf8(bytes)
-                        .map_err(|_| invalid(&at("key_file"), "is not UTF-8 text".into()))?
-                        .trim()
-                        .to_owned()
-                }
-                _ => {
-                    return Err(invalid(
-                        &at("key"),
-                        "give exactly one of key and key_file".into(),
-                    ));
-                }
-            };
-            let key: PublicKey = text
-                .parse()
-                .map_err(|e| invalid(&at("key"), format!("not a PASERK k4.public key: {e}")))?;
+            let key = public_key(&at, o.key, o.key_file)?;
             let key_id = key.key_id();
             if policy.significance_officers.contains_key(&key_id)
                 || policy.issuers.contains_key(&key_id)
