@@ -114,13 +114,28 @@ impl ClientTls {
                 source,
             })
         };
-        Ok(ClientTls {
+        Ok(ClientTls::from_pem(
+            broker_url,
+            read(ca)?,
+            read(cert)?,
+            read(key)?,
+        ))
+    }
+
+    /// The CA, certificate and key as PEM text, with the default timeouts.
+    pub fn from_pem(
+        broker_url: &str,
+        ca_pem: Vec<u8>,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> Self {
+        ClientTls {
             broker_url: broker_url.to_owned(),
-            ca_pem: read(ca)?,
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
+            ca_pem,
+            cert_pem,
+            key_pem,
             timeouts: Timeouts::default(),
-        })
+        }
     }
 
     /// The endpoint, configured but not connected.
@@ -216,5 +231,26 @@ impl Broker {
     /// The `Audit` client.
     pub fn audit(&self) -> AuditClient<Channel> {
         AuditClient::new(self.channel.clone())
+    }
+}
+
+/// The reason code and message of a status that is a Concordat refusal.
+pub fn refusal_of(status: &tonic::Status) -> Option<(String, String)> {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details.error_info()?;
+    (info.domain == "concordat").then(|| (info.reason.clone(), status.message().to_owned()))
+}
+
+/// An error for a status that is not a refusal (or is one, from an RPC where refusals are errors).
+/// A missed deadline ([`Broker::deadline`]) is its own message, which names the
+/// broker and the timeout.
+pub fn describe_status(status: tonic::Status) -> anyhow::Error {
+    match refusal_of(&status) {
+        Some((reason, message)) => anyhow::anyhow!("refused [{reason}]: {message}"),
+        None if status.code() == tonic::Code::DeadlineExceeded => {
+            anyhow::anyhow!("{}", status.message())
+        }
+        None => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
     }
 }

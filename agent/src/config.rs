@@ -11,7 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::client::{ClientError, ClientTls, Timeouts};
+use crate::client::{ClientTls, Timeouts};
 
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,18 @@ pub enum AgentConfigError {
         /// The parser's message, naming line and key.
         message: String,
     },
+    /// A file a key names could not be read.
+    #[error("{file}: {key}: cannot read {path}: {source}")]
+    File {
+        /// The configuration file.
+        file: String,
+        /// The key that names the file.
+        key: &'static str,
+        /// The file the key names.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A key has an unacceptable value.
     #[error("{file}: {key}: {problem}")]
     Invalid {
@@ -48,6 +60,8 @@ pub enum AgentConfigError {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The configuration file this was loaded from (for messages).
+    pub file: PathBuf,
     /// The broker's URL, `https://host:port`.
     pub broker: String,
     /// The federation CA certificate.
@@ -211,6 +225,7 @@ impl AgentConfig {
             })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(AgentConfig {
+            file: path.to_path_buf(),
             broker: raw.broker,
             ca: base.join(raw.ca),
             cert: base.join(raw.cert),
@@ -226,11 +241,26 @@ impl AgentConfig {
         })
     }
 
-    /// The TLS client settings, read from the files.
-    pub fn client_tls(&self) -> Result<ClientTls, ClientError> {
-        let mut tls = ClientTls::from_files(&self.broker, &self.ca, &self.cert, &self.key)?;
-        tls.timeouts = self.timeouts;
-        Ok(tls)
+    /// The TLS client settings, read from the files. An error names this file, the key and
+    /// the file it names.
+    pub fn client_tls(&self) -> Result<ClientTls, AgentConfigError> {
+        let read = |key, path: &Path| {
+            std::fs::read(path).map_err(|source| AgentConfigError::File {
+                file: self.file.display().to_string(),
+                key,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let (ca, cert, key) = (
+            read("ca", &self.ca)?,
+            read("cert", &self.cert)?,
+            read("key", &self.key)?,
+        );
+        Ok(ClientTls {
+            timeouts: self.timeouts,
+            ..ClientTls::from_pem(&self.broker, ca, cert, key)
+        })
     }
 }
 

@@ -39,9 +39,8 @@ use std::sync::Arc;
 use concordat_proto::checkpoint::LogVerifier;
 
 use crate::{
-    client::{Broker, ClientError, ClientTls},
+    client::{Broker, ClientError, ClientTls, refusal_of},
     config::AgentConfig,
-    operator::refusal_of,
     spool::{Delivered, DeliveryError, Spool},
     witness::{Witness, WitnessError},
 };

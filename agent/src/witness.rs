@@ -194,7 +194,7 @@ impl Witness {
                 to_size: large.size(),
             }))
             .await
-            .map_err(|s| match crate::operator::refusal_of(&s) {
+            .map_err(|s| match crate::client::refusal_of(&s) {
                 // An honest broker can always prove consistency between two sizes it signed;
                 // refusing the sizes means its log no longer reaches the larger one.
                 Some((reason, message)) if reason == "MALFORMED" => self.alarm(format!(

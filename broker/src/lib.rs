@@ -18,12 +18,11 @@
 //!   that decides whether an envelope may be relayed.
 //! - [`registry`]: the protected organisations, and the [`registry::Matcher`] that finds their
 //!   names and identifiers in a payload.
-//! - [`cli_docs`]: shell completions and man pages of the three binaries, from their clap
-//!   definitions.
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
-//! - [`logging`]: the binaries' log subscriber: text or JSON lines, colour only on a terminal.
+//! - [`logging`] and [`cli_docs`]: re-exported from `concordat-support`, which every binary
+//!   shares (the log subscriber; completions and man pages).
 //! - [`metrics`]: Prometheus counters and gauges, served at `/metrics` when configured.
 //! - [`dispatch`]: which deliveries are in flight on which subscription.
 //! - [`refusal`]: reason codes and the one mapping from outcomes to `tonic::Status`.
@@ -33,7 +32,7 @@
 //! from the listener: no sleeps, no races.
 
 pub mod audit_log;
-pub mod cli_docs;
+pub use concordat_support::{cli_docs, logging};
 pub mod clock;
 pub mod config;
 pub mod connections;
@@ -41,7 +40,6 @@ pub mod content;
 pub mod dispatch;
 pub mod gate;
 pub mod identity;
-pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod refusal;

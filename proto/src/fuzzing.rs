@@ -12,6 +12,8 @@
 //! The keys here are fixed and public (derived from constant seeds), for fuzzing only: the
 //! seed corpus holds artefacts signed with them, so mutations start from inputs that verify.
 
+use std::path::Path;
+
 use prost::Message as _;
 
 use crate::checkpoint::{self, Checkpoint, LogSigner, LogVerifier};
@@ -31,6 +33,63 @@ pub enum Outcome {
     Parsed,
     /// Accepted by the deepest check: a signature or proof verified, an envelope validated.
     Accepted,
+}
+
+/// A fuzz target's body, as the replay test and the cargo-fuzz target call it.
+pub type Body = fn(&[u8]) -> Outcome;
+
+/// Replays every committed corpus file (`corpus_root/<target>/*`) through its target's body on
+/// stable, without a fuzzer, as every crate's `committed_fuzz_corpora_replay` test does. It
+/// panics, naming the file, when an input breaks an invariant, when a corpus is empty or
+/// missing, or when no file of a corpus reaches the target's accepting path.
+pub fn replay_corpora(corpus_root: &Path, targets: &[(&str, Body)]) {
+    for &(target, run) in targets {
+        let dir = corpus_root.join(target);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => panic!("{target}: cannot read {}: {e}", dir.display()),
+        };
+        let mut files = 0;
+        let mut deepest = Outcome::Refused;
+        for entry in entries {
+            let path = match entry {
+                Ok(entry) => entry.path(),
+                Err(e) => panic!("{target}: cannot list {}: {e}", dir.display()),
+            };
+            let data = match std::fs::read(&path) {
+                Ok(data) => data,
+                Err(e) => panic!("{target}: cannot read {}: {e}", path.display()),
+            };
+            let outcome = std::panic::catch_unwind(|| run(&data))
+                .unwrap_or_else(|_| panic!("{target}: {} broke an invariant", path.display()));
+            deepest = deepest.max(outcome);
+            files += 1;
+        }
+        assert!(files > 0, "{target}: empty corpus in {}", dir.display());
+        assert_eq!(
+            deepest,
+            Outcome::Accepted,
+            "{target}: no corpus file is accepted"
+        );
+    }
+}
+
+/// Writes seed inputs into `corpus_root/<target>/`, each named `seed-` and the first 16 bytes of
+/// its SHA-256 in hex, so that seeds already there are simply rewritten. For the ignored
+/// `write_fuzz_seeds` tests, run by hand; it panics on an I/O error.
+pub fn write_seeds(corpus_root: &Path, target: &str, seeds: &[Vec<u8>]) {
+    use sha2::{Digest as _, Sha256};
+    let dir = corpus_root.join(target);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        panic!("cannot create {}: {e}", dir.display());
+    }
+    for seed in seeds {
+        let name = hex::encode(&Sha256::digest(seed)[..16]);
+        let path = dir.join(format!("seed-{name}"));
+        if let Err(e) = std::fs::write(&path, seed) {
+            panic!("cannot write {}: {e}", path.display());
+        }
+    }
 }
 
 /// The seed of the consent-token key whose tokens the paseto corpus carries.
@@ -561,12 +620,8 @@ mod tests {
     use super::*;
     use crate::consent::RevocationTarget;
     use crate::envelope::Kind;
-    use sha2::{Digest as _, Sha256};
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use time::OffsetDateTime;
-
-    /// A fuzz target's body.
-    type Body = fn(&[u8]) -> Outcome;
 
     /// The fuzz targets of this crate, by the name of their corpus directory.
     const TARGETS: [(&str, Body); 5] = [
@@ -577,34 +632,15 @@ mod tests {
         ("merkle", merkle),
     ];
 
-    fn corpus_dir(target: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target)
+    fn corpus_root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus")
     }
 
     /// Replays every committed corpus file through its target on stable, without a fuzzer:
     /// no invariant may fail, and each corpus must reach the target's verifying code.
     #[test]
     fn committed_fuzz_corpora_replay() {
-        for (target, run) in TARGETS {
-            let mut files = 0;
-            let mut deepest = Outcome::Refused;
-            for entry in std::fs::read_dir(corpus_dir(target)).expect(target) {
-                let path = entry.unwrap().path();
-                let data = std::fs::read(&path).unwrap();
-                let outcome = std::panic::catch_unwind(|| run(&data))
-                    .unwrap_or_else(|_| panic!("{target}: {} broke an invariant", path.display()));
-                deepest = deepest.max(outcome);
-                files += 1;
-            }
-            assert!(files > 0, "{target}: empty corpus");
-            assert_eq!(
-                deepest,
-                Outcome::Accepted,
-                "{target}: no corpus file is accepted"
-            );
-        }
+        replay_corpora(&corpus_root(), &TARGETS);
     }
 
     /// Regenerates the seed inputs of the corpora (run with `--ignored`; files are named by
@@ -613,12 +649,7 @@ mod tests {
     #[ignore = "writes proto/fuzz/corpus; run by hand to regenerate the seeds"]
     fn write_fuzz_seeds() {
         for (target, seeds) in seeds() {
-            let dir = corpus_dir(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            for seed in seeds {
-                let name = hex::encode(&Sha256::digest(&seed)[..16]);
-                std::fs::write(dir.join(format!("seed-{name}")), seed).unwrap();
-            }
+            write_seeds(&corpus_root(), target, &seeds);
         }
     }
 

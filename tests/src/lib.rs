@@ -13,11 +13,9 @@ use std::{
     sync::Once,
 };
 
-use concordat_agent::{
-    client::{Broker, ClientTls, Timeouts},
-    pki::{Ca, Issued},
-};
+use concordat_agent::client::{Broker, ClientTls, Timeouts};
 use concordat_broker::config::{Agency, Config, TlsMaterial};
+use concordat_cli::pki::{Ca, Issued};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 /// The federation used by most tests: the three agencies of the default federation.

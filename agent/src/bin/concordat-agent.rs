@@ -32,7 +32,7 @@ enum Command {
     /// powershell).
     Completions {
         /// The shell.
-        shell: concordat_broker::cli_docs::Shell,
+        shell: concordat_support::cli_docs::Shell,
     },
     /// Writes man pages, one per command and subcommand, into a directory.
     Man {
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", concordat_support::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Completions { shell } => {
-            concordat_broker::cli_docs::completions(
+            concordat_support::cli_docs::completions(
                 <Cli as clap::CommandFactory>::command(),
                 shell,
                 &mut std::io::stdout(),
@@ -83,7 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man { out_dir } => {
-            let files = concordat_broker::cli_docs::man_pages(
+            let files = concordat_support::cli_docs::man_pages(
                 <Cli as clap::CommandFactory>::command(),
                 &out_dir,
             )

@@ -31,7 +31,7 @@ enum Command {
     /// powershell).
     Completions {
         /// The shell.
-        shell: concordat_broker::cli_docs::Shell,
+        shell: concordat_support::cli_docs::Shell,
     },
     /// Writes man pages, one per command and subcommand, into a directory.
     Man {
@@ -107,17 +107,17 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", concordat_support::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
 /// Installs the log subscriber: `--log-format`, else the configuration's `log_format`, else
-/// text (see `concordat_broker::logging`).
+/// text (see `concordat_support::logging`).
 fn init_logging(flag: Option<LogFormat>, config: Option<&Config>) -> anyhow::Result<()> {
     let format = flag.or(config.map(|c| c.log_format)).unwrap_or_default();
-    concordat_broker::logging::init(format, "info")
+    concordat_support::logging::init(format, "info")
         .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
@@ -133,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     match cli.command {
         Command::Completions { shell } => {
-            concordat_broker::cli_docs::completions(
+            concordat_support::cli_docs::completions(
                 <Cli as clap::CommandFactory>::command(),
                 shell,
                 &mut std::io::stdout(),
@@ -141,7 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man { out_dir } => {
-            let files = concordat_broker::cli_docs::man_pages(
+            let files = concordat_support::cli_docs::man_pages(
                 <Cli as clap::CommandFactory>::command(),
                 &out_dir,
             )

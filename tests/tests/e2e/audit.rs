@@ -17,7 +17,6 @@ use std::{
 };
 
 use concordat_agent::{
-    audit_file::{self, Format},
     client::Broker,
     daemon::{self, AgentEvent, AgentSettings},
     spool::{Spool, atomic_write},
@@ -28,6 +27,7 @@ use concordat_broker::{
     policy::{Agreement, ConsentIssuer, Flow, Organisations, Policy},
     refusal::reason_of,
 };
+use concordat_cli::audit_file::{self, Format};
 use concordat_proto::{
     audit,
     checkpoint::{self, Checkpoint, LogSigner, LogVerifier},

@@ -25,16 +25,14 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
-use concordat_agent::{
-    audit_file::{self, Format},
-    client::Broker,
-};
+use concordat_agent::client::Broker;
 use concordat_broker::{
     audit_log::{self, DEFAULT_ORIGIN},
     config::Limits,
     refusal::reason_of,
     store::{SledStorage, Storage},
 };
+use concordat_cli::audit_file::{self, Format};
 use concordat_proto::{
     audit,
     checkpoint::{self, Checkpoint, LogVerifier},

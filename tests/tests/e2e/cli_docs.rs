@@ -1,5 +1,6 @@
 //! The command-line conventions an operator expects of each of the three binaries: `--version`,
-//! shell completions that bash can load, and man pages that `man` renders, one per subcommand.
+//! shell completions that bash can load, man pages that `man` renders, one per subcommand, and
+//! errors that name the file and the key and say the operating system's error once.
 
 use std::process::Command;
 
@@ -86,4 +87,124 @@ fn every_binary_has_a_version_completions_and_man_pages() {
             eprintln!("skipping the man rendering check: /usr/bin/man is not installed");
         }
     }
+}
+
+/// A file that names a missing file: each binary's error names the configuration file, the key
+/// and the missing file, and says the operating system's error exactly once.
+#[test]
+fn errors_name_the_file_and_the_key_and_say_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing = d.join("absent");
+    let agent_toml = d.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "broker = \"https://127.0.0.1:1\"\nca = \"{}/ca.pem\"\ncert = \"ico.pem\"\nkey = \"ico.key\"\nspool = \"spool\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let broker_toml = d.join("broker.toml");
+    std::fs::write(
+        &broker_toml,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[tls]\ncert = \"{0}/broker.pem\"\nkey = \"{0}/broker.key\"\nclient_ca = \"{0}/ca.pem\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let agent = agent_toml.display().to_string();
+    let broker = broker_toml.display().to_string();
+    let nowhere = d.join("nowhere.toml").display().to_string();
+    let os_error = "(os error 2)";
+    // (binary, arguments, what the message must name)
+    let cases: [(&str, Vec<&str>, Vec<String>); 5] = [
+        (
+            "concordat-agent",
+            vec!["run", "--config", &agent],
+            vec![
+                agent.clone(),
+                "ca:".into(),
+                format!("{}/ca.pem", missing.display()),
+            ],
+        ),
+        (
+            "concordat",
+            vec!["audit", "export", "--out", "x.jsonl", "--config", &agent],
+            vec![
+                agent.clone(),
+                "ca:".into(),
+                format!("{}/ca.pem", missing.display()),
+            ],
+        ),
+        (
+            "concordat-broker",
+            vec!["check-config", &broker],
+            vec![
+                broker.clone(),
+                "tls.cert".into(),
+                format!("{}/broker.pem", missing.display()),
+            ],
+        ),
+        (
+            "concordat-agent",
+            vec!["run", "--config", &nowhere],
+            vec![nowhere.clone()],
+        ),
+        (
+            "concordat-broker",
+            vec!["check-config", &nowhere],
+            vec![nowhere.clone()],
+        ),
+    ];
+    for (bin, args, names) in cases {
+        let (ok, _, err) = run(bin, &args);
+        assert!(!ok, "{bin} {args:?} succeeded");
+        for name in &names {
+            assert!(
+                err.contains(name.as_str()),
+                "{bin} {args:?}: {name:?} not in {err}"
+            );
+        }
+        assert_eq!(
+            err.matches(os_error).count(),
+            1,
+            "{bin} {args:?}: the OS error is said once: {err}"
+        );
+    }
+}
+
+/// `keygen --help` names the public key file keygen really writes, and keygen says it too; it
+/// overwrites neither file and refuses a secret key file named `*.pub`.
+#[test]
+fn keygen_names_the_public_key_file_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, help, err) = run("concordat", &["keygen", "--help"]);
+    assert!(ok, "{err}");
+    assert!(help.contains("desk.key -> desk.pub"), "{help}");
+
+    let secret = dir.path().join("desk.key");
+    let public = dir.path().join("desk.pub");
+    let (ok, out, err) = run("concordat", &["keygen", "--out", secret.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let written = std::fs::read_to_string(&public).unwrap();
+    assert!(written.starts_with("k4.public."), "{written}");
+    assert!(out.contains(public.to_str().unwrap()), "{out}");
+    assert!(out.contains(written.trim()), "{out}");
+
+    let (ok, _, err) = run("concordat", &["keygen", "--out", secret.to_str().unwrap()]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    std::fs::remove_file(&secret).unwrap();
+    let (ok, _, err) = run("concordat", &["keygen", "--out", secret.to_str().unwrap()]);
+    assert!(!ok && err.contains(public.to_str().unwrap()), "{err}");
+    assert!(
+        !secret.exists(),
+        "nothing written when the public key file exists"
+    );
+
+    let bad = dir.path().join("other.pub");
+    let (ok, _, err) = run("concordat", &["keygen", "--out", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains(".pub"), "{err}");
+    assert!(!bad.exists());
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use concordat_agent::bench::{Flood, hello_latencies, raise_fd_limit};
+use concordat_cli::bench::{Flood, hello_latencies, raise_fd_limit};
 use concordat_tests::{TestPki, federation_config, spawn_broker};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tokio::io::AsyncReadExt;

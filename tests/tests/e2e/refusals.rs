@@ -6,14 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use concordat_agent::{
-    audit_file::{self, Format},
-    client::Broker,
-    pki::Issued,
-};
+use concordat_agent::client::Broker;
 use concordat_broker::{
     audit_log::{self, DEFAULT_ORIGIN},
     refusal::reason_of,
+};
+use concordat_cli::{
+    audit_file::{self, Format},
+    pki::Issued,
 };
 use concordat_proto::{audit, pb};
 use concordat_tests::{BrokerHandle, TestPki, federation_config, spawn_broker};

@@ -13,15 +13,13 @@ use std::{
     time::{Duration as StdDuration, Instant},
 };
 
-use concordat_agent::{
-    audit_file::{self, Format},
-    client::Broker,
-};
+use concordat_agent::client::Broker;
 use concordat_broker::{
     config::Config,
     policy::{Agreement, ConsentIssuer, Flow, LegalBases, LegalBasis, Organisations},
     refusal::reason_of,
 };
+use concordat_cli::audit_file::{self, Format};
 use concordat_proto::{
     consent::ConsentClaims,
     envelope::Kind,

@@ -7,7 +7,7 @@
 //! standard error is a terminal and `NO_COLOR` is unset or empty (<https://no-color.org>), so a
 //! log file or a journal never gets escape codes. `RUST_LOG` overrides the default filter.
 //!
-//! The agent's binaries use it too (`concordat_agent::logging` re-exports it).
+//! The broker, the agent and the operator CLI all use it.
 
 use std::{ffi::OsStr, fmt, io::IsTerminal, str::FromStr};
 

@@ -23,7 +23,7 @@ use concordat_proto::{
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 
-use crate::client::Broker;
+use concordat_agent::client::Broker;
 
 /// An export's file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -34,10 +34,12 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    client::{ClientTls, Timeouts},
-    daemon::{self, AgentEvent, AgentSettings},
     operator::{self, ConsentRequest},
     pki::Ca,
+};
+use concordat_agent::{
+    client::{ClientTls, Timeouts},
+    daemon::{self, AgentEvent, AgentSettings},
     spool::atomic_write,
 };
 
@@ -292,7 +294,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
             timeouts: Timeouts::default(),
         };
         tls.insert(agency, client.clone());
-        crate::spool::Spool::open(&root.join(agency))?;
+        concordat_agent::spool::Spool::open(&root.join(agency))?;
         let settings = AgentSettings {
             tls: client,
             spool: root.join(agency),

@@ -14,16 +14,35 @@ use concordat_proto::{
 };
 use time::OffsetDateTime;
 
-use crate::{client::ClientTls, pki};
+use concordat_agent::client::ClientTls;
+pub use concordat_agent::client::{describe_status, refusal_of};
 
-/// Writes a new issuer secret key (PASERK `k4.secret`) to `out` with mode 0600, and its public
-/// key (`k4.public`) to `out` with extension `.pub`. Refuses to overwrite an existing key.
+use crate::pki;
+
+/// Where [`keygen`] writes the public key of the secret key file `out`: beside it, with the
+/// extension `.pub` in place of its own (`desk.key` → `desk.pub`, `desk` → `desk.pub`).
+pub fn public_key_file(out: &Path) -> std::path::PathBuf {
+    out.with_extension("pub")
+}
+
+/// A new key pair: the secret key (PASERK `k4.secret`) to `out` with mode 0600, its public key
+/// (`k4.public`) to [`public_key_file`]. Refuses to overwrite either file, and a secret key file
+/// named `*.pub`.
 pub fn keygen(out: &Path) -> anyhow::Result<(PublicKey, KeyId)> {
-    if out.exists() {
+    let public_file = public_key_file(out);
+    if public_file == out {
         anyhow::bail!(
-            "{} already exists; refusing to overwrite a key",
+            "{}: the public key goes to FILE with the extension .pub, so the secret key file must not end in .pub",
             out.display()
         );
+    }
+    for file in [out, public_file.as_path()] {
+        if file.exists() {
+            anyhow::bail!(
+                "{} already exists; refusing to overwrite a key",
+                file.display()
+            );
+        }
     }
     let secret = SecretKey::generate();
     let public = secret.public();
@@ -32,11 +51,7 @@ pub fn keygen(out: &Path) -> anyhow::Result<(PublicKey, KeyId)> {
         format!("{}\n", secret.expose_paserk()).as_bytes(),
         true,
     )?;
-    pki::write_file(
-        &out.with_extension("pub"),
-        format!("{public}\n").as_bytes(),
-        false,
-    )?;
+    pki::write_file(&public_file, format!("{public}\n").as_bytes(), false)?;
     Ok((public, public.key_id()))
 }
 
@@ -219,27 +234,6 @@ pub async fn send(tls: &ClientTls, envelope: Envelope) -> anyhow::Result<SendOut
     }
 }
 
-/// The reason code and message of a status that is a Concordat refusal.
-pub fn refusal_of(status: &tonic::Status) -> Option<(String, String)> {
-    use tonic_types::StatusExt;
-    let details = status.get_error_details();
-    let info = details.error_info()?;
-    (info.domain == "concordat").then(|| (info.reason.clone(), status.message().to_owned()))
-}
-
-/// An error for a status that is not a refusal (or is one, from an RPC where refusals are errors).
-/// A missed deadline ([`crate::client::Broker::deadline`]) is its own message, which names the
-/// broker and the timeout.
-pub fn describe_status(status: tonic::Status) -> anyhow::Error {
-    match refusal_of(&status) {
-        Some((reason, message)) => anyhow::anyhow!("refused [{reason}]: {message}"),
-        None if status.code() == tonic::Code::DeadlineExceeded => {
-            anyhow::anyhow!("{}", status.message())
-        }
-        None => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
-    }
-}
-
 /// Builds an envelope for `concordat send`.
 #[allow(clippy::too_many_arguments)]
 pub fn envelope(
@@ -333,10 +327,11 @@ pub fn countersign_designation(
 
 /// The designation file's two halves, for an envelope.
 pub fn read_designation(text: &str) -> anyhow::Result<SignificanceTokens> {
-    let (designation, countersignature) = crate::spool::designation_halves(text).context(
-        "a designation file holds two lines: the designation and its countersignature \
+    let (designation, countersignature) = concordat_agent::spool::designation_halves(text)
+        .context(
+            "a designation file holds two lines: the designation and its countersignature \
          (concordat significance countersign)",
-    )?;
+        )?;
     Ok(SignificanceTokens {
         designation,
         countersignature,

@@ -1,14 +1,13 @@
 //! `concordat`: the operator CLI. Argument parsing and printing only; the work is in the
-//! `concordat_agent` library.
+//! `concordat_cli` library (and the agent's client).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use concordat_agent::{
+use concordat_agent::{client::ClientTls, config::AgentConfig};
+use concordat_cli::{
     audit_file::{self, Format},
-    client::ClientTls,
-    config::AgentConfig,
     operator::{self, ConsentRequest, SendOutcome},
 };
 use concordat_proto::{
@@ -41,7 +40,7 @@ enum Command {
     /// powershell).
     Completions {
         /// The shell.
-        shell: concordat_broker::cli_docs::Shell,
+        shell: concordat_support::cli_docs::Shell,
     },
     /// Writes man pages, one per command and subcommand, into a directory.
     Man {
@@ -54,10 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Generates a consent issuer key: the secret key to FILE (mode 0600), the public key to
-    /// FILE.pub; prints the public key and its key id.
+    /// Generates a key pair (a consent issuer's or a significance officer's): the secret key to
+    /// FILE (mode 0600) and the public key beside it with the extension .pub in place of FILE's
+    /// own (desk.key -> desk.pub); prints both files, the public key and its key id.
     Keygen {
-        /// Where to write the secret key.
+        /// Where to write the secret key (the public key goes to the same name with extension .pub).
         #[arg(long)]
         out: PathBuf,
     },
@@ -237,7 +237,7 @@ enum BenchCommand {
         /// or stix (STIX 2.1 bundles: the full broker runs with opaque payloads of the same
         /// size, then with the bundles, and the STIX/opaque throughput ratio is printed).
         #[arg(long, default_value = "json")]
-        content: concordat_agent::bench::RelayContent,
+        content: concordat_cli::bench::RelayContent,
         /// Synthetic organisations registered in the full broker besides the default ones.
         #[arg(long, default_value_t = 10_000)]
         organisations: usize,
@@ -605,7 +605,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", concordat_support::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -614,7 +614,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Completions { shell } => {
-            concordat_broker::cli_docs::completions(
+            concordat_support::cli_docs::completions(
                 <Cli as clap::CommandFactory>::command(),
                 shell,
                 &mut std::io::stdout(),
@@ -622,7 +622,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { out_dir } => {
-            let files = concordat_broker::cli_docs::man_pages(
+            let files = concordat_support::cli_docs::man_pages(
                 <Cli as clap::CommandFactory>::command(),
                 &out_dir,
             )
@@ -641,8 +641,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let ids = |v: &[AgencyId]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-            let files = concordat_agent::pki::write_dev_pki(&out, &ids(&agencies), &ids(&auditors))
-                .with_context(|| format!("writing the development PKI to {}", out.display()))?;
+            let files =
+                concordat_cli::pki::write_dev_pki(&out, &ids(&agencies), &ids(&auditors))
+                    .with_context(|| format!("writing the development PKI to {}", out.display()))?;
             for f in files {
                 println!("wrote {}", f.display());
             }
@@ -667,7 +668,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { out } => {
             let (public, key_id) = operator::keygen(&out)?;
             println!("secret key: {} (mode 0600)", out.display());
-            println!("public key: {public}");
+            println!(
+                "public key: {} ({public})",
+                operator::public_key_file(&out).display()
+            );
             println!("key id:     {key_id}");
             Ok(ExitCode::SUCCESS)
         }
@@ -684,7 +688,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    println!("FAILED: {e:#}");
+                    println!("FAILED: {}", concordat_support::report(e.as_ref()));
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -703,7 +707,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     content,
                     organisations,
                 } => {
-                    let settings = concordat_agent::bench::RelayBench {
+                    let settings = concordat_cli::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),
                         in_flight: in_flight.max(1),
                         payload: payload.unwrap_or(content.default_payload()),
@@ -713,32 +717,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         content,
                         organisations,
                     };
-                    concordat_agent::bench::relay(settings, &mut out).await?;
+                    concordat_cli::bench::relay(settings, &mut out).await?;
                 }
                 BenchCommand::Audit { entries } => {
-                    concordat_agent::bench::audit(entries, &mut out).await?
+                    concordat_cli::bench::audit(entries, &mut out).await?
                 }
                 BenchCommand::Flood {
                     connections,
                     hellos,
                     from,
                 } => {
-                    let settings = concordat_agent::bench::FloodBench {
+                    let settings = concordat_cli::bench::FloodBench {
                         connections,
                         hellos: hellos.max(1),
                         from,
                     };
-                    concordat_agent::bench::flood(settings, &mut out).await?;
+                    concordat_cli::bench::flood(settings, &mut out).await?;
                 }
                 BenchCommand::Gate { organisations } => {
-                    concordat_agent::bench::gate(organisations, &mut out)?
+                    concordat_cli::bench::gate(organisations, &mut out)?
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => {
             let mut out = std::io::stdout();
-            concordat_agent::demo::run(dir, &mut out).await?;
+            concordat_cli::demo::run(dir, &mut out).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -56,10 +56,10 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    client::{Broker, ClientTls, Timeouts},
     operator::{self, ConsentRequest},
     pki::{Ca, Issued},
 };
+use concordat_agent::client::{Broker, ClientTls, Timeouts};
 
 /// Settings of the relay benchmark.
 #[derive(Debug, Clone)]

@@ -1,0 +1,20 @@
+//! The operator's side of Concordat: the `concordat` command and what it is made of. It talks to
+//! the broker through the agent's client (`concordat_agent::client`); only `concordat demo` and
+//! `concordat bench`, which run a broker in-process, link the broker itself.
+//!
+//! A tour of the modules:
+//! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending,
+//!   national-significance designations, receipts).
+//! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
+//! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
+//! - [`demo`]: `concordat demo`, the whole federation in one process.
+//! - [`bench`](mod@bench): `concordat bench relay|audit|flood|gate`, benchmarks that print figures.
+//! - `fuzzing` (hidden): the body of the fuzz target in `cli/fuzz/`, replayed by `cargo test`.
+
+pub mod audit_file;
+pub mod bench;
+pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod operator;
+pub mod pki;

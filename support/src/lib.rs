@@ -1,0 +1,11 @@
+//! What every Concordat binary shares, in a crate of its own so that the agent daemon does not
+//! link the broker to get it:
+//! - [`logging`]: the log subscriber: text or JSON lines, colour only on a terminal.
+//! - [`cli_docs`]: shell completions and man pages, generated from the binaries' clap definitions.
+//! - [`report()`]: an error and its causes on one line, each said once.
+
+pub mod cli_docs;
+pub mod logging;
+mod report;
+
+pub use report::report;
