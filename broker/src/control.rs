@@ -320,7 +320,9 @@ pub fn running_broker(data_dir: &Path) -> Result<i32, ControlError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
         if !name.starts_with("concordat-broker") {
-            return Err(stale(format!("process {pid} is {name:?}, not concordat-broker")));
+            return Err(stale(format!(
+                "process {pid} is {name:?}, not concordat-broker"
+            )));
         }
     }
     Ok(pid)
@@ -413,7 +415,11 @@ mod tests {
         let back = last_reload(dir.path()).unwrap();
         assert_eq!(back, failed);
         assert!(!back.ok());
-        assert!(back.describe().contains("nothing to re-read"), "{}", back.describe());
+        assert!(
+            back.describe().contains("nothing to re-read"),
+            "{}",
+            back.describe()
+        );
         assert!(back.describe().contains("unchanged"));
     }
 }

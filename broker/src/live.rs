@@ -98,10 +98,7 @@ impl<T> Current<T> {
     /// The value in force now.
     pub fn load(&self) -> Arc<T> {
         // The lock guards one `Arc` assignment: a panic elsewhere cannot leave it torn.
-        self.value
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.value.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Puts `value` in force; decisions that already took the old one finish with it.
@@ -313,9 +310,21 @@ pub fn changes(started: &Config, running: &Rules, new: &Config) -> Changes {
     keyed(
         restart,
         "agency",
-        &old.agencies.iter().map(|(id, a)| (id.to_string(), a)).collect(),
-        &new.agencies.iter().map(|(id, a)| (id.to_string(), a)).collect(),
-        |o, n| if o.name != n.name { vec!["name"] } else { Vec::new() },
+        &old.agencies
+            .iter()
+            .map(|(id, a)| (id.to_string(), a))
+            .collect(),
+        &new.agencies
+            .iter()
+            .map(|(id, a)| (id.to_string(), a))
+            .collect(),
+        |o, n| {
+            if o.name != n.name {
+                vec!["name"]
+            } else {
+                Vec::new()
+            }
+        },
     );
     set(
         restart,
@@ -333,7 +342,9 @@ fn by<T>(items: &[T], key: impl Fn(&T) -> String) -> BTreeMap<String, &T> {
 }
 
 /// Consent issuers by their key id, described as operators know them.
-fn issuers(issuers: &std::collections::HashMap<KeyId, ConsentIssuer>) -> BTreeMap<String, &ConsentIssuer> {
+fn issuers(
+    issuers: &std::collections::HashMap<KeyId, ConsentIssuer>,
+) -> BTreeMap<String, &ConsentIssuer> {
     issuers
         .iter()
         .map(|(key_id, issuer)| {
@@ -450,7 +461,11 @@ mod tests {
 
     impl FileSource for Dev {
         fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
-            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs-dev").join(path))
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../certs-dev")
+                    .join(path),
+            )
         }
         fn resolve(&self, path: &Path) -> std::path::PathBuf {
             path.to_path_buf()
@@ -531,7 +546,12 @@ company_number = "01234567"
         let another_agreement = "\n[[agreements]]\nid = \"ico-ncsc-2\"\ntitle = \"More\"\nparties = [\"ico\", \"ncsc\"]\nsigned = 2024-01-01\nreview_by = 2099-12-31\n\n[[agreements.flows]]\nfrom = \"ico\"\nto = \"ncsc\"\nkinds = [\"incident_record\"]\nclause = \"2\"\n";
         let another_issuer = "\n[[consent_issuers]]\nkey_file = \"consent/ncsc.pub\"\nagency = \"ncsc\"\norganisations = [\"*\"]\n";
         let globex = "\n[[organisations]]\nid = \"globex-plc\"\nlegal_name = \"Globex plc\"\n";
-        type Row<'a> = (&'a str, Box<dyn Fn(&str) -> String>, Vec<String>, Vec<String>);
+        type Row<'a> = (
+            &'a str,
+            Box<dyn Fn(&str) -> String>,
+            Vec<String>,
+            Vec<String>,
+        );
         let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
         let rows: Vec<Row<'_>> = vec![
             ("nothing", Box::new(|t: &str| t.to_owned()), vec![], vec![]),
@@ -563,7 +583,9 @@ company_number = "01234567"
             (
                 "an issuer added",
                 Box::new(move |t: &str| format!("{t}{another_issuer}")),
-                vec![format!("consent issuer {ncsc_key_id} (consent desk of ncsc): added")],
+                vec![format!(
+                    "consent issuer {ncsc_key_id} (consent desk of ncsc): added"
+                )],
                 vec![],
             ),
             (
@@ -626,7 +648,10 @@ company_number = "01234567"
                 s(&[
                     "listen: 127.0.0.1:7443 -> 0.0.0.0:8443",
                     "data_dir: var -> elsewhere",
-                    &format!("log_origin: {} -> other.example/log", crate::audit_log::DEFAULT_ORIGIN),
+                    &format!(
+                        "log_origin: {} -> other.example/log",
+                        crate::audit_log::DEFAULT_ORIGIN
+                    ),
                     "metrics_listen: off -> 127.0.0.1:9100",
                     "limits.max_message_bytes: 4194304 -> 1048576",
                     "limits.max_connections: 4096 -> 10",

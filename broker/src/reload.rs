@@ -236,7 +236,12 @@ impl Reloader {
 
     /// This reloader, also reloading the configuration file `started` was loaded from (if it
     /// was: see [`Config::file`]) into `rules`, recording each reload in `store`'s audit log.
-    pub fn with_config(mut self, started: Config, rules: Arc<Current<Rules>>, store: Store) -> Self {
+    pub fn with_config(
+        mut self,
+        started: Config,
+        rules: Arc<Current<Rules>>,
+        store: Store,
+    ) -> Self {
         self.config = Some(ConfigReloader {
             started,
             rules,
@@ -345,8 +350,7 @@ impl Reloader {
                     crate::refusal::Failure::Refused(r) => r.to_string(),
                 })
             })?;
-        cx.rules
-            .store(Rules::reloaded(&running, &new, matcher));
+        cx.rules.store(Rules::reloaded(&running, &new, matcher));
         let mut outcome = self.put_tls_in_force(tls, &new.tls);
         self.files = new.tls_files.clone();
         outcome.config = Some(ConfigReloaded {

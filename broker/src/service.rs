@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     dispatch::Dispatcher,
     identity::{Authenticator, Call, Caller, call},
-    metrics::Metrics,
     live::{Current, Rules},
+    metrics::Metrics,
     policy::{self, VerifiedTokens},
     refusal::{Citation, Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
     refusal_log::{RefusalLog, RefusedCall},

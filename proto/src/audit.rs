@@ -841,7 +841,10 @@ mod tests {
         for occasion in ["start", ""] {
             let words = explain(0, &loaded(occasion, &[]));
             assert!(words.contains("started with configuration"), "{words}");
-            assert_eq!(to_json(&loaded(occasion, &[]))["details"]["changes"], json!([]));
+            assert_eq!(
+                to_json(&loaded(occasion, &[]))["details"]["changes"],
+                json!([])
+            );
         }
     }
 }
