@@ -358,6 +358,7 @@ pub fn request_reload(data_dir: &Path, timeout: Duration) -> Result<LastReload, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

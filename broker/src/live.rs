@@ -450,6 +450,7 @@ fn off(addr: Option<std::net::SocketAddr>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::path::Path;
 
