@@ -283,7 +283,13 @@ pub fn last_reload(data_dir: &Path) -> Option<LastReload> {
 /// The process id in `data_dir`'s pid file, checked to be a running broker.
 pub fn running_broker(data_dir: &Path) -> Result<i32, ControlError> {
     let file = data_dir.join(PID_FILE);
-    let text = match std::fs::read_to_string(&file) {
+    // A pid is a few digits: read no more than a line's worth.
+    let read = std::fs::File::open(&file).and_then(|f| {
+        use std::io::Read;
+        let mut text = String::new();
+        f.take(64).read_to_string(&mut text).map(|_| text)
+    });
+    let text = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ControlError::NotRunning(data_dir.to_path_buf()));

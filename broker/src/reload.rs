@@ -303,22 +303,12 @@ impl Reloader {
         let Some(cx) = self.config.as_ref() else {
             return self.reload_tls();
         };
-        // Everything that can fail is done before anything changes.
-        let new = Config::load(path)?;
-        let tls = match &new.tls_files {
-            Some(files) => server_tls(&new.tls).map_err(|source| tls_error(files, source))?,
-            None => server_tls(&new.tls).map_err(|source| ReloadError::Tls {
-                files: new.source.clone(),
-                source,
-            })?,
-        };
-        let matcher =
-            Arc::new(
-                Matcher::new(&new.registry).map_err(|source| ReloadError::Registry {
-                    file: new.source.clone(),
-                    source,
-                })?,
-            );
+        // Everything that can fail is done before anything changes; reading the files and
+        // compiling the registry block, so they run off the async workers.
+        let path = path.to_path_buf();
+        let (new, tls, matcher) = tokio::task::spawn_blocking(move || prepare(&path))
+            .await
+            .map_err(|_| ReloadError::Stopped)??;
         let running = cx.rules.load();
         let mut changes = crate::live::changes(&cx.started, &running, &new);
         let fingerprint = Fingerprint::of(&new.tls);
@@ -485,6 +475,24 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Reads and validates the configuration file at `path`, and builds its TLS configuration and
+/// registry matcher: everything a reload needs before it changes anything.
+fn prepare(path: &Path) -> Result<(Config, ServerTls, Arc<Matcher>), ReloadError> {
+    let new = Config::load(path)?;
+    let tls = match &new.tls_files {
+        Some(files) => server_tls(&new.tls).map_err(|source| tls_error(files, source))?,
+        None => server_tls(&new.tls).map_err(|source| ReloadError::Tls {
+            files: new.source.clone(),
+            source,
+        })?,
+    };
+    let matcher = Matcher::new(&new.registry).map_err(|source| ReloadError::Registry {
+        file: new.source.clone(),
+        source,
+    })?;
+    Ok((new, tls, Arc::new(matcher)))
 }
 
 /// A TLS configuration error, naming the files it is in.

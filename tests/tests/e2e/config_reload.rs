@@ -348,3 +348,60 @@ fn reload_finds_the_right_broker_or_says_why_not() {
     assert!(!out.status.success());
     assert!(said(&out).contains("stale pid file"), "{}", said(&out));
 }
+
+/// A threat assessment from the NCSC to the ICO whose payload names Globex PLC.
+fn naming_globex() -> pb::Envelope {
+    pb::Envelope {
+        message_id: concordat_proto::ids::MessageId::new_random().to_string(),
+        recipients: vec!["ico".into()],
+        kind: pb::MessageKind::ThreatAssessment as i32,
+        content_type: "application/json".into(),
+        tlp: pb::Tlp::Green as i32,
+        payload: serde_json::to_vec(&json!({ "summary": "Globex PLC's VPN was breached" }))
+            .unwrap(),
+        ..Default::default()
+    }
+}
+
+/// An organisation registered by a reload is found in payloads from then on (the leak
+/// check's matcher is recompiled and swapped in), on a connection opened before the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organisation_registered_by_reload_is_found_on_an_open_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pki = TestPki::new().unwrap();
+    let files = PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico", "ncsc"]).unwrap();
+    let config = dir.path().join("broker.toml");
+    let data_dir = dir.path().join("data");
+    write_broker_config(&config, &files, &data_dir, &Limits::default()).unwrap();
+    let broker = BrokerProcess::start(&config, &data_dir).unwrap();
+    let ncsc = files
+        .client(broker.addr(), "ncsc")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Nobody is registered: the payload names no one the broker protects.
+    ncsc.exchange().send(naming_globex()).await.unwrap();
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[[organisations]]\nid = \"globex-plc\"\nlegal_name = \"Globex PLC\"\n"),
+    )
+    .unwrap();
+    let out = reload(&data_dir);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("changed: organisation globex-plc: added"),
+        "{}",
+        said(&out)
+    );
+
+    let refused = ncsc.exchange().send(naming_globex()).await.unwrap_err();
+    assert_eq!(
+        concordat_broker::refusal::reason_of(&refused).as_deref(),
+        Some("ORGANISATION_IDENTIFIED"),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("globex-plc"), "{refused:?}");
+}
