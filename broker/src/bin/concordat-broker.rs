@@ -274,11 +274,12 @@ fn reload(
         control::request_reload(&data_dir, std::time::Duration::from_secs(timeout.max(1)))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
-    } else {
+    } else if outcome.ok() {
         print!("{}", outcome.describe());
     }
     if !outcome.ok() {
-        anyhow::bail!("the reload failed: {}", outcome.error);
+        // Said once, on standard error.
+        anyhow::bail!("{}", outcome.describe().trim_end());
     }
     Ok(())
 }
