@@ -117,7 +117,39 @@ pub struct Changes {
     pub needs_restart: Vec<String>,
 }
 
+/// The most bytes of change lines kept in each list of [`Changes::capped`]: both lists, with
+/// the rest of a `config_loaded` entry, stay well within an audit entry's 64 KiB
+/// (`concordat_proto::audit::MAX_ENTRY_BYTES`).
+pub const MAX_CHANGE_BYTES: usize = 24 * 1024;
+
 impl Changes {
+    /// These changes with each list cut to at most `max_bytes` of lines, the lines left out
+    /// counted in a last line (`… and 9000 more, not listed`): replacing a whole registry of
+    /// thousands of organisations must still fit in one audit entry.
+    pub fn capped(self, max_bytes: usize) -> Changes {
+        fn cap(lines: Vec<String>, max_bytes: usize) -> Vec<String> {
+            let mut used = 0;
+            let mut kept = Vec::new();
+            let total = lines.len();
+            for line in lines {
+                used += line.len();
+                if used > max_bytes {
+                    break;
+                }
+                kept.push(line);
+            }
+            if kept.len() < total {
+                let more = total - kept.len();
+                kept.push(format!("… and {more} more, not listed"));
+            }
+            kept
+        }
+        Changes {
+            live: cap(self.live, max_bytes),
+            needs_restart: cap(self.needs_restart, max_bytes),
+        }
+    }
+
     /// Every line, those needing a restart marked so, as the audit log records them.
     pub fn lines(&self) -> Vec<String> {
         self.live
@@ -692,6 +724,51 @@ company_number = "01234567"
         }
         .lines();
         assert_eq!(lines, ["a: added", "listen: x -> y (needs a restart)"]);
+    }
+
+    /// A registry of 10,000 organisations added at once is listed in part, with a count of the
+    /// rest, and its entry fits in the audit log.
+    #[test]
+    fn many_changes_are_capped_to_fit_one_audit_entry() {
+        let old = parse(BASE);
+        let mut text = BASE.to_owned();
+        for i in 0..10_000 {
+            text.push_str(&format!(
+                "\n[[organisations]]\nid = \"org-{i:05}\"\nlegal_name = \"Organisation {i:05} Ltd\"\n"
+            ));
+        }
+        let new = parse(&text);
+        let all = changes(&old, &rules(&old), &new);
+        assert_eq!(all.live.len(), 10_000);
+        let capped = all.clone().capped(MAX_CHANGE_BYTES);
+        let last = capped.live.last().unwrap();
+        let listed = capped.live.len() - 1;
+        assert_eq!(last, &format!("… and {} more, not listed", 10_000 - listed));
+        assert_eq!(capped.live[..listed], all.live[..listed]);
+        let entry = concordat_proto::pb::AuditEntry {
+            time: None,
+            event: Some(concordat_proto::pb::audit_entry::Event::ConfigLoaded(
+                concordat_proto::pb::ConfigLoaded {
+                    config_sha256: vec![0; 32],
+                    source: "x".repeat(4096),
+                    broker_version: "0.1.0".into(),
+                    changes: capped.lines(),
+                    occasion: "reload".into(),
+                },
+            )),
+        };
+        let bytes = prost::Message::encode_to_vec(&entry);
+        assert!(
+            bytes.len() <= concordat_proto::audit::MAX_ENTRY_BYTES,
+            "{} bytes",
+            bytes.len()
+        );
+        // Few changes are left whole.
+        let few = Changes {
+            live: vec!["a: added".into()],
+            needs_restart: vec![],
+        };
+        assert_eq!(few.clone().capped(MAX_CHANGE_BYTES), few);
     }
 
     /// A reload keeps the federation and the start-up limits of the rules in force, and takes

@@ -323,6 +323,7 @@ impl Reloader {
                 changes.live.push(format!("tls: {what} changed"));
             }
         }
+        let changes = changes.capped(crate::live::MAX_CHANGE_BYTES);
         let entry = concordat_proto::pb::ConfigLoaded {
             config_sha256: new.digest.to_vec(),
             source: new.source.clone(),
