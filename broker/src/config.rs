@@ -104,6 +104,22 @@ pub struct Config {
     pub registry: Arc<Registry>,
     /// How `concordat-broker serve` writes its log (`log_format`; `--log-format` overrides).
     pub log_format: crate::logging::LogFormat,
+    /// The file this configuration was loaded from, which a reload reads again; `None` for the
+    /// embedded default and a configuration built in code.
+    pub file: Option<ConfigFile>,
+}
+
+/// The file a configuration was loaded from, with the settings a command line may override as
+/// the file wrote them: a reload compares a changed file with what the file said before, not
+/// with the overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// The file.
+    pub path: PathBuf,
+    /// `listen` as written in the file.
+    pub listen: SocketAddr,
+    /// `data_dir` as written in the file (resolved against the file's directory).
+    pub data_dir: PathBuf,
 }
 
 /// An agency of the federation.
@@ -355,6 +371,7 @@ impl Config {
             metrics_listen: None,
             registry: Arc::new(Registry::default()),
             log_format: crate::logging::LogFormat::default(),
+            file: None,
         }
     }
 
@@ -366,7 +383,13 @@ impl Config {
             source,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Self::parse(&text, &file, &Disk { base })
+        let mut config = Self::parse(&text, &file, &Disk { base })?;
+        config.file = Some(ConfigFile {
+            path: path.to_path_buf(),
+            listen: config.listen,
+            data_dir: config.data_dir.clone(),
+        });
+        Ok(config)
     }
 
     /// The embedded default: the development PKI, `./var/broker`, 127.0.0.1:7443, and the
@@ -441,8 +464,22 @@ impl Config {
             .as_deref()
             .map(|p| read("tls.crl", p))
             .transpose()?;
-        let tls = TlsMaterial::from_pem(&cert, &key, &client_ca, crl.as_deref())
-            .map_err(|(which, problem)| invalid(&format!("tls.{which}"), problem))?;
+        let tls = TlsMaterial::from_pem(&cert, &key, &client_ca, crl.as_deref()).map_err(
+            |(which, problem)| {
+                // The file too, as a reload's errors name it.
+                let path = match which {
+                    "cert" => Some(&raw.tls.cert),
+                    "key" => Some(&raw.tls.key),
+                    "client_ca" => Some(&raw.tls.client_ca),
+                    _ => raw.tls.crl.as_ref(),
+                };
+                let problem = match path {
+                    Some(p) => format!("{}: {problem}", files.resolve(p).display()),
+                    None => problem,
+                };
+                invalid(&format!("tls.{which}"), problem)
+            },
+        )?;
         let tls_files = Some(TlsFiles {
             cert: files.resolve(&raw.tls.cert),
             key: files.resolve(&raw.tls.key),
@@ -880,6 +917,7 @@ impl Config {
             metrics_listen,
             registry,
             log_format: raw.log_format,
+            file: None,
         })
     }
 

@@ -6,8 +6,13 @@
 //!   the accept loop that attaches the peer's certificate identity to each connection.
 //! - [`connections`]: the registry of open connections: caps per source address and in all,
 //!   shedding connections still in their handshake first.
-//! - [`reload`]: reloading the TLS material on request (SIGHUP) or when its files change,
-//!   closing the connections whose certificates it no longer accepts.
+//! - [`reload`]: reloading the configuration file on request (SIGHUP), validated whole and
+//!   recorded in the audit log before it is swapped in, and the TLS material when its files
+//!   change, closing the connections whose certificates it no longer accepts.
+//! - [`live`]: the rules every decision reads as one snapshot, which a reload replaces, and
+//!   the diff that says what a new configuration changes and what needs a restart.
+//! - [`control`]: the files `concordat-broker reload` uses: the pid file and the last
+//!   reload's outcome.
 //! - [`identity`]: matches that certificate against the federation ([`identity::Caller`]).
 //! - [`gate`]: in front of every service: authenticates, gives the transport's own refusals
 //!   (undecodable or oversized requests) the broker's reasons, logs every refusal it makes.
@@ -37,9 +42,11 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod content;
+pub mod control;
 pub mod dispatch;
 pub mod gate;
 pub mod identity;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod refusal;
@@ -188,6 +195,8 @@ pub async fn serve_with(
             config_sha256: config.digest.to_vec(),
             source: config.source.clone(),
             broker_version: env!("CARGO_PKG_VERSION").into(),
+            changes: Vec::new(),
+            occasion: "start".into(),
         }))
         .await
         .map_err(|f| match f {
@@ -197,6 +206,11 @@ pub async fn serve_with(
             }
         })?;
     let refusals = Arc::new(refusal_log::RefusalLog::new(store.clone()));
+    // What decisions read, replaced whole by a reload of the configuration.
+    let rules = Arc::new(live::Current::new(live::Rules::of(
+        &config,
+        Arc::new(registry::Matcher::new(&config.registry)?),
+    )));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
         // Writes the counts of folded refusals once their window has passed.
@@ -222,10 +236,9 @@ pub async fn serve_with(
             })?;
         let exporter = metrics::Exporter {
             metrics: metrics.clone(),
-            policy: Arc::new(config.policy.clone()),
+            rules: rules.clone(),
             store: store.clone(),
             agencies: Arc::new(config.agencies.keys().map(ToString::to_string).collect()),
-            min_free_bytes: config.limits.min_free_bytes,
         };
         let mut stop = stop_rx.clone();
         // The bound address, so that `metrics_listen = "127.0.0.1:0"` can be found.
@@ -255,21 +268,11 @@ pub async fn serve_with(
     let failed = store.clone();
     let (gave_up_tx, mut gave_up_rx) = tokio::sync::oneshot::channel::<String>();
 
-    let reloader = reload::Reloader::new(
-        config.tls_files.clone(),
-        &config.tls,
-        current_tls.clone(),
-        connections.clone(),
-    )
-    .with_metrics(metrics.clone());
-    tokio::spawn(reloader.run(reloads, config.tls_reload_poll, stop_rx.clone()));
-    let organisations = Arc::new(registry::Matcher::new(&config.registry)?);
     let state = Arc::new(service::State::new(
-        &config,
-        organisations,
+        rules.clone(),
         authenticator.clone(),
-        store,
-        stop_rx,
+        store.clone(),
+        stop_rx.clone(),
         metrics.clone(),
         refusals.clone(),
     ));
@@ -318,6 +321,17 @@ pub async fn serve_with(
     let local = listener
         .local_addr()
         .map_err(|source| ServeError::Listener { source })?;
+    let (source, agencies) = (config.source.clone(), config.agencies.len());
+    let reload_poll = config.tls_reload_poll;
+    let reloader = reload::Reloader::new(
+        config.tls_files.clone(),
+        &config.tls,
+        current_tls.clone(),
+        connections.clone(),
+    )
+    .with_metrics(metrics.clone())
+    .with_config(config, rules, store);
+    tokio::spawn(reloader.run(reloads, reload_poll, stop_rx));
     let incoming = ReceiverStream::new(tls::accept_loop(
         listener,
         current_tls,
@@ -325,12 +339,7 @@ pub async fn serve_with(
         metrics,
     ));
     ready(local);
-    tracing::info!(
-        addr = %local,
-        config = %config.source,
-        agencies = config.agencies.len(),
-        "broker listening"
-    );
+    tracing::info!(addr = %local, config = %source, agencies, "broker listening");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -577,24 +577,24 @@ impl Metrics {
 pub struct Exporter {
     /// The counters.
     pub metrics: Arc<Metrics>,
-    /// The rules (for the review gauges).
-    pub policy: Arc<Policy>,
+    /// The rules in force (for the review gauges and `limits.min_free_bytes`), which a
+    /// reload replaces.
+    pub rules: Arc<crate::live::Current<crate::live::Rules>>,
     /// The store (for queue depths and the log size).
     pub store: Store,
     /// The agencies.
     pub agencies: Arc<Vec<String>>,
-    /// The configured `limits.min_free_bytes`.
-    pub min_free_bytes: u64,
 }
 
 impl Exporter {
     fn render(&self, format: Format) -> String {
+        let rules = self.rules.load();
         self.metrics.render(
             &Snapshot {
-                policy: &self.policy,
+                policy: &rules.policy,
                 store: &self.store,
                 agencies: &self.agencies,
-                min_free_bytes: self.min_free_bytes,
+                min_free_bytes: rules.limits.min_free_bytes,
             },
             format,
         )

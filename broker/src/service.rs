@@ -16,14 +16,13 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    config::{Config, Limits},
     dispatch::Dispatcher,
     identity::{Authenticator, Call, Caller, call},
+    live::{Current, Rules},
     metrics::Metrics,
-    policy::{self, Policy, VerifiedTokens},
+    policy::{self, VerifiedTokens},
     refusal::{Citation, Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
     refusal_log::{RefusalLog, RefusedCall},
-    registry::Matcher,
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
 };
 
@@ -35,9 +34,8 @@ const MAX_ACK_IDS: usize = 4096;
 /// What the services share.
 pub struct State {
     authenticator: Authenticator,
-    limits: Limits,
-    policy: Policy,
-    organisations: Arc<Matcher>,
+    /// The rules in force; each decision takes one snapshot and keeps it to the end.
+    rules: Arc<Current<Rules>>,
     verified: VerifiedTokens,
     store: Store,
     dispatcher: Dispatcher,
@@ -47,11 +45,10 @@ pub struct State {
 }
 
 impl State {
-    /// The shared state for a broker running `config` over `store`. Subscriptions end when
-    /// `shutdown` turns true.
+    /// The shared state for a broker deciding by `rules` over `store`. Subscriptions end
+    /// when `shutdown` turns true.
     pub fn new(
-        config: &Config,
-        organisations: Arc<Matcher>,
+        rules: Arc<Current<Rules>>,
         authenticator: Authenticator,
         store: Store,
         shutdown: watch::Receiver<bool>,
@@ -60,13 +57,7 @@ impl State {
     ) -> Self {
         State {
             authenticator,
-            limits: config.limits.clone(),
-            // The federation's agencies are the configuration's, whoever built the policy.
-            policy: Policy {
-                agencies: config.agencies.keys().cloned().collect(),
-                ..config.policy.clone()
-            },
-            organisations,
+            rules,
             verified: VerifiedTokens::default(),
             store,
             dispatcher: Dispatcher::default(),
@@ -158,11 +149,13 @@ impl State {
         let digest = store::envelope_digest(&envelope, &payload_sha256);
         let storage = self.store.storage();
         let now = crate::clock::now();
+        // One snapshot for the whole decision, whatever a reload does meanwhile.
+        let rules = self.rules.load();
         let cx = policy::Context {
-            policy: &self.policy,
-            organisations: &self.organisations,
+            policy: &rules.policy,
+            organisations: &rules.organisations,
             verified: &self.verified,
-            max_payload_bytes: self.limits.max_message_bytes,
+            max_payload_bytes: rules.limits.max_message_bytes,
             ledger: storage,
             provenance: storage,
             now,
@@ -203,14 +196,14 @@ impl State {
         // The disk floor: nothing new is taken on a nearly full disk, while acknowledgements
         // (which free queue space) go on.
         let free = self.store.free_bytes();
-        if free < self.limits.min_free_bytes {
+        if free < rules.limits.min_free_bytes {
             let refusal = Refusal::new(
                 Reason::StorageFull,
                 format!(
                     "the broker's disk has {} MiB free, below its floor of {} MiB: it takes no \
                      new transfers until space is freed; try again later",
                     free / (1024 * 1024),
-                    self.limits.min_free_bytes / (1024 * 1024)
+                    rules.limits.min_free_bytes / (1024 * 1024)
                 ),
             )
             .cited(|| decision.citation());
@@ -223,7 +216,7 @@ impl State {
             decision,
             digest,
             now,
-            self.limits.max_queue_depth,
+            rules.limits.max_queue_depth,
         )))))
     }
 
@@ -387,7 +380,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let call = call(&request)?;
         let recipient = self.state.agency_of(&call).await?;
-        let max = self.state.limits.max_window;
+        let max = self.state.rules.load().limits.max_window;
         let window = match request.get_ref().window {
             0 => max,
             w => w.min(max),
@@ -578,7 +571,8 @@ impl pb::consent_server::Consent for ConsentService {
                 return Err(invalid(consent::ConsentError::TooLong));
             }
             let key_id = consent::key_id_of(&token).map_err(invalid)?;
-            let Some(issuer) = self.state.policy.issuers.get(&key_id) else {
+            let rules = self.state.rules.load();
+            let Some(issuer) = rules.policy.issuers.get(&key_id) else {
                 return Err(Refusal::new(
                     Reason::ConsentUnknownIssuer,
                     format!("revocation signed by {key_id}, which this broker does not trust"),

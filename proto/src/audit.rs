@@ -295,6 +295,7 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
         }),
         Some(Event::ConfigLoaded(c)) => json!({
             "config_sha256": hex(&c.config_sha256), "source": c.source, "broker_version": c.broker_version,
+            "changes": c.changes, "occasion": c.occasion,
         }),
         Some(Event::CallRefused(c)) => json!({
             "rpc": c.rpc, "caller": c.caller, "cert_subject": c.cert_subject,
@@ -461,6 +462,17 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
         Some(Event::RecallQueued(q)) => format!(
             "Entry {index} ({when}): a recall notice for transfer {} (message {}, organisation {}) was queued for {} because consent token {} was revoked.",
             q.transfer_id, q.message_id, q.organisation, q.recipient, q.consent_jti
+        ),
+        Some(Event::ConfigLoaded(c)) if c.occasion == "reload" => format!(
+            "Entry {index} ({when}): broker {} reloaded its configuration {} (SHA-256 {}); {}.",
+            c.broker_version,
+            c.source,
+            hex(&c.config_sha256),
+            if c.changes.is_empty() {
+                "nothing changed".to_owned()
+            } else {
+                format!("changes: {}", c.changes.join("; "))
+            }
         ),
         Some(Event::ConfigLoaded(c)) => format!(
             "Entry {index} ({when}): broker {} started with configuration {} (SHA-256 {}).",
@@ -787,5 +799,52 @@ mod tests {
         assert_eq!(to_json(&back)["event"], "transfer_refused");
         assert!(matches!(decode(&[0xff, 0xff]), Err(EntryError::Decode(_))));
         assert!(matches!(decode(&[]), Err(EntryError::NoEvent)));
+    }
+
+    /// A reload's entry says what changed, in the decoded view and in words; a start-up's
+    /// (and one written before `changes` and `occasion` existed) says the broker started.
+    #[test]
+    fn config_loaded_says_start_or_reload_and_what_changed() {
+        let loaded = |occasion: &str, changes: &[&str]| pb::AuditEntry {
+            time: None,
+            event: Some(Event::ConfigLoaded(pb::ConfigLoaded {
+                config_sha256: vec![0xab; 32],
+                source: "/etc/concordat/broker.toml".into(),
+                broker_version: "1.2.3".into(),
+                changes: changes.iter().map(|c| (*c).to_owned()).collect(),
+                occasion: occasion.into(),
+            })),
+        };
+        let reload = loaded(
+            "reload",
+            &[
+                "agreement ico-nca: added",
+                "listen: 127.0.0.1:7443 -> 0.0.0.0:7443 (needs a restart)",
+            ],
+        );
+        let back = decode(&reload.encode_to_vec()).unwrap();
+        let words = explain(9, &back);
+        assert!(words.contains("reloaded its configuration"), "{words}");
+        assert!(words.contains("agreement ico-nca: added"), "{words}");
+        assert!(words.contains("(needs a restart)"), "{words}");
+        let view = to_json(&back);
+        assert_eq!(view["event"], "config_loaded");
+        assert_eq!(view["details"]["occasion"], "reload");
+        assert_eq!(
+            view["details"]["changes"],
+            json!([
+                "agreement ico-nca: added",
+                "listen: 127.0.0.1:7443 -> 0.0.0.0:7443 (needs a restart)"
+            ])
+        );
+        assert_eq!(view["details"]["config_sha256"], "ab".repeat(32));
+        for occasion in ["start", ""] {
+            let words = explain(0, &loaded(occasion, &[]));
+            assert!(words.contains("started with configuration"), "{words}");
+            assert_eq!(
+                to_json(&loaded(occasion, &[]))["details"]["changes"],
+                json!([])
+            );
+        }
     }
 }

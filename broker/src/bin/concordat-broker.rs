@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use concordat_broker::{config::Config, logging::LogFormat};
+use concordat_broker::{config::Config, control, logging::LogFormat};
 
 /// gRPC, TLS and sled allocate heavily from several threads; mimalloc is cheaper and fragments
 /// less than the system allocator there (measured with `concordat bench relay`).
@@ -39,8 +39,8 @@ enum Command {
         #[arg(long)]
         out_dir: std::path::PathBuf,
     },
-    /// Runs the broker until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate, key, client
-    /// CA and CRLs.
+    /// Runs the broker until SIGINT or SIGTERM; SIGHUP reloads the configuration file (and
+    /// the TLS certificate, key, client CA and CRLs it names).
     Serve {
         /// The configuration file; without it, the embedded development default.
         #[arg(long)]
@@ -51,6 +51,24 @@ enum Command {
         /// Overrides the configured data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Asks the running broker to reload its configuration (SIGHUP to the pid in its data
+    /// directory) and prints the outcome: what changed, what needs a restart, or why the
+    /// reload failed and the configuration in force stayed. Exits non-zero if it failed or no
+    /// broker runs.
+    Reload {
+        /// The broker's configuration file (for its data directory).
+        #[arg(long, conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// The broker's data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// Prints the outcome as JSON (the broker's `last-reload.json`).
+        #[arg(long)]
+        json: bool,
     },
     /// Validates a configuration file and prints what it found.
     CheckConfig {
@@ -165,6 +183,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             publish_checkpoint,
         } => verify(config, data_dir, publish_checkpoint),
+        Command::Reload {
+            config,
+            data_dir,
+            timeout,
+            json,
+        } => reload(config, data_dir, timeout, json),
         Command::LogKey { config, data_dir } => {
             let mut config = load(config.as_ref())?;
             if let Some(dir) = data_dir {
@@ -194,25 +218,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let listener =
                 bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
-            // SIGHUP is caught from the start: it reloads, and never kills the process.
+            // SIGHUP is caught from the start: it reloads, and never kills the process. Each
+            // outcome is written for `concordat-broker reload`.
             let (reload, reloads) = concordat_broker::reload::channel();
             let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .context("installing the SIGHUP handler")?;
+            let data_dir = config.data_dir.clone();
             tokio::spawn(async move {
+                let mut generation = 0;
                 while hangup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the TLS material");
-                    reload.request();
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let outcome = reload.reload().await;
+                    generation += 1;
+                    let record = control::LastReload::of(std::process::id(), generation, &outcome);
+                    if let Err(e) = control::record_reload(&data_dir, &record) {
+                        tracing::error!(error = %e, "writing the reload's outcome");
+                    }
                 }
             });
+            // Written once the broker serves (it then holds the database's lock), removed
+            // when it stops.
+            let mut pid_file = None;
+            let data_dir = config.data_dir.clone();
             concordat_broker::serve_with(config, listener, shutdown_signal(), reloads, |addr| {
+                match control::PidFile::create(&data_dir) {
+                    Ok(f) => pid_file = Some(f),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot write the pid file; `concordat-broker reload` will not find this broker"
+                    ),
+                }
                 // One line on stdout that scripts and tests wait for: the broker is ready (the
                 // store is open and checked, the log key exists, every listener is bound).
                 println!("concordat-broker listening on {addr}");
             })
             .await?;
+            drop(pid_file);
             Ok(())
         }
     }
+}
+
+/// `concordat-broker reload`.
+fn reload(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let data_dir = match (data_dir, config) {
+        (Some(dir), _) => dir,
+        (None, config) => load(config.as_ref())?.data_dir,
+    };
+    let outcome =
+        control::request_reload(&data_dir, std::time::Duration::from_secs(timeout.max(1)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else if outcome.ok() {
+        print!("{}", outcome.describe());
+    }
+    if !outcome.ok() {
+        // Said once, on standard error.
+        anyhow::bail!("{}", outcome.describe().trim_end());
+    }
+    Ok(())
 }
 
 /// `concordat-broker verify`.

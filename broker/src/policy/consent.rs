@@ -293,8 +293,8 @@ struct Verified<'a> {
 fn verified<'a>(cx: &Context<'a>, token: &str) -> Result<Verified<'a>, Failure> {
     match cx.verified.get(token) {
         // Verified before under the key of its issuer, `iss` (consent::verify checks that
-        // the claim names the verifying key); the policy is fixed for the broker's lifetime,
-        // but the issuer is looked up again all the same.
+        // the claim names the verifying key, and a key id names one key); the issuer is
+        // looked up again in the policy in force, which a reload may have changed.
         Some(claims) => match cx.policy.issuers.get(claims.iss()) {
             Some(issuer) => Ok(Verified {
                 key_id: *claims.iss(),

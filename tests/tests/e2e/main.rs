@@ -7,6 +7,7 @@ mod audit_crash;
 mod cli_docs;
 mod clock;
 mod config;
+mod config_reload;
 mod consent;
 mod content;
 mod deadline;
