@@ -61,6 +61,7 @@ use super::{
 };
 use crate::{
     audit_log::{self, Frontier, Log, SignedCheckpoint, TxLog},
+    backup,
     policy::{
         ConsentLedger, ConsentUse,
         tlp::{Provenance, Received},
@@ -162,6 +163,8 @@ pub struct SledStorage {
     last_seq: AtomicU64,
     /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself.
     files: DurableFiles,
+    /// The data directory (the log key beside the database, for snapshots).
+    dir: std::path::PathBuf,
 }
 
 /// What makes sled's flush durable. On Linux sled 0.34's `flush` writes its log with
@@ -347,12 +350,7 @@ impl SledStorage {
         let db_dir = dir.join(audit_log::DB_DIR);
         check_segment_size(&db_dir)?;
         let fresh = !db_dir.exists();
-        let db = sled::Config::new()
-            .path(&db_dir)
-            .mode(sled::Mode::HighThroughput)
-            // sled caches up to 1 GiB by default; keep the broker's memory bounded.
-            .cache_capacity(CACHE_BYTES)
-            .segment_size(SEGMENT_BYTES)
+        let db = sled_config(&db_dir)
             .open()
             .map_err(sled_err("opening the database"))?;
         let tree = |name: &str| db.open_tree(name).map_err(sled_err("opening a tree"));
@@ -382,6 +380,7 @@ impl SledStorage {
             files: DurableFiles::open(&db_dir)
                 .map_err(|e| Internal::new("opening the database files", e))?,
             db,
+            dir: dir.to_path_buf(),
         };
         let revocations = storage
             .revoked
@@ -1097,6 +1096,17 @@ impl SledStorage {
     }
 }
 
+/// The sled configuration of the database in `db_dir`: the one [`SledStorage::open`] uses,
+/// and [`crate::backup::restore`] creates a database with.
+pub fn sled_config(db_dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(db_dir)
+        .mode(sled::Mode::HighThroughput)
+        // sled caches up to 1 GiB by default; keep the broker's memory bounded.
+        .cache_capacity(CACHE_BYTES)
+        .segment_size(SEGMENT_BYTES)
+}
+
 /// Refuses a database whose sled log was made with other segments (sled itself would refuse it
 /// with a message about io buffers): brokers before this layout used sled's default.
 fn check_segment_size(db_dir: &Path) -> Result<(), Internal> {
@@ -1258,6 +1268,48 @@ impl Storage for SledStorage {
 
     fn log_verifier_key(&self) -> String {
         self.log.verifier_key()
+    }
+
+    fn snapshot(
+        &self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<(backup::Header, backup::Counts), Internal> {
+        let failed = |e: std::io::Error| Internal::new("writing the backup", e);
+        let size = self.log.size()?;
+        let checkpoint = self.log.latest()?;
+        let Some(cp) = checkpoint.filter(|cp| cp.size == size) else {
+            return Err(Internal::new(
+                "taking a snapshot",
+                format!("the log holds {size} entries that no checkpoint covers exactly"),
+            ));
+        };
+        let header = backup::Header::now(self.log.origin(), size, &cp.note);
+        let mut w = backup::Writer::new(out, &header).map_err(failed)?;
+        for name in backup::FILES {
+            let path = self.dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                Internal::new("taking a snapshot", format!("{}: {e}", path.display()))
+            })?;
+            w.file(name, &bytes).map_err(failed)?;
+        }
+        // Every tree, by name: a restore rebuilds the database exactly, whatever it holds.
+        let mut names = self.db.tree_names();
+        names.sort();
+        for name in names {
+            let tree = self
+                .db
+                .open_tree(&name)
+                .map_err(sled_err("opening a tree"))?;
+            let name = std::str::from_utf8(&name)
+                .map_err(|_| Internal::new("taking a snapshot", "a tree name is not UTF-8"))?;
+            w.tree(name).map_err(failed)?;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(sled_err("reading a tree for a snapshot"))?;
+                w.pair(&k, &v).map_err(failed)?;
+            }
+        }
+        let (_, counts) = w.finish().map_err(failed)?;
+        Ok((header, counts))
     }
 
     fn sync(&self) -> Result<(), Internal> {
