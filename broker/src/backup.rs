@@ -733,10 +733,15 @@ pub fn fork_warning(h: &Header) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn header() -> Header {
-        Header::now("concordat-broker/audit", 3, "note\n")
+        Header {
+            created_at: "2026-12-02T12:00:00Z".into(),
+            ..Header::now("concordat-broker/audit", 3, "note\n")
+        }
     }
 
     /// A small backup: one file, two trees.
@@ -891,5 +896,118 @@ mod tests {
         assert!(e.to_string().contains("format version 2"), "{e}");
         let e = records(&sealed(b"SQLite format 3\0 and more bytes here")).unwrap_err();
         assert!(e.to_string().contains("not a Concordat backup"), "{e}");
+    }
+
+    /// A snapshot taken while writers commit holds complete batches only: its log size is the
+    /// size its checkpoint covers, the restored store passes the start-up check and the
+    /// offline verification, and its entries are the original's first ones.
+    #[test]
+    fn a_snapshot_under_writes_restores_whole() {
+        use crate::store::{Op, Store, StoreOptions};
+        use concordat_proto::pb;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        fs::create_dir(&live).unwrap();
+        let storage = std::sync::Arc::new(
+            SledStorage::open(&live, audit_log::DEFAULT_ORIGIN).unwrap(),
+        );
+        let store = Store::start(
+            storage.clone(),
+            StoreOptions::new(&live, Duration::from_secs(10)),
+        )
+        .unwrap();
+        let file = dir.path().join("backup");
+        let header = rt.block_on(async {
+            let writers: Vec<_> = (0..8)
+                .map(|w| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        for i in 0..400 {
+                            let op = Op::ConfigLoaded(pb::ConfigLoaded {
+                                // Large enough that a snapshot takes a while.
+                                source: format!("writer {w} commit {i} {}", "x".repeat(4096)),
+                                ..Default::default()
+                            });
+                            store.commit(op).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            // Once some batches are in, snapshot in the middle of the rest.
+            while store.checkpoint().map_or(0, |c| c.size) <= 1000 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let out = fs::File::create(&file).unwrap();
+            let (header, _) = store
+                .between_batches(move |s| {
+                    let mut out = out;
+                    write_snapshot(s, &mut out)
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            for w in writers {
+                w.await.unwrap();
+            }
+            header
+        });
+        assert!(header.log_size > 1000, "{header:?}");
+        assert!(storage.log_size().unwrap() > header.log_size, "taken mid-way");
+        let restored_dir = dir.path().join("restored");
+        let restored = restore(&file, &restored_dir).unwrap();
+        assert!(restored.report.ok());
+        assert_eq!(restored.report.entries, header.log_size);
+        let copy = SledStorage::open(&restored_dir, audit_log::DEFAULT_ORIGIN).unwrap();
+        assert_eq!(
+            copy.log_entries(0, usize::MAX).unwrap(),
+            storage.log_entries(0, header.log_size as usize).unwrap()
+        );
+        // The restored key is the live one, and its file is private.
+        assert_eq!(copy.log_verifier_key(), storage.log_verifier_key());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(restored_dir.join(audit_log::LOG_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn restore_refuses_a_non_empty_directory_and_a_damaged_file_leaving_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        fs::create_dir(&live).unwrap();
+        let storage = SledStorage::open(&live, audit_log::DEFAULT_ORIGIN).unwrap();
+        let file = dir.path().join("backup");
+        write_snapshot(&storage, &mut fs::File::create(&file).unwrap()).unwrap();
+        let busy = dir.path().join("busy");
+        fs::create_dir(&busy).unwrap();
+        fs::write(busy.join("x"), b"mine").unwrap();
+        let e = restore(&file, &busy).unwrap_err();
+        assert!(matches!(e, BackupError::NotEmpty(_)), "{e}");
+        assert_eq!(fs::read(busy.join("x")).unwrap(), b"mine");
+        let mut bytes = fs::read(&file).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        let damaged = dir.path().join("damaged");
+        fs::write(&damaged, bytes).unwrap();
+        let target = dir.path().join("new");
+        let e = restore(&damaged, &target).unwrap_err();
+        assert!(matches!(e, BackupError::Checksum(_)), "{e}");
+        assert!(!target.exists());
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("restoring"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // An empty directory is fine.
+        fs::create_dir(&target).unwrap();
+        restore(&file, &target).unwrap();
     }
 }
