@@ -913,9 +913,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
         fs::create_dir(&live).unwrap();
-        let storage = std::sync::Arc::new(
-            SledStorage::open(&live, audit_log::DEFAULT_ORIGIN).unwrap(),
-        );
+        let storage =
+            std::sync::Arc::new(SledStorage::open(&live, audit_log::DEFAULT_ORIGIN).unwrap());
         let store = Store::start(
             storage.clone(),
             StoreOptions::new(&live, Duration::from_secs(10)),
@@ -957,7 +956,10 @@ mod tests {
             header
         });
         assert!(header.log_size > 1000, "{header:?}");
-        assert!(storage.log_size().unwrap() > header.log_size, "taken mid-way");
+        assert!(
+            storage.log_size().unwrap() > header.log_size,
+            "taken mid-way"
+        );
         let restored_dir = dir.path().join("restored");
         let restored = restore(&file, &restored_dir).unwrap();
         assert!(restored.report.ok());
