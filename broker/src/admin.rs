@@ -167,20 +167,13 @@ async fn handle(mut stream: UnixStream, owner: Option<u32>, store: Store, data_d
 async fn send_backup(stream: &mut UnixStream, store: &Store, data_dir: &Path) -> io::Result<()> {
     let file = tempfile::tempfile_in(data_dir)?;
     let requested = Instant::now();
-    let taken = store
-        .between_batches(move |storage| {
-            let started = Instant::now();
-            let mut file = file;
-            let written = backup::write_snapshot(storage, &mut file);
-            (written, started.elapsed(), file)
-        })
-        .await
-        .map_err(|f| match f {
-            crate::refusal::Failure::Refused(r) => io::Error::other(r.message),
-            crate::refusal::Failure::Internal(e) => io::Error::other(e.to_string()),
-        })?;
-    let (written, paused, file) = taken;
-    let (header, counts) = written.map_err(|e| io::Error::other(e.to_string()))?;
+    let (header, counts, paused) =
+        backup::snapshot_running(store, &file)
+            .await
+            .map_err(|f| match f {
+                crate::refusal::Failure::Refused(r) => io::Error::other(r.message),
+                crate::refusal::Failure::Internal(e) => io::Error::other(e.to_string()),
+            })?;
     let len = file.metadata()?.len();
     tracing::info!(
         log_size = header.log_size,

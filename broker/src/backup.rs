@@ -2,8 +2,10 @@
 //! new data directory (format and procedure: `docs/backup.md`).
 //!
 //! A backup file is written by [`Writer`] while the store's writer thread pauses between two
-//! batches (see [`crate::store::Store::snapshot`]), so it holds complete batches only: every
-//! receipt with its audit entry, every entry under the checkpoint in its header. It carries the
+//! batches ([`snapshot_running`], [`Store::between_batches`]), so it holds complete batches
+//! only: every receipt with its audit entry, every entry under the checkpoint in its header.
+//! The audit log's trees are append-only, so they are copied after the writer has resumed, up
+//! to the keys they held during the pause; the pause lasts as long as copying the rest. It carries the
 //! log's signing key, so a backup is as secret as the data directory itself.
 //!
 //! [`check`] and [`restore`] read a file as hostile: the magic, the version and a SHA-256 over
@@ -16,6 +18,7 @@ use std::{
     fs,
     io::{self, BufReader, BufWriter, Read, Write},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -23,8 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     audit_log,
-    refusal::Internal,
-    store::{self, SledStorage, Storage, StoreReport},
+    refusal::{Failure, Internal},
+    store::{self, SledStorage, Storage, Store, StoreReport},
 };
 
 /// The first bytes of every backup file.
@@ -527,17 +530,45 @@ pub fn check(path: &Path) -> Result<(Header, Counts), BackupError> {
     read(path, |_| Ok(()))
 }
 
-/// Writes a snapshot of `storage` (which the caller keeps from changing meanwhile: the writer
-/// thread paused, or no broker running) to `out`, and flushes it.
+/// Where [`Storage::snapshot`] writes.
+pub type Output = Box<dyn Write + Send>;
+/// What [`Storage::snapshot`] leaves to write once writes may go on.
+pub type Rest = Box<dyn FnOnce() -> Result<(Header, Counts), Internal> + Send>;
+
+/// Writes a snapshot of a store that nothing else writes to (no broker running) to `file`.
 pub fn write_snapshot(
     storage: &dyn Storage,
-    out: &mut dyn Write,
+    file: &fs::File,
 ) -> Result<(Header, Counts), Internal> {
-    let mut out = BufWriter::with_capacity(1 << 20, out);
-    let (header, counts) = storage.snapshot(&mut out)?;
-    out.flush()
+    let out = file
+        .try_clone()
         .map_err(|e| Internal::new("writing the backup", e))?;
-    Ok((header, counts))
+    let rest = storage.snapshot(Box::new(BufWriter::with_capacity(1 << 20, out)))?;
+    rest()
+}
+
+/// A snapshot of a running store written to `file`: what changes is copied while the writer
+/// thread pauses between two batches ([`Store::between_batches`]), the audit log's append-only
+/// trees after it has resumed. Returns the header, the counts and how long the writer paused.
+pub async fn snapshot_running(
+    store: &Store,
+    file: &fs::File,
+) -> Result<(Header, Counts, Duration), Failure> {
+    let out = file
+        .try_clone()
+        .map_err(|e| Internal::new("writing the backup", e))?;
+    let (started, paused) = store
+        .between_batches(move |storage| {
+            let t = Instant::now();
+            let rest = storage.snapshot(Box::new(BufWriter::with_capacity(1 << 20, out)));
+            (rest, t.elapsed())
+        })
+        .await?;
+    let rest = started?;
+    let (header, counts) = tokio::task::spawn_blocking(rest)
+        .await
+        .map_err(|e| Internal::new("writing the backup", e))??;
+    Ok((header, counts, paused))
 }
 
 /// What [`restore`] brought back.
@@ -733,8 +764,6 @@ pub fn fork_warning(h: &Header) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn header() -> Header {
@@ -942,14 +971,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             let out = fs::File::create(&file).unwrap();
-            let (header, _) = store
-                .between_batches(move |s| {
-                    let mut out = out;
-                    write_snapshot(s, &mut out)
-                })
-                .await
-                .unwrap()
-                .unwrap();
+            let (header, _, _) = snapshot_running(&store, &out).await.unwrap();
             for w in writers {
                 w.await.unwrap();
             }
@@ -986,7 +1008,7 @@ mod tests {
         fs::create_dir(&live).unwrap();
         let storage = SledStorage::open(&live, audit_log::DEFAULT_ORIGIN).unwrap();
         let file = dir.path().join("backup");
-        write_snapshot(&storage, &mut fs::File::create(&file).unwrap()).unwrap();
+        write_snapshot(&storage, &fs::File::create(&file).unwrap()).unwrap();
         let busy = dir.path().join("busy");
         fs::create_dir(&busy).unwrap();
         fs::write(busy.join("x"), b"mine").unwrap();

@@ -349,7 +349,7 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     let written = (|| -> anyhow::Result<String> {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
         let how = match concordat_broker::admin::request_backup(&dir, &mut w).with_context(
             || {
                 format!(
@@ -364,19 +364,13 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
                 fetched.paused.as_secs_f64() * 1000.0
             ),
             None => {
-                snapshot_stopped(&dir, &config.log_origin, &mut w)?;
+                snapshot_stopped(&dir, &config.log_origin, &file)?;
                 format!("read directly: no broker is running on {}", dir.display())
             }
         };
-        let file = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| {
-                f.sync_all()?;
-                Ok(f)
-            })
+        w.flush()
+            .and_then(|()| file.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
-        drop(file);
         Ok(how)
     })();
     let checked = written.and_then(|how| {
@@ -423,7 +417,7 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
 
 /// Snapshots the store of a stopped broker: opened directly (which fails while a broker holds
 /// it) and checked as at start first, so that a backup is never taken of a damaged store.
-fn snapshot_stopped(dir: &Path, origin: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+fn snapshot_stopped(dir: &Path, origin: &str, out: &std::fs::File) -> anyhow::Result<()> {
     use concordat_broker::{audit_log, backup, store};
     if !dir.join(audit_log::DB_DIR).is_dir() {
         anyhow::bail!("{} holds no broker database", dir.display());

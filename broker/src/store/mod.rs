@@ -294,12 +294,11 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal>;
     /// The key that verifies the log's checkpoints (`name+keyid+base64`).
     fn log_verifier_key(&self) -> String;
-    /// Writes a backup of everything stored ([`crate::backup`]) to `out`. The caller keeps the
-    /// store from changing meanwhile ([`Store::between_batches`], or no broker running).
-    fn snapshot(
-        &self,
-        out: &mut dyn std::io::Write,
-    ) -> Result<(crate::backup::Header, crate::backup::Counts), Internal>;
+    /// Starts a backup of everything stored ([`crate::backup`]) on `out`, while the caller
+    /// keeps the store from changing ([`Store::between_batches`], or no broker running), and
+    /// returns the rest to write once writes may go on: the audit log's append-only trees, up
+    /// to what they held when it was called.
+    fn snapshot(&self, out: crate::backup::Output) -> Result<crate::backup::Rest, Internal>;
 }
 
 /// How many of the newest entries the start-up check rehashes from their stored bytes.
