@@ -755,9 +755,10 @@ pub fn fork_warning(h: &Header) -> String {
          anything since), serving this directory forks the log: the restored broker will sign \
          different entries at the same sizes, and every agent or auditor holding a later \
          checkpoint will alarm (its witness refuses the fork). Before serving it, compare with \
-         the latest checkpoint any agency holds (each agent's state/checkpoint file, the \
+         the latest checkpoint any agency holds (each agent's .state/checkpoint, the \
          checkpoints in its sent/*.receipt.json, an auditor's last export): if any is larger \
-         than {size}, restore a newer backup or recover the original data directory instead.",
+         than {size}, restore a newer backup or recover the original data directory instead \
+         (docs/backup.md, section 6).",
         size = h.log_size
     )
 }
