@@ -764,6 +764,7 @@ pub fn fork_warning(h: &Header) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
