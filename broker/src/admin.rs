@@ -9,7 +9,9 @@
 //!
 //! The protocol is one request per connection. The client sends one line, `backup 1`; the
 //! broker answers one line, `ok <length> <paused-microseconds>`, followed by exactly `length`
-//! bytes of backup file ([`crate::backup`]), or `error <message>`.
+//! bytes of backup file ([`crate::backup`]), or `error <message>`. Unlike the gRPC services'
+//! internal errors, the message names the cause: the only peer is the broker's own operator,
+//! who can read everything it would hide.
 
 use std::{
     io::{self, Read, Write},
