@@ -296,8 +296,8 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     fn log_verifier_key(&self) -> String;
     /// Starts a backup of everything stored ([`crate::backup`]) on `out`, while the caller
     /// keeps the store from changing ([`Store::between_batches`], or no broker running), and
-    /// returns the rest to write once writes may go on: the audit log's append-only trees, up
-    /// to what they held when it was called.
+    /// returns the rest to write once writes may go on: what cannot change once written (the
+    /// audit log's append-only trees, receipts), bounded by the log as it stood when called.
     fn snapshot(&self, out: crate::backup::Output) -> Result<crate::backup::Rest, Internal>;
 }
 
