@@ -350,24 +350,24 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
         .with_context(|| format!("creating {}", tmp.display()))?;
     let written = (|| -> anyhow::Result<String> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-        let how = match concordat_broker::admin::request_backup(&dir, &mut w).with_context(
-            || {
+        let how =
+            match concordat_broker::admin::request_backup(&dir, &mut w).with_context(|| {
                 format!(
                     "asking the broker running on {} for a backup",
                     dir.display()
                 )
-            },
-        )? {
-            Some(fetched) => format!(
-                "taken by the broker running on {} between two write batches; its writer                  paused for {:.1} ms",
-                dir.display(),
-                fetched.paused.as_secs_f64() * 1000.0
-            ),
-            None => {
-                snapshot_stopped(&dir, &config.log_origin, &file)?;
-                format!("read directly: no broker is running on {}", dir.display())
-            }
-        };
+            })? {
+                Some(fetched) => format!(
+                    "taken by the broker running on {} between two write batches; its writer \
+                 paused for {:.1} ms",
+                    dir.display(),
+                    fetched.paused.as_secs_f64() * 1000.0
+                ),
+                None => {
+                    snapshot_stopped(&dir, &config.log_origin, &file)?;
+                    format!("read directly: no broker is running on {}", dir.display())
+                }
+            };
         w.flush()
             .and_then(|()| file.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
@@ -424,7 +424,8 @@ fn snapshot_stopped(dir: &Path, origin: &str, out: &std::fs::File) -> anyhow::Re
     }
     let storage = store::SledStorage::open(dir, origin).with_context(|| {
         format!(
-            "opening the store in {} (a broker running on it without its admin socket holds              it: stop it, or see its log for why the socket is missing)",
+            "opening the store in {} (a broker running on it without its admin socket holds \
+             it: stop it, or see its log for why the socket is missing)",
             dir.display()
         )
     })?;
@@ -439,7 +440,8 @@ fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<()> {
     let restored = backup::restore(from, data_dir)?;
     let (h, r) = (&restored.header, &restored.report);
     println!(
-        "restored {} into {}: {} records in {} trees; the store verifies ({} audit entries          rehashed, {} queue items, {} receipts)",
+        "restored {} into {}: {} records in {} trees; the store verifies ({} audit entries \
+         rehashed, {} queue items, {} receipts)",
         from.display(),
         data_dir.display(),
         restored.counts.pairs,
