@@ -803,6 +803,11 @@ impl Log {
     pub fn verifier_key(&self) -> String {
         self.signer.verifier_key()
     }
+
+    /// The log's origin: its checkpoints' first line and its key's name.
+    pub fn origin(&self) -> &str {
+        self.signer.name()
+    }
 }
 
 /// The current time as a protobuf timestamp, from the broker's [`crate::clock`].

@@ -24,6 +24,9 @@
 //! - [`registry`]: the protected organisations, and the [`registry::Matcher`] that finds their
 //!   names and identifiers in a payload.
 //! - [`clock`]: the wall clock, never earlier than the latest time the broker has logged.
+//! - [`backup`]: consistent snapshots of the store in one file, and restoring them; [`admin`]:
+//!   the Unix socket in the data directory through which `concordat-broker backup` asks a
+//!   running broker for one.
 //! - [`store`]: durable queues, transfers, receipts and revocations behind the [`store::Storage`]
 //!   trait (sled), written by one group-commit writer thread.
 //! - [`logging`] and [`cli_docs`]: re-exported from `concordat-support`, which every binary
@@ -36,7 +39,9 @@
 //! [`serve`] takes an already-bound listener, so tests bind `127.0.0.1:0` and read the address
 //! from the listener: no sleeps, no races.
 
+pub mod admin;
 pub mod audit_log;
+pub mod backup;
 pub use concordat_support::{cli_docs, logging};
 pub mod clock;
 pub mod config;
@@ -212,6 +217,28 @@ pub async fn serve_with(
         Arc::new(registry::Matcher::new(&config.registry)?),
     )));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // `concordat-broker backup` reaches the running broker here; the file goes when it stops.
+    let _admin_socket = match admin::bind(&config.data_dir) {
+        Ok((listener, socket)) => {
+            let owner = socket.owner();
+            tokio::spawn(admin::serve(
+                listener,
+                owner,
+                store.clone(),
+                config.data_dir.clone(),
+                stop_rx.clone(),
+            ));
+            Some(socket)
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                dir = %config.data_dir.display(),
+                "no admin socket: `concordat-broker backup` cannot reach this broker"
+            );
+            None
+        }
+    };
     {
         // Writes the counts of folded refusals once their window has passed.
         let refusals = refusals.clone();

@@ -1,6 +1,11 @@
-//! `concordat-broker`: runs the broker, or checks a configuration file.
+//! `concordat-broker`: runs the broker, checks a configuration file or a stopped store, and backs
+//! up and restores a store.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -89,6 +94,34 @@ enum Command {
         /// directory last served by a broker that did not keep that file).
         #[arg(long)]
         publish_checkpoint: bool,
+    },
+    /// Writes a consistent snapshot of the broker's store (database and log key) to a file. A
+    /// broker running on the data directory takes it between two write batches, through its
+    /// admin socket (`<data_dir>/admin.sock`), while it goes on serving; with none running, the
+    /// store is read directly. The file holds the audit log's signing key: keep it as secret as
+    /// the data directory.
+    Backup {
+        /// The configuration file (for the data directory and log origin); without it, the
+        /// embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory (default: the configuration's).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The backup file to write (replaced atomically, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restores a backup into a new or empty data directory, checks it as the broker does at
+    /// start and as `verify` does, and prints its log size and checkpoint. Serving a snapshot
+    /// older than checkpoints already handed out forks the log: read the warning it prints.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create (it must not exist, or be empty).
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Prints the audit log's verifier key (name+keyid+base64), creating the log key in the
     /// data directory if the broker has never run. Give it to agents (`log_key`) and auditors.
@@ -189,6 +222,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             json,
         } => reload(config, data_dir, timeout, json),
+        Command::Backup {
+            config,
+            data_dir,
+            out,
+        } => backup(config, data_dir, &out),
+        Command::Restore { from, data_dir } => restore(&from, &data_dir),
         Command::LogKey { config, data_dir } => {
             let mut config = load(config.as_ref())?;
             if let Some(dir) = data_dir {
@@ -349,6 +388,152 @@ fn verify(
         );
     }
     println!("ok: the store is whole");
+    Ok(())
+}
+
+/// `concordat-broker backup`: through the running broker's admin socket, or directly from a
+/// stopped broker's store; written to a temporary file beside `out`, checked whole, synced and
+/// renamed.
+fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut config = load(config.as_ref())?;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let dir = config.data_dir.clone();
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} names no file", out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let written = (|| -> anyhow::Result<String> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        let how =
+            match concordat_broker::admin::request_backup(&dir, &mut w).with_context(|| {
+                format!(
+                    "asking the broker running on {} for a backup",
+                    dir.display()
+                )
+            })? {
+                Some(fetched) => format!(
+                    "taken by the broker running on {} between two write batches; its writer \
+                 paused for {:.1} ms",
+                    dir.display(),
+                    fetched.paused.as_secs_f64() * 1000.0
+                ),
+                None => {
+                    snapshot_stopped(&dir, &config.log_origin, &file)?;
+                    format!("read directly: no broker is running on {}", dir.display())
+                }
+            };
+        w.flush()
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        Ok(how)
+    })();
+    let checked = written.and_then(|how| {
+        let (header, counts) =
+            concordat_broker::backup::check(&tmp).context("checking the backup just written")?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", parent.display()))?;
+        Ok((how, header, counts))
+    });
+    let (how, header, counts) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "backup written to {}: {bytes} bytes, {} records in {} trees",
+        out.display(),
+        counts.pairs,
+        counts.trees
+    )?;
+    writeln!(stdout, "snapshot {how}")?;
+    writeln!(
+        stdout,
+        "audit log: {} entries, sealed by the checkpoint:",
+        header.log_size
+    )?;
+    for line in header.checkpoint.lines() {
+        writeln!(stdout, "  {line}")?;
+    }
+    writeln!(
+        stdout,
+        "the file holds the audit log's signing key: keep it as secret as the data directory"
+    )?;
+    Ok(())
+}
+
+/// Snapshots the store of a stopped broker: opened directly (which fails while a broker holds
+/// it) and checked as at start first, so that a backup is never taken of a damaged store.
+fn snapshot_stopped(dir: &Path, origin: &str, out: &std::fs::File) -> anyhow::Result<()> {
+    use concordat_broker::{audit_log, backup, store};
+    if !dir.join(audit_log::DB_DIR).is_dir() {
+        anyhow::bail!("{} holds no broker database", dir.display());
+    }
+    let storage = store::SledStorage::open(dir, origin).with_context(|| {
+        format!(
+            "opening the store in {} (a broker running on it without its admin socket holds \
+             it: stop it, or see its log for why the socket is missing)",
+            dir.display()
+        )
+    })?;
+    store::check_recovered(&storage, dir)?;
+    backup::write_snapshot(&storage, out)?;
+    Ok(())
+}
+
+/// `concordat-broker restore`.
+fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    use concordat_broker::backup;
+    let restored = backup::restore(from, data_dir)?;
+    let (h, r) = (&restored.header, &restored.report);
+    println!(
+        "restored {} into {}: {} records in {} trees; the store verifies ({} audit entries \
+         rehashed, {} queue items, {} receipts)",
+        from.display(),
+        data_dir.display(),
+        restored.counts.pairs,
+        restored.counts.trees,
+        r.entries,
+        r.queue_items,
+        r.receipts
+    );
+    println!(
+        "snapshot taken at {} by concordat-broker {}",
+        h.created_at, h.broker_version
+    );
+    if let Some((size, root)) = r.checkpoint {
+        println!(
+            "audit log: {size} entries, checkpoint root {}",
+            root.to_hex()
+        );
+    }
+    println!("checkpoint:");
+    for line in h.checkpoint.lines() {
+        println!("  {line}");
+    }
+    println!("{}", backup::fork_warning(h));
     Ok(())
 }
 

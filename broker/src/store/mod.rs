@@ -45,7 +45,7 @@ use crate::{
 pub mod queue;
 mod sled_store;
 
-pub use sled_store::{SledStorage, StoreReport};
+pub use sled_store::{SledStorage, StoreReport, sled_config};
 
 /// The longest the writer waits for a batch to fill when it is under load.
 const LINGER: Duration = Duration::from_millis(5);
@@ -294,6 +294,11 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal>;
     /// The key that verifies the log's checkpoints (`name+keyid+base64`).
     fn log_verifier_key(&self) -> String;
+    /// Starts a backup of everything stored ([`crate::backup`]) on `out`, while the caller
+    /// keeps the store from changing ([`Store::between_batches`], or no broker running), and
+    /// returns the rest to write once writes may go on: what cannot change once written (the
+    /// audit log's append-only trees, receipts), bounded by the log as it stood when called.
+    fn snapshot(&self, out: crate::backup::Output) -> Result<crate::backup::Rest, Internal>;
 }
 
 /// How many of the newest entries the start-up check rehashes from their stored bytes.
@@ -480,7 +485,12 @@ struct Shared {
     failed: watch::Sender<Option<String>>,
     /// The free bytes of the data directory's file system (`u64::MAX` if unknown).
     free_bytes: std::sync::atomic::AtomicU64,
+    /// Work waiting to run on the writer thread between two batches ([`Store::between_batches`]).
+    pauses: std::sync::Mutex<Vec<Pause>>,
 }
+
+/// Work the writer thread runs between two batches, with nothing written meanwhile.
+type Pause = Box<dyn FnOnce(&dyn Storage) + Send>;
 
 struct Inflight {
     since: Instant,
@@ -490,6 +500,10 @@ struct Inflight {
 impl Shared {
     fn lock_inflight(&self) -> std::sync::MutexGuard<'_, Option<Inflight>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_pauses(&self) -> Vec<Pause> {
+        std::mem::take(&mut *self.pauses.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn lock_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -588,6 +602,7 @@ impl Store {
             unavailable_since: std::sync::Mutex::new(None),
             failed: watch::channel(None).0,
             free_bytes: std::sync::atomic::AtomicU64::new(u64::MAX),
+            pauses: std::sync::Mutex::new(Vec::new()),
         });
         shared.refresh_free_bytes();
         let writer = storage.clone();
@@ -645,6 +660,35 @@ impl Store {
                 Err(storage_unavailable().into())
             }
         }
+    }
+
+    /// Runs `work` on the writer thread between two batches: every batch before it is applied,
+    /// sealed, flushed and published, and none after it has begun, so `work` sees complete
+    /// batches only (a backup's consistency). Writes wait meanwhile: keep `work` short. Refused
+    /// with `STORAGE_UNAVAILABLE` while the storage is unavailable.
+    pub async fn between_batches<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&dyn Storage) -> T + Send + 'static,
+    ) -> Result<T, Failure> {
+        if *self.health.borrow() == Health::Unavailable {
+            return Err(storage_unavailable().into());
+        }
+        let (done, result) = oneshot::channel();
+        self.shared
+            .pauses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(move |storage: &dyn Storage| {
+                let _ = done.send(work(storage));
+            }));
+        // Wakes the writer if it is idle; if it is busy, it runs the work after this batch.
+        let (reply, _) = oneshot::channel();
+        self.jobs
+            .send(Job { op: None, reply })
+            .await
+            .map_err(|_| Internal::new("pausing the writer", "the writer has stopped"))?;
+        // Dropped unrun only while the storage is unavailable.
+        result.await.map_err(|_| storage_unavailable().into())
     }
 
     /// Whether the store can write, as it changes.
@@ -795,6 +839,14 @@ fn write_loop(
     let mut previous_batch = 0usize;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
+        // A batch boundary: the last batch is flushed and published, the next not begun.
+        let pauses = shared.take_pauses();
+        if shared.lock_since().is_none() {
+            for pause in pauses {
+                pause(storage);
+            }
+        }
+        // (Unavailable: the pauses are dropped unrun, and their callers refused.)
         if shared.lock_since().is_some() {
             // Unavailable: try a flush, under the watchdog, before taking writes again.
             *shared.lock_inflight() = Some(Inflight {

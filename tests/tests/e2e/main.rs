@@ -4,6 +4,7 @@
 
 mod audit;
 mod audit_crash;
+mod backup;
 mod cli_docs;
 mod clock;
 mod config;
