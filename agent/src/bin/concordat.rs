@@ -280,8 +280,9 @@ enum BenchCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Exports the audit log (auditor certificate): one line per entry, with the checkpoint
-    /// and, for a filtered export, an inclusion proof per entry.
+    /// Exports the audit log (an auditor's certificate: every entry; an agency's: the entries
+    /// it is a party to): one line per entry, with the checkpoint and, for a filtered export,
+    /// an inclusion proof per entry.
     Export {
         /// The file to write.
         #[arg(long)]
@@ -292,7 +293,7 @@ enum AuditCommand {
         /// Only entries about this organisation (subject-access consultations).
         #[arg(long)]
         org: Option<OrgId>,
-        /// Only entries involving this agency.
+        /// Only entries involving this agency (with an agency's certificate: its own id only).
         #[arg(long)]
         agency: Option<AgencyId>,
         /// Only refusals with this reason code.

@@ -1903,7 +1903,7 @@ async fn deliveries_carry_the_proof_of_their_entry() {
                 let forged = DeliveryClaim::of(&pb::delivery::Body::Transfer(other));
                 assert!(verify_delivery(&site.key, &forged, proof).is_err());
                 let mut other = t.clone();
-                other.sender = "nca".into();
+                other.sender = if t.sender == "nca" { "ncsc" } else { "nca" }.into();
                 let forged = DeliveryClaim::of(&pb::delivery::Body::Transfer(other));
                 assert!(verify_delivery(&site.key, &forged, proof).is_err());
             }
