@@ -953,7 +953,8 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
         std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
         path
     };
-    let cases: [(&str, &dyn Fn(&mut serde_json::Value)); 2] = [
+    type Change<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, Change<'_>); 2] = [
         ("sender", &|v| v["sender"] = json!("ncsc")),
         ("digest", &|v| v["payload_sha256"] = json!("00".repeat(32))),
     ];
