@@ -1268,7 +1268,12 @@ impl Agent {
     /// Starts the NCSC's agent against the site's broker, over `spool`, checking receipts with
     /// the log key.
     fn start(site: &mut Site, spool: &Path) -> Agent {
-        let cert = site.pki.client_cert("ncsc").unwrap();
+        Agent::start_as(site, spool, "ncsc")
+    }
+
+    /// [`Agent::start`] for agency `cn`.
+    fn start_as(site: &mut Site, spool: &Path, cn: &str) -> Agent {
+        let cert = site.pki.client_cert(cn).unwrap();
         Spool::open(spool).unwrap();
         let settings = AgentSettings {
             tls: site.pki.client_tls(site.broker.addr, &cert),
@@ -1933,5 +1938,64 @@ async fn deliveries_carry_the_proof_of_their_entry() {
         )
         .is_err()
     );
+    site.broker.stop().await.unwrap();
+}
+
+/// The recipient's agent is a witness too: it checks each delivery's proof against the
+/// checkpoints it has seen before writing and acknowledging it. Deliveries from an honest broker
+/// land in the inbox with their proofs; after the broker's history is rewritten under the same
+/// key, the next delivery raises an alarm and is neither written nor acknowledged.
+#[tokio::test]
+async fn the_recipients_witness_refuses_a_delivery_from_a_rewritten_history() {
+    let mut site = Site::start().await;
+    let spool = site.dir.path().join("ico-spool");
+    let ncsc = site.client("ncsc").await;
+    for _ in 0..2 {
+        accepted(
+            &ncsc,
+            envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new()),
+        )
+        .await;
+    }
+    let mut ico = Agent::start_as(&mut site, &spool, "ico");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut stored = Vec::new();
+    while stored.len() < 2 {
+        match ico.next_event(deadline).await {
+            Some(AgentEvent::Delivered { path, .. }) => stored.push(path),
+            Some(AgentEvent::Alarm { message }) => panic!("unexpected alarm: {message}"),
+            Some(_) => {}
+            None => panic!("the deliveries were not stored within {TIMEOUT:?}"),
+        }
+    }
+    for path in &stored {
+        let file: Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+        assert!(file["proof"]["entry"].is_string(), "{file}");
+    }
+    let witnessed = ico.witnessed(&site.key);
+    ico.stop().await;
+
+    let mut site = site.restart(true).await;
+    let nca = site.client("nca").await;
+    let rewritten = accepted(
+        &nca,
+        envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new()),
+    )
+    .await;
+    let mut ico = Agent::start_as(&mut site, &spool, "ico");
+    let alarm = ico.alarm().await;
+    assert!(alarm.contains("size"), "{alarm}");
+    assert_eq!(ico.witnessed(&site.key), witnessed);
+    let inbox: Vec<String> = fs::read_dir(spool.join("inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(inbox.len(), 2, "{inbox:?}");
+    ico.stop().await;
+    // Not acknowledged: the new history holds no acknowledgement of it.
+    let auditor = site.client("auditor").await;
+    let (_, records) = export(&auditor, pb::ExportRequest::default()).await;
+    assert!(!decoded(&records).iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::Acknowledged(a)) if a.transfer_id == rewritten.transfer_id)));
     site.broker.stop().await.unwrap();
 }
