@@ -432,9 +432,9 @@ pub async fn run(
         spool.clone(),
         shutdown.clone(),
         events.clone(),
-        witness,
+        witness.clone(),
     ));
-    let inbox = tokio::spawn(inbox_loop(settings, spool, shutdown, events));
+    let inbox = tokio::spawn(inbox_loop(settings, spool, shutdown, events, witness));
     let (a, b) = tokio::join!(outbox, inbox);
     a??;
     b??;
@@ -680,6 +680,7 @@ async fn inbox_loop(
     spool: Spool,
     mut shutdown: watch::Receiver<bool>,
     events: Option<mpsc::UnboundedSender<AgentEvent>>,
+    witness: Option<Arc<Witness>>,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
     let mut link = Link::new("inbox");
@@ -694,6 +695,7 @@ async fn inbox_loop(
             &events,
             &mut link,
             &mut backoff,
+            witness.as_deref(),
         )
         .await
         {
@@ -723,6 +725,7 @@ async fn receive(
     events: &Option<mpsc::UnboundedSender<AgentEvent>>,
     link: &mut Link,
     backoff: &mut Backoff,
+    witness: Option<&Witness>,
 ) -> anyhow::Result<Ended> {
     let broker = match settings.tls.connect().await {
         Ok(b) => b,
@@ -758,6 +761,24 @@ async fn receive(
             Err(status) => break Ended::Disconnected(Down::status(&status)),
         };
         let id = delivery.delivery_id.clone();
+        // The proof of the entry it was queued under is checked before the delivery is stored
+        // and acknowledged: one that fails stays with the broker, for an operator.
+        if let Some(w) = witness {
+            match w.check_delivery(&broker, &delivery).await {
+                Ok(()) => {}
+                Err(WitnessError::Alarm(message)) => {
+                    tracing::error!(delivery = %id, "not stored: its audit proof fails: {message}");
+                    emit(events, AgentEvent::Alarm { message });
+                    continue;
+                }
+                Err(WitnessError::Incomplete(error)) => {
+                    break Ended::Disconnected(Down {
+                        cause: Cause::Other,
+                        error: format!("checking a delivery's audit proof: {error}"),
+                    });
+                }
+            }
+        }
         match store(spool, delivery, &id, shutdown).await? {
             Stored::Delivered(delivered) => {
                 let duplicate = matches!(delivered, Delivered::AlreadyPresent(_));

@@ -169,13 +169,18 @@ pub struct ProofFile {
 impl ProofFile {
     /// The proof of `receipt`, if it carries one.
     pub fn of(receipt: &pb::Receipt) -> Option<ProofFile> {
+        receipt.audit.as_ref().map(ProofFile::from_wire)
+    }
+
+    /// The proof as a file keeps it.
+    pub fn from_wire(a: &pb::AuditProof) -> ProofFile {
         let b64 = &base64::engine::general_purpose::STANDARD;
-        receipt.audit.as_ref().map(|a| ProofFile {
+        ProofFile {
             log_index: a.log_index,
             entry: b64.encode(&a.entry),
             checkpoint: a.checkpoint.clone(),
             inclusion_proof: a.inclusion_proof.iter().map(|h| b64.encode(h)).collect(),
-        })
+        }
     }
 
     /// The proof as the wire has it; `Err` names the field that is not base64.
@@ -470,6 +475,14 @@ impl Spool {
             ),
             None => return Err(DeliveryError::Invalid("empty delivery")),
         };
+        // The proof of the entry it was queued under, beside the payload, for the agency to keep
+        // (`concordat receipt verify` checks the file offline).
+        let mut json = json;
+        if let (Some(audit), Some(obj)) = (&delivery.audit, json.as_object_mut()) {
+            let proof =
+                serde_json::to_value(ProofFile::from_wire(audit)).map_err(io::Error::other)?;
+            obj.insert("proof".into(), proof);
+        }
         let name = key.file_name();
         let path = inbox.join(&name);
         let present = if path.exists() {
@@ -740,6 +753,105 @@ fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
     v
 }
 
+/// Checks an inbox file offline (`concordat receipt verify`): its `proof` is signed by the log
+/// key, its entry is the one the delivery was queued under (for a transfer: this transfer, from
+/// this sender, to these recipients, with this payload's SHA-256), and it is included in the
+/// checkpoint's tree. For a payload kept as `payload_base64`, the digest is recomputed from it;
+/// a JSON payload written inline is a parsed view of the bytes received, so its recorded
+/// `payload_sha256` (computed by the agent on receipt) is what is checked. `None` if the file is
+/// not an inbox file; otherwise the verdict or what is wrong.
+pub fn verify_inbox_file(
+    text: &[u8],
+    key: &concordat_proto::checkpoint::LogVerifier,
+) -> Option<Result<String, String>> {
+    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+    let kind = v.get("type")?.as_str()?.to_owned();
+    Some(inbox_verdict(&v, &kind, key))
+}
+
+fn inbox_verdict(
+    v: &serde_json::Value,
+    kind: &str,
+    key: &concordat_proto::checkpoint::LogVerifier,
+) -> Result<String, String> {
+    let text = |field: &str| -> Result<String, String> {
+        v.get(field)
+            .and_then(|x| x.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the inbox file has no {field}"))
+    };
+    let claim = match kind {
+        "transfer" => {
+            let recipients = v
+                .get("recipients")
+                .and_then(|r| r.as_array())
+                .ok_or("the inbox file has no recipients")?
+                .iter()
+                .map(|r| {
+                    r.as_str()
+                        .map(str::to_owned)
+                        .ok_or("a recipient is not a string")
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let recorded = text("payload_sha256")?;
+            if let Some(b64) = v.get("payload_base64").and_then(|p| p.as_str()) {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| format!("payload_base64 is not base64: {e}"))?;
+                if hex_digest(&bytes) != recorded {
+                    return Err("payload_base64 does not hash to payload_sha256".into());
+                }
+            }
+            let payload_sha256 = (0..recorded.len())
+                .step_by(2)
+                .map(|i| {
+                    recorded
+                        .get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()
+                .filter(|d| d.len() == 32)
+                .ok_or("payload_sha256 is not 64 hex digits")?;
+            crate::witness::DeliveryClaim::Transfer {
+                transfer_id: text("transfer_id")?,
+                message_id: text("message_id")?,
+                sender: text("sender")?,
+                recipients,
+                payload_sha256,
+            }
+        }
+        "recall_notice" => crate::witness::DeliveryClaim::Recall {
+            transfer_id: text("transfer_id")?,
+            message_id: text("message_id")?,
+            sender: text("sender")?,
+            consent_jti: text("consent_jti")?,
+        },
+        other => return Err(format!("an inbox file of unknown type {other:?}")),
+    };
+    let proof: ProofFile = serde_json::from_value(
+        v.get("proof")
+            .cloned()
+            .ok_or("the inbox file holds no proof (written by an agent older than the proof field, or from a broker that sent none)")?,
+    )
+    .map_err(|e| format!("proof: {e}"))?;
+    let wire = proof.to_wire()?;
+    let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+    Ok(format!(
+        "VERIFIED: {} {} from {} is entry {} of {} (checkpoint of size {}, root {})",
+        if kind == "transfer" {
+            "delivery of transfer"
+        } else {
+            "recall notice for transfer"
+        },
+        claim.transfer_id(),
+        text("sender")?,
+        wire.log_index,
+        cp.origin(),
+        cp.size(),
+        cp.root().to_hex()
+    ))
+}
+
 fn recall_json(n: &pb::RecallNotice) -> serde_json::Value {
     serde_json::json!({
         "type": "recall_notice",
@@ -977,6 +1089,7 @@ mod tests {
                 payload: payload.to_vec(),
                 ..Default::default()
             })),
+            audit: None,
         }
     }
 
@@ -988,6 +1101,7 @@ mod tests {
                 message_id: id.into(),
                 ..Default::default()
             })),
+            audit: None,
         }
     }
 

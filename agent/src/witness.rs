@@ -6,6 +6,11 @@
 //! for a consistency proof between the two sizes). The last checkpoint is kept in the spool's
 //! `.state/`, so a restarted agent still holds the broker to its history. An inconsistency is an
 //! alarm: it is logged and the agent stops sending.
+//!
+//! Every delivery carries the same kind of proof for the entry it was queued under (a
+//! transfer's `transfer_accepted`, a recall notice's `recall_queued`); the witness checks it,
+//! including that the entry names this payload's SHA-256, sender and recipients, before the
+//! delivery is written to the inbox and acknowledged.
 
 use std::{
     path::PathBuf,
@@ -18,6 +23,7 @@ use concordat_proto::{
     merkle::{self, Hash},
     pb,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use crate::{client::Broker, spool::atomic_write};
@@ -62,21 +68,155 @@ pub fn verify_proof(
     message_id: &str,
     proof: &pb::AuditProof,
 ) -> Result<Checkpoint, String> {
-    let cp = checkpoint::open(&proof.checkpoint, verifier)
-        .map_err(|e| format!("the receipt's checkpoint does not verify: {e}"))?;
-    let entry = audit::decode(&proof.entry).map_err(|e| format!("the receipt's entry: {e}"))?;
-    match &entry.event {
+    verify_entry(verifier, "receipt", proof, |entry| match &entry.event {
         Some(pb::audit_entry::Event::TransferAccepted(a))
             if a.transfer_id == transfer_id
                 && a.envelope
                     .as_ref()
-                    .is_some_and(|e| e.message_id == message_id) => {}
-        _ => {
-            return Err(format!(
-                "the audit entry of receipt {transfer_id} describes something else"
-            ));
+                    .is_some_and(|e| e.message_id == message_id) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "the audit entry of receipt {transfer_id} describes something else"
+        )),
+    })
+}
+
+/// What a delivery says of itself, to hold against the audit entry its proof carries: read
+/// from the wire by the agent, or from an inbox file by `concordat receipt verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryClaim {
+    /// A transfer: proved by its `transfer_accepted` entry.
+    Transfer {
+        /// The broker's transfer id.
+        transfer_id: String,
+        /// The sender's message id.
+        message_id: String,
+        /// The sending agency.
+        sender: String,
+        /// Every recipient of the transfer.
+        recipients: Vec<String>,
+        /// The SHA-256 of the payload.
+        payload_sha256: Vec<u8>,
+    },
+    /// A recall notice: proved by its `recall_queued` entry.
+    Recall {
+        /// The transfer recalled.
+        transfer_id: String,
+        /// Its message id.
+        message_id: String,
+        /// Its sender.
+        sender: String,
+        /// The revoked consent token.
+        consent_jti: String,
+    },
+}
+
+impl DeliveryClaim {
+    /// What `body` claims; the payload is hashed here.
+    pub fn of(body: &pb::delivery::Body) -> DeliveryClaim {
+        match body {
+            pb::delivery::Body::Transfer(t) => DeliveryClaim::Transfer {
+                transfer_id: t.transfer_id.clone(),
+                message_id: t.message_id.clone(),
+                sender: t.sender.clone(),
+                recipients: t.recipients.clone(),
+                payload_sha256: Sha256::digest(&t.payload).to_vec(),
+            },
+            pb::delivery::Body::RecallNotice(n) => DeliveryClaim::Recall {
+                transfer_id: n.transfer_id.clone(),
+                message_id: n.message_id.clone(),
+                sender: n.sender.clone(),
+                consent_jti: n.consent_jti.clone(),
+            },
         }
     }
+
+    /// Whether `entry` is the entry this delivery was queued under: for a transfer, its
+    /// acceptance of this payload from this sender to these recipients; for a recall notice,
+    /// the recall of this transfer.
+    fn check(&self, entry: &pb::AuditEntry) -> Result<(), String> {
+        use pb::audit_entry::Event;
+        let matches = match (self, &entry.event) {
+            (
+                DeliveryClaim::Transfer {
+                    transfer_id,
+                    message_id,
+                    sender,
+                    recipients,
+                    payload_sha256,
+                },
+                Some(Event::TransferAccepted(a)),
+            ) => {
+                a.transfer_id == *transfer_id
+                    && a.envelope.as_ref().is_some_and(|e| {
+                        e.message_id == *message_id
+                            && e.sender == *sender
+                            && e.recipients == *recipients
+                            && e.payload_sha256 == *payload_sha256
+                    })
+            }
+            (
+                DeliveryClaim::Recall {
+                    transfer_id,
+                    message_id,
+                    sender,
+                    consent_jti,
+                },
+                Some(Event::RecallQueued(q)),
+            ) => {
+                q.transfer_id == *transfer_id
+                    && q.message_id == *message_id
+                    && q.sender == *sender
+                    && q.consent_jti == *consent_jti
+            }
+            _ => false,
+        };
+        if matches {
+            Ok(())
+        } else {
+            Err(format!(
+                "the audit entry of delivery {} describes something else (another transfer, \
+                 sender, recipient list or payload)",
+                self.transfer_id()
+            ))
+        }
+    }
+
+    /// The transfer delivered or recalled.
+    pub fn transfer_id(&self) -> &str {
+        match self {
+            DeliveryClaim::Transfer { transfer_id, .. }
+            | DeliveryClaim::Recall { transfer_id, .. } => transfer_id,
+        }
+    }
+}
+
+/// Checks, offline, that `proof` proves the delivery `claim`: the checkpoint is signed by the
+/// log key `verifier` names, the entry is the one the delivery was queued under
+/// ([`DeliveryClaim`]), and the inclusion proof places it at its index in the checkpoint's tree.
+pub fn verify_delivery(
+    verifier: &LogVerifier,
+    claim: &DeliveryClaim,
+    proof: &pb::AuditProof,
+) -> Result<Checkpoint, String> {
+    verify_entry(verifier, "delivery", proof, |entry| claim.check(entry))
+}
+
+/// The checks common to receipts and deliveries: the checkpoint's signature, the entry
+/// (`what_entry`), and its inclusion in the checkpoint's tree.
+fn verify_entry(
+    verifier: &LogVerifier,
+    what: &str,
+    proof: &pb::AuditProof,
+    what_entry: impl FnOnce(&pb::AuditEntry) -> Result<(), String>,
+) -> Result<Checkpoint, String> {
+    let cp = checkpoint::open(&proof.checkpoint, verifier)
+        .map_err(|e| format!("the {what}'s checkpoint does not verify: {e}"))?;
+    let entry = audit::decode(&proof.entry).map_err(|e| format!("the {what}'s entry: {e}"))?;
+    what_entry(&entry)?;
     let path: Vec<Hash> = proof
         .inclusion_proof
         .iter()
@@ -151,6 +291,29 @@ impl Witness {
             proof,
         )
         .map_err(|why| self.alarm(why))?;
+        self.advance(broker, cp, &proof.checkpoint).await
+    }
+
+    /// Checks the audit proof of a delivery before it is stored and acknowledged: the entry it
+    /// was queued under, its inclusion, and the checkpoint's consistency with the last one seen.
+    /// A delivery without a proof, or whose proof fails, is an alarm.
+    pub async fn check_delivery(
+        &self,
+        broker: &Broker,
+        delivery: &pb::Delivery,
+    ) -> Result<(), WitnessError> {
+        let Some(body) = &delivery.body else {
+            return Ok(());
+        };
+        let claim = DeliveryClaim::of(body);
+        let Some(proof) = &delivery.audit else {
+            return Err(self.alarm(format!(
+                "delivery {} (transfer {}) carries no audit proof",
+                delivery.delivery_id,
+                claim.transfer_id()
+            )));
+        };
+        let cp = verify_delivery(&self.verifier, &claim, proof).map_err(|why| self.alarm(why))?;
         self.advance(broker, cp, &proof.checkpoint).await
     }
 

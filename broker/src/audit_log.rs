@@ -10,7 +10,7 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -24,7 +24,10 @@ use concordat_proto::{
 use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
-use crate::refusal::{Failure, Internal};
+use crate::{
+    refusal::{Failure, Internal},
+    store::ProvedEntry,
+};
 
 /// The `meta` key of the number of entries.
 pub const LOG_SIZE: &[u8] = b"log_size";
@@ -329,6 +332,29 @@ impl Hashes {
 impl HashReader for Hashes {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
         indexes.iter().map(|i| self.get(*i)).collect()
+    }
+}
+
+/// The stored hashes already read by one batch of proofs, in front of [`Hashes`].
+struct Memo<'h> {
+    hashes: &'h Hashes,
+    seen: RefCell<HashMap<u64, Hash>>,
+}
+
+impl HashReader for Memo<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
+        let mut seen = self.seen.borrow_mut();
+        indexes
+            .iter()
+            .map(|&i| match seen.get(&i) {
+                Some(h) => Ok(*h),
+                None => {
+                    let h = self.hashes.get(i)?;
+                    seen.insert(i, h);
+                    Ok(h)
+                }
+            })
+            .collect()
     }
 }
 
@@ -656,6 +682,27 @@ impl Log {
     pub fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
         merkle::prove_record(size, index, &self.hashes)
             .map_err(|e| Internal::new("proving inclusion", e))
+    }
+
+    /// The entries at `indexes` with their inclusion proofs in the tree of `size` entries, in
+    /// the same order. The proofs of one tree share their upper hashes (those near the root and
+    /// the newest subtrees); each stored hash is read once for the whole batch.
+    pub fn prove_entries(&self, indexes: &[u64], size: u64) -> Result<Vec<ProvedEntry>, Internal> {
+        let memo = Memo {
+            hashes: &self.hashes,
+            seen: RefCell::new(HashMap::new()),
+        };
+        indexes
+            .iter()
+            .map(|&index| {
+                let entry = self.entry(index)?.ok_or_else(|| {
+                    Internal::new("proving entries", format!("audit entry {index} is missing"))
+                })?;
+                let proof = merkle::prove_record(size, index, &memo)
+                    .map_err(|e| Internal::new("proving inclusion", e))?;
+                Ok(ProvedEntry { entry, proof })
+            })
+            .collect()
     }
 
     /// The consistency proof from the tree of `old` entries to that of `new`.

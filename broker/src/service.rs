@@ -509,12 +509,26 @@ async fn deliver(
                 break;
             }
         }
+        // Each delivery carries the proof of the entry it was queued under, all against one
+        // checkpoint.
+        let proofs = if items.is_empty() {
+            Vec::new()
+        } else {
+            match state.store.prove_deliveries(&items).await {
+                Ok(proofs) => proofs,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    break;
+                }
+            }
+        };
         let mut gone = false;
         let mut sent = 0;
-        for item in items {
+        for (item, audit) in items.into_iter().zip(proofs) {
             let delivery = pb::Delivery {
                 delivery_id: item.seq.to_string(),
                 body: Some(item.body),
+                audit,
             };
             if tx.send(Ok(delivery)).await.is_err() {
                 gone = true;
@@ -579,9 +593,13 @@ impl pb::consent_server::Consent for ConsentService {
                 ));
             };
             let revocation = consent::verify_revocation(&token, &issuer.key).map_err(invalid)?;
-            Ok((key_id, revocation))
+            let only = match &issuer.organisations {
+                policy::Organisations::Only(set) if set.len() == 1 => set.first().cloned(),
+                _ => None,
+            };
+            Ok((key_id, revocation, only))
         })();
-        let (key_id, revocation) = match verified {
+        let (key_id, revocation, issuer_organisation) = match verified {
             Ok(verified) => verified,
             Err(refusal) => return Err(self.state.refuse(&call, refusal).await),
         };
@@ -605,6 +623,7 @@ impl pb::consent_server::Consent for ConsentService {
                 submitted_by: submitter,
                 issuer: key_id,
                 target,
+                issuer_organisation,
                 revoked_at: crate::clock::now(),
             })))
             .await?;
@@ -655,17 +674,27 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<Self::ExportStream>, Status> {
         let call = call(&request)?;
         let caller = &call.caller;
-        if !matches!(caller, Caller::Auditor(_)) {
-            let refusal = Refusal::new(
-                Reason::NotAuthorised,
-                format!(
-                    "{} is not an auditor; only auditor certificates may export the audit log",
-                    caller.id()
-                ),
-            );
-            return Err(self.state.refuse(&call, refusal).await);
-        }
         let req = request.into_inner();
+        // An auditor reads every entry; an agency only those it is a party to
+        // (`audit::Filter::party`). An agency naming another agency is refused rather than
+        // quietly given its own entries, so that it cannot mistake them for the other's.
+        let party = match caller {
+            Caller::Auditor(_) => None,
+            Caller::Agency(me) => {
+                if !req.agency.is_empty() && req.agency != me.as_str() {
+                    let refusal = Refusal::new(
+                        Reason::NotAuthorised,
+                        format!(
+                            "{me} may export only the entries it is a party to, not those of {}; \
+                             leave the agency out or name {me}",
+                            req.agency.chars().take(64).collect::<String>()
+                        ),
+                    );
+                    return Err(self.state.refuse(&call, refusal).await);
+                }
+                Some(me.to_string())
+            }
+        };
         let mut logged = pb::AuditExported {
             auditor: caller.id().to_string(),
             since: req.since,
@@ -679,9 +708,11 @@ impl pb::audit_server::Audit for AuditService {
         let filter = audit::Filter {
             since: req.since.map(|t| t.seconds),
             until: req.until.map(|t| t.seconds),
-            agency: (!req.agency.is_empty()).then_some(req.agency),
+            // An agency's own id adds nothing to its party filter.
+            agency: (!req.agency.is_empty() && party.is_none()).then_some(req.agency),
             organisation: (!req.organisation.is_empty()).then_some(req.organisation),
             reason: (!req.reason.is_empty()).then_some(req.reason),
+            party,
         };
         let Some(cp) = self.state.store.checkpoint() else {
             return Err(Internal::new("exporting", "no checkpoint has been signed yet").into());
@@ -702,7 +733,7 @@ impl pb::audit_server::Audit for AuditService {
         logged.checkpoint_size = cp.size;
         // Proofs are needed whenever the export is not the whole log.
         let partial = !filter.is_empty() || req.index_from > 0 || end < cp.size;
-        tracing::info!(auditor = %caller.id(), size = cp.size, from = req.index_from, to = end, partial, "audit export");
+        tracing::info!(exporter = %caller.id(), size = cp.size, from = req.index_from, to = end, partial, "audit export");
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
@@ -757,7 +788,7 @@ impl pb::audit_server::Audit for AuditService {
             // The export is in the log before its stream ends.
             logged.entries = entries;
             logged.complete = complete;
-            tracing::info!(auditor = %logged.auditor, entries, complete, "audit export ended");
+            tracing::info!(exporter = %logged.auditor, entries, complete, "audit export ended");
             let op = Op::Log(Box::new(pb::audit_entry::Event::AuditExported(logged)));
             if let Err(e) = state.store.commit(op).await {
                 let _ = tx.send(Err(Status::from(e))).await;

@@ -282,6 +282,7 @@ impl BareRelay {
                     payload: envelope.payload.clone(),
                     ..Default::default()
                 })),
+                audit: None,
             };
             tx.send(delivery)
                 .await

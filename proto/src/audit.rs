@@ -70,6 +70,9 @@ pub struct Filter {
     pub organisation: Option<String>,
     /// Only refusals with this reason code.
     pub reason: Option<String>,
+    /// Only entries this agency is a party to: what an agency's own export holds
+    /// (`docs/audit-log.md` §4.2). Narrower than [`Filter::agency`].
+    pub party: Option<String>,
 }
 
 impl Filter {
@@ -84,19 +87,24 @@ impl Filter {
         if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
             return false;
         }
-        let (agencies, organisation, reason) = facts(entry);
+        let facts = Facts::of(entry);
         if let Some(a) = &self.agency
-            && !agencies.iter().any(|x| x == a)
+            && !facts.agencies.iter().any(|x| x == a)
+        {
+            return false;
+        }
+        if let Some(p) = &self.party
+            && !facts.parties.iter().any(|x| x == p)
         {
             return false;
         }
         if let Some(o) = &self.organisation
-            && organisation != Some(o.as_str())
+            && !facts.organisations.iter().any(|x| x == o)
         {
             return false;
         }
         if let Some(r) = &self.reason
-            && reason != Some(r.as_str())
+            && facts.reason != Some(r.as_str())
         {
             return false;
         }
@@ -104,60 +112,99 @@ impl Filter {
     }
 }
 
-/// The agencies an entry involves, its organisation and its refusal reason.
+/// What the filters read of an entry.
+struct Facts<'e> {
+    /// The agencies (or auditors) it involves, for [`Filter::agency`].
+    agencies: Vec<&'e str>,
+    /// The agencies it is about as a party, for [`Filter::party`]: a subset of `agencies`.
+    parties: Vec<&'e str>,
+    /// The organisations it is about.
+    organisations: Vec<&'e str>,
+    /// Its refusal reason, if it is a refusal.
+    reason: Option<&'e str>,
+}
+
 fn nonempty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-fn envelope_facts(e: &Option<pb::EnvelopeFacts>) -> (Vec<&str>, Option<&str>) {
-    match e {
-        Some(e) => {
-            let mut v = vec![e.sender.as_str()];
-            v.extend(e.recipients.iter().map(String::as_str));
-            (v, nonempty(&e.organisation))
-        }
-        None => (Vec::new(), None),
-    }
+/// The sender and recipients of an envelope, and every organisation it identifies: declared,
+/// named by the payload, or consenting.
+fn envelope_facts(e: Option<&pb::EnvelopeFacts>) -> (Vec<&str>, Vec<&str>) {
+    let Some(e) = e else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut agencies = vec![e.sender.as_str()];
+    agencies.extend(e.recipients.iter().map(String::as_str));
+    let mut organisations: Vec<&str> = nonempty(&e.organisation).into_iter().collect();
+    organisations.extend(e.organisations.iter().map(String::as_str));
+    organisations.extend(e.consents.iter().map(|c| c.organisation.as_str()));
+    (agencies, organisations)
 }
 
-fn facts(entry: &pb::AuditEntry) -> (Vec<&str>, Option<&str>, Option<&str>) {
-    let env = envelope_facts;
-    match &entry.event {
-        Some(Event::TransferAccepted(a)) => {
-            let (v, o) = env(&a.envelope);
-            (v, o, None)
+impl<'e> Facts<'e> {
+    fn of(entry: &'e pb::AuditEntry) -> Facts<'e> {
+        let plain = |agencies: Vec<&'e str>| Facts {
+            parties: agencies.clone(),
+            agencies,
+            organisations: Vec::new(),
+            reason: None,
+        };
+        match &entry.event {
+            Some(Event::TransferAccepted(a)) => {
+                let (agencies, organisations) = envelope_facts(a.envelope.as_ref());
+                Facts {
+                    parties: agencies.clone(),
+                    agencies,
+                    organisations,
+                    reason: None,
+                }
+            }
+            // A refused send involves its addressees, but only its sender is a party to it:
+            // nothing reached them.
+            Some(Event::TransferRefused(r)) => {
+                let (agencies, organisations) = envelope_facts(r.envelope.as_ref());
+                Facts {
+                    parties: agencies.first().copied().into_iter().collect(),
+                    agencies,
+                    organisations,
+                    reason: Some(r.reason.as_str()),
+                }
+            }
+            Some(Event::Delivered(d)) => plain(vec![d.recipient.as_str()]),
+            Some(Event::Acknowledged(a)) => plain(vec![a.recipient.as_str()]),
+            Some(Event::ConsentRevoked(r)) => Facts {
+                organisations: r.organisations.iter().map(String::as_str).collect(),
+                ..plain(vec![r.submitted_by.as_str()])
+            },
+            Some(Event::RecallQueued(q)) => Facts {
+                organisations: nonempty(&q.organisation).into_iter().collect(),
+                ..plain(vec![q.recipient.as_str(), q.sender.as_str()])
+            },
+            // A refused call involves the agency (or auditor) the certificate was recognised as.
+            Some(Event::CallRefused(c)) => Facts {
+                reason: Some(c.reason.as_str()),
+                ..plain(nonempty(&c.caller).into_iter().collect())
+            },
+            // An export involves its exporter; it is about no organisation, whatever it asked
+            // for.
+            Some(Event::AuditExported(x)) => plain(vec![x.auditor.as_str()]),
+            // A designation involves its agency and the agencies of the flows it opens; only
+            // its agency is a party to it (the recipients see it in the transfers it allowed).
+            Some(Event::DesignationRecorded(d)) => {
+                let mut agencies = vec![d.agency.as_str()];
+                agencies.extend(
+                    d.flows
+                        .iter()
+                        .filter_map(|f| f.split_once("->").map(|(_, to)| to)),
+                );
+                Facts {
+                    parties: vec![d.agency.as_str()],
+                    ..plain(agencies)
+                }
+            }
+            Some(Event::ConfigLoaded(_)) | None => plain(Vec::new()),
         }
-        Some(Event::TransferRefused(r)) => {
-            let (v, o) = env(&r.envelope);
-            (v, o, Some(r.reason.as_str()))
-        }
-        Some(Event::Delivered(d)) => (vec![d.recipient.as_str()], None, None),
-        Some(Event::Acknowledged(a)) => (vec![a.recipient.as_str()], None, None),
-        Some(Event::ConsentRevoked(r)) => (vec![r.submitted_by.as_str()], None, None),
-        Some(Event::RecallQueued(q)) => (
-            vec![q.recipient.as_str(), q.sender.as_str()],
-            nonempty(&q.organisation),
-            None,
-        ),
-        // A refused call involves the agency (or auditor) the certificate was recognised as.
-        Some(Event::CallRefused(c)) => (
-            nonempty(&c.caller).into_iter().collect(),
-            None,
-            Some(c.reason.as_str()),
-        ),
-        // An export involves its auditor; it is about no organisation, whatever it asked for.
-        Some(Event::AuditExported(x)) => (vec![x.auditor.as_str()], None, None),
-        // A designation involves its agency and the agencies of the flows it opens.
-        Some(Event::DesignationRecorded(d)) => {
-            let mut v = vec![d.agency.as_str()];
-            v.extend(
-                d.flows
-                    .iter()
-                    .filter_map(|f| f.split_once("->").map(|(_, to)| to)),
-            );
-            (v, None, None)
-        }
-        Some(Event::ConfigLoaded(_)) | None => (Vec::new(), None, None),
     }
 }
 
@@ -284,10 +331,18 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
             "recipient": a.recipient, "delivery_id": a.delivery_id,
             "transfer_id": a.transfer_id, "recall_notice": a.recall_notice,
         }),
-        Some(Event::ConsentRevoked(r)) => json!({
-            "submitted_by": r.submitted_by, "issuer": r.issuer, "jti": r.jti,
-            "issued_before": rfc3339(r.issued_before.as_ref()), "recall_notices": r.recall_notices,
-        }),
+        Some(Event::ConsentRevoked(r)) => {
+            let mut v = json!({
+                "submitted_by": r.submitted_by, "issuer": r.issuer, "jti": r.jti,
+                "issued_before": rfc3339(r.issued_before.as_ref()),
+                "recall_notices": r.recall_notices,
+            });
+            // Only when known, so that the view of an entry logged before the field is unchanged.
+            if let (false, Some(map)) = (r.organisations.is_empty(), v.as_object_mut()) {
+                map.insert("organisations".into(), json!(r.organisations));
+            }
+            v
+        }
         Some(Event::RecallQueued(q)) => json!({
             "recipient": q.recipient, "transfer_id": q.transfer_id, "message_id": q.message_id,
             "consent_jti": q.consent_jti, "consent_issuer": q.consent_issuer,
@@ -454,8 +509,13 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
             } else {
                 format!("consent token {}", r.jti)
             };
+            let whose = if r.organisations.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", r.organisations.join(", "))
+            };
             format!(
-                "Entry {index} ({when}): consent issuer {} revoked {what} (statement submitted by {}); {} recall notice(s) queued.",
+                "Entry {index} ({when}): consent issuer {} revoked {what}{whose} (statement submitted by {}); {} recall notice(s) queued.",
                 r.issuer, r.submitted_by, r.recall_notices
             )
         }
@@ -710,6 +770,217 @@ mod tests {
         for (entry, filter, expected) in cases {
             assert_eq!(filter.matches(entry), *expected, "{entry:?} {filter:?}");
         }
+    }
+
+    fn revoked(submitted_by: &str, organisations: &[&str]) -> pb::AuditEntry {
+        pb::AuditEntry {
+            time: None,
+            event: Some(Event::ConsentRevoked(pb::ConsentRevoked {
+                submitted_by: submitted_by.into(),
+                issuer: "k4.pid.x".into(),
+                jti: "j".into(),
+                organisations: organisations.iter().map(|o| (*o).to_owned()).collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn accepted(sender: &str, recipients: &[&str], facts: pb::EnvelopeFacts) -> pb::AuditEntry {
+        pb::AuditEntry {
+            time: None,
+            event: Some(Event::TransferAccepted(pb::TransferAccepted {
+                transfer_id: "t".into(),
+                envelope: Some(pb::EnvelopeFacts {
+                    sender: sender.into(),
+                    recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+                    ..facts
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// `--org` keeps every entry about the organisation: a revocation of its consent, a
+    /// recall notice, and a transfer that names it anywhere (declared, named by the payload, or
+    /// consenting), not only as the declared organisation.
+    #[test]
+    fn the_organisation_filter_keeps_everything_about_the_organisation() {
+        let org = |o: &str| Filter {
+            organisation: Some(o.into()),
+            ..Default::default()
+        };
+        let declared = accepted(
+            "ncsc",
+            &["ico"],
+            pb::EnvelopeFacts {
+                organisation: "acme-ltd".into(),
+                ..Default::default()
+            },
+        );
+        let named = accepted(
+            "ncsc",
+            &["ico"],
+            pb::EnvelopeFacts {
+                organisation: "beta-plc".into(),
+                organisations: vec!["acme-ltd".into()],
+                ..Default::default()
+            },
+        );
+        let consented = accepted(
+            "ncsc",
+            &["ico"],
+            pb::EnvelopeFacts {
+                consents: vec![pb::ConsentRef {
+                    organisation: "acme-ltd".into(),
+                    jti: "j".into(),
+                    issuer: "i".into(),
+                }],
+                ..Default::default()
+            },
+        );
+        let recall = pb::AuditEntry {
+            time: None,
+            event: Some(Event::RecallQueued(pb::RecallQueued {
+                recipient: "ico".into(),
+                sender: "ncsc".into(),
+                organisation: "acme-ltd".into(),
+                ..Default::default()
+            })),
+        };
+        let cases: &[(&str, pb::AuditEntry, &str, bool)] = &[
+            (
+                "revocation of its consent",
+                revoked("ncsc", &["acme-ltd"]),
+                "acme-ltd",
+                true,
+            ),
+            (
+                "revocation among several",
+                revoked("ncsc", &["beta-plc", "acme-ltd"]),
+                "acme-ltd",
+                true,
+            ),
+            (
+                "revocation of another's consent",
+                revoked("ncsc", &["beta-plc"]),
+                "acme-ltd",
+                false,
+            ),
+            (
+                "revocation of unknown consents",
+                revoked("ncsc", &[]),
+                "acme-ltd",
+                false,
+            ),
+            ("declared", declared.clone(), "acme-ltd", true),
+            ("declared, another asked", declared, "beta-plc", false),
+            ("named by the payload", named.clone(), "acme-ltd", true),
+            ("named, the declared one asked", named, "beta-plc", true),
+            ("consenting", consented, "acme-ltd", true),
+            ("recall notice", recall.clone(), "acme-ltd", true),
+            ("recall notice, another asked", recall, "beta-plc", false),
+        ];
+        for (what, entry, asked, expected) in cases {
+            assert_eq!(org(asked).matches(entry), *expected, "{what}");
+        }
+    }
+
+    /// An agency's own export ([`Filter::party`]) keeps exactly the entries it is a party to,
+    /// which is narrower than `--agency`: not the refusals of sends addressed to it, not a
+    /// designation of another agency that opens a flow to it, not the configuration.
+    #[test]
+    fn a_party_sees_only_its_own_entries() {
+        let party = |a: &str| Filter {
+            party: Some(a.into()),
+            ..Default::default()
+        };
+        let agency = |a: &str| Filter {
+            agency: Some(a.into()),
+            ..Default::default()
+        };
+        let sent = accepted("ncsc", &["ico", "nca"], pb::EnvelopeFacts::default());
+        let refused_send = refused("ncsc", "acme-ltd", "CONSENT_MISSING", 100);
+        let delivered = pb::AuditEntry {
+            time: None,
+            event: Some(Event::Delivered(pb::Delivered {
+                recipient: "ico".into(),
+                ..Default::default()
+            })),
+        };
+        let designation = pb::AuditEntry {
+            time: None,
+            event: Some(Event::DesignationRecorded(pb::SignificanceDesignation {
+                agency: "ncsc".into(),
+                flows: vec!["ncsc->ico".into()],
+                ..Default::default()
+            })),
+        };
+        let config = pb::AuditEntry {
+            time: None,
+            event: Some(Event::ConfigLoaded(pb::ConfigLoaded::default())),
+        };
+        let export = pb::AuditEntry {
+            time: None,
+            event: Some(Event::AuditExported(pb::AuditExported {
+                auditor: "ico".into(),
+                ..Default::default()
+            })),
+        };
+        let recall = pb::AuditEntry {
+            time: None,
+            event: Some(Event::RecallQueued(pb::RecallQueued {
+                recipient: "ico".into(),
+                sender: "ncsc".into(),
+                ..Default::default()
+            })),
+        };
+        let cases: &[(&str, &pb::AuditEntry, &str, bool)] = &[
+            ("its send", &sent, "ncsc", true),
+            ("a send to it", &sent, "ico", true),
+            ("a send to it and another", &sent, "nca", true),
+            ("a send it has no part in", &sent, "dwp", false),
+            ("its refused send", &refused_send, "ncsc", true),
+            (
+                "a refused send addressed to it",
+                &refused_send,
+                "ico",
+                false,
+            ),
+            ("a delivery to it", &delivered, "ico", true),
+            ("a delivery to another", &delivered, "ncsc", false),
+            ("its revocation", &revoked("ncsc", &[]), "ncsc", true),
+            ("another's revocation", &revoked("ncsc", &[]), "ico", false),
+            ("a recall of its transfer", &recall, "ncsc", true),
+            ("a recall sent to it", &recall, "ico", true),
+            ("its designation", &designation, "ncsc", true),
+            (
+                "a designation opening a flow to it",
+                &designation,
+                "ico",
+                false,
+            ),
+            ("the configuration", &config, "ncsc", false),
+            ("its own export", &export, "ico", true),
+            ("another's export", &export, "ncsc", false),
+            (
+                "its refused call",
+                &call_refused("ico", "MALFORMED", 1),
+                "ico",
+                true,
+            ),
+            (
+                "another's refused call",
+                &call_refused("nca", "MALFORMED", 1),
+                "ico",
+                false,
+            ),
+        ];
+        for (what, entry, who, expected) in cases {
+            assert_eq!(party(who).matches(entry), *expected, "{what}");
+        }
+        // `--agency` (an auditor's filter) is wider where the party is not.
+        assert!(agency("ico").matches(&refused_send));
+        assert!(agency("ico").matches(&designation));
     }
 
     #[test]

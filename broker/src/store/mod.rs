@@ -27,7 +27,7 @@ use std::{
 use concordat_proto::{
     consent::TokenId,
     envelope::Envelope,
-    ids::{AgencyId, MessageId},
+    ids::{AgencyId, MessageId, OrgId},
     merkle::Hash,
     paserk::KeyId,
     pb,
@@ -193,6 +193,9 @@ pub struct Revoke {
     pub issuer: KeyId,
     /// One token, or every token issued before a time.
     pub target: RevokeTarget,
+    /// The one organisation the issuer speaks for, if it speaks for exactly one: then every
+    /// token it revokes is that organisation's consent, whether or not a transfer used it.
+    pub issuer_organisation: Option<OrgId>,
     /// When the broker recorded it.
     pub revoked_at: OffsetDateTime,
 }
@@ -227,6 +230,15 @@ pub enum Applied {
     Logged,
 }
 
+/// An audit entry and its inclusion proof in a tree of a given size.
+#[derive(Debug, Clone)]
+pub struct ProvedEntry {
+    /// The entry's exact bytes.
+    pub entry: Vec<u8>,
+    /// The RFC 6962 inclusion proof, leaf to root.
+    pub proof: Vec<Hash>,
+}
+
 /// One item of a recipient's queue.
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -234,6 +246,8 @@ pub struct Queued {
     pub seq: u64,
     /// What to deliver.
     pub body: pb::delivery::Body,
+    /// The index of the audit entry it was queued under, if the item records it.
+    pub log_index: Option<u64>,
 }
 
 /// The storage engine under the broker. Reads may come from any thread; `apply` and `sync` are
@@ -290,6 +304,9 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     fn log_entries(&self, index: u64, limit: usize) -> Result<Vec<Vec<u8>>, Internal>;
     /// The inclusion proof of entry `index` in the tree of `size` entries.
     fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal>;
+    /// The entries at `indexes` with their inclusion proofs in the tree of `size` entries, in
+    /// the same order: one delivery batch's proofs, reading each stored hash once.
+    fn prove_entries(&self, indexes: &[u64], size: u64) -> Result<Vec<ProvedEntry>, Internal>;
     /// The consistency proof between two tree sizes.
     fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal>;
     /// The key that verifies the log's checkpoints (`name+keyid+base64`).
@@ -747,6 +764,78 @@ impl Store {
             fill_proof(self.storage.as_ref(), audit, &cp)?;
         }
         Ok(())
+    }
+}
+
+impl Store {
+    /// The audit proofs of one batch of deliveries, in order: each item's entry (its transfer's
+    /// `transfer_accepted`, its notice's `recall_queued`) with one signed checkpoint for the
+    /// whole batch and the inclusion proofs in its tree, each stored hash read once. `None` for
+    /// an item whose entry is unknown: a recall notice queued by a broker older than
+    /// [`Queued::log_index`] (a transfer's is found through its receipt).
+    pub async fn prove_deliveries(
+        &self,
+        items: &[Queued],
+    ) -> Result<Vec<Option<pb::AuditProof>>, Internal> {
+        let indexes: Vec<Option<u64>> = items
+            .iter()
+            .map(|item| match item.log_index {
+                Some(index) => Ok(Some(index)),
+                None => self.accepted_index(item),
+            })
+            .collect::<Result<_, _>>()?;
+        let Some(highest) = indexes.iter().flatten().max().copied() else {
+            return Ok(vec![None; items.len()]);
+        };
+        // Every item is durable, so a durable checkpoint covers it already; waiting only guards
+        // the order in which the writer publishes the two.
+        let cp = self
+            .checkpoint
+            .clone()
+            .wait_for(|cp| cp.as_ref().is_some_and(|cp| cp.size > highest))
+            .await
+            .map_err(|_| Internal::new("awaiting a checkpoint", "the writer has stopped"))?
+            .clone();
+        let Some(cp) = cp else {
+            return Ok(vec![None; items.len()]);
+        };
+        let known: Vec<u64> = indexes.iter().flatten().copied().collect();
+        let mut proved = self.storage.prove_entries(&known, cp.size)?.into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for index in indexes {
+            let Some(log_index) = index else {
+                out.push(None);
+                continue;
+            };
+            let p = proved
+                .next()
+                .ok_or_else(|| Internal::new("proving deliveries", "fewer proofs than entries"))?;
+            out.push(Some(pb::AuditProof {
+                log_index,
+                checkpoint: cp.note.clone(),
+                inclusion_proof: p.proof.into_iter().map(|h| h.0.to_vec()).collect(),
+                entry: p.entry,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The index of the acceptance of a queued transfer that does not record it, from its
+    /// receipt.
+    fn accepted_index(&self, item: &Queued) -> Result<Option<u64>, Internal> {
+        let pb::delivery::Body::Transfer(t) = &item.body else {
+            return Ok(None);
+        };
+        let (Ok(sender), Ok(id)) = (
+            t.sender.parse::<AgencyId>(),
+            t.message_id.parse::<MessageId>(),
+        ) else {
+            return Ok(None);
+        };
+        Ok(self
+            .storage
+            .receipt(&sender, &id)?
+            .and_then(|(receipt, _)| receipt.audit.map(|a| a.log_index)))
     }
 }
 

@@ -89,6 +89,11 @@ pub struct StoredItem {
     /// The notice, for [`ItemKind::Recall`].
     #[prost(message, optional, tag = "7")]
     pub recall: Option<pb::RecallNotice>,
+    /// The index of the audit entry it was queued under (the transfer's `transfer_accepted`,
+    /// the notice's `recall_queued`), whose proof goes with the delivery. Absent in items
+    /// queued by a broker older than the field.
+    #[prost(uint64, optional, tag = "8")]
+    pub log_index: Option<u64>,
 }
 
 impl ItemMeta {

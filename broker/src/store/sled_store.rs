@@ -52,7 +52,7 @@ mod verify;
 pub use verify::StoreReport;
 
 use super::{
-    Accept, Applied, Op, Queued, Revoke, RevokeTarget, Storage, message_id_reused,
+    Accept, Applied, Op, ProvedEntry, Queued, Revoke, RevokeTarget, Storage, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -744,6 +744,30 @@ impl SledStorage {
             let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
             t.uses.insert(key, &(used + 1).to_be_bytes())?;
         }
+        // The log first, so that each queue item can record its transfer's entry (whose proof
+        // goes with the delivery). The first transfer that relies on a designation records it,
+        // once, before its own entry (`docs/national-significance.md`); the key lives in `meta`.
+        if let Some(d) = &a.designation {
+            let key = [DESIGNATION_PREFIX, &d.designation_sha256[..]].concat();
+            if t.meta.get(&key)?.is_none() {
+                t.meta.insert(key, &[][..])?;
+                t.log.append(&audit_log::entry_at(
+                    timestamp(a.accepted_at),
+                    pb::audit_entry::Event::DesignationRecorded(d.clone()),
+                ))?;
+            }
+        }
+        let entry = audit_log::entry_at(
+            timestamp(a.accepted_at),
+            pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
+                transfer_id: a.transfer.transfer_id.clone(),
+                envelope: Some(a.facts.clone()),
+                authorities: a.authorities.clone(),
+                stix_object_ids: a.decision.carried.object_ids.clone(),
+                designation: a.designation.clone(),
+            }),
+        );
+        let (log_index, bytes) = t.log.append_bytes(&entry)?;
         let tid = a.transfer_id.as_bytes();
         let transfer = a.transfer.clone();
         // A transfer for one recipient travels inside its queue item; one for several is stored
@@ -773,6 +797,7 @@ impl SledStorage {
                     // recipient's item.
                     transfer: inline.take(),
                     recall: None,
+                    log_index: Some(log_index),
                 },
             );
             *fx.queued.entry(r.clone()).or_default() += 1;
@@ -788,29 +813,6 @@ impl SledStorage {
                 .push(consented_record(a, c));
         }
         Self::remember_restricted(t, a)?;
-        // The first transfer that relies on a designation records it, once, before its own
-        // entry (`docs/national-significance.md`); the key lives in `meta`.
-        if let Some(d) = &a.designation {
-            let key = [DESIGNATION_PREFIX, &d.designation_sha256[..]].concat();
-            if t.meta.get(&key)?.is_none() {
-                t.meta.insert(key, &[][..])?;
-                t.log.append(&audit_log::entry_at(
-                    timestamp(a.accepted_at),
-                    pb::audit_entry::Event::DesignationRecorded(d.clone()),
-                ))?;
-            }
-        }
-        let entry = audit_log::entry_at(
-            timestamp(a.accepted_at),
-            pb::audit_entry::Event::TransferAccepted(pb::TransferAccepted {
-                transfer_id: a.transfer.transfer_id.clone(),
-                envelope: Some(a.facts.clone()),
-                authorities: a.authorities.clone(),
-                stix_object_ids: a.decision.carried.object_ids.clone(),
-                designation: a.designation.clone(),
-            }),
-        );
-        let (log_index, bytes) = t.log.append_bytes(&entry)?;
         t.receipts.insert(
             receipt_key(&a.sender, &a.envelope.message_id),
             StoredReceipt {
@@ -996,7 +998,8 @@ impl SledStorage {
                 };
                 let mut seq = Self::next_seq(meta)?;
                 let mut blocks = BlockBuilder::default();
-                let mut queued = Vec::new();
+                // Each notice, queued below once its entry's index is known.
+                let mut queued: Vec<(AgencyId, StoredItem, pb::RecallQueued)> = Vec::new();
                 for rec in recalled {
                     let Ok(transfer_id) = rec.transfer_id.parse::<uuid::Uuid>() else {
                         continue;
@@ -1014,17 +1017,14 @@ impl SledStorage {
                             sender: rec.sender.clone(),
                             organisation: rec.organisation.clone(),
                         };
-                        blocks.push(
-                            &to,
-                            StoredItem {
-                                seq,
-                                transfer_id: transfer_id.as_bytes().to_vec(),
-                                kind: ItemKind::Recall.to_wire(),
-                                recall: Some(notice),
-                                ..Default::default()
-                            },
-                        );
-                        queued.push(pb::RecallQueued {
+                        let item = StoredItem {
+                            seq,
+                            transfer_id: transfer_id.as_bytes().to_vec(),
+                            kind: ItemKind::Recall.to_wire(),
+                            recall: Some(notice),
+                            ..Default::default()
+                        };
+                        let entry = pb::RecallQueued {
                             recipient: to.to_string(),
                             transfer_id: rec.transfer_id.clone(),
                             message_id: rec.message_id.clone(),
@@ -1032,12 +1032,28 @@ impl SledStorage {
                             consent_issuer: r.issuer.to_string(),
                             organisation: rec.organisation.clone(),
                             sender: rec.sender.clone(),
-                        });
+                        };
+                        queued.push((to, item, entry));
                         seq += 1;
                     }
                 }
                 meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
                 let notices = u32::try_from(queued.len()).unwrap_or(u32::MAX);
+                // Whose consent it withdraws: the organisations of the transfers made under the
+                // tokens it revokes (recalled now or before), and the issuer's own if it speaks
+                // for one organisation only.
+                let organisations: BTreeSet<String> = candidates
+                    .iter()
+                    .filter(|(jti, rec)| match r.target {
+                        RevokeTarget::Token(t) => t == *jti,
+                        RevokeTarget::IssuedBefore(before) => {
+                            i128::from(rec.issued_at_nanos) < before.unix_timestamp_nanos()
+                        }
+                    })
+                    .map(|(_, rec)| rec.organisation.clone())
+                    .chain(r.issuer_organisation.iter().map(ToString::to_string))
+                    .filter(|o| !o.is_empty())
+                    .collect();
                 // The revocation, then each recall notice it queued, in the same transaction.
                 log.append(&audit_log::entry(pb::audit_entry::Event::ConsentRevoked(
                     pb::ConsentRevoked {
@@ -1052,10 +1068,14 @@ impl SledStorage {
                             RevokeTarget::IssuedBefore(t) => Some(timestamp(t)),
                         },
                         recall_notices: notices,
+                        organisations: organisations.into_iter().collect(),
                     },
                 )))?;
-                for q in queued {
-                    log.append(&audit_log::entry(pb::audit_entry::Event::RecallQueued(q)))?;
+                for (to, mut item, q) in queued {
+                    let index =
+                        log.append(&audit_log::entry(pb::audit_entry::Event::RecallQueued(q)))?;
+                    item.log_index = Some(index);
+                    blocks.push(&to, item);
                 }
                 let committed = Committed {
                     blocks: write_blocks(queues, blocks)?,
@@ -1268,6 +1288,10 @@ impl Storage for SledStorage {
 
     fn prove_entry(&self, index: u64, size: u64) -> Result<Vec<Hash>, Internal> {
         self.log.prove_entry(index, size)
+    }
+
+    fn prove_entries(&self, indexes: &[u64], size: u64) -> Result<Vec<ProvedEntry>, Internal> {
+        self.log.prove_entries(indexes, size)
     }
 
     fn prove_consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, Internal> {
@@ -1488,6 +1512,7 @@ impl Storage for SledStorage {
             out.push(Queued {
                 seq: loc.item.seq,
                 body,
+                log_index: stored.log_index,
             });
         }
         Ok(out)
@@ -1696,6 +1721,7 @@ mod tests {
             submitted_by: agency("ncsc"),
             issuer,
             target: RevokeTarget::Token(jti),
+            issuer_organisation: None,
             revoked_at: OffsetDateTime::now_utc(),
         }));
         let out = commit(&s, &[revoke]);

@@ -280,8 +280,9 @@ enum BenchCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Exports the audit log (auditor certificate): one line per entry, with the checkpoint
-    /// and, for a filtered export, an inclusion proof per entry.
+    /// Exports the audit log (an auditor's certificate: every entry; an agency's: the entries
+    /// it is a party to): one line per entry, with the checkpoint and, for a filtered export,
+    /// an inclusion proof per entry.
     Export {
         /// The file to write.
         #[arg(long)]
@@ -292,7 +293,7 @@ enum AuditCommand {
         /// Only entries about this organisation (subject-access consultations).
         #[arg(long)]
         org: Option<OrgId>,
-        /// Only entries involving this agency.
+        /// Only entries involving this agency (with an agency's certificate: its own id only).
         #[arg(long)]
         agency: Option<AgencyId>,
         /// Only refusals with this reason code.
@@ -336,9 +337,11 @@ enum AuditCommand {
 enum ReceiptCommand {
     /// Checks a receipt file offline: its checkpoint is signed by the log key, its entry is
     /// the transfer's acceptance, and the inclusion proof places the entry in the checkpoint's
-    /// tree. Prints a one-line verdict; exit 1 on failure.
+    /// tree. An inbox file is checked the same way against the entry it was delivered under.
+    /// Prints a one-line verdict; exit 1 on failure.
     Verify {
-        /// The receipt file (`sent/<name>.receipt.json`).
+        /// The receipt file (`sent/<name>.receipt.json`) or inbox file
+        /// (`inbox/<sender>.<message_id>.json`).
         file: PathBuf,
         /// The log's verifier key (concordat-broker log-key), or @FILE.
         #[arg(long)]
@@ -349,6 +352,10 @@ enum ReceiptCommand {
 /// `concordat receipt verify`: the verdict, or why the receipt does not prove anything.
 fn verify_receipt(file: &std::path::Path, key: &LogVerifier) -> anyhow::Result<String> {
     let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    // An inbox file (a delivery or recall notice) keeps its proof too.
+    if let Some(verdict) = concordat_agent::spool::verify_inbox_file(&text, key) {
+        return verdict.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
+    }
     let receipt: concordat_agent::spool::ReceiptFile = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a receipt file", file.display()))?;
     let proof = receipt.proof.as_ref().with_context(|| {

@@ -544,13 +544,18 @@ struct CliFiles {
 
 impl CliFiles {
     fn write(site: &mut Site) -> CliFiles {
-        let dir = site.dir.path().join("auditor-pki");
+        CliFiles::write_for(site, "auditor")
+    }
+
+    /// The files of `cn`'s certificate (an agency's, or the auditor's).
+    fn write_for(site: &mut Site, cn: &str) -> CliFiles {
+        let dir = site.dir.path().join(format!("{cn}-pki"));
         fs::create_dir_all(&dir).unwrap();
-        let issued = site.pki.client_cert("auditor").unwrap();
+        let issued = site.pki.client_cert(cn).unwrap();
         let files = CliFiles {
             ca: dir.join("ca.pem"),
-            cert: dir.join("auditor.pem"),
-            key: dir.join("auditor.key"),
+            cert: dir.join(format!("{cn}.pem")),
+            key: dir.join(format!("{cn}.key")),
             url: format!("https://localhost:{}", site.broker.addr.port()),
         };
         fs::write(&files.ca, site.pki.ca_pem()).unwrap();
@@ -1263,7 +1268,12 @@ impl Agent {
     /// Starts the NCSC's agent against the site's broker, over `spool`, checking receipts with
     /// the log key.
     fn start(site: &mut Site, spool: &Path) -> Agent {
-        let cert = site.pki.client_cert("ncsc").unwrap();
+        Agent::start_as(site, spool, "ncsc")
+    }
+
+    /// [`Agent::start`] for agency `cn`.
+    fn start_as(site: &mut Site, spool: &Path, cn: &str) -> Agent {
+        let cert = site.pki.client_cert(cn).unwrap();
         Spool::open(spool).unwrap();
         let settings = AgentSettings {
             tls: site.pki.client_tls(site.broker.addr, &cert),
@@ -1618,5 +1628,374 @@ async fn racing_retries_all_get_a_proved_receipt() {
             .unwrap();
         }
     }
+    site.broker.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evidence an agency keeps: its own export, revocations by organisation, delivery proofs
+
+/// The events of `records`, decoded.
+fn decoded(records: &[pb::ExportRecord]) -> Vec<(u64, pb::AuditEntry)> {
+    records
+        .iter()
+        .map(|r| (r.index, audit::decode(&r.entry).unwrap()))
+        .collect()
+}
+
+/// Whether `entry` names `agency` anywhere an auditor's `--agency` filter looks.
+fn involves(entry: &pb::AuditEntry, agency: &str) -> bool {
+    audit::Filter {
+        agency: Some(agency.into()),
+        ..Default::default()
+    }
+    .matches(entry)
+}
+
+/// An agency exports, with its own certificate, exactly the entries it is a party to, each
+/// with its inclusion proof against the export's checkpoint, and `concordat audit verify`
+/// checks the file offline. A third agency's transfers never appear (NCA → ICO), nor a refused
+/// send merely addressed to it (NCA → NCSC, `NO_AGREEMENT`); asking for another agency's
+/// entries is refused with `NOT_AUTHORISED`, and logged; the auditor still gets everything.
+#[tokio::test]
+async fn an_agency_exports_its_own_entries_and_no_others() {
+    let mut site = Site::start().await;
+    let history = play(&mut site).await;
+    let ncsc = site.client("ncsc").await;
+    let auditor = site.client("auditor").await;
+
+    let (note, records) = export(&ncsc, pb::ExportRequest::default()).await;
+    let cp = checkpoint::open(&note, &site.key).unwrap();
+    let entries = decoded(&records);
+    let indexes: Vec<u64> = entries.iter().map(|(i, _)| *i).collect();
+    // Its three accepted sends (anonymised, consented, other_org) and its refused one.
+    let accepted_ids: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|(_, e)| match &e.event {
+            Some(Event::TransferAccepted(a)) => Some(a.transfer_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        accepted_ids,
+        BTreeSet::from([
+            history.anonymised.transfer_id.as_str(),
+            history.consented.transfer_id.as_str(),
+            history.other_org.transfer_id.as_str(),
+        ])
+    );
+    assert_eq!(indexes, vec![1, 2, 3, 5], "{entries:?}");
+    let (_, refusal) = find_refusal(&records, &history.consent_missing);
+    assert_eq!(refusal.reason, "CONSENT_MISSING");
+    for (record, (index, entry)) in records.iter().zip(&entries) {
+        assert!(involves(entry, "ncsc"), "{index}: {entry:?}");
+        merkle::check_record(
+            &hashes(&record.inclusion_proof),
+            cp.size(),
+            cp.root(),
+            *index,
+            &merkle::leaf_hash(&record.entry),
+        )
+        .unwrap_or_else(|e| panic!("entry {index}: {e}"));
+    }
+    // The NCA's own view: its accepted transfer and its refused send, never the NCSC's.
+    let nca = site.client("nca").await;
+    let (_, nca_records) = export(&nca, pb::ExportRequest::default()).await;
+    let nca_indexes: Vec<u64> = nca_records.iter().map(|r| r.index).collect();
+    assert_eq!(nca_indexes, vec![4, 6]);
+    // The ICO, recipient of every accepted transfer, sees those and no refusal.
+    let ico = site.client("ico").await;
+    let (_, ico_records) = export(&ico, pb::ExportRequest::default()).await;
+    let ico_indexes: Vec<u64> = ico_records.iter().map(|r| r.index).collect();
+    assert_eq!(ico_indexes, vec![1, 2, 5, 6]);
+    // Naming itself changes nothing; naming another agency is refused.
+    let (_, own) = export(
+        &ncsc,
+        pb::ExportRequest {
+            agency: "ncsc".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        own.iter().map(|r| r.index).collect::<Vec<_>>()[..4],
+        [1, 2, 3, 5]
+    );
+    let status = ncsc
+        .audit()
+        .export(pb::ExportRequest {
+            agency: "nca".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("NOT_AUTHORISED"),
+        "{status:?}"
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // The refusal and the agencies' exports are in the log, which the auditor reads whole.
+    let (_, all) = export(&auditor, pb::ExportRequest::default()).await;
+    let all = decoded(&all);
+    assert!(all.iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::CallRefused(c)) if c.caller == "ncsc" && c.reason == "NOT_AUTHORISED" && c.rpc == "Audit.Export")));
+    assert!(all.iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::AuditExported(x)) if x.auditor == "nca" && x.complete)));
+    // A later export of the NCSC holds its own exports and its refused call, still no NCA entry.
+    let (_, later) = export(&ncsc, pb::ExportRequest::default()).await;
+    for (index, entry) in decoded(&later) {
+        assert!(involves(&entry, "ncsc"), "{index}: {entry:?}");
+        assert!(
+            !matches!(&entry.event, Some(Event::TransferAccepted(a)) if a.transfer_id == history.from_nca.transfer_id),
+            "the NCA's transfer leaked into the NCSC's export"
+        );
+    }
+
+    // Through the CLI with the agency's certificate, and verified offline.
+    let cli = CliFiles::write_for(&mut site, "ncsc");
+    let out = site.dir.path().join("ncsc-export.jsonl");
+    let said = cli.export(&out, &[]).await;
+    assert!(said.contains("partial"), "{said}");
+    let (head, lines) = read_jsonl(&out);
+    assert_eq!(head["partial"], json!(true));
+    assert!(lines.iter().all(|l| l["proof"].is_array()));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["decoded"]["event"] != json!("transfer_accepted")
+                || l["decoded"]["details"]["envelope"]["sender"] == json!("ncsc")),
+        "{lines:?}"
+    );
+    let (status, said) = cli_verify(&out, &site.key).await;
+    assert!(status.success(), "{said}");
+    assert!(said.starts_with("OK"), "{said}");
+    site.broker.stop().await.unwrap();
+}
+
+/// `--org` keeps the revocation of that organisation's consent and the recall notices it
+/// queued, and leaves out the revocation of another organisation's.
+#[tokio::test]
+async fn an_organisation_export_includes_revocations_of_its_consents() {
+    let mut site = Site::start().await;
+    let history = play(&mut site).await;
+    let ncsc = site.client("ncsc").await;
+    let auditor = site.client("auditor").await;
+    let revoke = |org_receipt: &pb::Receipt| {
+        let jti = org_receipt.consent_jti.parse().unwrap();
+        concordat_proto::consent::Revocation::new(
+            site.desk.key_id(),
+            concordat_proto::consent::RevocationTarget::Token(jti),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .sign(&site.desk)
+        .unwrap()
+    };
+    for receipt in [&history.consented, &history.other_org] {
+        let answer = ncsc
+            .consent()
+            .revoke(pb::RevokeRequest {
+                revocation: revoke(receipt),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.recall_notices, 1);
+    }
+    let (_, records) = export(
+        &auditor,
+        pb::ExportRequest {
+            organisation: ORG.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let entries = decoded(&records);
+    let revocations: Vec<&pb::ConsentRevoked> = entries
+        .iter()
+        .filter_map(|(_, e)| match &e.event {
+            Some(Event::ConsentRevoked(r)) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(revocations.len(), 1, "{entries:?}");
+    assert_eq!(revocations[0].jti, history.consented.consent_jti);
+    assert_eq!(revocations[0].organisations, vec![ORG.to_owned()]);
+    assert!(entries.iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::RecallQueued(q)) if q.transfer_id == history.consented.transfer_id)));
+    assert!(!entries.iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::RecallQueued(q)) if q.transfer_id == history.other_org.transfer_id)));
+    // The decoded view names the organisations, and explain says whose consent it was.
+    let index = entries
+        .iter()
+        .find(|(_, e)| matches!(e.event, Some(Event::ConsentRevoked(_))))
+        .unwrap()
+        .0;
+    let entry = &entries.iter().find(|(i, _)| *i == index).unwrap().1;
+    assert_eq!(
+        audit::to_json(entry)["details"]["organisations"],
+        json!([ORG])
+    );
+    assert!(audit::explain(index, entry).contains(&format!("of {ORG}")));
+    site.broker.stop().await.unwrap();
+}
+
+/// Every delivery carries the proof of the entry it was queued under, under one signed
+/// checkpoint: a transfer its `transfer_accepted` entry (naming this payload's SHA-256, sender
+/// and recipients), a recall notice its `recall_queued` entry; each verifies offline with the
+/// log key, and the proof of one delivery does not verify another.
+#[tokio::test]
+async fn deliveries_carry_the_proof_of_their_entry() {
+    use concordat_agent::witness::{DeliveryClaim, verify_delivery};
+    let mut site = Site::start().await;
+    let history = play(&mut site).await;
+    let ncsc = site.client("ncsc").await;
+    let jti = history.consented.consent_jti.parse().unwrap();
+    let revocation = concordat_proto::consent::Revocation::new(
+        site.desk.key_id(),
+        concordat_proto::consent::RevocationTarget::Token(jti),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap()
+    .sign(&site.desk)
+    .unwrap();
+    ncsc.consent()
+        .revoke(pb::RevokeRequest { revocation })
+        .await
+        .unwrap();
+    let ico = site.client("ico").await;
+    let mut stream = ico
+        .exchange()
+        .subscribe(pb::SubscribeRequest { window: 16 })
+        .await
+        .unwrap()
+        .into_inner();
+    // Four transfers (anonymised, consented, other_org, from_nca) and one recall notice.
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 5 {
+        let next = tokio::time::timeout(TIMEOUT, stream.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap();
+        deliveries.push(next);
+    }
+    let mut transfers = BTreeSet::new();
+    let mut recalls = 0;
+    for d in &deliveries {
+        let body = d.body.as_ref().unwrap();
+        let proof = d.audit.as_ref().expect("every delivery carries a proof");
+        let claim = DeliveryClaim::of(body);
+        verify_delivery(&site.key, &claim, proof).unwrap_or_else(|e| panic!("{d:?}: {e}"));
+        match body {
+            pb::delivery::Body::Transfer(t) => {
+                transfers.insert(t.transfer_id.clone());
+                let receipt = [
+                    &history.anonymised,
+                    &history.consented,
+                    &history.other_org,
+                    &history.from_nca,
+                ]
+                .into_iter()
+                .find(|r| r.transfer_id == t.transfer_id)
+                .unwrap();
+                // The same entry as the sender's receipt.
+                assert_eq!(proof.log_index, receipt.audit.as_ref().unwrap().log_index);
+                // Another payload, or another sender, does not verify with this proof.
+                let mut other = t.clone();
+                other.payload.push(b' ');
+                let forged = DeliveryClaim::of(&pb::delivery::Body::Transfer(other));
+                assert!(verify_delivery(&site.key, &forged, proof).is_err());
+                let mut other = t.clone();
+                other.sender = if t.sender == "nca" { "ncsc" } else { "nca" }.into();
+                let forged = DeliveryClaim::of(&pb::delivery::Body::Transfer(other));
+                assert!(verify_delivery(&site.key, &forged, proof).is_err());
+            }
+            pb::delivery::Body::RecallNotice(n) => {
+                recalls += 1;
+                assert_eq!(n.transfer_id, history.consented.transfer_id);
+                let entry = audit::decode(&proof.entry).unwrap();
+                assert!(matches!(entry.event, Some(Event::RecallQueued(_))));
+            }
+        }
+    }
+    assert_eq!(transfers.len(), 4);
+    assert_eq!(recalls, 1);
+    // All proved against one checkpoint, and a stranger's key verifies none.
+    let notes: BTreeSet<&str> = deliveries
+        .iter()
+        .map(|d| d.audit.as_ref().unwrap().checkpoint.as_str())
+        .collect();
+    assert_eq!(notes.len(), 1, "one checkpoint per batch");
+    let stranger = LogSigner::generate(DEFAULT_ORIGIN).unwrap().verifier();
+    let d = &deliveries[0];
+    assert!(
+        verify_delivery(
+            &stranger,
+            &DeliveryClaim::of(d.body.as_ref().unwrap()),
+            d.audit.as_ref().unwrap()
+        )
+        .is_err()
+    );
+    site.broker.stop().await.unwrap();
+}
+
+/// The recipient's agent is a witness too: it checks each delivery's proof against the
+/// checkpoints it has seen before writing and acknowledging it. Deliveries from an honest broker
+/// land in the inbox with their proofs; after the broker's history is rewritten under the same
+/// key, the next delivery raises an alarm and is neither written nor acknowledged.
+#[tokio::test]
+async fn the_recipients_witness_refuses_a_delivery_from_a_rewritten_history() {
+    let mut site = Site::start().await;
+    let spool = site.dir.path().join("ico-spool");
+    let ncsc = site.client("ncsc").await;
+    for _ in 0..2 {
+        accepted(
+            &ncsc,
+            envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new()),
+        )
+        .await;
+    }
+    let mut ico = Agent::start_as(&mut site, &spool, "ico");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut stored = Vec::new();
+    while stored.len() < 2 {
+        match ico.next_event(deadline).await {
+            Some(AgentEvent::Delivered { path, .. }) => stored.push(path),
+            Some(AgentEvent::Alarm { message }) => panic!("unexpected alarm: {message}"),
+            Some(_) => {}
+            None => panic!("the deliveries were not stored within {TIMEOUT:?}"),
+        }
+    }
+    for path in &stored {
+        let file: Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+        assert!(file["proof"]["entry"].is_string(), "{file}");
+    }
+    let witnessed = ico.witnessed(&site.key);
+    ico.stop().await;
+
+    let mut site = site.restart(true).await;
+    let nca = site.client("nca").await;
+    let rewritten = accepted(
+        &nca,
+        envelope("ico", pb::MessageKind::ThreatAssessment, "", String::new()),
+    )
+    .await;
+    let mut ico = Agent::start_as(&mut site, &spool, "ico");
+    let alarm = ico.alarm().await;
+    assert!(alarm.contains("size"), "{alarm}");
+    assert_eq!(ico.witnessed(&site.key), witnessed);
+    let inbox: Vec<String> = fs::read_dir(spool.join("inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(inbox.len(), 2, "{inbox:?}");
+    ico.stop().await;
+    // Not acknowledged: the new history holds no acknowledgement of it.
+    let auditor = site.client("auditor").await;
+    let (_, records) = export(&auditor, pb::ExportRequest::default()).await;
+    assert!(!decoded(&records).iter().any(|(_, e)| matches!(&e.event,
+        Some(Event::Acknowledged(a)) if a.transfer_id == rewritten.transfer_id)));
     site.broker.stop().await.unwrap();
 }

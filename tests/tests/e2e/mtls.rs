@@ -113,7 +113,7 @@ async fn unknown_common_name_is_unauthenticated() {
 }
 
 #[tokio::test]
-async fn auditors_cannot_send_and_agencies_cannot_export() {
+async fn auditors_cannot_send_and_agencies_cannot_export_others_entries() {
     let mut pki = TestPki::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let broker = spawn_broker(federation_config(&pki, dir.path(), None).unwrap())
@@ -122,9 +122,12 @@ async fn auditors_cannot_send_and_agencies_cannot_export() {
     let agency = pki.connect(broker.addr, "ico").await.unwrap();
     let status = agency
         .audit()
-        .export(concordat_proto::pb::ExportRequest::default())
+        .export(concordat_proto::pb::ExportRequest {
+            agency: "ncsc".into(),
+            ..Default::default()
+        })
         .await
-        .expect_err("an agency may not export");
+        .expect_err("an agency may not export another agency's entries");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason_of(&status).as_deref(), Some("NOT_AUTHORISED"));
 

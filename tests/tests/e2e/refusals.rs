@@ -163,7 +163,12 @@ impl Call {
             Call::Export => {
                 // A server-streaming refusal may come with the response or as the stream's
                 // first item.
-                match client.audit().export(pb::ExportRequest::default()).await {
+                // Another agency's entries: what no agency may export.
+                let request = pb::ExportRequest {
+                    agency: "nca".into(),
+                    ..Default::default()
+                };
+                match client.audit().export(request).await {
                     Ok(response) => {
                         let mut stream = response.into_inner();
                         match stream.next().await {
@@ -270,7 +275,7 @@ async fn every_refused_call_is_logged_with_the_certificate() {
             caller: "nca",
         },
         Row {
-            what: "an agency exporting",
+            what: "an agency exporting another's entries",
             cns: &["ncsc"],
             call: Call::Export,
             code: Code::PermissionDenied,

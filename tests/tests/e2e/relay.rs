@@ -883,3 +883,92 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
     assert!(said.contains("checkpoint does not verify"), "{said}");
     let _ = nca.terminate(STOP_TIMEOUT);
 }
+
+/// A delivery lands in the recipient's inbox with the proof of the broker's acceptance of it
+/// (the `transfer_accepted` entry naming this payload's SHA-256, sender and recipients), which
+/// the recipient's agent, configured with the log key, checked before acknowledging; and
+/// `concordat receipt verify` checks the inbox file offline. A changed sender, a changed payload
+/// digest or another log's key fails it.
+#[test]
+fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
+    let fed = Federation::start(&Limits::default());
+    let key_out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
+        .args(["log-key", "--config"])
+        .arg(fed.dir.path().join("broker.toml"))
+        .arg("--data-dir")
+        .arg(fed.broker.data_dir())
+        .output()
+        .unwrap();
+    assert!(key_out.status.success());
+    let key = String::from_utf8(key_out.stdout).unwrap().trim().to_owned();
+    let mut ico = AgentProcess::start_with(
+        &fed.dir.path().join("ico"),
+        "ico",
+        fed.broker.addr(),
+        &fed.pki,
+        &format!("log_key = \"{key}\"\n[reconnect]\nmin_backoff_ms = 50\nmax_backoff_ms = 1000\n"),
+    )
+    .unwrap();
+    let mut nca = fed.agent("nca");
+    nca.spool()
+        .drop_message("m.json", &message("ico", 1))
+        .unwrap();
+    let inbox = ico.spool().clone();
+    let name = wait_for("the delivery in the inbox", OUTCOME_TIMEOUT, || match inbox
+        .files("inbox")
+        .unwrap()
+        .as_slice()
+    {
+        [one] => Ok(one.clone()),
+        other => Err(format!("{other:?}\n{}", logs(&fed.broker, &[&ico, &nca]))),
+    })
+    .unwrap();
+    let file = inbox.folder("inbox").join(&name);
+    let written: serde_json::Value = inbox.read_json("inbox", &name).unwrap();
+    let proof = &written["proof"];
+    assert!(proof["entry"].is_string(), "{written}");
+    assert!(proof["checkpoint"].is_string(), "{written}");
+
+    let verify = |file: &Path, key: &str| {
+        let out = std::process::Command::new(concordat_tests::binary("concordat").unwrap())
+            .args(["receipt", "verify"])
+            .arg(file)
+            .args(["--log-key", key])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, said) = verify(&file, &key);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.starts_with("VERIFIED: delivery of transfer"), "{said}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let tampered = |what: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = written.clone();
+        f(&mut v);
+        let path = dir.path().join(format!("{what}.json"));
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        path
+    };
+    type Change<'a> = &'a dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, Change<'_>); 2] = [
+        ("sender", &|v| v["sender"] = json!("ncsc")),
+        ("digest", &|v| v["payload_sha256"] = json!("00".repeat(32))),
+    ];
+    for (what, change) in cases {
+        let (code, said) = verify(&tampered(what, change), &key);
+        assert_eq!(code, Some(1), "{what}: {said}");
+        assert!(said.starts_with("FAILED:"), "{what}: {said}");
+    }
+    let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
+        .unwrap()
+        .verifier_key();
+    let (code, said) = verify(&file, &other);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("checkpoint does not verify"), "{said}");
+    let _ = nca.terminate(STOP_TIMEOUT);
+    let _ = ico.terminate(STOP_TIMEOUT);
+}
