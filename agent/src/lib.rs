@@ -14,6 +14,7 @@
 //! - [`logging`]: the binaries' log subscriber: text or JSON lines, colour only on a terminal.
 //! - [`witness`]: checks the broker's audit log checkpoints in receipts, and their consistency.
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending).
+//! - [`status`]: `concordat status` and `concordat consent list`, as text and as JSON.
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 //! - `fuzzing` (hidden): the bodies of the fuzz targets in `agent/fuzz/`, replayed by `cargo test`.
 
@@ -29,4 +30,5 @@ pub mod logging;
 pub mod operator;
 pub mod pki;
 pub mod spool;
+pub mod status;
 pub mod witness;
