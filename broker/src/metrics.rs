@@ -1,4 +1,5 @@
 //! Prometheus metrics, served over plain HTTP at `/metrics` when `metrics_listen` is set.
+//! The same listener serves the read-only status page at `/status` ([`crate::status`]).
 //!
 //! Two exposition formats, negotiated by the request's `Accept` header ([`Format`]):
 //! OpenMetrics 1.0 (`application/openmetrics-text`, what Prometheus asks for first) and the

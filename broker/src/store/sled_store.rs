@@ -9,7 +9,7 @@
 //! | `queue_acks` | as `queues` | which items of a partly acknowledged block are acknowledged |
 //! | `transfers`, `refs` | transfer id | a transfer to several recipients, and how many still hold it |
 //! | `consent_uses` | issuer key id, token id | transfers made under a token that limits its uses |
-//! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token, for recall |
+//! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token (with the token's expiry and use limit), for recall and `concordat consent list` |
 //! | `revocations` | `jti:` issuer, token id / `before:` issuer | revoked tokens |
 //! | `tlp_received` | holder agency `\0` STIX object id | what was delivered to it under TLP:AMBER+STRICT or TLP:RED: the first transfer, the senders, the marking |
 //! | `meta` | name | sequence counter, layout version, log size and checkpoint |
