@@ -147,14 +147,25 @@ impl pb::operations_server::Operations for OperationsService {
             }
         };
         let now = crate::clock::now();
-        let issuers = &self.sources.policy.issuers;
-        let desk_of = |r: &ConsentRecord| issuers.get(&r.issuer).and_then(|i| i.agency.clone());
-        let keep = |r: &ConsentRecord| {
-            organisation.as_ref().is_none_or(|o| &r.organisation == o)
-                && in_scope(&scope, r, &desk_of)
-                && (req.all || open_at(r, now))
+        let policy = self.sources.policy.clone();
+        let desk_of =
+            move |r: &ConsentRecord| policy.issuers.get(&r.issuer).and_then(|i| i.agency.clone());
+        // The ledger is read from sled, every token's records: off the async workers.
+        let store = self.sources.store.clone();
+        let read = {
+            let desk_of = desk_of.clone();
+            tokio::task::spawn_blocking(move || {
+                let keep = |r: &ConsentRecord| {
+                    organisation.as_ref().is_none_or(|o| &r.organisation == o)
+                        && in_scope(&scope, r, &desk_of)
+                        && (req.all || open_at(r, now))
+                };
+                store.storage().consents(MAX_CONSENTS, &keep)
+            })
         };
-        let (records, truncated) = self.sources.store.storage().consents(MAX_CONSENTS, &keep)?;
+        let (records, truncated) = read
+            .await
+            .map_err(|e| crate::refusal::Internal::new("listing consents", e))??;
         tracing::debug!(caller = %call.caller.id(), consents = records.len(), truncated, "consents listed");
         let consents = records
             .into_iter()
