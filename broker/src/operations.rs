@@ -94,6 +94,23 @@ fn in_scope(
     }
 }
 
+/// `record` as `scope` may see it: an agency that neither issued the consent (its desk) nor
+/// sent under it, only received, sees itself alone among its recipients, not where else the
+/// consent's transfers went.
+fn redacted(
+    scope: &ConsentScope,
+    mut record: ConsentRecord,
+    desk_of: &dyn Fn(&ConsentRecord) -> Option<AgencyId>,
+) -> ConsentRecord {
+    if let ConsentScope::Agency(a) = scope
+        && desk_of(&record).as_ref() != Some(a)
+        && !record.senders.contains(a.as_str())
+    {
+        record.recipients.retain(|r| r == a.as_str());
+    }
+    record
+}
+
 /// Whether `record` is still open at `now`: not expired, not revoked, not used up.
 fn open_at(record: &ConsentRecord, now: time::OffsetDateTime) -> bool {
     !expired(record, now) && !record.revoked && !used_up(record)
@@ -154,6 +171,7 @@ impl pb::operations_server::Operations for OperationsService {
         let store = self.sources.store.clone();
         let read = {
             let desk_of = desk_of.clone();
+            let scope = scope.clone();
             tokio::task::spawn_blocking(move || {
                 let keep = |r: &ConsentRecord| {
                     organisation.as_ref().is_none_or(|o| &r.organisation == o)
@@ -169,6 +187,7 @@ impl pb::operations_server::Operations for OperationsService {
         tracing::debug!(caller = %call.caller.id(), consents = records.len(), truncated, "consents listed");
         let consents = records
             .into_iter()
+            .map(|r| redacted(&scope, r, &desk_of))
             .map(|r| pb::ConsentStatus {
                 issuer: r.issuer.to_string(),
                 issuer_agency: desk_of(&r).map(String::from).unwrap_or_default(),
@@ -249,6 +268,7 @@ mod tests {
         };
         let ncsc_desk = |_: &ConsentRecord| Some(agency("ncsc"));
         let no_desk = |_: &ConsentRecord| None;
+        let ico_desk = |_: &ConsentRecord| Some(agency("ico"));
         let scope = |a: &str| ConsentScope::Agency(agency(a));
         // (what, record, desk, scope, in scope, open)
         type Desk<'a> = &'a dyn Fn(&ConsentRecord) -> Option<AgencyId>;
@@ -338,5 +358,20 @@ mod tests {
             assert_eq!(in_scope(&scope, &r, desk), want_scope, "{what}: scope");
             assert_eq!(open_at(&r, now), want_open, "{what}: open");
         }
+        // A recipient that neither issued nor sent sees itself alone among the recipients;
+        // the sender, the desk and the auditor see them all.
+        let wide = record(&|r| {
+            r.recipients = BTreeSet::from(["ico".to_owned(), "nca".to_owned()]);
+        });
+        let recipients = |scope: ConsentScope, desk: Desk<'_>| -> Vec<String> {
+            redacted(&scope, wide.clone(), desk)
+                .recipients
+                .into_iter()
+                .collect()
+        };
+        assert_eq!(recipients(scope("ico"), &no_desk), ["ico"]);
+        assert_eq!(recipients(scope("ncsc"), &no_desk), ["ico", "nca"]);
+        assert_eq!(recipients(scope("ico"), &ico_desk), ["ico", "nca"]);
+        assert_eq!(recipients(ConsentScope::All, &no_desk), ["ico", "nca"]);
     }
 }

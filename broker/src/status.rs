@@ -43,7 +43,7 @@ pub const ACCEPTED: &str = "ACCEPTED";
 const WINDOW_MINUTES: u64 = 60;
 
 /// Transfer decisions of the last hour by outcome: a bucket per minute (of the monotonic
-/// clock), at most [`WINDOW_MINUTES`] of them, each holding a count per outcome. Recording is
+/// clock), at most sixty of them, each holding a count per outcome. Recording is
 /// a lock, a comparison and a map update; outcomes are `ACCEPTED` and the reason codes, so a
 /// bucket stays small.
 #[derive(Debug)]
