@@ -12,6 +12,7 @@ use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_client::AuditClient, consent_client::ConsentClient, exchange_client::ExchangeClient,
+    operations_client::OperationsClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -231,6 +232,11 @@ impl Broker {
     /// The `Audit` client.
     pub fn audit(&self) -> AuditClient<Channel> {
         AuditClient::new(self.channel.clone())
+    }
+
+    /// The `Operations` client (`concordat status`, `concordat consent list`).
+    pub fn operations(&self) -> OperationsClient<Channel> {
+        OperationsClient::new(self.channel.clone())
     }
 }
 

@@ -167,6 +167,21 @@ impl Connections {
         }
     }
 
+    /// How many established connections each certificate Common Name holds (an agency's or
+    /// auditor's id), for the status view.
+    pub fn established_by_name(&self) -> BTreeMap<String, usize> {
+        let state = self.state();
+        let mut out = BTreeMap::new();
+        for name in state
+            .established
+            .values()
+            .filter_map(|e| e.common_name.clone())
+        {
+            *out.entry(name).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// Checks every established connection's certificate chain with `verifier` (the one a
     /// reload has just built) and closes those it refuses. Returns what was closed.
     pub fn close_refused(&self, verifier: &dyn ClientCertVerifier) -> Vec<ClosedConnection> {
@@ -381,6 +396,25 @@ mod tests {
             let _first = c.admit(a).unwrap();
             assert_eq!(c.admit(b).is_err(), *same, "{a} then {b}");
         }
+    }
+
+    #[test]
+    fn established_connections_are_counted_by_name() {
+        let c = Connections::new(limits(10, 10));
+        let mut held = Vec::new();
+        for name in [Some("ico"), Some("ico"), Some("nca"), None] {
+            let (p, _) = c.admit(ip(1)).unwrap();
+            held.push(
+                p.establish(peer(), name.map(str::to_owned), Vec::new())
+                    .unwrap(),
+            );
+        }
+        // One still in its handshake is not connected yet.
+        let _pending = c.admit(ip(2)).unwrap();
+        let want = BTreeMap::from([("ico".to_owned(), 2), ("nca".to_owned(), 1)]);
+        assert_eq!(c.established_by_name(), want);
+        held.remove(0);
+        assert_eq!(c.established_by_name().get("ico"), Some(&1));
     }
 
     #[test]

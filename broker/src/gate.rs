@@ -168,6 +168,8 @@ pub fn rpc_name(path: &str) -> &'static str {
         "/concordat.v1.Consent/Revoke" => "Consent.Revoke",
         "/concordat.v1.Audit/Export" => "Audit.Export",
         "/concordat.v1.Audit/Checkpoint" => "Audit.Checkpoint",
+        "/concordat.v1.Operations/Status" => "Operations.Status",
+        "/concordat.v1.Operations/Consents" => "Operations.Consents",
         _ => "unknown",
     }
 }
@@ -195,7 +197,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 8);
+        assert_eq!(seen, 10);
         assert_eq!(rpc_name("/concordat.v1.Exchange/Nope"), "unknown");
     }
 }

@@ -17,6 +17,9 @@
 //! - [`gate`]: in front of every service: authenticates, gives the transport's own refusals
 //!   (undecodable or oversized requests) the broker's reasons, logs every refusal it makes.
 //! - [`service`]: the gRPC services (`Exchange`, `Consent`, `Audit`).
+//! - [`operations`]: the `Operations` service (`concordat status`, `concordat consent list`).
+//! - [`status`]: the federation as an operator sees it, for `Operations.Status` and the status
+//!   page beside `/metrics`; the decisions of the last hour.
 //! - [`content`]: what a payload says: its media type, STIX 2.1 bundles and incident records
 //!   validated, any other JSON parsed, and a visitor over every string in it.
 //! - [`policy`]: the agreements and consent issuers, and [`policy::decide`], the one function
@@ -53,12 +56,14 @@ pub mod gate;
 pub mod identity;
 pub mod live;
 pub mod metrics;
+pub mod operations;
 pub mod policy;
 pub mod refusal;
 pub mod refusal_log;
 pub mod registry;
 pub mod reload;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod tls;
 
@@ -66,6 +71,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_server::AuditServer, consent_server::ConsentServer, exchange_server::ExchangeServer,
+    operations_server::OperationsServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -254,6 +260,19 @@ pub async fn serve_with(
             }
         });
     }
+    let status = status::Sources {
+        metrics: metrics.clone(),
+        store: store.clone(),
+        rules: rules.clone(),
+        agencies: Arc::new(
+            config
+                .agencies
+                .iter()
+                .map(|(id, a)| (id.clone(), a.name.clone()))
+                .collect(),
+        ),
+        connections: connections.clone(),
+    };
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -266,11 +285,12 @@ pub async fn serve_with(
             rules: rules.clone(),
             store: store.clone(),
             agencies: Arc::new(config.agencies.keys().map(ToString::to_string).collect()),
+            status: status.clone(),
         };
         let mut stop = stop_rx.clone();
         // The bound address, so that `metrics_listen = "127.0.0.1:0"` can be found.
         let bound = listener.local_addr().unwrap_or(addr);
-        tracing::info!(addr = %bound, "metrics at /metrics");
+        tracing::info!(addr = %bound, "metrics at /metrics, status page at /status");
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -341,6 +361,12 @@ pub async fn serve_with(
     let audit = Gate::new(
         AuditServer::new(service::AuditService::new(state.clone()))
             .max_decoding_message_size(MAX_OTHER_REQUEST),
+        gates.clone(),
+        others,
+    );
+    let operations = Gate::new(
+        OperationsServer::new(operations::OperationsService::new(status, refusals.clone()))
+            .max_decoding_message_size(MAX_OTHER_REQUEST),
         gates,
         others,
     );
@@ -376,6 +402,7 @@ pub async fn serve_with(
         .add_service(exchange)
         .add_service(consent)
         .add_service(audit)
+        .add_service(operations)
         .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 () = shutdown => {}
@@ -408,6 +435,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
         <ExchangeServer<service::ExchangeService> as tonic::server::NamedService>::NAME,
         <ConsentServer<service::ConsentService> as tonic::server::NamedService>::NAME,
         <AuditServer<service::AuditService> as tonic::server::NamedService>::NAME,
+        <OperationsServer<operations::OperationsService> as tonic::server::NamedService>::NAME,
     ] {
         reporter.set_service_status(name, status).await;
     }

@@ -1,4 +1,5 @@
 //! Prometheus metrics, served over plain HTTP at `/metrics` when `metrics_listen` is set.
+//! The same listener serves the read-only status page at `/status` ([`crate::status`]).
 //!
 //! Two exposition formats, negotiated by the request's `Accept` header ([`Format`]):
 //! OpenMetrics 1.0 (`application/openmetrics-text`, what Prometheus asks for first) and the
@@ -163,6 +164,7 @@ pub struct Metrics {
     min_free_bytes: Gauge,
     serving: Gauge,
     writer: Arc<WriterMetrics>,
+    decisions: crate::status::DecisionWindow,
 }
 
 impl Default for Metrics {
@@ -336,6 +338,7 @@ impl Default for Metrics {
             min_free_bytes,
             serving,
             writer,
+            decisions: crate::status::DecisionWindow::default(),
         }
     }
 }
@@ -431,6 +434,7 @@ impl Metrics {
     /// Counts an accepted transfer.
     pub fn accepted(&self) {
         self.accepted.inc();
+        self.decisions.record(crate::status::ACCEPTED);
     }
 
     /// Counts a refused transfer.
@@ -440,6 +444,7 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+        self.decisions.record(reason);
     }
 
     /// Counts `n` queue items handed to a subscriber.
@@ -502,6 +507,25 @@ impl Metrics {
         self.writer.clone()
     }
 
+    /// The transfer decisions of the last hour (for the status view).
+    pub fn decisions(&self) -> &crate::status::DecisionWindow {
+        &self.decisions
+    }
+
+    /// The open subscriptions of `agency` (the `subscribers` gauge).
+    pub fn subscriptions(&self, agency: &str) -> i64 {
+        self.subscribers
+            .get_or_create(&AgencyLabel {
+                agency: agency.to_owned(),
+            })
+            .get()
+    }
+
+    /// Time since this process last sealed a checkpoint.
+    pub fn checkpoint_age(&self) -> Option<Duration> {
+        self.writer.checkpoint_age()
+    }
+
     /// The metrics in `format`, with the gauges brought up to date from `now`.
     pub fn render(&self, now: &Snapshot<'_>, format: Format) -> String {
         self.refresh(now);
@@ -541,20 +565,10 @@ impl Metrics {
             self.queue_depth
                 .get_or_create(&label)
                 .set(gauge_value(depth));
-            let oldest = if depth == 0 {
-                None
-            } else {
-                storage
-                    .claimable(&id, durable, 1, &|_| false)
-                    .ok()
-                    .and_then(|items| items.into_iter().next())
-                    .and_then(|item| match item.body {
-                        concordat_proto::pb::delivery::Body::Transfer(t) => t.accepted_at,
-                        concordat_proto::pb::delivery::Body::RecallNotice(n) => n.revoked_at,
-                    })
-            };
-            let age = oldest.map_or(0, |t| (today.unix_timestamp() - t.seconds).max(0));
-            self.queue_oldest_age.get_or_create(&label).set(age);
+            let age = oldest_age(now.store, &id, depth, durable, today);
+            self.queue_oldest_age
+                .get_or_create(&label)
+                .set(gauge_value(age));
         }
         if let Ok(n) = storage.log_size() {
             self.log_size.set(gauge_value(n));
@@ -572,7 +586,33 @@ impl Metrics {
     }
 }
 
-/// What the `/metrics` handler needs.
+/// The age in seconds of the oldest unacknowledged item of `agency`'s queue, which holds
+/// `depth` items, at `now`; 0 when it is empty.
+pub(crate) fn oldest_age(
+    store: &Store,
+    agency: &concordat_proto::ids::AgencyId,
+    depth: u64,
+    durable: u64,
+    now: time::OffsetDateTime,
+) -> u64 {
+    if depth == 0 {
+        return 0;
+    }
+    store
+        .storage()
+        .claimable(agency, durable, 1, &|_| false)
+        .ok()
+        .and_then(|items| items.into_iter().next())
+        .and_then(|item| match item.body {
+            concordat_proto::pb::delivery::Body::Transfer(t) => t.accepted_at,
+            concordat_proto::pb::delivery::Body::RecallNotice(n) => n.revoked_at,
+        })
+        .map_or(0, |t| {
+            u64::try_from(now.unix_timestamp() - t.seconds).unwrap_or(0)
+        })
+}
+
+/// What the `/metrics` and `/status` handlers need.
 #[derive(Clone)]
 pub struct Exporter {
     /// The counters.
@@ -584,6 +624,8 @@ pub struct Exporter {
     pub store: Store,
     /// The agencies.
     pub agencies: Arc<Vec<String>>,
+    /// What the status page shows.
+    pub status: crate::status::Sources,
 }
 
 impl Exporter {
@@ -601,28 +643,50 @@ impl Exporter {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` completes.
+/// Serves `/metrics` and the status page `/status` on `listener` until `shutdown` completes.
 pub async fn serve(
     exporter: Exporter,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move |headers: axum::http::HeaderMap| {
-            let e = exporter.clone();
-            async move {
-                let accept = headers
-                    .get(axum::http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok());
-                let format = Format::negotiate(accept);
-                (
-                    [(axum::http::header::CONTENT_TYPE, format.content_type())],
-                    e.render(format),
-                )
-            }
-        }),
-    );
+    let status = exporter.status.clone();
+    let app = axum::Router::new()
+        .route(
+            "/status",
+            axum::routing::get(move || {
+                let html = crate::status::page(&status.report(&crate::status::Viewer::Page));
+                async move {
+                    (
+                        [
+                            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                            // The page needs nothing from anywhere: no script, no images.
+                            (
+                                axum::http::header::CONTENT_SECURITY_POLICY,
+                                "default-src 'none'; style-src 'unsafe-inline'",
+                            ),
+                            (axum::http::header::CACHE_CONTROL, "no-store"),
+                        ],
+                        html,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
+                let e = exporter.clone();
+                async move {
+                    let accept = headers
+                        .get(axum::http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let format = Format::negotiate(accept);
+                    (
+                        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+                        e.render(format),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

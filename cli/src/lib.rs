@@ -5,6 +5,7 @@
 //! A tour of the modules:
 //! - [`operator`]: the operator's commands (keys, consent tokens, revocation, sending,
 //!   national-significance designations, receipts).
+//! - [`status`]: `concordat status` and `concordat consent list`, as text and as JSON.
 //! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 //! - [`demo`]: `concordat demo`, the whole federation in one process.
@@ -18,3 +19,4 @@ pub mod demo;
 pub mod fuzzing;
 pub mod operator;
 pub mod pki;
+pub mod status;

@@ -214,6 +214,11 @@ impl KeyId {
     pub fn as_bytes(&self) -> &[u8; KEY_ID_LEN] {
         &self.0
     }
+
+    /// The id whose digest bytes are `bytes` (as [`KeyId::as_bytes`] gives them).
+    pub fn from_bytes(bytes: [u8; KEY_ID_LEN]) -> Self {
+        Self(bytes)
+    }
 }
 
 impl FromStr for KeyId {

@@ -53,6 +53,8 @@ pub struct ConsentUse {
     pub issued_at: OffsetDateTime,
     /// How many transfers it may authorise, if limited.
     pub max_uses: Option<u32>,
+    /// When the token expires (for `concordat consent list`).
+    pub expires_at: OffsetDateTime,
 }
 
 /// What the broker has recorded about consent tokens: revocations and uses.
@@ -278,6 +280,7 @@ fn check_ledger(
         issuer: *claims.iss(),
         issued_at: claims.issued_at(),
         max_uses,
+        expires_at: claims.expires_at(),
     })
 }
 

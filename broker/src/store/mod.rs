@@ -250,6 +250,34 @@ pub struct Queued {
     pub log_index: Option<u64>,
 }
 
+/// What the store has recorded about one consent token: every transfer accepted under it
+/// (`concordat consent list`, [`Storage::consents`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentRecord {
+    /// Its issuer's key id.
+    pub issuer: KeyId,
+    /// The token's id.
+    pub jti: TokenId,
+    /// The organisation that consented.
+    pub organisation: String,
+    /// The token's `iat`.
+    pub issued_at: OffsetDateTime,
+    /// The token's `exp` (unknown for transfers recorded before it was kept).
+    pub expires_at: Option<OffsetDateTime>,
+    /// The token's `max_uses`, if limited.
+    pub max_uses: Option<u32>,
+    /// Transfers accepted under it.
+    pub uses: u32,
+    /// When the newest of them was accepted (unknown for older records).
+    pub last_used_at: Option<OffsetDateTime>,
+    /// Whether it has been revoked (by its id, or by a cut-off time after its `iat`).
+    pub revoked: bool,
+    /// The agencies that sent under it.
+    pub senders: BTreeSet<String>,
+    /// The agencies that received under it.
+    pub recipients: BTreeSet<String>,
+}
+
 /// The storage engine under the broker. Reads may come from any thread; `apply` and `sync` are
 /// called only by the writer thread, in order.
 pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
@@ -316,6 +344,15 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     /// returns the rest to write once writes may go on: what cannot change once written (the
     /// audit log's append-only trees, receipts), bounded by the log as it stood when called.
     fn snapshot(&self, out: crate::backup::Output) -> Result<crate::backup::Rest, Internal>;
+
+    /// The consent tokens transfers were accepted under, in issuer and token order, those
+    /// `keep` accepts, at most `limit` of them; `true` with them when more were kept than
+    /// returned.
+    fn consents(
+        &self,
+        limit: usize,
+        keep: &dyn Fn(&ConsentRecord) -> bool,
+    ) -> Result<(Vec<ConsentRecord>, bool), Internal>;
 }
 
 /// How many of the newest entries the start-up check rehashes from their stored bytes.

@@ -9,7 +9,7 @@
 //! | `queue_acks` | as `queues` | which items of a partly acknowledged block are acknowledged |
 //! | `transfers`, `refs` | transfer id | a transfer to several recipients, and how many still hold it |
 //! | `consent_uses` | issuer key id, token id | transfers made under a token that limits its uses |
-//! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token, for recall |
+//! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token (with the token's expiry and use limit), for recall and `concordat consent list` |
 //! | `revocations` | `jti:` issuer, token id / `before:` issuer | revoked tokens |
 //! | `tlp_received` | holder agency `\0` STIX object id | what was delivered to it under TLP:AMBER+STRICT or TLP:RED: the first transfer, the senders, the marking |
 //! | `meta` | name | sequence counter, layout version, log size and checkpoint |
@@ -52,7 +52,8 @@ mod verify;
 pub use verify::StoreReport;
 
 use super::{
-    Accept, Applied, Op, ProvedEntry, Queued, Revoke, RevokeTarget, Storage, message_id_reused,
+    Accept, Applied, ConsentRecord, Op, ProvedEntry, Queued, Revoke, RevokeTarget, Storage,
+    message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -118,6 +119,17 @@ struct ConsentedTransfer {
     jti: String,
     #[prost(string, tag = "7")]
     transfer_id: String,
+    /// The token's `exp`, in nanoseconds since the Unix epoch (0 in records written before
+    /// this field).
+    #[prost(int64, tag = "8")]
+    expires_at_nanos: i64,
+    /// The token's `max_uses` (0: unlimited).
+    #[prost(uint32, tag = "9")]
+    max_uses: u32,
+    /// When the transfer was accepted, in nanoseconds since the Unix epoch (0 in records
+    /// written before this field).
+    #[prost(int64, tag = "10")]
+    accepted_at_nanos: i64,
 }
 
 /// What the broker delivered of one STIX object to one agency under TLP:AMBER+STRICT or
@@ -1207,7 +1219,22 @@ fn consented_record(a: &Accept, c: &ConsentUse) -> ConsentedTransfer {
         organisation: c.organisation.to_string(),
         jti: c.jti.to_string(),
         transfer_id: a.transfer.transfer_id.clone(),
+        expires_at_nanos: nanos(c.expires_at),
+        max_uses: c.max_uses.unwrap_or(0),
+        accepted_at_nanos: nanos(a.accepted_at),
     }
+}
+
+/// A time from nanoseconds since the Unix epoch; `None` for 0 (not recorded).
+fn from_nanos(nanos: i64) -> Option<OffsetDateTime> {
+    (nanos != 0)
+        .then(|| OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos)).ok())
+        .flatten()
+}
+
+/// A time as nanoseconds since the Unix epoch, saturated to `i64`.
+fn nanos(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
 }
 
 impl ConsentLedger for SledStorage {
@@ -1259,6 +1286,95 @@ impl Provenance for SledStorage {
 }
 
 impl Storage for SledStorage {
+    fn consents(
+        &self,
+        limit: usize,
+        keep: &dyn Fn(&ConsentRecord) -> bool,
+    ) -> Result<(Vec<ConsentRecord>, bool), Internal> {
+        // Keys are issuer (33 bytes) || jti (16) || first sequence number (8): the blocks of one
+        // token are adjacent.
+        let mut out = Vec::new();
+        let mut current: Option<(Vec<u8>, ConsentRecord)> = None;
+        let finish = |record: ConsentRecord, out: &mut Vec<ConsentRecord>| -> bool {
+            if keep(&record) {
+                if out.len() == limit {
+                    return false;
+                }
+                out.push(record);
+            }
+            true
+        };
+        for item in self.consented.iter() {
+            let (k, v) = item.map_err(sled_err("reading consented transfers"))?;
+            let token = k
+                .get(..49)
+                .ok_or_else(|| Internal::new("reading consented transfers", "short key"))?;
+            let block = ConsentedBlock::decode(v.as_ref())
+                .map_err(|e| Internal::new("decoding consented transfers", e))?;
+            if current
+                .as_ref()
+                .is_none_or(|(key, _)| key.as_slice() != token)
+            {
+                if let Some((_, done)) = current.take()
+                    && !finish(done, &mut out)
+                {
+                    return Ok((out, true));
+                }
+                let issuer = k
+                    .get(..33)
+                    .and_then(|b| <[u8; 33]>::try_from(b).ok())
+                    .map(KeyId::from_bytes)
+                    .ok_or_else(|| Internal::new("reading consented transfers", "bad issuer"))?;
+                let jti = k
+                    .get(33..49)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(TokenId::from_bytes)
+                    .ok_or_else(|| Internal::new("reading consented transfers", "short key"))?;
+                let Some(first) = block.transfers.first() else {
+                    continue;
+                };
+                let issued_at =
+                    from_nanos(first.issued_at_nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                current = Some((
+                    token.to_vec(),
+                    ConsentRecord {
+                        issuer,
+                        jti,
+                        organisation: first.organisation.clone(),
+                        issued_at,
+                        expires_at: None,
+                        max_uses: None,
+                        uses: 0,
+                        last_used_at: None,
+                        revoked: self.revoked(&issuer, &jti, issued_at),
+                        senders: BTreeSet::new(),
+                        recipients: BTreeSet::new(),
+                    },
+                ));
+            }
+            if let Some((_, record)) = current.as_mut() {
+                for t in block.transfers {
+                    record.uses = record.uses.saturating_add(1);
+                    record.expires_at = record.expires_at.or(from_nanos(t.expires_at_nanos));
+                    if t.max_uses > 0 {
+                        record.max_uses = Some(t.max_uses);
+                    }
+                    if let Some(at) = from_nanos(t.accepted_at_nanos) {
+                        record.last_used_at = record.last_used_at.max(Some(at));
+                    }
+                    record.senders.insert(t.sender);
+                    record.recipients.extend(t.recipients);
+                }
+            }
+        }
+        if let Some((_, done)) = current.take()
+            && !finish(done, &mut out)
+        {
+            return Ok((out, true));
+        }
+        Ok((out, false))
+    }
+
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
         self.apply_batch_sled(ops)
     }
@@ -1711,6 +1827,7 @@ mod tests {
             issuer,
             issued_at: OffsetDateTime::now_utc(),
             max_uses: Some(3),
+            expires_at: OffsetDateTime::now_utc() + time::Duration::hours(1),
         };
         let ops: Vec<Op> = (0..2)
             .map(|_| accept(&["ico"], b"x".to_vec(), Some(consent.clone())))
@@ -1758,6 +1875,26 @@ mod tests {
         let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
         assert!(s.is_revoked(&issuer, &jti, consent.issued_at).unwrap());
         assert_eq!(seqs(&s, "ico").len(), 4);
+        // The consent ledger lists the token with its uses, its limit, its expiry and its
+        // revocation (`concordat consent list`).
+        let (listed, truncated) = s.consents(10, &|_| true).unwrap();
+        assert!(!truncated);
+        let [record] = &listed[..] else {
+            panic!("{listed:?}")
+        };
+        assert_eq!((record.issuer, record.jti), (issuer, jti));
+        assert_eq!(record.uses, 2);
+        assert_eq!(record.max_uses, Some(3));
+        assert!(record.revoked);
+        assert_eq!(
+            record.expires_at.map(|t| t.unix_timestamp()),
+            Some(consent.expires_at.unix_timestamp())
+        );
+        assert!(record.last_used_at.is_some());
+        assert_eq!(record.organisation, "acme-ltd");
+        assert!(record.recipients.contains("ico"));
+        assert!(s.consents(10, &|_| false).unwrap().0.is_empty());
+        assert_eq!(s.consents(0, &|_| true).unwrap(), (Vec::new(), true));
     }
 
     #[test]

@@ -74,6 +74,16 @@ enum Command {
     /// Sends one envelope and prints the receipt or the refusal. Exit status: 0 accepted,
     /// 3 refused, 1 error.
     Send(SendArgs),
+    /// The federation as the broker sees it now: agencies and their connections, queues, the
+    /// audit log and its checkpoint, agreements and their reviews, decisions of the last hour.
+    /// An agency's certificate sees its own queue and its own agreements; an auditor's, all.
+    Status {
+        /// Print JSON (field names documented in the README, "Status").
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
     /// Benchmarks that print figures (build with --release).
     Bench {
         #[command(subcommand)]
@@ -160,6 +170,25 @@ enum ConsentCommand {
         /// The issuer's public key (PASERK k4.public), or @FILE.
         #[arg(long)]
         public_key: Option<String>,
+    },
+    /// Lists the consents the broker has relied on: those your consent desk issued and those
+    /// of your transfers (an auditor: all), with their uses, expiry and revocation. Open ones
+    /// only, unless --all.
+    List {
+        /// Only consents of this organisation.
+        #[arg(long)]
+        org: Option<OrgId>,
+        /// Also expired, revoked and used-up consents.
+        #[arg(long)]
+        all: bool,
+        /// Only those touching this agency (an agency may name only itself).
+        #[arg(long)]
+        agency: Option<AgencyId>,
+        /// Print JSON (field names documented in the README, "Status").
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Signs a revocation and sends it to the broker.
     Revoke {
@@ -685,6 +714,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consent { command } => consent(command).await,
         Command::Significance { command } => significance(command),
         Command::Send(args) => send(args).await,
+        Command::Status { json, broker } => {
+            let report = concordat_cli::status::status(&broker.tls()?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Receipt {
             command: ReceiptCommand::Verify { file, log_key: key },
         } => {
@@ -806,6 +844,26 @@ async fn consent(command: ConsentCommand) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        ConsentCommand::List {
+            org,
+            all,
+            agency,
+            json,
+            broker,
+        } => {
+            let request = concordat_proto::pb::ConsentsRequest {
+                organisation: org.map(String::from).unwrap_or_default(),
+                all,
+                agency: agency.map(String::from).unwrap_or_default(),
+            };
+            let list = concordat_cli::status::consents(&broker.tls()?, request).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", list.text());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         ConsentCommand::Revoke {
             issuer_key,

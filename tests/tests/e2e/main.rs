@@ -24,6 +24,7 @@ mod relay;
 mod services;
 mod significance;
 mod startup;
+mod status;
 mod stix_crosscheck;
 mod store_damage;
 mod tlp;
