@@ -164,12 +164,50 @@ pub async fn serve_with_reload(
 /// [`serve_with_reload`], calling `ready` with the listening address once everything is up:
 /// the store opened and checked, the metrics listener bound, the services built. Only then is
 /// health `SERVING`. A broker that cannot start returns its error without calling `ready`.
+///
+/// It returns once the store is closed as well (every task that held it has seen the stop and
+/// let go), waiting at most [`CLOSE_WAIT`]: whoever opens the data directory next (a restarted
+/// broker, `concordat-broker verify`) finds sled's lock free.
 pub async fn serve_with(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
     reloads: reload::ReloadRequests,
     ready: impl FnOnce(std::net::SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    let data_dir = config.data_dir.clone();
+    let mut storage = None;
+    let outcome =
+        serve_until_stopped(config, listener, shutdown, reloads, ready, &mut storage).await;
+    if let Some(storage) = storage {
+        // First every handle of the broker's own, then sled's background threads.
+        let closed = || storage.strong_count() == 0 && store::database_unlocked(&data_dir);
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while !closed() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !closed() {
+            tracing::warn!(
+                waited = ?CLOSE_WAIT,
+                "the store is still open: a task has not let go of it"
+            );
+        }
+    }
+    outcome
+}
+
+/// How long [`serve_with`] waits, once stopped, for the store to close.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// The body of [`serve_with`]; leaves in `opened` a handle that shows when the store it opened
+/// is closed.
+async fn serve_until_stopped(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    reloads: reload::ReloadRequests,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
+    opened: &mut Option<std::sync::Weak<store::SledStorage>>,
 ) -> Result<(), ServeError> {
     let current_tls = tls::CurrentTls::new(tls::server_tls(&config.tls)?);
     let connections = connections::Connections::new(config.limits.connections.clone());
@@ -185,6 +223,7 @@ pub async fn serve_with(
         &config.data_dir,
         &config.log_origin,
     )?);
+    *opened = Some(Arc::downgrade(&storage));
     store::check_recovered(storage.as_ref(), &config.data_dir)?;
     // The clock never goes back before what the log already holds.
     if let Some(t) = store::newest_entry_time(storage.as_ref())? {

@@ -354,6 +354,20 @@ fn write_blocks(
     Ok(out)
 }
 
+/// Whether no one holds the lock sled takes on the database in `dir` (the broker's data
+/// directory) while it is open. sled lets go of it a little after its last handle is dropped,
+/// once its background threads have finished; [`crate::serve_with`] waits for this before it
+/// returns. A database that does not exist is not locked.
+pub fn database_unlocked(dir: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = dir.join(audit_log::DB_DIR).join("db");
+    match std::fs::File::open(&file) {
+        // Taken and, on drop, given back at once.
+        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok(),
+        Err(_) => true,
+    }
+}
+
 impl SledStorage {
     /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
     /// start) for checkpoints whose origin is `origin`.

@@ -972,3 +972,31 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
     let _ = nca.terminate(STOP_TIMEOUT);
     let _ = ico.terminate(STOP_TIMEOUT);
 }
+
+/// A stopped broker has closed its store: the data directory can be opened at once (as a
+/// restarted broker or `concordat-broker verify` would), even when it stopped with a
+/// subscription open and refusals still to flush.
+#[tokio::test]
+async fn a_stopped_broker_has_let_go_of_its_store() {
+    let mut pki = TestPki::new().unwrap();
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = spawn_broker(relay_config(&pki, dir.path())).await.unwrap();
+        let nca = pki.connect(broker.addr, "nca").await.unwrap();
+        send(&nca, envelope(round)).await.unwrap();
+        let ico = pki.connect(broker.addr, "ico").await.unwrap();
+        let mut stream = subscribe(&ico, 4).await;
+        next(&mut stream).await;
+        broker.stop().await.unwrap();
+        let opened = concordat_broker::store::SledStorage::open(
+            dir.path(),
+            concordat_broker::audit_log::DEFAULT_ORIGIN,
+        );
+        assert!(
+            opened.is_ok(),
+            "round {round}: the store is still held: {:?}",
+            opened.err()
+        );
+        drop(stream);
+    }
+}
