@@ -683,6 +683,12 @@ fn import_and_verify(from: &Path, dir: &Path, header: &Header) -> Result<Restore
         dir: dir.display().to_string(),
         problem,
     };
+    // sled gives its lock back once its background threads have finished with the import.
+    if !store::wait_until_unlocked(dir, crate::CLOSE_WAIT) {
+        return Err(unverified(
+            "the imported database is still locked after closing it".into(),
+        ));
+    }
     if !dir.join(audit_log::LOG_KEY_FILE).exists() {
         return Err(unverified("the backup carries no log key".into()));
     }

@@ -45,7 +45,9 @@ use crate::{
 pub mod queue;
 mod sled_store;
 
-pub use sled_store::{SledStorage, StoreReport, database_unlocked, sled_config};
+pub use sled_store::{
+    SledStorage, StoreReport, database_unlocked, sled_config, wait_until_unlocked,
+};
 
 /// The longest the writer waits for a batch to fill when it is under load.
 const LINGER: Duration = Duration::from_millis(5);

@@ -368,6 +368,18 @@ pub fn database_unlocked(dir: &Path) -> bool {
     }
 }
 
+/// Waits, blocking, at most `within` for [`database_unlocked`]; whether it is.
+pub fn wait_until_unlocked(dir: &Path, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !database_unlocked(dir) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
 impl SledStorage {
     /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
     /// start) for checkpoints whose origin is `origin`.
