@@ -5,7 +5,7 @@
 //! Everything is read from the broker's live state, the same sources `/metrics` reads:
 //! established connections from [`Connections`], open subscriptions and transfer decisions
 //! from [`Metrics`], queues, the log and the checkpoint from the [`Store`], agreements from the
-//! [`Policy`]. Nothing here writes.
+//! rules in force ([`crate::live::Rules`], replaced by a reload). Nothing here writes.
 //!
 //! Who sees what ([`Viewer`]):
 //! - an **agency** sees the connection state of every agency, its own queue only, the log and
