@@ -684,7 +684,7 @@ fn import_and_verify(from: &Path, dir: &Path, header: &Header) -> Result<Restore
         problem,
     };
     // sled gives its lock back once its background threads have finished with the import.
-    if !store::wait_until_unlocked(dir, crate::CLOSE_WAIT) {
+    if !store::wait_until_closed(dir, crate::CLOSE_WAIT, || true) {
         return Err(unverified(
             "the imported database is still locked after closing it".into(),
         ));

@@ -181,12 +181,12 @@ pub async fn serve_with(
         serve_until_stopped(config, listener, shutdown, reloads, ready, &mut storage).await;
     if let Some(storage) = storage {
         // First every handle of the broker's own, then sled's background threads.
-        let closed = || storage.strong_count() == 0 && store::database_unlocked(&data_dir);
-        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
-        while !closed() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if !closed() {
+        let closed = tokio::task::spawn_blocking(move || {
+            store::wait_until_closed(&data_dir, CLOSE_WAIT, || storage.strong_count() == 0)
+        })
+        .await
+        .unwrap_or(false);
+        if !closed {
             tracing::warn!(
                 waited = ?CLOSE_WAIT,
                 "the store is still open: a task has not let go of it"

@@ -45,9 +45,7 @@ use crate::{
 pub mod queue;
 mod sled_store;
 
-pub use sled_store::{
-    SledStorage, StoreReport, database_unlocked, sled_config, wait_until_unlocked,
-};
+pub use sled_store::{SledStorage, StoreReport, database_unlocked, sled_config, wait_until_closed};
 
 /// The longest the writer waits for a batch to fill when it is under load.
 const LINGER: Duration = Duration::from_millis(5);

@@ -368,10 +368,15 @@ pub fn database_unlocked(dir: &Path) -> bool {
     }
 }
 
-/// Waits, blocking, at most `within` for [`database_unlocked`]; whether it is.
-pub fn wait_until_unlocked(dir: &Path, within: std::time::Duration) -> bool {
+/// Waits, blocking, at most `within` until `released()` holds (the caller's own handles are
+/// gone) and then [`database_unlocked`]; whether both do.
+pub fn wait_until_closed(
+    dir: &Path,
+    within: std::time::Duration,
+    released: impl Fn() -> bool,
+) -> bool {
     let deadline = std::time::Instant::now() + within;
-    while !database_unlocked(dir) {
+    while !(released() && database_unlocked(dir)) {
         if std::time::Instant::now() >= deadline {
             return false;
         }

@@ -831,28 +831,8 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
     let proof = saved.proof.as_ref().expect("the receipt keeps its proof");
     assert_eq!(Some(proof.log_index), saved.log_index);
 
-    let key_out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
-        .args(["log-key", "--config"])
-        .arg(fed.dir.path().join("broker.toml"))
-        .arg("--data-dir")
-        .arg(fed.broker.data_dir())
-        .output()
-        .unwrap();
-    assert!(key_out.status.success());
-    let key = String::from_utf8(key_out.stdout).unwrap().trim().to_owned();
-    let verify = |file: &Path, key: &str| {
-        let out = std::process::Command::new(concordat_tests::binary("concordat").unwrap())
-            .args(["receipt", "verify"])
-            .arg(file)
-            .args(["--log-key", key])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
-    let (code, said) = verify(&receipt, &key);
+    let key = log_key(&fed);
+    let (code, said) = receipt_verify(&receipt, &key);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.starts_with("VERIFIED: transfer"), "{said}");
 
@@ -870,7 +850,7 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let changed = dir.path().join("changed.receipt.json");
     std::fs::write(&changed, serde_json::to_vec(&tampered).unwrap()).unwrap();
-    let (code, said) = verify(&changed, &key);
+    let (code, said) = receipt_verify(&changed, &key);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.starts_with("FAILED:"), "{said}");
 
@@ -878,7 +858,7 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
     let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
         .unwrap()
         .verifier_key();
-    let (code, said) = verify(&receipt, &other);
+    let (code, said) = receipt_verify(&receipt, &other);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("checkpoint does not verify"), "{said}");
     let _ = nca.terminate(STOP_TIMEOUT);
@@ -892,15 +872,7 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
 #[test]
 fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
     let fed = Federation::start(&Limits::default());
-    let key_out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
-        .args(["log-key", "--config"])
-        .arg(fed.dir.path().join("broker.toml"))
-        .arg("--data-dir")
-        .arg(fed.broker.data_dir())
-        .output()
-        .unwrap();
-    assert!(key_out.status.success());
-    let key = String::from_utf8(key_out.stdout).unwrap().trim().to_owned();
+    let key = log_key(&fed);
     let mut ico = AgentProcess::start_with(
         &fed.dir.path().join("ico"),
         "ico",
@@ -929,19 +901,7 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
     assert!(proof["entry"].is_string(), "{written}");
     assert!(proof["checkpoint"].is_string(), "{written}");
 
-    let verify = |file: &Path, key: &str| {
-        let out = std::process::Command::new(concordat_tests::binary("concordat").unwrap())
-            .args(["receipt", "verify"])
-            .arg(file)
-            .args(["--log-key", key])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
-    let (code, said) = verify(&file, &key);
+    let (code, said) = receipt_verify(&file, &key);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.starts_with("VERIFIED: delivery of transfer"), "{said}");
 
@@ -959,14 +919,14 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
         ("digest", &|v| v["payload_sha256"] = json!("00".repeat(32))),
     ];
     for (what, change) in cases {
-        let (code, said) = verify(&tampered(what, change), &key);
+        let (code, said) = receipt_verify(&tampered(what, change), &key);
         assert_eq!(code, Some(1), "{what}: {said}");
         assert!(said.starts_with("FAILED:"), "{what}: {said}");
     }
     let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
         .unwrap()
         .verifier_key();
-    let (code, said) = verify(&file, &other);
+    let (code, said) = receipt_verify(&file, &other);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("checkpoint does not verify"), "{said}");
     let _ = nca.terminate(STOP_TIMEOUT);
@@ -999,4 +959,31 @@ async fn a_stopped_broker_has_let_go_of_its_store() {
         );
         drop(stream);
     }
+}
+
+/// The broker's log verifier key, as `concordat-broker log-key` prints it.
+fn log_key(fed: &Federation) -> String {
+    let out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
+        .args(["log-key", "--config"])
+        .arg(fed.dir.path().join("broker.toml"))
+        .arg("--data-dir")
+        .arg(fed.broker.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `concordat receipt verify FILE --log-key KEY`: its exit status and what it printed.
+fn receipt_verify(file: &Path, key: &str) -> (Option<i32>, String) {
+    let out = std::process::Command::new(concordat_tests::binary("concordat").unwrap())
+        .args(["receipt", "verify"])
+        .arg(file)
+        .args(["--log-key", key])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
