@@ -464,6 +464,9 @@ impl Spool {
     /// on return.
     pub fn deliver(&self, delivery: &pb::Delivery) -> Result<Delivered, DeliveryError> {
         let inbox = self.dir("inbox");
+        if let Some(pb::delivery::Body::Notice(n)) = &delivery.body {
+            return self.deliver_notice(&inbox, n, delivery.audit.as_ref());
+        }
         let (key, json) = match &delivery.body {
             Some(pb::delivery::Body::Transfer(t)) => (
                 InboxKey::parse(&t.sender, &t.message_id, InboxKind::Transfer)?,
@@ -473,7 +476,9 @@ impl Spool {
                 InboxKey::parse(&n.sender, &n.message_id, InboxKind::RecallNotice)?,
                 recall_json(n),
             ),
-            None => return Err(DeliveryError::Invalid("empty delivery")),
+            Some(pb::delivery::Body::Notice(_)) | None => {
+                return Err(DeliveryError::Invalid("empty delivery"));
+            }
         };
         // The proof of the entry it was queued under, beside the payload, for the agency to keep
         // (`concordat receipt verify` checks the file offline).
@@ -496,6 +501,40 @@ impl Spool {
         }
         let bytes = serde_json::to_vec_pretty(&json).map_err(io::Error::other)?;
         atomic_write(&inbox, &name, &bytes)?;
+        Ok(Delivered::Written(path))
+    }
+}
+
+impl Spool {
+    /// Writes a notice of the broker's own to the inbox as `notice.<notice_id>.json`, unless
+    /// it is already there (see [`Spool::deliver`]).
+    fn deliver_notice(
+        &self,
+        inbox: &Path,
+        n: &pb::Notice,
+        audit: Option<&pb::AuditProof>,
+    ) -> Result<Delivered, DeliveryError> {
+        let id: uuid::Uuid = n
+            .notice_id
+            .parse()
+            .map_err(|_| DeliveryError::Invalid("notice id is not a UUID"))?;
+        let name = format!("notice.{id}.json");
+        let path = inbox.join(&name);
+        if path.exists() {
+            sync_dir(inbox)?;
+            return Ok(Delivered::AlreadyPresent(path));
+        }
+        let mut json = concordat_proto::audit::notice_json(n);
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("type".into(), serde_json::Value::String("notice".into()));
+            if let Some(audit) = audit {
+                let proof =
+                    serde_json::to_value(ProofFile::from_wire(audit)).map_err(io::Error::other)?;
+                obj.insert("proof".into(), proof);
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(&json).map_err(io::Error::other)?;
+        atomic_write(inbox, &name, &bytes)?;
         Ok(Delivered::Written(path))
     }
 }
@@ -699,6 +738,7 @@ pub(crate) fn envelope_from_outbox(
         organisations: msg.organisations,
         significance_designation,
         significance_countersignature,
+        workflow: None,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
 }
@@ -734,6 +774,9 @@ fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
         "accepted_at": rfc3339(t.accepted_at.as_ref()),
         "payload_sha256": hex_digest(&t.payload),
     });
+    if let (Some(w), Some(obj)) = (&t.workflow, v.as_object_mut()) {
+        obj.insert("workflow".into(), concordat_proto::audit::workflow_json(w));
+    }
     let inline = t
         .content_type
         .contains("json")

@@ -112,6 +112,8 @@ pub enum DeliveryClaim {
         /// The revoked consent token.
         consent_jti: String,
     },
+    /// A notice of the broker's own: proved by its `notice_queued` entry, which holds it whole.
+    Notice(pb::Notice),
 }
 
 impl DeliveryClaim {
@@ -131,6 +133,7 @@ impl DeliveryClaim {
                 sender: n.sender.clone(),
                 consent_jti: n.consent_jti.clone(),
             },
+            pb::delivery::Body::Notice(n) => DeliveryClaim::Notice(n.clone()),
         }
     }
 
@@ -172,6 +175,9 @@ impl DeliveryClaim {
                     && q.sender == *sender
                     && q.consent_jti == *consent_jti
             }
+            (DeliveryClaim::Notice(n), Some(Event::NoticeQueued(q))) => {
+                q.notice.as_ref() == Some(n)
+            }
             _ => false,
         };
         if matches {
@@ -190,6 +196,7 @@ impl DeliveryClaim {
         match self {
             DeliveryClaim::Transfer { transfer_id, .. }
             | DeliveryClaim::Recall { transfer_id, .. } => transfer_id,
+            DeliveryClaim::Notice(n) => &n.notice_id,
         }
     }
 }

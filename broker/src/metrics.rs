@@ -606,6 +606,7 @@ pub(crate) fn oldest_age(
         .and_then(|item| match item.body {
             concordat_proto::pb::delivery::Body::Transfer(t) => t.accepted_at,
             concordat_proto::pb::delivery::Body::RecallNotice(n) => n.revoked_at,
+            concordat_proto::pb::delivery::Body::Notice(n) => n.issued_at,
         })
         .map_or(0, |t| {
             u64::try_from(now.unix_timestamp() - t.seconds).unwrap_or(0)

@@ -490,11 +490,11 @@ async fn deliver(
                 }
             };
         if !items.is_empty() {
-            let logged: Vec<(u64, String, bool)> = items
+            let logged: Vec<(u64, String, crate::store::Carried)> = items
                 .iter()
-                .map(|item| match &item.body {
-                    pb::delivery::Body::Transfer(t) => (item.seq, t.transfer_id.clone(), false),
-                    pb::delivery::Body::RecallNotice(n) => (item.seq, n.transfer_id.clone(), true),
+                .map(|item| {
+                    let (carried, id) = crate::store::Carried::of(&item.body);
+                    (item.seq, id.to_owned(), carried)
                 })
                 .collect();
             let logged = state

@@ -261,6 +261,7 @@ pub fn envelope(
         organisations: Vec::new(),
         consent_tokens: Vec::new(),
         significance: None,
+        workflow: None,
     }
 }
 

@@ -53,6 +53,8 @@ pub fn event_name(entry: &pb::AuditEntry) -> &'static str {
         Some(Event::CallRefused(_)) => "call_refused",
         Some(Event::AuditExported(_)) => "audit_exported",
         Some(Event::DesignationRecorded(_)) => "designation_recorded",
+        Some(Event::NoticeQueued(_)) => "notice_queued",
+        Some(Event::InvolvementDeclared(_)) => "involvement_declared",
         None => "none",
     }
 }
@@ -203,6 +205,14 @@ impl<'e> Facts<'e> {
                     ..plain(agencies)
                 }
             }
+            // A notice involves the agency it is for (the others it names are told in notices
+            // of their own).
+            Some(Event::NoticeQueued(n)) => plain(vec![n.recipient.as_str()]),
+            Some(Event::InvolvementDeclared(d)) => {
+                let mut agencies = vec![d.agency.as_str()];
+                agencies.extend(d.notified.iter().map(String::as_str));
+                plain(agencies)
+            }
             Some(Event::ConfigLoaded(_)) | None => plain(Vec::new()),
         }
     }
@@ -259,7 +269,148 @@ fn envelope_json(e: Option<&pb::EnvelopeFacts>) -> Value {
             "organisation": c.organisation, "jti": c.jti, "issuer": c.issuer,
         })).collect::<Vec<_>>(),
         "organisations": e.organisations,
+        "workflow": e.workflow.as_ref().map_or(Value::Null, workflow_json),
     })
+}
+
+/// The federation-unique id of the workflow an entry belongs to (a consultation, a statement
+/// or an incident), if any: what `audit explain --workflow` gathers.
+pub fn workflow_subject(entry: &pb::AuditEntry) -> Option<String> {
+    use pb::workflow_step::Step as W;
+    let step = |e: Option<&pb::EnvelopeFacts>| -> Option<String> {
+        let e = e?;
+        Some(match e.workflow.as_ref()?.step.as_ref()? {
+            W::DsarOpen(o) => format!("{}:{}", e.sender, o.reference),
+            W::DsarAnswer(a) => a.consultation_id.clone(),
+            W::DsarClose(c) => c.consultation_id.clone(),
+            W::CommsPropose(p) => format!("{}:{}", e.sender, p.reference),
+            W::CommsAnswer(a) => a.statement_id.clone(),
+        })
+    };
+    match &entry.event {
+        Some(Event::TransferAccepted(a)) => step(a.envelope.as_ref()),
+        Some(Event::TransferRefused(r)) => step(r.envelope.as_ref()),
+        Some(Event::NoticeQueued(n)) => n.notice.as_ref().map(|n| n.subject.clone()),
+        Some(Event::InvolvementDeclared(d)) => Some(d.incident_ref.clone()),
+        _ => None,
+    }
+}
+
+/// A workflow step's fields as JSON (exports, inbox files).
+pub fn workflow_json(w: &pb::WorkflowStep) -> Value {
+    use pb::workflow_step::Step as W;
+    match &w.step {
+        Some(W::DsarOpen(o)) => json!({"step": "dsar_open", "reference": o.reference,
+            "concerns": o.concerns, "organisation": o.organisation,
+            "respond_by": rfc3339(o.respond_by.as_ref())}),
+        Some(W::DsarAnswer(a)) => {
+            use pb::dsar_answer::Answer;
+            let (answer, detail) = match &a.answer {
+                Some(Answer::NoObjection(_)) => ("no_objection", Value::Null),
+                Some(Answer::Objection(t)) => ("objection", json!(t)),
+                Some(Answer::NeedMoreTime(t)) => ("need_more_time", json!(rfc3339(Some(t)))),
+                None => ("none", Value::Null),
+            };
+            json!({"step": "dsar_answer", "consultation_id": a.consultation_id,
+                "answer": answer, "detail": detail})
+        }
+        Some(W::DsarClose(c)) => {
+            json!({"step": "dsar_close", "consultation_id": c.consultation_id})
+        }
+        Some(W::CommsPropose(p)) => json!({"step": "comms_propose", "reference": p.reference,
+            "publish_after": rfc3339(p.publish_after.as_ref())}),
+        Some(W::CommsAnswer(a)) => {
+            use pb::comms_answer::Answer;
+            let (answer, detail) = match &a.answer {
+                Some(Answer::Approve(_)) => ("approve", Value::Null),
+                Some(Answer::Objection(t)) => ("objection", json!(t)),
+                None => ("none", Value::Null),
+            };
+            json!({"step": "comms_answer", "statement_id": a.statement_id,
+                "answer": answer, "detail": detail})
+        }
+        None => Value::Null,
+    }
+}
+
+/// A workflow step in words, for `explain`.
+fn workflow_words(sender: &str, w: &pb::WorkflowStep) -> String {
+    use pb::workflow_step::Step as W;
+    match &w.step {
+        Some(W::DsarOpen(o)) => {
+            let mut s = format!(
+                "It opened subject-access consultation {sender}:{}",
+                o.reference
+            );
+            if !o.concerns.is_empty() {
+                s.push_str(&format!(
+                    " concerning transfer(s) {}",
+                    o.concerns.join(", ")
+                ));
+            }
+            if !o.organisation.is_empty() {
+                s.push_str(&format!(" and organisation {}", o.organisation));
+            }
+            if o.respond_by.is_some() {
+                s.push_str(&format!(
+                    ", answers due by {}",
+                    rfc3339(o.respond_by.as_ref())
+                ));
+            }
+            s + "."
+        }
+        Some(W::DsarAnswer(a)) => {
+            use pb::dsar_answer::Answer;
+            let what = match &a.answer {
+                Some(Answer::NoObjection(_)) => "no objection".to_owned(),
+                Some(Answer::Objection(t)) => format!("an objection on the ground: {t}"),
+                Some(Answer::NeedMoreTime(t)) => {
+                    format!("that it needs more time, answering by {}", rfc3339(Some(t)))
+                }
+                None => "nothing".to_owned(),
+            };
+            format!(
+                "It answered consultation {} with {what}.",
+                a.consultation_id
+            )
+        }
+        Some(W::DsarClose(c)) => format!("It closed consultation {}.", c.consultation_id),
+        Some(W::CommsPropose(p)) => format!(
+            "It proposed public statement {sender}:{}, not to be published before {}.",
+            p.reference,
+            rfc3339(p.publish_after.as_ref())
+        ),
+        Some(W::CommsAnswer(a)) => {
+            use pb::comms_answer::Answer;
+            match &a.answer {
+                Some(Answer::Approve(_)) => format!("It approved statement {}.", a.statement_id),
+                Some(Answer::Objection(t)) => {
+                    format!("It objected to statement {}: {t}", a.statement_id)
+                }
+                None => format!("It answered statement {}.", a.statement_id),
+            }
+        }
+        None => String::new(),
+    }
+}
+
+/// A notice's fields as JSON (exports, inbox files).
+pub fn notice_json(n: &pb::Notice) -> Value {
+    json!({
+        "notice_id": n.notice_id, "kind": notice_kind_name(n.kind), "subject": n.subject,
+        "agencies": n.agencies, "due": rfc3339(n.due.as_ref()),
+        "issued_at": rfc3339(n.issued_at.as_ref()), "message": n.message,
+    })
+}
+
+/// A notice kind's name (`dsar_reminder`, `dsar_deadline_passed`, `incident_coordination`).
+pub fn notice_kind_name(kind: i32) -> &'static str {
+    match pb::NoticeKind::try_from(kind) {
+        Ok(pb::NoticeKind::DsarReminder) => "dsar_reminder",
+        Ok(pb::NoticeKind::DsarDeadlinePassed) => "dsar_deadline_passed",
+        Ok(pb::NoticeKind::IncidentCoordination) => "incident_coordination",
+        Ok(pb::NoticeKind::Unspecified) | Err(_) => "unknown",
+    }
 }
 
 fn designation_json(d: &pb::SignificanceDesignation) -> Value {
@@ -316,6 +467,17 @@ pub fn to_json(entry: &pb::AuditEntry) -> Value {
             v
         }
         Some(Event::DesignationRecorded(d)) => designation_json(d),
+        Some(Event::NoticeQueued(q)) => {
+            let mut v = notice_json(&q.notice.clone().unwrap_or_default());
+            if let Some(map) = v.as_object_mut() {
+                map.insert("recipient".into(), json!(q.recipient));
+            }
+            v
+        }
+        Some(Event::InvolvementDeclared(d)) => json!({
+            "agency": d.agency, "incident_ref": d.incident_ref, "notified": d.notified,
+            "involved": d.involved, "duplicate": d.duplicate,
+        }),
         Some(Event::TransferRefused(r)) => json!({
             "envelope": envelope_json(r.envelope.as_ref()),
             "reason": r.reason,
@@ -441,6 +603,9 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
                 ));
             }
             s.push_str(&format!("  {}\n", consent(e)));
+            if let Some(w) = &e.workflow {
+                s.push_str(&format!("  {}\n", workflow_words(&e.sender, w)));
+            }
             if !a.stix_object_ids.is_empty() {
                 s.push_str(&format!(
                     "  It carried {} STIX object(s): {}.\n",
@@ -518,6 +683,37 @@ pub fn explain(index: u64, entry: &pb::AuditEntry) -> String {
                 "Entry {index} ({when}): consent issuer {} revoked {what}{whose} (statement submitted by {}); {} recall notice(s) queued.",
                 r.issuer, r.submitted_by, r.recall_notices
             )
+        }
+        Some(Event::NoticeQueued(q)) => {
+            let n = q.notice.clone().unwrap_or_default();
+            format!(
+                "Entry {index} ({when}): the broker queued a {} notice {} about {} for {}: {}",
+                notice_kind_name(n.kind),
+                n.notice_id,
+                n.subject,
+                q.recipient,
+                n.message
+            )
+        }
+        Some(Event::InvolvementDeclared(d)) => {
+            if d.duplicate {
+                format!(
+                    "Entry {index} ({when}): {} declared again that it is involved in incident {}; nothing changed.",
+                    d.agency, d.incident_ref
+                )
+            } else if d.notified.is_empty() {
+                format!(
+                    "Entry {index} ({when}): {} declared that it is involved in incident {}; no other agency it has an agreement with had declared it.",
+                    d.agency, d.incident_ref
+                )
+            } else {
+                format!(
+                    "Entry {index} ({when}): {} declared that it is involved in incident {}; coordination notices were queued for it and for {}.",
+                    d.agency,
+                    d.incident_ref,
+                    d.notified.join(", ")
+                )
+            }
         }
         Some(Event::RecallQueued(q)) => format!(
             "Entry {index} ({when}): a recall notice for transfer {} (message {}, organisation {}) was queued for {} because consent token {} was revoked.",

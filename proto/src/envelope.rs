@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ids::{AgencyId, IdError, MessageId, OrgId},
     pb,
+    workflow::Step,
 };
 
 /// The most recipients one envelope may name.
@@ -22,7 +23,8 @@ pub const MAX_ORGANISATIONS: usize = 32;
 
 /// What kind of information an envelope carries.
 ///
-/// Written `threat_assessment`, `incident_record` and `dsar_consultation` in files, on the command
+/// Written `threat_assessment`, `incident_record`, `dsar_consultation` and
+/// `public_communication` in files, on the command
 /// line and in consent tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,14 +35,17 @@ pub enum Kind {
     IncidentRecord,
     /// A consultation before answering a subject-access request about shared information.
     DsarConsultation,
+    /// A public communication proposed before publication, and the answers to it.
+    PublicCommunication,
 }
 
 impl Kind {
     /// Every kind, in wire order.
-    pub const ALL: [Kind; 3] = [
+    pub const ALL: [Kind; 4] = [
         Kind::ThreatAssessment,
         Kind::IncidentRecord,
         Kind::DsarConsultation,
+        Kind::PublicCommunication,
     ];
 
     /// The name used in files, on the command line and in tokens.
@@ -49,6 +54,7 @@ impl Kind {
             Kind::ThreatAssessment => "threat_assessment",
             Kind::IncidentRecord => "incident_record",
             Kind::DsarConsultation => "dsar_consultation",
+            Kind::PublicCommunication => "public_communication",
         }
     }
 }
@@ -78,6 +84,7 @@ impl From<Kind> for pb::MessageKind {
             Kind::ThreatAssessment => pb::MessageKind::ThreatAssessment,
             Kind::IncidentRecord => pb::MessageKind::IncidentRecord,
             Kind::DsarConsultation => pb::MessageKind::DsarConsultation,
+            Kind::PublicCommunication => pb::MessageKind::PublicCommunication,
         }
     }
 }
@@ -89,9 +96,12 @@ impl TryFrom<i32> for Kind {
             Ok(pb::MessageKind::ThreatAssessment) => Ok(Kind::ThreatAssessment),
             Ok(pb::MessageKind::IncidentRecord) => Ok(Kind::IncidentRecord),
             Ok(pb::MessageKind::DsarConsultation) => Ok(Kind::DsarConsultation),
+            Ok(pb::MessageKind::PublicCommunication) => Ok(Kind::PublicCommunication),
             Ok(pb::MessageKind::Unspecified) | Err(_) => Err(EnvelopeError::Invalid {
                 field: "kind",
-                problem: "must be THREAT_ASSESSMENT, INCIDENT_RECORD or DSAR_CONSULTATION".into(),
+                problem: "must be THREAT_ASSESSMENT, INCIDENT_RECORD, DSAR_CONSULTATION or \
+                          PUBLIC_COMMUNICATION"
+                    .into(),
             }),
         }
     }
@@ -249,6 +259,8 @@ pub struct Envelope {
     pub consent_tokens: Vec<String>,
     /// The national-significance designation, if one was given (both halves).
     pub significance: Option<SignificanceTokens>,
+    /// The workflow step it carries (its kind is the step's).
+    pub workflow: Option<Step>,
 }
 
 impl Envelope {
@@ -339,6 +351,7 @@ impl fmt::Debug for Envelope {
             .field("organisations", &self.organisations)
             .field("consent_tokens", &self.consent_tokens.len())
             .field("significance", &self.significance)
+            .field("workflow", &self.workflow.as_ref().map(Step::name))
             .finish()
     }
 }
@@ -370,6 +383,7 @@ struct Checked {
     tlp: Tlp,
     /// Whether both halves of a designation are present (and well formed).
     significance: bool,
+    workflow: Option<Step>,
 }
 
 impl Checked {
@@ -447,7 +461,17 @@ impl Checked {
             &wire.significance_designation,
             &wire.significance_countersignature,
         )?;
+        let workflow = wire.workflow.as_ref().map(Step::try_from).transpose()?;
+        if let Some(step) = &workflow {
+            if step.kind() != kind {
+                return Err(EnvelopeError::Invalid {
+                    field: "kind",
+                    problem: format!("must be {} for a {} step", step.kind(), step.name()),
+                });
+            }
+        }
         Ok(Checked {
+            workflow,
             significance,
             message_id,
             recipients,
@@ -485,6 +509,7 @@ impl Envelope {
                 designation: wire.significance_designation,
                 countersignature: wire.significance_countersignature,
             }),
+            workflow: c.workflow,
         })
     }
 }
@@ -520,6 +545,7 @@ impl From<Envelope> for pb::Envelope {
                 .significance
                 .map(|s| s.countersignature)
                 .unwrap_or_default(),
+            workflow: e.workflow.as_ref().map(pb::WorkflowStep::from),
         }
     }
 }
@@ -544,6 +570,7 @@ mod tests {
             organisations: vec!["globex-plc".into()],
             significance_designation: String::new(),
             significance_countersignature: String::new(),
+            workflow: None,
         }
     }
 

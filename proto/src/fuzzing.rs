@@ -753,6 +753,7 @@ mod tests {
             organisations: Vec::new(),
             significance_designation: String::new(),
             significance_countersignature: String::new(),
+            workflow: None,
         };
         let envelopes = [
             valid.clone(),

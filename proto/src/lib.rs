@@ -12,6 +12,7 @@
 //! - [`consent`]: consent tokens and revocation statements (`docs/consent-token.md`).
 //! - [`merkle`]: the RFC 6962 Merkle tree of the audit log, its stored-hash layout and proofs.
 //! - [`checkpoint`]: signed tree heads (C2SP tlog-checkpoint as a C2SP signed note).
+//! - [`workflow`]: workflow steps (consultations, statements) and federation-unique references.
 //! - [`audit`]: audit log entries: decoding, export filters, JSON view, explanation in words.
 //! - `fuzzing` (hidden): the bodies of the fuzz targets in `proto/fuzz/`, replayed by `cargo test`.
 //!
@@ -29,6 +30,7 @@ pub mod merkle;
 pub mod paserk;
 pub mod paseto;
 pub mod significance;
+pub mod workflow;
 
 /// Generated protobuf messages and gRPC stubs for `concordat.v1`.
 #[allow(

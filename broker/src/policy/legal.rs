@@ -531,6 +531,7 @@ mod tests {
                 significance,
                 organisations: Vec::new(),
                 consent_tokens: Vec::new(),
+                workflow: None,
             };
             let flows = [FlowBases {
                 recipient: &ncsc,

@@ -330,6 +330,7 @@ mod tests {
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
             significance: None,
+            workflow: None,
         }
     }
 

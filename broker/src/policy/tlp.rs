@@ -606,6 +606,7 @@ mod tests {
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
             significance: None,
+            workflow: None,
         };
         let limits: Vec<FlowLimit> = row.to.iter().map(|r| limit(r, row.max_tlp)).collect();
         check(&cx, &agency(row.from), &envelope, &content, &limits)

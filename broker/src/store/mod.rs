@@ -79,13 +79,35 @@ pub enum Op {
     Delivered {
         /// The recipient.
         recipient: AgencyId,
-        /// What was handed over: sequence number, transfer id, whether a recall notice.
-        items: Vec<(u64, String, bool)>,
+        /// What was handed over: sequence number, transfer id (or notice id), what it was.
+        items: Vec<(u64, String, Carried)>,
     },
     /// Record the configuration the broker started with.
     ConfigLoaded(pb::ConfigLoaded),
     /// Record an event that changes nothing but the audit log (a refused call, an export).
     Log(Box<pb::audit_entry::Event>),
+}
+
+/// What a delivery carries, as the audit log's `delivered` and `acknowledged` entries say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// A transfer.
+    Transfer,
+    /// A recall notice for a transfer.
+    Recall,
+    /// A notice of the broker's own.
+    Notice,
+}
+
+impl Carried {
+    /// What `body` carries, and the id the log names it by.
+    pub fn of(body: &pb::delivery::Body) -> (Carried, &str) {
+        match body {
+            pb::delivery::Body::Transfer(t) => (Carried::Transfer, &t.transfer_id),
+            pb::delivery::Body::RecallNotice(n) => (Carried::Recall, &n.transfer_id),
+            pb::delivery::Body::Notice(n) => (Carried::Notice, &n.notice_id),
+        }
+    }
 }
 
 /// An accepted envelope, decided and ready to store.
@@ -157,6 +179,7 @@ impl Accept {
                 .map(|o| o.to_string())
                 .collect(),
             consents: facts.consents.clone(),
+            workflow: facts.workflow.clone(),
         };
         let authorities = decision
             .authorities
@@ -1155,6 +1178,7 @@ pub fn receipt_from_entry(
         consent_jti: facts.consent_jti,
         consent_issuer: facts.consent_issuer,
         consents: facts.consents,
+        warnings: Vec::new(),
         duplicate: false,
         audit: Some(pb::AuditProof {
             log_index,
@@ -1212,6 +1236,7 @@ pub fn facts(
         consent_issuer: first.map(|c| c.issuer.clone()).unwrap_or_default(),
         consents,
         organisations,
+        workflow: e.workflow.as_ref().map(pb::WorkflowStep::from),
     }
 }
 
@@ -1298,6 +1323,8 @@ pub fn raw_facts(
             .unwrap_or_default(),
         consents: Vec::new(),
         organisations: e.organisations.iter().take(32).map(|o| cut(o)).collect(),
+        // Not the step of an envelope that did not validate: its text is unchecked.
+        workflow: None,
     }
 }
 

@@ -32,6 +32,8 @@ pub enum ItemKind {
     Shared,
     /// A recall notice.
     Recall,
+    /// A notice of the broker's own about a workflow.
+    Notice,
 }
 
 impl ItemKind {
@@ -41,6 +43,7 @@ impl ItemKind {
             ItemKind::Inline => 0,
             ItemKind::Shared => 1,
             ItemKind::Recall => 2,
+            ItemKind::Notice => 3,
         }
     }
 
@@ -49,6 +52,7 @@ impl ItemKind {
             0 => Some(ItemKind::Inline),
             1 => Some(ItemKind::Shared),
             2 => Some(ItemKind::Recall),
+            3 => Some(ItemKind::Notice),
             _ => None,
         }
     }
@@ -94,6 +98,9 @@ pub struct StoredItem {
     /// queued by a broker older than the field.
     #[prost(uint64, optional, tag = "8")]
     pub log_index: Option<u64>,
+    /// The notice, for [`ItemKind::Notice`] (whose `transfer_id` is the notice's id).
+    #[prost(message, optional, tag = "9")]
+    pub notice: Option<pb::Notice>,
 }
 
 impl ItemMeta {

@@ -52,8 +52,8 @@ mod verify;
 pub use verify::StoreReport;
 
 use super::{
-    Accept, Applied, ConsentRecord, Op, ProvedEntry, Queued, Revoke, RevokeTarget, Storage,
-    message_id_reused,
+    Accept, Applied, Carried, ConsentRecord, Op, ProvedEntry, Queued, Revoke, RevokeTarget,
+    Storage, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -661,14 +661,15 @@ impl SledStorage {
                 Ok(Ok(Applied::Logged))
             }
             Op::Delivered { recipient, items } => {
-                for (seq, transfer_id, recall_notice) in items {
+                for (seq, transfer_id, carried) in items {
                     t.log
                         .append(&audit_log::entry(pb::audit_entry::Event::Delivered(
                             pb::Delivered {
                                 recipient: recipient.to_string(),
                                 delivery_id: seq.to_string(),
                                 transfer_id: transfer_id.clone(),
-                                recall_notice: *recall_notice,
+                                recall_notice: *carried == Carried::Recall,
+                                notice: *carried == Carried::Notice,
                             },
                         )))?;
                 }
@@ -841,6 +842,7 @@ impl SledStorage {
                     transfer: inline.take(),
                     recall: None,
                     log_index: Some(log_index),
+                    notice: None,
                 },
             );
             *fx.queued.entry(r.clone()).or_default() += 1;
@@ -954,6 +956,7 @@ impl SledStorage {
                         delivery_id: item.seq.to_string(),
                         transfer_id: item.transfer_id.to_string(),
                         recall_notice: item.kind == ItemKind::Recall,
+                        notice: item.kind == ItemKind::Notice,
                     },
                 )))?;
             if item.kind != ItemKind::Shared {
@@ -1633,6 +1636,13 @@ impl Storage for SledStorage {
                         continue;
                     }
                 },
+                ItemKind::Notice => match stored.notice.take() {
+                    Some(notice) => pb::delivery::Body::Notice(notice),
+                    None => {
+                        tracing::error!(seq = loc.item.seq, "notice is missing; skipping it");
+                        continue;
+                    }
+                },
                 ItemKind::Inline | ItemKind::Shared => {
                     let transfer = match stored.transfer.take() {
                         Some(inline) => Some(inline),
@@ -1706,6 +1716,7 @@ mod tests {
             organisations: Vec::new(),
             consent_tokens: Vec::new(),
             significance: None,
+            workflow: None,
         };
         Op::Accept(Box::new(Accept::new(
             agency("ncsc"),

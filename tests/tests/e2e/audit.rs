@@ -1918,6 +1918,7 @@ async fn deliveries_carry_the_proof_of_their_entry() {
                 let entry = audit::decode(&proof.entry).unwrap();
                 assert!(matches!(entry.event, Some(Event::RecallQueued(_))));
             }
+            pb::delivery::Body::Notice(n) => panic!("an unexpected notice {n:?}"),
         }
     }
     assert_eq!(transfers.len(), 4);

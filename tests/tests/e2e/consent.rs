@@ -1088,6 +1088,7 @@ async fn revocation_recalls_the_transfers_already_made() {
                 assert!(n.revoked_at.is_some());
                 recalled.insert(n.transfer_id, n.message_id);
             }
+            pb::delivery::Body::Notice(n) => panic!("an unexpected notice {n:?}"),
         }
     }
     assert_eq!(transfers, sent);
@@ -1126,7 +1127,7 @@ async fn revocation_recalls_the_transfers_already_made() {
         .iter()
         .find_map(|b| match b {
             pb::delivery::Body::RecallNotice(n) => Some(n),
-            pb::delivery::Body::Transfer(_) => None,
+            pb::delivery::Body::Transfer(_) | pb::delivery::Body::Notice(_) => None,
         })
         .unwrap();
     assert_eq!(notice.transfer_id, old_transfer.transfer_id);

@@ -452,6 +452,7 @@ async fn revoking_either_consent_recalls_a_two_organisation_transfer() {
         match d.body {
             Some(pb::delivery::Body::Transfer(t)) => transfer = Some(t),
             Some(pb::delivery::Body::RecallNotice(r)) => recall = Some(r),
+            Some(pb::delivery::Body::Notice(n)) => panic!("an unexpected notice {n:?}"),
             None => panic!("an empty delivery"),
         }
     }
