@@ -462,13 +462,13 @@ impl Checked {
             &wire.significance_countersignature,
         )?;
         let workflow = wire.workflow.as_ref().map(Step::try_from).transpose()?;
-        if let Some(step) = &workflow {
-            if step.kind() != kind {
-                return Err(EnvelopeError::Invalid {
-                    field: "kind",
-                    problem: format!("must be {} for a {} step", step.kind(), step.name()),
-                });
-            }
+        if let Some(step) = &workflow
+            && step.kind() != kind
+        {
+            return Err(EnvelopeError::Invalid {
+                field: "kind",
+                problem: format!("must be {} for a {} step", step.kind(), step.name()),
+            });
         }
         Ok(Checked {
             workflow,

@@ -429,6 +429,7 @@ impl From<&Step> for pb::WorkflowStep {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
