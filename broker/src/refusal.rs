@@ -108,6 +108,15 @@ pub enum Reason {
     StorageUnavailable,
     /// The broker's disk is nearly full: it takes no new transfers until space is freed.
     StorageFull,
+    /// A consultation cannot be closed yet: a consulted agency has neither answered nor let its
+    /// deadline pass.
+    ConsultationOpen,
+    /// The workflow step names a consultation or statement that does not exist, or that the
+    /// caller is not a party to.
+    WorkflowUnknown,
+    /// The workflow step does not fit the workflow's state or parties (already open, closed,
+    /// wrong recipients, not the caller's to take).
+    WorkflowConflict,
 }
 
 impl Reason {
@@ -155,6 +164,9 @@ impl Reason {
         Reason::TooManySubscriptions,
         Reason::StorageUnavailable,
         Reason::StorageFull,
+        Reason::ConsultationOpen,
+        Reason::WorkflowUnknown,
+        Reason::WorkflowConflict,
     ];
     /// The stable code, as sent in `ErrorInfo.reason`.
     pub fn as_str(self) -> &'static str {
@@ -201,6 +213,9 @@ impl Reason {
             Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
             Reason::StorageUnavailable => "STORAGE_UNAVAILABLE",
             Reason::StorageFull => "STORAGE_FULL",
+            Reason::ConsultationOpen => "CONSULTATION_OPEN",
+            Reason::WorkflowUnknown => "WORKFLOW_UNKNOWN",
+            Reason::WorkflowConflict => "WORKFLOW_CONFLICT",
         }
     }
 
@@ -219,6 +234,8 @@ impl Reason {
                 Code::ResourceExhausted
             }
             Reason::StorageUnavailable => Code::Unavailable,
+            Reason::ConsultationOpen | Reason::WorkflowConflict => Code::FailedPrecondition,
+            Reason::WorkflowUnknown => Code::NotFound,
             _ => Code::PermissionDenied,
         }
     }
@@ -538,6 +555,9 @@ mod tests {
             Reason::TooManySubscriptions => {}
             Reason::StorageUnavailable => {}
             Reason::StorageFull => {}
+            Reason::ConsultationOpen => {}
+            Reason::WorkflowUnknown => {}
+            Reason::WorkflowConflict => {}
         };
         for r in [
             Reason::Malformed,
@@ -582,6 +602,9 @@ mod tests {
             Reason::TooManySubscriptions,
             Reason::StorageUnavailable,
             Reason::StorageFull,
+            Reason::ConsultationOpen,
+            Reason::WorkflowUnknown,
+            Reason::WorkflowConflict,
         ] {
             covered(r);
             assert_eq!(
