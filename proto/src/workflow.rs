@@ -109,6 +109,30 @@ pub fn qualify_incident(sender: &AgencyId, text: &str) -> Option<String> {
         .map(|id| id.to_string())
 }
 
+/// Reads a deadline (`respond_by`, `need_more_time`): an RFC 3339 time, or a date
+/// (`YYYY-MM-DD`) meaning the end of that day UTC (23:59:59Z), so that "by the 14th" includes
+/// the 14th.
+pub fn parse_deadline(text: &str) -> Result<OffsetDateTime, String> {
+    parse_time(text, time::macros::time!(23:59:59))
+}
+
+/// Reads a not-before time (`publish_after`): an RFC 3339 time, or a date (`YYYY-MM-DD`)
+/// meaning the start of that day UTC (00:00:00Z).
+pub fn parse_not_before(text: &str) -> Result<OffsetDateTime, String> {
+    parse_time(text, time::Time::MIDNIGHT)
+}
+
+/// An RFC 3339 time, or a date at `time_of_day` UTC.
+fn parse_time(text: &str, time_of_day: time::Time) -> Result<OffsetDateTime, String> {
+    let text = text.trim();
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(date) = time::Date::parse(text, &date_format) {
+        return Ok(date.with_time(time_of_day).assume_utc());
+    }
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| format!("{text:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 time"))
+}
+
 /// A workflow step, checked for shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -451,6 +475,29 @@ mod tests {
         assert_eq!(qualify_incident(&agency("ico"), "has space"), None);
         assert_eq!(qualify_incident(&agency("ico"), ""), None);
         assert_eq!(qualify_incident(&agency("ico"), "Bad Agency:x"), None);
+    }
+
+    #[test]
+    fn dates_are_whole_days_and_times_are_kept() {
+        let at = |s: &str| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        let rows: [(&str, fn(&str) -> Result<OffsetDateTime, String>, Option<&str>); 8] = [
+            ("2026-12-14", parse_deadline, Some("2026-12-14T23:59:59Z")),
+            ("2026-12-14", parse_not_before, Some("2026-12-14T00:00:00Z")),
+            (" 2026-12-14 ", parse_deadline, Some("2026-12-14T23:59:59Z")),
+            ("2026-12-14T10:30:00+01:00", parse_deadline, Some("2026-12-14T09:30:00Z")),
+            ("2026-12-14T10:30:00Z", parse_not_before, Some("2026-12-14T10:30:00Z")),
+            ("2026-02-30", parse_deadline, None),
+            ("14/12/2026", parse_not_before, None),
+            ("", parse_deadline, None),
+        ];
+        for (text, parse, expected) in rows {
+            match expected {
+                Some(e) => assert_eq!(parse(text).unwrap(), at(e), "{text:?}"),
+                None => assert!(parse(text).unwrap_err().contains("YYYY-MM-DD"), "{text:?}"),
+            }
+        }
     }
 
     #[test]
