@@ -41,7 +41,7 @@ use concordat_proto::checkpoint::LogVerifier;
 use crate::{
     client::{Broker, ClientError, ClientTls, refusal_of},
     config::AgentConfig,
-    spool::{Delivered, DeliveryError, Spool},
+    spool::{Delivered, DeliveryError, OutboxItem, Spool},
     witness::{Witness, WitnessError},
 };
 
@@ -103,6 +103,15 @@ pub enum AgentEvent {
         path: PathBuf,
         /// The parse error.
         error: String,
+    },
+    /// An involvement declaration was accepted and moved to `sent/`.
+    Involved {
+        /// The outbox file name.
+        file: String,
+        /// Where it is now.
+        path: PathBuf,
+        /// The broker's answer.
+        answer: pb::InvolveResponse,
     },
     /// The broker's audit log contradicted itself: the agent stopped sending.
     Alarm {
@@ -588,7 +597,10 @@ async fn send_file(
         tokio::task::spawn_blocking(move || spool.load(&name)).await?
     };
     let envelope = match loaded {
-        Ok(envelope) => envelope,
+        Ok(OutboxItem::Envelope(envelope)) => *envelope,
+        Ok(OutboxItem::Involvement(incident_ref)) => {
+            return declare_involvement(broker, spool, name, incident_ref, events).await;
+        }
         Err(e) => {
             let error = e.to_string();
             tracing::warn!(file = %name, "malformed outbox file: {error}");
@@ -647,6 +659,66 @@ async fn send_file(
                 tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
                 let (path, name, reason, message) = blocking(spool, move |s| {
                     s.complete_refused(&name, message_id, &reason, &message)
+                        .map(|p| (p, name, reason, message))
+                })
+                .await?;
+                emit(
+                    events,
+                    AgentEvent::Refused {
+                        file: name,
+                        path,
+                        reason,
+                        message,
+                    },
+                );
+                Ok(FileOutcome::Done)
+            }
+            None => Ok(FileOutcome::Retry(Down::status(&status))),
+        },
+    }
+}
+
+/// Declares the agency's involvement in an incident for outbox file `name`
+/// (`{"incident_involvement": REF}`) and files it under the broker's answer, as [`send_file`]
+/// does for an envelope.
+async fn declare_involvement(
+    broker: &Broker,
+    spool: &Spool,
+    name: String,
+    incident_ref: String,
+    events: &Option<mpsc::UnboundedSender<AgentEvent>>,
+) -> anyhow::Result<FileOutcome> {
+    let mut client = broker.workflows();
+    let request = pb::InvolveRequest {
+        incident_ref: incident_ref.clone(),
+    };
+    match broker.deadline(client.involve(request)).await {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            tracing::info!(file = %name, incident = %answer.incident_ref, notified = answer.notified.len(), "involvement declared");
+            let (path, name, answer) = blocking(spool, move |s| {
+                s.complete_involved(&name, &answer)
+                    .map(|p| (p, name, answer))
+            })
+            .await?;
+            emit(
+                events,
+                AgentEvent::Involved {
+                    file: name,
+                    path,
+                    answer,
+                },
+            );
+            Ok(FileOutcome::Done)
+        }
+        Err(status) => match refusal_of(&status) {
+            Some((reason, _)) if TRANSIENT_REASONS.contains(&reason.as_str()) => {
+                Ok(FileOutcome::Busy(format!("{reason}: {}", status.message())))
+            }
+            Some((reason, message)) => {
+                tracing::warn!(file = %name, incident = %incident_ref, reason = %reason, "involvement refused: {message}");
+                let (path, name, reason, message) = blocking(spool, move |s| {
+                    s.complete_refused_involvement(&name, &reason, &message)
                         .map(|p| (p, name, reason, message))
                 })
                 .await?;

@@ -10,7 +10,7 @@ use concordat_proto::fuzzing::Outcome;
 use concordat_proto::ids::MessageId;
 use concordat_proto::pb;
 
-use crate::spool::{OutboxError, OutboxMessage, OutboxSources, envelope_from_outbox};
+use crate::spool::{OutboxError, OutboxItem, OutboxMessage, OutboxSources, item_from_outbox};
 
 /// The contents of every payload or token file an outbox message names, in the fuzz target.
 pub const FILE_CONTENTS: &[u8] = b"contents of a named file\n";
@@ -44,12 +44,27 @@ impl OutboxSources for InMemory {
 /// accepted envelope carries exactly the payload the file gave, and survives the trip to the
 /// wire and back unchanged.
 pub fn outbox(data: &[u8]) -> Outcome {
+    let item = item_from_outbox("fuzz.json", data, &InMemory);
     let Ok(message) = serde_json::from_slice::<OutboxMessage>(data) else {
-        return Outcome::Refused;
+        // Only an involvement declaration is accepted without being an outbox message.
+        return match item {
+            Ok(OutboxItem::Involvement(r)) => {
+                assert!(!r.is_empty() && !r.contains(char::is_whitespace));
+                Outcome::Accepted
+            }
+            Ok(OutboxItem::Envelope(_)) => panic!("an envelope from a file that is no message"),
+            Err(_) => Outcome::Refused,
+        };
     };
-    let Ok(envelope) = envelope_from_outbox("fuzz.json", data, &InMemory) else {
-        return Outcome::Parsed;
+    let envelope = match item {
+        Ok(OutboxItem::Envelope(envelope)) => *envelope,
+        Ok(OutboxItem::Involvement(_)) => panic!("an outbox message read as an involvement"),
+        Err(_) => return Outcome::Parsed,
     };
+    // A step's kind is the envelope's, whether the file named it or not.
+    if let Some(step) = &envelope.workflow {
+        assert_eq!(envelope.kind, step.kind(), "the step decides the kind");
+    }
     // The payload is the one the message gave.
     let expected = if let Some(value) = &message.payload {
         serde_json::to_vec(value).ok()
@@ -150,6 +165,47 @@ mod tests {
                 "payload": "x",
                 "payload_base64": "eA==",
             }),
+            serde_json::json!({
+                "recipients": ["ico"],
+                "payload": {"step": "dsar_open"},
+                "workflow": {"dsar_open": {"reference": "DSAR-2026-0012",
+                    "concerns": ["0b0f5a0e-7d3c-4f7e-9a55-1c2d3e4f5a6b"],
+                    "organisation": "acme-ltd", "respond_by": "2026-12-31"}},
+            }),
+            serde_json::json!({
+                "recipients": ["nca"],
+                "kind": "dsar_consultation",
+                "payload": {},
+                "workflow": {"dsar_answer": {"consultation_id": "nca:DSAR-2026-0012",
+                    "need_more_time": "2027-01-15T12:00:00Z"}},
+            }),
+            serde_json::json!({
+                "recipients": ["ico"],
+                "payload": {},
+                "workflow": {"dsar_close": {"consultation_id": "nca:DSAR-2026-0012"}},
+            }),
+            serde_json::json!({
+                "recipients": ["ncsc"],
+                "payload_base64": "IyBTdGF0ZW1lbnQ=",
+                "content_type": "text/markdown",
+                "workflow": {"comms_propose": {"reference": "press-1",
+                    "publish_after": "2026-12-05"}},
+            }),
+            serde_json::json!({
+                "recipients": ["ico"],
+                "kind": "public_communication",
+                "payload": {},
+                "workflow": {"comms_answer": {"statement_id": "ico:press-1",
+                    "objection": "names a victim"}},
+            }),
+            serde_json::json!({
+                "recipients": ["ico"],
+                "kind": "threat_assessment",
+                "payload": {},
+                "workflow": {"comms_answer": {"statement_id": "ico:press-1", "approve": true}},
+            }),
+            serde_json::json!({"incident_involvement": "ico:INC-2026-0042"}),
+            serde_json::json!({"incident_involvement": "has space"}),
             serde_json::json!({
                 "recipients": ["ico", "ico"],
                 "kind": "incident_record",

@@ -10,6 +10,29 @@
 //! .state/    the agent's own bookkeeping (message ids chosen for outbox files)
 //! ```
 //!
+//! An outbox file is an [`OutboxMessage`]: one envelope. It may carry a workflow step
+//! (docs/workflows.md) as a `workflow` object with exactly one key, the step's name:
+//!
+//! ```text
+//! {"dsar_open":     {"reference": "DSAR-2026-0012", "concerns": ["<transfer id>", ...],
+//!                    "organisation": "acme-ltd", "respond_by": "2026-12-31"}}
+//! {"dsar_answer":   {"consultation_id": "nca:DSAR-2026-0012", "no_objection": true}}
+//!                    (or "objection": "<exemption ground>", or "need_more_time": "2027-01-15")
+//! {"dsar_close":    {"consultation_id": "nca:DSAR-2026-0012"}}
+//! {"comms_propose": {"reference": "press-2026-12-02", "publish_after": "2026-12-05"}}
+//! {"comms_answer":  {"statement_id": "ncsc:press-2026-12-02", "approve": true}}
+//!                    (or "objection": "<reason>")
+//! ```
+//!
+//! `concerns`, `organisation` and `respond_by` are optional. Times are a date (`YYYY-MM-DD`:
+//! a deadline is the end of that day UTC, `publish_after` its start) or an RFC 3339 time. With
+//! a step, `kind` may be left out (it follows from the step: `dsar_consultation` or
+//! `public_communication`) and, if given, must be the step's. A file of exactly the form
+//! `{"incident_involvement": "REF"}` is not an envelope: the agent declares the agency's
+//! involvement in incident REF (`<agency>:<reference>`, or its own reference without prefix)
+//! with `Workflows.Involve` and moves the file to `sent/` beside `<name>.involvement.json`, the
+//! broker's answer. A malformed file of either form goes to `failed/`.
+//!
 //! Every write is atomic and durable: a temporary file in the same directory, fsync, rename,
 //! fsync of the directory; a write that fails removes its temporary file. A delivery is
 //! acknowledged only after its file is on disk, and one already in the inbox is not written
@@ -33,6 +56,7 @@ use concordat_proto::{
     envelope::{Envelope, Kind, Tlp},
     ids::{AgencyId, MessageId},
     pb,
+    workflow::{Reference, WorkflowId, parse_deadline, parse_not_before},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -91,8 +115,9 @@ pub struct OutboxMessage {
     pub message_id: Option<String>,
     /// Recipient agency ids.
     pub recipients: Vec<String>,
-    /// `threat_assessment`, `incident_record` or `dsar_consultation`.
-    pub kind: String,
+    /// `threat_assessment`, `incident_record`, `dsar_consultation` or `public_communication`;
+    /// may be left out when `workflow` is given (the step's kind).
+    pub kind: Option<String>,
     /// The organisation the payload identifies, if any.
     pub organisation: Option<String>,
     /// The incident reference.
@@ -124,6 +149,182 @@ pub struct OutboxMessage {
     /// A designation file (`concordat significance countersign`): the two halves of a
     /// national-significance designation, one per line.
     pub designation_file: Option<PathBuf>,
+    /// A workflow step the envelope carries (see the module docs).
+    pub workflow: Option<OutboxStep>,
+}
+
+/// A workflow step in an outbox file: `{"<step name>": {fields}}` (see the module docs).
+/// Times are dates or RFC 3339 times, as [`parse_deadline`] and [`parse_not_before`] read them.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OutboxStep {
+    /// Opens a subject-access consultation with the recipients.
+    DsarOpen {
+        /// The requester's own reference.
+        reference: String,
+        /// The transfers (ids) it concerns.
+        #[serde(default)]
+        concerns: Vec<String>,
+        /// The organisation it concerns.
+        organisation: Option<String>,
+        /// The deadline for answers (default: the agreement's).
+        respond_by: Option<String>,
+    },
+    /// Answers a consultation: exactly one of the three answers.
+    DsarAnswer {
+        /// `<requester>:<reference>`.
+        consultation_id: String,
+        /// `true`: no objection.
+        no_objection: Option<bool>,
+        /// An objection, with its exemption ground.
+        objection: Option<String>,
+        /// The agency will answer by then.
+        need_more_time: Option<String>,
+    },
+    /// Closes a consultation (sent to exactly the consulted agencies).
+    DsarClose {
+        /// `<requester>:<reference>`.
+        consultation_id: String,
+    },
+    /// Proposes the payload as a public statement to the recipients.
+    CommsPropose {
+        /// The proposer's own reference.
+        reference: String,
+        /// Not to be published before.
+        publish_after: String,
+    },
+    /// Answers a proposed statement: exactly one of the two answers.
+    CommsAnswer {
+        /// `<proposer>:<reference>`.
+        statement_id: String,
+        /// `true`: approved.
+        approve: Option<bool>,
+        /// An objection, with its reason.
+        objection: Option<String>,
+    },
+}
+
+impl OutboxStep {
+    /// The step as the wire carries it. Only the shapes the file format adds are checked here
+    /// (one answer, readable times); the fields themselves are checked with the envelope.
+    pub fn to_wire(&self) -> Result<pb::WorkflowStep, String> {
+        use pb::workflow_step::Step as W;
+        let time = |field: &str, text: &str, parse: fn(&str) -> Result<_, String>| {
+            parse(text)
+                .map(timestamp)
+                .map_err(|e| format!("workflow.{field}: {e}"))
+        };
+        let step = match self {
+            OutboxStep::DsarOpen {
+                reference,
+                concerns,
+                organisation,
+                respond_by,
+            } => W::DsarOpen(pb::DsarOpen {
+                reference: reference.clone(),
+                concerns: concerns.clone(),
+                organisation: organisation.clone().unwrap_or_default(),
+                respond_by: respond_by
+                    .as_deref()
+                    .map(|t| time("dsar_open.respond_by", t, parse_deadline))
+                    .transpose()?,
+            }),
+            OutboxStep::DsarAnswer {
+                consultation_id,
+                no_objection,
+                objection,
+                need_more_time,
+            } => {
+                use pb::dsar_answer::Answer;
+                let answer = match (no_objection, objection, need_more_time) {
+                    (Some(true), None, None) => Answer::NoObjection(true),
+                    (None, Some(text), None) => Answer::Objection(text.clone()),
+                    (None, None, Some(t)) => {
+                        Answer::NeedMoreTime(time("dsar_answer.need_more_time", t, parse_deadline)?)
+                    }
+                    _ => {
+                        return Err("workflow.dsar_answer: give exactly one of \
+                                    \"no_objection\": true, \"objection\" and \"need_more_time\""
+                            .into());
+                    }
+                };
+                W::DsarAnswer(pb::DsarAnswer {
+                    consultation_id: consultation_id.clone(),
+                    answer: Some(answer),
+                })
+            }
+            OutboxStep::DsarClose { consultation_id } => W::DsarClose(pb::DsarClose {
+                consultation_id: consultation_id.clone(),
+            }),
+            OutboxStep::CommsPropose {
+                reference,
+                publish_after,
+            } => W::CommsPropose(pb::CommsPropose {
+                reference: reference.clone(),
+                publish_after: Some(time(
+                    "comms_propose.publish_after",
+                    publish_after,
+                    parse_not_before,
+                )?),
+            }),
+            OutboxStep::CommsAnswer {
+                statement_id,
+                approve,
+                objection,
+            } => {
+                use pb::comms_answer::Answer;
+                let answer = match (approve, objection) {
+                    (Some(true), None) => Answer::Approve(true),
+                    (None, Some(text)) => Answer::Objection(text.clone()),
+                    _ => {
+                        return Err("workflow.comms_answer: give exactly one of \
+                                    \"approve\": true and \"objection\""
+                            .into());
+                    }
+                };
+                W::CommsAnswer(pb::CommsAnswer {
+                    statement_id: statement_id.clone(),
+                    answer: Some(answer),
+                })
+            }
+        };
+        Ok(pb::WorkflowStep { step: Some(step) })
+    }
+}
+
+/// An outbox file that declares the agency's involvement in an incident.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvolvementFile {
+    incident_involvement: String,
+}
+
+/// What an outbox file asks the agent to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxItem {
+    /// Send this envelope.
+    Envelope(Box<Envelope>),
+    /// Declare involvement in this incident (`Workflows.Involve`); the reference as written,
+    /// checked for shape.
+    Involvement(String),
+}
+
+/// What the agent writes beside an involvement file it declared: the broker's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InvolvementAnswerFile {
+    /// The federation-unique incident reference.
+    pub incident_ref: String,
+    /// The other agencies involved that were told (each sent a coordination notice).
+    pub notified: Vec<String>,
+    /// True when the agency had declared it before.
+    pub duplicate: bool,
+}
+
+fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: 0,
+    }
 }
 
 /// What the agent writes beside an accepted file.
@@ -217,7 +418,8 @@ pub struct AuthorityFile {
 /// What the agent writes beside a refused file.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReasonFile {
-    /// The message id that was sent.
+    /// The message id that was sent (empty for an involvement declaration).
+    #[serde(skip_serializing_if = "String::is_empty", default)]
     pub message_id: String,
     /// The stable reason code, e.g. `CONSENT_MISSING`.
     pub reason: String,
@@ -342,11 +544,11 @@ impl Spool {
         Ok(bytes)
     }
 
-    /// Reads and validates the outbox file `name` into an envelope, choosing (once) its message
-    /// id if the file does not give one.
-    pub fn load(&self, name: &str) -> Result<Envelope, OutboxError> {
+    /// Reads and validates the outbox file `name`: an envelope (its message id chosen, once,
+    /// if the file does not give one) or an involvement declaration.
+    pub fn load(&self, name: &str) -> Result<OutboxItem, OutboxError> {
         let bytes = self.read_limited(&self.dir("outbox").join(name))?;
-        envelope_from_outbox(name, &bytes, self)
+        item_from_outbox(name, &bytes, self)
     }
 
     /// The message id chosen for outbox file `name` with content `fingerprint` (its SHA-256):
@@ -442,6 +644,38 @@ impl Spool {
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         self.complete(name, "refused", ".reason.json", &json, Some(message_id))
+    }
+
+    /// Records a declared involvement: `sent/<name>` and `sent/<name>.involvement.json`.
+    pub fn complete_involved(
+        &self,
+        name: &str,
+        answer: &pb::InvolveResponse,
+    ) -> io::Result<PathBuf> {
+        let file = InvolvementAnswerFile {
+            incident_ref: answer.incident_ref.clone(),
+            notified: answer.notified.clone(),
+            duplicate: answer.duplicate,
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+        self.complete(name, "sent", ".involvement.json", &json, None)
+    }
+
+    /// Records a refused involvement declaration: `refused/<name>` and
+    /// `refused/<name>.reason.json` (without a message id: nothing was sent).
+    pub fn complete_refused_involvement(
+        &self,
+        name: &str,
+        reason: &str,
+        message: &str,
+    ) -> io::Result<PathBuf> {
+        let file = ReasonFile {
+            message_id: String::new(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
+        self.complete(name, "refused", ".reason.json", &json, None)
     }
 
     /// Records a file that could not be read or parsed: `failed/<name>` and
@@ -644,14 +878,48 @@ impl OutboxSources for Spool {
     }
 }
 
+/// Parses and validates the contents `bytes` of outbox file `name`: an involvement
+/// declaration if it is one, else an envelope.
+pub(crate) fn item_from_outbox(
+    name: &str,
+    bytes: &[u8],
+    sources: &impl OutboxSources,
+) -> Result<OutboxItem, OutboxError> {
+    // The declaration's form is strict (nothing but its one key), so trying it first costs one
+    // failed parse that stops at the first other key.
+    if let Ok(file) = serde_json::from_slice::<InvolvementFile>(bytes) {
+        let text = file.incident_involvement.trim();
+        let checked = match text.split_once(':') {
+            Some(_) => text.parse::<WorkflowId>().map(|_| ()),
+            None => text.parse::<Reference>().map(|_| ()),
+        };
+        return match checked {
+            Ok(()) => Ok(OutboxItem::Involvement(text.to_owned())),
+            Err(e) => Err(OutboxError::Parse(format!(
+                "incident_involvement {text:?} {e}"
+            ))),
+        };
+    }
+    envelope_from_outbox(name, bytes, sources).map(|e| OutboxItem::Envelope(Box::new(e)))
+}
+
 /// Parses and validates the contents `bytes` of outbox file `name` into an envelope.
 pub(crate) fn envelope_from_outbox(
     name: &str,
     bytes: &[u8],
     sources: &impl OutboxSources,
 ) -> Result<Envelope, OutboxError> {
-    let msg: OutboxMessage =
-        serde_json::from_slice(bytes).map_err(|e| OutboxError::Parse(e.to_string()))?;
+    let msg: OutboxMessage = serde_json::from_slice(bytes).map_err(|e| {
+        let e = e.to_string();
+        if e.contains("`incident_involvement`") {
+            OutboxError::Parse(
+                "an incident_involvement file holds nothing else: {\"incident_involvement\": \"REF\"}"
+                    .into(),
+            )
+        } else {
+            OutboxError::Parse(e)
+        }
+    })?;
     let parse = |what: &str, e: &dyn std::fmt::Display| OutboxError::Parse(format!("{what}: {e}"));
     let payloads = [
         msg.payload.is_some(),
@@ -717,7 +985,24 @@ pub(crate) fn envelope_from_outbox(
             .map_err(|e| parse("message_id", &e))?,
         None => sources.message_id(name, &fingerprint)?,
     };
-    let kind: Kind = msg.kind.parse().map_err(|e| parse("kind", &e))?;
+    let workflow = msg
+        .workflow
+        .as_ref()
+        .map(OutboxStep::to_wire)
+        .transpose()
+        .map_err(OutboxError::Parse)?;
+    // Without a kind, a step's own: the envelope's check (kind matches step) then holds.
+    let kind: Kind = match (&msg.kind, &workflow) {
+        (Some(kind), _) => kind.parse().map_err(|e| parse("kind", &e))?,
+        (None, Some(w)) => concordat_proto::workflow::Step::try_from(w)
+            .map_err(|e| parse("envelope", &e))?
+            .kind(),
+        (None, None) => {
+            return Err(OutboxError::Parse(
+                "kind is missing (it may be left out only with a workflow step)".into(),
+            ));
+        }
+    };
     let tlp: Tlp = msg
         .tlp
         .as_deref()
@@ -738,7 +1023,7 @@ pub(crate) fn envelope_from_outbox(
         organisations: msg.organisations,
         significance_designation,
         significance_countersignature,
-        workflow: None,
+        workflow,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
 }
@@ -947,6 +1232,13 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn envelope_of(item: OutboxItem) -> Envelope {
+        match item {
+            OutboxItem::Envelope(e) => *e,
+            OutboxItem::Involvement(r) => panic!("an involvement ({r}), not an envelope"),
+        }
+    }
+
     fn spool() -> (tempfile::TempDir, Spool) {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
@@ -997,8 +1289,8 @@ mod tests {
             r#"{"recipients":["ico"],"kind":"threat_assessment","payload":{"x":1}}"#,
         )
         .unwrap();
-        let first = s.load("m.json").unwrap();
-        let again = s.load("m.json").unwrap();
+        let first = envelope_of(s.load("m.json").unwrap());
+        let again = envelope_of(s.load("m.json").unwrap());
         assert_eq!(first.message_id, again.message_id);
         assert_eq!(first.content_type, "application/json");
         assert_eq!(first.payload, br#"{"x":1}"#);
@@ -1028,7 +1320,7 @@ mod tests {
         ];
         for (text, want) in rows {
             fs::write(d.path().join("d.txt"), text).unwrap();
-            let got = s.load("m.json").map(|e| {
+            let got = s.load("m.json").map(envelope_of).map(|e| {
                 e.significance
                     .map(|t| (t.designation, t.countersignature))
                     .unwrap()
@@ -1096,6 +1388,256 @@ mod tests {
             let err = s.load(&name).unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    /// Loads `json` as outbox file `name` of spool `s`.
+    fn load_json(s: &Spool, name: &str, json: &serde_json::Value) -> Result<OutboxItem, String> {
+        fs::write(s.dir("outbox").join(name), json.to_string()).unwrap();
+        s.load(name).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn outbox_files_carry_each_workflow_step() {
+        use concordat_proto::workflow::{CommsAnswer, DsarAnswer, DsarOpen, Step};
+        let (_d, s) = spool();
+        let at = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        let transfer = "0b0f5a0e-7d3c-4f7e-9a55-1c2d3e4f5a6b";
+        let rows = [
+            (
+                serde_json::json!({"dsar_open": {"reference": "DSAR-1", "concerns": [transfer],
+                    "organisation": "acme-ltd", "respond_by": "2026-12-31"}}),
+                None,
+                Step::DsarOpen(DsarOpen {
+                    reference: "DSAR-1".parse().unwrap(),
+                    concerns: vec![transfer.parse().unwrap()],
+                    organisation: Some("acme-ltd".parse().unwrap()),
+                    respond_by: Some(at("2026-12-31T23:59:59Z")),
+                }),
+            ),
+            (
+                serde_json::json!({"dsar_open": {"reference": "DSAR-2"}}),
+                Some("dsar_consultation"),
+                Step::DsarOpen(DsarOpen {
+                    reference: "DSAR-2".parse().unwrap(),
+                    concerns: vec![],
+                    organisation: None,
+                    respond_by: None,
+                }),
+            ),
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:DSAR-1",
+                    "no_objection": true}}),
+                None,
+                Step::DsarAnswer {
+                    consultation: "nca:DSAR-1".parse().unwrap(),
+                    answer: DsarAnswer::NoObjection,
+                },
+            ),
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:DSAR-1",
+                    "objection": "Schedule 2"}}),
+                None,
+                Step::DsarAnswer {
+                    consultation: "nca:DSAR-1".parse().unwrap(),
+                    answer: DsarAnswer::Objection("Schedule 2".into()),
+                },
+            ),
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:DSAR-1",
+                    "need_more_time": "2027-01-15T12:00:00+01:00"}}),
+                None,
+                Step::DsarAnswer {
+                    consultation: "nca:DSAR-1".parse().unwrap(),
+                    answer: DsarAnswer::NeedMoreTime(at("2027-01-15T11:00:00Z")),
+                },
+            ),
+            (
+                serde_json::json!({"dsar_close": {"consultation_id": "nca:DSAR-1"}}),
+                None,
+                Step::DsarClose {
+                    consultation: "nca:DSAR-1".parse().unwrap(),
+                },
+            ),
+            (
+                serde_json::json!({"comms_propose": {"reference": "press-1",
+                    "publish_after": "2026-12-05"}}),
+                None,
+                Step::CommsPropose {
+                    reference: "press-1".parse().unwrap(),
+                    publish_after: at("2026-12-05T00:00:00Z"),
+                },
+            ),
+            (
+                serde_json::json!({"comms_answer": {"statement_id": "ico:press-1",
+                    "approve": true}}),
+                Some("public_communication"),
+                Step::CommsAnswer {
+                    statement: "ico:press-1".parse().unwrap(),
+                    answer: CommsAnswer::Approve,
+                },
+            ),
+            (
+                serde_json::json!({"comms_answer": {"statement_id": "ico:press-1",
+                    "objection": "names a victim"}}),
+                None,
+                Step::CommsAnswer {
+                    statement: "ico:press-1".parse().unwrap(),
+                    answer: CommsAnswer::Objection("names a victim".into()),
+                },
+            ),
+        ];
+        for (i, (workflow, kind, expected)) in rows.into_iter().enumerate() {
+            let mut file = serde_json::json!({"recipients": ["ico"], "payload": {"n": i},
+                "workflow": workflow});
+            if let Some(kind) = kind {
+                file["kind"] = kind.into();
+            }
+            let item = load_json(&s, &format!("{i}.json"), &file).unwrap();
+            let OutboxItem::Envelope(envelope) = item else {
+                panic!("{file}: not an envelope: {item:?}");
+            };
+            assert_eq!(envelope.kind, expected.kind(), "{file}");
+            assert_eq!(envelope.workflow, Some(expected), "{file}");
+        }
+    }
+
+    #[test]
+    fn malformed_workflow_steps_explain_themselves() {
+        let (_d, s) = spool();
+        let rows = [
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:D", "no_objection": true,
+                    "objection": "x"}}),
+                "give exactly one of",
+            ),
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:D",
+                    "no_objection": false}}),
+                "give exactly one of",
+            ),
+            (
+                serde_json::json!({"dsar_answer": {"consultation_id": "nca:D"}}),
+                "give exactly one of",
+            ),
+            (
+                serde_json::json!({"comms_answer": {"statement_id": "ico:p"}}),
+                "give exactly one of",
+            ),
+            (
+                serde_json::json!({"dsar_open": {"reference": "D", "respond_by": "soon"}}),
+                "workflow.dsar_open.respond_by",
+            ),
+            (
+                serde_json::json!({"comms_propose": {"reference": "p",
+                    "publish_after": "31/12/2026"}}),
+                "workflow.comms_propose.publish_after",
+            ),
+            (
+                serde_json::json!({"comms_propose": {"reference": "p"}}),
+                "missing field `publish_after`",
+            ),
+            (
+                serde_json::json!({"dsar_close": {"consultation_id": "no-agency"}}),
+                "consultation_id",
+            ),
+            (
+                serde_json::json!({"dsar_open": {"reference": "has space"}}),
+                "reference",
+            ),
+            (
+                serde_json::json!({"dsar_open": {"reference": "D", "concerns": ["not-a-uuid"]}}),
+                "concerns",
+            ),
+            (
+                serde_json::json!({"dsar_close": {"consultation_id": "nca:D", "extra": 1}}),
+                "unknown field `extra`",
+            ),
+            (serde_json::json!({"dsar_reopen": {}}), "unknown variant"),
+            (
+                serde_json::json!({"dsar_close": {"consultation_id": "nca:D"},
+                    "dsar_open": {"reference": "D"}}),
+                "not a valid outbox message",
+            ),
+        ];
+        for (i, (workflow, expected)) in rows.into_iter().enumerate() {
+            let file =
+                serde_json::json!({"recipients": ["ico"], "payload": {}, "workflow": workflow});
+            let err = load_json(&s, &format!("{i}.json"), &file).unwrap_err();
+            assert!(err.contains(expected), "{file}: {err}");
+        }
+        // A kind that is not the step's, and no kind without a step.
+        let err = load_json(
+            &s,
+            "kind.json",
+            &serde_json::json!({"recipients": ["ico"], "payload": {}, "kind": "threat_assessment",
+                "workflow": {"dsar_close": {"consultation_id": "nca:D"}}}),
+        )
+        .unwrap_err();
+        assert!(err.contains("must be dsar_consultation"), "{err}");
+        let err = load_json(
+            &s,
+            "nokind.json",
+            &serde_json::json!({"recipients": ["ico"], "payload": {}}),
+        )
+        .unwrap_err();
+        assert!(err.contains("kind is missing"), "{err}");
+    }
+
+    #[test]
+    fn involvement_files_hold_one_incident_reference() {
+        let (_d, s) = spool();
+        let rows: [(serde_json::Value, Result<&str, &str>); 6] = [
+            (
+                serde_json::json!({"incident_involvement": "ico:INC-2026-0042"}),
+                Ok("ico:INC-2026-0042"),
+            ),
+            (
+                serde_json::json!({"incident_involvement": " INC-7 "}),
+                Ok("INC-7"),
+            ),
+            (
+                serde_json::json!({"incident_involvement": "has space"}),
+                Err("incident_involvement"),
+            ),
+            (
+                serde_json::json!({"incident_involvement": "a:b:c"}),
+                Err("incident_involvement"),
+            ),
+            (
+                serde_json::json!({"incident_involvement": "INC-7", "recipients": ["ico"]}),
+                Err("holds nothing else"),
+            ),
+            (
+                serde_json::json!({"incident_involvement": 7}),
+                Err("holds nothing else"),
+            ),
+        ];
+        for (i, (file, expected)) in rows.into_iter().enumerate() {
+            let got = load_json(&s, &format!("{i}.json"), &file);
+            match expected {
+                Ok(r) => assert_eq!(got, Ok(OutboxItem::Involvement(r.into())), "{file}"),
+                Err(e) => {
+                    let err = got.unwrap_err();
+                    assert!(err.contains(e), "{file}: {err}");
+                }
+            }
+        }
+        // The answer lands beside the file in sent/.
+        let answer = pb::InvolveResponse {
+            incident_ref: "ico:INC-2026-0042".into(),
+            notified: vec!["nca".into()],
+            duplicate: false,
+        };
+        let path = s.complete_involved("0.json", &answer).unwrap();
+        assert_eq!(path, s.dir("sent").join("0.json"));
+        let written: InvolvementAnswerFile = serde_json::from_slice(
+            &fs::read(s.dir("sent").join("0.json.involvement.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written.notified, ["nca"]);
+        assert_eq!(written.incident_ref, "ico:INC-2026-0042");
     }
 
     #[test]
