@@ -500,6 +500,47 @@ pub fn entry_from_file(path: &Path, index: u64) -> anyhow::Result<pb::AuditEntry
     bail!("entry {index} is not in {}", path.display())
 }
 
+/// Every entry of the export at `path` that `keep` keeps, with its index, in file (log) order.
+pub fn entries_from_file(
+    path: &Path,
+    keep: impl Fn(&pb::AuditEntry) -> bool,
+) -> anyhow::Result<Vec<(u64, pb::AuditEntry)>> {
+    let mut kept = Vec::new();
+    for (line, fields) in records(path)?.skip(1) {
+        let record = fields
+            .and_then(|f| parse_line(&f))
+            .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
+        let bytes = B64
+            .decode(&record.entry)
+            .with_context(|| format!("line {line}: entry is not base64"))?;
+        let entry = audit::decode(&bytes).with_context(|| format!("line {line}"))?;
+        if keep(&entry) {
+            kept.push((record.index, entry));
+        }
+    }
+    Ok(kept)
+}
+
+/// Every entry the caller may export (an auditor: all; an agency: its own) that `keep` keeps,
+/// with its index, in log order. With `key`, the export is verified first (checkpoint,
+/// entries, proofs) and a failure is an error. The export goes through a temporary file, so
+/// a long log is never held in memory.
+pub async fn entries_from_broker(
+    broker: &Broker,
+    key: Option<&LogVerifier>,
+    keep: impl Fn(&pb::AuditEntry) -> bool,
+) -> anyhow::Result<Vec<(u64, pb::AuditEntry)>> {
+    let dir = tempfile::tempdir().context("creating a temporary directory for the export")?;
+    let path = dir.path().join("export.jsonl");
+    export(broker, pb::ExportRequest::default(), &path, Format::Jsonl).await?;
+    if let Some(key) = key
+        && let Err(e) = verify(&path, key)?
+    {
+        bail!("the broker's export does not verify: {e}");
+    }
+    entries_from_file(&path, keep)
+}
+
 /// Fetches entry `index` from the broker (auditor certificate), verified against its checkpoint
 /// when `key` is given.
 pub async fn entry_from_broker(

@@ -152,7 +152,11 @@ impl Running {
                     self.shown(&path)
                 )
             }
-            AgentEvent::Delivered { .. } | AgentEvent::Alarm { .. } => bail!("unexpected event"),
+            AgentEvent::Delivered { .. }
+            | AgentEvent::Alarm { .. }
+            | AgentEvent::Involved { .. } => {
+                bail!("unexpected event")
+            }
         }
     }
 

@@ -7,6 +7,8 @@
 //!   national-significance designations, receipts).
 //! - [`status`]: `concordat status` and `concordat consent list`, as text and as JSON.
 //! - [`audit_file`]: audit log exports: writing, offline verification, reading entries back.
+//! - [`workflows`]: `concordat dsar|comms|incident`, the MoUs' workflows, and the story of one
+//!   told from the audit log (`audit explain --workflow`).
 //! - [`pki`]: development certificates (`concordat certs dev`, the demo, the test harness).
 //! - [`demo`]: `concordat demo`, the whole federation in one process.
 //! - [`bench`](mod@bench): `concordat bench relay|audit|flood|gate`, benchmarks that print figures.
@@ -20,3 +22,4 @@ pub mod fuzzing;
 pub mod operator;
 pub mod pki;
 pub mod status;
+pub mod workflows;

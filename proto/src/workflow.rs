@@ -482,12 +482,21 @@ mod tests {
         let at = |s: &str| {
             OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
         };
-        let rows: [(&str, fn(&str) -> Result<OffsetDateTime, String>, Option<&str>); 8] = [
+        type Parse = fn(&str) -> Result<OffsetDateTime, String>;
+        let rows: [(&str, Parse, Option<&str>); 8] = [
             ("2026-12-14", parse_deadline, Some("2026-12-14T23:59:59Z")),
             ("2026-12-14", parse_not_before, Some("2026-12-14T00:00:00Z")),
             (" 2026-12-14 ", parse_deadline, Some("2026-12-14T23:59:59Z")),
-            ("2026-12-14T10:30:00+01:00", parse_deadline, Some("2026-12-14T09:30:00Z")),
-            ("2026-12-14T10:30:00Z", parse_not_before, Some("2026-12-14T10:30:00Z")),
+            (
+                "2026-12-14T10:30:00+01:00",
+                parse_deadline,
+                Some("2026-12-14T09:30:00Z"),
+            ),
+            (
+                "2026-12-14T10:30:00Z",
+                parse_not_before,
+                Some("2026-12-14T10:30:00Z"),
+            ),
             ("2026-02-30", parse_deadline, None),
             ("14/12/2026", parse_not_before, None),
             ("", parse_deadline, None),

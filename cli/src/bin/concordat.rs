@@ -9,6 +9,7 @@ use concordat_agent::{client::ClientTls, config::AgentConfig};
 use concordat_cli::{
     audit_file::{self, Format},
     operator::{self, ConsentRequest, SendOutcome},
+    workflows,
 };
 use concordat_proto::{
     checkpoint::LogVerifier,
@@ -98,6 +99,23 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Subject-access consultations (docs/workflows.md): open, respond, close, status, find.
+    /// Steps exit 0 accepted, 3 refused, 1 error.
+    Dsar {
+        #[command(subcommand)]
+        command: DsarCommand,
+    },
+    /// Public communications agreed in advance (docs/workflows.md): propose, approve, object,
+    /// status. Steps exit 0 accepted, 3 refused, 1 error.
+    Comms {
+        #[command(subcommand)]
+        command: CommsCommand,
+    },
+    /// Incident coordination (docs/workflows.md).
+    Incident {
+        #[command(subcommand)]
+        command: IncidentCommand,
     },
     /// Runs the broker and an agent per agency in this process on loopback, plays a short
     /// scripted exchange, prints each decision and where each file landed, and exits.
@@ -347,16 +365,188 @@ enum AuditCommand {
         log_key: String,
     },
     /// Prints an entry's decision in words: which rule, which agreement clause, which token.
+    /// With --workflow, the story of a consultation, statement or incident: a one-line summary,
+    /// then every entry that belongs to it, in log order.
     Explain {
         /// The entry's index.
+        #[arg(
+            long,
+            required_unless_present = "workflow",
+            conflicts_with = "workflow"
+        )]
+        index: Option<u64>,
+        /// A workflow id (<agency>:<reference>): every entry of that consultation, statement or
+        /// incident.
         #[arg(long)]
-        index: u64,
+        workflow: Option<String>,
         /// Read the entry from this export instead of the broker.
         #[arg(long)]
         file: Option<PathBuf>,
         /// Verify the entry against the broker's checkpoint with this key, or @FILE.
         #[arg(long)]
         log_key: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DsarCommand {
+    /// Opens a consultation with the agencies that shared the information, before answering a
+    /// data-subject-rights request; prints its id (<your agency>:<REF>) and the deadlines.
+    Open {
+        /// The agencies to consult, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        with: Vec<AgencyId>,
+        /// Your reference for the request, e.g. DSAR-2026-0012 (no spaces, no ':').
+        #[arg(long = "ref")]
+        reference: String,
+        /// The transfers (ids) the request concerns, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        concerns: Vec<uuid::Uuid>,
+        /// The organisation the request concerns (one the transfers already identified).
+        #[arg(long)]
+        org: Option<OrgId>,
+        /// The deadline for answers: a DATE (YYYY-MM-DD, the end of that day UTC) or an RFC 3339
+        /// time (default: the agreement's dsar_response_days).
+        #[arg(long)]
+        respond_by: Option<String>,
+        /// A payload to send with it (default: a small JSON document describing the step).
+        #[arg(long, requires = "content_type")]
+        payload: Option<PathBuf>,
+        /// The payload's media type.
+        #[arg(long, requires = "payload")]
+        content_type: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Answers a consultation you were consulted on (ID: <requester>:<reference>).
+    #[command(group(clap::ArgGroup::new("answer").required(true).multiple(false)))]
+    Respond {
+        /// The consultation id.
+        id: String,
+        /// No objection to the requester's answering.
+        #[arg(long, group = "answer")]
+        no_objection: bool,
+        /// An objection, with the exemption ground relied on.
+        #[arg(long, group = "answer", value_name = "TEXT")]
+        objection: Option<String>,
+        /// Not yet: you will answer by then (a DATE, the end of that day UTC, or an RFC 3339 time).
+        #[arg(long, group = "answer", value_name = "DATE")]
+        need_more_time: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Closes your consultation (ID, or your own reference), telling every consulted agency.
+    /// Refused (CONSULTATION_OPEN) until each has answered or its deadline has passed.
+    Close {
+        /// The consultation id.
+        id: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// The consultations you are a party to (open ones, unless --all or an ID is given): their
+    /// state, each consulted agency's answer and deadline, and whether they may be closed.
+    Status {
+        /// One consultation.
+        id: Option<String>,
+        /// Include closed consultations.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (field names documented in docs/workflows.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Your own transfers with another agency, either way, that identify an organisation or
+    /// carry an incident reference: what a consultation may concern.
+    #[command(group(clap::ArgGroup::new("about").required(true).multiple(false)))]
+    Find {
+        /// The other agency.
+        #[arg(long)]
+        with: AgencyId,
+        /// Transfers identifying this organisation.
+        #[arg(long, group = "about")]
+        org: Option<OrgId>,
+        /// Transfers with this incident reference (<agency>:<reference>, or your own).
+        #[arg(long, group = "about")]
+        incident: Option<String>,
+        /// Only transfers accepted on or after this DATE (YYYY-MM-DD) or RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON (field names documented in docs/workflows.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommsCommand {
+    /// Proposes a draft public statement to the other parties, to be published only once each
+    /// approves and not before --publish-after.
+    Propose {
+        /// The parties asked to approve, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<AgencyId>,
+        /// The draft (text/markdown for .md, text/plain for .txt).
+        #[arg(long)]
+        file: PathBuf,
+        /// Not to be published before this DATE (YYYY-MM-DD, the start of that day UTC) or
+        /// RFC 3339 time.
+        #[arg(long)]
+        publish_after: String,
+        /// Your reference for it (default: stmt-<date>-<from the message id>).
+        #[arg(long = "ref")]
+        reference: Option<String>,
+        /// The draft's media type, for files other than .md and .txt.
+        #[arg(long)]
+        content_type: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Approves a statement proposed to you (ID: <proposer>:<reference>).
+    Approve {
+        /// The statement id.
+        id: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Objects to a statement proposed to you (a later answer replaces this one).
+    Object {
+        /// The statement id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// The statements you are a party to: each party's answer and whether it may be published.
+    Status {
+        /// One statement (ID, or your own reference).
+        id: Option<String>,
+        /// Print JSON (field names documented in docs/workflows.md).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum IncidentCommand {
+    /// Declares your agency involved in an incident (REF: <agency>:<reference>, or your own
+    /// reference). When another agency you share an agreement with has declared it too, both
+    /// are sent a coordination notice naming each other.
+    Involve {
+        /// The incident reference.
+        reference: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -495,11 +685,39 @@ async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AuditCommand::Explain {
-            index,
+            index: None,
+            workflow: Some(id),
             file,
             log_key: key,
             broker,
         } => {
+            let key = key.as_deref().map(log_key).transpose()?;
+            let keep = |e: &concordat_proto::pb::AuditEntry| {
+                concordat_proto::audit::workflow_subject(e).as_deref() == Some(id.as_str())
+            };
+            let entries = match file {
+                Some(file) => audit_file::entries_from_file(&file, keep)?,
+                None => {
+                    let client = broker.tls()?.connect().await?;
+                    audit_file::entries_from_broker(&client, key.as_ref(), keep).await?
+                }
+            };
+            match concordat_cli::workflows::story(&id, &entries) {
+                Some(story) => {
+                    print!("{story}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => anyhow::bail!("no entry of the log belongs to workflow {id}"),
+            }
+        }
+        AuditCommand::Explain {
+            index,
+            file,
+            log_key: key,
+            broker,
+            ..
+        } => {
+            let index = index.context("give --index or --workflow")?;
             let entry = match file {
                 Some(file) => audit_file::entry_from_file(&file, index)?,
                 None => {
@@ -785,10 +1003,156 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dsar { command } => dsar(command).await,
+        Command::Comms { command } => comms(command).await,
+        Command::Incident {
+            command:
+                IncidentCommand::Involve {
+                    reference,
+                    json,
+                    broker,
+                },
+        } => {
+            let answer = workflows::incident_involve(&broker.tls()?, &reference).await?;
+            print_or_refused(answer, json, workflows::involvement_text)
+        }
         Command::Demo { dir } => {
             let mut out = std::io::stdout();
             concordat_cli::demo::run(dir, &mut out).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints a workflow step's report; exit 3 when the broker refused it.
+fn report(r: workflows::Report) -> anyhow::Result<ExitCode> {
+    print!("{}", r.text);
+    Ok(if r.refused {
+        ExitCode::from(EXIT_REFUSED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Prints a `Workflows` answer as JSON or text, or the refusal (exit 3).
+fn print_or_refused<T: serde::Serialize>(
+    answer: Result<T, workflows::Report>,
+    json: bool,
+    text: impl Fn(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    match answer {
+        Ok(value) if json => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(value) => {
+            print!("{}", text(&value));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(refused) => report(refused),
+    }
+}
+
+async fn dsar(command: DsarCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DsarCommand::Open {
+            with,
+            reference,
+            concerns,
+            org,
+            respond_by,
+            payload,
+            content_type,
+            broker,
+        } => {
+            let payload = match (payload, content_type) {
+                (Some(path), Some(t)) => Some(workflows::Payload::read(&path, &t)?),
+                _ => None,
+            };
+            let request = workflows::OpenRequest {
+                with,
+                reference,
+                concerns,
+                organisation: org,
+                respond_by,
+                payload,
+            };
+            report(workflows::dsar_open(&broker.tls()?, request).await?)
+        }
+        DsarCommand::Respond {
+            id,
+            no_objection,
+            objection,
+            need_more_time,
+            broker,
+        } => {
+            let answer = match (no_objection, objection, need_more_time) {
+                (true, None, None) => workflows::RespondWith::NoObjection,
+                (false, Some(text), None) => workflows::RespondWith::Objection(text),
+                (false, None, Some(date)) => workflows::RespondWith::NeedMoreTime(date),
+                _ => anyhow::bail!("give one of --no-objection, --objection and --need-more-time"),
+            };
+            report(workflows::dsar_respond(&broker.tls()?, &id, answer).await?)
+        }
+        DsarCommand::Close { id, broker } => {
+            report(workflows::dsar_close(&broker.tls()?, &id).await?)
+        }
+        DsarCommand::Status {
+            id,
+            all,
+            json,
+            broker,
+        } => {
+            let answer = workflows::dsar_status(&broker.tls()?, id.as_deref(), all).await?;
+            print_or_refused(answer, json, |list| workflows::consultations_text(list))
+        }
+        DsarCommand::Find {
+            with,
+            org,
+            incident,
+            since,
+            json,
+            broker,
+        } => {
+            let request = workflows::FindRequest {
+                with: Some(with),
+                organisation: org,
+                incident,
+                since,
+            };
+            let answer = workflows::dsar_find(&broker.tls()?, request).await?;
+            print_or_refused(answer, json, workflows::found_text)
+        }
+    }
+}
+
+async fn comms(command: CommsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        CommsCommand::Propose {
+            to,
+            file,
+            publish_after,
+            reference,
+            content_type,
+            broker,
+        } => {
+            let request = workflows::ProposeRequest {
+                to,
+                statement: workflows::Payload::statement(&file, content_type.as_deref())?,
+                publish_after,
+                reference,
+            };
+            report(workflows::comms_propose(&broker.tls()?, request).await?)
+        }
+        CommsCommand::Approve { id, broker } => {
+            report(workflows::comms_answer(&broker.tls()?, &id, None).await?)
+        }
+        CommsCommand::Object { id, reason, broker } => {
+            report(workflows::comms_answer(&broker.tls()?, &id, Some(reason)).await?)
+        }
+        CommsCommand::Status { id, json, broker } => {
+            let answer = workflows::comms_status(&broker.tls()?, id.as_deref()).await?;
+            print_or_refused(answer, json, |list| workflows::statements_text(list))
         }
     }
 }
