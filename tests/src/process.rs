@@ -726,7 +726,12 @@ log_level = "info"
 }
 
 /// The suffixes of the files the agent writes beside the outbox files it moves.
-pub const SIDECARS: [&str; 3] = [".receipt.json", ".reason.json", ".error.txt"];
+pub const SIDECARS: [&str; 4] = [
+    ".receipt.json",
+    ".reason.json",
+    ".error.txt",
+    ".involvement.json",
+];
 
 /// A spool directory as the agency's own systems see it: files go into `outbox/`, come out in
 /// `sent/`, `refused/`, `failed/` and `inbox/`.
