@@ -11,7 +11,10 @@
 //! 5. the NCSC consent desk revokes that token, and the ICO receives a recall notice;
 //! 6. an ICO incident-specific record to the NCSC (a flow whose legal basis is national
 //!    significance) is refused without a designation, then flows once two ICO officers have
-//!    designated the incident of national significance and countersigned it.
+//!    designated the incident of national significance and countersigned it;
+//! 7. a subject-access consultation: the NCA consults the ICO about the threat assessment it
+//!    sent in step 1, cannot close the consultation before the ICO answers, the ICO answers no
+//!    objection, and the NCA closes it.
 //!
 //! It prints each decision and where each file landed, stops everything and exits.
 
@@ -53,6 +56,8 @@ struct Running {
     /// Each agency's connection settings (the revocation goes out with the NCSC's).
     tls: HashMap<&'static str, ClientTls>,
     root: PathBuf,
+    /// The transfer id of the last file accepted.
+    last_transfer: String,
 }
 
 impl Running {
@@ -119,6 +124,7 @@ impl Running {
         match event {
             AgentEvent::Sent { path, receipt, .. } => {
                 writeln!(out, "   accepted: transfer {}", receipt.transfer_id)?;
+                self.last_transfer.clone_from(&receipt.transfer_id);
                 for a in &receipt.authorities {
                     writeln!(
                         out,
@@ -319,6 +325,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
         events,
         tls,
         root: root.clone(),
+        last_transfer: String::new(),
     };
 
     writeln!(
@@ -349,7 +356,7 @@ async fn script(
     officers: &[(&str, SecretKey); 2],
 ) -> anyhow::Result<()> {
     writeln!(out, "\n1. NCA sends a threat assessment to the ICO")?;
-    demo
+    let assessment = demo
         .relay(
             out,
             ("nca", "ico"),
@@ -363,7 +370,8 @@ async fn script(
         }),
             "step 1",
         )
-        .await?;
+        .await
+        .map(|_| demo.last_transfer.clone())?;
 
     writeln!(
         out,
@@ -498,7 +506,103 @@ async fn script(
     demo.delivered(out, "ico", &format!("ncsc.{id}.recall.json"))
         .await?;
 
-    national_significance(demo, out, desks, officers).await
+    national_significance(demo, out, desks, officers).await?;
+    consultation(demo, out, &assessment).await
+}
+
+/// Step 8: the NCA consults the ICO before answering a subject-access request that concerns the
+/// threat assessment (transfer `concerns`) it sent the ICO; the consultation can be closed
+/// only once the ICO has answered.
+async fn consultation(
+    demo: &mut Running,
+    out: &mut dyn Write,
+    concerns: &str,
+) -> anyhow::Result<()> {
+    const REFERENCE: &str = "DSAR-2026-0012";
+    let id = format!("nca:{REFERENCE}");
+    writeln!(
+        out,
+        "\n8. A person asks the NCA for their data; before answering, the NCA consults the ICO, which received it in step 1"
+    )?;
+    let step = |step: serde_json::Value| {
+        serde_json::json!({
+            "recipients": [if step.get("dsar_answer").is_some() { "nca" } else { "ico" }],
+            "payload": {"note": "Subject-access consultation under the ICO-NCA MoU", "id": id},
+            "workflow": step,
+        })
+    };
+    demo.relay(
+        out,
+        ("nca", "ico"),
+        "08-dsar-open.json",
+        &step(serde_json::json!({"dsar_open": {"reference": REFERENCE, "concerns": [concerns]}})),
+        "step 8 (open)",
+    )
+    .await?;
+    consultation_status(demo, out, &id).await?;
+
+    writeln!(
+        out,
+        "\n   the NCA tries to close it before the ICO has answered"
+    )?;
+    let close = step(serde_json::json!({"dsar_close": {"consultation_id": id}}));
+    demo.drop_file("nca", "08-dsar-close-early.json", &close)?;
+    match demo.decided(out, "nca", "08-dsar-close-early.json").await? {
+        Err(reason) if reason == "CONSULTATION_OPEN" => {}
+        other => {
+            bail!("closing before the answer should have been refused CONSULTATION_OPEN: {other:?}")
+        }
+    }
+
+    writeln!(out, "\n   the ICO answers: no objection")?;
+    demo.relay(
+        out,
+        ("ico", "nca"),
+        "08-dsar-answer.json",
+        &step(serde_json::json!({"dsar_answer": {"consultation_id": id, "no_objection": true}})),
+        "step 8 (answer)",
+    )
+    .await?;
+    consultation_status(demo, out, &id).await?;
+
+    writeln!(
+        out,
+        "\n   the NCA closes the consultation and can answer the request"
+    )?;
+    demo.relay(
+        out,
+        ("nca", "ico"),
+        "08-dsar-close.json",
+        &close,
+        "step 8 (close)",
+    )
+    .await?;
+    consultation_status(demo, out, &id).await
+}
+
+/// Prints consultation `id` as the broker tracks it (`concordat dsar status`).
+async fn consultation_status(demo: &Running, out: &mut dyn Write, id: &str) -> anyhow::Result<()> {
+    let nca = demo.tls.get("nca").context("no NCA settings")?;
+    let list = crate::workflows::dsar_status(nca, Some(id), true)
+        .await?
+        .map_err(|r| anyhow::anyhow!("consultation status: {}", r.text.trim()))?;
+    for c in list {
+        write!(out, "   consultation {}: {}", c.consultation_id, c.state)?;
+        if c.may_close && c.state != "closed" {
+            write!(out, " (may be closed)")?;
+        }
+        writeln!(out)?;
+        for p in &c.parties {
+            writeln!(
+                out,
+                "     {}: {}, due {}",
+                p.agency,
+                p.state,
+                p.due.as_deref().unwrap_or("-")
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Step 6: an incident-specific record flows from the ICO to the NCSC only once two different
@@ -621,6 +725,11 @@ mod tests {
             "refused: NATIONAL_SIGNIFICANCE_REQUIRED",
             "ico-deputy-commissioner countersigns",
             "file: ico/sent/07-incident-specific-designated.json",
+            "refused: CONSULTATION_OPEN",
+            "consultation nca:DSAR-2026-0012: answered (may be closed)",
+            "ico: no_objection",
+            "consultation nca:DSAR-2026-0012: closed",
+            "file: nca/sent/08-dsar-close.json",
             "done: broker and agents stopped",
         ] {
             assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
