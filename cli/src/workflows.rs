@@ -10,7 +10,8 @@
 //!
 //! Each command returns a [`Report`]: the words to print and whether the broker refused, which
 //! the binary turns into an exit status. The JSON forms (`--json`) are the `*Report` types
-//! serialised with serde; their field names are the documented interface.
+//! serialised with serde; their field names are the documented interface (README,
+//! "Workflows").
 
 use std::{fmt::Write as _, path::Path};
 

@@ -453,7 +453,7 @@ enum DsarCommand {
         /// Include closed consultations.
         #[arg(long)]
         all: bool,
-        /// Print JSON (field names documented in docs/workflows.md).
+        /// Print JSON (field names documented in the README, "Workflows").
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -475,7 +475,7 @@ enum DsarCommand {
         /// Only transfers accepted on or after this DATE (YYYY-MM-DD) or RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
-        /// Print JSON (field names documented in docs/workflows.md).
+        /// Print JSON (field names documented in the README, "Workflows").
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -528,7 +528,7 @@ enum CommsCommand {
     Status {
         /// One statement (ID, or your own reference).
         id: Option<String>,
-        /// Print JSON (field names documented in docs/workflows.md).
+        /// Print JSON (field names documented in the README, "Workflows").
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -544,7 +544,7 @@ enum IncidentCommand {
     Involve {
         /// The incident reference.
         reference: String,
-        /// Print JSON.
+        /// Print JSON (field names documented in the README, "Workflows").
         #[arg(long)]
         json: bool,
         #[command(flatten)]
