@@ -6,7 +6,8 @@
 //! refused/   refused files, each with <name>.reason.json (reason code and message)
 //! failed/    files that could not be read or parsed, each with <name>.error.txt
 //! inbox/     deliveries: <sender>.<message_id>.json, and <sender>.<message_id>.recall.json
-//!            for recall notices
+//!            for recall notices, notice.<notice_id>.json for the broker's own notices
+//!            (consultation reminders and deadlines, incident coordination)
 //! .state/    the agent's own bookkeeping (message ids chosen for outbox files)
 //! ```
 //!
