@@ -12,7 +12,7 @@ use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_client::AuditClient, consent_client::ConsentClient, exchange_client::ExchangeClient,
-    operations_client::OperationsClient,
+    operations_client::OperationsClient, workflows_client::WorkflowsClient,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -237,6 +237,12 @@ impl Broker {
     /// The `Operations` client (`concordat status`, `concordat consent list`).
     pub fn operations(&self) -> OperationsClient<Channel> {
         OperationsClient::new(self.channel.clone())
+    }
+
+    /// The `Workflows` service (docs/workflows.md).
+    pub fn workflows(&self) -> WorkflowsClient<Channel> {
+        WorkflowsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
 
