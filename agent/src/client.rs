@@ -241,8 +241,7 @@ impl Broker {
 
     /// The `Workflows` service (docs/workflows.md).
     pub fn workflows(&self) -> WorkflowsClient<Channel> {
-        WorkflowsClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        WorkflowsClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
 

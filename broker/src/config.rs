@@ -653,9 +653,8 @@ impl Config {
                     "must be at most a year".into(),
                 ));
             }
-            policy.workflows.reminder_before = time::Duration::try_from(d).map_err(|_| {
-                invalid("workflows.dsar_reminder_before", "is out of range".into())
-            })?;
+            policy.workflows.reminder_before = time::Duration::try_from(d)
+                .map_err(|_| invalid("workflows.dsar_reminder_before", "is out of range".into()))?;
         }
         for (i, issuer) in raw.consent_issuers.into_iter().enumerate() {
             let at = |k: &str| format!("consent_issuers[{i}].{k}");
@@ -1601,12 +1600,22 @@ mod tests {
             (
                 "legal_bases = [\"national_significance\"]",
                 "legal_bases = [\"gdpr\"]",
-                "agreements[0].flows[2].legal_bases",
+                "agreements[0].flows[4].legal_bases",
+            ),
+            (
+                "signed = 2023-09-12",
+                "signed = 2023-09-12\ndsar_response_days = 0",
+                "agreements[0].dsar_response_days",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[workflows]\ndsar_reminder_before = \"soon\"\n# The MoUs, as code.",
+                "workflows.dsar_reminder_before",
             ),
             (
                 "legal_bases = [\"national_significance\"]",
                 "legal_bases = [\"consent\", \"consent\"]",
-                "agreements[0].flows[2].legal_bases",
+                "agreements[0].flows[4].legal_bases",
             ),
             (
                 "# The MoUs, as code.",

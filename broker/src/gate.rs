@@ -201,7 +201,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 10);
+        assert_eq!(seen, 14);
         assert_eq!(rpc_name("/concordat.v1.Exchange/Nope"), "unknown");
     }
 }

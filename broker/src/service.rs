@@ -154,22 +154,22 @@ impl State {
     /// Stores an accepted transfer: its receipt with its proof.
     async fn commit_accept(&self, op: Op) -> Result<pb::Receipt, Failure> {
         match self.store.commit(op).await? {
-                Applied::Accepted(mut receipt) => {
-                    self.store.prove_receipt(&mut receipt).await?;
-                    Ok(*receipt)
-                }
-                // A retry of an accepted message (or one racing its first attempt): the first
-                // receipt.
-                Applied::Duplicate(log_index) => {
-                    let mut receipt = self.store.storage().receipt_at(log_index)?;
-                    self.store.prove_receipt(&mut receipt).await?;
-                    Ok(receipt)
-                }
-                other => Err(Internal::new(
-                    "storing a transfer",
-                    format!("unexpected outcome {other:?}"),
-                )
-                .into()),
+            Applied::Accepted(mut receipt) => {
+                self.store.prove_receipt(&mut receipt).await?;
+                Ok(*receipt)
+            }
+            // A retry of an accepted message (or one racing its first attempt): the first
+            // receipt.
+            Applied::Duplicate(log_index) => {
+                let mut receipt = self.store.storage().receipt_at(log_index)?;
+                self.store.prove_receipt(&mut receipt).await?;
+                Ok(receipt)
+            }
+            other => Err(Internal::new(
+                "storing a transfer",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into()),
         }
     }
 

@@ -408,17 +408,21 @@ pub fn apply_step(
             };
             let mut c: pb::ConsultationStatus = decode(bytes, "decoding a consultation")?;
             if c.requester != sender.as_str() {
-                return Ok(Err(if c.parties.iter().any(|p| p.agency == sender.as_str()) {
-                    conflict(format!(
-                        "only the requester {} may close consultation {id}",
-                        c.requester
-                    ))
-                } else {
-                    unknown("consultation", &id)
-                }));
+                return Ok(Err(
+                    if c.parties.iter().any(|p| p.agency == sender.as_str()) {
+                        conflict(format!(
+                            "only the requester {} may close consultation {id}",
+                            c.requester
+                        ))
+                    } else {
+                        unknown("consultation", &id)
+                    },
+                ));
             }
             if c.closed_at.is_some() {
-                return Ok(Err(conflict(format!("consultation {id} is already closed"))));
+                return Ok(Err(conflict(format!(
+                    "consultation {id} is already closed"
+                ))));
             }
             let parties: BTreeSet<String> = c.parties.iter().map(|p| p.agency.clone()).collect();
             if parties != recipient_set {
@@ -603,7 +607,10 @@ pub fn fire(
         return Ok(None);
     }
     let due = from_nanos(timer.due_nanos);
-    let agency = |s: &str| s.parse::<AgencyId>().map_err(|e| Internal::new("firing a timer", e));
+    let agency = |s: &str| {
+        s.parse::<AgencyId>()
+            .map_err(|e| Internal::new("firing a timer", e))
+    };
     let notice = |kind: pb::NoticeKind, message: String| pb::Notice {
         notice_id: uuid::Uuid::new_v4().to_string(),
         kind: kind as i32,
@@ -918,7 +925,10 @@ mod tests {
         let wrong = step("nca", &["ncsc"], &close(), Some(&answered.record), 5).unwrap_err();
         assert_eq!(wrong.reason, Reason::WorkflowConflict);
         let closed = step("nca", &["ico"], &close(), Some(&answered.record), 5).unwrap();
-        assert_eq!(consultation_view(&closed.record, t(6)).unwrap().state, "closed");
+        assert_eq!(
+            consultation_view(&closed.record, t(6)).unwrap().state,
+            "closed"
+        );
         let late = step(
             "ico",
             &["nca"],
@@ -936,12 +946,18 @@ mod tests {
         let [reminder, deadline] = &opened.timers[..] else {
             panic!("two timers");
         };
-        let fired = fire(reminder, Some(&opened.record), t(900)).unwrap().unwrap();
+        let fired = fire(reminder, Some(&opened.record), t(900))
+            .unwrap()
+            .unwrap();
         assert_eq!(fired.notices.len(), 1);
         assert_eq!(fired.notices[0].0, agency("ico"));
         assert_eq!(fired.notices[0].1.kind, pb::NoticeKind::DsarReminder as i32);
         // Fired twice (a restart between commit and removal): nothing more.
-        assert!(fire(reminder, Some(&fired.record), t(901)).unwrap().is_none());
+        assert!(
+            fire(reminder, Some(&fired.record), t(901))
+                .unwrap()
+                .is_none()
+        );
         // More time: the old deadline does nothing, the new one fires.
         let more = step(
             "ico",
@@ -952,7 +968,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(more.timers.len(), 2);
-        assert!(fire(deadline, Some(&more.record), t(1000)).unwrap().is_none());
+        assert!(
+            fire(deadline, Some(&more.record), t(1000))
+                .unwrap()
+                .is_none()
+        );
         let late = fire(&more.timers[1], Some(&more.record), t(2000))
             .unwrap()
             .unwrap();
@@ -987,7 +1007,14 @@ mod tests {
             statement: "ico:press-1".parse().unwrap(),
             answer: a,
         };
-        let a = step("ncsc", &["ico"], &answer(CommsAnswer::Approve), Some(&p.record), 1).unwrap();
+        let a = step(
+            "ncsc",
+            &["ico"],
+            &answer(CommsAnswer::Approve),
+            Some(&p.record),
+            1,
+        )
+        .unwrap();
         assert_eq!(statement_view(&a.record, t(200)).unwrap().state, "pending");
         let b = step(
             "nca",
@@ -999,10 +1026,23 @@ mod tests {
         .unwrap();
         let v = statement_view(&b.record, t(200)).unwrap();
         assert_eq!((v.state.as_str(), v.may_publish), ("objected", false));
-        let c = step("nca", &["ico"], &answer(CommsAnswer::Approve), Some(&b.record), 3).unwrap();
+        let c = step(
+            "nca",
+            &["ico"],
+            &answer(CommsAnswer::Approve),
+            Some(&b.record),
+            3,
+        )
+        .unwrap();
         assert!(!statement_view(&c.record, t(99)).unwrap().may_publish);
         assert!(statement_view(&c.record, t(100)).unwrap().may_publish);
-        let stranger = step("ico", &["ico"], &answer(CommsAnswer::Approve), Some(&c.record), 4);
+        let stranger = step(
+            "ico",
+            &["ico"],
+            &answer(CommsAnswer::Approve),
+            Some(&c.record),
+            4,
+        );
         assert_eq!(stranger.unwrap_err().reason, Reason::WorkflowUnknown);
     }
 
@@ -1021,18 +1061,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(second.entry.notified, ["ico"]);
-        let to: Vec<_> = second.notices.iter().map(|(a, n)| (a.to_string(), n.agencies.clone())).collect();
+        let to: Vec<_> = second
+            .notices
+            .iter()
+            .map(|(a, n)| (a.to_string(), n.agencies.clone()))
+            .collect();
         assert_eq!(
             to,
-            [("ico".into(), vec!["nca".into()]), ("nca".into(), vec!["ico".into()])]
+            [
+                ("ico".into(), vec!["nca".into()]),
+                ("nca".into(), vec!["ico".into()])
+            ]
         );
         // No agreement with the others: recorded, nobody told.
-        let third = involve(&agency("ncsc"), &inc, &partners(&[]), Some(&second.record), t(2))
-            .unwrap();
+        let third = involve(
+            &agency("ncsc"),
+            &inc,
+            &partners(&[]),
+            Some(&second.record),
+            t(2),
+        )
+        .unwrap();
         assert!(third.notices.is_empty());
         assert_eq!(third.entry.involved, ["ico", "nca", "ncsc"]);
-        let again = involve(&agency("nca"), &inc, &partners(&["ico"]), Some(&third.record), t(3))
-            .unwrap();
+        let again = involve(
+            &agency("nca"),
+            &inc,
+            &partners(&["ico"]),
+            Some(&third.record),
+            t(3),
+        )
+        .unwrap();
         assert!(again.entry.duplicate && again.notices.is_empty());
     }
 }

@@ -167,11 +167,9 @@ pub async fn check_dsar_open(
         .collect();
     let names: Vec<&str> = parties.iter().map(AgencyId::as_str).collect();
     for id in &wanted {
-        let related = by_id.get(id.as_str()).is_some_and(|t| {
-            names
-                .iter()
-                .any(|p| between(t, requester.as_str(), p))
-        });
+        let related = by_id
+            .get(id.as_str())
+            .is_some_and(|t| names.iter().any(|p| between(t, requester.as_str(), p)));
         if !related {
             if found.truncated {
                 return Err(Internal::new(
@@ -193,7 +191,8 @@ pub async fn check_dsar_open(
     if let Some(org) = &open.organisation {
         for p in &names {
             let identified = found.transfers.iter().any(|t| {
-                between(t, requester.as_str(), p) && t.organisations.iter().any(|o| o == org.as_str())
+                between(t, requester.as_str(), p)
+                    && t.organisations.iter().any(|o| o == org.as_str())
             });
             if !identified {
                 return Ok(Err(Refusal::new(

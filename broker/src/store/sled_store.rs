@@ -54,8 +54,8 @@ mod verify;
 pub use verify::StoreReport;
 
 use super::{
-    Accept, Applied, Carried, ConsentRecord, MAX_TIMERS_FIRED, Op, ProvedEntry, Queued, Revoke, RevokeTarget,
-    Storage, message_id_reused,
+    Accept, Applied, Carried, ConsentRecord, MAX_TIMERS_FIRED, Op, ProvedEntry, Queued, Revoke,
+    RevokeTarget, Storage, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -708,7 +708,9 @@ impl SledStorage {
                 Ok(Ok(Applied::Logged))
             }
             Op::Involve(i) => {
-                let stored = t.workflows.get(workflow::incident_key(&i.incident).as_bytes())?;
+                let stored = t
+                    .workflows
+                    .get(workflow::incident_key(&i.incident).as_bytes())?;
                 let involved = match workflow::involve(
                     &i.agency,
                     &i.incident,
@@ -726,7 +728,9 @@ impl SledStorage {
                     pb::audit_entry::Event::InvolvementDeclared(involved.entry.clone()),
                 ))?;
                 for (to, notice) in involved.notices {
-                    Self::queue_notice(t.meta, &t.log, &mut fx.blocks, &to, notice, i.at)?;
+                    let seq =
+                        Self::queue_notice(t.meta, &t.log, &mut fx.blocks, &to, notice, i.at)?;
+                    fx.last_seq = fx.last_seq.max(seq);
                     *fx.queued.entry(to).or_default() += 1;
                 }
                 Ok(Ok(Applied::Involved(Box::new(involved.entry))))
@@ -763,10 +767,12 @@ impl SledStorage {
                     Ok(step) => step,
                     Err(refusal) => {
                         let refusal = refusal.cited(|| a.decision.citation());
-                        t.log
-                            .append(&audit_log::entry(pb::audit_entry::Event::TransferRefused(
-                                transfer_refused(Some(a.facts.clone()), &refusal),
-                            )))?;
+                        t.log.append(&audit_log::entry(
+                            pb::audit_entry::Event::TransferRefused(transfer_refused(
+                                Some(a.facts.clone()),
+                                &refusal,
+                            )),
+                        ))?;
                         return Ok(Err(Failure::Refused(refusal)));
                     }
                 };
@@ -774,7 +780,8 @@ impl SledStorage {
                 if let Some(step) = step {
                     t.workflows.insert(step.key.as_bytes(), step.record)?;
                     for timer in step.timers {
-                        t.timers.insert(timer.storage_key(), timer.encode_to_vec())?;
+                        t.timers
+                            .insert(timer.storage_key(), timer.encode_to_vec())?;
                     }
                 }
                 Ok(Ok(Applied::Accepted(Box::new(receipt))))
@@ -810,7 +817,7 @@ impl SledStorage {
         }
     }
 
-    /// Queues `notice` for `to` under its `notice_queued` entry.
+    /// Queues `notice` for `to` under its `notice_queued` entry; returns its sequence number.
     fn queue_notice(
         meta: &TransactionalTree,
         log: &TxLog<'_>,
@@ -818,7 +825,7 @@ impl SledStorage {
         to: &AgencyId,
         notice: pb::Notice,
         at: OffsetDateTime,
-    ) -> TxResult<()> {
+    ) -> TxResult<u64> {
         let Ok(id) = notice.notice_id.parse::<uuid::Uuid>() else {
             return abort(Internal::new("queueing a notice", "its id is not a UUID"));
         };
@@ -842,7 +849,7 @@ impl SledStorage {
             },
         );
         meta.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
-        Ok(())
+        Ok(seq)
     }
 
     /// Fires the timers due by `now`, in one transaction of their own: each is removed, and
@@ -867,7 +874,14 @@ impl SledStorage {
             });
         }
         let (entries, hashes) = self.log.trees();
-        let outcome = (&self.timers, &self.workflows, &self.queues, &self.meta, entries, hashes)
+        let outcome = (
+            &self.timers,
+            &self.workflows,
+            &self.queues,
+            &self.meta,
+            entries,
+            hashes,
+        )
             .transaction(|(timers, workflows, queues, meta, le, lh)| {
                 let log = self.log.in_tx(le, lh, meta)?;
                 let mut blocks = BlockBuilder::default();

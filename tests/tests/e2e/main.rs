@@ -31,3 +31,4 @@ mod tlp;
 mod tls_reload;
 mod units;
 mod wire;
+mod workflows;
