@@ -239,7 +239,7 @@ impl Broker {
         OperationsClient::new(self.channel.clone())
     }
 
-    /// The `Workflows` client (`concordat dsar|comms status`, `dsar find`, `incident involve`).
+    /// The `Workflows` service (docs/workflows.md).
     pub fn workflows(&self) -> WorkflowsClient<Channel> {
         WorkflowsClient::new(self.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
     }

@@ -644,6 +644,18 @@ impl Config {
         if raw.clock_skew_seconds > 3600 {
             return Err(invalid("clock_skew_seconds", "must be at most 3600".into()));
         }
+        if let Some(text) = &raw.workflows.dsar_reminder_before {
+            let d = humantime::parse_duration(text)
+                .map_err(|e| invalid("workflows.dsar_reminder_before", e.to_string()))?;
+            if d > std::time::Duration::from_secs(365 * 24 * 3600) {
+                return Err(invalid(
+                    "workflows.dsar_reminder_before",
+                    "must be at most a year".into(),
+                ));
+            }
+            policy.workflows.reminder_before = time::Duration::try_from(d)
+                .map_err(|_| invalid("workflows.dsar_reminder_before", "is out of range".into()))?;
+        }
         for (i, issuer) in raw.consent_issuers.into_iter().enumerate() {
             let at = |k: &str| format!("consent_issuers[{i}].{k}");
             let key = public_key(&at, issuer.key, issuer.key_file)?;
@@ -882,6 +894,15 @@ impl Config {
                     &at("flows"),
                     "an agreement must permit at least one flow".into(),
                 ));
+            }
+            if let Some(days) = a.dsar_response_days {
+                if !(1..=366).contains(&days) {
+                    return Err(invalid(
+                        &at("dsar_response_days"),
+                        "must be 1 to 366 days".into(),
+                    ));
+                }
+                policy.workflows.response_days.insert(a.id.clone(), days);
             }
             policy.agreements.push(Agreement {
                 id: a.id,
@@ -1181,6 +1202,16 @@ struct RawConfig {
     #[serde(default)]
     organisations: Vec<RawOrganisation>,
     organisations_file: Option<PathBuf>,
+    #[serde(default)]
+    workflows: RawWorkflows,
+}
+
+/// `[workflows]`: the deadlines of the workflows the broker tracks (docs/workflows.md).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflows {
+    /// How long before a consulted agency's deadline it is reminded, e.g. "3d"; "0s" for never.
+    dsar_reminder_before: Option<String>,
 }
 
 fn default_clock_skew() -> u32 {
@@ -1318,6 +1349,9 @@ struct RawAgreement {
     review_by: toml::value::Datetime,
     #[serde(default)]
     flows: Vec<RawFlow>,
+    /// Days a consulted agency has to answer a subject-access consultation under this
+    /// agreement, unless the request sets its own deadline.
+    dsar_response_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -1566,12 +1600,22 @@ mod tests {
             (
                 "legal_bases = [\"national_significance\"]",
                 "legal_bases = [\"gdpr\"]",
-                "agreements[0].flows[2].legal_bases",
+                "agreements[0].flows[4].legal_bases",
+            ),
+            (
+                "signed = 2023-09-12",
+                "signed = 2023-09-12\ndsar_response_days = 0",
+                "agreements[0].dsar_response_days",
+            ),
+            (
+                "# The MoUs, as code.",
+                "[workflows]\ndsar_reminder_before = \"soon\"\n# The MoUs, as code.",
+                "workflows.dsar_reminder_before",
             ),
             (
                 "legal_bases = [\"national_significance\"]",
                 "legal_bases = [\"consent\", \"consent\"]",
-                "agreements[0].flows[2].legal_bases",
+                "agreements[0].flows[4].legal_bases",
             ),
             (
                 "# The MoUs, as code.",

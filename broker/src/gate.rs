@@ -170,6 +170,10 @@ pub fn rpc_name(path: &str) -> &'static str {
         "/concordat.v1.Audit/Checkpoint" => "Audit.Checkpoint",
         "/concordat.v1.Operations/Status" => "Operations.Status",
         "/concordat.v1.Operations/Consents" => "Operations.Consents",
+        "/concordat.v1.Workflows/Consultations" => "Workflows.Consultations",
+        "/concordat.v1.Workflows/FindTransfers" => "Workflows.FindTransfers",
+        "/concordat.v1.Workflows/Statements" => "Workflows.Statements",
+        "/concordat.v1.Workflows/Involve" => "Workflows.Involve",
         _ => "unknown",
     }
 }
@@ -197,7 +201,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 10);
+        assert_eq!(seen, 14);
         assert_eq!(rpc_name("/concordat.v1.Exchange/Nope"), "unknown");
     }
 }

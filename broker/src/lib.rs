@@ -66,12 +66,14 @@ pub mod service;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod workflow;
+pub mod workflow_service;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use concordat_proto::pb::{
     audit_server::AuditServer, consent_server::ConsentServer, exchange_server::ExchangeServer,
-    operations_server::OperationsServer,
+    operations_server::OperationsServer, workflows_server::WorkflowsServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -406,9 +408,21 @@ async fn serve_until_stopped(
     let operations = Gate::new(
         OperationsServer::new(operations::OperationsService::new(status, refusals.clone()))
             .max_decoding_message_size(MAX_OTHER_REQUEST),
+        gates.clone(),
+        others,
+    );
+    let workflows = Gate::new(
+        WorkflowsServer::new(workflow_service::WorkflowsService::new(
+            store.clone(),
+            rules.clone(),
+            refusals.clone(),
+        ))
+        .max_decoding_message_size(MAX_OTHER_REQUEST),
         gates,
         others,
     );
+    // Deadlines and reminders: timers that fell due while the broker was down fire now.
+    tokio::spawn(workflow_service::run_timers(store.clone(), stop_rx.clone()));
 
     let local = listener
         .local_addr()
@@ -442,6 +456,7 @@ async fn serve_until_stopped(
         .add_service(consent)
         .add_service(audit)
         .add_service(operations)
+        .add_service(workflows)
         .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 () = shutdown => {}
@@ -475,6 +490,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bo
         <ConsentServer<service::ConsentService> as tonic::server::NamedService>::NAME,
         <AuditServer<service::AuditService> as tonic::server::NamedService>::NAME,
         <OperationsServer<operations::OperationsService> as tonic::server::NamedService>::NAME,
+        <WorkflowsServer<workflow_service::WorkflowsService> as tonic::server::NamedService>::NAME,
     ] {
         reporter.set_service_status(name, status).await;
     }

@@ -8,7 +8,9 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use concordat_proto::{audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb};
+use concordat_proto::{
+    audit, consent, envelope::Envelope, ids::AgencyId, paseto, pb, workflow::Step,
+};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -24,6 +26,8 @@ use crate::{
     refusal::{Citation, Failure, Internal, ReadLimit, Reason, Refusal, from_transport},
     refusal_log::{RefusalLog, RefusedCall},
     store::{self, Accept, Applied, Op, Revoke, RevokeTarget, Store},
+    workflow::StepContext,
+    workflow_service,
 };
 
 /// How many envelopes of one `SendStream` are decided and committed concurrently.
@@ -111,30 +115,61 @@ impl State {
                 Ok(*receipt)
             }
             // The writer logs the refusals it decides itself.
-            Ok(Prepared::Accept(op)) => match self.store.commit(op).await? {
-                Applied::Accepted(mut receipt) => {
-                    self.store.prove_receipt(&mut receipt).await?;
-                    Ok(*receipt)
+            Ok(Prepared::Accept(op)) => {
+                if let Some(refusal) = self.check_step(sender, &op).await? {
+                    return Err(refusal.into());
                 }
-                // A retry of an accepted message (or one racing its first attempt): the first
-                // receipt.
-                Applied::Duplicate(log_index) => {
-                    let mut receipt = self.store.storage().receipt_at(log_index)?;
-                    self.store.prove_receipt(&mut receipt).await?;
-                    Ok(receipt)
-                }
-                other => Err(Internal::new(
-                    "storing a transfer",
-                    format!("unexpected outcome {other:?}"),
-                )
-                .into()),
-            },
+                self.commit_accept(op).await
+            }
             Err(Failure::Refused(r)) => {
                 let refused = store::transfer_refused(facts.map(|f| *f), &r);
                 self.store.commit(Op::Refuse(Box::new(refused))).await?;
                 Err(r.into())
             }
             Err(internal) => Err(internal),
+        }
+    }
+
+    /// The checks of a workflow step that read the audit log (a consultation's `concerns`),
+    /// made before the write: a refusal, logged.
+    async fn check_step(&self, sender: &AgencyId, op: &Op) -> Result<Option<Refusal>, Failure> {
+        let Op::Accept(a) = op else {
+            return Ok(None);
+        };
+        let Some(Step::DsarOpen(open)) = &a.envelope.workflow else {
+            return Ok(None);
+        };
+        let checked =
+            workflow_service::check_dsar_open(&self.store, sender, &a.envelope.recipients, open)
+                .await?;
+        let Err(refusal) = checked else {
+            return Ok(None);
+        };
+        let refusal = refusal.cited(|| a.decision.citation());
+        let refused = store::transfer_refused(Some(a.facts.clone()), &refusal);
+        self.store.commit(Op::Refuse(Box::new(refused))).await?;
+        Ok(Some(refusal))
+    }
+
+    /// Stores an accepted transfer: its receipt with its proof.
+    async fn commit_accept(&self, op: Op) -> Result<pb::Receipt, Failure> {
+        match self.store.commit(op).await? {
+            Applied::Accepted(mut receipt) => {
+                self.store.prove_receipt(&mut receipt).await?;
+                Ok(*receipt)
+            }
+            // A retry of an accepted message (or one racing its first attempt): the first
+            // receipt.
+            Applied::Duplicate(log_index) => {
+                let mut receipt = self.store.storage().receipt_at(log_index)?;
+                self.store.prove_receipt(&mut receipt).await?;
+                Ok(receipt)
+            }
+            other => Err(Internal::new(
+                "storing a transfer",
+                format!("unexpected outcome {other:?}"),
+            )
+            .into()),
         }
     }
 
@@ -210,14 +245,30 @@ impl State {
             let facts = store::refused_facts(sender, &envelope, &payload_sha256);
             return Err((refusal.into(), Some(Box::new(facts))));
         }
-        Ok(Prepared::Accept(Op::Accept(Box::new(Accept::new(
+        // A workflow step's deadlines follow the agreement each flow relies on.
+        let workflow = envelope.workflow.as_ref().map(|_| StepContext {
+            default_due: decision
+                .authorities
+                .iter()
+                .map(|a| {
+                    (
+                        a.recipient.clone(),
+                        rules.policy.workflows.default_due(&a.agreement_id, now),
+                    )
+                })
+                .collect(),
+            reminder_before: rules.policy.workflows.reminder_before,
+        });
+        let mut accept = Accept::new(
             sender.clone(),
             envelope,
             decision,
             digest,
             now,
             rules.limits.max_queue_depth,
-        )))))
+        );
+        accept.workflow = workflow;
+        Ok(Prepared::Accept(Op::Accept(Box::new(accept))))
     }
 
     /// [`State::submit`], with the outcome logged.

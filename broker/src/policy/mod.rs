@@ -75,6 +75,8 @@ pub struct Policy {
     pub agencies: BTreeSet<AgencyId>,
     /// The officers authorised to designate incidents of national significance, by key id.
     pub significance_officers: HashMap<KeyId, Officer>,
+    /// The workflows' settings: deadlines and reminders (docs/workflows.md).
+    pub workflows: crate::workflow::WorkflowRules,
 }
 
 impl Policy {

@@ -86,6 +86,30 @@ pub enum Op {
     ConfigLoaded(pb::ConfigLoaded),
     /// Record an event that changes nothing but the audit log (a refused call, an export).
     Log(Box<pb::audit_entry::Event>),
+    /// An agency declares itself involved in an incident (docs/workflows.md).
+    Involve(Box<Involve>),
+    /// Fire the workflow timers due by `now` (at most [`MAX_TIMERS_FIRED`] of them); they run
+    /// on their own, like revocations.
+    FireTimers {
+        /// The broker's time.
+        now: OffsetDateTime,
+    },
+}
+
+/// The most timers one [`Op::FireTimers`] fires; the rest wait for the next.
+pub const MAX_TIMERS_FIRED: usize = 256;
+
+/// An agency's declaration that it is involved in an incident.
+#[derive(Debug)]
+pub struct Involve {
+    /// The declaring agency.
+    pub agency: AgencyId,
+    /// The incident, federation-unique.
+    pub incident: concordat_proto::workflow::WorkflowId,
+    /// The agencies it shares an agreement with: only they and it are told about each other.
+    pub partners: BTreeSet<AgencyId>,
+    /// When.
+    pub at: OffsetDateTime,
 }
 
 /// What a delivery carries, as the audit log's `delivered` and `acknowledged` entries say.
@@ -135,6 +159,9 @@ pub struct Accept {
     pub authorities: Vec<pb::Authority>,
     /// The national-significance designation relied on, as the log records it.
     pub designation: Option<pb::SignificanceDesignation>,
+    /// What the envelope's workflow step needs to be applied, when it carries one
+    /// ([`crate::workflow`]).
+    pub workflow: Option<crate::workflow::StepContext>,
 }
 
 impl Accept {
@@ -203,6 +230,7 @@ impl Accept {
             transfer,
             facts,
             authorities,
+            workflow: None,
         }
     }
 }
@@ -251,6 +279,15 @@ pub enum Applied {
     },
     /// Audit entries were appended.
     Logged,
+    /// An involvement was declared (its audit entry).
+    Involved(Box<pb::InvolvementDeclared>),
+    /// Timers fired: how many, and how many notices they queued.
+    Fired {
+        /// Timers taken off the store (applicable or not).
+        timers: u32,
+        /// Notices queued.
+        notices: u32,
+    },
 }
 
 /// An audit entry and its inclusion proof in a tree of a given size.
@@ -376,6 +413,14 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
         limit: usize,
         keep: &dyn Fn(&ConsentRecord) -> bool,
     ) -> Result<(Vec<ConsentRecord>, bool), Internal>;
+
+    /// The stored record of a workflow ([`crate::workflow`]: `dsar/<id>`, `comms/<id>`,
+    /// `incident/<ref>`).
+    fn workflow_record(&self, key: &str) -> Result<Option<Vec<u8>>, Internal>;
+    /// Every workflow record whose key starts with `prefix`, in key order, at most `limit`.
+    fn workflow_records(&self, prefix: &str, limit: usize) -> Result<Vec<Vec<u8>>, Internal>;
+    /// When the earliest stored timer fires, if there is one.
+    fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal>;
 }
 
 /// How many of the newest entries the start-up check rehashes from their stored bytes.

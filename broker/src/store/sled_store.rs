@@ -12,6 +12,8 @@
 //! | `consented_transfers` | issuer key id, token id, first sequence number | the transfers one commit made under that token (with the token's expiry and use limit), for recall and `concordat consent list` |
 //! | `revocations` | `jti:` issuer, token id / `before:` issuer | revoked tokens |
 //! | `tlp_received` | holder agency `\0` STIX object id | what was delivered to it under TLP:AMBER+STRICT or TLP:RED: the first transfer, the senders, the marking |
+//! | `workflows` | `dsar/<id>`, `comms/<id>`, `incident/<ref>` | a workflow's record ([`crate::workflow`]) |
+//! | `timers` | time it fires (big-endian nanoseconds), kind, record key, party | a workflow timer |
 //! | `meta` | name | sequence counter, layout version, log size and checkpoint |
 //! | `log_entries`, `log_hashes` | first index | the audit log ([`crate::audit_log`]) |
 //!
@@ -52,8 +54,8 @@ mod verify;
 pub use verify::StoreReport;
 
 use super::{
-    Accept, Applied, Carried, ConsentRecord, Op, ProvedEntry, Queued, Revoke, RevokeTarget,
-    Storage, message_id_reused,
+    Accept, Applied, Carried, ConsentRecord, MAX_TIMERS_FIRED, Op, ProvedEntry, Queued, Revoke,
+    RevokeTarget, Storage, message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -68,6 +70,7 @@ use crate::{
         tlp::{Provenance, Received},
     },
     refusal::{Failure, Internal, Reason, Refusal},
+    workflow,
 };
 
 /// sled's page cache size. sled counts only the serialized size of what it caches, so the
@@ -166,6 +169,8 @@ pub struct SledStorage {
     consented: sled::Tree,
     revoked: sled::Tree,
     tlp_received: sled::Tree,
+    workflows: sled::Tree,
+    timers: sled::Tree,
     meta: sled::Tree,
     log: Log,
     index: Mutex<QueueIndex>,
@@ -294,6 +299,8 @@ struct Trees<'a> {
     meta: &'a TransactionalTree,
     consented: &'a TransactionalTree,
     tlp_received: &'a TransactionalTree,
+    workflows: &'a TransactionalTree,
+    timers: &'a TransactionalTree,
     log: TxLog<'a>,
 }
 
@@ -409,6 +416,8 @@ impl SledStorage {
             consented: tree("consented_transfers")?,
             revoked: tree("revocations")?,
             tlp_received: tree("tlp_received")?,
+            workflows: tree("workflows")?,
+            timers: tree("timers")?,
             log: Log::open(
                 tree("log_entries")?,
                 tree("log_hashes")?,
@@ -501,9 +510,15 @@ impl SledStorage {
         let mut out = Vec::with_capacity(ops.len());
         let mut start = 0;
         for (i, op) in ops.iter().enumerate() {
-            if let Op::Revoke(r) = op {
-                out.extend(self.run_tx(&ops[start..i]));
-                out.push(self.apply_revoke(r));
+            let alone = match op {
+                Op::Revoke(r) => Some(self.apply_revoke(r)),
+                Op::FireTimers { now } => Some(self.fire_timers(*now)),
+                _ => None,
+            };
+            if let Some(result) = alone {
+                let before = self.run_tx(&ops[start..i]);
+                out.extend(before);
+                out.push(result);
                 start = i + 1;
             }
         }
@@ -527,6 +542,8 @@ impl SledStorage {
             &self.uses,
             &self.consented,
             &self.tlp_received,
+            &self.workflows,
+            &self.timers,
             &self.meta,
             entries,
             hashes,
@@ -541,6 +558,8 @@ impl SledStorage {
                 uses,
                 consented,
                 tlp_received,
+                workflows,
+                timers,
                 meta,
                 le,
                 lh,
@@ -558,6 +577,8 @@ impl SledStorage {
                 meta,
                 consented,
                 tlp_received,
+                workflows,
+                timers,
                 log: self.log.in_tx(le, lh, meta)?,
             };
             let mut fx = Effects::default();
@@ -686,9 +707,37 @@ impl SledStorage {
                 t.log.append(&audit_log::entry(*event.clone()))?;
                 Ok(Ok(Applied::Logged))
             }
-            Op::Revoke(_) => abort(Internal::new(
+            Op::Involve(i) => {
+                let stored = t
+                    .workflows
+                    .get(workflow::incident_key(&i.incident).as_bytes())?;
+                let involved = match workflow::involve(
+                    &i.agency,
+                    &i.incident,
+                    &i.partners,
+                    stored.as_deref(),
+                    i.at,
+                ) {
+                    Ok(v) => v,
+                    Err(e) => return abort(e),
+                };
+                t.workflows
+                    .insert(involved.key.as_bytes(), involved.record)?;
+                t.log.append(&audit_log::entry_at(
+                    timestamp(i.at),
+                    pb::audit_entry::Event::InvolvementDeclared(involved.entry.clone()),
+                ))?;
+                for (to, notice) in involved.notices {
+                    let seq =
+                        Self::queue_notice(t.meta, &t.log, &mut fx.blocks, &to, notice, i.at)?;
+                    fx.last_seq = fx.last_seq.max(seq);
+                    *fx.queued.entry(to).or_default() += 1;
+                }
+                Ok(Ok(Applied::Involved(Box::new(involved.entry))))
+            }
+            Op::Revoke(_) | Op::FireTimers { .. } => abort(Internal::new(
                 "applying a batch",
-                "a revocation must run on its own",
+                "a revocation or a timer must run on its own",
             )),
         }
     }
@@ -713,8 +762,163 @@ impl SledStorage {
                 Ok(Err(Failure::Refused(refusal)))
             }
             Ok(Some(log_index)) => Ok(Ok(Applied::Duplicate(log_index))),
-            Ok(None) => Self::accept_writes(t, a, fx).map(|r| Ok(Applied::Accepted(Box::new(r)))),
+            Ok(None) => {
+                let step = match Self::workflow_step(t, a)? {
+                    Ok(step) => step,
+                    Err(refusal) => {
+                        let refusal = refusal.cited(|| a.decision.citation());
+                        t.log.append(&audit_log::entry(
+                            pb::audit_entry::Event::TransferRefused(transfer_refused(
+                                Some(a.facts.clone()),
+                                &refusal,
+                            )),
+                        ))?;
+                        return Ok(Err(Failure::Refused(refusal)));
+                    }
+                };
+                let receipt = Self::accept_writes(t, a, fx)?;
+                if let Some(step) = step {
+                    t.workflows.insert(step.key.as_bytes(), step.record)?;
+                    for timer in step.timers {
+                        t.timers
+                            .insert(timer.storage_key(), timer.encode_to_vec())?;
+                    }
+                }
+                Ok(Ok(Applied::Accepted(Box::new(receipt))))
+            }
         }
+    }
+
+    /// The envelope's workflow step applied to its record (`None` without a step), or why it
+    /// is refused: read inside the transaction, so that steps on one workflow are serialised.
+    fn workflow_step(
+        t: &Trees<'_>,
+        a: &Accept,
+    ) -> TxResult<Result<Option<workflow::Applied>, Refusal>> {
+        let (Some(step), Some(cx)) = (&a.envelope.workflow, &a.workflow) else {
+            return Ok(Ok(None));
+        };
+        let key = workflow::key_of(&a.sender, step);
+        let stored = t.workflows.get(key.as_bytes())?;
+        match workflow::apply_step(
+            &workflow::StepInput {
+                sender: &a.sender,
+                recipients: &a.envelope.recipients,
+                step,
+                cx,
+                at: a.accepted_at,
+                transfer_id: &a.transfer.transfer_id,
+                payload_digest: &a.decision.payload_digest,
+            },
+            stored.as_deref(),
+        ) {
+            Ok(outcome) => Ok(outcome.map(Some)),
+            Err(e) => abort(e),
+        }
+    }
+
+    /// Queues `notice` for `to` under its `notice_queued` entry; returns its sequence number.
+    fn queue_notice(
+        meta: &TransactionalTree,
+        log: &TxLog<'_>,
+        blocks: &mut BlockBuilder,
+        to: &AgencyId,
+        notice: pb::Notice,
+        at: OffsetDateTime,
+    ) -> TxResult<u64> {
+        let Ok(id) = notice.notice_id.parse::<uuid::Uuid>() else {
+            return abort(Internal::new("queueing a notice", "its id is not a UUID"));
+        };
+        let seq = Self::next_seq(meta)?;
+        let index = log.append(&audit_log::entry_at(
+            timestamp(at),
+            pb::audit_entry::Event::NoticeQueued(pb::NoticeQueued {
+                recipient: to.to_string(),
+                notice: Some(notice.clone()),
+            }),
+        ))?;
+        blocks.push(
+            to,
+            StoredItem {
+                seq,
+                transfer_id: id.as_bytes().to_vec(),
+                kind: ItemKind::Notice.to_wire(),
+                log_index: Some(index),
+                notice: Some(notice),
+                ..Default::default()
+            },
+        );
+        meta.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+        Ok(seq)
+    }
+
+    /// Fires the timers due by `now`, in one transaction of their own: each is removed, and
+    /// applied to its record if it still matches it ([`workflow::fire`]).
+    fn fire_timers(&self, now: OffsetDateTime) -> Result<Applied, Failure> {
+        // Every timer that fires at or before `now` sorts before the prefix of the next
+        // nanosecond.
+        let end = workflow::timer_prefix(
+            i64::try_from(now.unix_timestamp_nanos())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1),
+        );
+        let mut due: Vec<sled::IVec> = Vec::new();
+        for item in self.timers.range(..&end[..]).take(MAX_TIMERS_FIRED) {
+            let (k, _) = item.map_err(sled_err("reading the timers"))?;
+            due.push(k);
+        }
+        if due.is_empty() {
+            return Ok(Applied::Fired {
+                timers: 0,
+                notices: 0,
+            });
+        }
+        let (entries, hashes) = self.log.trees();
+        let outcome = (
+            &self.timers,
+            &self.workflows,
+            &self.queues,
+            &self.meta,
+            entries,
+            hashes,
+        )
+            .transaction(|(timers, workflows, queues, meta, le, lh)| {
+                let log = self.log.in_tx(le, lh, meta)?;
+                let mut blocks = BlockBuilder::default();
+                let (mut fired, mut notices) = (0u32, 0u32);
+                for key in &due {
+                    let Some(raw) = timers.remove(key)? else {
+                        continue;
+                    };
+                    fired += 1;
+                    let timer = match workflow::Timer::decode(raw.as_ref()) {
+                        Ok(t) => t,
+                        Err(e) => return abort(Internal::new("decoding a timer", e)),
+                    };
+                    let stored = workflows.get(timer.key.as_bytes())?;
+                    let outcome = match workflow::fire(&timer, stored.as_deref(), now) {
+                        Ok(o) => o,
+                        Err(e) => return abort(e),
+                    };
+                    let Some(f) = outcome else { continue };
+                    workflows.insert(timer.key.as_bytes(), f.record)?;
+                    for (to, notice) in f.notices {
+                        Self::queue_notice(meta, &log, &mut blocks, &to, notice, now)?;
+                        notices += 1;
+                    }
+                }
+                let last_seq = Self::next_seq(meta)?.saturating_sub(1);
+                let committed = Committed {
+                    blocks: write_blocks(queues, blocks)?,
+                    acks: Vec::new(),
+                    last_seq,
+                    frontier: log.finish()?,
+                };
+                Ok((fired, notices, committed))
+            });
+        let (timers, notices, committed) = tx_outcome(outcome)?;
+        self.settle(committed);
+        Ok(Applied::Fired { timers, notices })
     }
 
     /// The checks that can change between decision and commit, before anything is written:
@@ -1407,6 +1611,33 @@ impl Storage for SledStorage {
             return Ok((out, true));
         }
         Ok((out, false))
+    }
+
+    fn workflow_record(&self, key: &str) -> Result<Option<Vec<u8>>, Internal> {
+        Ok(self
+            .workflows
+            .get(key.as_bytes())
+            .map_err(sled_err("reading a workflow"))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn workflow_records(&self, prefix: &str, limit: usize) -> Result<Vec<Vec<u8>>, Internal> {
+        self.workflows
+            .scan_prefix(prefix.as_bytes())
+            .take(limit)
+            .map(|item| {
+                item.map(|(_, v)| v.to_vec())
+                    .map_err(sled_err("reading the workflows"))
+            })
+            .collect()
+    }
+
+    fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal> {
+        Ok(self
+            .timers
+            .first()
+            .map_err(sled_err("reading the timers"))?
+            .and_then(|(k, _)| workflow::timer_key_time(&k)))
     }
 
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {

@@ -31,4 +31,5 @@ mod tlp;
 mod tls_reload;
 mod units;
 mod wire;
+mod workflows;
 mod workflows_cli;

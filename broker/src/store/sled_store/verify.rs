@@ -242,6 +242,14 @@ impl SledStorage {
                 let recipient = recipient.to_string();
                 let transfer = meta.transfer_id;
                 match meta.kind {
+                    ItemKind::Notice => {
+                        if !recalls.contains(&(recipient.clone(), transfer.to_string())) {
+                            report.problem(format!(
+                                "notice {recipient}/{seq} ({transfer}) has no notice_queued \
+                                 entry"
+                            ));
+                        }
+                    }
                     ItemKind::Recall => {
                         if !recalls.contains(&(recipient.clone(), transfer.to_string())) {
                             report.problem(format!(
@@ -388,6 +396,12 @@ fn note_entry(
         }
         Some(Event::RecallQueued(r)) => {
             recalls.insert((r.recipient, r.transfer_id));
+        }
+        // A notice is proved like a recall notice: by the entry naming its recipient and id.
+        Some(Event::NoticeQueued(q)) => {
+            if let Some(n) = q.notice {
+                recalls.insert((q.recipient, n.notice_id));
+            }
         }
         _ => {}
     }
