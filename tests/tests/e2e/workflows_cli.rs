@@ -47,10 +47,11 @@ impl Federation {
         let text = std::fs::read_to_string(&config).unwrap();
         // Flows of the ICO–NCSC agreement go before the next agreement's table; the ICO–NCA
         // agreement is the last, so its flows are appended.
+        // Drafts are Markdown, which the broker does not read: the flows allow opaque payloads.
         let comms = "[[agreements.flows]]\nfrom = \"ico\"\nto = \"ncsc\"\n\
-                     kinds = [\"public_communication\"]\nclause = \"1.3\"\n\n\
+                     kinds = [\"public_communication\"]\nclause = \"1.3\"\nopaque = true\n\n\
                      [[agreements.flows]]\nfrom = \"ncsc\"\nto = \"ico\"\n\
-                     kinds = [\"public_communication\"]\nclause = \"1.4\"\n\n";
+                     kinds = [\"public_communication\"]\nclause = \"1.4\"\nopaque = true\n\n";
         let marker = "[[agreements]]\nid = \"test-ico-nca\"";
         assert!(
             text.contains(marker),
