@@ -360,6 +360,104 @@ fn a_consultation_opened_from_the_cli_is_answered_through_the_outbox_and_closed(
     let opened_at = summary.find("opened by").unwrap();
     let closed_at = summary.rfind("closed by nca").unwrap();
     assert!(opened_at < closed_at, "{summary}");
+    // The NCA tells the same story from an export of its own entries, offline.
+    let export = fed.dir.path().join("nca.jsonl");
+    fed.cli(
+        "nca",
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    )
+    .ok();
+    let offline = fed
+        .cli(
+            "nca",
+            &[
+                "audit",
+                "explain",
+                "--workflow",
+                id,
+                "--file",
+                export.to_str().unwrap(),
+            ],
+        )
+        .ok();
+    assert_eq!(offline, story);
+    let none = fed.cli(
+        "nca",
+        &[
+            "audit",
+            "explain",
+            "--workflow",
+            "nca:NO-SUCH",
+            "--file",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(none.code, Some(1), "{none:?}");
+    assert!(
+        none.stderr
+            .contains("no entry of the log belongs to workflow nca:NO-SUCH"),
+        "{none:?}"
+    );
+}
+
+#[test]
+fn malformed_workflow_files_go_to_failed_with_their_reason() {
+    let fed = Federation::start();
+    let ico = fed.agent("ico");
+    let rows = [
+        (
+            "two-answers.json",
+            serde_json::json!({"recipients": ["nca"], "payload": {},
+                "workflow": {"dsar_answer": {"consultation_id": "nca:D", "no_objection": true,
+                    "objection": "x"}}}),
+            "give exactly one of",
+        ),
+        (
+            "bad-date.json",
+            serde_json::json!({"recipients": ["ncsc"], "payload": {},
+                "workflow": {"comms_propose": {"reference": "p", "publish_after": "soon"}}}),
+            "workflow.comms_propose.publish_after",
+        ),
+        (
+            "wrong-kind.json",
+            serde_json::json!({"recipients": ["nca"], "payload": {}, "kind": "threat_assessment",
+                "workflow": {"dsar_close": {"consultation_id": "ico:D"}}}),
+            "must be dsar_consultation",
+        ),
+        (
+            "involve-more.json",
+            serde_json::json!({"incident_involvement": "INC-1", "recipients": ["nca"]}),
+            "holds nothing else",
+        ),
+    ];
+    for (name, file, _) in &rows {
+        ico.spool().drop_message(name, file).unwrap();
+    }
+    for (name, _, expected) in &rows {
+        moved(ico.spool(), name, "failed");
+        let error = std::fs::read_to_string(
+            ico.spool()
+                .folder("failed")
+                .join(format!("{name}.error.txt")),
+        )
+        .unwrap();
+        assert!(error.contains(expected), "{name}: {error}");
+    }
+    // A well-formed step the broker refuses goes to refused/ with its reason.
+    ico.spool()
+        .drop_message(
+            "unknown.json",
+            &serde_json::json!({"recipients": ["nca"], "payload": {},
+                "workflow": {"dsar_answer": {"consultation_id": "nca:NO-SUCH",
+                    "no_objection": true}}}),
+        )
+        .unwrap();
+    moved(ico.spool(), "unknown.json", "refused");
+    let reason = ico
+        .spool()
+        .read_json("refused", "unknown.json.reason.json")
+        .unwrap();
+    assert_eq!(reason["reason"], "WORKFLOW_UNKNOWN", "{reason}");
 }
 
 #[test]
