@@ -484,6 +484,41 @@ mod tests {
         }
     }
 
+    /// The default federation lets the ICO and the NCSC propose Markdown drafts of public
+    /// statements to each other (`concordat comms propose --file statement.md`): the broker
+    /// does not read them, so the flows allow opaque payloads. (They did not at first: the
+    /// draft was refused UNINSPECTABLE_CONTENT.)
+    #[test]
+    fn the_default_flows_carry_markdown_drafts_of_public_statements() {
+        let desk = SecretKey::generate();
+        let config = config(&desk);
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let cx = Context {
+            policy: &config.policy,
+            organisations: &matcher,
+            verified: &verified,
+            max_payload_bytes: 1 << 20,
+            ledger: &open,
+            provenance: &Nothing,
+            now: OffsetDateTime::now_utc(),
+            payload_digest: [0; 32],
+        };
+        for (from, to) in [("ico", "ncsc"), ("ncsc", "ico")] {
+            for content_type in ["text/markdown", "text/plain"] {
+                let mut e = envelope(to, "");
+                e.kind = Kind::PublicCommunication;
+                e.organisation = None;
+                e.consent_token = None;
+                e.content_type = content_type.into();
+                e.payload = b"# Joint statement\n\nWe are investigating.\n".to_vec();
+                let got = reason(decide(&cx, &from.parse().unwrap(), &e));
+                assert_eq!(got, None, "{from} -> {to} ({content_type})");
+            }
+        }
+    }
+
     #[test]
     fn content_rules_come_after_the_agreement_and_before_consent() {
         let desk = SecretKey::generate();
