@@ -2046,6 +2046,84 @@ mod tests {
     }
 
     #[test]
+    fn notices_are_deliverable_at_once_and_timers_survive_a_restart() {
+        use concordat_proto::workflow::WorkflowId;
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let incident: WorkflowId = "ico:INC-1".parse().unwrap();
+        let involve = |who: &str, partner: &str| {
+            Op::Involve(Box::new(super::super::Involve {
+                agency: agency(who),
+                incident: incident.clone(),
+                partners: [agency(partner)].into_iter().collect(),
+                at: t0,
+            }))
+        };
+        let done = commit(&s, &[involve("ico", "nca"), involve("nca", "ico")]);
+        assert!(matches!(&done[1], Ok(Applied::Involved(e)) if e.notified == ["ico"]));
+        // Both notices are queued, deliverable as soon as the commit is durable.
+        for (who, other) in [("ico", "nca"), ("nca", "ico")] {
+            let items = s.claimable(&agency(who), s.last_seq(), 8, &|_| false).unwrap();
+            let [item] = &items[..] else {
+                panic!("{who}: {items:?}");
+            };
+            let pb::delivery::Body::Notice(n) = &item.body else {
+                panic!("not a notice");
+            };
+            assert_eq!(n.agencies, [other]);
+            assert!(item.log_index.is_some());
+        }
+        // A timer stored by a consultation, due while no broker ran, fires once after a
+        // restart; `verify` accepts the notices it queued.
+        let timer = workflow::Timer {
+            kind: workflow::TimerKind::Deadline as i32,
+            key: "dsar/nca:D-1".into(),
+            party: "ico".into(),
+            due_nanos: 1,
+            at_nanos: 1,
+        };
+        let record = pb::ConsultationStatus {
+            consultation_id: "nca:D-1".into(),
+            requester: "nca".into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ico".into(),
+                state: "awaiting".into(),
+                due: Some(timestamp(OffsetDateTime::from_unix_timestamp_nanos(1).unwrap())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.workflows
+            .insert(timer.key.as_bytes(), record.encode_to_vec())
+            .unwrap();
+        s.timers
+            .insert(timer.storage_key(), timer.encode_to_vec())
+            .unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        assert!(s.next_timer().unwrap().is_some_and(|t| t <= t0));
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(fired[0], Ok(Applied::Fired { timers: 1, notices: 2 })),
+            "{fired:?}"
+        );
+        assert_eq!(s.next_timer().unwrap(), None);
+        let again = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(matches!(again[0], Ok(Applied::Fired { timers: 0, notices: 0 })));
+        let view = workflow::consultation_view(
+            &s.workflow_record("dsar/nca:D-1").unwrap().unwrap(),
+            t0,
+        )
+        .unwrap();
+        assert_eq!(view.parties[0].state, "overdue");
+        assert_eq!(s.queue_depth(&agency("nca")), 2);
+        let report = s.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
+    }
+
+    #[test]
     fn a_retry_gets_the_first_receipt_and_a_reused_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
