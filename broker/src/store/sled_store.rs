@@ -2064,7 +2064,9 @@ mod tests {
         assert!(matches!(&done[1], Ok(Applied::Involved(e)) if e.notified == ["ico"]));
         // Both notices are queued, deliverable as soon as the commit is durable.
         for (who, other) in [("ico", "nca"), ("nca", "ico")] {
-            let items = s.claimable(&agency(who), s.last_seq(), 8, &|_| false).unwrap();
+            let items = s
+                .claimable(&agency(who), s.last_seq(), 8, &|_| false)
+                .unwrap();
             let [item] = &items[..] else {
                 panic!("{who}: {items:?}");
             };
@@ -2089,7 +2091,9 @@ mod tests {
             parties: vec![pb::ConsultationParty {
                 agency: "ico".into(),
                 state: "awaiting".into(),
-                due: Some(timestamp(OffsetDateTime::from_unix_timestamp_nanos(1).unwrap())),
+                due: Some(timestamp(
+                    OffsetDateTime::from_unix_timestamp_nanos(1).unwrap(),
+                )),
                 ..Default::default()
             }],
             ..Default::default()
@@ -2106,17 +2110,27 @@ mod tests {
         assert!(s.next_timer().unwrap().is_some_and(|t| t <= t0));
         let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
         assert!(
-            matches!(fired[0], Ok(Applied::Fired { timers: 1, notices: 2 })),
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 1,
+                    notices: 2
+                })
+            ),
             "{fired:?}"
         );
         assert_eq!(s.next_timer().unwrap(), None);
         let again = commit(&s, &[Op::FireTimers { now: t0 }]);
-        assert!(matches!(again[0], Ok(Applied::Fired { timers: 0, notices: 0 })));
-        let view = workflow::consultation_view(
-            &s.workflow_record("dsar/nca:D-1").unwrap().unwrap(),
-            t0,
-        )
-        .unwrap();
+        assert!(matches!(
+            again[0],
+            Ok(Applied::Fired {
+                timers: 0,
+                notices: 0
+            })
+        ));
+        let view =
+            workflow::consultation_view(&s.workflow_record("dsar/nca:D-1").unwrap().unwrap(), t0)
+                .unwrap();
         assert_eq!(view.parties[0].state, "overdue");
         assert_eq!(s.queue_depth(&agency("nca")), 2);
         let report = s.verify().unwrap();
