@@ -299,9 +299,23 @@ struct Trees<'a> {
     meta: &'a TransactionalTree,
     consented: &'a TransactionalTree,
     tlp_received: &'a TransactionalTree,
-    workflows: &'a TransactionalTree,
-    timers: &'a TransactionalTree,
+    /// Present when an operation of the batch carries a workflow step.
+    workflows: Option<&'a TransactionalTree>,
+    timers: Option<&'a TransactionalTree>,
     log: TxLog<'a>,
+}
+
+impl Trees<'_> {
+    /// The workflow trees, which a batch without workflow operations leaves out.
+    fn workflow_trees(&self) -> TxResult<(&TransactionalTree, &TransactionalTree)> {
+        match (self.workflows, self.timers) {
+            (Some(w), Some(t)) => Ok((w, t)),
+            _ => abort(Internal::new(
+                "applying a workflow step",
+                "the batch's transaction lacks the workflow trees",
+            )),
+        }
+    }
 }
 
 /// What a transaction gathers while it runs, written at its end.
@@ -533,7 +547,14 @@ impl SledStorage {
             return Vec::new();
         }
         let (entries, hashes) = self.log.trees();
-        let trees = [
+        // The workflow trees join the transaction only when an operation needs them: the
+        // cost of a sled transaction grows with the trees it spans.
+        let workflow_ops = ops.iter().any(|op| match op {
+            Op::Accept(a) => a.envelope.workflow.is_some(),
+            Op::Involve(_) => true,
+            _ => false,
+        });
+        let mut trees = vec![
             &self.receipts,
             &self.transfers,
             &self.refs,
@@ -542,13 +563,15 @@ impl SledStorage {
             &self.uses,
             &self.consented,
             &self.tlp_received,
-            &self.workflows,
-            &self.timers,
             &self.meta,
             entries,
             hashes,
         ];
+        if workflow_ops {
+            trees.extend([&self.workflows, &self.timers]);
+        }
         let outcome = trees[..].transaction(|view| {
+            let (base, workflow) = view.split_at(view.len().min(11));
             let [
                 receipts,
                 transfers,
@@ -558,14 +581,16 @@ impl SledStorage {
                 uses,
                 consented,
                 tlp_received,
-                workflows,
-                timers,
                 meta,
                 le,
                 lh,
-            ] = view.as_slice()
+            ] = base
             else {
                 return abort(Internal::new("applying a batch", "wrong number of trees"));
+            };
+            let (workflows, timers) = match workflow {
+                [w, t] => (Some(w), Some(t)),
+                _ => (None, None),
             };
             let t = Trees {
                 receipts,
@@ -708,9 +733,8 @@ impl SledStorage {
                 Ok(Ok(Applied::Logged))
             }
             Op::Involve(i) => {
-                let stored = t
-                    .workflows
-                    .get(workflow::incident_key(&i.incident).as_bytes())?;
+                let (workflows, _) = t.workflow_trees()?;
+                let stored = workflows.get(workflow::incident_key(&i.incident).as_bytes())?;
                 let involved = match workflow::involve(
                     &i.agency,
                     &i.incident,
@@ -721,8 +745,7 @@ impl SledStorage {
                     Ok(v) => v,
                     Err(e) => return abort(e),
                 };
-                t.workflows
-                    .insert(involved.key.as_bytes(), involved.record)?;
+                workflows.insert(involved.key.as_bytes(), involved.record)?;
                 t.log.append(&audit_log::entry_at(
                     timestamp(i.at),
                     pb::audit_entry::Event::InvolvementDeclared(involved.entry.clone()),
@@ -778,10 +801,10 @@ impl SledStorage {
                 };
                 let receipt = Self::accept_writes(t, a, fx)?;
                 if let Some(step) = step {
-                    t.workflows.insert(step.key.as_bytes(), step.record)?;
+                    let (workflows, timers) = t.workflow_trees()?;
+                    workflows.insert(step.key.as_bytes(), step.record)?;
                     for timer in step.timers {
-                        t.timers
-                            .insert(timer.storage_key(), timer.encode_to_vec())?;
+                        timers.insert(timer.storage_key(), timer.encode_to_vec())?;
                     }
                 }
                 Ok(Ok(Applied::Accepted(Box::new(receipt))))
@@ -799,7 +822,8 @@ impl SledStorage {
             return Ok(Ok(None));
         };
         let key = workflow::key_of(&a.sender, step);
-        let stored = t.workflows.get(key.as_bytes())?;
+        let (workflows, _) = t.workflow_trees()?;
+        let stored = workflows.get(key.as_bytes())?;
         match workflow::apply_step(
             &workflow::StepInput {
                 sender: &a.sender,
