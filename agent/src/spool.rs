@@ -1155,15 +1155,39 @@ fn inbox_verdict(
             sender: text("sender")?,
             consent_jti: text("consent_jti")?,
         },
+        // A notice file holds the notice as JSON: it is the one its proof's entry holds if
+        // that entry's notice reads the same, field for field.
+        "notice" => {
+            let wire = proof_of(v)?.to_wire()?;
+            let entry = concordat_proto::audit::decode(&wire.entry)
+                .map_err(|e| format!("the proof's entry: {e}"))?;
+            let Some(pb::audit_entry::Event::NoticeQueued(q)) = entry.event else {
+                return Err("the proof's entry is not a notice_queued entry".into());
+            };
+            let notice = q.notice.unwrap_or_default();
+            let logged = concordat_proto::audit::notice_json(&notice);
+            let same = logged
+                .as_object()
+                .is_some_and(|fields| fields.iter().all(|(k, x)| v.get(k) == Some(x)));
+            if !same {
+                return Err(
+                    "the notice file does not read as the notice its audit entry holds".into(),
+                );
+            }
+            let claim = crate::witness::DeliveryClaim::Notice(notice);
+            let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+            return Ok(format!(
+                "VERIFIED: notice {} is entry {} of {} (checkpoint of size {}, root {})",
+                claim.transfer_id(),
+                wire.log_index,
+                cp.origin(),
+                cp.size(),
+                cp.root().to_hex()
+            ));
+        }
         other => return Err(format!("an inbox file of unknown type {other:?}")),
     };
-    let proof: ProofFile = serde_json::from_value(
-        v.get("proof")
-            .cloned()
-            .ok_or("the inbox file holds no proof (written by an agent older than the proof field, or from a broker that sent none)")?,
-    )
-    .map_err(|e| format!("proof: {e}"))?;
-    let wire = proof.to_wire()?;
+    let wire = proof_of(v)?.to_wire()?;
     let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
     Ok(format!(
         "VERIFIED: {} {} from {} is entry {} of {} (checkpoint of size {}, root {})",
@@ -1179,6 +1203,16 @@ fn inbox_verdict(
         cp.size(),
         cp.root().to_hex()
     ))
+}
+
+/// The `proof` of an inbox file.
+fn proof_of(v: &serde_json::Value) -> Result<ProofFile, String> {
+    serde_json::from_value(
+        v.get("proof")
+            .cloned()
+            .ok_or("the inbox file holds no proof (written by an agent older than the proof field, or from a broker that sent none)")?,
+    )
+    .map_err(|e| format!("proof: {e}"))
 }
 
 fn recall_json(n: &pb::RecallNotice) -> serde_json::Value {

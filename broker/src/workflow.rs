@@ -33,6 +33,10 @@ pub const DEFAULT_DSAR_RESPONSE_DAYS: u32 = 20;
 pub const DEFAULT_REMINDER_BEFORE: std::time::Duration =
     std::time::Duration::from_secs(3 * 24 * 3600);
 
+/// The furthest ahead a consultation's deadline may be set (by the request or a
+/// need-more-time answer).
+pub const MAX_DEADLINE_AHEAD: Duration = Duration::days(366);
+
 /// The party states of a consultation, as stored and shown.
 const AWAITING: &str = "awaiting";
 const NO_OBJECTION: &str = "no_objection";
@@ -295,11 +299,12 @@ pub fn apply_step(
                 ))));
             }
             if let Some(by) = o.respond_by
-                && by <= at
+                && (by <= at || by > at + MAX_DEADLINE_AHEAD)
             {
                 return Ok(Err(conflict(format!(
-                    "respond_by {} is not in the future",
-                    rfc3339(by)
+                    "respond_by {} must be in the future and at most {} days ahead",
+                    rfc3339(by),
+                    MAX_DEADLINE_AHEAD.whole_days()
                 ))));
             }
             let mut timers = Vec::new();
@@ -373,12 +378,16 @@ pub fn apply_step(
                 }
                 DsarAnswer::NeedMoreTime(until) => {
                     let current = time_of(party.due.as_ref());
-                    if *until <= at || current.is_some_and(|d| *until <= d) {
+                    if *until <= at
+                        || current.is_some_and(|d| *until <= d)
+                        || *until > at + MAX_DEADLINE_AHEAD
+                    {
                         return Ok(Err(conflict(format!(
                             "need_more_time {} must be later than the current deadline {} and \
-                             than now",
+                             than now, and at most {} days ahead",
                             rfc3339(*until),
-                            current.map(rfc3339).unwrap_or_default()
+                            current.map(rfc3339).unwrap_or_default(),
+                            MAX_DEADLINE_AHEAD.whole_days()
                         ))));
                     }
                     party.state = AWAITING.into();
@@ -980,6 +989,16 @@ mod tests {
         assert_eq!(to, ["nca", "ico"]);
         let view = consultation_view(&late.record, t(2001)).unwrap();
         assert_eq!((view.state.as_str(), view.may_close), ("overdue", true));
+        // A deadline years ahead is refused.
+        let far = step(
+            "ico",
+            &["nca"],
+            &answer(DsarAnswer::NeedMoreTime(t(400 * 86_400))),
+            Some(&more.record),
+            960,
+        )
+        .unwrap_err();
+        assert_eq!(far.reason, Reason::WorkflowConflict);
         // Less time than before is refused.
         let less = step(
             "ico",

@@ -299,9 +299,23 @@ struct Trees<'a> {
     meta: &'a TransactionalTree,
     consented: &'a TransactionalTree,
     tlp_received: &'a TransactionalTree,
-    workflows: &'a TransactionalTree,
-    timers: &'a TransactionalTree,
+    /// Present when an operation of the batch carries a workflow step.
+    workflows: Option<&'a TransactionalTree>,
+    timers: Option<&'a TransactionalTree>,
     log: TxLog<'a>,
+}
+
+impl Trees<'_> {
+    /// The workflow trees, which a batch without workflow operations leaves out.
+    fn workflow_trees(&self) -> TxResult<(&TransactionalTree, &TransactionalTree)> {
+        match (self.workflows, self.timers) {
+            (Some(w), Some(t)) => Ok((w, t)),
+            _ => abort(Internal::new(
+                "applying a workflow step",
+                "the batch's transaction lacks the workflow trees",
+            )),
+        }
+    }
 }
 
 /// What a transaction gathers while it runs, written at its end.
@@ -533,7 +547,14 @@ impl SledStorage {
             return Vec::new();
         }
         let (entries, hashes) = self.log.trees();
-        let trees = [
+        // The workflow trees join the transaction only when an operation needs them: the
+        // cost of a sled transaction grows with the trees it spans.
+        let workflow_ops = ops.iter().any(|op| match op {
+            Op::Accept(a) => a.envelope.workflow.is_some(),
+            Op::Involve(_) => true,
+            _ => false,
+        });
+        let mut trees = vec![
             &self.receipts,
             &self.transfers,
             &self.refs,
@@ -542,13 +563,15 @@ impl SledStorage {
             &self.uses,
             &self.consented,
             &self.tlp_received,
-            &self.workflows,
-            &self.timers,
             &self.meta,
             entries,
             hashes,
         ];
+        if workflow_ops {
+            trees.extend([&self.workflows, &self.timers]);
+        }
         let outcome = trees[..].transaction(|view| {
+            let (base, workflow) = view.split_at(view.len().min(11));
             let [
                 receipts,
                 transfers,
@@ -558,14 +581,16 @@ impl SledStorage {
                 uses,
                 consented,
                 tlp_received,
-                workflows,
-                timers,
                 meta,
                 le,
                 lh,
-            ] = view.as_slice()
+            ] = base
             else {
                 return abort(Internal::new("applying a batch", "wrong number of trees"));
+            };
+            let (workflows, timers) = match workflow {
+                [w, t] => (Some(w), Some(t)),
+                _ => (None, None),
             };
             let t = Trees {
                 receipts,
@@ -708,9 +733,8 @@ impl SledStorage {
                 Ok(Ok(Applied::Logged))
             }
             Op::Involve(i) => {
-                let stored = t
-                    .workflows
-                    .get(workflow::incident_key(&i.incident).as_bytes())?;
+                let (workflows, _) = t.workflow_trees()?;
+                let stored = workflows.get(workflow::incident_key(&i.incident).as_bytes())?;
                 let involved = match workflow::involve(
                     &i.agency,
                     &i.incident,
@@ -721,8 +745,7 @@ impl SledStorage {
                     Ok(v) => v,
                     Err(e) => return abort(e),
                 };
-                t.workflows
-                    .insert(involved.key.as_bytes(), involved.record)?;
+                workflows.insert(involved.key.as_bytes(), involved.record)?;
                 t.log.append(&audit_log::entry_at(
                     timestamp(i.at),
                     pb::audit_entry::Event::InvolvementDeclared(involved.entry.clone()),
@@ -778,10 +801,10 @@ impl SledStorage {
                 };
                 let receipt = Self::accept_writes(t, a, fx)?;
                 if let Some(step) = step {
-                    t.workflows.insert(step.key.as_bytes(), step.record)?;
+                    let (workflows, timers) = t.workflow_trees()?;
+                    workflows.insert(step.key.as_bytes(), step.record)?;
                     for timer in step.timers {
-                        t.timers
-                            .insert(timer.storage_key(), timer.encode_to_vec())?;
+                        timers.insert(timer.storage_key(), timer.encode_to_vec())?;
                     }
                 }
                 Ok(Ok(Applied::Accepted(Box::new(receipt))))
@@ -799,7 +822,8 @@ impl SledStorage {
             return Ok(Ok(None));
         };
         let key = workflow::key_of(&a.sender, step);
-        let stored = t.workflows.get(key.as_bytes())?;
+        let (workflows, _) = t.workflow_trees()?;
+        let stored = workflows.get(key.as_bytes())?;
         match workflow::apply_step(
             &workflow::StepInput {
                 sender: &a.sender,
@@ -2043,6 +2067,98 @@ mod tests {
         assert_eq!((s.transfers.len(), s.refs.len(), s.queues.len()), (0, 0, 0));
         // Every acceptance, delivery-free here, and acknowledgement is in the log.
         assert_eq!(s.log_size().unwrap(), 6 + 7);
+    }
+
+    #[test]
+    fn notices_are_deliverable_at_once_and_timers_survive_a_restart() {
+        use concordat_proto::workflow::WorkflowId;
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let incident: WorkflowId = "ico:INC-1".parse().unwrap();
+        let involve = |who: &str, partner: &str| {
+            Op::Involve(Box::new(super::super::Involve {
+                agency: agency(who),
+                incident: incident.clone(),
+                partners: [agency(partner)].into_iter().collect(),
+                at: t0,
+            }))
+        };
+        let done = commit(&s, &[involve("ico", "nca"), involve("nca", "ico")]);
+        assert!(matches!(&done[1], Ok(Applied::Involved(e)) if e.notified == ["ico"]));
+        // Both notices are queued, deliverable as soon as the commit is durable.
+        for (who, other) in [("ico", "nca"), ("nca", "ico")] {
+            let items = s
+                .claimable(&agency(who), s.last_seq(), 8, &|_| false)
+                .unwrap();
+            let [item] = &items[..] else {
+                panic!("{who}: {items:?}");
+            };
+            let pb::delivery::Body::Notice(n) = &item.body else {
+                panic!("not a notice");
+            };
+            assert_eq!(n.agencies, [other]);
+            assert!(item.log_index.is_some());
+        }
+        // A timer stored by a consultation, due while no broker ran, fires once after a
+        // restart; `verify` accepts the notices it queued.
+        let timer = workflow::Timer {
+            kind: workflow::TimerKind::Deadline as i32,
+            key: "dsar/nca:D-1".into(),
+            party: "ico".into(),
+            due_nanos: 1,
+            at_nanos: 1,
+        };
+        let record = pb::ConsultationStatus {
+            consultation_id: "nca:D-1".into(),
+            requester: "nca".into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ico".into(),
+                state: "awaiting".into(),
+                due: Some(timestamp(
+                    OffsetDateTime::from_unix_timestamp_nanos(1).unwrap(),
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.workflows
+            .insert(timer.key.as_bytes(), record.encode_to_vec())
+            .unwrap();
+        s.timers
+            .insert(timer.storage_key(), timer.encode_to_vec())
+            .unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        assert!(s.next_timer().unwrap().is_some_and(|t| t <= t0));
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 1,
+                    notices: 2
+                })
+            ),
+            "{fired:?}"
+        );
+        assert_eq!(s.next_timer().unwrap(), None);
+        let again = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(matches!(
+            again[0],
+            Ok(Applied::Fired {
+                timers: 0,
+                notices: 0
+            })
+        ));
+        let view =
+            workflow::consultation_view(&s.workflow_record("dsar/nca:D-1").unwrap().unwrap(), t0)
+                .unwrap();
+        assert_eq!(view.parties[0].state, "overdue");
+        assert_eq!(s.queue_depth(&agency("nca")), 2);
+        let report = s.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use concordat_agent::{
     client::{Broker, refusal_of},
-    witness::{DeliveryClaim, verify_delivery},
+    spool::verify_inbox_file,
 };
 use concordat_broker::{config::Limits, store::timestamp as ts};
 use concordat_proto::{
@@ -17,7 +17,9 @@ use concordat_proto::{
     ids::MessageId,
     pb::{self, audit_entry::Event},
 };
-use concordat_tests::process::{BrokerProcess, PkiFiles, write_broker_files};
+use concordat_tests::process::{
+    AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_files,
+};
 use time::OffsetDateTime;
 use tokio::runtime::Runtime;
 use tokio_stream::StreamExt as _;
@@ -351,17 +353,16 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
     let dir = tempfile::tempdir().unwrap();
     let (files, config, data_dir) = federation(dir.path());
     let mut broker = BrokerProcess::start(&config, &data_dir).unwrap();
+    // Two real agents receive for the two agencies.
+    let ico_agent =
+        AgentProcess::start(&dir.path().join("ico"), "ico", broker.addr(), &files).unwrap();
+    let nca_agent =
+        AgentProcess::start(&dir.path().join("nca"), "nca", broker.addr(), &files).unwrap();
     let rt = Runtime::new().unwrap();
     let due = OffsetDateTime::now_utc() + time::Duration::seconds(6);
-    rt.block_on(async {
+    let opened = rt.block_on(async {
         let nca = files
             .client(broker.addr(), "nca")
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let ico = files
-            .client(broker.addr(), "ico")
             .unwrap()
             .connect()
             .await
@@ -372,27 +373,66 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
             envelope(&["ico"], pb::MessageKind::DsarConsultation, Some(step)),
         )
         .await
-        .unwrap();
-        // The reminder, 2 s before the deadline, with the proof of its entry.
-        let key = log_key(&config, &data_dir);
-        let d = await_delivery(&ico, "reminder", |d| {
-            notice_of(d).is_some_and(|n| n.kind == pb::NoticeKind::DsarReminder as i32)
-        })
-        .await;
-        let n = notice_of(&d).unwrap();
-        assert_eq!(n.subject, "nca:DSAR-2");
-        assert_eq!(n.agencies, ["ico"]);
-        let claim = DeliveryClaim::of(d.body.as_ref().unwrap());
-        verify_delivery(&key, &claim, d.audit.as_ref().unwrap()).unwrap();
-        let mut forged = n.clone();
-        forged.message.push('!');
-        let forged = DeliveryClaim::of(&pb::delivery::Body::Notice(forged));
-        assert!(verify_delivery(&key, &forged, d.audit.as_ref().unwrap()).is_err());
+        .unwrap()
+    });
+    // The request lands in the ICO's inbox with its step; the reminder, 2 s before the
+    // deadline, as a notice file with the proof of its entry.
+    let inbox_json =
+        |agent: &AgentProcess, name: &str| agent.spool().read_json("inbox", name).unwrap();
+    let request = format!("nca.{}.json", transfer_message_id(&opened));
+    wait_for(
+        "the request in the ICO's inbox",
+        Duration::from_secs(20),
+        || {
+            ico_agent
+                .spool()
+                .files("inbox")
+                .map_err(|e| e.to_string())?
+                .contains(&request)
+                .then_some(())
+                .ok_or_else(|| "not yet".to_owned())
+        },
+    )
+    .unwrap();
+    let request = inbox_json(&ico_agent, &request);
+    assert_eq!(request["workflow"]["step"], "dsar_open");
+    assert_eq!(request["workflow"]["reference"], "DSAR-2");
+    let notices = |agent: &AgentProcess, kind: &str| -> Vec<serde_json::Value> {
+        agent
+            .spool()
+            .files("inbox")
+            .unwrap_or_default()
+            .iter()
+            .filter(|f| f.starts_with("notice."))
+            .map(|f| inbox_json(agent, f))
+            .filter(|n| n["kind"] == kind)
+            .collect()
+    };
+    let reminder = wait_for(
+        "the reminder in the ICO's inbox",
+        Duration::from_secs(20),
+        || {
+            notices(&ico_agent, "dsar_reminder")
+                .pop()
+                .ok_or_else(|| "none yet".to_owned())
+        },
+    )
+    .unwrap();
+    assert_eq!(reminder["subject"], "nca:DSAR-2");
+    assert!(reminder["proof"]["checkpoint"].is_string(), "{reminder}");
+    rt.block_on(async {
+        let nca = files
+            .client(broker.addr(), "nca")
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         assert_eq!(
             consultation(&nca, "nca:DSAR-2").await.unwrap().state,
             "open"
         );
     });
+
     assert!(broker.terminate(Duration::from_secs(10)).unwrap().success());
     // The deadline passes while no broker runs.
     let wait = due - OffsetDateTime::now_utc() + time::Duration::seconds(1);
@@ -400,6 +440,17 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
         std::thread::sleep(Duration::try_from(wait).unwrap());
     }
     broker.restart().unwrap();
+    // Both agencies are told, through their agents, once the restarted broker fires the timer.
+    for agent in [&nca_agent, &ico_agent] {
+        let n = wait_for("the deadline notice", Duration::from_secs(30), || {
+            notices(agent, "dsar_deadline_passed")
+                .pop()
+                .ok_or_else(|| "none yet".to_owned())
+        })
+        .unwrap();
+        assert_eq!(n["subject"], "nca:DSAR-2");
+        assert!(n["message"].as_str().unwrap().contains("has passed"), "{n}");
+    }
     rt.block_on(async {
         let nca = files
             .client(broker.addr(), "nca")
@@ -413,15 +464,6 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
             .connect()
             .await
             .unwrap();
-        let passed = |d: &pb::Delivery| {
-            notice_of(d).is_some_and(|n| n.kind == pb::NoticeKind::DsarDeadlinePassed as i32)
-        };
-        for b in [&nca, &ico] {
-            let d = await_delivery(b, "deadline notice", passed).await;
-            let n = notice_of(&d).unwrap();
-            assert_eq!(n.subject, "nca:DSAR-2");
-            assert!(n.message.contains("has passed"), "{}", n.message);
-        }
         let c = consultation(&nca, "nca:DSAR-2").await.unwrap();
         assert_eq!((c.state.as_str(), c.may_close), ("overdue", true));
         assert!(c.parties[0].reminded);
@@ -447,9 +489,35 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
         .await;
         assert_eq!(refused.unwrap_err().0, "WORKFLOW_CONFLICT");
     });
-    // Each deadline fired once: two notices (the requester's and the consulted agency's).
-    let log = broker.log_text();
-    assert!(log.contains("workflow timers fired"), "{log}");
+    // The deadline fired once: one notice each, whatever the restarts.
+    assert_eq!(notices(&nca_agent, "dsar_deadline_passed").len(), 1);
+    assert_eq!(notices(&ico_agent, "dsar_deadline_passed").len(), 1);
+    assert_eq!(notices(&ico_agent, "dsar_reminder").len(), 1);
+    // Each notice file verifies offline against the log key; an altered one does not.
+    let key = log_key(&config, &data_dir);
+    let mut verified = 0;
+    for agent in [&nca_agent, &ico_agent] {
+        for f in agent.spool().files("inbox").unwrap() {
+            if !f.starts_with("notice.") {
+                continue;
+            }
+            let path = agent.spool().folder("inbox").join(&f);
+            let bytes = std::fs::read(&path).unwrap();
+            let verdict = verify_inbox_file(&bytes, &key).unwrap();
+            assert!(verdict.unwrap().starts_with("VERIFIED: notice"), "{f}");
+            let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            v["agencies"] = serde_json::json!(["ncsc"]);
+            let altered = serde_json::to_vec(&v).unwrap();
+            assert!(verify_inbox_file(&altered, &key).unwrap().is_err(), "{f}");
+            verified += 1;
+        }
+    }
+    assert_eq!(verified, 3);
+}
+
+/// The message id a receipt was for.
+fn transfer_message_id(r: &pb::Receipt) -> String {
+    r.message_id.clone()
 }
 
 #[test]
