@@ -47,6 +47,9 @@ pub enum ContentKind {
     IncidentRecord,
     /// Some other JSON document.
     Json,
+    /// Plain or Markdown text (`text/plain`, `text/markdown`), UTF-8: a draft public statement,
+    /// read for the organisations it names.
+    Text,
     /// Anything else: the broker cannot read it.
     Opaque,
 }
@@ -82,6 +85,9 @@ impl ContentKind {
         if essence == "application/json" || media.subtype.ends_with("+json") {
             return Ok(ContentKind::Json);
         }
+        if essence == "text/plain" || essence == "text/markdown" {
+            return Ok(ContentKind::Text);
+        }
         Ok(ContentKind::Opaque)
     }
 
@@ -97,6 +103,7 @@ impl fmt::Display for ContentKind {
             ContentKind::Stix21 => "a STIX 2.1 bundle",
             ContentKind::IncidentRecord => "a Concordat incident record",
             ContentKind::Json => "JSON",
+            ContentKind::Text => "text",
             ContentKind::Opaque => "opaque content",
         })
     }
@@ -236,6 +243,9 @@ pub enum ContentError {
     /// The payload is not JSON (or not UTF-8).
     #[error("the payload is not valid JSON: {0}")]
     NotJson(String),
+    /// A text payload is not UTF-8.
+    #[error("the text is not valid UTF-8 (at byte {0})")]
+    NotUtf8(usize),
     /// A STIX bundle breaks a rule of the specification.
     #[error("{0}")]
     Stix(#[from] stix::StixError),
@@ -253,6 +263,8 @@ pub enum Content {
     Incident(Box<IncidentRecord>, Value),
     /// Some other JSON document.
     Json(Value),
+    /// Text, held as a JSON string so that it is read for names exactly as JSON strings are.
+    Text(Value),
     /// Bytes the broker cannot read.
     Opaque,
 }
@@ -264,6 +276,9 @@ impl Content {
         match kind {
             ContentKind::Opaque => Ok(Content::Opaque),
             ContentKind::Json => Ok(Content::Json(parse_json(payload)?)),
+            ContentKind::Text => std::str::from_utf8(payload)
+                .map(|t| Content::Text(Value::String(t.to_owned())))
+                .map_err(|e| ContentError::NotUtf8(e.valid_up_to())),
             ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
             ContentKind::IncidentRecord => {
                 let value = parse_json(payload)?;
@@ -279,6 +294,7 @@ impl Content {
             Content::Stix(_) => ContentKind::Stix21,
             Content::Incident(..) => ContentKind::IncidentRecord,
             Content::Json(_) => ContentKind::Json,
+            Content::Text(_) => ContentKind::Text,
             Content::Opaque => ContentKind::Opaque,
         }
     }
@@ -288,7 +304,7 @@ impl Content {
     pub fn for_each_string(&self, f: &mut dyn FnMut(StringAt<'_>)) {
         match self {
             Content::Stix(bundle) => bundle.for_each_string(f),
-            Content::Incident(_, value) | Content::Json(value) => {
+            Content::Incident(_, value) | Content::Json(value) | Content::Text(value) => {
                 walk_strings(value, &mut JsonPath::root(), None, f)
             }
             Content::Opaque => {}
@@ -458,7 +474,10 @@ mod tests {
             ("application/geo+json", Ok(Json)),
             ("APPLICATION/LD+JSON", Ok(Json)),
             ("application/octet-stream", Ok(Opaque)),
-            ("text/plain", Ok(Opaque)),
+            ("text/plain", Ok(Text)),
+            ("text/markdown; charset=utf-8", Ok(Text)),
+            ("TEXT/Markdown", Ok(Text)),
+            ("text/html", Ok(Opaque)),
             ("application/jsonx", Ok(Opaque)),
             ("application/json-seq", Ok(Opaque)),
             ("application/pdf; name=\"a \\\"b\\\" c.pdf\"", Ok(Opaque)),
@@ -516,6 +535,20 @@ mod tests {
             Content::read(ContentKind::Opaque, b"\x00"),
             Ok(Content::Opaque)
         ));
+    }
+
+    #[test]
+    fn text_is_read_whole_as_one_string() {
+        let draft = "# Joint statement\n\nAcme Ltd reported an incident.\n";
+        let content = Content::read(ContentKind::Text, draft.as_bytes()).unwrap();
+        assert_eq!(content.kind(), ContentKind::Text);
+        let mut seen = Vec::new();
+        content.for_each_string(&mut |s| seen.push((s.path.to_owned(), s.text.to_owned())));
+        assert_eq!(seen, [("$".to_owned(), draft.to_owned())]);
+        assert_eq!(
+            Content::read(ContentKind::Text, b"ok \xff").unwrap_err(),
+            ContentError::NotUtf8(3)
+        );
     }
 
     #[test]

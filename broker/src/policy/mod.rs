@@ -484,10 +484,10 @@ mod tests {
         }
     }
 
-    /// The default federation lets the ICO and the NCSC propose Markdown drafts of public
-    /// statements to each other (`concordat comms propose --file statement.md`): the broker
-    /// does not read them, so the flows allow opaque payloads. (They did not at first: the
-    /// draft was refused UNINSPECTABLE_CONTENT.)
+    /// The default federation lets the ICO and the NCSC propose Markdown or text drafts of
+    /// public statements to each other (`concordat comms propose --file statement.md`), and
+    /// the broker reads them for the organisations they name. (At first it could not read
+    /// text: every draft was refused UNINSPECTABLE_CONTENT.)
     #[test]
     fn the_default_flows_carry_markdown_drafts_of_public_statements() {
         let desk = SecretKey::generate();
@@ -515,6 +515,17 @@ mod tests {
                 e.payload = b"# Joint statement\n\nWe are investigating.\n".to_vec();
                 let got = reason(decide(&cx, &from.parse().unwrap(), &e));
                 assert_eq!(got, None, "{from} -> {to} ({content_type})");
+                // A draft naming an organisation needs its consent, like any payload.
+                e.payload = b"Acme Ltd reported the incident to us.\n".to_vec();
+                let got = reason(decide(&cx, &from.parse().unwrap(), &e));
+                assert_eq!(
+                    got,
+                    Some(Reason::OrganisationIdentified),
+                    "{from} -> {to} ({content_type})"
+                );
+                e.payload = b"caf\xe9".to_vec();
+                let got = reason(decide(&cx, &from.parse().unwrap(), &e));
+                assert_eq!(got, Some(Reason::InvalidContent), "{content_type}");
             }
         }
     }

@@ -60,7 +60,7 @@ pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> 
     }
     let value = match content {
         Content::Stix(bundle) => bundle.as_json(),
-        Content::Incident(_, value) | Content::Json(value) => value,
+        Content::Incident(_, value) | Content::Json(value) | Content::Text(value) => value,
         Content::Opaque => return out,
     };
     let found = SCRATCH.with(|s| match s.try_borrow_mut() {

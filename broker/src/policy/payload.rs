@@ -91,7 +91,7 @@ pub(super) fn check_content(
                 (_, None, _) => {}
             }
         }
-        Content::Stix(_) | Content::Json(_) => {}
+        Content::Stix(_) | Content::Json(_) | Content::Text(_) => {}
     }
     Ok(content)
 }

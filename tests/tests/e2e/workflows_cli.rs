@@ -26,7 +26,7 @@ const EXIT_REFUSED: i32 = 3;
 
 /// A broker process whose test federation also lets subject-access consultations flow both
 /// ways between the NCA and the ICO, and public communications both ways between the ICO and
-/// the NCSC; the PKI of the three agencies and the auditor.
+/// the NCSC, and registers Acme Ltd; the PKI of the three agencies and the auditor.
 struct Federation {
     dir: TempDir,
     files: PkiFiles,
@@ -47,11 +47,11 @@ impl Federation {
         let text = std::fs::read_to_string(&config).unwrap();
         // Flows of the ICO–NCSC agreement go before the next agreement's table; the ICO–NCA
         // agreement is the last, so its flows are appended.
-        // Drafts are Markdown, which the broker does not read: the flows allow opaque payloads.
+        // Drafts are Markdown, which the broker reads: the flows need not allow opaque payloads.
         let comms = "[[agreements.flows]]\nfrom = \"ico\"\nto = \"ncsc\"\n\
-                     kinds = [\"public_communication\"]\nclause = \"1.3\"\nopaque = true\n\n\
+                     kinds = [\"public_communication\"]\nclause = \"1.3\"\n\n\
                      [[agreements.flows]]\nfrom = \"ncsc\"\nto = \"ico\"\n\
-                     kinds = [\"public_communication\"]\nclause = \"1.4\"\nopaque = true\n\n";
+                     kinds = [\"public_communication\"]\nclause = \"1.4\"\n\n";
         let marker = "[[agreements]]\nid = \"test-ico-nca\"";
         assert!(
             text.contains(marker),
@@ -62,7 +62,8 @@ impl Federation {
             "{text}\n[[agreements.flows]]\nfrom = \"nca\"\nto = \"ico\"\n\
              kinds = [\"dsar_consultation\"]\nclause = \"2.2\"\n\n\
              [[agreements.flows]]\nfrom = \"ico\"\nto = \"nca\"\n\
-             kinds = [\"dsar_consultation\"]\nclause = \"2.3\"\n"
+             kinds = [\"dsar_consultation\"]\nclause = \"2.3\"\n\n\
+             [[organisations]]\nid = \"acme-ltd\"\nlegal_name = \"Acme Ltd\"\n"
         );
         std::fs::write(&config, text).unwrap();
         let broker = BrokerProcess::start(&config, &data_dir).unwrap();
@@ -554,6 +555,28 @@ fn a_statement_may_be_published_once_approved_and_past_its_date() {
     assert_eq!(
         held[0]["parties"][0]["objection"], "names a victim",
         "{held}"
+    );
+
+    // The broker reads drafts: one naming an organisation needs its consent.
+    let naming = fed.file("naming.md", "# Statement\n\nAcme Ltd was attacked.\n");
+    let refused = fed
+        .cli(
+            "ico",
+            &[
+                "comms",
+                "propose",
+                "--to",
+                "ncsc",
+                "--file",
+                naming.to_str().unwrap(),
+                "--publish-after",
+                &date(1),
+            ],
+        )
+        .refused();
+    assert!(
+        refused.starts_with("refused: ORGANISATION_IDENTIFIED: "),
+        "{refused}"
     );
 
     // Only a party asked may answer.
