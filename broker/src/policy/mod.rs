@@ -50,7 +50,7 @@ use concordat_proto::{
 use time::{Date, Duration, OffsetDateTime};
 
 pub use self::{
-    agreements::{Agreement, Flow},
+    agreements::{Agreement, Flow, ReviewBasis, ReviewStage, ReviewTerms},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
     legal::{LegalBases, LegalBasis},
     tlp::{Carried, Provenance},
@@ -69,7 +69,8 @@ pub struct Policy {
     pub issuers: HashMap<KeyId, ConsentIssuer>,
     /// How far a token's time window is stretched for clock differences.
     pub clock_skew: Duration,
-    /// Refuse flows whose only agreements are past their review date.
+    /// Refuse flows whose only agreements are past their review date and grace period
+    /// (`enforce_review`; lapsed, [`ReviewStage::Lapsed`]).
     pub enforce_review: bool,
     /// The agencies of the federation.
     pub agencies: BTreeSet<AgencyId>,
@@ -85,6 +86,48 @@ impl Policy {
             .filter(|a| a.review_overdue(today))
             .collect()
     }
+
+    /// The agreement with this id.
+    pub fn agreement(&self, id: &str) -> Option<&Agreement> {
+        self.agreements.iter().find(|a| a.id == id)
+    }
+
+    /// The review warnings of a decision that relied on (or cited) `agreement_ids` on
+    /// `today`: one per agreement not current, each agreement once, in order.
+    pub fn review_warnings<'a>(
+        &self,
+        agreement_ids: impl IntoIterator<Item = &'a str>,
+        today: Date,
+    ) -> Vec<ReviewWarning> {
+        let mut out: Vec<ReviewWarning> = Vec::new();
+        for id in agreement_ids {
+            if out.iter().any(|w| w.agreement == id) {
+                continue;
+            }
+            let Some(a) = self.agreement(id) else {
+                continue;
+            };
+            if let Some(sentence) = a.review_warning(today, self.enforce_review) {
+                out.push(ReviewWarning {
+                    agreement: a.id.clone(),
+                    stage: a.review_stage(today),
+                    sentence,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A decision's warning about the review of an agreement it relied on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewWarning {
+    /// The agreement.
+    pub agreement: String,
+    /// Its stage (never current).
+    pub stage: ReviewStage,
+    /// The sentence a receipt or refusal carries.
+    pub sentence: String,
 }
 
 /// Why one recipient may receive this envelope.
@@ -96,8 +139,8 @@ pub struct Authority {
     pub agreement_id: String,
     /// Its clause.
     pub clause: String,
-    /// Whether that agreement's review was overdue when the decision was made.
-    pub review_overdue: bool,
+    /// Where that agreement stood against its review date when the decision was made.
+    pub review: ReviewStage,
 }
 
 /// A decision to relay an envelope.
@@ -230,7 +273,11 @@ pub fn decide(
     // 7. Each organisation identified consented, by a valid token that covers this exact
     // transfer; a named organisation without a token is ORGANISATION_IDENTIFIED. Anonymised
     // or aggregate information identifies nobody and needs no consent.
-    let consents = consent::check_all(cx, sender, envelope, &identified).map_err(cited)?;
+    // A flow may add a note to every consent refusal (`consent_refusal_note`): the NCA, for
+    // one, tells the sender that the organisation must report to the ICO itself.
+    let consents = consent::check_all(cx, sender, envelope, &identified)
+        .map_err(|f| with_consent_notes(f, &flows.consent_notes))
+        .map_err(cited)?;
 
     Ok(Decision {
         authorities: flows.authorities,
@@ -240,6 +287,47 @@ pub fn decide(
         carried,
         designation,
     })
+}
+
+/// Whether `reason` refuses a transfer for its consent: a missing token for an organisation
+/// identified, or one that does not cover the transfer.
+pub fn is_consent_refusal(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::OrganisationIdentified
+            | Reason::ConsentMissing
+            | Reason::ConsentTooLong
+            | Reason::ConsentUnsupportedVersion
+            | Reason::ConsentMalformed
+            | Reason::ConsentBadSignature
+            | Reason::ConsentUnknownIssuer
+            | Reason::ConsentIssuerNotAllowed
+            | Reason::ConsentExpired
+            | Reason::ConsentNotYetValid
+            | Reason::ConsentInvalidClaims
+            | Reason::ConsentWrongOrganisation
+            | Reason::ConsentWrongSender
+            | Reason::ConsentWrongRecipient
+            | Reason::ConsentWrongKind
+            | Reason::ConsentWrongIncident
+            | Reason::ConsentPayloadMismatch
+            | Reason::ConsentRevoked
+            | Reason::ConsentUsedUp
+    )
+}
+
+/// `failure` with the flows' consent-refusal notes appended, if it is a consent refusal.
+fn with_consent_notes(failure: Failure, notes: &[String]) -> Failure {
+    match failure {
+        Failure::Refused(mut r) if is_consent_refusal(r.reason) && !notes.is_empty() => {
+            for note in notes {
+                let base = r.message.trim_end().trim_end_matches('.').to_owned();
+                r.message = format!("{base}. {}", note.trim());
+            }
+            Failure::Refused(r)
+        }
+        other => other,
+    }
 }
 
 pub(crate) fn refuse(reason: Reason, message: impl Into<String>) -> Failure {
