@@ -394,6 +394,14 @@ impl Config {
         Ok(config)
     }
 
+    /// Validates `text` as the configuration file at `path` would be (relative paths against
+    /// its directory), without reading `path` itself: what a tool that edits the file checks
+    /// before it writes (`concordat agreement reviewed`).
+    pub fn parse_as(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(text, &path.display().to_string(), &Disk { base })
+    }
+
     /// The embedded default: the development PKI, `./var/broker`, 127.0.0.1:7443, and the
     /// federation of `ico`, `ncsc` and `nca`.
     pub fn embedded_default() -> Result<Self, ConfigError> {
