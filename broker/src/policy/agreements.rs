@@ -292,10 +292,10 @@ pub(super) fn find(
             max_tlp: found.max_tlp,
         });
         flows.legal_bases.push(found.legal_bases);
-        if let Some(note) = found.consent_refusal_note {
-            if !flows.consent_notes.contains(&note) {
-                flows.consent_notes.push(note);
-            }
+        if let Some(note) = found.consent_refusal_note
+            && !flows.consent_notes.contains(&note)
+        {
+            flows.consent_notes.push(note);
         }
         flows.authorities.push(found.authority);
     }
@@ -397,7 +397,9 @@ mod tests {
     /// Each row: signed, reviewed, explicit review_by, and the review date and basis.
     #[test]
     fn the_review_date_comes_from_review_by_then_reviewed_then_signed() {
-        let rows: &[(Date, Option<Date>, Option<Date>, Date, ReviewBasis)] = &[
+        /// (signed, reviewed, review_by, the review date, its basis)
+        type Row = (Date, Option<Date>, Option<Date>, Date, ReviewBasis);
+        let rows: &[Row] = &[
             (
                 date!(2023 - 09 - 12),
                 None,
