@@ -570,6 +570,167 @@ mod tests {
         }
     }
 
+    /// Reviews in the decision, on the default federation's NCA -> ICO threat assessments
+    /// (agreement ico-nca-2024, review by 2026-09-10, grace until 2026-12-09). Each row: the
+    /// day, whether reviews are enforced, whether a second agreement (current) also permits
+    /// the flow, and the outcome: the agreement relied on, or the refusal.
+    #[test]
+    fn a_lapsed_agreement_is_refused_only_when_enforced_and_never_preferred() {
+        use time::macros::datetime;
+        let mut config = Config::embedded_default().unwrap();
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let nca: AgencyId = "nca".parse().unwrap();
+        let mut e = envelope("ico", "");
+        e.kind = Kind::ThreatAssessment;
+        e.organisation = None;
+        e.consent_token = None;
+        let mut current = config.policy.agreements[1].clone();
+        current.id = "ico-nca-2026".into();
+        current.signed = time::macros::date!(2026 - 01 - 01);
+        current.review_by = time::macros::date!(2028 - 01 - 01);
+        let rows = [
+            (
+                datetime!(2026-12-09 12:00 UTC),
+                true,
+                false,
+                Ok("ico-nca-2024"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                false,
+                false,
+                Ok("ico-nca-2024"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                true,
+                false,
+                Err(Reason::AgreementReviewOverdue),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                true,
+                true,
+                Ok("ico-nca-2026"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                false,
+                true,
+                Ok("ico-nca-2026"),
+            ),
+        ];
+        for (now, enforced, second, want) in rows {
+            config.policy.enforce_review = enforced;
+            config.policy.agreements.truncate(2);
+            if second {
+                config.policy.agreements.push(current.clone());
+            }
+            let cx = Context {
+                policy: &config.policy,
+                organisations: &matcher,
+                verified: &verified,
+                max_payload_bytes: 1 << 20,
+                ledger: &open,
+                provenance: &Nothing,
+                now,
+                payload_digest: [0; 32],
+            };
+            let got = match decide(&cx, &nca, &e) {
+                Ok(d) => Ok(d.authorities[0].agreement_id.clone()),
+                Err(Failure::Refused(r)) => {
+                    assert!(
+                        r.message.contains("due by 2026-09-10")
+                            && r.message.contains("grace period ended 2026-12-09"),
+                        "{}",
+                        r.message
+                    );
+                    Err(r.reason)
+                }
+                Err(other) => panic!("{other:?}"),
+            };
+            assert_eq!(
+                got,
+                want.map(str::to_owned),
+                "{now} enforced {enforced} second {second}"
+            );
+        }
+    }
+
+    /// The NCA rule: a consent refusal on the default NCA -> ICO incident flow says that the
+    /// organisation must report to the ICO itself; other refusals, and other flows', do not.
+    #[test]
+    fn consent_refusals_on_the_nca_ico_incident_flow_carry_its_note() {
+        let config = Config::embedded_default().unwrap();
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let cx = Context {
+            policy: &config.policy,
+            organisations: &matcher,
+            verified: &verified,
+            max_payload_bytes: 1 << 20,
+            ledger: &open,
+            provenance: &Nothing,
+            now: OffsetDateTime::now_utc(),
+            payload_digest: [0; 32],
+        };
+        const NOTE: &str = "the organisation must report the incident to the ICO itself";
+        let named = br#"{"summary": "Ransomware at ACME Limited."}"#.to_vec();
+        // (what, sender, declared organisation, payload, reason, note expected)
+        let rows: [(&str, &str, bool, Vec<u8>, Reason, bool); 4] = [
+            (
+                "declared, no token",
+                "nca",
+                true,
+                b"{}".to_vec(),
+                Reason::ConsentMissing,
+                true,
+            ),
+            (
+                "named in the payload",
+                "nca",
+                false,
+                named.clone(),
+                Reason::OrganisationIdentified,
+                true,
+            ),
+            (
+                "not JSON",
+                "nca",
+                false,
+                b"{".to_vec(),
+                Reason::InvalidContent,
+                false,
+            ),
+            (
+                "the NCSC's flow to the ICO",
+                "ncsc",
+                false,
+                named,
+                Reason::OrganisationIdentified,
+                false,
+            ),
+        ];
+        for (what, from, declared, payload, reason, noted) in rows {
+            let mut e = envelope("ico", "");
+            e.consent_token = None;
+            if !declared {
+                e.organisation = None;
+            }
+            e.payload = payload;
+            match decide(&cx, &from.parse().unwrap(), &e) {
+                Err(Failure::Refused(r)) => {
+                    assert_eq!(r.reason, reason, "{what}: {}", r.message);
+                    assert_eq!(r.message.contains(NOTE), noted, "{what}: {}", r.message);
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn content_rules_come_after_the_agreement_and_before_consent() {
         let desk = SecretKey::generate();
