@@ -1143,6 +1143,9 @@ impl Config {
                         f.legal_bases
                     );
                 }
+                if let Some(note) = &f.consent_refusal_note {
+                    let _ = writeln!(s, "      consent refusals add: {note}");
+                }
             }
         }
         s

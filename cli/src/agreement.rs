@@ -258,4 +258,71 @@ from = "nca"
         let mut doc: DocumentMut = AGREEMENT.parse().unwrap();
         assert!(agreement_table(&mut doc, "other").is_err());
     }
+
+    /// The embedded default as a file beside the development PKI: each row a request and the
+    /// start of its error, or the dates it records. A refused request leaves the file as it was;
+    /// an accepted one loads, with its comments.
+    #[test]
+    fn record_review_refuses_what_it_must_and_writes_a_loadable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs-dev");
+        for name in ["ca.pem", "broker.pem", "broker.key"] {
+            std::fs::copy(certs.join(name), dir.path().join(name)).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("consent")).unwrap();
+        for agency in ["ico", "ncsc", "nca"] {
+            let name = format!("consent/{agency}.pub");
+            std::fs::copy(certs.join(&name), dir.path().join(&name)).unwrap();
+        }
+        let path = dir.path().join("broker.toml");
+        let original = include_str!("../../broker/src/default.toml");
+        std::fs::write(&path, original).unwrap();
+        let today = date!(2026 - 12 - 02);
+        type Row<'a> = (&'a str, Date, Result<(Date, Date), &'a str>);
+        let rows: [Row<'_>; 5] = [
+            ("ico-mi5", today, Err("no agreement ico-mi5 in ")),
+            (
+                "ico-nca-2024",
+                date!(2024 - 09 - 09),
+                Err("--on 2024-09-09 is before agreement ico-nca-2024 was signed (2024-09-10)"),
+            ),
+            (
+                "ico-nca-2024",
+                date!(2026 - 12 - 03),
+                Err("--on 2026-12-03 is in the future"),
+            ),
+            (
+                "ico-nca-2024",
+                date!(2026 - 11 - 30),
+                Ok((date!(2026 - 09 - 10), date!(2028 - 11 - 30))),
+            ),
+            // Again, a later review: the recorded one is replaced.
+            (
+                "ico-nca-2024",
+                today,
+                Ok((date!(2028 - 11 - 30), date!(2028 - 12 - 02))),
+            ),
+        ];
+        for (id, on, want) in rows {
+            let before = std::fs::read_to_string(&path).unwrap();
+            match (record_review(&path, id, on, today), want) {
+                (Err(e), Err(start)) => {
+                    assert!(e.to_string().starts_with(start), "{id} {on}: {e:#}");
+                    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+                }
+                (Ok(done), Ok((old, new))) => {
+                    assert_eq!((done.old_review_by, done.new_review_by), (old, new));
+                    assert_eq!(done.removed_review_by, None);
+                }
+                (got, want) => panic!("{id} {on}: got {got:?}, want {want:?}"),
+            }
+        }
+        let after = std::fs::read_to_string(&path).unwrap();
+        // One line added, every comment kept.
+        assert_eq!(after.lines().count(), original.lines().count() + 1);
+        assert!(after.contains("signed = 2024-09-10\nreviewed = 2026-12-02\n# No review"));
+        let config = Config::load(&path).unwrap();
+        let nca = config.policy.agreement("ico-nca-2024").unwrap();
+        assert_eq!(nca.review_by, date!(2028 - 12 - 02));
+    }
 }

@@ -679,8 +679,9 @@ mod tests {
         };
         const NOTE: &str = "the organisation must report the incident to the ICO itself";
         let named = br#"{"summary": "Ransomware at ACME Limited."}"#.to_vec();
-        // (what, sender, declared organisation, payload, reason, note expected)
-        let rows: [(&str, &str, bool, Vec<u8>, Reason, bool); 4] = [
+        /// (what, sender, declared organisation, payload, reason, note expected)
+        type Row<'a> = (&'a str, &'a str, bool, Vec<u8>, Reason, bool);
+        let rows: [Row<'_>; 4] = [
             (
                 "declared, no token",
                 "nca",
