@@ -206,39 +206,45 @@ async fn a_due_review_warns_a_lapsed_one_refuses_and_recording_the_review_lifts_
         "{}",
         ncsc.log_tail(10)
     );
-    // `concordat send` prints it.
+    // `concordat send` prints it, on a fresh receipt and on the first one returned again.
     let payload = dir.path().join("payload.json");
     std::fs::write(&payload, br#"{"summary":"by hand"}"#).unwrap();
-    let out = Command::new(binary("concordat").unwrap())
-        .args(["send", "--to", "ico", "--kind", "threat_assessment"])
-        .arg("--payload")
-        .arg(&payload)
-        .args([
-            "--broker",
-            &format!("https://localhost:{}", broker.addr().port()),
-        ])
-        .arg("--ca")
-        .arg(files.ca())
-        .arg("--cert")
-        .arg(files.cert("ncsc"))
-        .arg("--key")
-        .arg(files.key("ncsc"))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        printed.contains(&format!(
-            "  warning: agreement test-ico-ncsc is due for review by {due_by}"
-        )),
-        "{printed}"
-    );
+    let message_id = concordat_proto::ids::MessageId::new_random().to_string();
+    for again in [false, true] {
+        let out = Command::new(binary("concordat").unwrap())
+            .args(["send", "--to", "ico", "--kind", "threat_assessment"])
+            .args(["--message-id", &message_id])
+            .arg("--payload")
+            .arg(&payload)
+            .args([
+                "--broker",
+                &format!("https://localhost:{}", broker.addr().port()),
+            ])
+            .arg("--ca")
+            .arg(files.ca())
+            .arg("--cert")
+            .arg(files.cert("ncsc"))
+            .arg("--key")
+            .arg(files.key("ncsc"))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{printed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(printed.contains("(again"), again, "{printed}");
+        assert!(
+            printed.contains(&format!(
+                "  warning: agreement test-ico-ncsc is due for review by {due_by}"
+            )),
+            "{printed}"
+        );
+    }
+    // The retry was not a decision of its own: counted once.
     assert_eq!(sample(metrics, due), Some(2));
 
     // Lapsed, enforced: refused, naming the review date and the end of the grace period.
