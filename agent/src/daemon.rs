@@ -628,6 +628,9 @@ async fn send_file(
         Ok(receipt) => {
             let receipt = receipt.into_inner();
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
+            for warning in &receipt.warnings {
+                tracing::warn!(file = %name, transfer = %receipt.transfer_id, "the broker warns: {warning}");
+            }
             let (path, name, receipt) = blocking(spool, move |s| {
                 s.complete_sent(&name, &receipt).map(|p| (p, name, receipt))
             })

@@ -352,6 +352,10 @@ pub struct ReceiptFile {
     /// `concordat receipt verify FILE --log-key K`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub proof: Option<ProofFile>,
+    /// The broker's warnings about the decision, one sentence each: e.g. an agreement relied
+    /// on is due or overdue for review.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub warnings: Vec<String>,
 }
 
 /// A receipt's audit proof in a receipt file: the entry, a signed checkpoint that includes it,
@@ -624,6 +628,7 @@ impl Spool {
             consent_issuer: receipt.consent_issuer.clone(),
             log_index: receipt.audit.as_ref().map(|a| a.log_index),
             proof: ProofFile::of(receipt),
+            warnings: receipt.warnings.clone(),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let id = receipt.message_id.parse().ok();

@@ -28,7 +28,9 @@ use rustls_pki_types::{
 use serde::Deserialize;
 
 use crate::{
-    policy::{Agreement, ConsentIssuer, Flow, LegalBases, LegalBasis, Organisations, Policy},
+    policy::{
+        Agreement, ConsentIssuer, Flow, LegalBases, LegalBasis, Organisations, Policy, ReviewStage,
+    },
     registry::{Organisation, OrganisationSpec, Registry, RegistryError},
 };
 
@@ -390,6 +392,14 @@ impl Config {
             data_dir: config.data_dir.clone(),
         });
         Ok(config)
+    }
+
+    /// Validates `text` as the configuration file at `path` would be (relative paths against
+    /// its directory), without reading `path` itself: what a tool that edits the file checks
+    /// before it writes (`concordat agreement reviewed`).
+    pub fn parse_as(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(text, &path.display().to_string(), &Disk { base })
     }
 
     /// The embedded default: the development PKI, `./var/broker`, 127.0.0.1:7443, and the
@@ -799,13 +809,56 @@ impl Config {
                 ));
             }
             let signed = toml_date(&a.signed).map_err(|p| invalid(&at("signed"), p))?;
-            let review_by = toml_date(&a.review_by).map_err(|p| invalid(&at("review_by"), p))?;
-            if review_by < signed {
+            // The review date: explicit, or two years after the last review or the signing.
+            let explicit = a
+                .review_by
+                .as_ref()
+                .map(|d| toml_date(d).map_err(|p| invalid(&at("review_by"), p)))
+                .transpose()?;
+            if explicit.is_some_and(|d| d < signed) {
                 return Err(invalid(
                     &at("review_by"),
                     "is before the signing date".into(),
                 ));
             }
+            let reviewed = a
+                .reviewed
+                .as_ref()
+                .map(|d| toml_date(d).map_err(|p| invalid(&at("reviewed"), p)))
+                .transpose()?;
+            if reviewed.is_some_and(|d| d < signed) {
+                return Err(invalid(
+                    &at("reviewed"),
+                    format!("is before the signing date {signed}"),
+                ));
+            }
+            let (review_by, basis) =
+                crate::policy::agreements::review_due(signed, reviewed, explicit);
+            let days = |key: &str, value: Option<u32>, default: u32| {
+                let value = value.unwrap_or(default);
+                u16::try_from(value)
+                    .ok()
+                    .filter(|d| *d <= MAX_REVIEW_DAYS)
+                    .ok_or_else(|| {
+                        invalid(
+                            &at(key),
+                            format!("must be between 0 and {MAX_REVIEW_DAYS} days, got {value}"),
+                        )
+                    })
+            };
+            let review = crate::policy::ReviewTerms {
+                basis,
+                warning_days: days(
+                    "review_warning_days",
+                    a.review_warning_days,
+                    raw.review_warning_days,
+                )?,
+                grace_days: days(
+                    "review_grace_days",
+                    a.review_grace_days,
+                    u32::from(crate::policy::agreements::DEFAULT_REVIEW_GRACE_DAYS),
+                )?,
+            };
             let mut flows = Vec::new();
             for (j, f) in a.flows.into_iter().enumerate() {
                 let fat = |k: &str| format!("agreements[{i}].flows[{j}].{k}");
@@ -879,6 +932,15 @@ impl Config {
                         LegalBases::of(&bases)
                     }
                 };
+                let consent_refusal_note = match f.consent_refusal_note {
+                    Some(n) if n.trim().is_empty() || n.len() > 1000 => {
+                        return Err(invalid(
+                            &fat("consent_refusal_note"),
+                            "must be a sentence of 1 to 1000 characters".into(),
+                        ));
+                    }
+                    other => other.map(|n| n.trim().to_owned()),
+                };
                 flows.push(Flow {
                     from,
                     to,
@@ -887,6 +949,7 @@ impl Config {
                     opaque: f.opaque,
                     max_tlp,
                     legal_bases,
+                    consent_refusal_note,
                 });
             }
             if flows.is_empty() {
@@ -910,6 +973,7 @@ impl Config {
                 parties,
                 signed,
                 review_by,
+                review,
                 flows,
             });
         }
@@ -1046,20 +1110,34 @@ impl Config {
         );
         for a in &self.policy.agreements {
             let parties: Vec<&str> = a.parties.iter().map(AgencyId::as_str).collect();
+            let stage = a.review_stage(today);
             let status = if !a.in_force(today) {
-                "not yet in force"
-            } else if a.review_overdue(today) {
-                "in force; REVIEW OVERDUE"
+                "not yet in force".to_owned()
             } else {
-                "in force"
+                match stage {
+                    ReviewStage::Current => "in force; review current".to_owned(),
+                    ReviewStage::Due => "in force; review DUE".to_owned(),
+                    ReviewStage::Overdue => "in force; review OVERDUE (within grace)".to_owned(),
+                    ReviewStage::Lapsed if self.policy.enforce_review => {
+                        "review LAPSED: its flows are refused".to_owned()
+                    }
+                    ReviewStage::Lapsed => "in force; review LAPSED (not enforced)".to_owned(),
+                }
             };
             let _ = writeln!(
                 s,
-                "  {} [{}] signed {}, review by {}: {status}",
+                "  {} [{}] signed {}: {status}",
                 a.id,
                 parties.join(", "),
                 a.signed,
-                a.review_by
+            );
+            let _ = writeln!(
+                s,
+                "    review: stage {stage}; review by {} ({}); warnings from {}; grace ends {}",
+                a.review_by,
+                a.review.basis,
+                a.warning_from(),
+                a.grace_end()
             );
             for f in &a.flows {
                 let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
@@ -1086,29 +1164,22 @@ impl Config {
                         f.legal_bases
                     );
                 }
+                if let Some(note) = &f.consent_refusal_note {
+                    let _ = writeln!(s, "      consent refusals add: {note}");
+                }
             }
         }
         s
     }
 
-    /// Warnings about the configuration as of `today`: agreements past their review date.
+    /// Warnings about the configuration as of `today`: agreements due, overdue or lapsed for
+    /// review, one sentence each (the same as decisions under them carry).
     pub fn warnings(&self, today: time::Date) -> Vec<String> {
         self.policy
-            .overdue(today)
-            .into_iter()
-            .map(|a| {
-                format!(
-                    "agreement {} ({}) was due for review by {}{}",
-                    a.id,
-                    a.title,
-                    a.review_by,
-                    if self.policy.enforce_review {
-                        "; flows relying on it are refused (enforce_review = true)"
-                    } else {
-                        ""
-                    }
-                )
-            })
+            .agreements
+            .iter()
+            .filter(|a| a.in_force(today))
+            .filter_map(|a| a.review_warning(today, self.policy.enforce_review))
             .collect()
     }
 }
@@ -1191,8 +1262,13 @@ struct RawConfig {
     metrics_listen: Option<String>,
     #[serde(default)]
     log_format: crate::logging::LogFormat,
-    #[serde(default)]
+    /// Absent: true, refusal on (a production configuration is strict; the embedded
+    /// development default turns it off).
+    #[serde(default = "default_enforce_review")]
     enforce_review: bool,
+    /// The days before an agreement's review date from which decisions carry a warning.
+    #[serde(default = "default_review_warning_days")]
+    review_warning_days: u32,
     #[serde(default)]
     consent_issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -1217,6 +1293,17 @@ struct RawWorkflows {
 fn default_clock_skew() -> u32 {
     60
 }
+
+fn default_enforce_review() -> bool {
+    true
+}
+
+fn default_review_warning_days() -> u32 {
+    u32::from(crate::policy::agreements::DEFAULT_REVIEW_WARNING_DAYS)
+}
+
+/// The longest warning window or grace period, in days: two years, the review interval.
+pub const MAX_REVIEW_DAYS: u16 = 730;
 
 /// Reads the registry: the `[[organisations]]` of the configuration, then those of
 /// `organisations_file` (a TOML file of `[[organisations]]` tables, relative to the
@@ -1346,7 +1433,14 @@ struct RawAgreement {
     title: String,
     parties: Vec<String>,
     signed: toml::value::Datetime,
-    review_by: toml::value::Datetime,
+    /// Absent: two years after `reviewed`, or after `signed`.
+    review_by: Option<toml::value::Datetime>,
+    /// The last completed review.
+    reviewed: Option<toml::value::Datetime>,
+    /// Overrides the top-level `review_warning_days`.
+    review_warning_days: Option<u32>,
+    /// Days after `review_by` before a lapsed agreement's flows are refused (default 90).
+    review_grace_days: Option<u32>,
     #[serde(default)]
     flows: Vec<RawFlow>,
     /// Days a consulted agency has to answer a subject-access consultation under this
@@ -1369,6 +1463,8 @@ struct RawFlow {
     max_tlp: Option<String>,
     /// The legal bases for organisation- or incident-specific content; absent: consent.
     legal_bases: Option<Vec<String>>,
+    /// A sentence appended to every consent refusal on this flow.
+    consent_refusal_note: Option<String>,
 }
 
 /// `[[significance_officers]]`: an officer who may designate incidents of national
@@ -1623,6 +1719,38 @@ mod tests {
                 "significance_officers[0].agency",
             ),
             (
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\nreviewed = 2024-09-09",
+                "agreements[1].reviewed",
+            ),
+            (
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\nreviewed = \"2025-01-01\"",
+                "",
+            ),
+            (
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\nreview_by = 2024-09-09",
+                "agreements[1].review_by",
+            ),
+            (
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\nreview_grace_days = 731",
+                "agreements[1].review_grace_days",
+            ),
+            (
+                "signed = 2023-09-12",
+                "signed = 2023-09-12\nreview_warning_days = 100000",
+                "agreements[0].review_warning_days",
+            ),
+            (
+                "consent_refusal_note = \"The NCA does not notify the ICO of an incident on an \
+                 organisation's behalf: the organisation must report the incident to the ICO \
+                 itself.\"",
+                "consent_refusal_note = \" \"",
+                "agreements[1].flows[2].consent_refusal_note",
+            ),
+            (
                 "# The MoUs, as code.",
                 "[[significance_officers]]\nid = \"a\"\nagency = \"ico\"\nkey = \"k4.public.x\"\n#",
                 "significance_officers[0].key",
@@ -1633,8 +1761,14 @@ mod tests {
             let text = DEFAULT_CONFIG.replacen(from, to, 1);
             let err = Config::parse(&text, "test.toml", &Embedded).unwrap_err();
             let shown = err.to_string();
+            // An empty key: the parser's own message (a type error names the line).
+            let want = if key.is_empty() {
+                "test.toml: ".to_owned()
+            } else {
+                format!("test.toml: {key}: ")
+            };
             assert!(
-                shown.starts_with(&format!("test.toml: {key}: ")),
+                shown.starts_with(&want),
                 "{to:?}: expected key {key}, got {shown}"
             );
         }
@@ -1774,6 +1908,102 @@ mod tests {
             shown.starts_with("broker.toml: organisations_file: cannot read"),
             "{shown}"
         );
+    }
+
+    /// The review dates: derived from `signed` in the embedded default (which leaves the
+    /// refusal stage off), moved by `reviewed`, overridden by `review_by`; grace and warning
+    /// windows read per agreement and at the top; `enforce_review` on when absent.
+    #[test]
+    fn review_dates_windows_and_enforcement_are_read() {
+        use time::macros::date;
+
+        use crate::policy::{ReviewBasis, ReviewStage};
+        let c = Config::embedded_default().unwrap();
+        assert!(!c.policy.enforce_review, "the development default");
+        let dates: Vec<_> = c
+            .policy
+            .agreements
+            .iter()
+            .map(|a| (a.id.as_str(), a.review_by, a.grace_end(), a.review.basis))
+            .collect();
+        assert_eq!(
+            dates,
+            [
+                (
+                    "ico-ncsc-2023",
+                    date!(2025 - 09 - 12),
+                    date!(2025 - 12 - 11),
+                    ReviewBasis::Signed
+                ),
+                (
+                    "ico-nca-2024",
+                    date!(2026 - 09 - 10),
+                    date!(2026 - 12 - 09),
+                    ReviewBasis::Signed
+                ),
+            ]
+        );
+        // Both are past review today by these rules: the summary and the warnings say so.
+        let today = date!(2026 - 12 - 02);
+        let warnings = c.warnings(today);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("ico-ncsc-2023") && warnings[0].contains("2025-12-11"));
+        assert!(warnings[1].contains("ico-nca-2024") && warnings[1].contains("2026-12-09"));
+
+        let text = DEFAULT_CONFIG
+            .replacen("enforce_review = false\n", "review_warning_days = 30\n", 1)
+            .replacen(
+                "signed = 2023-09-12",
+                "signed = 2023-09-12\nreviewed = 2024-02-29\nreview_grace_days = 10",
+                1,
+            )
+            .replacen(
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\nreviewed = 2025-01-01\nreview_by = 2027-06-30\nreview_warning_days = 7",
+                1,
+            );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        assert!(c.policy.enforce_review, "absent, reviews are enforced");
+        let [ncsc, nca] = &c.policy.agreements[..] else {
+            panic!("two agreements");
+        };
+        assert_eq!(
+            (
+                nca.review_by,
+                nca.review.basis,
+                nca.review.warning_days,
+                nca.review.grace_days
+            ),
+            (date!(2027 - 06 - 30), ReviewBasis::Explicit, 7, 90)
+        );
+        assert_eq!(
+            (
+                ncsc.review_by,
+                ncsc.review.basis,
+                ncsc.review.warning_days,
+                ncsc.review.grace_days
+            ),
+            (
+                date!(2026 - 02 - 28),
+                ReviewBasis::Reviewed(date!(2024 - 02 - 29)),
+                30,
+                10
+            )
+        );
+        assert_eq!(
+            ncsc.review_stage(date!(2026 - 03 - 10)),
+            ReviewStage::Overdue
+        );
+        assert_eq!(
+            ncsc.review_stage(date!(2026 - 03 - 11)),
+            ReviewStage::Lapsed
+        );
+        let summary = c.summary();
+        assert!(
+            summary.contains("review by 2026-02-28 (two years after the review of 2024-02-29)"),
+            "{summary}"
+        );
+        assert!(summary.contains("grace ends 2026-03-10"), "{summary}");
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub mod refusal;
 pub mod refusal_log;
 pub mod registry;
 pub mod reload;
+pub mod reviews;
 pub mod service;
 pub mod status;
 pub mod store;

@@ -189,8 +189,8 @@ pub fn changes(started: &Config, running: &Rules, new: &Config) -> Changes {
             if o.signed != n.signed {
                 what.push("signed");
             }
-            if o.review_by != n.review_by {
-                what.push("review_by");
+            if o.review != n.review && o.review_by == n.review_by {
+                what.push("review terms");
             }
             if o.flows != n.flows {
                 what.push("flows");
@@ -198,6 +198,17 @@ pub fn changes(started: &Config, running: &Rules, new: &Config) -> Changes {
             what
         },
     );
+    // A new review date (a review recorded, `reviewed`), with both dates.
+    for n in &new.policy.agreements {
+        if let Some(o) = old_policy.agreements.iter().find(|o| o.id == n.id) {
+            setting(
+                live,
+                &format!("agreement {} review_by", n.id),
+                o.review_by,
+                n.review_by,
+            );
+        }
+    }
     keyed(
         live,
         "consent issuer",
@@ -610,7 +621,10 @@ company_number = "01234567"
                     t.replace("clause = \"1.1\"", "clause = \"1.2\"")
                         .replace("2099-12-31", "2098-12-31")
                 }),
-                s(&["agreement ico-ncsc: review_by, flows changed"]),
+                s(&[
+                    "agreement ico-ncsc: flows changed",
+                    "agreement ico-ncsc review_by: 2099-12-31 -> 2098-12-31",
+                ]),
                 vec![],
             ),
             (
@@ -657,12 +671,13 @@ company_number = "01234567"
                 Box::new(|t: &str| {
                     t.replace(
                         "auditors = [\"auditor\"]",
-                        "auditors = [\"auditor\"]\nclock_skew_seconds = 5\nenforce_review = true\n\n[limits]\nmax_queue_depth = 10\nmax_window = 8\nmin_free_bytes = 0",
+                        "auditors = [\"auditor\"]\nclock_skew_seconds = 5\nenforce_review = false\n\n[limits]\nmax_queue_depth = 10\nmax_window = 8\nmin_free_bytes = 0",
                     )
                 }),
                 s(&[
                     "clock_skew_seconds: 60 -> 5",
-                    "enforce_review: false -> true",
+                    // Absent, reviews are enforced.
+                    "enforce_review: true -> false",
                     "limits.max_queue_depth: 100000 -> 10",
                     "limits.max_window: 64 -> 8",
                     "limits.min_free_bytes: 268435456 -> 0",

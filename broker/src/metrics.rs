@@ -91,6 +91,12 @@ struct AgreementLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReviewLabel {
+    agreement: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AgencyLabel {
     agency: String,
 }
@@ -157,6 +163,8 @@ pub struct Metrics {
     queue_depth: Family<AgencyLabel, Gauge>,
     queue_oldest_age: Family<AgencyLabel, Gauge>,
     overdue: Family<AgreementLabel, Gauge>,
+    review_stage: Family<AgreementLabel, Gauge>,
+    review_warnings: Family<ReviewLabel, Counter>,
     log_size: Gauge,
     checkpoint_size: Gauge,
     checkpoint_age: Gauge,
@@ -237,6 +245,18 @@ impl Default for Metrics {
             "agreement_review_overdue",
             "1 when the agreement is past its review date",
             overdue.clone(),
+        );
+        let review_stage = Family::<AgreementLabel, Gauge>::default();
+        r.register(
+            "agreement_review_stage",
+            "Where the agreement stands against its review date: 0 current, 1 due (within the warning window), 2 overdue (past it, within the grace period), 3 lapsed (past the grace period)",
+            review_stage.clone(),
+        );
+        let review_warnings = Family::<ReviewLabel, Counter>::default();
+        r.register(
+            "agreement_review_warnings",
+            "Transfer decisions made under an agreement due, overdue or lapsed for review, by agreement and stage",
+            review_warnings.clone(),
         );
         let log_size = Gauge::default();
         r.register(
@@ -331,6 +351,8 @@ impl Default for Metrics {
             queue_depth,
             queue_oldest_age,
             overdue,
+            review_stage,
+            review_warnings,
             log_size,
             checkpoint_size,
             checkpoint_age,
@@ -447,6 +469,16 @@ impl Metrics {
         self.decisions.record(reason);
     }
 
+    /// Counts a transfer decision made under `agreement` at review `stage`.
+    pub fn review_warning(&self, agreement: &str, stage: crate::policy::ReviewStage) {
+        self.review_warnings
+            .get_or_create(&ReviewLabel {
+                agreement: agreement.to_owned(),
+                stage: stage.as_str().to_owned(),
+            })
+            .inc();
+    }
+
     /// Counts `n` queue items handed to a subscriber.
     pub fn delivered(&self, n: usize) {
         self.deliveries.inc_by(n as u64);
@@ -551,6 +583,21 @@ impl Metrics {
                     agreement: a.id.clone(),
                 })
                 .set(i64::from(a.review_overdue(today.date())));
+            let stage = a.review_stage(today.date());
+            self.review_stage
+                .get_or_create(&AgreementLabel {
+                    agreement: a.id.clone(),
+                })
+                .set(stage as i64);
+            // The counters exist for every agreement in force from the first scrape, at zero.
+            for stage in crate::policy::ReviewStage::WARNED {
+                self.review_warnings
+                    .get_or_create(&ReviewLabel {
+                        agreement: a.id.clone(),
+                        stage: stage.as_str().to_owned(),
+                    })
+                    .inc_by(0);
+            }
         }
         let storage = now.store.storage();
         let durable = *now.store.durable().borrow();
@@ -766,6 +813,7 @@ mod tests {
                 .collect(),
             signed: time::macros::date!(2020 - 01 - 01),
             review_by,
+            review: Default::default(),
             flows: vec![Flow {
                 from: "nca".parse().unwrap(),
                 to: "ico".parse().unwrap(),
@@ -774,6 +822,7 @@ mod tests {
                 opaque: false,
                 max_tlp: None,
                 legal_bases: Default::default(),
+                consent_refusal_note: None,
             }],
         };
         let policy = Policy {
@@ -788,6 +837,7 @@ mod tests {
         metrics.refused("NO_AGREEMENT");
         metrics.refused("NO_AGREEMENT");
         metrics.subscribed("ico", true);
+        metrics.review_warning("old", crate::policy::ReviewStage::Lapsed);
         let now = Snapshot {
             policy: &policy,
             store: &store,
@@ -799,6 +849,10 @@ mod tests {
         let both = [
             "concordat_agreement_review_overdue{agreement=\"old\"} 1",
             "concordat_agreement_review_overdue{agreement=\"fresh\"} 0",
+            "concordat_agreement_review_stage{agreement=\"old\"} 3",
+            "concordat_agreement_review_stage{agreement=\"fresh\"} 0",
+            "concordat_agreement_review_warnings_total{agreement=\"old\",stage=\"lapsed\"} 1",
+            "concordat_agreement_review_warnings_total{agreement=\"fresh\",stage=\"due\"} 0",
             "concordat_transfers_accepted_total 1",
             "concordat_transfers_refused_total{reason=\"NO_AGREEMENT\"} 2",
             "concordat_transfers_refused_total{reason=\"CONSENT_REVOKED\"} 0",

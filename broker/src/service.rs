@@ -46,6 +46,9 @@ pub struct State {
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     refusals: Arc<RefusalLog>,
+    /// Decisions under agreements due, overdue or lapsed for review: counted, and logged at
+    /// most once a minute per agreement and stage.
+    reviews: crate::reviews::ReviewLog,
 }
 
 impl State {
@@ -68,6 +71,7 @@ impl State {
             shutdown,
             metrics,
             refusals,
+            reviews: crate::reviews::ReviewLog::default(),
         }
     }
 
@@ -112,14 +116,15 @@ impl State {
         match outcome {
             Ok(Prepared::Duplicate(mut receipt)) => {
                 self.store.prove_receipt(&mut receipt).await?;
+                receipt.warnings = self.review_warnings_now(&receipt);
                 Ok(*receipt)
             }
             // The writer logs the refusals it decides itself.
-            Ok(Prepared::Accept(op)) => {
+            Ok(Prepared::Accept(op, warnings)) => {
                 if let Some(refusal) = self.check_step(sender, &op).await? {
                     return Err(refusal.into());
                 }
-                self.commit_accept(op).await
+                self.commit_accept(op, warnings).await
             }
             Err(Failure::Refused(r)) => {
                 let refused = store::transfer_refused(facts.map(|f| *f), &r);
@@ -151,18 +156,26 @@ impl State {
         Ok(Some(refusal))
     }
 
-    /// Stores an accepted transfer: its receipt with its proof.
-    async fn commit_accept(&self, op: Op) -> Result<pb::Receipt, Failure> {
+    /// Stores an accepted transfer: its receipt with its proof and the decision's review
+    /// warnings.
+    async fn commit_accept(
+        &self,
+        op: Op,
+        warnings: Vec<policy::ReviewWarning>,
+    ) -> Result<pb::Receipt, Failure> {
         match self.store.commit(op).await? {
             Applied::Accepted(mut receipt) => {
                 self.store.prove_receipt(&mut receipt).await?;
+                self.reviews.record(&warnings, &self.metrics);
+                receipt.warnings = warnings.into_iter().map(|w| w.sentence).collect();
                 Ok(*receipt)
             }
             // A retry of an accepted message (or one racing its first attempt): the first
-            // receipt.
+            // receipt, with the warnings of this decision.
             Applied::Duplicate(log_index) => {
                 let mut receipt = self.store.storage().receipt_at(log_index)?;
                 self.store.prove_receipt(&mut receipt).await?;
+                receipt.warnings = warnings.into_iter().map(|w| w.sentence).collect();
                 Ok(receipt)
             }
             other => Err(Internal::new(
@@ -171,6 +184,21 @@ impl State {
             )
             .into()),
         }
+    }
+
+    /// The review warnings for a receipt returned again: its agreements as they stand now (the
+    /// receipt, made from the audit entry, does not keep the first decision's warnings).
+    fn review_warnings_now(&self, receipt: &pb::Receipt) -> Vec<String> {
+        let rules = self.rules.load();
+        rules
+            .policy
+            .review_warnings(
+                receipt.authorities.iter().map(|a| a.agreement_id.as_str()),
+                crate::clock::now().date(),
+            )
+            .into_iter()
+            .map(|w| w.sentence)
+            .collect()
     }
 
     /// Decides on a validated envelope, without writing. A refusal comes with what the audit
@@ -201,7 +229,7 @@ impl State {
         // say) is the receipt looked up here.
         let decision = match policy::decide(&cx, sender, &envelope) {
             Ok(decision) => decision,
-            Err(Failure::Refused(refusal)) => {
+            Err(Failure::Refused(mut refusal)) => {
                 let facts = || {
                     Some(Box::new(store::refused_facts(
                         sender,
@@ -222,7 +250,25 @@ impl State {
                         };
                         Err((reused.into(), facts()))
                     }
-                    Ok(None) => Err((refusal.into(), facts())),
+                    Ok(None) => {
+                        // A refusal under an agreement due, overdue or lapsed for review says
+                        // so too (the review refusal itself already does), and is counted.
+                        if let Some(Citation::Clauses(clauses)) = &refusal.citation {
+                            let warnings = rules.policy.review_warnings(
+                                clauses.iter().map(|(agreement, _)| agreement.as_str()),
+                                now.date(),
+                            );
+                            self.reviews.record(&warnings, &self.metrics);
+                            if refusal.reason != Reason::AgreementReviewOverdue {
+                                for w in &warnings {
+                                    let base =
+                                        refusal.message.trim_end().trim_end_matches('.').to_owned();
+                                    refusal.message = format!("{base}. Note: {}", w.sentence);
+                                }
+                            }
+                        }
+                        Err((refusal.into(), facts()))
+                    }
                     Err(e) => Err((e.into(), None)),
                 };
             }
@@ -245,6 +291,10 @@ impl State {
             let facts = store::refused_facts(sender, &envelope, &payload_sha256);
             return Err((refusal.into(), Some(Box::new(facts))));
         }
+        let warnings = rules.policy.review_warnings(
+            decision.authorities.iter().map(|a| a.agreement_id.as_str()),
+            now.date(),
+        );
         // A workflow step's deadlines follow the agreement each flow relies on.
         let workflow = envelope.workflow.as_ref().map(|_| StepContext {
             default_due: decision
@@ -268,7 +318,7 @@ impl State {
             rules.limits.max_queue_depth,
         );
         accept.workflow = workflow;
-        Ok(Prepared::Accept(Op::Accept(Box::new(accept))))
+        Ok(Prepared::Accept(Op::Accept(Box::new(accept)), warnings))
     }
 
     /// [`State::submit`], with the outcome logged.
@@ -320,8 +370,8 @@ impl State {
 enum Prepared {
     /// The message was accepted before: its first receipt.
     Duplicate(Box<pb::Receipt>),
-    /// Accept it with this write.
-    Accept(Op),
+    /// Accept it with this write; the decision's review warnings.
+    Accept(Op, Vec<policy::ReviewWarning>),
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

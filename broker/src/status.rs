@@ -205,6 +205,8 @@ impl Sources {
                 review_by: a.review_by.to_string(),
                 in_force: a.in_force(today),
                 review_overdue: a.review_overdue(today),
+                review_stage: a.review_stage(today).as_str().to_owned(),
+                review_grace_end: a.grace_end().to_string(),
             })
             .collect();
         let checkpoint = self.store.checkpoint();
@@ -398,7 +400,15 @@ pub fn page(report: &pb::StatusResponse) -> String {
                 " (not yet in force)"
             },
             esc(&a.review_by),
-            if a.review_overdue { " (OVERDUE)" } else { "" },
+            match a.review_stage.as_str() {
+                "" if a.review_overdue => " (OVERDUE)".to_owned(),
+                "" | "current" => String::new(),
+                stage => format!(
+                    " ({}, grace ends {})",
+                    esc(&stage.to_uppercase()),
+                    esc(&a.review_grace_end)
+                ),
+            },
         );
     }
     h.push_str("</table>\n</body>\n</html>\n");

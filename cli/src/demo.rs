@@ -142,6 +142,9 @@ impl Running {
                         receipt.consent_jti, receipt.consent_issuer
                     )?;
                 }
+                for w in &receipt.warnings {
+                    writeln!(out, "     warning: {w}")?;
+                }
                 writeln!(out, "   file: {} (receipt beside it)", self.shown(&path))?;
                 Ok(Ok(receipt.message_id))
             }

@@ -14,6 +14,7 @@
 //! - [`bench`](mod@bench): `concordat bench relay|audit|flood|gate`, benchmarks that print figures.
 //! - `fuzzing` (hidden): the body of the fuzz target in `cli/fuzz/`, replayed by `cargo test`.
 
+pub mod agreement;
 pub mod audit_file;
 pub mod bench;
 pub mod demo;

@@ -386,5 +386,8 @@ pub fn describe_receipt(r: &pb::Receipt) -> String {
             r.consent_jti, r.consent_issuer
         );
     }
+    for w in &r.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
     s
 }

@@ -71,6 +71,13 @@ pub struct AgreementReport {
     pub review_by: String,
     pub in_force: bool,
     pub review_overdue: bool,
+    /// "current", "due", "overdue" or "lapsed" (docs/workflows.md, "Reviews"); empty from a
+    /// broker that does not say.
+    #[serde(default)]
+    pub review_stage: String,
+    /// The last day of the grace period after `review_by`, YYYY-MM-DD.
+    #[serde(default)]
+    pub review_grace_end: String,
 }
 
 /// The broker's storage in [`StatusReport`].
@@ -158,6 +165,8 @@ impl From<pb::StatusResponse> for StatusReport {
                     review_by: a.review_by,
                     in_force: a.in_force,
                     review_overdue: a.review_overdue,
+                    review_stage: a.review_stage,
+                    review_grace_end: a.review_grace_end,
                 })
                 .collect(),
             storage: StorageReport {
@@ -296,7 +305,15 @@ impl StatusReport {
                 a.id,
                 a.parties.join(", "),
                 a.review_by,
-                if a.review_overdue { " OVERDUE" } else { "" },
+                match a.review_stage.as_str() {
+                    "" if a.review_overdue => " OVERDUE".to_owned(),
+                    "" | "current" => String::new(),
+                    stage => format!(
+                        " {} (grace ends {})",
+                        stage.to_uppercase(),
+                        a.review_grace_end
+                    ),
+                },
                 if a.in_force { "" } else { ", not yet in force" }
             );
         }

@@ -515,7 +515,7 @@ mod tests {
             recipient: ncsc.clone(),
             agreement_id: "ico-ncsc-test".into(),
             clause: "national significance".into(),
-            review_overdue: false,
+            review: crate::policy::ReviewStage::Current,
         };
         for (what, bases, organisation_named, content, significance, want) in rows {
             let envelope = Envelope {

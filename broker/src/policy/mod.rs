@@ -50,7 +50,7 @@ use concordat_proto::{
 use time::{Date, Duration, OffsetDateTime};
 
 pub use self::{
-    agreements::{Agreement, Flow},
+    agreements::{Agreement, Flow, ReviewBasis, ReviewStage, ReviewTerms},
     consent::{ConsentIssuer, ConsentLedger, ConsentUse, Organisations, VerifiedTokens},
     legal::{LegalBases, LegalBasis},
     tlp::{Carried, Provenance},
@@ -69,7 +69,8 @@ pub struct Policy {
     pub issuers: HashMap<KeyId, ConsentIssuer>,
     /// How far a token's time window is stretched for clock differences.
     pub clock_skew: Duration,
-    /// Refuse flows whose only agreements are past their review date.
+    /// Refuse flows whose only agreements are past their review date and grace period
+    /// (`enforce_review`; lapsed, [`ReviewStage::Lapsed`]).
     pub enforce_review: bool,
     /// The agencies of the federation.
     pub agencies: BTreeSet<AgencyId>,
@@ -87,6 +88,48 @@ impl Policy {
             .filter(|a| a.review_overdue(today))
             .collect()
     }
+
+    /// The agreement with this id.
+    pub fn agreement(&self, id: &str) -> Option<&Agreement> {
+        self.agreements.iter().find(|a| a.id == id)
+    }
+
+    /// The review warnings of a decision that relied on (or cited) `agreement_ids` on
+    /// `today`: one per agreement not current, each agreement once, in order.
+    pub fn review_warnings<'a>(
+        &self,
+        agreement_ids: impl IntoIterator<Item = &'a str>,
+        today: Date,
+    ) -> Vec<ReviewWarning> {
+        let mut out: Vec<ReviewWarning> = Vec::new();
+        for id in agreement_ids {
+            if out.iter().any(|w| w.agreement == id) {
+                continue;
+            }
+            let Some(a) = self.agreement(id) else {
+                continue;
+            };
+            if let Some(sentence) = a.review_warning(today, self.enforce_review) {
+                out.push(ReviewWarning {
+                    agreement: a.id.clone(),
+                    stage: a.review_stage(today),
+                    sentence,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A decision's warning about the review of an agreement it relied on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewWarning {
+    /// The agreement.
+    pub agreement: String,
+    /// Its stage (never current).
+    pub stage: ReviewStage,
+    /// The sentence a receipt or refusal carries.
+    pub sentence: String,
 }
 
 /// Why one recipient may receive this envelope.
@@ -98,8 +141,8 @@ pub struct Authority {
     pub agreement_id: String,
     /// Its clause.
     pub clause: String,
-    /// Whether that agreement's review was overdue when the decision was made.
-    pub review_overdue: bool,
+    /// Where that agreement stood against its review date when the decision was made.
+    pub review: ReviewStage,
 }
 
 /// A decision to relay an envelope.
@@ -232,7 +275,11 @@ pub fn decide(
     // 7. Each organisation identified consented, by a valid token that covers this exact
     // transfer; a named organisation without a token is ORGANISATION_IDENTIFIED. Anonymised
     // or aggregate information identifies nobody and needs no consent.
-    let consents = consent::check_all(cx, sender, envelope, &identified).map_err(cited)?;
+    // A flow may add a note to every consent refusal (`consent_refusal_note`): the NCA, for
+    // one, tells the sender that the organisation must report to the ICO itself.
+    let consents = consent::check_all(cx, sender, envelope, &identified)
+        .map_err(|f| with_consent_notes(f, &flows.consent_notes))
+        .map_err(cited)?;
 
     Ok(Decision {
         authorities: flows.authorities,
@@ -242,6 +289,47 @@ pub fn decide(
         carried,
         designation,
     })
+}
+
+/// Whether `reason` refuses a transfer for its consent: a missing token for an organisation
+/// identified, or one that does not cover the transfer.
+pub fn is_consent_refusal(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::OrganisationIdentified
+            | Reason::ConsentMissing
+            | Reason::ConsentTooLong
+            | Reason::ConsentUnsupportedVersion
+            | Reason::ConsentMalformed
+            | Reason::ConsentBadSignature
+            | Reason::ConsentUnknownIssuer
+            | Reason::ConsentIssuerNotAllowed
+            | Reason::ConsentExpired
+            | Reason::ConsentNotYetValid
+            | Reason::ConsentInvalidClaims
+            | Reason::ConsentWrongOrganisation
+            | Reason::ConsentWrongSender
+            | Reason::ConsentWrongRecipient
+            | Reason::ConsentWrongKind
+            | Reason::ConsentWrongIncident
+            | Reason::ConsentPayloadMismatch
+            | Reason::ConsentRevoked
+            | Reason::ConsentUsedUp
+    )
+}
+
+/// `failure` with the flows' consent-refusal notes appended, if it is a consent refusal.
+fn with_consent_notes(failure: Failure, notes: &[String]) -> Failure {
+    match failure {
+        Failure::Refused(mut r) if is_consent_refusal(r.reason) && !notes.is_empty() => {
+            for note in notes {
+                let base = r.message.trim_end().trim_end_matches('.').to_owned();
+                r.message = format!("{base}. {}", note.trim());
+            }
+            Failure::Refused(r)
+        }
+        other => other,
+    }
 }
 
 pub(crate) fn refuse(reason: Reason, message: impl Into<String>) -> Failure {
@@ -481,6 +569,168 @@ mod tests {
             e.payload = payload.clone();
             let got = reason(decide(&cx, &from.parse().unwrap(), &e));
             assert_eq!(got, want, "{from} -> {to}");
+        }
+    }
+
+    /// Reviews in the decision, on the default federation's NCA -> ICO threat assessments
+    /// (agreement ico-nca-2024, review by 2026-09-10, grace until 2026-12-09). Each row: the
+    /// day, whether reviews are enforced, whether a second agreement (current) also permits
+    /// the flow, and the outcome: the agreement relied on, or the refusal.
+    #[test]
+    fn a_lapsed_agreement_is_refused_only_when_enforced_and_never_preferred() {
+        use time::macros::datetime;
+        let mut config = Config::embedded_default().unwrap();
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let nca: AgencyId = "nca".parse().unwrap();
+        let mut e = envelope("ico", "");
+        e.kind = Kind::ThreatAssessment;
+        e.organisation = None;
+        e.consent_token = None;
+        let mut current = config.policy.agreements[1].clone();
+        current.id = "ico-nca-2026".into();
+        current.signed = time::macros::date!(2026 - 01 - 01);
+        current.review_by = time::macros::date!(2028 - 01 - 01);
+        let rows = [
+            (
+                datetime!(2026-12-09 12:00 UTC),
+                true,
+                false,
+                Ok("ico-nca-2024"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                false,
+                false,
+                Ok("ico-nca-2024"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                true,
+                false,
+                Err(Reason::AgreementReviewOverdue),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                true,
+                true,
+                Ok("ico-nca-2026"),
+            ),
+            (
+                datetime!(2026-12-10 12:00 UTC),
+                false,
+                true,
+                Ok("ico-nca-2026"),
+            ),
+        ];
+        for (now, enforced, second, want) in rows {
+            config.policy.enforce_review = enforced;
+            config.policy.agreements.truncate(2);
+            if second {
+                config.policy.agreements.push(current.clone());
+            }
+            let cx = Context {
+                policy: &config.policy,
+                organisations: &matcher,
+                verified: &verified,
+                max_payload_bytes: 1 << 20,
+                ledger: &open,
+                provenance: &Nothing,
+                now,
+                payload_digest: [0; 32],
+            };
+            let got = match decide(&cx, &nca, &e) {
+                Ok(d) => Ok(d.authorities[0].agreement_id.clone()),
+                Err(Failure::Refused(r)) => {
+                    assert!(
+                        r.message.contains("due by 2026-09-10")
+                            && r.message.contains("grace period ended 2026-12-09"),
+                        "{}",
+                        r.message
+                    );
+                    Err(r.reason)
+                }
+                Err(other) => panic!("{other:?}"),
+            };
+            assert_eq!(
+                got,
+                want.map(str::to_owned),
+                "{now} enforced {enforced} second {second}"
+            );
+        }
+    }
+
+    /// The NCA rule: a consent refusal on the default NCA -> ICO incident flow says that the
+    /// organisation must report to the ICO itself; other refusals, and other flows', do not.
+    #[test]
+    fn consent_refusals_on_the_nca_ico_incident_flow_carry_its_note() {
+        let config = Config::embedded_default().unwrap();
+        let matcher = Matcher::new(&config.registry).unwrap();
+        let verified = VerifiedTokens::default();
+        let open = Ledger { revoked: false };
+        let cx = Context {
+            policy: &config.policy,
+            organisations: &matcher,
+            verified: &verified,
+            max_payload_bytes: 1 << 20,
+            ledger: &open,
+            provenance: &Nothing,
+            now: OffsetDateTime::now_utc(),
+            payload_digest: [0; 32],
+        };
+        const NOTE: &str = "the organisation must report the incident to the ICO itself";
+        let named = br#"{"summary": "Ransomware at ACME Limited."}"#.to_vec();
+        /// (what, sender, declared organisation, payload, reason, note expected)
+        type Row<'a> = (&'a str, &'a str, bool, Vec<u8>, Reason, bool);
+        let rows: [Row<'_>; 4] = [
+            (
+                "declared, no token",
+                "nca",
+                true,
+                b"{}".to_vec(),
+                Reason::ConsentMissing,
+                true,
+            ),
+            (
+                "named in the payload",
+                "nca",
+                false,
+                named.clone(),
+                Reason::OrganisationIdentified,
+                true,
+            ),
+            (
+                "not JSON",
+                "nca",
+                false,
+                b"{".to_vec(),
+                Reason::InvalidContent,
+                false,
+            ),
+            (
+                "the NCSC's flow to the ICO",
+                "ncsc",
+                false,
+                named,
+                Reason::OrganisationIdentified,
+                false,
+            ),
+        ];
+        for (what, from, declared, payload, reason, noted) in rows {
+            let mut e = envelope("ico", "");
+            e.consent_token = None;
+            if !declared {
+                e.organisation = None;
+            }
+            e.payload = payload;
+            match decide(&cx, &from.parse().unwrap(), &e) {
+                Err(Failure::Refused(r)) => {
+                    assert_eq!(r.reason, reason, "{what}: {}", r.message);
+                    assert_eq!(r.message.contains(NOTE), noted, "{what}: {}", r.message);
+                }
+                other => panic!("{what}: {other:?}"),
+            }
         }
     }
 

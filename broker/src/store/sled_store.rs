@@ -1983,7 +1983,7 @@ mod tests {
                         recipient: agency(r),
                         agreement_id: "test-mou".into(),
                         clause: "clause 1".into(),
-                        review_overdue: false,
+                        review: crate::policy::ReviewStage::Current,
                     })
                     .collect(),
                 organisations: consent.iter().map(|c| c.organisation.clone()).collect(),

@@ -85,6 +85,11 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// Agreements in the broker's configuration: recording their reviews.
+    Agreement {
+        #[command(subcommand)]
+        command: AgreementCommand,
+    },
     /// Benchmarks that print figures (build with --release).
     Bench {
         #[command(subcommand)]
@@ -125,6 +130,36 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum AgreementCommand {
+    /// Records a completed review of an agreement in the broker's configuration file (edited in
+    /// place, comments kept): sets `reviewed = DATE`, which moves its review date two years on,
+    /// and removes an explicit `review_by` that would override it. Prints the old and new
+    /// review dates. The file is checked with the broker's loader before it is written.
+    Reviewed {
+        /// The agreement's id.
+        #[arg(long)]
+        id: String,
+        /// The day the review was completed (YYYY-MM-DD): not before the agreement was signed,
+        /// not in the future.
+        #[arg(long, value_parser = parse_date)]
+        on: time::Date,
+        /// The broker's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Then asks the running broker to reload it (as `concordat-broker reload` does) and
+        /// prints the outcome.
+        #[arg(long)]
+        reload: bool,
+    },
+}
+
+/// A calendar date, YYYY-MM-DD.
+fn parse_date(s: &str) -> Result<time::Date, String> {
+    time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|e| format!("{s:?} is not a date such as 2026-11-30: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -957,6 +992,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { command } => audit(command).await,
+        Command::Agreement {
+            command:
+                AgreementCommand::Reviewed {
+                    id,
+                    on,
+                    config,
+                    reload,
+                },
+        } => {
+            let today = OffsetDateTime::now_utc().date();
+            let done = concordat_cli::agreement::record_review(&config, &id, on, today)?;
+            println!(
+                "agreement {}: reviewed {on}; review by {} -> {}",
+                done.id, done.old_review_by, done.new_review_by
+            );
+            if let Some(old) = &done.removed_review_by {
+                println!("removed review_by = {old}, which would have overridden it");
+            }
+            println!("wrote {}", config.display());
+            if reload {
+                let data_dir = done.data_dir.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    concordat_cli::agreement::reload(&data_dir)
+                })
+                .await
+                .context("waiting for the reload")??;
+                print!("{outcome}");
+            } else {
+                println!("the running broker applies it on reload (concordat-broker reload)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { command } => {
             let mut out = std::io::stdout();
             match command {

@@ -83,6 +83,7 @@ fn policy(desk: &SecretKey) -> Policy {
         parties: [agency(a), agency(b)].into_iter().collect(),
         signed: today - Duration::days(100),
         review_by: today + Duration::days(200),
+        review: Default::default(),
         flows: vec![flow],
     };
     Policy {
@@ -101,6 +102,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     opaque: false,
                     max_tlp: None,
                     legal_bases: Default::default(),
+                    consent_refusal_note: None,
                 },
             ),
             agreement(
@@ -115,6 +117,7 @@ fn policy(desk: &SecretKey) -> Policy {
                     opaque: false,
                     max_tlp: None,
                     legal_bases: Default::default(),
+                    consent_refusal_note: None,
                 },
             ),
         ],

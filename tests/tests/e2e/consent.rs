@@ -88,6 +88,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
         opaque: false,
         max_tlp: None,
         legal_bases: Default::default(),
+        consent_refusal_note: None,
     };
     let parties = |a: &str, b: &str| -> BTreeSet<_> {
         [a.parse().unwrap(), b.parse().unwrap()]
@@ -101,6 +102,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
             parties: parties("ico", "ncsc"),
             signed: today - days(400),
             review_by: today + days(365),
+            review: Default::default(),
             flows: vec![
                 flow(
                     "ncsc",
@@ -116,7 +118,9 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
             title: "ICO and NCA memorandum of understanding".into(),
             parties: parties("ico", "nca"),
             signed: today - days(2000),
-            review_by: today - days(30),
+            // Past its review date and its 90-day grace period: lapsed.
+            review_by: today - days(120),
+            review: Default::default(),
             flows: vec![flow("nca", "ico", &[Kind::IncidentRecord], "3.1")],
         },
         Agreement {
@@ -125,6 +129,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
             parties: parties("ncsc", "nca"),
             signed: today - days(100),
             review_by: today + days(200),
+            review: Default::default(),
             flows: vec![flow("ncsc", "nca", &[Kind::IncidentRecord], "2.1")],
         },
         Agreement {
@@ -133,6 +138,7 @@ fn policy(keys: &Keys, enforce_review: bool) -> Policy {
             parties: parties("ncsc", "nca"),
             signed: today + days(30),
             review_by: today + days(400),
+            review: Default::default(),
             flows: vec![flow("nca", "ncsc", &[Kind::ThreatAssessment], "1.1")],
         },
     ];

@@ -30,6 +30,7 @@ fn content_config(pki: &TestPki, data_dir: &Path) -> Config {
         parties: [from, "ico"].iter().map(|a| a.parse().unwrap()).collect(),
         signed: today - time::Duration::days(10),
         review_by: today + time::Duration::days(365),
+        review: Default::default(),
         flows: vec![Flow {
             from: from.parse().unwrap(),
             to: "ico".parse().unwrap(),
@@ -40,6 +41,7 @@ fn content_config(pki: &TestPki, data_dir: &Path) -> Config {
             opaque,
             max_tlp: None,
             legal_bases: Default::default(),
+            consent_refusal_note: None,
         }],
     };
     config.policy.agreements = vec![

@@ -21,6 +21,7 @@ mod metrics;
 mod mtls;
 mod refusals;
 mod relay;
+mod reviews;
 mod services;
 mod significance;
 mod startup;

@@ -457,6 +457,7 @@ fn relay_config(pki: &TestPki, data_dir: &Path) -> Config {
         parties: ["ico", "nca"].iter().map(|a| a.parse().unwrap()).collect(),
         signed: today - time::Duration::days(10),
         review_by: today + time::Duration::days(365),
+        review: Default::default(),
         flows: vec![Flow {
             from: "nca".parse().unwrap(),
             to: "ico".parse().unwrap(),
@@ -465,6 +466,7 @@ fn relay_config(pki: &TestPki, data_dir: &Path) -> Config {
             opaque: false,
             max_tlp: None,
             legal_bases: Default::default(),
+            consent_refusal_note: None,
         }],
     });
     config

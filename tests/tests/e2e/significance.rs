@@ -210,6 +210,7 @@ async fn incident_specific_records_need_a_two_officer_designation() {
         parties: ["ico", "ncsc"].iter().map(|a| a.parse().unwrap()).collect(),
         signed: today - time::Duration::days(10),
         review_by: today + time::Duration::days(365),
+        review: Default::default(),
         flows: vec![Flow {
             from: "ico".parse().unwrap(),
             to: "ncsc".parse().unwrap(),
@@ -218,6 +219,7 @@ async fn incident_specific_records_need_a_two_officer_designation() {
             opaque: false,
             max_tlp: None,
             legal_bases: LegalBases::of(&[LegalBasis::NationalSignificance]),
+            consent_refusal_note: None,
         }],
     }];
     // No skew, so that a designation valid for one second expires within the test.

@@ -308,6 +308,7 @@ fn status_and_consent_list_report_what_the_federation_did() {
     assert_eq!(agreements, ["test-ico-ncsc", "test-ico-nca"]);
     assert_eq!(report["agreements"][0]["review_by"], "2099-12-31");
     assert_eq!(report["agreements"][0]["review_overdue"], false);
+    assert_eq!(report["agreements"][0]["review_stage"], "current");
     assert_eq!(report["storage"]["serving"], true);
 
     // An agency sees every connection, but only its own queue and its own agreements.
