@@ -410,7 +410,7 @@ enum AuditCommand {
             conflicts_with = "workflow"
         )]
         index: Option<u64>,
-        /// A workflow id (<agency>:<reference>): every entry of that consultation, statement or
+        /// A workflow id (AGENCY:REFERENCE): every entry of that consultation, statement or
         /// incident.
         #[arg(long)]
         workflow: Option<String>,
@@ -428,7 +428,7 @@ enum AuditCommand {
 #[derive(Subcommand)]
 enum DsarCommand {
     /// Opens a consultation with the agencies that shared the information, before answering a
-    /// data-subject-rights request; prints its id (<your agency>:<REF>) and the deadlines.
+    /// data-subject-rights request; prints its id (AGENCY:REF, your agency's) and the deadlines.
     Open {
         /// The agencies to consult, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -455,7 +455,7 @@ enum DsarCommand {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Answers a consultation you were consulted on (ID: <requester>:<reference>).
+    /// Answers a consultation you were consulted on (ID: REQUESTER:REFERENCE).
     #[command(group(clap::ArgGroup::new("answer").required(true).multiple(false)))]
     Respond {
         /// The consultation id.
@@ -504,7 +504,7 @@ enum DsarCommand {
         /// Transfers identifying this organisation.
         #[arg(long, group = "about")]
         org: Option<OrgId>,
-        /// Transfers with this incident reference (<agency>:<reference>, or your own).
+        /// Transfers with this incident reference (AGENCY:REFERENCE, or your own).
         #[arg(long, group = "about")]
         incident: Option<String>,
         /// Only transfers accepted on or after this DATE (YYYY-MM-DD) or RFC 3339 time.
@@ -533,7 +533,7 @@ enum CommsCommand {
         /// RFC 3339 time.
         #[arg(long)]
         publish_after: String,
-        /// Your reference for it (default: stmt-<date>-<from the message id>).
+        /// Your reference for it (default: stmt-YYYYMMDD-XXXXXXXX, from the message id).
         #[arg(long = "ref")]
         reference: Option<String>,
         /// The draft's media type, for files other than .md and .txt.
@@ -542,7 +542,7 @@ enum CommsCommand {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Approves a statement proposed to you (ID: <proposer>:<reference>).
+    /// Approves a statement proposed to you (ID: PROPOSER:REFERENCE).
     Approve {
         /// The statement id.
         id: String,
@@ -573,7 +573,7 @@ enum CommsCommand {
 
 #[derive(Subcommand)]
 enum IncidentCommand {
-    /// Declares your agency involved in an incident (REF: <agency>:<reference>, or your own
+    /// Declares your agency involved in an incident (REF: AGENCY:REFERENCE, or your own
     /// reference). When another agency you share an agreement with has declared it too, both
     /// are sent a coordination notice naming each other.
     Involve {
