@@ -109,6 +109,15 @@ pub fn qualify_incident(sender: &AgencyId, text: &str) -> Option<String> {
         .map(|id| id.to_string())
 }
 
+/// The form in which an incident reference is compared: [`qualify_incident`], or `text` as
+/// written when it is neither form (a reference in a signed artefact made before references
+/// were federation-unique, or an incident record's own reference with more than one `:`).
+/// Qualifying is idempotent, so both sides of a comparison can go through it whether or not
+/// they were qualified before.
+pub fn incident_for_comparison(owner: &AgencyId, text: &str) -> String {
+    qualify_incident(owner, text).unwrap_or_else(|| text.to_owned())
+}
+
 /// A workflow step, checked for shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -451,6 +460,25 @@ mod tests {
         assert_eq!(qualify_incident(&agency("ico"), "has space"), None);
         assert_eq!(qualify_incident(&agency("ico"), ""), None);
         assert_eq!(qualify_incident(&agency("ico"), "Bad Agency:x"), None);
+    }
+
+    #[test]
+    fn references_compare_qualified_or_as_written() {
+        // (owner, text, compared as)
+        let rows = [
+            ("ico", "INC-7", "ico:INC-7"),
+            ("ico", "ico:INC-7", "ico:INC-7"),
+            ("nca", "ico:INC-7", "ico:INC-7"),
+            ("ico", "INC 7", "INC 7"),
+            ("ico", "a:b:c", "a:b:c"),
+        ];
+        for (owner, text, want) in rows {
+            assert_eq!(
+                incident_for_comparison(&agency(owner), text),
+                want,
+                "{text}"
+            );
+        }
     }
 
     #[test]

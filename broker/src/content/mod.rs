@@ -7,7 +7,10 @@
 //! - `application/vnd.concordat.incident+json;version=1`: a Concordat incident record
 //!   ([`incident`], schema in `docs/incident-record.md`);
 //! - any other JSON (`application/json`, `*/*+json`): no schema, but parsed, so that every
-//!   string in it can be inspected.
+//!   string in it can be inspected;
+//! - text (`text/plain`, `text/markdown`; `charset` absent or `utf-8`): UTF-8, read whole as
+//!   one string (a draft public statement, say), so that it can be inspected like a JSON
+//!   string.
 //!
 //! Anything else is opaque: nobody can check what it says. Whether an opaque payload may be
 //! relayed is the policy's call ([`crate::policy::decide`]), not this module's.
@@ -37,6 +40,8 @@ pub const MAX_DEPTH: usize = 64;
 pub const STIX_MEDIA_TYPE: &str = "application/stix+json";
 /// The media type of Concordat incident records (without its `version` parameter).
 pub const INCIDENT_MEDIA_TYPE: &str = "application/vnd.concordat.incident+json";
+/// The text media types the broker reads (without their `charset` parameter).
+pub const TEXT_MEDIA_TYPES: [&str; 2] = ["text/plain", "text/markdown"];
 
 /// What the broker knows how to read, by media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,6 +52,8 @@ pub enum ContentKind {
     IncidentRecord,
     /// Some other JSON document.
     Json,
+    /// UTF-8 text (`text/plain`, `text/markdown`).
+    Text,
     /// Anything else: the broker cannot read it.
     Opaque,
 }
@@ -79,6 +86,17 @@ impl ContentKind {
                 }),
             };
         }
+        if let Some(&media_type) = TEXT_MEDIA_TYPES.iter().find(|t| **t == essence) {
+            // Only UTF-8 is read: text in another charset could name an organisation in bytes
+            // the matcher would not recognise, so it is refused rather than waved through.
+            return match media.param("charset") {
+                None | Some("utf-8") => Ok(ContentKind::Text),
+                Some(c) => Err(ContentError::UnsupportedCharset {
+                    media_type,
+                    charset: c.to_owned(),
+                }),
+            };
+        }
         if essence == "application/json" || media.subtype.ends_with("+json") {
             return Ok(ContentKind::Json);
         }
@@ -97,6 +115,7 @@ impl fmt::Display for ContentKind {
             ContentKind::Stix21 => "a STIX 2.1 bundle",
             ContentKind::IncidentRecord => "a Concordat incident record",
             ContentKind::Json => "JSON",
+            ContentKind::Text => "text",
             ContentKind::Opaque => "opaque content",
         })
     }
@@ -230,6 +249,17 @@ pub enum ContentError {
         /// The version asked for.
         version: String,
     },
+    /// Text in a charset other than UTF-8.
+    #[error("{media_type} is read as UTF-8 only, not charset {charset:?}")]
+    UnsupportedCharset {
+        /// The media type.
+        media_type: &'static str,
+        /// The charset asked for.
+        charset: String,
+    },
+    /// A text payload that is not UTF-8.
+    #[error("the payload is not valid UTF-8 text: {0}")]
+    NotUtf8(String),
     /// JSON nested deeper than [`MAX_DEPTH`].
     #[error("the JSON is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
@@ -253,6 +283,8 @@ pub enum Content {
     Incident(Box<IncidentRecord>, Value),
     /// Some other JSON document.
     Json(Value),
+    /// UTF-8 text.
+    Text(String),
     /// Bytes the broker cannot read.
     Opaque,
 }
@@ -264,6 +296,9 @@ impl Content {
         match kind {
             ContentKind::Opaque => Ok(Content::Opaque),
             ContentKind::Json => Ok(Content::Json(parse_json(payload)?)),
+            ContentKind::Text => std::str::from_utf8(payload)
+                .map(|t| Content::Text(t.to_owned()))
+                .map_err(|e| ContentError::NotUtf8(e.to_string())),
             ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
             ContentKind::IncidentRecord => {
                 let value = parse_json(payload)?;
@@ -279,6 +314,7 @@ impl Content {
             Content::Stix(_) => ContentKind::Stix21,
             Content::Incident(..) => ContentKind::IncidentRecord,
             Content::Json(_) => ContentKind::Json,
+            Content::Text(_) => ContentKind::Text,
             Content::Opaque => ContentKind::Opaque,
         }
     }
@@ -291,6 +327,13 @@ impl Content {
             Content::Incident(_, value) | Content::Json(value) => {
                 walk_strings(value, &mut JsonPath::root(), None, f)
             }
+            // The whole text is one string, at the document's root.
+            Content::Text(text) => f(StringAt {
+                object: None,
+                path: "$",
+                is_key: false,
+                text,
+            }),
             Content::Opaque => {}
         }
     }
@@ -415,6 +458,7 @@ pub fn fuzz_stix(data: &[u8]) {
         ContentKind::Stix21,
         ContentKind::IncidentRecord,
         ContentKind::Json,
+        ContentKind::Text,
     ] {
         if let Ok(content) = Content::read(kind, data) {
             let mut n = 0usize;
@@ -458,7 +502,14 @@ mod tests {
             ("application/geo+json", Ok(Json)),
             ("APPLICATION/LD+JSON", Ok(Json)),
             ("application/octet-stream", Ok(Opaque)),
-            ("text/plain", Ok(Opaque)),
+            ("text/plain", Ok(Text)),
+            ("text/markdown", Ok(Text)),
+            ("Text/Markdown; charset=UTF-8", Ok(Text)),
+            ("text/plain; charset=\"utf-8\"", Ok(Text)),
+            ("text/plain; charset=iso-8859-1", Err(())),
+            ("text/markdown; charset=utf-16", Err(())),
+            ("text/html", Ok(Opaque)),
+            ("text/csv", Ok(Opaque)),
             ("application/jsonx", Ok(Opaque)),
             ("application/json-seq", Ok(Opaque)),
             ("application/pdf; name=\"a \\\"b\\\" c.pdf\"", Ok(Opaque)),
@@ -516,6 +567,22 @@ mod tests {
             Content::read(ContentKind::Opaque, b"\x00"),
             Ok(Content::Opaque)
         ));
+    }
+
+    #[test]
+    fn text_is_read_whole_as_one_string_and_must_be_utf8() {
+        let statement = "# Statement\n\nAcme Ltd reported a breach; caf\u{e9} opens.\n";
+        let content = Content::read(ContentKind::Text, statement.as_bytes()).unwrap();
+        assert_eq!(content.kind(), ContentKind::Text);
+        let mut seen = Vec::new();
+        content
+            .for_each_string(&mut |s| seen.push((s.path.to_owned(), s.is_key, s.text.to_owned())));
+        assert_eq!(seen, [("$".to_owned(), false, statement.to_owned())]);
+        assert!(matches!(
+            Content::read(ContentKind::Text, b"caf\xe9"),
+            Err(ContentError::NotUtf8(_))
+        ));
+        assert!(Content::read(ContentKind::Text, b"").is_ok());
     }
 
     #[test]
