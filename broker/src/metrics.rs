@@ -86,6 +86,22 @@ struct CauseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkflowLabel {
+    workflow: String,
+    state: String,
+}
+
+/// The states of the workflows the `concordat_workflows` gauge counts, each from the start.
+const WORKFLOW_STATES: [(&str, &str); 6] = [
+    ("consultation", "open"),
+    ("consultation", "answered"),
+    ("consultation", "overdue"),
+    ("statement", "pending"),
+    ("statement", "objected"),
+    ("statement", "approved"),
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AgreementLabel {
     agreement: String,
 }
@@ -171,6 +187,7 @@ pub struct Metrics {
     free_bytes: Gauge,
     min_free_bytes: Gauge,
     serving: Gauge,
+    workflows: Family<WorkflowLabel, Gauge>,
     writer: Arc<WriterMetrics>,
     decisions: crate::status::DecisionWindow,
 }
@@ -294,6 +311,12 @@ impl Default for Metrics {
             "1 while the store accepts writes, 0 while it answers STORAGE_UNAVAILABLE",
             serving.clone(),
         );
+        let workflows = Family::<WorkflowLabel, Gauge>::default();
+        r.register(
+            "workflows",
+            "Consultations not closed and statements, by state (docs/workflows.md)",
+            workflows.clone(),
+        );
         let writer = Arc::new(WriterMetrics::default());
         r.register(
             "store_flush_seconds",
@@ -359,6 +382,7 @@ impl Default for Metrics {
             free_bytes,
             min_free_bytes,
             serving,
+            workflows,
             writer,
             decisions: crate::status::DecisionWindow::default(),
         }
@@ -630,6 +654,40 @@ impl Metrics {
         self.min_free_bytes.set(gauge_value(now.min_free_bytes));
         let serving = *now.store.health().borrow() == Health::Serving;
         self.serving.set(i64::from(serving));
+        self.refresh_workflows(storage, today);
+    }
+
+    /// Counts the workflows by state (at most [`crate::workflow_service::MAX_LISTED`] of each
+    /// kind are read).
+    fn refresh_workflows(&self, storage: &dyn crate::store::Storage, now: time::OffsetDateTime) {
+        let mut counts: std::collections::HashMap<(&str, String), i64> = WORKFLOW_STATES
+            .iter()
+            .map(|(w, s)| ((*w, (*s).to_owned()), 0))
+            .collect();
+        let limit = crate::workflow_service::MAX_LISTED;
+        for bytes in storage.workflow_records("dsar/", limit).unwrap_or_default() {
+            if let Ok(c) = crate::workflow::consultation_view(&bytes, now)
+                && c.state != "closed"
+            {
+                *counts.entry(("consultation", c.state)).or_default() += 1;
+            }
+        }
+        for bytes in storage
+            .workflow_records("comms/", limit)
+            .unwrap_or_default()
+        {
+            if let Ok(st) = crate::workflow::statement_view(&bytes, now) {
+                *counts.entry(("statement", st.state)).or_default() += 1;
+            }
+        }
+        for ((workflow, state), n) in counts {
+            self.workflows
+                .get_or_create(&WorkflowLabel {
+                    workflow: workflow.to_owned(),
+                    state,
+                })
+                .set(n);
+        }
     }
 }
 
@@ -849,6 +907,8 @@ mod tests {
         let both = [
             "concordat_agreement_review_overdue{agreement=\"old\"} 1",
             "concordat_agreement_review_overdue{agreement=\"fresh\"} 0",
+            "concordat_workflows{workflow=\"consultation\",state=\"overdue\"} 0",
+            "concordat_workflows{workflow=\"statement\",state=\"approved\"} 0",
             "concordat_agreement_review_stage{agreement=\"old\"} 3",
             "concordat_agreement_review_stage{agreement=\"fresh\"} 0",
             "concordat_agreement_review_warnings_total{agreement=\"old\",stage=\"lapsed\"} 1",

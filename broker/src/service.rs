@@ -206,10 +206,15 @@ impl State {
     fn prepare(
         &self,
         sender: &AgencyId,
-        envelope: Envelope,
+        mut envelope: Envelope,
         payload_sha256: [u8; 32],
     ) -> Result<Prepared, (Failure, Option<Box<pb::EnvelopeFacts>>)> {
+        // The digest is of the envelope as sent (a retry sends the same bytes, and digests
+        // stored before references were qualified stay comparable); everything after it,
+        // the decision, the audit entry and the delivery, sees the federation-unique
+        // incident reference (`INC-7` from ico is `ico:INC-7`).
         let digest = store::envelope_digest(&envelope, &payload_sha256);
+        envelope.qualify_incident_ref(sender);
         let storage = self.store.storage();
         let now = crate::clock::now();
         // One snapshot for the whole decision, whatever a reload does meanwhile.

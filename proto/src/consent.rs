@@ -29,6 +29,7 @@ use time::{Duration, OffsetDateTime, UtcOffset};
 
 use crate::paserk::{KeyId, PublicKey, SecretKey};
 use crate::paseto::{self, PasetoError};
+use crate::workflow::incident_for_comparison;
 
 /// The `typ` claim, and the PASETO implicit assertion, of a consent token.
 pub const CONSENT_TYP: &str = "concordat.consent.v1";
@@ -286,6 +287,20 @@ impl ConsentClaims {
     /// `incident_refs`: references to the incidents concerned (empty when absent).
     pub fn incident_refs(&self) -> &[String] {
         &self.incident_refs
+    }
+
+    /// Whether `incident_refs` names `incident`, an envelope's federation-unique reference
+    /// (`ico:INC-7`). Each entry is read as an envelope's is: without an agency prefix, it is
+    /// the reference of the token's sender (`from`), so a token naming `INC-7` for sender `ico`
+    /// covers `ico:INC-7`; an entry that is neither form is compared as written.
+    pub fn covers_incident(&self, incident: &str) -> bool {
+        let Ok(from) = self.from.parse::<crate::ids::AgencyId>() else {
+            return self.incident_refs.iter().any(|r| r == incident);
+        };
+        let incident = incident_for_comparison(&from, incident);
+        self.incident_refs
+            .iter()
+            .any(|r| incident_for_comparison(&from, r) == incident)
     }
 
     /// `pdh`: the lowercase hex SHA-256 of the one payload this consent covers, if bound.
@@ -1486,6 +1501,37 @@ mod tests {
                     Err(ConsentError::InvalidClaims(_))
                 ),
                 "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn incident_refs_cover_the_federation_unique_reference() {
+        // (the token's incident_refs, sender ncsc; the envelope's qualified reference; covered)
+        let rows: &[(&[&str], &str, bool)] = &[
+            (&["NCSC-INC-1"], "ncsc:NCSC-INC-1", true),
+            (&["ncsc:NCSC-INC-1"], "ncsc:NCSC-INC-1", true),
+            (&["NCSC-INC-1"], "NCSC-INC-1", true),
+            (&["NCSC-INC-1"], "ico:NCSC-INC-1", false),
+            (&["ico:INC-7"], "ico:INC-7", true),
+            (&["INC-7"], "ico:INC-7", false),
+            (&["INC 7"], "INC 7", true),
+            (&["INC 7"], "ncsc:INC", false),
+            (&["other", "NCSC-INC-1"], "ncsc:NCSC-INC-1", true),
+        ];
+        for (refs, incident, covered) in rows {
+            let mut b = example_builder();
+            b.incident_refs.clear();
+            for r in *refs {
+                b = b.incident_ref(*r);
+            }
+            let claims = b
+                .build(issuer().key_id(), datetime!(2025-03-01 09:00 UTC))
+                .unwrap();
+            assert_eq!(
+                claims.covers_incident(incident),
+                *covered,
+                "{refs:?} {incident}"
             );
         }
     }

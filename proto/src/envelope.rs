@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     ids::{AgencyId, IdError, MessageId, OrgId},
     pb,
-    workflow::Step,
+    workflow::{Reference, Step, WorkflowId, qualify_incident},
 };
 
 /// The most recipients one envelope may name.
@@ -243,7 +243,9 @@ pub struct Envelope {
     pub kind: Kind,
     /// The organisation the payload identifies; `None` for anonymised or aggregate information.
     pub organisation: Option<OrgId>,
-    /// The sender's incident reference.
+    /// The incident it concerns: `<agency>:<reference>` (`ico:INC-2026-0042`), or the
+    /// sender's own reference without a prefix until [`Envelope::qualify_incident_ref`] has
+    /// made it federation-unique.
     pub incident_ref: Option<String>,
     /// The payload's media type (`application/octet-stream` when not given).
     pub content_type: String,
@@ -264,6 +266,18 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Makes `incident_ref` federation-unique: a reference without an agency prefix is
+    /// `sender`'s own (`INC-7` sent by `ico` becomes `ico:INC-7`); one that names its agency
+    /// (`nca` referring to `ico:INC-7`) is kept. Validation admits only references that
+    /// qualify, so nothing else changes.
+    pub fn qualify_incident_ref(&mut self, sender: &AgencyId) {
+        if let Some(r) = &mut self.incident_ref
+            && let Some(q) = qualify_incident(sender, r)
+        {
+            *r = q;
+        }
+    }
+
     /// Every organisation the envelope declares: `organisation` first, then `organisations`.
     pub fn declared_organisations(&self) -> impl Iterator<Item = &OrgId> {
         self.organisation.iter().chain(&self.organisations)
@@ -373,6 +387,28 @@ fn check_label(field: &'static str, value: &str) -> Result<(), EnvelopeError> {
     Ok(())
 }
 
+/// Checks an optional incident reference: empty (absent), `<agency>:<reference>`, or the
+/// sender's own reference without a prefix (1 to [`crate::workflow::MAX_REFERENCE_LEN`]
+/// printable ASCII characters, no space and no `:`).
+fn check_incident_ref(value: &str) -> Result<(), EnvelopeError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    let checked = if value.contains(':') {
+        value.parse::<WorkflowId>().map(|_| ())
+    } else {
+        value.parse::<Reference>().map(|_| ())
+    };
+    checked.map_err(|problem| EnvelopeError::Invalid {
+        field: "incident_ref",
+        problem: format!(
+            "must be your own reference (printable ASCII, no spaces or ':') or \
+             <agency>:<reference> for another agency's incident, such as ico:INC-2026-0042; \
+             this one {problem}"
+        ),
+    })
+}
+
 /// What validating a wire envelope parses, before its strings and payload are moved.
 struct Checked {
     message_id: MessageId,
@@ -455,7 +491,7 @@ impl Checked {
             });
         }
         let kind = Kind::try_from(wire.kind)?;
-        check_label("incident_ref", &wire.incident_ref)?;
+        check_incident_ref(&wire.incident_ref)?;
         check_label("content_type", &wire.content_type)?;
         let significance = SignificanceTokens::check(
             &wire.significance_designation,
@@ -616,7 +652,13 @@ mod tests {
             ("tlp", |e| e.tlp = 0),
             ("organisation", |e| e.organisation = "Acme Ltd".into()),
             ("incident_ref", |e| e.incident_ref = "x".repeat(129)),
+            ("incident_ref", |e| e.incident_ref = "x".repeat(65)),
             ("incident_ref", |e| e.incident_ref = "bad\nref".into()),
+            ("incident_ref", |e| e.incident_ref = "INC 2026 0042".into()),
+            ("incident_ref", |e| e.incident_ref = "a:b:c".into()),
+            ("incident_ref", |e| e.incident_ref = "ICO:INC-1".into()),
+            ("incident_ref", |e| e.incident_ref = ":INC-1".into()),
+            ("incident_ref", |e| e.incident_ref = "ico:".into()),
             ("content_type", |e| e.content_type = "text/\u{7}".into()),
             ("organisations", |e| e.organisations = vec!["Globex".into()]),
             ("organisations", |e| {
@@ -655,6 +697,51 @@ mod tests {
                 other => panic!("expected {field} to be refused, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn incident_refs_are_qualified_with_the_sender_unless_they_name_an_agency() {
+        let ico: AgencyId = "ico".parse().unwrap();
+        let nca: AgencyId = "nca".parse().unwrap();
+        // (sent, by, becomes)
+        let rows = [
+            ("INC-7", &ico, "ico:INC-7"),
+            ("ico:INC-7", &ico, "ico:INC-7"),
+            ("ico:INC-7", &nca, "ico:INC-7"),
+            ("INC-2026/0042", &nca, "nca:INC-2026/0042"),
+        ];
+        for (sent, sender, want) in rows {
+            let mut env = Envelope::try_from(pb::Envelope {
+                incident_ref: sent.into(),
+                ..valid()
+            })
+            .unwrap();
+            env.qualify_incident_ref(sender);
+            assert_eq!(
+                env.incident_ref.as_deref(),
+                Some(want),
+                "{sent} by {sender}"
+            );
+        }
+        let mut none = Envelope::try_from(pb::Envelope {
+            incident_ref: String::new(),
+            ..valid()
+        })
+        .unwrap();
+        none.qualify_incident_ref(&ico);
+        assert_eq!(none.incident_ref, None);
+    }
+
+    #[test]
+    fn a_malformed_incident_ref_says_what_is_expected() {
+        let err = Envelope::try_from(pb::Envelope {
+            incident_ref: "INC 7".into(),
+            ..valid()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("incident_ref"), "{err}");
+        assert!(err.contains("<agency>:<reference>"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::consent::TokenId;
 use crate::ids::AgencyId;
 use crate::paserk::{KeyId, PublicKey, SecretKey};
 use crate::paseto::{self, PasetoError};
+use crate::workflow::incident_for_comparison;
 
 /// The `typ` claim, and the PASETO implicit assertion, of a designation.
 pub const DESIGNATION_TYP: &str = "concordat.significance.v1";
@@ -245,6 +246,13 @@ impl DesignationClaims {
     /// The incident designated, as the sender references it.
     pub fn incident_ref(&self) -> &str {
         &self.incident_ref
+    }
+
+    /// The incident designated as a federation-unique reference (`ico:INC-2026-0042`): a
+    /// reference without an agency prefix is the designating agency's own; one that is
+    /// neither form is kept as written.
+    pub fn qualified_incident_ref(&self) -> String {
+        incident_for_comparison(&self.agency, &self.incident_ref)
     }
 
     /// The flows the designation opens.
@@ -470,7 +478,8 @@ impl Designation {
     /// sent by `sender` to `recipient` at `now`, with `skew` allowed for clock differences.
     ///
     /// Checks, in order: the designation is the sender's agency's; it was made no later than
-    /// `now + skew` and expires after `now - skew`; its incident is `incident_ref` (exactly);
+    /// `now + skew` and expires after `now - skew`; its incident is `incident_ref` (both read
+    /// as federation-unique references: `ICO-2026-0042` of `ico` is `ico:ICO-2026-0042`);
     /// it opens the flow `sender -> recipient`.
     pub fn check(
         &self,
@@ -499,11 +508,16 @@ impl Designation {
                 issued: rfc3339(c.iat),
             });
         }
-        if c.incident_ref != incident_ref {
+        // Both read as federation-unique references: the designation's without a prefix is
+        // its agency's own, the presented one without a prefix the sender's (who is that
+        // agency, checked above).
+        let designated = c.qualified_incident_ref();
+        let presented = incident_for_comparison(sender, incident_ref);
+        if designated != presented {
             return Err(SignificanceError::WrongIncident {
                 jti: c.jti,
-                designated: c.incident_ref.clone(),
-                presented: incident_ref.chars().take(MAX_INCIDENT_REF_LEN).collect(),
+                designated,
+                presented: presented.chars().take(MAX_INCIDENT_REF_LEN).collect(),
             });
         }
         if !c
@@ -918,6 +932,22 @@ mod tests {
                 &ico,
                 &ncsc,
                 "ICO-2026-0043",
+                f.now,
+                Some("WrongIncident"),
+            ),
+            (
+                "the same incident, qualified with the agency",
+                &ico,
+                &ncsc,
+                "ico:ICO-2026-0042",
+                f.now,
+                None,
+            ),
+            (
+                "the same reference of another agency",
+                &ico,
+                &ncsc,
+                "nca:ICO-2026-0042",
                 f.now,
                 Some("WrongIncident"),
             ),

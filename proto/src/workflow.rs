@@ -133,6 +133,15 @@ fn parse_time(text: &str, time_of_day: time::Time) -> Result<OffsetDateTime, Str
         .map_err(|_| format!("{text:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 time"))
 }
 
+/// The form in which an incident reference is compared: [`qualify_incident`], or `text` as
+/// written when it is neither form (a reference in a signed artefact made before references
+/// were federation-unique, or an incident record's own reference with more than one `:`).
+/// Qualifying is idempotent, so both sides of a comparison can go through it whether or not
+/// they were qualified before.
+pub fn incident_for_comparison(owner: &AgencyId, text: &str) -> String {
+    qualify_incident(owner, text).unwrap_or_else(|| text.to_owned())
+}
+
 /// A workflow step, checked for shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -506,6 +515,25 @@ mod tests {
                 Some(e) => assert_eq!(parse(text).unwrap(), at(e), "{text:?}"),
                 None => assert!(parse(text).unwrap_err().contains("YYYY-MM-DD"), "{text:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn references_compare_qualified_or_as_written() {
+        // (owner, text, compared as)
+        let rows = [
+            ("ico", "INC-7", "ico:INC-7"),
+            ("ico", "ico:INC-7", "ico:INC-7"),
+            ("nca", "ico:INC-7", "ico:INC-7"),
+            ("ico", "INC 7", "INC 7"),
+            ("ico", "a:b:c", "a:b:c"),
+        ];
+        for (owner, text, want) in rows {
+            assert_eq!(
+                incident_for_comparison(&agency(owner), text),
+                want,
+                "{text}"
+            );
         }
     }
 

@@ -7,7 +7,10 @@
 //! - `application/vnd.concordat.incident+json;version=1`: a Concordat incident record
 //!   ([`incident`], schema in `docs/incident-record.md`);
 //! - any other JSON (`application/json`, `*/*+json`): no schema, but parsed, so that every
-//!   string in it can be inspected.
+//!   string in it can be inspected;
+//! - text (`text/plain`, `text/markdown`; `charset` absent or `utf-8`): UTF-8, read whole as
+//!   one string (a draft public statement, say), so that it can be inspected like a JSON
+//!   string.
 //!
 //! Anything else is opaque: nobody can check what it says. Whether an opaque payload may be
 //! relayed is the policy's call ([`crate::policy::decide`]), not this module's.
@@ -37,6 +40,8 @@ pub const MAX_DEPTH: usize = 64;
 pub const STIX_MEDIA_TYPE: &str = "application/stix+json";
 /// The media type of Concordat incident records (without its `version` parameter).
 pub const INCIDENT_MEDIA_TYPE: &str = "application/vnd.concordat.incident+json";
+/// The text media types the broker reads (without their `charset` parameter).
+pub const TEXT_MEDIA_TYPES: [&str; 2] = ["text/plain", "text/markdown"];
 
 /// What the broker knows how to read, by media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,8 +52,7 @@ pub enum ContentKind {
     IncidentRecord,
     /// Some other JSON document.
     Json,
-    /// Plain or Markdown text (`text/plain`, `text/markdown`), UTF-8: a draft public statement,
-    /// read for the organisations it names.
+    /// UTF-8 text (`text/plain`, `text/markdown`).
     Text,
     /// Anything else: the broker cannot read it.
     Opaque,
@@ -82,11 +86,19 @@ impl ContentKind {
                 }),
             };
         }
+        if let Some(&media_type) = TEXT_MEDIA_TYPES.iter().find(|t| **t == essence) {
+            // Only UTF-8 is read: text in another charset could name an organisation in bytes
+            // the matcher would not recognise, so it is refused rather than waved through.
+            return match media.param("charset") {
+                None | Some("utf-8") => Ok(ContentKind::Text),
+                Some(c) => Err(ContentError::UnsupportedCharset {
+                    media_type,
+                    charset: c.to_owned(),
+                }),
+            };
+        }
         if essence == "application/json" || media.subtype.ends_with("+json") {
             return Ok(ContentKind::Json);
-        }
-        if essence == "text/plain" || essence == "text/markdown" {
-            return Ok(ContentKind::Text);
         }
         Ok(ContentKind::Opaque)
     }
@@ -237,15 +249,23 @@ pub enum ContentError {
         /// The version asked for.
         version: String,
     },
+    /// Text in a charset other than UTF-8.
+    #[error("{media_type} is read as UTF-8 only, not charset {charset:?}")]
+    UnsupportedCharset {
+        /// The media type.
+        media_type: &'static str,
+        /// The charset asked for.
+        charset: String,
+    },
+    /// A text payload that is not UTF-8.
+    #[error("the payload is not valid UTF-8 text: {0}")]
+    NotUtf8(String),
     /// JSON nested deeper than [`MAX_DEPTH`].
     #[error("the JSON is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
     /// The payload is not JSON (or not UTF-8).
     #[error("the payload is not valid JSON: {0}")]
     NotJson(String),
-    /// A text payload is not UTF-8.
-    #[error("the text is not valid UTF-8 (at byte {0})")]
-    NotUtf8(usize),
     /// A STIX bundle breaks a rule of the specification.
     #[error("{0}")]
     Stix(#[from] stix::StixError),
@@ -263,8 +283,8 @@ pub enum Content {
     Incident(Box<IncidentRecord>, Value),
     /// Some other JSON document.
     Json(Value),
-    /// Text, held as a JSON string so that it is read for names exactly as JSON strings are.
-    Text(Value),
+    /// UTF-8 text.
+    Text(String),
     /// Bytes the broker cannot read.
     Opaque,
 }
@@ -277,8 +297,8 @@ impl Content {
             ContentKind::Opaque => Ok(Content::Opaque),
             ContentKind::Json => Ok(Content::Json(parse_json(payload)?)),
             ContentKind::Text => std::str::from_utf8(payload)
-                .map(|t| Content::Text(Value::String(t.to_owned())))
-                .map_err(|e| ContentError::NotUtf8(e.valid_up_to())),
+                .map(|t| Content::Text(t.to_owned()))
+                .map_err(|e| ContentError::NotUtf8(e.to_string())),
             ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
             ContentKind::IncidentRecord => {
                 let value = parse_json(payload)?;
@@ -304,9 +324,16 @@ impl Content {
     pub fn for_each_string(&self, f: &mut dyn FnMut(StringAt<'_>)) {
         match self {
             Content::Stix(bundle) => bundle.for_each_string(f),
-            Content::Incident(_, value) | Content::Json(value) | Content::Text(value) => {
+            Content::Incident(_, value) | Content::Json(value) => {
                 walk_strings(value, &mut JsonPath::root(), None, f)
             }
+            // The whole text is one string, at the document's root.
+            Content::Text(text) => f(StringAt {
+                object: None,
+                path: "$",
+                is_key: false,
+                text,
+            }),
             Content::Opaque => {}
         }
     }
@@ -431,6 +458,7 @@ pub fn fuzz_stix(data: &[u8]) {
         ContentKind::Stix21,
         ContentKind::IncidentRecord,
         ContentKind::Json,
+        ContentKind::Text,
     ] {
         if let Ok(content) = Content::read(kind, data) {
             let mut n = 0usize;
@@ -475,9 +503,13 @@ mod tests {
             ("APPLICATION/LD+JSON", Ok(Json)),
             ("application/octet-stream", Ok(Opaque)),
             ("text/plain", Ok(Text)),
-            ("text/markdown; charset=utf-8", Ok(Text)),
-            ("TEXT/Markdown", Ok(Text)),
+            ("text/markdown", Ok(Text)),
+            ("Text/Markdown; charset=UTF-8", Ok(Text)),
+            ("text/plain; charset=\"utf-8\"", Ok(Text)),
+            ("text/plain; charset=iso-8859-1", Err(())),
+            ("text/markdown; charset=utf-16", Err(())),
             ("text/html", Ok(Opaque)),
+            ("text/csv", Ok(Opaque)),
             ("application/jsonx", Ok(Opaque)),
             ("application/json-seq", Ok(Opaque)),
             ("application/pdf; name=\"a \\\"b\\\" c.pdf\"", Ok(Opaque)),
@@ -538,17 +570,19 @@ mod tests {
     }
 
     #[test]
-    fn text_is_read_whole_as_one_string() {
-        let draft = "# Joint statement\n\nAcme Ltd reported an incident.\n";
-        let content = Content::read(ContentKind::Text, draft.as_bytes()).unwrap();
+    fn text_is_read_whole_as_one_string_and_must_be_utf8() {
+        let statement = "# Statement\n\nAcme Ltd reported a breach; caf\u{e9} opens.\n";
+        let content = Content::read(ContentKind::Text, statement.as_bytes()).unwrap();
         assert_eq!(content.kind(), ContentKind::Text);
         let mut seen = Vec::new();
-        content.for_each_string(&mut |s| seen.push((s.path.to_owned(), s.text.to_owned())));
-        assert_eq!(seen, [("$".to_owned(), draft.to_owned())]);
-        assert_eq!(
-            Content::read(ContentKind::Text, b"ok \xff").unwrap_err(),
-            ContentError::NotUtf8(3)
-        );
+        content
+            .for_each_string(&mut |s| seen.push((s.path.to_owned(), s.is_key, s.text.to_owned())));
+        assert_eq!(seen, [("$".to_owned(), false, statement.to_owned())]);
+        assert!(matches!(
+            Content::read(ContentKind::Text, b"caf\xe9"),
+            Err(ContentError::NotUtf8(_))
+        ));
+        assert!(Content::read(ContentKind::Text, b"").is_ok());
     }
 
     #[test]

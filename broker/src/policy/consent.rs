@@ -13,6 +13,7 @@ use concordat_proto::{
     envelope::Envelope,
     ids::{AgencyId, OrgId},
     paserk::{KeyId, PublicKey},
+    workflow::incident_for_comparison,
 };
 use time::OffsetDateTime;
 
@@ -411,10 +412,13 @@ fn check_claims(
         ));
     }
     if !claims.incident_refs().is_empty() {
+        // Both sides are read as federation-unique references: the envelope's qualified with
+        // its sender (the broker has done so already; qualifying again changes nothing), the
+        // token's with its own `from`, which is the sender (checked above).
         let covered = envelope
             .incident_ref
             .as_ref()
-            .is_some_and(|r| claims.incident_refs().iter().any(|c| c == r));
+            .is_some_and(|r| claims.covers_incident(&incident_for_comparison(sender, r)));
         if !covered {
             return Err(refuse(
                 Reason::ConsentWrongIncident,

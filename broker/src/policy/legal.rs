@@ -151,7 +151,8 @@ pub(super) fn check(
         return Ok(None);
     }
     // The incident the designation must name: the record's own reference, else the
-    // envelope's.
+    // envelope's (`Designation::check` reads both federation-unique, qualified with the
+    // sender).
     let incident_ref = match content {
         Content::Incident(record, _) => Some(record.incident.reference.as_str()),
         _ => envelope.incident_ref.as_deref(),

@@ -1,19 +1,22 @@
 //! The leak check: which organisations a transfer identifies. They are those its envelope
 //! declares (`organisation`, `organisations`) together with those its payload names: every
-//! string of an inspectable payload (a STIX bundle, an incident record, any JSON), keys
-//! included, is scanned once for every registered organisation's names and identifiers
-//! ([`crate::registry::Matcher`]), and an incident record's `organisations` name theirs by id.
+//! string of an inspectable payload (a STIX bundle, an incident record, any JSON, keys
+//! included; text as one string) is scanned once for every registered organisation's names
+//! and identifiers ([`crate::registry::Matcher`]), and an incident record's `organisations`
+//! name theirs by id. A workflow step's free text (an objection's ground or reason,
+//! [`Step::text`]) is scanned like a payload's string, whatever the payload: it cannot carry
+//! an organisation's name without that organisation's consent either.
 //! Each organisation identified needs its own consent token (the consent step); one the payload
 //! names without a token is refused `ORGANISATION_IDENTIFIED`, with where it was found (the
 //! STIX object's index, id and property, or a JSON path) and never the matched text.
 
 use std::cell::RefCell;
 
-use concordat_proto::{envelope::Envelope, ids::OrgId};
+use concordat_proto::{envelope::Envelope, ids::OrgId, workflow::Step};
 
 use crate::{
     content::Content,
-    registry::{JsonMatch, JsonSite, Matcher, Scratch},
+    registry::{JsonMatch, JsonSite, Matcher, OrgMatch, Scratch},
 };
 
 /// One organisation a transfer identifies, and how.
@@ -33,7 +36,7 @@ thread_local! {
 }
 
 /// The organisations `envelope` identifies: those it declares first, in its order, then those
-/// only its payload names, in document order.
+/// only its payload names, in document order, then those only its workflow step's text names.
 pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> Vec<Identified> {
     let mut out: Vec<Identified> = envelope
         .declared_organisations()
@@ -59,23 +62,58 @@ pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> 
         }
     }
     let value = match content {
-        Content::Stix(bundle) => bundle.as_json(),
-        Content::Incident(_, value) | Content::Json(value) | Content::Text(value) => value,
-        Content::Opaque => return out,
+        Content::Stix(bundle) => Some(bundle.as_json()),
+        Content::Incident(_, value) | Content::Json(value) => Some(value),
+        Content::Text(_) | Content::Opaque => None,
     };
-    let found = SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut scratch) => matcher.scan_json_with(&mut scratch, value),
-        // Only re-entered if a scan panicked mid-way on this thread; start afresh.
-        Err(_) => matcher.scan_json(value),
-    });
-    for m in &found {
-        let place = match content {
-            Content::Stix(bundle) => stix_place(m, bundle.object_ids()),
-            _ => json_place(m),
-        };
-        add(m.org, place);
+    if let Some(value) = value {
+        let found = SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut scratch) => matcher.scan_json_with(&mut scratch, value),
+            // Only re-entered if a scan panicked mid-way on this thread; start afresh.
+            Err(_) => matcher.scan_json(value),
+        });
+        for m in &found {
+            let place = match content {
+                Content::Stix(bundle) => stix_place(m, bundle.object_ids()),
+                _ => json_place(m),
+            };
+            add(m.org, place);
+        }
+    }
+    if let Content::Text(text) = content {
+        for m in scan_text(matcher, text) {
+            add(m.org, format!("its {} in the text", m.kind));
+        }
+    }
+    if let Some((field, text)) = envelope.workflow.as_ref().and_then(step_text) {
+        for m in scan_text(matcher, text) {
+            add(m.org, format!("its {} in {field}", m.kind));
+        }
     }
     out
+}
+
+/// The organisations `text` names, scanned as one string (as a JSON string value is).
+fn scan_text<'m>(matcher: &'m Matcher, text: &str) -> Vec<OrgMatch<'m>> {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let mut found = Vec::new();
+            matcher.scan_with(&mut scratch, text, &mut found);
+            found
+        }
+        // Only re-entered if a scan panicked mid-way on this thread; start afresh.
+        Err(_) => matcher.scan(text).collect(),
+    })
+}
+
+/// A workflow step's free text, with the envelope field it travels in.
+fn step_text(step: &Step) -> Option<(&'static str, &str)> {
+    let field = match step {
+        Step::DsarAnswer { .. } => "workflow.dsar_answer.objection",
+        Step::CommsAnswer { .. } => "workflow.comms_answer.objection",
+        _ => "workflow",
+    };
+    step.text().map(|text| (field, text))
 }
 
 /// Where a match is in a JSON document, in words.
@@ -229,6 +267,20 @@ mod tests {
                 vec![("globex-plc", true, None)],
             ),
             (
+                "markdown: a name in the text",
+                None,
+                "text/markdown",
+                b"# Statement\n\nThe ICO and the NCSC are aware of an incident at **ACME Limited**.",
+                vec![("acme-ltd", false, Some("its name in the text"))],
+            ),
+            (
+                "plain text: a domain",
+                None,
+                "text/plain; charset=utf-8",
+                b"Phishing from login.globex.example continues.",
+                vec![("globex-plc", false, Some("its name in the text"))],
+            ),
+            (
                 "nobody",
                 None,
                 "application/json",
@@ -247,6 +299,72 @@ mod tests {
             let want: Vec<(String, bool, Option<String>)> = want
                 .into_iter()
                 .map(|(o, d, f)| (o.to_owned(), d, f.map(str::to_owned)))
+                .collect();
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_workflow_steps_text_is_scanned_whatever_the_payload() {
+        use concordat_proto::workflow::{CommsAnswer, DsarAnswer};
+        let m = matcher();
+        // (what, step, content type, [(organisation, found at)])
+        type Case<'a> = (&'a str, Step, &'a str, Vec<(&'a str, &'a str)>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "a DSAR objection naming an organisation, opaque payload",
+                Step::DsarAnswer {
+                    consultation: "nca:DSAR-1".parse().unwrap(),
+                    answer: DsarAnswer::Objection(
+                        "Schedule 2: it would prejudice the inquiry into Acme Ltd".into(),
+                    ),
+                },
+                "application/octet-stream",
+                vec![("acme-ltd", "its name in workflow.dsar_answer.objection")],
+            ),
+            (
+                "a statement objection naming a company number, JSON payload",
+                Step::CommsAnswer {
+                    statement: "ico:press-1".parse().unwrap(),
+                    answer: CommsAnswer::Objection("not before 01234567 is told".into()),
+                },
+                "application/json",
+                vec![(
+                    "acme-ltd",
+                    "its company number in workflow.comms_answer.objection",
+                )],
+            ),
+            (
+                "an objection naming nobody",
+                Step::CommsAnswer {
+                    statement: "ico:press-1".parse().unwrap(),
+                    answer: CommsAnswer::Objection("the date is too early".into()),
+                },
+                "application/json",
+                vec![],
+            ),
+            (
+                "no text: an approval",
+                Step::CommsAnswer {
+                    statement: "ico:press-1".parse().unwrap(),
+                    answer: CommsAnswer::Approve,
+                },
+                "application/json",
+                vec![],
+            ),
+        ];
+        for (what, step, content_type, want) in cases {
+            let mut e = envelope(None, content_type, b"{}");
+            e.workflow = Some(step);
+            let content =
+                Content::read(ContentKind::of(content_type).unwrap(), &e.payload).unwrap();
+            let got: Vec<(String, bool, Option<String>)> = identified(&m, &e, &content)
+                .into_iter()
+                .map(|i| (i.org.to_string(), i.declared, i.found_at))
+                .collect();
+            let want: Vec<(String, bool, Option<String>)> = want
+                .into_iter()
+                .map(|(o, f)| (o.to_owned(), false, Some(f.to_owned())))
                 .collect();
             assert_eq!(got, want, "{what}");
         }

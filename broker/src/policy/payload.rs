@@ -43,7 +43,7 @@ pub(super) fn check_content(
                     Reason::UninspectableContent,
                     format!(
                         "{:?} is opaque to the broker and the agreement's flow does not allow \
-                         opaque payloads (opaque = true); send JSON, a STIX 2.1 bundle or an \
+                         opaque payloads (opaque = true); send JSON, text, a STIX 2.1 bundle or an \
                          incident record",
                         envelope.content_type
                     ),

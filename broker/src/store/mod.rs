@@ -31,6 +31,7 @@ use concordat_proto::{
     merkle::Hash,
     paserk::KeyId,
     pb,
+    workflow::qualify_incident,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -1294,7 +1295,7 @@ pub fn designation_record(
     pb::SignificanceDesignation {
         jti: c.jti().to_string(),
         agency: c.agency().to_string(),
-        incident_ref: c.incident_ref().to_owned(),
+        incident_ref: c.qualified_incident_ref(),
         flows: c.flows().iter().map(ToString::to_string).collect(),
         designated_by: d.designated_by.clone(),
         designated_by_key: c.iss().to_string(),
@@ -1358,7 +1359,9 @@ pub fn raw_facts(
         recipients: e.recipients.iter().take(32).map(|r| cut(r)).collect(),
         kind: e.kind,
         organisation: cut(&e.organisation),
-        incident_ref: cut(&e.incident_ref),
+        // A reference that qualifies is logged as the broker reads it, like an accepted one's.
+        incident_ref: qualify_incident(sender, &e.incident_ref)
+            .unwrap_or_else(|| cut(&e.incident_ref)),
         tlp: e.tlp,
         payload_sha256: payload_sha256.to_vec(),
         payload_size: e.payload.len() as u64,

@@ -15,6 +15,7 @@ mod deadline;
 mod flood;
 mod full_disk;
 mod inbox;
+mod incident_refs;
 mod leak;
 mod logs;
 mod metrics;
