@@ -125,9 +125,6 @@ impl Running {
             AgentEvent::Sent { path, receipt, .. } => {
                 writeln!(out, "   accepted: transfer {}", receipt.transfer_id)?;
                 self.last_transfer.clone_from(&receipt.transfer_id);
-                for w in &receipt.warnings {
-                    writeln!(out, "     warning: {w}")?;
-                }
                 for a in &receipt.authorities {
                     writeln!(
                         out,
