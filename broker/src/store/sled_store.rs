@@ -915,14 +915,24 @@ impl SledStorage {
                         continue;
                     };
                     fired += 1;
+                    // A timer or record that does not decode cannot be fired, now or later:
+                    // it is dropped and logged, rather than aborting this firing and every
+                    // one after it (the timers due later would never fire). Its record, if
+                    // any, is left as it is for an operator to look at.
                     let timer = match workflow::Timer::decode(raw.as_ref()) {
                         Ok(t) => t,
-                        Err(e) => return abort(Internal::new("decoding a timer", e)),
+                        Err(e) => {
+                            tracing::error!(error = %e, "dropped a workflow timer that does not decode");
+                            continue;
+                        }
                     };
                     let stored = workflows.get(timer.key.as_bytes())?;
                     let outcome = match workflow::fire(&timer, stored.as_deref(), now) {
                         Ok(o) => o,
-                        Err(e) => return abort(e),
+                        Err(e) => {
+                            tracing::error!(error = %e, record = %timer.key, party = %timer.party, "dropped a workflow timer whose record cannot be read");
+                            continue;
+                        }
                     };
                     let Some(f) = outcome else { continue };
                     workflows.insert(timer.key.as_bytes(), f.record)?;
@@ -2159,6 +2169,70 @@ mod tests {
         assert_eq!(s.queue_depth(&agency("nca")), 2);
         let report = s.verify().unwrap();
         assert!(report.ok(), "{report:?}");
+    }
+
+    #[test]
+    fn a_corrupt_timer_or_record_does_not_stop_the_other_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let deadline = |key: &str, at: i64| workflow::Timer {
+            kind: workflow::TimerKind::Deadline as i32,
+            key: key.into(),
+            party: "ico".into(),
+            due_nanos: at,
+            at_nanos: at,
+        };
+        // Due first: a timer whose record is not a consultation, and a timer that is not a
+        // timer; then a sound one.
+        let bad_record = deadline("dsar/nca:BAD", 1);
+        s.workflows
+            .insert(bad_record.key.as_bytes(), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        s.timers
+            .insert(bad_record.storage_key(), bad_record.encode_to_vec())
+            .unwrap();
+        let mut bad_timer_key = deadline("dsar/nca:JUNK", 2).storage_key();
+        bad_timer_key.push(b'x');
+        s.timers
+            .insert(bad_timer_key, &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let good = deadline("dsar/nca:D-1", 3);
+        let record = pb::ConsultationStatus {
+            consultation_id: "nca:D-1".into(),
+            requester: "nca".into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ico".into(),
+                state: "awaiting".into(),
+                due: Some(timestamp(
+                    OffsetDateTime::from_unix_timestamp_nanos(3).unwrap(),
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.workflows
+            .insert(good.key.as_bytes(), record.encode_to_vec())
+            .unwrap();
+        s.timers
+            .insert(good.storage_key(), good.encode_to_vec())
+            .unwrap();
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 3,
+                    notices: 2
+                })
+            ),
+            "{fired:?}"
+        );
+        // The corrupt ones are gone rather than retried every second for ever; the corrupt
+        // record is left for an operator to look at.
+        assert_eq!(s.next_timer().unwrap(), None);
+        assert!(s.workflow_record("dsar/nca:BAD").unwrap().is_some());
+        assert_eq!(s.queue_depth(&agency("nca")), 1);
     }
 
     #[test]
