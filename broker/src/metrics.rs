@@ -665,7 +665,10 @@ impl Metrics {
             .map(|(w, s)| ((*w, (*s).to_owned()), 0))
             .collect();
         let limit = crate::workflow_service::MAX_LISTED;
-        for bytes in storage.workflow_records("dsar/", limit).unwrap_or_default() {
+        for bytes in storage
+            .workflow_records("dsar/", limit, &|_| true)
+            .unwrap_or_default()
+        {
             if let Ok(c) = crate::workflow::consultation_view(&bytes, now)
                 && c.state != "closed"
             {
@@ -673,7 +676,7 @@ impl Metrics {
             }
         }
         for bytes in storage
-            .workflow_records("comms/", limit)
+            .workflow_records("comms/", limit, &|_| true)
             .unwrap_or_default()
         {
             if let Ok(st) = crate::workflow::statement_view(&bytes, now) {

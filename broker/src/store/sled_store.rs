@@ -1655,15 +1655,23 @@ impl Storage for SledStorage {
             .map(|v| v.to_vec()))
     }
 
-    fn workflow_records(&self, prefix: &str, limit: usize) -> Result<Vec<Vec<u8>>, Internal> {
-        self.workflows
-            .scan_prefix(prefix.as_bytes())
-            .take(limit)
-            .map(|item| {
-                item.map(|(_, v)| v.to_vec())
-                    .map_err(sled_err("reading the workflows"))
-            })
-            .collect()
+    fn workflow_records(
+        &self,
+        prefix: &str,
+        limit: usize,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, Internal> {
+        let mut kept = Vec::new();
+        for item in self.workflows.scan_prefix(prefix.as_bytes()) {
+            if kept.len() >= limit {
+                break;
+            }
+            let (_, v) = item.map_err(sled_err("reading the workflows"))?;
+            if keep(&v) {
+                kept.push(v.to_vec());
+            }
+        }
+        Ok(kept)
     }
 
     fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal> {
@@ -2233,6 +2241,42 @@ mod tests {
         assert_eq!(s.next_timer().unwrap(), None);
         assert!(s.workflow_record("dsar/nca:BAD").unwrap().is_some());
         assert_eq!(s.queue_depth(&agency("nca")), 1);
+    }
+
+    #[test]
+    fn a_list_counts_only_the_records_the_caller_may_see() {
+        // More consultations between other agencies than one answer lists, sorting before
+        // the caller's own: they must not crowd it out.
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let record = |requester: &str, reference: &str| pb::ConsultationStatus {
+            consultation_id: format!("{requester}:{reference}"),
+            requester: requester.into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ncsc".into(),
+                state: "awaiting".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for i in 0..=crate::workflow_service::MAX_LISTED {
+            let r = record("ico", &format!("D-{i:05}"));
+            s.workflows
+                .insert(format!("dsar/{}", r.consultation_id), r.encode_to_vec())
+                .unwrap();
+        }
+        let mine = record("nca", "D-1");
+        s.workflows
+            .insert("dsar/nca:D-1", mine.encode_to_vec())
+            .unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let seen = crate::workflow_service::visible_records(&s, "dsar/", |b| {
+            Ok(Some(workflow::consultation_view(b, now)?)
+                .filter(|c| workflow::consultation_party(c, "nca")))
+        })
+        .unwrap();
+        let ids: Vec<_> = seen.iter().map(|c| c.consultation_id.as_str()).collect();
+        assert_eq!(ids, ["nca:D-1"]);
     }
 
     #[test]
