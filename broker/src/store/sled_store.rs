@@ -1675,11 +1675,13 @@ impl Storage for SledStorage {
     }
 
     fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal> {
+        // A key that does not say when it fires is due at once, so that the firing drops it
+        // rather than it hiding every timer behind it.
         Ok(self
             .timers
             .first()
             .map_err(sled_err("reading the timers"))?
-            .and_then(|(k, _)| workflow::timer_key_time(&k)))
+            .map(|(k, _)| workflow::timer_key_time(&k).unwrap_or(OffsetDateTime::UNIX_EPOCH)))
     }
 
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
@@ -2240,6 +2242,20 @@ mod tests {
         // record is left for an operator to look at.
         assert_eq!(s.next_timer().unwrap(), None);
         assert!(s.workflow_record("dsar/nca:BAD").unwrap().is_some());
+        // A key too short to say when it fires sorts first: it must not hide the timers
+        // behind it from the loop that asks when the next one is due.
+        s.timers.insert(&[0u8, 0][..], &[][..]).unwrap();
+        let later = deadline("dsar/nca:D-1", 4);
+        s.timers
+            .insert(later.storage_key(), later.encode_to_vec())
+            .unwrap();
+        assert!(s.next_timer().unwrap().is_some_and(|at| at <= t0));
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(fired[0], Ok(Applied::Fired { timers: 2, .. })),
+            "{fired:?}"
+        );
+        assert_eq!(s.next_timer().unwrap(), None);
         assert_eq!(s.queue_depth(&agency("nca")), 1);
     }
 
