@@ -2296,6 +2296,107 @@ mod tests {
     }
 
     #[test]
+    fn steps_on_one_consultation_in_one_batch_apply_in_order_and_a_retry_adds_nothing() {
+        use concordat_proto::workflow::{DsarAnswer, DsarOpen, Step};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let day = time::Duration::days(1);
+        let step = |sender: &str, to: &str, step: Step, id: MessageId| {
+            let mut op = accept(&[to], b"step".to_vec(), None);
+            let Op::Accept(a) = &mut op else {
+                unreachable!()
+            };
+            let mut envelope = a.envelope.clone();
+            envelope.message_id = id;
+            envelope.kind = Kind::DsarConsultation;
+            envelope.workflow = Some(step);
+            let mut a = Accept::new(
+                agency(sender),
+                envelope,
+                a.decision.clone(),
+                [1; 32],
+                t0,
+                1000,
+            );
+            a.workflow = Some(workflow::StepContext {
+                default_due: [(agency("ico"), t0 + 20 * day)].into_iter().collect(),
+                reminder_before: 3 * day,
+            });
+            Op::Accept(Box::new(a))
+        };
+        let open = Step::DsarOpen(DsarOpen {
+            reference: "D-1".parse().unwrap(),
+            concerns: Vec::new(),
+            organisation: None,
+            respond_by: None,
+        });
+        let answer = |a| Step::DsarAnswer {
+            consultation: "nca:D-1".parse().unwrap(),
+            answer: a,
+        };
+        let more = MessageId::new_random();
+        let done = commit(
+            &s,
+            &[
+                step("nca", "ico", open, MessageId::new_random()),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NeedMoreTime(t0 + 30 * day)),
+                    more,
+                ),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NeedMoreTime(t0 + 30 * day)),
+                    more,
+                ),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NoObjection),
+                    MessageId::new_random(),
+                ),
+            ],
+        );
+        let outcomes: Vec<&str> = done
+            .iter()
+            .map(|r| match r {
+                Ok(Applied::Accepted(_)) => "accepted",
+                Ok(Applied::Duplicate(_)) => "duplicate",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["accepted", "accepted", "duplicate", "accepted"],
+            "{done:?}"
+        );
+        // The opening's reminder and deadline, and those of the one extension.
+        assert_eq!(s.timers.len(), 4);
+        let view =
+            workflow::consultation_view(&s.workflow_record("dsar/nca:D-1").unwrap().unwrap(), t0)
+                .unwrap();
+        assert_eq!(
+            (view.state.as_str(), view.parties[0].state.as_str()),
+            ("answered", "no_objection")
+        );
+        // Every timer then fires to nothing: the party has answered.
+        let fired = commit(&s, &[Op::FireTimers { now: t0 + 31 * day }]);
+        assert!(
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 4,
+                    notices: 0
+                })
+            ),
+            "{fired:?}"
+        );
+    }
+
+    #[test]
     fn a_retry_gets_the_first_receipt_and_a_reused_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
