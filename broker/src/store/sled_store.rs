@@ -407,6 +407,13 @@ pub fn wait_until_closed(
 }
 
 impl SledStorage {
+    /// Stores a workflow record as it is, for tests of what reads them.
+    #[cfg(test)]
+    pub(crate) fn put_workflow_record(&self, key: &str, record: &[u8]) {
+        #[allow(clippy::unwrap_used)]
+        self.workflows.insert(key.as_bytes(), record).unwrap();
+    }
+
     /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
     /// start) for checkpoints whose origin is `origin`.
     pub fn open(dir: &Path, origin: &str) -> Result<SledStorage, Internal> {
