@@ -657,15 +657,21 @@ impl Metrics {
         self.refresh_workflows(storage, today);
     }
 
-    /// Counts the workflows by state (at most [`crate::workflow_service::MAX_LISTED`] of each
-    /// kind are read).
+    /// Counts the workflows by state (at most [`crate::workflow_service::MAX_LISTED`]
+    /// consultations not closed, and as many statements, are read).
     fn refresh_workflows(&self, storage: &dyn crate::store::Storage, now: time::OffsetDateTime) {
         let mut counts: std::collections::HashMap<(&str, String), i64> = WORKFLOW_STATES
             .iter()
             .map(|(w, s)| ((*w, (*s).to_owned()), 0))
             .collect();
         let limit = crate::workflow_service::MAX_LISTED;
-        for bytes in storage.workflow_records("dsar/", limit).unwrap_or_default() {
+        for bytes in storage
+            // Only those not closed are read, so that closed ones cannot crowd them out.
+            .workflow_records("dsar/", limit, &|b| {
+                crate::workflow::consultation_view(b, now).is_ok_and(|c| c.state != "closed")
+            })
+            .unwrap_or_default()
+        {
             if let Ok(c) = crate::workflow::consultation_view(&bytes, now)
                 && c.state != "closed"
             {
@@ -673,7 +679,7 @@ impl Metrics {
             }
         }
         for bytes in storage
-            .workflow_records("comms/", limit)
+            .workflow_records("comms/", limit, &|_| true)
             .unwrap_or_default()
         {
             if let Ok(st) = crate::workflow::statement_view(&bytes, now) {
@@ -852,6 +858,41 @@ mod tests {
             "# HELP a_seconds_total A.\n# TYPE a_seconds_total counter\na_seconds_total 1\n\
              # HELP g G.\n# TYPE g gauge\ng{x=\"a b\"} 2\n"
         );
+    }
+
+    #[test]
+    fn closed_consultations_do_not_crowd_the_open_ones_out_of_the_count() {
+        use prost::Message;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SledStorage::open(dir.path(), "test/log").unwrap();
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let record = |id: &str, closed: bool| concordat_proto::pb::ConsultationStatus {
+            consultation_id: id.into(),
+            requester: "ico".into(),
+            parties: vec![concordat_proto::pb::ConsultationParty {
+                agency: "nca".into(),
+                state: "awaiting".into(),
+                due: Some(crate::store::timestamp(now + time::Duration::days(1))),
+                ..Default::default()
+            }],
+            closed_at: closed.then(|| crate::store::timestamp(now)),
+            ..Default::default()
+        };
+        for i in 0..=crate::workflow_service::MAX_LISTED {
+            let id = format!("ico:D-{i:05}");
+            storage.put_workflow_record(&format!("dsar/{id}"), &record(&id, true).encode_to_vec());
+        }
+        storage.put_workflow_record("dsar/nca:D-1", &record("nca:D-1", false).encode_to_vec());
+        let metrics = Metrics::default();
+        metrics.refresh_workflows(&storage, now);
+        let open = metrics
+            .workflows
+            .get_or_create(&WorkflowLabel {
+                workflow: "consultation".into(),
+                state: "open".into(),
+            })
+            .get();
+        assert_eq!(open, 1);
     }
 
     #[test]

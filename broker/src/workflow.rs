@@ -630,7 +630,9 @@ pub fn fire(
         message,
     };
     let notices = if timer.kind == TimerKind::Reminder as i32 {
-        if party.reminded {
+        // A reminder that fires only once its deadline has passed (the broker was down over
+        // both) would remind of a date already gone: the deadline's own notices say it.
+        if party.reminded || due <= now {
             return Ok(None);
         }
         party.reminded = true;
@@ -1013,6 +1015,31 @@ mod tests {
         let view = consultation_view(&opened.record, t(1001)).unwrap();
         assert_eq!(view.state, "overdue");
         step("nca", &["ico"], &close(), Some(&opened.record), 1001).unwrap();
+    }
+
+    #[test]
+    fn a_reminder_that_fires_after_its_deadline_says_nothing() {
+        // The broker was down from before the reminder until after the deadline: at restart
+        // both fire, and only the deadline's notices are sent, not a reminder of a past date.
+        let opened = step("nca", &["ico"], &open(), None, 0).unwrap();
+        let [reminder, deadline] = &opened.timers[..] else {
+            panic!("two timers");
+        };
+        assert!(
+            fire(reminder, Some(&opened.record), t(1000))
+                .unwrap()
+                .is_none()
+        );
+        let late = fire(deadline, Some(&opened.record), t(1000))
+            .unwrap()
+            .unwrap();
+        let kinds: Vec<_> = late.notices.iter().map(|(_, n)| n.kind).collect();
+        assert_eq!(kinds, [pb::NoticeKind::DsarDeadlinePassed as i32; 2]);
+        // Late but before the deadline, it still reminds.
+        let fired = fire(reminder, Some(&opened.record), t(999))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fired.notices[0].1.kind, pb::NoticeKind::DsarReminder as i32);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::{
     live::{Current, Rules},
     refusal::{Failure, Internal, Reason, Refusal},
     refusal_log::{RefusalLog, RefusedCall},
-    store::{Applied, Involve, Op, Store},
+    store::{Applied, Involve, Op, Storage, Store},
     workflow,
 };
 
@@ -230,24 +230,40 @@ impl WorkflowsService {
         self.refusals.refuse(RefusedCall::of(call), refusal).await
     }
 
-    /// Records of `prefix` that `caller` may see, through `view`.
+    /// Records of `prefix` that `view` shows to the caller (`None`: not to it).
     async fn list<T: Send + 'static>(
         &self,
         prefix: &'static str,
-        view: impl Fn(&[u8]) -> Result<T, Internal> + Send + 'static,
+        view: impl Fn(&[u8]) -> Result<Option<T>, Internal> + Send + 'static,
     ) -> Result<Vec<T>, Internal> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            store
-                .storage()
-                .workflow_records(prefix, MAX_LISTED)?
-                .iter()
-                .map(|bytes| view(bytes))
-                .collect()
-        })
-        .await
-        .map_err(|e| Internal::new("listing workflows", e))?
+        tokio::task::spawn_blocking(move || visible_records(store.storage(), prefix, view))
+            .await
+            .map_err(|e| Internal::new("listing workflows", e))?
     }
+}
+
+/// The records of `prefix` that `view` shows (`None`: not to this caller), in key order, at
+/// most [`MAX_LISTED`]. The limit counts only the records shown, so that the records of other
+/// agencies cannot crowd out the caller's own; a record that does not decode is left out and
+/// logged, so that it cannot break every list either.
+pub(crate) fn visible_records<T>(
+    storage: &dyn Storage,
+    prefix: &str,
+    view: impl Fn(&[u8]) -> Result<Option<T>, Internal>,
+) -> Result<Vec<T>, Internal> {
+    let keep = |bytes: &[u8]| match view(bytes) {
+        Ok(shown) => shown.is_some(),
+        Err(e) => {
+            tracing::error!(error = %e, prefix, "left out a workflow record that does not decode");
+            false
+        }
+    };
+    Ok(storage
+        .workflow_records(prefix, MAX_LISTED, &keep)?
+        .iter()
+        .filter_map(|bytes| view(bytes).ok().flatten())
+        .collect())
 }
 
 /// A workflow id from a request, or why it is malformed.
@@ -279,13 +295,15 @@ impl pb::workflows_server::Workflows for WorkflowsService {
         let now = crate::clock::now();
         let caller = call.caller.clone();
         let consultations = if req.consultation_id.is_empty() {
-            self.list("dsar/", move |b| workflow::consultation_view(b, now))
-                .await
-                .map_err(|e| status_of(e.into()))?
-                .into_iter()
-                .filter(|c| sees(&caller, |a| workflow::consultation_party(c, a)))
-                .filter(|c| req.all || c.state != "closed")
-                .collect()
+            let all = req.all;
+            self.list("dsar/", move |b| {
+                Ok(Some(workflow::consultation_view(b, now)?).filter(|c| {
+                    sees(&caller, |a| workflow::consultation_party(c, a))
+                        && (all || c.state != "closed")
+                }))
+            })
+            .await
+            .map_err(|e| status_of(e.into()))?
         } else {
             let id = match parse_id("consultation", &req.consultation_id) {
                 Ok(id) => id,
@@ -325,12 +343,12 @@ impl pb::workflows_server::Workflows for WorkflowsService {
         let now = crate::clock::now();
         let caller = call.caller.clone();
         let statements = if req.statement_id.is_empty() {
-            self.list("comms/", move |b| workflow::statement_view(b, now))
-                .await
-                .map_err(|e| status_of(e.into()))?
-                .into_iter()
-                .filter(|s| sees(&caller, |a| workflow::statement_party(s, a)))
-                .collect()
+            self.list("comms/", move |b| {
+                Ok(Some(workflow::statement_view(b, now)?)
+                    .filter(|s| sees(&caller, |a| workflow::statement_party(s, a))))
+            })
+            .await
+            .map_err(|e| status_of(e.into()))?
         } else {
             let id = match parse_id("statement", &req.statement_id) {
                 Ok(id) => id,

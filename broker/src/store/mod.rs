@@ -418,8 +418,14 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     /// The stored record of a workflow ([`crate::workflow`]: `dsar/<id>`, `comms/<id>`,
     /// `incident/<ref>`).
     fn workflow_record(&self, key: &str) -> Result<Option<Vec<u8>>, Internal>;
-    /// Every workflow record whose key starts with `prefix`, in key order, at most `limit`.
-    fn workflow_records(&self, prefix: &str, limit: usize) -> Result<Vec<Vec<u8>>, Internal>;
+    /// The workflow records whose key starts with `prefix` that `keep` accepts, in key order,
+    /// at most `limit` of them.
+    fn workflow_records(
+        &self,
+        prefix: &str,
+        limit: usize,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, Internal>;
     /// When the earliest stored timer fires, if there is one.
     fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal>;
 }

@@ -407,6 +407,13 @@ pub fn wait_until_closed(
 }
 
 impl SledStorage {
+    /// Stores a workflow record as it is, for tests of what reads them.
+    #[cfg(test)]
+    pub(crate) fn put_workflow_record(&self, key: &str, record: &[u8]) {
+        #[allow(clippy::unwrap_used)]
+        self.workflows.insert(key.as_bytes(), record).unwrap();
+    }
+
     /// Opens (or creates) the database in `dir`, with the audit log's key (created on first
     /// start) for checkpoints whose origin is `origin`.
     pub fn open(dir: &Path, origin: &str) -> Result<SledStorage, Internal> {
@@ -915,14 +922,24 @@ impl SledStorage {
                         continue;
                     };
                     fired += 1;
+                    // A timer or record that does not decode cannot be fired, now or later:
+                    // it is dropped and logged, rather than aborting this firing and every
+                    // one after it (the timers due later would never fire). Its record, if
+                    // any, is left as it is for an operator to look at.
                     let timer = match workflow::Timer::decode(raw.as_ref()) {
                         Ok(t) => t,
-                        Err(e) => return abort(Internal::new("decoding a timer", e)),
+                        Err(e) => {
+                            tracing::error!(error = %e, "dropped a workflow timer that does not decode");
+                            continue;
+                        }
                     };
                     let stored = workflows.get(timer.key.as_bytes())?;
                     let outcome = match workflow::fire(&timer, stored.as_deref(), now) {
                         Ok(o) => o,
-                        Err(e) => return abort(e),
+                        Err(e) => {
+                            tracing::error!(error = %e, record = %timer.key, party = %timer.party, "dropped a workflow timer whose record cannot be read");
+                            continue;
+                        }
                     };
                     let Some(f) = outcome else { continue };
                     workflows.insert(timer.key.as_bytes(), f.record)?;
@@ -1645,23 +1662,33 @@ impl Storage for SledStorage {
             .map(|v| v.to_vec()))
     }
 
-    fn workflow_records(&self, prefix: &str, limit: usize) -> Result<Vec<Vec<u8>>, Internal> {
-        self.workflows
-            .scan_prefix(prefix.as_bytes())
-            .take(limit)
-            .map(|item| {
-                item.map(|(_, v)| v.to_vec())
-                    .map_err(sled_err("reading the workflows"))
-            })
-            .collect()
+    fn workflow_records(
+        &self,
+        prefix: &str,
+        limit: usize,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>, Internal> {
+        let mut kept = Vec::new();
+        for item in self.workflows.scan_prefix(prefix.as_bytes()) {
+            if kept.len() >= limit {
+                break;
+            }
+            let (_, v) = item.map_err(sled_err("reading the workflows"))?;
+            if keep(&v) {
+                kept.push(v.to_vec());
+            }
+        }
+        Ok(kept)
     }
 
     fn next_timer(&self) -> Result<Option<OffsetDateTime>, Internal> {
+        // A key that does not say when it fires is due at once, so that the firing drops it
+        // rather than it hiding every timer behind it.
         Ok(self
             .timers
             .first()
             .map_err(sled_err("reading the timers"))?
-            .and_then(|(k, _)| workflow::timer_key_time(&k)))
+            .map(|(k, _)| workflow::timer_key_time(&k).unwrap_or(OffsetDateTime::UNIX_EPOCH)))
     }
 
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
@@ -2159,6 +2186,221 @@ mod tests {
         assert_eq!(s.queue_depth(&agency("nca")), 2);
         let report = s.verify().unwrap();
         assert!(report.ok(), "{report:?}");
+    }
+
+    #[test]
+    fn a_corrupt_timer_or_record_does_not_stop_the_other_timers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let deadline = |key: &str, at: i64| workflow::Timer {
+            kind: workflow::TimerKind::Deadline as i32,
+            key: key.into(),
+            party: "ico".into(),
+            due_nanos: at,
+            at_nanos: at,
+        };
+        // Due first: a timer whose record is not a consultation, and a timer that is not a
+        // timer; then a sound one.
+        let bad_record = deadline("dsar/nca:BAD", 1);
+        s.workflows
+            .insert(bad_record.key.as_bytes(), &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        s.timers
+            .insert(bad_record.storage_key(), bad_record.encode_to_vec())
+            .unwrap();
+        let mut bad_timer_key = deadline("dsar/nca:JUNK", 2).storage_key();
+        bad_timer_key.push(b'x');
+        s.timers
+            .insert(bad_timer_key, &[0xff, 0xff, 0xff][..])
+            .unwrap();
+        let good = deadline("dsar/nca:D-1", 3);
+        let record = pb::ConsultationStatus {
+            consultation_id: "nca:D-1".into(),
+            requester: "nca".into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ico".into(),
+                state: "awaiting".into(),
+                due: Some(timestamp(
+                    OffsetDateTime::from_unix_timestamp_nanos(3).unwrap(),
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.workflows
+            .insert(good.key.as_bytes(), record.encode_to_vec())
+            .unwrap();
+        s.timers
+            .insert(good.storage_key(), good.encode_to_vec())
+            .unwrap();
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 3,
+                    notices: 2
+                })
+            ),
+            "{fired:?}"
+        );
+        // The corrupt ones are gone rather than retried every second for ever; the corrupt
+        // record is left for an operator to look at.
+        assert_eq!(s.next_timer().unwrap(), None);
+        assert!(s.workflow_record("dsar/nca:BAD").unwrap().is_some());
+        // A key too short to say when it fires sorts first: it must not hide the timers
+        // behind it from the loop that asks when the next one is due.
+        s.timers.insert(&[0u8, 0][..], &[][..]).unwrap();
+        let later = deadline("dsar/nca:D-1", 4);
+        s.timers
+            .insert(later.storage_key(), later.encode_to_vec())
+            .unwrap();
+        assert!(s.next_timer().unwrap().is_some_and(|at| at <= t0));
+        let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
+        assert!(
+            matches!(fired[0], Ok(Applied::Fired { timers: 2, .. })),
+            "{fired:?}"
+        );
+        assert_eq!(s.next_timer().unwrap(), None);
+        assert_eq!(s.queue_depth(&agency("nca")), 1);
+    }
+
+    #[test]
+    fn a_list_counts_only_the_records_the_caller_may_see() {
+        // More consultations between other agencies than one answer lists, sorting before
+        // the caller's own: they must not crowd it out.
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let record = |requester: &str, reference: &str| pb::ConsultationStatus {
+            consultation_id: format!("{requester}:{reference}"),
+            requester: requester.into(),
+            parties: vec![pb::ConsultationParty {
+                agency: "ncsc".into(),
+                state: "awaiting".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for i in 0..=crate::workflow_service::MAX_LISTED {
+            let r = record("ico", &format!("D-{i:05}"));
+            s.workflows
+                .insert(format!("dsar/{}", r.consultation_id), r.encode_to_vec())
+                .unwrap();
+        }
+        let mine = record("nca", "D-1");
+        s.workflows
+            .insert("dsar/nca:D-1", mine.encode_to_vec())
+            .unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let seen = crate::workflow_service::visible_records(&s, "dsar/", |b| {
+            Ok(Some(workflow::consultation_view(b, now)?)
+                .filter(|c| workflow::consultation_party(c, "nca")))
+        })
+        .unwrap();
+        let ids: Vec<_> = seen.iter().map(|c| c.consultation_id.as_str()).collect();
+        assert_eq!(ids, ["nca:D-1"]);
+    }
+
+    #[test]
+    fn steps_on_one_consultation_in_one_batch_apply_in_order_and_a_retry_adds_nothing() {
+        use concordat_proto::workflow::{DsarAnswer, DsarOpen, Step};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let day = time::Duration::days(1);
+        let step = |sender: &str, to: &str, step: Step, id: MessageId| {
+            let mut op = accept(&[to], b"step".to_vec(), None);
+            let Op::Accept(a) = &mut op else {
+                unreachable!()
+            };
+            let mut envelope = a.envelope.clone();
+            envelope.message_id = id;
+            envelope.kind = Kind::DsarConsultation;
+            envelope.workflow = Some(step);
+            let mut a = Accept::new(
+                agency(sender),
+                envelope,
+                a.decision.clone(),
+                [1; 32],
+                t0,
+                1000,
+            );
+            a.workflow = Some(workflow::StepContext {
+                default_due: [(agency("ico"), t0 + 20 * day)].into_iter().collect(),
+                reminder_before: 3 * day,
+            });
+            Op::Accept(Box::new(a))
+        };
+        let open = Step::DsarOpen(DsarOpen {
+            reference: "D-1".parse().unwrap(),
+            concerns: Vec::new(),
+            organisation: None,
+            respond_by: None,
+        });
+        let answer = |a| Step::DsarAnswer {
+            consultation: "nca:D-1".parse().unwrap(),
+            answer: a,
+        };
+        let more = MessageId::new_random();
+        let done = commit(
+            &s,
+            &[
+                step("nca", "ico", open, MessageId::new_random()),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NeedMoreTime(t0 + 30 * day)),
+                    more,
+                ),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NeedMoreTime(t0 + 30 * day)),
+                    more,
+                ),
+                step(
+                    "ico",
+                    "nca",
+                    answer(DsarAnswer::NoObjection),
+                    MessageId::new_random(),
+                ),
+            ],
+        );
+        let outcomes: Vec<&str> = done
+            .iter()
+            .map(|r| match r {
+                Ok(Applied::Accepted(_)) => "accepted",
+                Ok(Applied::Duplicate(_)) => "duplicate",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["accepted", "accepted", "duplicate", "accepted"],
+            "{done:?}"
+        );
+        // The opening's reminder and deadline, and those of the one extension.
+        assert_eq!(s.timers.len(), 4);
+        let view =
+            workflow::consultation_view(&s.workflow_record("dsar/nca:D-1").unwrap().unwrap(), t0)
+                .unwrap();
+        assert_eq!(
+            (view.state.as_str(), view.parties[0].state.as_str()),
+            ("answered", "no_objection")
+        );
+        // Every timer then fires to nothing: the party has answered.
+        let fired = commit(&s, &[Op::FireTimers { now: t0 + 31 * day }]);
+        assert!(
+            matches!(
+                fired[0],
+                Ok(Applied::Fired {
+                    timers: 4,
+                    notices: 0
+                })
+            ),
+            "{fired:?}"
+        );
     }
 
     #[test]
