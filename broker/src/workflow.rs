@@ -354,6 +354,7 @@ pub fn apply_step(
                 return Ok(Err(unknown("consultation", &id)));
             };
             let mut c: pb::ConsultationStatus = decode(bytes, "decoding a consultation")?;
+            let opened = time_of(c.opened_at.as_ref());
             let Some(party) = c.parties.iter_mut().find(|p| p.agency == sender.as_str()) else {
                 return Ok(Err(unknown("consultation", &id)));
             };
@@ -378,15 +379,17 @@ pub fn apply_step(
                 }
                 DsarAnswer::NeedMoreTime(until) => {
                     let current = time_of(party.due.as_ref());
-                    if *until <= at
-                        || current.is_some_and(|d| *until <= d)
-                        || *until > at + MAX_DEADLINE_AHEAD
-                    {
+                    // However often it asks, an agency's deadline stays within
+                    // MAX_DEADLINE_AHEAD of the consultation's opening.
+                    let latest = opened.unwrap_or(at) + MAX_DEADLINE_AHEAD;
+                    if *until <= at || current.is_some_and(|d| *until <= d) || *until > latest {
                         return Ok(Err(conflict(format!(
                             "need_more_time {} must be later than the current deadline {} and \
-                             than now, and at most {} days ahead",
+                             than now, and no later than {} ({} days after the consultation \
+                             opened)",
                             rfc3339(*until),
                             current.map(rfc3339).unwrap_or_default(),
+                            rfc3339(latest),
                             MAX_DEADLINE_AHEAD.whole_days()
                         ))));
                     }
@@ -1001,6 +1004,29 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(far.reason, Reason::WorkflowConflict);
+        // Nor can repeated requests carry it past a year after the opening.
+        let year = step(
+            "ico",
+            &["nca"],
+            &answer(DsarAnswer::NeedMoreTime(t(360 * 86_400))),
+            Some(&more.record),
+            970,
+        )
+        .unwrap();
+        let beyond = step(
+            "ico",
+            &["nca"],
+            &answer(DsarAnswer::NeedMoreTime(t(367 * 86_400))),
+            Some(&year.record),
+            300 * 86_400,
+        )
+        .unwrap_err();
+        assert_eq!(beyond.reason, Reason::WorkflowConflict);
+        assert!(
+            beyond
+                .message
+                .contains("days after the consultation opened")
+        );
         // Less time than before is refused.
         let less = step(
             "ico",

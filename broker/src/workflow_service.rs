@@ -51,17 +51,32 @@ struct Found {
     log_size: u64,
 }
 
+/// The refusal of a search that cannot run now: another is running, or it ran out of time.
+fn busy(what: &str) -> Refusal {
+    Refusal::new(
+        Reason::StorageUnavailable,
+        format!(
+            "{what}: the broker searches its audit log for one request at a time, for at most \
+             {} s; try again in a moment",
+            SCAN_TIME.as_secs()
+        ),
+    )
+}
+
 /// The accepted transfers `keep` selects, oldest first, at most `limit`; `truncated` when more
-/// matched or the search ran out of time.
+/// matched or the search ran out of time. With `stop_when_full` the search ends as soon as it
+/// has `limit` of them (without knowing whether there are more). Refused (busy) when another
+/// search holds the slot for longer than [`SCAN_TIME`].
 async fn scan_transfers(
     store: &Store,
     limit: usize,
+    stop_when_full: bool,
     keep: impl Fn(&pb::TransferSummary) -> bool + Send + 'static,
-) -> Result<Found, Internal> {
-    let _one = SCANS
-        .acquire()
-        .await
-        .map_err(|e| Internal::new("searching the log", e))?;
+) -> Result<Result<Found, Refusal>, Internal> {
+    let _one = match tokio::time::timeout(SCAN_TIME, SCANS.acquire()).await {
+        Ok(permit) => permit.map_err(|e| Internal::new("searching the log", e))?,
+        Err(_) => return Ok(Err(busy("another search of the log is still running"))),
+    };
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let storage = store.storage();
@@ -97,6 +112,9 @@ async fn scan_transfers(
                         return Ok(found);
                     }
                     found.transfers.push(summary);
+                    if stop_when_full && found.transfers.len() >= limit {
+                        return Ok(found);
+                    }
                 }
             }
         }
@@ -104,6 +122,7 @@ async fn scan_transfers(
     })
     .await
     .map_err(|e| Internal::new("searching the log", e))?
+    .map(Ok)
 }
 
 /// An accepted transfer's entry as a search lists it.
@@ -159,7 +178,14 @@ pub async fn check_dsar_open(
     }
     let wanted: BTreeSet<String> = open.concerns.iter().map(ToString::to_string).collect();
     let ids = wanted.clone();
-    let found = scan_transfers(store, wanted.len(), move |t| ids.contains(&t.transfer_id)).await?;
+    let found = match scan_transfers(store, wanted.len(), true, move |t| {
+        ids.contains(&t.transfer_id)
+    })
+    .await?
+    {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
     let by_id: HashMap<&str, &pb::TransferSummary> = found
         .transfers
         .iter()
@@ -172,10 +198,9 @@ pub async fn check_dsar_open(
             .is_some_and(|t| names.iter().any(|p| between(t, requester.as_str(), p)));
         if !related {
             if found.truncated {
-                return Err(Internal::new(
-                    "checking a consultation",
-                    "the search of the log ran out of time",
-                ));
+                return Ok(Err(busy(
+                    "the transfers this consultation concerns were not all found in time",
+                )));
             }
             return Ok(Err(Refusal::new(
                 Reason::WorkflowConflict,
@@ -432,7 +457,7 @@ impl pb::workflows_server::Workflows for WorkflowsService {
         let since = req.since.map(|t| t.seconds);
         let (a, b) = (me.to_string(), with.to_string());
         let org = organisation.map(|o| o.to_string());
-        let found = scan_transfers(&self.store, MAX_FOUND, move |t| {
+        let found = scan_transfers(&self.store, MAX_FOUND, false, move |t| {
             between(t, &a, &b)
                 && since.is_none_or(|s| t.accepted_at.as_ref().is_some_and(|x| x.seconds >= s))
                 && org
@@ -446,6 +471,10 @@ impl pb::workflows_server::Workflows for WorkflowsService {
         })
         .await
         .map_err(|e| status_of(e.into()))?;
+        let found = match found {
+            Ok(found) => found,
+            Err(refusal) => return Err(self.refuse(&call, refusal).await),
+        };
         tracing::info!(agency = %me, with = %with, found = found.transfers.len(), truncated = found.truncated, "transfers found");
         Ok(Response::new(pb::FindTransfersResponse {
             transfers: found.transfers,
@@ -475,8 +504,18 @@ impl pb::workflows_server::Workflows for WorkflowsService {
             }
         };
         let now = crate::clock::now();
+        let rules = self.rules.load();
+        if !rules.policy.agencies.contains(&incident.owner) {
+            let r = Refusal::new(
+                Reason::Malformed,
+                format!(
+                    "incident_ref {incident} names {}, which is no agency of this federation",
+                    incident.owner
+                ),
+            );
+            return Err(self.refuse(&call, r).await);
+        }
         let partners: BTreeSet<AgencyId> = {
-            let rules = self.rules.load();
             let today = now.date();
             rules
                 .policy

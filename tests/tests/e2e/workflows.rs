@@ -570,6 +570,15 @@ fn agencies_involved_in_one_incident_are_told_of_each_other_and_statements_are_a
             .await
             .unwrap_err();
         assert_eq!(refusal_of(&refused).unwrap().0, "NOT_AUTHORISED");
+        // An incident of an agency outside the federation is no incident to coordinate on.
+        let stranger = nca
+            .workflows()
+            .involve(pb::InvolveRequest {
+                incident_ref: "mi5:INC-1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refusal_of(&stranger).unwrap().0, "MALFORMED");
 
         // A statement agreed in advance.
         let propose = |reference: &str, after: OffsetDateTime| {
