@@ -316,3 +316,39 @@ pub fn python_venv(venv: &str, module: &str, requirement: &str) -> Result<PathBu
         Err(format!("{module} does not import after installation"))
     }
 }
+
+/// Every entry of the audit log, decoded, in log order, as `auditor` (a connection with an
+/// auditor's certificate) exports it.
+pub async fn exported_entries(
+    auditor: &Broker,
+) -> anyhow::Result<Vec<concordat_proto::pb::AuditEntry>> {
+    use concordat_proto::pb;
+    let mut stream = auditor
+        .audit()
+        .export(pb::ExportRequest::default())
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(item) = stream.message().await? {
+        if let Some(pb::export_item::Item::Record(r)) = item.item {
+            out.push(concordat_proto::audit::decode(&r.entry)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The `config_loaded` entries of the audit log of the broker at `addr`, as their JSON views'
+/// details, read with the `auditor` certificate of `pki`.
+pub async fn configs_loaded(
+    pki: &process::PkiFiles,
+    addr: SocketAddr,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let auditor = pki.client(addr, "auditor")?.connect().await?;
+    Ok(exported_entries(&auditor)
+        .await?
+        .iter()
+        .map(concordat_proto::audit::to_json)
+        .filter(|view| view["event"] == "config_loaded")
+        .map(|view| view["details"].clone())
+        .collect())
+}

@@ -15,7 +15,7 @@ use std::{
 
 use concordat_agent::spool::ReasonFile;
 use concordat_broker::{config::Limits, control};
-use concordat_proto::{audit, pb};
+use concordat_proto::pb;
 use concordat_tests::{
     TestPki, binary,
     process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
@@ -125,32 +125,6 @@ fn reloads(metrics: SocketAddr, kind: &str, outcome: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no reloads sample for {kind}/{outcome} in:\n{text}"));
     line.rsplit(' ').next().unwrap().trim().parse().unwrap()
-}
-
-/// The `config_loaded` entries of the audit log, as their decoded views' details.
-async fn configs_loaded(pki: &PkiFiles, addr: SocketAddr) -> Vec<Value> {
-    let auditor = pki
-        .client(addr, "auditor")
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut stream = auditor
-        .audit()
-        .export(pb::ExportRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(item) = stream.message().await.unwrap() {
-        if let Some(pb::export_item::Item::Record(r)) = item.item {
-            let view = audit::to_json(&audit::decode(&r.entry).unwrap());
-            if view["event"] == "config_loaded" {
-                out.push(view["details"].clone());
-            }
-        }
-    }
-    out
 }
 
 /// The whole story of one reload, as the module's documentation tells it.
@@ -278,7 +252,9 @@ async fn an_agreement_added_by_reload_applies_to_the_running_agent_and_broken_fi
     // The export reaches as far as the latest checkpoint, which follows the entry shortly.
     let deadline = std::time::Instant::now() + OUTCOME_TIMEOUT;
     let loaded = loop {
-        let loaded = configs_loaded(&files, broker.addr()).await;
+        let loaded = concordat_tests::configs_loaded(&files, broker.addr())
+            .await
+            .unwrap();
         if loaded.len() >= 2 || std::time::Instant::now() >= deadline {
             break loaded;
         }

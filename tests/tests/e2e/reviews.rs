@@ -23,12 +23,11 @@ use std::{
 
 use concordat_agent::spool::{ReasonFile, ReceiptFile};
 use concordat_broker::config::Limits;
-use concordat_proto::{audit, pb};
 use concordat_tests::{
     TestPki, binary,
     process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// How long a file may take to be sent or refused (a debug build on a busy machine).
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,32 +108,6 @@ fn sample(metrics: SocketAddr, line_start: &str) -> Option<u64> {
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// The `config_loaded` entries of the audit log, as their decoded views' details.
-async fn configs_loaded(pki: &PkiFiles, addr: SocketAddr) -> Vec<Value> {
-    let auditor = pki
-        .client(addr, "auditor")
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut stream = auditor
-        .audit()
-        .export(pb::ExportRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(item) = stream.message().await.unwrap() {
-        if let Some(pb::export_item::Item::Record(r)) = item.item {
-            let view = audit::to_json(&audit::decode(&r.entry).unwrap());
-            if view["event"] == "config_loaded" {
-                out.push(view["details"].clone());
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +294,9 @@ async fn a_due_review_warns_a_lapsed_one_refuses_and_recording_the_review_lifts_
     // The audit log: the reload's config_loaded entry names the new review date.
     let deadline = std::time::Instant::now() + OUTCOME_TIMEOUT;
     let loaded = loop {
-        let loaded = configs_loaded(&files, broker.addr()).await;
+        let loaded = concordat_tests::configs_loaded(&files, broker.addr())
+            .await
+            .unwrap();
         if loaded.len() >= 2 || std::time::Instant::now() >= deadline {
             break loaded;
         }

@@ -192,23 +192,6 @@ fn log_key(config: &Path, data_dir: &Path) -> LogVerifier {
         .unwrap()
 }
 
-/// Every entry of the log, exported by the auditor.
-async fn entries(auditor: &Broker) -> Vec<pb::AuditEntry> {
-    let mut stream = auditor
-        .audit()
-        .export(pb::ExportRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(item) = stream.message().await.unwrap() {
-        if let Some(pb::export_item::Item::Record(r)) = item.item {
-            out.push(audit::decode(&r.entry).unwrap());
-        }
-    }
-    out
-}
-
 #[test]
 fn a_consultation_is_guarded_answered_and_closed() {
     let dir = tempfile::tempdir().unwrap();
@@ -320,8 +303,9 @@ fn a_consultation_is_guarded_answered_and_closed() {
         .await;
 
         // Every step is in the log, accepted or refused, in order.
-        let story: Vec<String> = entries(&auditor)
+        let story: Vec<String> = concordat_tests::exported_entries(&auditor)
             .await
+            .unwrap()
             .iter()
             .filter(|e| audit::workflow_subject(e).as_deref() == Some("nca:DSAR-1"))
             .map(|e| match &e.event {
@@ -658,8 +642,9 @@ fn agencies_involved_in_one_incident_are_told_of_each_other_and_statements_are_a
         assert!(listed.statements.is_empty());
 
         // The log tells the incident's story.
-        let declared: Vec<_> = entries(&auditor)
+        let declared: Vec<_> = concordat_tests::exported_entries(&auditor)
             .await
+            .unwrap()
             .into_iter()
             .filter_map(|e| match e.event {
                 Some(Event::InvolvementDeclared(d)) => Some((d.agency, d.notified, d.duplicate)),
