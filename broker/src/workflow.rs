@@ -24,7 +24,11 @@ use concordat_proto::{
 use prost::Message;
 use time::{Duration, OffsetDateTime};
 
-use crate::refusal::{Internal, Reason, Refusal};
+use crate::{
+    policy::rfc3339,
+    refusal::{Internal, Reason, Refusal},
+    store::timestamp,
+};
 
 /// The deadline for answers to a consultation when neither the request nor its agreement
 /// sets one.
@@ -203,24 +207,12 @@ fn from_nanos(n: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn ts(t: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
-    }
-}
-
 fn time_of(t: Option<&prost_types::Timestamp>) -> Option<OffsetDateTime> {
     let t = t?;
     OffsetDateTime::from_unix_timestamp_nanos(
         i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
     )
     .ok()
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 fn conflict(message: impl Into<String>) -> Refusal {
@@ -320,7 +312,7 @@ pub fn apply_step(
                 parties.push(pb::ConsultationParty {
                     agency: r.to_string(),
                     state: AWAITING.into(),
-                    due: Some(ts(due)),
+                    due: Some(timestamp(due)),
                     ..Default::default()
                 });
             }
@@ -334,7 +326,7 @@ pub fn apply_step(
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
-                opened_at: Some(ts(at)),
+                opened_at: Some(timestamp(at)),
                 parties,
                 transfer_id: transfer_id.to_owned(),
                 ..Default::default()
@@ -395,7 +387,7 @@ pub fn apply_step(
                     }
                     party.state = AWAITING.into();
                     party.objection.clear();
-                    party.due = Some(ts(*until));
+                    party.due = Some(timestamp(*until));
                     party.reminded = false;
                     timers.extend(party_timers(
                         &key,
@@ -406,7 +398,7 @@ pub fn apply_step(
                     ));
                 }
             }
-            party.answered_at = Some(ts(at));
+            party.answered_at = Some(timestamp(at));
             Ok(Ok(Applied {
                 key,
                 record: c.encode_to_vec(),
@@ -468,7 +460,7 @@ pub fn apply_step(
             for p in &mut c.parties {
                 p.state = party_state(p, at).into();
             }
-            c.closed_at = Some(ts(at));
+            c.closed_at = Some(timestamp(at));
             Ok(Ok(Applied {
                 key,
                 record: c.encode_to_vec(),
@@ -493,8 +485,8 @@ pub fn apply_step(
                 statement_id: id.to_string(),
                 proposer: sender.to_string(),
                 reference: reference.to_string(),
-                proposed_at: Some(ts(at)),
-                publish_after: Some(ts(*publish_after)),
+                proposed_at: Some(timestamp(at)),
+                publish_after: Some(timestamp(*publish_after)),
                 parties: recipients
                     .iter()
                     .map(|r| pb::StatementParty {
@@ -538,7 +530,7 @@ pub fn apply_step(
                     party.objection.clone_from(reason);
                 }
             }
-            party.answered_at = Some(ts(at));
+            party.answered_at = Some(timestamp(at));
             Ok(Ok(Applied {
                 key,
                 record: s.encode_to_vec(),
@@ -628,8 +620,8 @@ pub fn fire(
         kind: kind as i32,
         subject: id.clone(),
         agencies: vec![timer.party.clone()],
-        due: Some(ts(due)),
-        issued_at: Some(ts(now)),
+        due: Some(timestamp(due)),
+        issued_at: Some(timestamp(now)),
         message,
     };
     let notices = if timer.kind == TimerKind::Reminder as i32 {
@@ -726,7 +718,7 @@ pub fn involve(
         subject: incident.to_string(),
         agencies,
         due: None,
-        issued_at: Some(ts(now)),
+        issued_at: Some(timestamp(now)),
         message,
     };
     let mut notices = Vec::new();

@@ -888,11 +888,7 @@ impl SledStorage {
     fn fire_timers(&self, now: OffsetDateTime) -> Result<Applied, Failure> {
         // Every timer that fires at or before `now` sorts before the prefix of the next
         // nanosecond.
-        let end = workflow::timer_prefix(
-            i64::try_from(now.unix_timestamp_nanos())
-                .unwrap_or(i64::MAX)
-                .saturating_add(1),
-        );
+        let end = workflow::timer_prefix(nanos(now).saturating_add(1));
         let mut due: Vec<sled::IVec> = Vec::new();
         for item in self.timers.range(..&end[..]).take(MAX_TIMERS_FIRED) {
             let (k, _) = item.map_err(sled_err("reading the timers"))?;
