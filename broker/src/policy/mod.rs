@@ -379,6 +379,27 @@ mod tests {
         }
     }
 
+    /// The context of a decision by `policy` at `now`: payloads up to 1 MiB, `ledger`, nothing
+    /// delivered under restrictive TLP, a zero payload digest.
+    fn context<'a>(
+        policy: &'a Policy,
+        organisations: &'a Matcher,
+        verified: &'a VerifiedTokens,
+        ledger: &'a Ledger,
+        now: OffsetDateTime,
+    ) -> Context<'a> {
+        Context {
+            policy,
+            organisations,
+            verified,
+            max_payload_bytes: 1 << 20,
+            ledger,
+            provenance: &Nothing,
+            now,
+            payload_digest: [0; 32],
+        }
+    }
+
     /// The default federation with `desk` as the NCSC's consent desk.
     fn config(desk: &SecretKey) -> Config {
         let mut config = Config::embedded_default().unwrap();
@@ -540,16 +561,7 @@ mod tests {
         let verified = VerifiedTokens::default();
         let open = Ledger { revoked: false };
         let matcher = Matcher::new(&config.registry).unwrap();
-        let cx = Context {
-            policy: &config.policy,
-            organisations: &matcher,
-            verified: &verified,
-            max_payload_bytes: 1 << 20,
-            ledger: &open,
-            provenance: &Nothing,
-            now,
-            payload_digest: [0; 32],
-        };
+        let cx = context(&config.policy, &matcher, &verified, &open, now);
         for (from, to, want) in [
             ("ico", "ncsc", Some(Reason::NationalSignificanceRequired)),
             ("ncsc", "ico", None),
@@ -630,16 +642,7 @@ mod tests {
             if second {
                 config.policy.agreements.push(current.clone());
             }
-            let cx = Context {
-                policy: &config.policy,
-                organisations: &matcher,
-                verified: &verified,
-                max_payload_bytes: 1 << 20,
-                ledger: &open,
-                provenance: &Nothing,
-                now,
-                payload_digest: [0; 32],
-            };
+            let cx = context(&config.policy, &matcher, &verified, &open, now);
             let got = match decide(&cx, &nca, &e) {
                 Ok(d) => Ok(d.authorities[0].agreement_id.clone()),
                 Err(Failure::Refused(r)) => {
@@ -669,16 +672,13 @@ mod tests {
         let matcher = Matcher::new(&config.registry).unwrap();
         let verified = VerifiedTokens::default();
         let open = Ledger { revoked: false };
-        let cx = Context {
-            policy: &config.policy,
-            organisations: &matcher,
-            verified: &verified,
-            max_payload_bytes: 1 << 20,
-            ledger: &open,
-            provenance: &Nothing,
-            now: OffsetDateTime::now_utc(),
-            payload_digest: [0; 32],
-        };
+        let cx = context(
+            &config.policy,
+            &matcher,
+            &verified,
+            &open,
+            OffsetDateTime::now_utc(),
+        );
         const NOTE: &str = "the organisation must report the incident to the ICO itself";
         let named = br#"{"summary": "Ransomware at ACME Limited."}"#.to_vec();
         /// (what, sender, declared organisation, payload, reason, note expected)
@@ -745,16 +745,13 @@ mod tests {
         let matcher = Matcher::new(&config.registry).unwrap();
         let verified = VerifiedTokens::default();
         let open = Ledger { revoked: false };
-        let cx = Context {
-            policy: &config.policy,
-            organisations: &matcher,
-            verified: &verified,
-            max_payload_bytes: 1 << 20,
-            ledger: &open,
-            provenance: &Nothing,
-            now: OffsetDateTime::now_utc(),
-            payload_digest: [0; 32],
-        };
+        let cx = context(
+            &config.policy,
+            &matcher,
+            &verified,
+            &open,
+            OffsetDateTime::now_utc(),
+        );
         for (from, to) in [("ico", "ncsc"), ("ncsc", "ico")] {
             for content_type in ["text/markdown", "text/plain"] {
                 let mut e = envelope(to, "");
