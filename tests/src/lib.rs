@@ -352,3 +352,18 @@ pub async fn configs_loaded(
         .map(|view| view["details"].clone())
         .collect())
 }
+
+/// The text of `GET /metrics` from the broker's metrics listener at `addr` (HTTP/1.1, the
+/// default format), headers included.
+pub fn scrape_metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}

@@ -699,6 +699,35 @@ log_level = "info"
         &self.spool
     }
 
+    /// Waits up to `timeout` until the outbox file `name` has left the outbox and says for
+    /// which folder: `sent`, `refused` or `failed`. Panics with the agent's log tail when it
+    /// has not.
+    pub fn outcome(&self, name: &str, timeout: Duration) -> String {
+        wait_for(&format!("{name} sent or refused"), timeout, || {
+            for folder in ["sent", "refused", "failed"] {
+                if self
+                    .spool
+                    .moved(folder)
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .any(|f| f == name)
+                {
+                    return Ok(folder.to_owned());
+                }
+            }
+            Err("still in the outbox".into())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.log_tail(20)))
+    }
+
+    /// What the broker said of the refused outbox file `name` (`refused/<name>.reason.json`).
+    pub fn refusal(&self, name: &str) -> anyhow::Result<concordat_agent::spool::ReasonFile> {
+        let value = self
+            .spool
+            .read_json("refused", &format!("{name}.reason.json"))?;
+        Ok(serde_json::from_value(value)?)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()

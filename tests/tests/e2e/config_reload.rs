@@ -6,19 +6,17 @@
 //! listen address is reported as needing a restart; the audit log and `/metrics` record it all.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
-use concordat_agent::spool::ReasonFile;
 use concordat_broker::{config::Limits, control};
 use concordat_proto::pb;
 use concordat_tests::{
     TestPki, binary,
-    process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
+    process::{AgentProcess, BrokerProcess, PkiFiles, write_broker_config},
 };
 use serde_json::{Value, json};
 
@@ -72,50 +70,9 @@ fn to_ncsc(text: &str) -> Value {
     })
 }
 
-/// Waits until `name` has left the outbox for `sent/` or `refused/` and says which.
-fn outcome(agent: &AgentProcess, name: &str) -> String {
-    let spool = agent.spool();
-    wait_for(&format!("{name} sent or refused"), OUTCOME_TIMEOUT, || {
-        for folder in ["sent", "refused", "failed"] {
-            if spool
-                .moved(folder)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .any(|f| f == name)
-            {
-                return Ok(folder.to_owned());
-            }
-        }
-        Err("still in the outbox".into())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_tail(20)))
-}
-
-/// The reason code the broker gave for a refused file.
-fn refusal_reason(agent: &AgentProcess, name: &str) -> String {
-    let reason: ReasonFile = serde_json::from_value(
-        agent
-            .spool()
-            .read_json("refused", &format!("{name}.reason.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    reason.reason
-}
-
 /// The value of the `concordat_reloads` sample for `kind` and `outcome`, from `/metrics`.
 fn reloads(metrics: SocketAddr, kind: &str, outcome: &str) -> u64 {
-    let mut stream = TcpStream::connect(metrics).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
+    let text = concordat_tests::scrape_metrics(metrics).unwrap();
     let line = text
         .lines()
         .find(|l| {
@@ -162,8 +119,8 @@ async fn an_agreement_added_by_reload_applies_to_the_running_agent_and_broken_fi
     nca.spool()
         .drop_message("before.json", &to_ncsc("before the reload"))
         .unwrap();
-    assert_eq!(outcome(&nca, "before.json"), "refused");
-    assert_eq!(refusal_reason(&nca, "before.json"), "NO_AGREEMENT");
+    assert_eq!(nca.outcome("before.json", OUTCOME_TIMEOUT), "refused");
+    assert_eq!(nca.refusal("before.json").unwrap().reason, "NO_AGREEMENT");
     let connected =
         |agent: &AgentProcess| agent.log_text().matches("connected to the broker").count();
     let connections_before = connected(&nca);
@@ -202,8 +159,14 @@ async fn an_agreement_added_by_reload_applies_to_the_running_agent_and_broken_fi
     nca.spool()
         .drop_message("still-refused.json", &to_ncsc("after the broken reloads"))
         .unwrap();
-    assert_eq!(outcome(&nca, "still-refused.json"), "refused");
-    assert_eq!(refusal_reason(&nca, "still-refused.json"), "NO_AGREEMENT");
+    assert_eq!(
+        nca.outcome("still-refused.json", OUTCOME_TIMEOUT),
+        "refused"
+    );
+    assert_eq!(
+        nca.refusal("still-refused.json").unwrap().reason,
+        "NO_AGREEMENT"
+    );
     let log = broker.log_text();
     assert!(
         log.contains("configuration reload failed") && log.contains("mi5 is not a declared agency"),
@@ -235,7 +198,12 @@ async fn an_agreement_added_by_reload_applies_to_the_running_agent_and_broken_fi
     nca.spool()
         .drop_message("after.json", &to_ncsc("after the reload"))
         .unwrap();
-    assert_eq!(outcome(&nca, "after.json"), "sent", "{}", nca.log_tail(10));
+    assert_eq!(
+        nca.outcome("after.json", OUTCOME_TIMEOUT),
+        "sent",
+        "{}",
+        nca.log_tail(10)
+    );
     assert_eq!(
         connected(&nca),
         connections_before,

@@ -15,17 +15,16 @@
 //!   consent is refused, and the refusal says the organisation must report to the ICO itself.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use concordat_agent::spool::{ReasonFile, ReceiptFile};
+use concordat_agent::spool::ReceiptFile;
 use concordat_broker::config::Limits;
 use concordat_tests::{
     TestPki, binary,
-    process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
+    process::{AgentProcess, BrokerProcess, PkiFiles, write_broker_config},
 };
 use serde_json::json;
 
@@ -35,25 +34,6 @@ const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// The NCA's reminder on its incident records to the ICO, as the test configuration has it.
 const NCA_NOTE: &str = "The NCA does not notify the ICO on an organisation's behalf: the \
                         organisation must report the incident to the ICO itself.";
-
-/// Waits until `name` has left the outbox and says for which folder.
-fn outcome(agent: &AgentProcess, name: &str) -> String {
-    let spool = agent.spool();
-    wait_for(&format!("{name} sent or refused"), OUTCOME_TIMEOUT, || {
-        for folder in ["sent", "refused", "failed"] {
-            if spool
-                .moved(folder)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .any(|f| f == name)
-            {
-                return Ok(folder.to_owned());
-            }
-        }
-        Err("still in the outbox".into())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_tail(20)))
-}
 
 /// Drops a threat assessment to the ICO and waits for its outcome.
 fn send(agent: &AgentProcess, name: &str) -> String {
@@ -68,7 +48,7 @@ fn send(agent: &AgentProcess, name: &str) -> String {
             }),
         )
         .unwrap();
-    outcome(agent, name)
+    agent.outcome(name, OUTCOME_TIMEOUT)
 }
 
 fn receipt(agent: &AgentProcess, name: &str) -> ReceiptFile {
@@ -81,30 +61,11 @@ fn receipt(agent: &AgentProcess, name: &str) -> ReceiptFile {
     .unwrap()
 }
 
-fn refusal(agent: &AgentProcess, name: &str) -> ReasonFile {
-    serde_json::from_value(
-        agent
-            .spool()
-            .read_json("refused", &format!("{name}.reason.json"))
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 /// The value of the metric sample `line_start` (name and labels), from `/metrics`.
 fn sample(metrics: SocketAddr, line_start: &str) -> Option<u64> {
-    let mut stream = TcpStream::connect(metrics).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text.lines()
+    concordat_tests::scrape_metrics(metrics)
+        .unwrap()
+        .lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.trim().parse().ok())
@@ -223,7 +184,7 @@ async fn a_due_review_warns_a_lapsed_one_refuses_and_recording_the_review_lifts_
     // Lapsed, enforced: refused, naming the review date and the end of the grace period.
     let nca = AgentProcess::start(&dir.path().join("nca"), "nca", broker.addr(), &files).unwrap();
     assert_eq!(send(&nca, "lapsed.json"), "refused", "{}", nca.log_tail(10));
-    let refused = refusal(&nca, "lapsed.json");
+    let refused = nca.refusal("lapsed.json").unwrap();
     assert_eq!(refused.reason, "AGREEMENT_REVIEW_OVERDUE");
     for part in [
         "test-ico-nca".to_owned(),
@@ -320,8 +281,8 @@ async fn a_due_review_warns_a_lapsed_one_refuses_and_recording_the_review_lifts_
             }),
         )
         .unwrap();
-    assert_eq!(outcome(&nca, "incident.json"), "refused");
-    let refused = refusal(&nca, "incident.json");
+    assert_eq!(nca.outcome("incident.json", OUTCOME_TIMEOUT), "refused");
+    let refused = nca.refusal("incident.json").unwrap();
     assert!(
         refused.reason.starts_with("CONSENT_") || refused.reason == "ORGANISATION_IDENTIFIED",
         "{}: {}",
