@@ -1097,6 +1097,16 @@ impl Config {
             };
             let _ = writeln!(s, "  {id}  {desk}; for {orgs}");
         }
+        let workflows = &self.policy.workflows;
+        let _ = writeln!(
+            s,
+            "workflows:     consulted agencies reminded {} before a deadline; answers due {} \
+             days after a consultation opens unless its agreement sets dsar_response_days",
+            humantime::format_duration(
+                std::time::Duration::try_from(workflows.reminder_before).unwrap_or_default()
+            ),
+            crate::workflow::DEFAULT_DSAR_RESPONSE_DAYS
+        );
         let today = time::OffsetDateTime::now_utc().date();
         let _ = writeln!(
             s,
@@ -1139,6 +1149,12 @@ impl Config {
                 a.warning_from(),
                 a.grace_end()
             );
+            if let Some(days) = workflows.response_days.get(&a.id) {
+                let _ = writeln!(
+                    s,
+                    "    subject-access consultations: answers due {days} days after opening"
+                );
+            }
             for f in &a.flows {
                 let kinds: Vec<&str> = f.kinds.iter().map(|k| k.as_str()).collect();
                 let _ = writeln!(
@@ -2004,6 +2020,36 @@ mod tests {
             "{summary}"
         );
         assert!(summary.contains("grace ends 2026-03-10"), "{summary}");
+    }
+
+    #[test]
+    fn the_workflow_settings_are_read_and_shown() {
+        let text = DEFAULT_CONFIG
+            .replacen(
+                "signed = 2024-09-10",
+                "signed = 2024-09-10\ndsar_response_days = 15",
+                1,
+            )
+            .replacen(
+                "# The MoUs, as code.",
+                "[workflows]\ndsar_reminder_before = \"2d\"\n# The MoUs, as code.",
+                1,
+            );
+        let c = Config::parse(&text, "test.toml", &Embedded).unwrap();
+        assert_eq!(c.policy.workflows.reminder_before, time::Duration::days(2));
+        assert_eq!(
+            c.policy.workflows.response_days.get("ico-nca-2024"),
+            Some(&15)
+        );
+        let summary = c.summary();
+        assert!(
+            summary.contains("reminded 2days before a deadline"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("subject-access consultations: answers due 15 days after opening"),
+            "{summary}"
+        );
     }
 
     #[test]
