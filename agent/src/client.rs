@@ -7,8 +7,20 @@
 //! only until it starts; the stream itself may rightly run for hours, so the connection under
 //! it is watched instead, by HTTP/2 pings that must be answered within
 //! [`Timeouts::keepalive_timeout`].
+//!
+//! A federation may run several broker nodes, or a standby that takes over a failed node's
+//! store: [`BrokerUrls`] lists them, and [`ClientTls::connect`] tries them in turn, starting from the
+//! one that last connected, so a client moves to another node when its node goes away.
 
-use std::{future::Future, path::Path, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use concordat_proto::pb::{
     audit_client::AuditClient, consent_client::ConsentClient, exchange_client::ExchangeClient,
@@ -48,6 +60,12 @@ pub enum ClientError {
         /// The transport error.
         source: tonic::transport::Error,
     },
+    /// None of several broker nodes could be reached.
+    #[error("no broker node could be reached: {}", .attempts.join("; "))]
+    NoBroker {
+        /// Each node's URL and why connecting to it failed, in the order tried.
+        attempts: Vec<String>,
+    },
     /// The broker did not complete the connection within the connect timeout.
     #[error(
         "the broker at {url} did not answer within {} (connecting)",
@@ -86,11 +104,75 @@ impl Default for Timeouts {
     }
 }
 
+/// The URLs of the broker nodes a client may use, in order of preference, and which of them
+/// the next connection tries first. Clones share that choice, so an agent's sending and
+/// receiving loops move together.
+#[derive(Debug, Clone)]
+pub struct BrokerUrls {
+    urls: Arc<[String]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl BrokerUrls {
+    /// Several nodes, tried in this order at first; `None` when `urls` is empty.
+    pub fn new(urls: Vec<String>) -> Option<BrokerUrls> {
+        (!urls.is_empty()).then(|| BrokerUrls {
+            urls: urls.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Every URL, in the configured order.
+    pub fn all(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The URL the next connection tries first: the one that last connected, unless it has
+    /// since been passed over.
+    pub fn current(&self) -> &str {
+        let i = self.next.load(Ordering::Relaxed) % self.urls.len();
+        &self.urls[i]
+    }
+
+    /// Moves the next connection on to the following node: the current one is up but failing
+    /// (an established connection broke, or it answered `UNAVAILABLE`). With one URL this
+    /// changes nothing.
+    pub fn pass_over(&self, url: &str) {
+        let n = self.urls.len();
+        let i = self.next.load(Ordering::Relaxed) % n;
+        if self.urls[i] == url {
+            // Only if no one moved it meanwhile.
+            let _ =
+                self.next
+                    .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// The URLs in the order the next connection tries them, each with its position.
+    fn in_turn(&self) -> impl Iterator<Item = (usize, &str)> {
+        let n = self.urls.len();
+        let start = self.next.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| {
+            let i = (start + k) % n;
+            (i, self.urls[i].as_str())
+        })
+    }
+}
+
+impl From<String> for BrokerUrls {
+    fn from(url: String) -> Self {
+        BrokerUrls {
+            urls: vec![url].into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
 /// Where the broker is and which certificates to use, PEM-encoded.
 #[derive(Clone)]
 pub struct ClientTls {
-    /// The broker's URL, e.g. `https://localhost:7443`.
-    pub broker_url: String,
+    /// The broker nodes' URLs, e.g. `https://localhost:7443`.
+    pub brokers: BrokerUrls,
     /// The federation CA, which must have issued the broker's certificate.
     pub ca_pem: Vec<u8>,
     /// This agency's client certificate.
@@ -131,7 +213,7 @@ impl ClientTls {
         key_pem: Vec<u8>,
     ) -> Self {
         ClientTls {
-            broker_url: broker_url.to_owned(),
+            brokers: broker_url.to_owned().into(),
             ca_pem,
             cert_pem,
             key_pem,
@@ -139,16 +221,16 @@ impl ClientTls {
         }
     }
 
-    /// The endpoint, configured but not connected.
-    pub fn endpoint(&self) -> Result<Endpoint, ClientError> {
+    /// The endpoint of the broker at `url`, configured but not connected.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
         let url_err = |source| ClientError::Url {
-            url: self.broker_url.clone(),
+            url: url.to_owned(),
             source,
         };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        Endpoint::from_shared(self.broker_url.clone())
+        Endpoint::from_shared(url.to_owned())
             .map_err(url_err)?
             .tls_config(tls)
             .map_err(url_err)
@@ -162,27 +244,68 @@ impl ClientTls {
             })
     }
 
-    /// Connects to the broker, within [`Timeouts::connect`]. (The endpoint's own connect
-    /// timeout covers only the TCP handshake; a peer that accepts and then says nothing would
-    /// hold the TLS handshake forever.)
+    /// Connects to a broker node: each in turn, starting from the one that last connected,
+    /// each within [`Timeouts::connect`]; the first that connects is used and tried first next
+    /// time. With one URL, its own error is returned; with several that all fail,
+    /// [`ClientError::NoBroker`] lists them.
     pub async fn connect(&self) -> Result<Broker, ClientError> {
-        let endpoint = self.endpoint()?;
+        let several = self.brokers.all().len() > 1;
+        let mut attempts = Vec::new();
+        for (i, url) in self.brokers.in_turn() {
+            match self.connect_to(url).await {
+                Ok(broker) => {
+                    if several {
+                        self.brokers.next.store(i, Ordering::Relaxed);
+                        tracing::info!(broker = %url, "connected to broker node");
+                    }
+                    return Ok(broker);
+                }
+                Err(e) if !several => return Err(e),
+                Err(e) => {
+                    tracing::debug!(broker = %url, error = %e, "broker node unreachable");
+                    attempts.push(format!("{url}: {}", error_chain(&e)));
+                }
+            }
+        }
+        Err(ClientError::NoBroker { attempts })
+    }
+
+    /// Connects to the broker at `url`, within [`Timeouts::connect`]. (The endpoint's own
+    /// connect timeout covers only the TCP handshake; a peer that accepts and then says nothing
+    /// would hold the TLS handshake forever.)
+    async fn connect_to(&self, url: &str) -> Result<Broker, ClientError> {
+        let endpoint = self.endpoint(url)?;
         let channel = tokio::time::timeout(self.timeouts.connect, endpoint.connect())
             .await
             .map_err(|_| ClientError::ConnectTimeout {
-                url: self.broker_url.clone(),
+                url: url.to_owned(),
                 after: self.timeouts.connect,
             })?
             .map_err(|source| ClientError::Connect {
-                url: self.broker_url.clone(),
+                url: url.to_owned(),
                 source,
             })?;
         Ok(Broker {
             channel,
-            url: Arc::from(self.broker_url.as_str()),
+            url: Arc::from(url),
             rpc_timeout: self.timeouts.rpc,
         })
     }
+}
+
+/// An error and its sources in one line (tonic's own message is only "transport error").
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
 }
 
 /// A connection to the broker, from which the service clients are made.
@@ -194,6 +317,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The URL of the broker node this connection is to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Waits for `call` (a call on one of this broker's clients) for at most the RPC timeout;
     /// past it, the call is dropped (which cancels it) and the result is `DEADLINE_EXCEEDED`
     /// with a message that names the broker and the timeout. For a streaming call, pass the
@@ -263,5 +391,41 @@ pub fn describe_status(status: tonic::Status) -> anyhow::Error {
             anyhow::anyhow!("{}", status.message())
         }
         None => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_tried_from_the_one_that_last_worked_and_passed_over_in_turn() {
+        let urls = BrokerUrls::new(vec![
+            "https://a".into(),
+            "https://b".into(),
+            "https://c".into(),
+        ])
+        .unwrap_or_else(|| unreachable!());
+        let order = |u: &BrokerUrls| {
+            u.in_turn()
+                .map(|(_, url)| url.to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&urls), ["https://a", "https://b", "https://c"]);
+        let shared = urls.clone();
+        shared.pass_over("https://a");
+        assert_eq!(urls.current(), "https://b", "clones share the choice");
+        assert_eq!(order(&urls), ["https://b", "https://c", "https://a"]);
+        // Passing over a node that is no longer the current one changes nothing: another
+        // loop moved on already.
+        urls.pass_over("https://a");
+        assert_eq!(urls.current(), "https://b");
+        urls.pass_over("https://b");
+        urls.pass_over("https://c");
+        assert_eq!(urls.current(), "https://a", "it wraps around");
+        assert!(BrokerUrls::new(Vec::new()).is_none());
+        let one = BrokerUrls::from("https://only".to_owned());
+        one.pass_over("https://only");
+        assert_eq!(one.current(), "https://only");
     }
 }

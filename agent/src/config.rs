@@ -11,7 +11,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::client::{ClientTls, Timeouts};
+use crate::client::{BrokerUrls, ClientTls, Timeouts};
 
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +62,9 @@ pub enum AgentConfigError {
 pub struct AgentConfig {
     /// The configuration file this was loaded from (for messages).
     pub file: PathBuf,
-    /// The broker's URL, `https://host:port`.
-    pub broker: String,
+    /// The broker's URL, `https://host:port`, or the URLs of several broker nodes, tried in
+    /// turn.
+    pub brokers: Vec<String>,
     /// The federation CA certificate.
     pub ca: PathBuf,
     /// This agency's client certificate.
@@ -88,10 +89,21 @@ pub struct AgentConfig {
     pub timeouts: Timeouts,
 }
 
+/// `broker = "https://…"` or `broker = ["https://…", "https://…"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The most broker URLs an agent takes.
+const MAX_BROKERS: usize = 16;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    broker: String,
+    broker: OneOrMany,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -176,11 +188,23 @@ impl AgentConfig {
             key,
             problem,
         };
-        if !raw.broker.starts_with("https://") {
+        let brokers = match raw.broker {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        };
+        if brokers.is_empty() || brokers.len() > MAX_BROKERS {
             return Err(invalid(
                 "broker",
-                format!("{:?} must be an https:// URL", raw.broker),
+                format!("give one URL or a list of 1 to {MAX_BROKERS} URLs"),
             ));
+        }
+        for url in &brokers {
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    "broker",
+                    format!("{url:?} must be an https:// URL"),
+                ));
+            }
         }
         let r = raw.reconnect;
         if r.min_backoff_ms == 0 || r.max_backoff_ms < r.min_backoff_ms {
@@ -226,7 +250,7 @@ impl AgentConfig {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(AgentConfig {
             file: path.to_path_buf(),
-            broker: raw.broker,
+            brokers,
             ca: base.join(raw.ca),
             cert: base.join(raw.cert),
             key: base.join(raw.key),
@@ -257,9 +281,18 @@ impl AgentConfig {
             read("cert", &self.cert)?,
             read("key", &self.key)?,
         );
+        let brokers =
+            BrokerUrls::new(self.brokers.clone()).ok_or_else(|| AgentConfigError::Invalid {
+                file: self.file.display().to_string(),
+                key: "broker",
+                problem: "no broker URL".into(),
+            })?;
         Ok(ClientTls {
+            brokers,
+            ca_pem: ca,
+            cert_pem: cert,
+            key_pem: key,
             timeouts: self.timeouts,
-            ..ClientTls::from_pem(&self.broker, ca, cert, key)
         })
     }
 }
@@ -270,6 +303,9 @@ pub fn sample(agency: &str) -> String {
         r#"# Concordat agent configuration. Relative paths are relative to this file's directory.
 
 # The broker, and the mutual-TLS files of this agency (certificate CN = agency id).
+# With several broker nodes, list them: the agent uses the first that
+# connects and moves on to the next when its node goes away or answers UNAVAILABLE:
+# broker = ["https://broker-a:7443", "https://broker-b:7443"]
 broker = "https://localhost:7443"
 ca = "ca.pem"
 cert = "{agency}.pem"
@@ -416,5 +452,31 @@ mod tests {
         .unwrap();
         let e = AgentConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("reconnect.max_backoff_ms"), "{e}");
+    }
+
+    #[test]
+    fn broker_is_one_url_or_a_list_of_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let one = "broker = \"https://localhost:7443\"";
+        std::fs::write(&path, sample("ico")).unwrap();
+        assert_eq!(
+            AgentConfig::load(&path).unwrap().brokers,
+            ["https://localhost:7443"]
+        );
+        let two = "broker = [\"https://a:7443\", \"https://b:7443\"]";
+        std::fs::write(&path, sample("ico").replace(one, two)).unwrap();
+        assert_eq!(
+            AgentConfig::load(&path).unwrap().brokers,
+            ["https://a:7443", "https://b:7443"]
+        );
+        for bad in [
+            "broker = []",
+            "broker = [\"https://a:7443\", \"http://b:7443\"]",
+        ] {
+            std::fs::write(&path, sample("ico").replace(one, bad)).unwrap();
+            let e = AgentConfig::load(&path).unwrap_err().to_string();
+            assert!(e.contains("agent.toml: broker: "), "{bad}: {e}");
+        }
     }
 }

@@ -296,7 +296,7 @@ impl Down {
     fn connect(error: &ClientError) -> Down {
         Down {
             cause: Cause::of(error),
-            error: chain(error),
+            error: crate::client::error_chain(error),
         }
     }
 
@@ -306,22 +306,6 @@ impl Down {
             error: format!("{:?}: {}", status.code(), status.message()),
         }
     }
-}
-
-/// An error and its sources in one line (tonic's own message is only "transport error"), each
-/// cause once: a source whose text the line already holds is not repeated.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        next = e.source();
-    }
-    line
 }
 
 /// Logs the connection state of one loop (`task`): up once per change; down at warn level
@@ -428,7 +412,7 @@ pub async fn run(
     events: Option<mpsc::UnboundedSender<AgentEvent>>,
 ) -> anyhow::Result<()> {
     let spool = Spool::open(&settings.spool)?;
-    tracing::info!(spool = %settings.spool.display(), broker = %settings.tls.broker_url, "agent starting");
+    tracing::info!(spool = %settings.spool.display(), brokers = %settings.tls.brokers.all().join(", "), "agent starting");
     let witness = match &settings.log_key {
         Some(key) => Some(Arc::new(Witness::new(key.clone(), spool.dir(".state"))?)),
         None => {
@@ -556,6 +540,7 @@ async fn outbox_loop(
                 busy_backoff.reset();
             }
             (Some(down), _) => {
+                pass_over(&settings.tls, &connected, &down);
                 let delay = backoff.next_delay();
                 link.down(&down, delay, &spool).await;
                 broker = None;
@@ -814,7 +799,11 @@ async fn receive(
     });
     let mut stream = match broker.deadline(subscribed).await {
         Ok(s) => s.into_inner(),
-        Err(status) => return Ok(Ended::Disconnected(Down::status(&status))),
+        Err(status) => {
+            let down = Down::status(&status);
+            pass_over(&settings.tls, &broker, &down);
+            return Ok(Ended::Disconnected(down));
+        }
     };
     link.up();
     backoff.reset();
@@ -877,7 +866,20 @@ async fn receive(
     drop(ack_tx);
     // Let the last acknowledgements go out before the connection is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
+    if let Ended::Disconnected(down) = &ended {
+        pass_over(&settings.tls, &broker, down);
+    }
     Ok(ended)
+}
+
+/// After a connection to a broker node failed (it broke, or the node answered that it is
+/// unavailable), the next connection starts at the next node, if there are several. A busy
+/// node is up and answering: the agent stays with it.
+fn pass_over(tls: &ClientTls, broker: &Broker, down: &Down) {
+    if down.cause != Cause::Busy && tls.brokers.all().len() > 1 {
+        tracing::info!(broker = %broker.url(), cause = down.cause.as_str(), "moving on to the next broker node");
+        tls.brokers.pass_over(broker.url());
+    }
 }
 
 /// What became of one delivery in [`store`].
@@ -1064,7 +1066,7 @@ mod tests {
             )),
         );
         assert_eq!(
-            chain(&error),
+            crate::client::error_chain(&error),
             "transport error: tcp connect error: connection refused"
         );
         let repeated = Wrapped(
@@ -1075,7 +1077,7 @@ mod tests {
             )),
         );
         assert_eq!(
-            chain(&repeated),
+            crate::client::error_chain(&repeated),
             "reading x: connection refused: other error"
         );
     }

@@ -193,7 +193,7 @@ impl Pki {
     fn client(&mut self, cn: &str, addr: SocketAddr) -> anyhow::Result<ClientTls> {
         let cert = self.ca.issue_client(cn, 1)?;
         Ok(ClientTls {
-            broker_url: format!("https://localhost:{}", addr.port()),
+            brokers: format!("https://localhost:{}", addr.port()).into(),
             ca_pem: self.ca.cert_pem().into_bytes(),
             cert_pem: cert.cert_pem.into_bytes(),
             key_pem: cert.key_pem.into_bytes(),

@@ -300,7 +300,7 @@ pub async fn run(root: Option<PathBuf>, out: &mut dyn Write) -> anyhow::Result<(
     for agency in AGENCIES {
         let cert = ca.issue_client(agency, 1)?;
         let client = ClientTls {
-            broker_url: format!("https://localhost:{}", addr.port()),
+            brokers: format!("https://localhost:{}", addr.port()).into(),
             ca_pem: ca.cert_pem().into_bytes(),
             cert_pem: cert.cert_pem.into_bytes(),
             key_pem: cert.key_pem.into_bytes(),

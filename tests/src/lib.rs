@@ -103,7 +103,7 @@ impl TestPki {
     /// Client settings for `cert` against a broker at `addr`.
     pub fn client_tls(&self, addr: SocketAddr, cert: &Issued) -> ClientTls {
         ClientTls {
-            broker_url: format!("https://localhost:{}", addr.port()),
+            brokers: format!("https://localhost:{}", addr.port()).into(),
             ca_pem: self.ca_pem().into_bytes(),
             cert_pem: cert.cert_pem.clone().into_bytes(),
             key_pem: cert.key_pem.clone().into_bytes(),

@@ -447,6 +447,21 @@ impl BrokerProcess {
         Self::start_with(config, data_dir, &[], &[])
     }
 
+    /// [`BrokerProcess::start`] on `addr` (a port the test chose beforehand, for instance one
+    /// an agent already lists), retrying the bind until [`STARTUP_TIMEOUT`] like
+    /// [`BrokerProcess::restart`].
+    pub fn start_on(config: &Path, data_dir: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        let (process, addr) = Self::spawn_retrying(config, data_dir, addr, &[], &[])?;
+        Ok(BrokerProcess {
+            process,
+            config: config.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            addr,
+            env: Vec::new(),
+            args: Vec::new(),
+        })
+    }
+
     /// [`BrokerProcess::start`] with extra arguments for `serve` (kept for every restart) and
     /// environment variables (until [`BrokerProcess::set_env`] replaces them).
     pub fn start_with(
@@ -490,20 +505,30 @@ impl BrokerProcess {
         if self.process.is_running() {
             bail!("the broker is still running; kill or terminate it first");
         }
+        let (process, addr) = Self::spawn_retrying(
+            &self.config,
+            &self.data_dir,
+            self.addr,
+            &self.env,
+            &self.args,
+        )?;
+        self.process = process;
+        self.addr = addr;
+        Ok(())
+    }
+
+    /// [`BrokerProcess::spawn`] on `listen`, retrying while the port is still held.
+    fn spawn_retrying(
+        config: &Path,
+        data_dir: &Path,
+        listen: SocketAddr,
+        env: &[(String, String)],
+        args: &[String],
+    ) -> anyhow::Result<(Supervised, SocketAddr)> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            match Self::spawn(
-                &self.config,
-                &self.data_dir,
-                self.addr,
-                &self.env,
-                &self.args,
-            ) {
-                Ok((process, addr)) => {
-                    self.process = process;
-                    self.addr = addr;
-                    return Ok(());
-                }
+            match Self::spawn(config, data_dir, listen, env, args) {
+                Ok(started) => return Ok(started),
                 Err(e) if Instant::now() < deadline && format!("{e:#}").contains("binding") => {
                     std::thread::sleep(POLL_INTERVAL);
                 }
@@ -652,18 +677,37 @@ impl AgentProcess {
         pki: &PkiFiles,
         rest: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_nodes(dir, agency, &[broker], pki, rest)
+    }
+
+    /// [`AgentProcess::start_with`] for a federation of several broker nodes: `brokers` is the
+    /// agent's list of broker URLs, in order.
+    pub fn start_nodes(
+        dir: &Path,
+        agency: &str,
+        brokers: &[SocketAddr],
+        pki: &PkiFiles,
+        rest: &str,
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("agent.toml");
+        let urls: Vec<String> = brokers
+            .iter()
+            .map(|b| format!("\"https://localhost:{}\"", b.port()))
+            .collect();
+        let broker = match urls.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
         let text = format!(
             r#"# Written by concordat_tests::process for one test.
-broker = "https://localhost:{port}"
+broker = {broker}
 ca = {ca}
 cert = {cert}
 key = {key}
 spool = "."
 log_level = "info"
 {rest}"#,
-            port = broker.port(),
             ca = toml_path(&pki.ca()),
             cert = toml_path(&pki.cert(agency)),
             key = toml_path(&pki.key(agency)),

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use concordat_agent::{client::ClientTls, config::AgentConfig};
+use concordat_agent::{
+    client::{BrokerUrls, ClientTls},
+    config::AgentConfig,
+};
 use concordat_cli::{
     audit_file::{self, Format},
     operator::{self, ConsentRequest, SendOutcome},
@@ -770,9 +773,11 @@ async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
 /// How to reach the broker: explicit files, or an agent's configuration.
 #[derive(Args)]
 struct BrokerArgs {
-    /// The broker's URL, e.g. https://localhost:7443.
-    #[arg(long, requires_all = ["ca", "cert", "key"], conflicts_with = "config")]
-    broker: Option<String>,
+    /// The broker's URL, e.g. https://localhost:7443. With several broker nodes, repeat it
+    /// (or separate the URLs with commas): they are tried in turn and the first that connects
+    /// is used.
+    #[arg(long, value_delimiter = ',', requires_all = ["ca", "cert", "key"], conflicts_with = "config")]
+    broker: Vec<String>,
     /// The federation CA certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -802,10 +807,20 @@ fn parse_timeout(value: &str) -> Result<std::time::Duration, String> {
 
 impl BrokerArgs {
     fn tls(&self) -> anyhow::Result<ClientTls> {
-        let mut tls = match (&self.config, &self.broker, &self.ca, &self.cert, &self.key) {
+        let mut tls = match (
+            &self.config,
+            self.broker.first(),
+            &self.ca,
+            &self.cert,
+            &self.key,
+        ) {
             (Some(path), ..) => AgentConfig::load(path)?.client_tls()?,
             (None, Some(url), Some(ca), Some(cert), Some(key)) => {
-                ClientTls::from_files(url, ca, cert, key)?
+                let mut tls = ClientTls::from_files(url, ca, cert, key)?;
+                if let Some(brokers) = BrokerUrls::new(self.broker.clone()) {
+                    tls.brokers = brokers;
+                }
+                tls
             }
             _ => anyhow::bail!("give --broker, --ca, --cert and --key, or --config"),
         };

@@ -12,6 +12,7 @@ mod config_reload;
 mod consent;
 mod content;
 mod deadline;
+mod failover;
 mod flood;
 mod full_disk;
 mod inbox;

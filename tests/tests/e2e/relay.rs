@@ -107,7 +107,7 @@ impl Federation {
 }
 
 /// The tails of the logs, for failure messages.
-fn logs(broker: &BrokerProcess, agents: &[&AgentProcess]) -> String {
+pub(crate) fn logs(broker: &BrokerProcess, agents: &[&AgentProcess]) -> String {
     let mut out = broker.log_tail(15);
     for agent in agents {
         out.push_str(&agent.log_tail(15));
@@ -116,7 +116,7 @@ fn logs(broker: &BrokerProcess, agents: &[&AgentProcess]) -> String {
 }
 
 /// An outbox message: a threat assessment for `recipient` carrying `seq` in its JSON payload.
-fn message(recipient: &str, seq: usize) -> serde_json::Value {
+pub(crate) fn message(recipient: &str, seq: usize) -> serde_json::Value {
     json!({
         "recipients": [recipient],
         "kind": "threat_assessment",
@@ -125,7 +125,7 @@ fn message(recipient: &str, seq: usize) -> serde_json::Value {
 }
 
 /// What a spool's `sent/` folder holds: data file name → its receipt.
-fn receipts(spool: &SpoolDir) -> BTreeMap<String, ReceiptFile> {
+pub(crate) fn receipts(spool: &SpoolDir) -> BTreeMap<String, ReceiptFile> {
     let mut out = BTreeMap::new();
     for name in spool.files("sent").unwrap() {
         if let Some(data) = name.strip_suffix(".receipt.json") {
@@ -143,7 +143,7 @@ fn moved(spool: &SpoolDir, folder: &str) -> BTreeSet<String> {
 }
 
 /// The message ids in an inbox: `<sender>.<message_id>.json` files.
-fn inbox_ids(spool: &SpoolDir) -> BTreeSet<String> {
+pub(crate) fn inbox_ids(spool: &SpoolDir) -> BTreeSet<String> {
     spool
         .files("inbox")
         .unwrap()
