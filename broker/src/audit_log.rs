@@ -145,6 +145,13 @@ pub const DB_DIR: &str = "db";
 /// The file, beside the database, that holds the last checkpoint the broker published.
 pub const PUBLISHED_CHECKPOINT_FILE: &str = "checkpoint";
 
+/// The published checkpoint file holds two slots of this many bytes, each a signed checkpoint
+/// note padded with zeros. The broker overwrites them in turn, in place, with one
+/// `fdatasync`: a write torn by a crash leaves the other slot, which holds the checkpoint
+/// published before, and the torn one fails its signature. (A file that is not exactly two
+/// slots long holds one note, as brokers before this layout wrote it; it is still read.)
+pub const PUBLISHED_SLOT_BYTES: usize = 4096;
+
 /// Reads the last published checkpoint from `dir`, verified with `verifier`; `None` if the
 /// broker has published none there.
 ///
@@ -155,45 +162,95 @@ pub fn read_published(
     dir: &Path,
     verifier: &checkpoint::LogVerifier,
 ) -> Result<Option<SignedCheckpoint>, Internal> {
-    let path = dir.join(PUBLISHED_CHECKPOINT_FILE);
-    let note = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Internal::new(
-                "reading the published checkpoint",
-                format!("{}: {e}", path.display()),
-            ));
-        }
-    };
-    let note = String::from_utf8(note).map_err(|_| {
-        Internal::new(
-            "reading the published checkpoint",
-            format!("{} is not UTF-8", path.display()),
-        )
-    })?;
-    let cp = checkpoint::open(&note, verifier).map_err(|e| {
-        Internal::new(
-            "reading the published checkpoint",
-            format!("{}: {e}", path.display()),
-        )
-    })?;
-    Ok(Some(SignedCheckpoint {
-        size: cp.size(),
-        root: *cp.root(),
-        note,
-    }))
+    Ok(read_slots(dir, verifier)?.map(|found| found.newest))
 }
 
-/// Replaces the published checkpoint in `dir` with `cp`, atomically and durably: a temporary
-/// file, fsync, rename over the old one, fsync of the directory.
+/// What the published checkpoint file holds: its newest valid checkpoint, and the slot it is
+/// in (`None` for a file of the older one-note layout).
+struct PublishedSlots {
+    newest: SignedCheckpoint,
+    slot: Option<usize>,
+}
+
+fn read_slots(
+    dir: &Path,
+    verifier: &checkpoint::LogVerifier,
+) -> Result<Option<PublishedSlots>, Internal> {
+    let path = dir.join(PUBLISHED_CHECKPOINT_FILE);
+    let problem = |what: String| {
+        Internal::new(
+            "reading the published checkpoint",
+            format!("{}: {what}", path.display()),
+        )
+    };
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(problem(e.to_string())),
+    };
+    let open = |text: &[u8]| -> Result<SignedCheckpoint, String> {
+        let note = std::str::from_utf8(text).map_err(|_| "not UTF-8".to_owned())?;
+        let cp = checkpoint::open(note, verifier).map_err(|e| e.to_string())?;
+        Ok(SignedCheckpoint {
+            size: cp.size(),
+            root: *cp.root(),
+            note: note.to_owned(),
+        })
+    };
+    if bytes.len() != 2 * PUBLISHED_SLOT_BYTES {
+        let newest = open(&bytes).map_err(problem)?;
+        return Ok(Some(PublishedSlots { newest, slot: None }));
+    }
+    let mut valid: Vec<(usize, SignedCheckpoint)> = Vec::new();
+    let mut errors = Vec::new();
+    for (slot, chunk) in bytes.chunks(PUBLISHED_SLOT_BYTES).enumerate() {
+        let text = chunk.split(|b| *b == 0).next().unwrap_or_default();
+        if text.is_empty() {
+            continue;
+        }
+        match open(text) {
+            Ok(cp) => valid.push((slot, cp)),
+            Err(e) => errors.push(format!("slot {slot}: {e}")),
+        }
+    }
+    if let [(_, a), (_, b)] = valid.as_slice()
+        && a.size == b.size
+        && a.root != b.root
+    {
+        return Err(problem(format!(
+            "its two slots hold different checkpoints of size {}",
+            a.size
+        )));
+    }
+    match valid.into_iter().max_by_key(|(_, cp)| cp.size) {
+        Some((slot, newest)) => Ok(Some(PublishedSlots {
+            newest,
+            slot: Some(slot),
+        })),
+        None => Err(problem(format!(
+            "neither slot holds a checkpoint signed by the log key ({})",
+            if errors.is_empty() {
+                "both are empty".to_owned()
+            } else {
+                errors.join("; ")
+            }
+        ))),
+    }
+}
+
+/// Replaces the published checkpoint in `dir` with `cp`, atomically and durably, whatever the
+/// file held: a temporary file holding `cp` in the first slot and an empty second, fsync,
+/// rename over the old one, fsync of the directory. [`Log`] overwrites a slot in place
+/// instead, once the file is laid out.
 pub fn publish(dir: &Path, cp: &SignedCheckpoint) -> std::io::Result<()> {
     use std::io::Write;
     let path = dir.join(PUBLISHED_CHECKPOINT_FILE);
     let tmp = dir.join(format!(".{PUBLISHED_CHECKPOINT_FILE}.tmp"));
     let written = (|| {
+        let mut slots = slot_bytes(cp)?;
+        slots.resize(2 * PUBLISHED_SLOT_BYTES, 0);
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(cp.note.as_bytes())?;
+        f.write_all(&slots)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;
         fs::File::open(dir)?.sync_all()
@@ -202,6 +259,37 @@ pub fn publish(dir: &Path, cp: &SignedCheckpoint) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     written
+}
+
+/// `cp`'s note padded to one slot.
+fn slot_bytes(cp: &SignedCheckpoint) -> std::io::Result<Vec<u8>> {
+    if cp.note.len() >= PUBLISHED_SLOT_BYTES || cp.note.as_bytes().contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a checkpoint note does not fit a slot of the published checkpoint file",
+        ));
+    }
+    let mut slot = cp.note.as_bytes().to_vec();
+    slot.resize(PUBLISHED_SLOT_BYTES, 0);
+    Ok(slot)
+}
+
+/// Overwrites slot `slot` of the published checkpoint file in `dir` with `cp`, then
+/// `fdatasync`: the file keeps its size, so no metadata needs syncing.
+fn write_slot(dir: &Path, slot: usize, cp: &SignedCheckpoint) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bytes = slot_bytes(cp)?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(PUBLISHED_CHECKPOINT_FILE))?;
+    if f.metadata()?.len() != (2 * PUBLISHED_SLOT_BYTES) as u64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the published checkpoint file is not laid out in two slots",
+        ));
+    }
+    f.write_all_at(&bytes, (slot * PUBLISHED_SLOT_BYTES) as u64)?;
+    f.sync_data()
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -531,6 +619,10 @@ pub struct Log {
     dir: PathBuf,
     /// The checkpoint sealed since the last flush, to publish once the flush is durable.
     unpublished: Mutex<Option<SignedCheckpoint>>,
+    /// The slot of the published checkpoint file to overwrite next: the one that does not
+    /// hold the newest checkpoint. `None`: the file is rewritten whole next time (it is
+    /// missing, of the older layout, or neither slot could be read).
+    next_slot: Mutex<Option<usize>>,
 }
 
 impl Log {
@@ -553,6 +645,12 @@ impl Log {
             .unwrap_or(0);
         let frontier = Frontier::load(size, &hashes)
             .map_err(|e| Internal::new("reading the log frontier", e))?;
+        let next_slot = match read_slots(dir, &signer.verifier()) {
+            Ok(Some(PublishedSlots {
+                slot: Some(slot), ..
+            })) => Some(1 - slot),
+            _ => None,
+        };
         Ok(Log {
             entries,
             hashes,
@@ -561,6 +659,7 @@ impl Log {
             frontier: Mutex::new(frontier),
             dir: dir.to_path_buf(),
             unpublished: Mutex::new(None),
+            next_slot: Mutex::new(next_slot),
         })
     }
 
@@ -785,7 +884,7 @@ impl Log {
     pub fn publish_sealed(&self) -> Result<(), Internal> {
         let mut pending = self.lock_unpublished();
         if let Some(cp) = pending.as_ref() {
-            publish(&self.dir, cp).map_err(|e| {
+            self.write_published(cp).map_err(|e| {
                 Internal::new(
                     "publishing the checkpoint",
                     format!(
@@ -804,8 +903,44 @@ impl Log {
         let Some(cp) = self.latest()? else {
             return Ok(None);
         };
+        let mut next = self.lock_next_slot();
         publish(&self.dir, &cp).map_err(|e| Internal::new("publishing the checkpoint", e))?;
+        *next = Some(1);
         Ok(Some(cp))
+    }
+
+    fn lock_next_slot(&self) -> std::sync::MutexGuard<'_, Option<usize>> {
+        // Replaced whole, never torn.
+        self.next_slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `cp` in the slot that does not hold the newest checkpoint (one write and
+    /// one `fdatasync`), or, when the file is not laid out in slots yet or has gone, rewrites
+    /// it whole. After a failed write the same slot is tried again: the other one still holds
+    /// the checkpoint published before.
+    fn write_published(&self, cp: &SignedCheckpoint) -> std::io::Result<()> {
+        let mut next = self.lock_next_slot();
+        match *next {
+            Some(slot) => match write_slot(&self.dir, slot, cp) {
+                Ok(()) => *next = Some(1 - slot),
+                // The file has gone, or was replaced by one of the older layout.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+                    ) =>
+                {
+                    publish(&self.dir, cp)?;
+                    *next = Some(1);
+                }
+                Err(e) => return Err(e),
+            },
+            None => {
+                publish(&self.dir, cp)?;
+                *next = Some(1);
+            }
+        }
+        Ok(())
     }
 
     /// The checkpoint last published beside the database.

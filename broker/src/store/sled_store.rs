@@ -2587,6 +2587,75 @@ mod tests {
         assert!(!report.ok(), "{report:?}");
     }
 
+    /// The published checkpoint file's two slots, as text (empty for an empty slot).
+    fn slots(dir: &Path) -> Vec<String> {
+        let bytes = std::fs::read(dir.join(audit_log::PUBLISHED_CHECKPOINT_FILE)).unwrap();
+        assert_eq!(bytes.len(), 2 * audit_log::PUBLISHED_SLOT_BYTES);
+        bytes
+            .chunks(audit_log::PUBLISHED_SLOT_BYTES)
+            .map(|c| String::from_utf8_lossy(c.split(|b| *b == 0).next().unwrap()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_published_checkpoint_alternates_slots_and_a_torn_slot_leaves_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let mut published = Vec::new();
+        for n in 0..3u8 {
+            commit(&s, &[accept(&["ico"], vec![n], None)]);
+            let cp = s.published_checkpoint().unwrap().unwrap();
+            assert_eq!(Some(&cp), s.latest_checkpoint().unwrap().as_ref());
+            published.push(cp);
+        }
+        // The last two publications are in different slots, in place.
+        let both = slots(dir.path());
+        assert!(both.contains(&published[1].note) && both.contains(&published[2].note));
+        // A crash tears the newest slot: the one published before it is read instead.
+        let newest = both.iter().position(|n| *n == published[2].note).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = newest * audit_log::PUBLISHED_SLOT_BYTES + 40;
+        bytes[at..at + 8].copy_from_slice(b"XXXXXXXX");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(s.published_checkpoint().unwrap().unwrap(), published[1]);
+        drop(s);
+        // Reopened, the broker overwrites the torn slot, never the one it reads.
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        commit(&s, &[accept(&["ico"], b"after".to_vec(), None)]);
+        let after = s.published_checkpoint().unwrap().unwrap();
+        assert_eq!(after.size, published[2].size + 1);
+        assert_eq!(slots(dir.path())[1 - newest], published[1].note);
+        // Both slots torn: nothing proves what was published, and the broker says so.
+        let mut bytes = std::fs::read(&path).unwrap();
+        for slot in 0..2 {
+            let at = slot * audit_log::PUBLISHED_SLOT_BYTES + 40;
+            bytes[at..at + 8].copy_from_slice(b"XXXXXXXX");
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = s.published_checkpoint().unwrap_err().to_string();
+        assert!(e.contains("neither slot"), "{e}");
+    }
+
+    #[test]
+    fn a_published_checkpoint_of_the_older_layout_is_read_and_rewritten_in_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        commit(&s, &[accept(&["ico"], b"one".to_vec(), None)]);
+        let cp = s.published_checkpoint().unwrap().unwrap();
+        drop(s);
+        // As a broker before the slots wrote it: the note alone.
+        std::fs::write(&path, cp.note.as_bytes()).unwrap();
+        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        crate::store::check_recovered(&s, dir.path()).unwrap();
+        assert_eq!(s.published_checkpoint().unwrap().unwrap(), cp);
+        commit(&s, &[accept(&["ico"], b"two".to_vec(), None)]);
+        let next = s.published_checkpoint().unwrap().unwrap();
+        assert_eq!(next.size, cp.size + 1);
+        assert!(slots(dir.path()).contains(&next.note));
+    }
+
     #[test]
     fn verify_finds_a_changed_hash_and_an_orphan_queue_item() {
         let dir = tempfile::tempdir().unwrap();
