@@ -263,7 +263,7 @@ impl ClientTls {
                 Err(e) if !several => return Err(e),
                 Err(e) => {
                     tracing::debug!(broker = %url, error = %e, "broker node unreachable");
-                    attempts.push(format!("{url}: {}", error_chain(&e)));
+                    attempts.push(format!("{url}: {}", concordat_support::report(&e)));
                 }
             }
         }
@@ -291,21 +291,6 @@ impl ClientTls {
             rpc_timeout: self.timeouts.rpc,
         })
     }
-}
-
-/// An error and its sources in one line (tonic's own message is only "transport error").
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        next = e.source();
-    }
-    line
 }
 
 /// A connection to the broker, from which the service clients are made.

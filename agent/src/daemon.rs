@@ -296,7 +296,7 @@ impl Down {
     fn connect(error: &ClientError) -> Down {
         Down {
             cause: Cause::of(error),
-            error: crate::client::error_chain(error),
+            error: concordat_support::report(error),
         }
     }
 
@@ -1066,7 +1066,7 @@ mod tests {
             )),
         );
         assert_eq!(
-            crate::client::error_chain(&error),
+            concordat_support::report(&error),
             "transport error: tcp connect error: connection refused"
         );
         let repeated = Wrapped(
@@ -1077,7 +1077,7 @@ mod tests {
             )),
         );
         assert_eq!(
-            crate::client::error_chain(&repeated),
+            concordat_support::report(&repeated),
             "reading x: connection refused: other error"
         );
     }

@@ -15,8 +15,8 @@ use std::{
 
 use concordat_broker::config::Limits;
 use concordat_tests::{
-    TestPki, binary,
-    process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_config},
+    binary,
+    process::{AgentProcess, BrokerProcess, PkiFiles, wait_for, write_broker_files},
 };
 use tempfile::TempDir;
 
@@ -49,12 +49,14 @@ struct Nodes {
 impl Nodes {
     fn new() -> Nodes {
         let dir = tempfile::tempdir().unwrap();
-        let mut pki = TestPki::new().unwrap();
-        let pki =
-            PkiFiles::write(&mut pki, &dir.path().join("pki"), &["ico", "ncsc", "nca"]).unwrap();
-        let config = dir.path().join("broker.toml");
         let data_dir = dir.path().join("data");
-        write_broker_config(&config, &pki, &data_dir, &Limits::default()).unwrap();
+        let (pki, config) = write_broker_files(
+            dir.path(),
+            &["ico", "ncsc", "nca"],
+            &data_dir,
+            &Limits::default(),
+        )
+        .unwrap();
         Nodes {
             dir,
             pki,
