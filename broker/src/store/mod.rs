@@ -43,6 +43,7 @@ use crate::{
     refusal::{Failure, Internal, Reason, Refusal},
 };
 
+pub mod kv;
 pub mod queue;
 mod sled_store;
 

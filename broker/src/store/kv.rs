@@ -1,0 +1,541 @@
+//! The engine-neutral key-value layer under the store: named trees of byte keys and values,
+//! and transactions across several trees. The store ([`super::SledStorage`]), the audit log
+//! ([`crate::audit_log`]) and backups ([`crate::backup`]) reach their engine only through it.
+//!
+//! Only sled stands behind it today. Each type holds a private `enum` over engines, so a call
+//! costs a `match` and nothing else: no trait objects, no boxing, and a [`Value`] read from
+//! sled is sled's own reference-counted buffer, not a copy.
+//!
+//! What an engine must guarantee, because the store relies on it:
+//!
+//! - **Atomic transactions across trees.** [`transaction`] applies every write its closure made,
+//!   in every tree it was given, or none of them (the closure aborted, or the engine failed).
+//!   Transactions are serialisable: the engine may run the closure again after a conflict, so
+//!   the closure must have no effects besides its writes and what it returns.
+//! - **Durable when `flush` returns.** Everything committed before [`Kv::flush`] is called has
+//!   been handed to the disk when it returns. (sled 0.34's flush alone is not quite that: the
+//!   store syncs sled's files after it, see `DurableFiles`.)
+//! - **Ordered iteration.** [`Tree::iter`], [`Tree::range`] and [`Tree::scan_prefix`] yield
+//!   entries in ascending order of their keys' bytes, and backwards from either end.
+//! - **No half-applied transaction is seen.** A read outside a transaction observes each
+//!   transaction either whole or not at all.
+//!
+//! Inside a transaction, read only through its own [`TxTree`] handles, never through a
+//! [`Tree`]: sled's reads and iterators take the lock its transactions hold, so such a read
+//! would wait for ever.
+
+use std::{fmt, ops::Deref, ops::RangeBounds, path::Path};
+
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+    UnabortableTransactionError,
+};
+
+/// sled's page cache size. sled counts only the serialized size of what it caches, so the
+/// process holds several times this much; with 128 MiB the broker's memory was still rising a
+/// minute into a full-speed run (`concordat bench relay`); with 32 MiB it levels off within
+/// about ten seconds, at no throughput cost that the benchmark could show.
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// sled's log segment size. Values in a node are stored together, and a node larger than a
+/// quarter of a segment is written to a file of its own; queue blocks and log bundles are tens
+/// of KiB, so the default 512 KiB segments would turn most node rewrites into file creations.
+/// A database made with another segment size cannot be opened with this one (the store checks
+/// sled's `conf` file first, to say why).
+pub(crate) const SLED_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The sled configuration of the database in `db_dir`: the one [`Kv::open_sled`] uses, for
+/// the store and for [`crate::backup::restore`] alike.
+pub fn sled_config(db_dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(db_dir)
+        .mode(sled::Mode::HighThroughput)
+        // sled caches up to 1 GiB by default; keep the broker's memory bounded.
+        .cache_capacity(SLED_CACHE_BYTES)
+        .segment_size(SLED_SEGMENT_BYTES)
+}
+
+/// Why the engine failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// sled failed: an I/O error, corruption it detected, or a use it does not support. The
+    /// message is sled's own, never a key or a value.
+    #[error("{}", SledMessage(.0))]
+    Sled(sled::Error),
+    /// A transaction met a concurrent one and has to run again. [`transaction`] retries it
+    /// itself: this never reaches its caller.
+    #[error("the transaction conflicted with another one")]
+    Conflict,
+}
+
+impl From<sled::Error> for KvError {
+    fn from(e: sled::Error) -> Self {
+        KvError::Sled(e)
+    }
+}
+
+impl From<UnabortableTransactionError> for KvError {
+    fn from(e: UnabortableTransactionError) -> Self {
+        match e {
+            UnabortableTransactionError::Conflict => KvError::Conflict,
+            UnabortableTransactionError::Storage(e) => KvError::Sled(e),
+        }
+    }
+}
+
+/// sled's message for an error, without the name of a missing tree (the one place sled
+/// prints stored bytes).
+struct SledMessage<'e>(&'e sled::Error);
+
+impl fmt::Display for SledMessage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            sled::Error::CollectionNotFound(_) => f.write_str("a tree does not exist"),
+            other => fmt::Display::fmt(other, f),
+        }
+    }
+}
+
+/// A key or a value read from the engine: bytes, shared with the engine's cache where it has
+/// one (from sled, its reference-counted `IVec`, never copied).
+///
+/// Its `Debug` shows the length only: values are payloads, which the broker never logs.
+#[derive(Clone)]
+pub struct Value(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Sled(sled::IVec),
+}
+
+impl Value {
+    fn sled(v: sled::IVec) -> Value {
+        Value(Repr::Sled(v))
+    }
+
+    /// The bytes, copied.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.deref().to_vec()
+    }
+}
+
+impl Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        let Repr::Sled(v) = &self.0;
+        v
+    }
+}
+
+impl AsRef<[u8]> for Value {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Value {}
+
+impl fmt::Debug for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Value({} bytes)", self.len())
+    }
+}
+
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Value {
+        Value::sled(v.into())
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Value {
+        Value::sled(v.into())
+    }
+}
+
+/// A database: a set of named trees.
+pub struct Kv(KvRepr);
+
+enum KvRepr {
+    Sled(sled::Db),
+}
+
+impl Kv {
+    /// Opens (or creates) the sled database in `db_dir`, configured by [`sled_config`].
+    pub fn open_sled(db_dir: &Path) -> Result<Kv, KvError> {
+        Ok(Kv(KvRepr::Sled(sled_config(db_dir).open()?)))
+    }
+
+    /// Opens the tree `name`, creating it if it does not exist.
+    pub fn open_tree(&self, name: &str) -> Result<Tree, KvError> {
+        let KvRepr::Sled(db) = &self.0;
+        Ok(Tree(TreeRepr::Sled(db.open_tree(name)?)))
+    }
+
+    /// The names of every tree, as the engine stores them: those opened by [`Kv::open_tree`]
+    /// and any the engine keeps for itself (sled's default tree, `__sled__default`).
+    pub fn tree_names(&self) -> Vec<Value> {
+        let KvRepr::Sled(db) = &self.0;
+        db.tree_names().into_iter().map(Value::sled).collect()
+    }
+
+    /// Writes everything committed so far to disk (see the module documentation for what
+    /// sled leaves to its caller).
+    pub fn flush(&self) -> Result<(), KvError> {
+        let KvRepr::Sled(db) = &self.0;
+        db.flush()?;
+        Ok(())
+    }
+}
+
+/// A tree: keys in byte order, each with a value. Cloning it is cheap and the clones share
+/// the tree.
+#[derive(Clone)]
+pub struct Tree(TreeRepr);
+
+#[derive(Clone)]
+enum TreeRepr {
+    Sled(sled::Tree),
+}
+
+impl Tree {
+    fn sled(&self) -> &sled::Tree {
+        let TreeRepr::Sled(t) = &self.0;
+        t
+    }
+
+    /// The tree's name.
+    pub fn name(&self) -> Value {
+        Value::sled(self.sled().name())
+    }
+
+    /// The value of `key`, if it has one.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
+        Ok(self.sled().get(key)?.map(Value::sled))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
+        self.sled().insert(key, value.as_ref())?;
+        Ok(())
+    }
+
+    /// Removes `key`; returns the value it had.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
+        Ok(self.sled().remove(key)?.map(Value::sled))
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> Iter {
+        Iter(IterRepr::Sled(self.sled().iter()))
+    }
+
+    /// The entries whose keys lie in `range`, in key order.
+    pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
+        Iter(IterRepr::Sled(self.sled().range(range)))
+    }
+
+    /// The entries whose keys start with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
+        Iter(IterRepr::Sled(self.sled().scan_prefix(prefix)))
+    }
+
+    /// The entry with the smallest key.
+    pub fn first(&self) -> Result<Option<(Value, Value)>, KvError> {
+        Ok(self
+            .sled()
+            .first()?
+            .map(|(k, v)| (Value::sled(k), Value::sled(v))))
+    }
+
+    /// The entry with the largest key.
+    pub fn last(&self) -> Result<Option<(Value, Value)>, KvError> {
+        Ok(self
+            .sled()
+            .last()?
+            .map(|(k, v)| (Value::sled(k), Value::sled(v))))
+    }
+
+    /// The number of entries. It reads the whole tree: for tests and tools, not for serving.
+    pub fn len(&self) -> usize {
+        self.sled().len()
+    }
+
+    /// Whether the tree has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.sled().is_empty()
+    }
+}
+
+/// Entries of a tree in key order, from the front or from the back; each step may fail.
+pub struct Iter(IterRepr);
+
+enum IterRepr {
+    Sled(sled::Iter),
+}
+
+fn sled_entry(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(Value, Value), KvError> {
+    let (k, v) = item?;
+    Ok((Value::sled(k), Value::sled(v)))
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Value, Value), KvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let IterRepr::Sled(it) = &mut self.0;
+        it.next().map(sled_entry)
+    }
+}
+
+impl DoubleEndedIterator for Iter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let IterRepr::Sled(it) = &mut self.0;
+        it.next_back().map(sled_entry)
+    }
+}
+
+/// Why a transaction did not commit: its closure aborted it with `A`, or the engine failed.
+#[derive(Debug)]
+pub enum TxError<A> {
+    /// The closure gave up; nothing it wrote is applied.
+    Abort(A),
+    /// The engine failed; nothing the closure wrote is applied.
+    Kv(KvError),
+}
+
+impl<A> From<KvError> for TxError<A> {
+    fn from(e: KvError) -> Self {
+        TxError::Kv(e)
+    }
+}
+
+impl<A: fmt::Display> fmt::Display for TxError<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TxError::Abort(a) => fmt::Display::fmt(a, f),
+            TxError::Kv(e) => fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+/// Aborts a transaction with `a`: `return abort(a)` from its closure.
+pub fn abort<T, A>(a: A) -> Result<T, TxError<A>> {
+    Err(TxError::Abort(a))
+}
+
+/// Runs `f` as one transaction over `trees`: every write it makes through the [`TxTrees`]
+/// it is given is applied atomically when it returns `Ok`, and none when it returns an error.
+/// `f` may run more than once (see the module documentation); its handles come in the order
+/// of `trees`.
+pub fn transaction<T, A>(
+    trees: &[&Tree],
+    f: impl Fn(&TxTrees<'_>) -> Result<T, TxError<A>>,
+) -> Result<T, TxError<A>> {
+    if trees.is_empty() {
+        // Nothing it could write; sled refuses an empty transaction.
+        return f(&TxTrees(TxTreesRepr::Sled(&[])));
+    }
+    let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| t.sled()).collect();
+    let outcome = sled_trees[..].transaction(|view: &Vec<TransactionalTree>| {
+        f(&TxTrees(TxTreesRepr::Sled(view))).map_err(|e| match e {
+            TxError::Kv(KvError::Conflict) => ConflictableTransactionError::Conflict,
+            TxError::Kv(KvError::Sled(e)) => ConflictableTransactionError::Storage(e),
+            abort => ConflictableTransactionError::Abort(abort),
+        })
+    });
+    outcome.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => TxError::Kv(KvError::Sled(e)),
+    })
+}
+
+/// The trees of a running transaction, in the order they were passed to [`transaction`].
+pub struct TxTrees<'a>(TxTreesRepr<'a>);
+
+enum TxTreesRepr<'a> {
+    Sled(&'a [TransactionalTree]),
+}
+
+impl<'a> TxTrees<'a> {
+    /// How many trees the transaction spans.
+    pub fn len(&self) -> usize {
+        let TxTreesRepr::Sled(trees) = self.0;
+        trees.len()
+    }
+
+    /// Whether the transaction spans no tree.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tree at position `i`.
+    pub fn get(&self, i: usize) -> Option<TxTree<'a>> {
+        let TxTreesRepr::Sled(trees) = self.0;
+        trees.get(i).map(|t| TxTree(TxTreeRepr::Sled(t)))
+    }
+
+    /// The `N` trees from position `start` on; `None` if there are fewer.
+    pub fn array<const N: usize>(&self, start: usize) -> Option<[TxTree<'a>; N]> {
+        let TxTreesRepr::Sled(trees) = self.0;
+        let part: &'a [TransactionalTree; N] =
+            trees.get(start..start.checked_add(N)?)?.try_into().ok()?;
+        Some(part.each_ref().map(|t| TxTree(TxTreeRepr::Sled(t))))
+    }
+}
+
+/// One tree inside a running transaction: reads see its own writes, and the writes are
+/// applied when the transaction commits.
+#[derive(Clone, Copy)]
+pub struct TxTree<'a>(TxTreeRepr<'a>);
+
+#[derive(Clone, Copy)]
+enum TxTreeRepr<'a> {
+    Sled(&'a TransactionalTree),
+}
+
+impl TxTree<'_> {
+    /// The value of `key`, if it has one.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
+        let TxTreeRepr::Sled(t) = self.0;
+        Ok(t.get(key)?.map(Value::sled))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
+        let TxTreeRepr::Sled(t) = self.0;
+        t.insert(key.as_ref(), value.as_ref())?;
+        Ok(())
+    }
+
+    /// Removes `key`; returns the value it had.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
+        let TxTreeRepr::Sled(t) = self.0;
+        Ok(t.remove(key.as_ref())?.map(Value::sled))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Kv) {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = Kv::open_sled(&dir.path().join("db")).unwrap();
+        (dir, kv)
+    }
+
+    fn keys(iter: impl Iterator<Item = Result<(Value, Value), KvError>>) -> Vec<Vec<u8>> {
+        iter.map(|item| item.unwrap().0.to_vec()).collect()
+    }
+
+    #[test]
+    fn iteration_is_in_key_byte_order_from_either_end() {
+        let (_dir, kv) = open();
+        let t = kv.open_tree("t").unwrap();
+        for k in [&b"b"[..], b"a\xff", b"a", b"c", b"\x00"] {
+            t.insert(k, k).unwrap();
+        }
+        let sorted: Vec<Vec<u8>> = [&b"\x00"[..], b"a", b"a\xff", b"b", b"c"]
+            .iter()
+            .map(|k| k.to_vec())
+            .collect();
+        assert_eq!(keys(t.iter()), sorted);
+        assert_eq!(
+            keys(t.iter().rev()),
+            sorted.iter().rev().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            keys(t.scan_prefix(b"a")),
+            [b"a".to_vec(), b"a\xff".to_vec()]
+        );
+        assert_eq!(
+            keys(t.range(..=&b"a\xff"[..]).rev().take(1)),
+            [b"a\xff".to_vec()]
+        );
+        assert_eq!(keys(t.range(&b"b"[..]..)), [b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(t.first().unwrap().unwrap().0.to_vec(), b"\x00");
+        assert_eq!(t.last().unwrap().unwrap().0.to_vec(), b"c");
+        assert_eq!((t.len(), t.is_empty()), (5, false));
+        assert_eq!(t.remove(b"c").unwrap().as_deref(), Some(&b"c"[..]));
+        assert_eq!(t.get(b"c").unwrap(), None);
+    }
+
+    #[test]
+    fn a_transaction_applies_all_of_its_writes_or_none() {
+        let (_dir, kv) = open();
+        let (a, b) = (kv.open_tree("a").unwrap(), kv.open_tree("b").unwrap());
+        a.insert(b"k", b"old").unwrap();
+        // Aborted after writing to both trees: neither changes.
+        let aborted = transaction(&[&a, &b], |tx| {
+            let [ta, tb] = tx.array(0).expect("two trees");
+            ta.insert(b"k", b"new")?;
+            tb.insert(b"k", b"new")?;
+            // A transaction reads its own writes.
+            assert_eq!(ta.get(b"k")?.as_deref(), Some(&b"new"[..]));
+            abort::<(), _>("changed my mind")
+        });
+        assert!(matches!(aborted, Err(TxError::Abort("changed my mind"))));
+        assert_eq!(a.get(b"k").unwrap().as_deref(), Some(&b"old"[..]));
+        assert_eq!(b.get(b"k").unwrap(), None);
+        // Committed: both change, and the closure's result comes back.
+        let moved = transaction(&[&a, &b], |tx| {
+            let (Some(ta), Some(tb), None) = (tx.get(0), tx.get(1), tx.get(2)) else {
+                return abort("wrong trees");
+            };
+            let old = ta.remove(b"k")?.expect("present");
+            tb.insert(b"k", &old)?;
+            Ok(old.len())
+        });
+        assert_eq!(moved.unwrap(), 3);
+        assert_eq!(a.get(b"k").unwrap(), None);
+        assert_eq!(b.get(b"k").unwrap().as_deref(), Some(&b"old"[..]));
+        // No trees: the closure runs, with nothing to write to.
+        let none: Result<usize, TxError<()>> = transaction(&[], |tx| Ok(tx.len()));
+        assert_eq!(none.unwrap(), 0);
+    }
+
+    #[test]
+    fn committed_writes_survive_reopening_and_names_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        {
+            let kv = Kv::open_sled(&db).unwrap();
+            let t = kv.open_tree("kept").unwrap();
+            assert_eq!(t.name(), Value::from(&b"kept"[..]));
+            transaction(&[&t], |tx| {
+                let [t] = tx.array(0).expect("one tree");
+                t.insert(b"k", b"v")?;
+                Ok::<_, TxError<()>>(())
+            })
+            .unwrap();
+            kv.flush().unwrap();
+        }
+        let kv = Kv::open_sled(&db).unwrap();
+        assert!(kv.tree_names().contains(&Value::from(b"kept".to_vec())));
+        let t = kv.open_tree("kept").unwrap();
+        assert_eq!(
+            t.get(b"k").unwrap().map(|v| v.to_vec()),
+            Some(b"v".to_vec())
+        );
+    }
+
+    #[test]
+    fn values_compare_by_bytes_and_debug_hides_them() {
+        let v = Value::from(b"secret payload".to_vec());
+        assert_eq!(v, Value::from(&b"secret payload"[..]));
+        assert_ne!(v, Value::from(&b"other"[..]));
+        assert_eq!(format!("{v:?}"), "Value(14 bytes)");
+        let e = KvError::Sled(sled::Error::CollectionNotFound(b"secret name".into()));
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+}
