@@ -1,8 +1,8 @@
-//! The tamper-evident audit log: entries as leaves of an RFC 6962 Merkle tree, stored in sled
-//! in the tlog stored-hash layout (bundled: one record of entries and one of hashes per group
-//! commit), and signed checkpoints over it.
+//! The tamper-evident audit log: entries as leaves of an RFC 6962 Merkle tree, stored in the
+//! store's trees ([`crate::store::kv`], sled) in the tlog stored-hash layout (bundled: one record
+//! of entries and one of hashes per group commit), and signed checkpoints over it.
 //!
-//! Entries are appended inside the same sled transaction as the change they describe (see
+//! Entries are appended inside the same transaction as the change they describe (see
 //! [`crate::store`]), so an acknowledged transfer always has its entry and no entry describes a
 //! transfer that did not happen. After each group commit the writer signs a checkpoint of the
 //! new tree (C2SP tlog-checkpoint as a signed note) with the broker's log key, after checking
@@ -22,11 +22,13 @@ use concordat_proto::{
     pb,
 };
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use crate::{
     refusal::{Failure, Internal},
-    store::ProvedEntry,
+    store::{
+        ProvedEntry,
+        kv::{KvError, Tree, TxError, TxTree, Value},
+    },
 };
 
 /// The `meta` key of the number of entries.
@@ -306,7 +308,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// How many hash bundles [`Log`] keeps decoded in memory for proofs.
 const HASH_CACHE_BUNDLES: usize = 512;
 
-/// A batch's entries as one sled value: a big-endian `u32` count, then each entry's end offset
+/// A batch's entries as one stored value: a big-endian `u32` count, then each entry's end offset
 /// (big-endian `u32`, relative to the data), then the entries' bytes back to back.
 fn encode_entry_bundle(entries: &[Vec<u8>]) -> Result<Vec<u8>, Internal> {
     let too_big = || Internal::new("bundling audit entries", "bundle larger than 4 GiB");
@@ -364,10 +366,7 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 
 /// The record of `tree` with the largest big-endian key at most `index`: the bundle that holds
 /// entry or hash `index`, if any does.
-fn bundle_at_or_before(
-    tree: &sled::Tree,
-    index: u64,
-) -> sled::Result<Option<(sled::IVec, sled::IVec)>> {
+fn bundle_at_or_before(tree: &Tree, index: u64) -> Result<Option<(Value, Value)>, KvError> {
     tree.range(..=index.to_be_bytes()).next_back().transpose()
 }
 
@@ -378,8 +377,8 @@ fn storage_err(e: impl std::error::Error + Send + Sync + 'static) -> MerkleError
 /// The hashes of the log: stored in bundles (one per group commit, keyed by the stored-hash
 /// index of its first hash), with the most recently used bundles kept in memory.
 struct Hashes {
-    tree: sled::Tree,
-    cache: Mutex<BTreeMap<u64, sled::IVec>>,
+    tree: Tree,
+    cache: Mutex<BTreeMap<u64, Value>>,
 }
 
 impl Hashes {
@@ -508,9 +507,9 @@ impl HashReader for Frontier {
 /// The trees of the log, as seen inside a transaction: appended entries and their hashes are
 /// kept in memory and written as one bundle each by [`TxLog::finish`].
 pub struct TxLog<'a> {
-    entries: &'a TransactionalTree,
-    hashes: &'a TransactionalTree,
-    meta: &'a TransactionalTree,
+    entries: TxTree<'a>,
+    hashes: TxTree<'a>,
+    meta: TxTree<'a>,
     frontier: Frontier,
     pending: RefCell<Pending>,
 }
@@ -549,18 +548,12 @@ impl HashReader for PendingReader<'_> {
 
 impl TxLog<'_> {
     /// Appends `entry` and returns its index.
-    pub fn append(
-        &self,
-        entry: &pb::AuditEntry,
-    ) -> Result<u64, ConflictableTransactionError<Failure>> {
+    pub fn append(&self, entry: &pb::AuditEntry) -> Result<u64, TxError<Failure>> {
         self.append_bytes(entry).map(|(index, _)| index)
     }
 
     /// Appends `entry` and returns its index and its encoding.
-    pub fn append_bytes(
-        &self,
-        entry: &pb::AuditEntry,
-    ) -> Result<(u64, Vec<u8>), ConflictableTransactionError<Failure>> {
+    pub fn append_bytes(&self, entry: &pb::AuditEntry) -> Result<(u64, Vec<u8>), TxError<Failure>> {
         let mut p = self.pending.borrow_mut();
         let n = p.start + p.entries.len() as u64;
         let bytes = entry.encode_to_vec();
@@ -569,7 +562,7 @@ impl TxLog<'_> {
             frontier: &self.frontier,
         };
         let new = merkle::stored_hashes(n, &bytes, &reader).map_err(|e| {
-            ConflictableTransactionError::Abort(Failure::Internal(Internal::new(
+            TxError::Abort(Failure::Internal(Internal::new(
                 "hashing an audit entry",
                 e,
             )))
@@ -582,18 +575,18 @@ impl TxLog<'_> {
     /// Writes what was appended — one bundle of entries, one of hashes, the new size — and
     /// returns the frontier to hand to [`Log::advance`] once the transaction has committed
     /// (`None` if nothing was appended).
-    pub fn finish(&self) -> Result<Option<Frontier>, ConflictableTransactionError<Failure>> {
+    pub fn finish(&self) -> Result<Option<Frontier>, TxError<Failure>> {
         let p = self.pending.borrow();
         if p.entries.is_empty() {
             return Ok(None);
         }
-        let internal = |e: Internal| ConflictableTransactionError::Abort(Failure::Internal(e));
+        let internal = |e: Internal| TxError::Abort(Failure::Internal(e));
         let bundle = encode_entry_bundle(&p.entries).map_err(internal)?;
-        self.entries.insert(&p.start.to_be_bytes(), bundle)?;
+        self.entries.insert(p.start.to_be_bytes(), bundle)?;
         let hashes: Vec<u8> = p.hashes.iter().flat_map(|h| h.0).collect();
-        self.hashes.insert(&p.hash_start.to_be_bytes(), hashes)?;
+        self.hashes.insert(p.hash_start.to_be_bytes(), hashes)?;
         let size = p.start + p.entries.len() as u64;
-        self.meta.insert(LOG_SIZE, &size.to_be_bytes())?;
+        self.meta.insert(LOG_SIZE, size.to_be_bytes())?;
         let frontier = self
             .frontier
             .advanced(&p)
@@ -609,9 +602,9 @@ impl TxLog<'_> {
 /// docs/audit-log-proofs.md) added by that commit, concatenated, keyed by the big-endian
 /// stored-hash index of the first. Two writes per commit instead of three or more per entry.
 pub struct Log {
-    entries: sled::Tree,
+    entries: Tree,
     hashes: Hashes,
-    meta: sled::Tree,
+    meta: Tree,
     signer: LogSigner,
     /// The committed tree's frontier; only the writer advances it.
     frontier: Mutex<Frontier>,
@@ -628,9 +621,9 @@ pub struct Log {
 impl Log {
     /// The log over these trees, signing with `signer`, publishing its checkpoints in `dir`.
     pub fn open(
-        entries: sled::Tree,
-        hashes: sled::Tree,
-        meta: sled::Tree,
+        entries: Tree,
+        hashes: Tree,
+        meta: Tree,
         signer: LogSigner,
         dir: &Path,
     ) -> Result<Self, Internal> {
@@ -664,7 +657,7 @@ impl Log {
     }
 
     /// The trees a transaction needs: entries, hashes.
-    pub fn trees(&self) -> (&sled::Tree, &sled::Tree) {
+    pub fn trees(&self) -> (&Tree, &Tree) {
         (&self.entries, &self.hashes.tree)
     }
 
@@ -692,14 +685,14 @@ impl Log {
     /// The log inside a transaction over [`Log::trees`] and `meta`.
     pub fn in_tx<'a>(
         &'a self,
-        entries: &'a TransactionalTree,
-        hashes: &'a TransactionalTree,
-        meta: &'a TransactionalTree,
-    ) -> Result<TxLog<'a>, ConflictableTransactionError<Failure>> {
+        entries: TxTree<'a>,
+        hashes: TxTree<'a>,
+        meta: TxTree<'a>,
+    ) -> Result<TxLog<'a>, TxError<Failure>> {
         let start = meta.get(LOG_SIZE)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         let frontier = self
             .frontier_of(start, "appending to the audit log")
-            .map_err(|e| ConflictableTransactionError::Abort(Failure::Internal(e)))?;
+            .map_err(|e| TxError::Abort(Failure::Internal(e)))?;
         Ok(TxLog {
             entries,
             hashes,

@@ -27,7 +27,10 @@ use sha2::{Digest, Sha256};
 use crate::{
     audit_log,
     refusal::{Failure, Internal},
-    store::{self, SledStorage, Storage, Store, StoreReport},
+    store::{
+        self, SledStorage, Storage, Store, StoreReport,
+        kv::{Kv, Tree},
+    },
 };
 
 /// The first bytes of every backup file.
@@ -41,9 +44,9 @@ const MAX_HEADER: usize = 64 * 1024;
 const MAX_NAME: usize = 1024;
 /// The largest data-directory file carried (the log key is about a hundred bytes).
 const MAX_FILE: usize = 1024 * 1024;
-/// The largest sled key.
+/// The largest key.
 const MAX_KEY: usize = 1024 * 1024;
-/// The largest sled value (queue blocks carry payloads: generous, and bounded by the file too).
+/// The largest value (queue blocks carry payloads: generous, and bounded by the file too).
 const MAX_VALUE: usize = 1024 * 1024 * 1024;
 /// The most trees a backup may name (the broker has about fifteen).
 const MAX_TREES: u64 = 1024;
@@ -95,7 +98,7 @@ impl Header {
 /// How much a backup holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// sled trees.
+    /// Trees of the store.
     pub trees: u64,
     /// Key/value pairs over all trees.
     pub pairs: u64,
@@ -651,10 +654,9 @@ fn is_empty_or_missing(dir: &Path) -> Result<bool, BackupError> {
 }
 
 fn import_and_verify(from: &Path, dir: &Path, header: &Header) -> Result<Restored, BackupError> {
-    let db = store::sled_config(&dir.join(audit_log::DB_DIR))
-        .open()
+    let db = Kv::open_sled(&dir.join(audit_log::DB_DIR))
         .map_err(|e| Internal::new("creating the database", e))?;
-    let mut tree: Option<sled::Tree> = None;
+    let mut tree: Option<Tree> = None;
     let (_, counts) = read(from, |record| {
         match record {
             Record::File { name, bytes } => {

@@ -1,6 +1,7 @@
 //! Durable state: per-recipient queues, accepted transfers, receipts for idempotency, consent
 //! uses and revocations — behind the small [`Storage`] trait, with sled as the embedded engine
-//! ([`SledStorage`]; the layout of its queues is in [`queue`]).
+//! ([`SledStorage`]; the layout of its queues is in [`queue`]), reached through the
+//! engine-neutral key-value layer [`kv`].
 //!
 //! All writes go through one writer thread that does **group commit**: it takes every pending
 //! operation, applies them (each atomically; the engine may share one transaction between
@@ -47,7 +48,7 @@ pub mod kv;
 pub mod queue;
 mod sled_store;
 
-pub use sled_store::{SledStorage, StoreReport, database_unlocked, sled_config, wait_until_closed};
+pub use sled_store::{SledStorage, StoreReport, database_unlocked, wait_until_closed};
 
 /// The longest the writer waits for a batch to fill when it is under load.
 const LINGER: Duration = Duration::from_millis(5);

@@ -1,4 +1,7 @@
-//! The embedded engine: [`SledStorage`], the broker's state in one sled database.
+//! The embedded engine: [`SledStorage`], the broker's state in one sled database, read and
+//! written through the engine-neutral [`super::kv`]. What is sled's alone stays here: its
+//! lock on `db/db` ([`database_unlocked`]), the fsync of its files after a flush
+//! (`DurableFiles`), and the segment size in its `conf` (`check_segment_size`).
 //!
 //! Trees (keys big-endian where numeric):
 //!
@@ -43,10 +46,6 @@ use concordat_proto::{
     pb,
 };
 use prost::Message;
-use sled::{
-    Transactional,
-    transaction::{ConflictableTransactionError, TransactionError, TransactionalTree},
-};
 use time::OffsetDateTime;
 
 mod verify;
@@ -55,7 +54,9 @@ pub use verify::StoreReport;
 
 use super::{
     Accept, Applied, Carried, ConsentRecord, MAX_TIMERS_FIRED, Op, ProvedEntry, Queued, Revoke,
-    RevokeTarget, Storage, message_id_reused,
+    RevokeTarget, Storage,
+    kv::{self, Kv, KvError, Tree, TxError, TxTree, Value},
+    message_id_reused,
     queue::{
         AckOutcome, BlockBuilder, BlockHeader, ItemKind, ItemMeta, QueueIndex, StoredBlock,
         StoredItem, block_key, decode_acked, encode_acked, parse_block_key,
@@ -72,17 +73,6 @@ use crate::{
     refusal::{Failure, Internal, Reason, Refusal},
     workflow,
 };
-
-/// sled's page cache size. sled counts only the serialized size of what it caches, so the
-/// process holds several times this much; with 128 MiB the broker's memory was still rising a
-/// minute into a full-speed run (`concordat bench relay`); with 32 MiB it levels off within
-/// about ten seconds, at no throughput cost that the benchmark could show.
-const CACHE_BYTES: u64 = 32 * 1024 * 1024;
-
-/// sled's log segment size. Values in a node are stored together, and a node larger than a
-/// quarter of a segment is written to a file of its own; queue blocks and log bundles are tens
-/// of KiB, so the default 512 KiB segments would turn most node rewrites into file creations.
-const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// The `meta` key of the next queue sequence number.
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -159,24 +149,24 @@ struct ConsentedBlock {
 
 /// The sled engine.
 pub struct SledStorage {
-    db: sled::Db,
-    receipts: sled::Tree,
-    transfers: sled::Tree,
-    refs: sled::Tree,
-    queues: sled::Tree,
-    queue_acks: sled::Tree,
-    uses: sled::Tree,
-    consented: sled::Tree,
-    revoked: sled::Tree,
-    tlp_received: sled::Tree,
-    workflows: sled::Tree,
-    timers: sled::Tree,
-    meta: sled::Tree,
+    db: Kv,
+    receipts: Tree,
+    transfers: Tree,
+    refs: Tree,
+    queues: Tree,
+    queue_acks: Tree,
+    uses: Tree,
+    consented: Tree,
+    revoked: Tree,
+    tlp_received: Tree,
+    workflows: Tree,
+    timers: Tree,
+    meta: Tree,
     log: Log,
     index: Mutex<QueueIndex>,
     /// The `revocations` tree, mirrored: read for every consented transfer, changed only by
     /// revocations, which the writer applies.
-    revocations: RwLock<HashMap<Vec<u8>, sled::IVec>>,
+    revocations: RwLock<HashMap<Vec<u8>, Value>>,
     last_seq: AtomicU64,
     /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself.
     files: DurableFiles,
@@ -242,7 +232,7 @@ impl DurableFiles {
     }
 }
 
-fn sled_err(context: &'static str) -> impl Fn(sled::Error) -> Internal {
+fn kv_err(context: &'static str) -> impl Fn(KvError) -> Internal {
     move |e| Internal::new(context, e)
 }
 
@@ -290,24 +280,24 @@ fn be_i128(bytes: &[u8]) -> Option<i128> {
 
 /// The trees of the store as seen inside one transaction.
 struct Trees<'a> {
-    receipts: &'a TransactionalTree,
-    transfers: &'a TransactionalTree,
-    refs: &'a TransactionalTree,
-    queues: &'a TransactionalTree,
-    queue_acks: &'a TransactionalTree,
-    uses: &'a TransactionalTree,
-    meta: &'a TransactionalTree,
-    consented: &'a TransactionalTree,
-    tlp_received: &'a TransactionalTree,
+    receipts: TxTree<'a>,
+    transfers: TxTree<'a>,
+    refs: TxTree<'a>,
+    queues: TxTree<'a>,
+    queue_acks: TxTree<'a>,
+    uses: TxTree<'a>,
+    meta: TxTree<'a>,
+    consented: TxTree<'a>,
+    tlp_received: TxTree<'a>,
     /// Present when an operation of the batch carries a workflow step.
-    workflows: Option<&'a TransactionalTree>,
-    timers: Option<&'a TransactionalTree>,
+    workflows: Option<TxTree<'a>>,
+    timers: Option<TxTree<'a>>,
     log: TxLog<'a>,
 }
 
-impl Trees<'_> {
+impl<'a> Trees<'a> {
     /// The workflow trees, which a batch without workflow operations leaves out.
-    fn workflow_trees(&self) -> TxResult<(&TransactionalTree, &TransactionalTree)> {
+    fn workflow_trees(&self) -> TxResult<(TxTree<'a>, TxTree<'a>)> {
         match (self.workflows, self.timers) {
             (Some(w), Some(t)) => Ok((w, t)),
             _ => abort(Internal::new(
@@ -342,16 +332,16 @@ struct Committed {
     frontier: Option<Frontier>,
 }
 
-/// Aborts a sled transaction with a failure.
-type TxResult<T> = Result<T, ConflictableTransactionError<Failure>>;
+/// What a step inside a transaction returns: its error aborts the transaction.
+type TxResult<T> = Result<T, TxError<Failure>>;
 
 fn abort<T>(f: impl Into<Failure>) -> TxResult<T> {
-    Err(ConflictableTransactionError::Abort(f.into()))
+    kv::abort(f.into())
 }
 
 /// Writes the blocks a transaction queued; returns their index entries.
 fn write_blocks(
-    queues: &TransactionalTree,
+    queues: TxTree<'_>,
     blocks: BlockBuilder,
 ) -> TxResult<Vec<(AgencyId, Vec<ItemMeta>)>> {
     let mut out = Vec::new();
@@ -421,10 +411,8 @@ impl SledStorage {
         let db_dir = dir.join(audit_log::DB_DIR);
         check_segment_size(&db_dir)?;
         let fresh = !db_dir.exists();
-        let db = sled_config(&db_dir)
-            .open()
-            .map_err(sled_err("opening the database"))?;
-        let tree = |name: &str| db.open_tree(name).map_err(sled_err("opening a tree"));
+        let db = Kv::open_sled(&db_dir).map_err(kv_err("opening the database"))?;
+        let tree = |name: &str| db.open_tree(name).map_err(kv_err("opening a tree"));
         let meta = tree("meta")?;
         check_layout(&meta)?;
         let storage = SledStorage {
@@ -460,7 +448,7 @@ impl SledStorage {
             .iter()
             .map(|item| item.map(|(k, v)| (k.to_vec(), v)))
             .collect::<Result<HashMap<_, _>, _>>()
-            .map_err(sled_err("reading revocations"))?;
+            .map_err(kv_err("reading revocations"))?;
         *storage
             .revocations
             .write()
@@ -468,7 +456,7 @@ impl SledStorage {
         let next = storage
             .meta
             .get(NEXT_SEQ)
-            .map_err(sled_err("reading the sequence counter"))?
+            .map_err(kv_err("reading the sequence counter"))?
             .and_then(|v| be_u64(&v))
             .unwrap_or(1);
         storage
@@ -490,7 +478,7 @@ impl SledStorage {
             |what: &str| Internal::new("reading the queues", format!("malformed {what}"));
         let mut index = QueueIndex::default();
         for item in self.queues.iter() {
-            let (key, value) = item.map_err(sled_err("reading the queues"))?;
+            let (key, value) = item.map_err(kv_err("reading the queues"))?;
             let (recipient, _) = parse_block_key(&key).ok_or_else(|| malformed("block key"))?;
             let metas = BlockHeader::decode(value.as_ref())
                 .ok()
@@ -499,7 +487,7 @@ impl SledStorage {
             let acked = self
                 .queue_acks
                 .get(&key)
-                .map_err(sled_err("reading the queues"))?
+                .map_err(kv_err("reading the queues"))?
                 .map(|bits| decode_acked(&bits, metas.len()))
                 .unwrap_or_default();
             index.add_block(&recipient, metas, acked);
@@ -512,7 +500,7 @@ impl SledStorage {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn next_seq(meta: &TransactionalTree) -> TxResult<u64> {
+    fn next_seq(meta: TxTree<'_>) -> TxResult<u64> {
         Ok(meta.get(NEXT_SEQ)?.and_then(|v| be_u64(&v)).unwrap_or(1))
     }
 
@@ -577,27 +565,28 @@ impl SledStorage {
         if workflow_ops {
             trees.extend([&self.workflows, &self.timers]);
         }
-        let outcome = trees[..].transaction(|view| {
-            let (base, workflow) = view.split_at(view.len().min(11));
-            let [
-                receipts,
-                transfers,
-                refs,
-                queues,
-                queue_acks,
-                uses,
-                consented,
-                tlp_received,
-                meta,
-                le,
-                lh,
-            ] = base
+        let outcome = kv::transaction(&trees, |view| {
+            let Some(
+                [
+                    receipts,
+                    transfers,
+                    refs,
+                    queues,
+                    queue_acks,
+                    uses,
+                    consented,
+                    tlp_received,
+                    meta,
+                    le,
+                    lh,
+                ],
+            ) = view.array(0)
             else {
                 return abort(Internal::new("applying a batch", "wrong number of trees"));
             };
-            let (workflows, timers) = match workflow {
-                [w, t] => (Some(w), Some(t)),
-                _ => (None, None),
+            let (workflows, timers) = match view.array(11) {
+                Some([w, t]) => (Some(w), Some(t)),
+                None => (None, None),
             };
             let t = Trees {
                 receipts,
@@ -850,7 +839,7 @@ impl SledStorage {
 
     /// Queues `notice` for `to` under its `notice_queued` entry; returns its sequence number.
     fn queue_notice(
-        meta: &TransactionalTree,
+        meta: TxTree<'_>,
         log: &TxLog<'_>,
         blocks: &mut BlockBuilder,
         to: &AgencyId,
@@ -879,7 +868,7 @@ impl SledStorage {
                 ..Default::default()
             },
         );
-        meta.insert(NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+        meta.insert(NEXT_SEQ, (seq + 1).to_be_bytes())?;
         Ok(seq)
     }
 
@@ -889,9 +878,9 @@ impl SledStorage {
         // Every timer that fires at or before `now` sorts before the prefix of the next
         // nanosecond.
         let end = workflow::timer_prefix(nanos(now).saturating_add(1));
-        let mut due: Vec<sled::IVec> = Vec::new();
+        let mut due: Vec<Value> = Vec::new();
         for item in self.timers.range(..&end[..]).take(MAX_TIMERS_FIRED) {
-            let (k, _) = item.map_err(sled_err("reading the timers"))?;
+            let (k, _) = item.map_err(kv_err("reading the timers"))?;
             due.push(k);
         }
         if due.is_empty() {
@@ -901,15 +890,19 @@ impl SledStorage {
             });
         }
         let (entries, hashes) = self.log.trees();
-        let outcome = (
-            &self.timers,
-            &self.workflows,
-            &self.queues,
-            &self.meta,
-            entries,
-            hashes,
-        )
-            .transaction(|(timers, workflows, queues, meta, le, lh)| {
+        let outcome = kv::transaction(
+            &[
+                &self.timers,
+                &self.workflows,
+                &self.queues,
+                &self.meta,
+                entries,
+                hashes,
+            ],
+            |view| {
+                let Some([timers, workflows, queues, meta, le, lh]) = view.array(0) else {
+                    return abort(Internal::new("firing timers", "wrong number of trees"));
+                };
                 let log = self.log.in_tx(le, lh, meta)?;
                 let mut blocks = BlockBuilder::default();
                 let (mut fired, mut notices) = (0u32, 0u32);
@@ -952,7 +945,8 @@ impl SledStorage {
                     frontier: log.finish()?,
                 };
                 Ok((fired, notices, committed))
-            });
+            },
+        );
         let (timers, notices, committed) = tx_outcome(outcome)?;
         self.settle(committed);
         Ok(Applied::Fired { timers, notices })
@@ -1027,7 +1021,7 @@ impl SledStorage {
         for c in a.decision.consents.iter().filter(|c| c.max_uses.is_some()) {
             let key = token_key(&c.issuer, &c.jti);
             let used = t.uses.get(&key)?.and_then(|v| be_u64(&v)).unwrap_or(0);
-            t.uses.insert(key, &(used + 1).to_be_bytes())?;
+            t.uses.insert(key, (used + 1).to_be_bytes())?;
         }
         // The log first, so that each queue item can record its transfer's entry (whose proof
         // goes with the delivery). The first transfer that relies on a designation records it,
@@ -1061,10 +1055,8 @@ impl SledStorage {
             (ItemKind::Inline, Some(transfer))
         } else {
             t.transfers.insert(&tid[..], transfer.encode_to_vec())?;
-            t.refs.insert(
-                &tid[..],
-                &(a.envelope.recipients.len() as u64).to_be_bytes(),
-            )?;
+            t.refs
+                .insert(&tid[..], (a.envelope.recipients.len() as u64).to_be_bytes())?;
             (ItemKind::Shared, None)
         };
         let mut seq = Self::next_seq(t.meta)?;
@@ -1090,7 +1082,7 @@ impl SledStorage {
             fx.last_seq = fx.last_seq.max(seq);
             seq += 1;
         }
-        t.meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+        t.meta.insert(NEXT_SEQ, seq.to_be_bytes())?;
         for c in &a.decision.consents {
             fx.consented
                 .entry(token_key(&c.issuer, &c.jti))
@@ -1212,7 +1204,7 @@ impl SledStorage {
                 }
                 t.transfers.remove(&tid[..])?;
             } else {
-                t.refs.insert(&tid[..], &left.to_be_bytes())?;
+                t.refs.insert(&tid[..], left.to_be_bytes())?;
             }
         }
         Ok(Applied::Acked(removed))
@@ -1227,7 +1219,7 @@ impl SledStorage {
         // Keys are issuer (33 bytes) || jti (16) || first sequence number (8).
         let mut candidates: Vec<(TokenId, ConsentedTransfer)> = Vec::new();
         for item in self.consented.scan_prefix(&prefix) {
-            let (k, v) = item.map_err(sled_err("scanning consented transfers"))?;
+            let (k, v) = item.map_err(kv_err("scanning consented transfers"))?;
             let block = ConsentedBlock::decode(v.as_ref())
                 .map_err(|e| Internal::new("decoding consented transfers", e))?;
             let jti = k
@@ -1238,8 +1230,12 @@ impl SledStorage {
             candidates.extend(block.transfers.into_iter().map(|t| (jti, t)));
         }
         let (entries, hashes) = self.log.trees();
-        let outcome = (&self.revoked, &self.queues, &self.meta, entries, hashes).transaction(
-            |(revoked, queues, meta, le, lh)| {
+        let outcome = kv::transaction(
+            &[&self.revoked, &self.queues, &self.meta, entries, hashes],
+            |view| {
+                let Some([revoked, queues, meta, le, lh]) = view.array(0) else {
+                    return abort(Internal::new("revoking consent", "wrong number of trees"));
+                };
                 let log = self.log.in_tx(le, lh, meta)?;
                 let previous_before = revoked
                     .get(revoked_before_key(&r.issuer))?
@@ -1324,7 +1320,7 @@ impl SledStorage {
                         seq += 1;
                     }
                 }
-                meta.insert(NEXT_SEQ, &seq.to_be_bytes())?;
+                meta.insert(NEXT_SEQ, seq.to_be_bytes())?;
                 let notices = u32::try_from(queued.len()).unwrap_or(u32::MAX);
                 // Whose consent it withdraws: the organisations of the transfers made under the
                 // tokens it revokes (recalled now or before), and the issuer's own if it speaks
@@ -1406,20 +1402,9 @@ impl SledStorage {
 /// How a snapshot copies a tree after the writer has resumed ([`Storage::snapshot`]).
 enum Later {
     /// An append-only tree: up to (and including) the last key it held during the pause.
-    UpTo(Option<sled::IVec>),
+    UpTo(Option<Value>),
     /// Receipts: those whose audit entry's index is below the snapshot's log size.
     LoggedBefore(u64),
-}
-
-/// The sled configuration of the database in `db_dir`: the one [`SledStorage::open`] uses,
-/// and [`crate::backup::restore`] creates a database with.
-pub fn sled_config(db_dir: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(db_dir)
-        .mode(sled::Mode::HighThroughput)
-        // sled caches up to 1 GiB by default; keep the broker's memory bounded.
-        .cache_capacity(CACHE_BYTES)
-        .segment_size(SEGMENT_BYTES)
 }
 
 /// Refuses a database whose sled log was made with other segments (sled itself would refuse it
@@ -1436,7 +1421,7 @@ fn check_segment_size(db_dir: &Path) -> Result<(), Internal> {
         .find_map(|l| l.strip_prefix("segment_size: "))
         .and_then(|v| v.trim().parse::<usize>().ok());
     match segment_size {
-        Some(n) if n != SEGMENT_BYTES => Err(older_layout()),
+        Some(n) if n != kv::SLED_SEGMENT_BYTES => Err(older_layout()),
         _ => Ok(()),
     }
 }
@@ -1450,8 +1435,8 @@ fn older_layout() -> Internal {
 }
 
 /// Refuses a database written in another layout, and marks a new one with this layout.
-fn check_layout(meta: &sled::Tree) -> Result<(), Internal> {
-    let read = sled_err("reading the storage layout");
+fn check_layout(meta: &Tree) -> Result<(), Internal> {
+    let read = kv_err("reading the storage layout");
     match meta.get(LAYOUT).map_err(&read)?.as_deref() {
         Some(LAYOUT_VERSION) => Ok(()),
         Some(other) => Err(Internal::new(
@@ -1470,18 +1455,16 @@ fn check_layout(meta: &sled::Tree) -> Result<(), Internal> {
         }
         None => {
             meta.insert(LAYOUT, LAYOUT_VERSION)
-                .map_err(sled_err("recording the storage layout"))?;
+                .map_err(kv_err("recording the storage layout"))?;
             Ok(())
         }
     }
 }
 
-fn tx_outcome<T>(r: Result<T, TransactionError<Failure>>) -> Result<T, Failure> {
+fn tx_outcome<T>(r: Result<T, TxError<Failure>>) -> Result<T, Failure> {
     r.map_err(|e| match e {
-        TransactionError::Abort(f) => f,
-        TransactionError::Storage(e) => {
-            Failure::Internal(Internal::new("writing to the database", e))
-        }
+        TxError::Abort(f) => f,
+        TxError::Kv(e) => Failure::Internal(Internal::new("writing to the database", e)),
     })
 }
 
@@ -1526,7 +1509,7 @@ impl ConsentLedger for SledStorage {
         let used = self
             .uses
             .get(token_key(issuer, jti))
-            .map_err(sled_err("reading consent uses"))?
+            .map_err(kv_err("reading consent uses"))?
             .and_then(|v| be_u64(&v))
             .unwrap_or(0);
         Ok(u32::try_from(used).unwrap_or(u32::MAX))
@@ -1538,7 +1521,7 @@ impl Provenance for SledStorage {
         let Some(found) = self
             .tlp_received
             .get(received_key(holder, object_id))
-            .map_err(sled_err("reading TLP records"))?
+            .map_err(kv_err("reading TLP records"))?
         else {
             return Ok(None);
         };
@@ -1580,7 +1563,7 @@ impl Storage for SledStorage {
             true
         };
         for item in self.consented.iter() {
-            let (k, v) = item.map_err(sled_err("reading consented transfers"))?;
+            let (k, v) = item.map_err(kv_err("reading consented transfers"))?;
             let token = k
                 .get(..49)
                 .ok_or_else(|| Internal::new("reading consented transfers", "short key"))?;
@@ -1654,7 +1637,7 @@ impl Storage for SledStorage {
         Ok(self
             .workflows
             .get(key.as_bytes())
-            .map_err(sled_err("reading a workflow"))?
+            .map_err(kv_err("reading a workflow"))?
             .map(|v| v.to_vec()))
     }
 
@@ -1669,7 +1652,7 @@ impl Storage for SledStorage {
             if kept.len() >= limit {
                 break;
             }
-            let (_, v) = item.map_err(sled_err("reading the workflows"))?;
+            let (_, v) = item.map_err(kv_err("reading the workflows"))?;
             if keep(&v) {
                 kept.push(v.to_vec());
             }
@@ -1683,7 +1666,7 @@ impl Storage for SledStorage {
         Ok(self
             .timers
             .first()
-            .map_err(sled_err("reading the timers"))?
+            .map_err(kv_err("reading the timers"))?
             .map(|(k, _)| workflow::timer_key_time(&k).unwrap_or(OffsetDateTime::UNIX_EPOCH)))
     }
 
@@ -1761,17 +1744,14 @@ impl Storage for SledStorage {
         names.sort();
         let mut later = Vec::new();
         for name in names {
-            let tree = self
-                .db
-                .open_tree(&name)
-                .map_err(sled_err("opening a tree"))?;
             let text = std::str::from_utf8(&name)
                 .map_err(|_| Internal::new("taking a snapshot", "a tree name is not UTF-8"))?
                 .to_owned();
+            let tree = self.db.open_tree(&text).map_err(kv_err("opening a tree"))?;
             if appended.contains(&name) {
                 let last = tree
                     .last()
-                    .map_err(sled_err("reading a tree for a snapshot"))?
+                    .map_err(kv_err("reading a tree for a snapshot"))?
                     .map(|(k, _)| k);
                 later.push((text, tree, Later::UpTo(last)));
                 continue;
@@ -1782,12 +1762,12 @@ impl Storage for SledStorage {
             }
             w.tree(&text).map_err(failed)?;
             for item in tree.iter() {
-                let (k, v) = item.map_err(sled_err("reading a tree for a snapshot"))?;
+                let (k, v) = item.map_err(kv_err("reading a tree for a snapshot"))?;
                 w.pair(&k, &v).map_err(failed)?;
             }
         }
         Ok(Box::new(move || {
-            let read = sled_err("reading a tree for a snapshot");
+            let read = kv_err("reading a tree for a snapshot");
             for (name, tree, how) in later {
                 w.tree(&name).map_err(failed)?;
                 match how {
@@ -1816,7 +1796,7 @@ impl Storage for SledStorage {
     }
 
     fn sync(&self) -> Result<(), Internal> {
-        self.db.flush().map_err(sled_err("flushing the database"))?;
+        self.db.flush().map_err(kv_err("flushing the database"))?;
         self.files
             .sync()
             .map_err(|e| Internal::new("syncing the database files", e))?;
@@ -1844,7 +1824,7 @@ impl Storage for SledStorage {
         let Some(raw) = self
             .receipts
             .get(receipt_key(sender, id))
-            .map_err(sled_err("reading a receipt"))?
+            .map_err(kv_err("reading a receipt"))?
         else {
             return Ok(None);
         };
@@ -1878,7 +1858,7 @@ impl Storage for SledStorage {
                 current = match self
                     .queues
                     .get(block_key(recipient, loc.block))
-                    .map_err(sled_err("reading a queue"))?
+                    .map_err(kv_err("reading a queue"))?
                 {
                     Some(raw) => Some((
                         loc.block,
@@ -1927,7 +1907,7 @@ impl Storage for SledStorage {
                         None => self
                             .transfers
                             .get(loc.item.transfer_id.as_bytes())
-                            .map_err(sled_err("reading a transfer"))?
+                            .map_err(kv_err("reading a transfer"))?
                             .map(|raw| pb::Transfer::decode(raw.as_ref()))
                             .transpose()
                             .map_err(|e| Internal::new("decoding a transfer", e))?,
@@ -2528,7 +2508,9 @@ mod tests {
     fn a_payload_larger_than_a_segment_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
-        let big: Vec<u8> = (0..(3 * SEGMENT_BYTES / 2)).map(|i| i as u8).collect();
+        let big: Vec<u8> = (0..(3 * kv::SLED_SEGMENT_BYTES / 2))
+            .map(|i| i as u8)
+            .collect();
         commit(&s, &[accept(&["ico"], big.clone(), None)]);
         // sled keeps a node this large in a file of its own; the flush synced it.
         let blobs: Vec<_> = std::fs::read_dir(dir.path().join("db").join("blobs"))
@@ -2830,7 +2812,7 @@ mod tests {
         {
             let db = sled::Config::new()
                 .path(dir.path().join("db"))
-                .segment_size(SEGMENT_BYTES)
+                .segment_size(kv::SLED_SEGMENT_BYTES)
                 .open()
                 .unwrap();
             let meta = db.open_tree("meta").unwrap();

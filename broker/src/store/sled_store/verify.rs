@@ -16,6 +16,7 @@ use concordat_proto::{
 use prost::Message;
 
 use super::{SledStorage, StoredReceipt, StoredReceived};
+use crate::store::kv::KvError;
 use crate::{
     audit_log::{self, SignedCheckpoint},
     refusal::Internal,
@@ -84,7 +85,7 @@ impl SledStorage {
     pub fn verify(&self) -> Result<StoreReport, Internal> {
         let started = Instant::now();
         let mut report = StoreReport::default();
-        let read = |e: sled::Error| Internal::new("reading the store", e);
+        let read = |e: KvError| Internal::new("reading the store", e);
 
         // The tree, from the entries alone.
         let (entry_tree, hash_tree) = self.log.trees();
