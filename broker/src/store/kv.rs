@@ -110,6 +110,7 @@ enum Repr {
 }
 
 impl Value {
+    #[inline]
     fn sled(v: sled::IVec) -> Value {
         Value(Repr::Sled(v))
     }
@@ -123,6 +124,7 @@ impl Value {
 impl Deref for Value {
     type Target = [u8];
 
+    #[inline]
     fn deref(&self) -> &[u8] {
         let Repr::Sled(v) = &self.0;
         v
@@ -130,6 +132,7 @@ impl Deref for Value {
 }
 
 impl AsRef<[u8]> for Value {
+    #[inline]
     fn as_ref(&self) -> &[u8] {
         self
     }
