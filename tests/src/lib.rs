@@ -3,7 +3,11 @@
 //!
 //! Tests never use `certs-dev/`: every test makes its own CA, broker certificate and client
 //! certificates, including the bad ones (another CA, expired, revoked, unknown Common Name).
+//!
+//! Two modules run real child processes: [`process`] the broker and agent binaries, and
+//! [`postgres`] a PostgreSQL primary with a synchronous standby ([`postgres::PgCluster`]).
 
+pub mod postgres;
 pub mod process;
 
 use std::{

@@ -21,6 +21,7 @@ mod leak;
 mod logs;
 mod metrics;
 mod mtls;
+mod pg_cluster;
 mod refusals;
 mod relay;
 mod reviews;
