@@ -24,7 +24,13 @@
 //! [`Tree`]: sled's reads and iterators take the lock its transactions hold, so such a read
 //! would wait for ever.
 
-use std::{fmt, ops::Deref, ops::RangeBounds, path::Path};
+use std::{
+    fmt,
+    ops::{Bound, Deref, RangeBounds},
+    path::Path,
+};
+
+use super::postgres::{PgError, PgIter, PgKv, PgOptions, PgTree, PgTx, PgTxTree};
 
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
@@ -67,6 +73,13 @@ pub enum KvError {
     /// itself: this never reaches its caller.
     #[error("the transaction conflicted with another one")]
     Conflict,
+    /// PostgreSQL failed: the connection, the server, or the schema. The message is the
+    /// server's or the client's, never a key or a value.
+    #[error("{0}")]
+    Postgres(#[from] PgError),
+    /// The trees of one transaction belong to different engines.
+    #[error("a transaction's trees belong to different engines")]
+    MixedEngines,
 }
 
 impl From<sled::Error> for KvError {
@@ -107,12 +120,17 @@ pub struct Value(Repr);
 #[derive(Clone)]
 enum Repr {
     Sled(sled::IVec),
+    Owned(Vec<u8>),
 }
 
 impl Value {
     #[inline]
     fn sled(v: sled::IVec) -> Value {
         Value(Repr::Sled(v))
+    }
+
+    fn owned(v: Vec<u8>) -> Value {
+        Value(Repr::Owned(v))
     }
 
     /// The bytes, copied.
@@ -126,8 +144,10 @@ impl Deref for Value {
 
     #[inline]
     fn deref(&self) -> &[u8] {
-        let Repr::Sled(v) = &self.0;
-        v
+        match &self.0 {
+            Repr::Sled(v) => v,
+            Repr::Owned(v) => v,
+        }
     }
 }
 
@@ -188,6 +208,7 @@ pub struct Kv(KvRepr);
 
 enum KvRepr {
     Sled(sled::Db),
+    Postgres(PgKv),
 }
 
 impl Kv {
@@ -196,25 +217,57 @@ impl Kv {
         Ok(Kv(KvRepr::Sled(sled_config(db_dir).open()?)))
     }
 
+    /// Connects to the PostgreSQL database `options` names, creating or migrating its schema
+    /// (see [`super::postgres`]).
+    pub fn open_postgres(options: &PgOptions) -> Result<Kv, KvError> {
+        Ok(Kv(KvRepr::Postgres(PgKv::open(options)?)))
+    }
+
+    /// Whether this is the sled engine (whose files the store syncs and locks itself).
+    pub fn is_sled(&self) -> bool {
+        matches!(self.0, KvRepr::Sled(_))
+    }
+
     /// Opens the tree `name`, creating it if it does not exist.
     pub fn open_tree(&self, name: &str) -> Result<Tree, KvError> {
-        let KvRepr::Sled(db) = &self.0;
-        Ok(Tree(TreeRepr::Sled(db.open_tree(name)?)))
+        match &self.0 {
+            KvRepr::Sled(db) => Ok(Tree(TreeRepr::Sled(db.open_tree(name)?))),
+            KvRepr::Postgres(pg) => Ok(Tree(TreeRepr::Postgres(pg.open_tree(name)?))),
+        }
     }
 
     /// The names of every tree, as the engine stores them: those opened by [`Kv::open_tree`]
     /// and any the engine keeps for itself (sled's default tree, `__sled__default`).
-    pub fn tree_names(&self) -> Vec<Value> {
-        let KvRepr::Sled(db) = &self.0;
-        db.tree_names().into_iter().map(Value::sled).collect()
+    pub fn tree_names(&self) -> Result<Vec<Value>, KvError> {
+        match &self.0 {
+            KvRepr::Sled(db) => Ok(db.tree_names().into_iter().map(Value::sled).collect()),
+            KvRepr::Postgres(pg) => Ok(pg
+                .tree_names()?
+                .into_iter()
+                .map(|n| Value::owned(n.into_bytes()))
+                .collect()),
+        }
     }
 
     /// Writes everything committed so far to disk (see the module documentation for what
-    /// sled leaves to its caller).
+    /// sled leaves to its caller). PostgreSQL has written every commit when it returned.
     pub fn flush(&self) -> Result<(), KvError> {
-        let KvRepr::Sled(db) = &self.0;
-        db.flush()?;
+        match &self.0 {
+            KvRepr::Sled(db) => {
+                db.flush()?;
+            }
+            KvRepr::Postgres(_) => {}
+        }
         Ok(())
+    }
+
+    /// What the engine's settings leave of durability, one warning per weakness (PostgreSQL's
+    /// server settings; none for sled).
+    pub fn durability_warnings(&self) -> Result<Vec<String>, KvError> {
+        match &self.0 {
+            KvRepr::Sled(_) => Ok(Vec::new()),
+            KvRepr::Postgres(pg) => Ok(pg.durability_warnings()?),
+        }
     }
 }
 
@@ -226,74 +279,134 @@ pub struct Tree(TreeRepr);
 #[derive(Clone)]
 enum TreeRepr {
     Sled(sled::Tree),
+    Postgres(PgTree),
+}
+
+/// A bound on keys, borrowed.
+fn bound<K: AsRef<[u8]>>(b: Bound<&K>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(k) => Bound::Included(k.as_ref()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_ref()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The smallest key above every key that starts with `prefix`; `None` if there is none (the
+/// prefix is empty or all `0xff`).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn owned_entry(item: Result<(Vec<u8>, Vec<u8>), PgError>) -> Result<(Value, Value), KvError> {
+    let (k, v) = item?;
+    Ok((Value::owned(k), Value::owned(v)))
 }
 
 impl Tree {
-    fn sled(&self) -> &sled::Tree {
-        let TreeRepr::Sled(t) = &self.0;
-        t
-    }
-
     /// The tree's name.
     pub fn name(&self) -> Value {
-        Value::sled(self.sled().name())
+        match &self.0 {
+            TreeRepr::Sled(t) => Value::sled(t.name()),
+            TreeRepr::Postgres(t) => Value::owned(t.name().as_bytes().to_vec()),
+        }
     }
 
     /// The value of `key`, if it has one.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
-        Ok(self.sled().get(key)?.map(Value::sled))
+        match &self.0 {
+            TreeRepr::Sled(t) => Ok(t.get(key)?.map(Value::sled)),
+            TreeRepr::Postgres(t) => Ok(t.get(key.as_ref())?.map(Value::owned)),
+        }
     }
 
     /// Sets `key` to `value`.
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
-        self.sled().insert(key, value.as_ref())?;
+        match &self.0 {
+            TreeRepr::Sled(t) => {
+                t.insert(key, value.as_ref())?;
+            }
+            TreeRepr::Postgres(t) => t.insert(key.as_ref(), value.as_ref())?,
+        }
         Ok(())
     }
 
     /// Removes `key`; returns the value it had.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
-        Ok(self.sled().remove(key)?.map(Value::sled))
+        match &self.0 {
+            TreeRepr::Sled(t) => Ok(t.remove(key)?.map(Value::sled)),
+            TreeRepr::Postgres(t) => Ok(t.remove(key.as_ref())?.map(Value::owned)),
+        }
     }
 
     /// Every entry, in key order.
     pub fn iter(&self) -> Iter {
-        Iter(IterRepr::Sled(self.sled().iter()))
+        match &self.0 {
+            TreeRepr::Sled(t) => Iter(IterRepr::Sled(t.iter())),
+            TreeRepr::Postgres(t) => Iter(IterRepr::Postgres(
+                t.range(Bound::Unbounded, Bound::Unbounded),
+            )),
+        }
     }
 
     /// The entries whose keys lie in `range`, in key order.
     pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
-        Iter(IterRepr::Sled(self.sled().range(range)))
+        match &self.0 {
+            TreeRepr::Sled(t) => Iter(IterRepr::Sled(t.range(range))),
+            TreeRepr::Postgres(t) => Iter(IterRepr::Postgres(
+                t.range(bound(range.start_bound()), bound(range.end_bound())),
+            )),
+        }
     }
 
     /// The entries whose keys start with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
-        Iter(IterRepr::Sled(self.sled().scan_prefix(prefix)))
+        match &self.0 {
+            TreeRepr::Sled(t) => Iter(IterRepr::Sled(t.scan_prefix(prefix))),
+            TreeRepr::Postgres(t) => {
+                let prefix = prefix.as_ref();
+                let end = prefix_end(prefix);
+                Iter(IterRepr::Postgres(t.range(
+                    Bound::Included(prefix),
+                    end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+                )))
+            }
+        }
     }
 
     /// The entry with the smallest key.
     pub fn first(&self) -> Result<Option<(Value, Value)>, KvError> {
-        Ok(self
-            .sled()
-            .first()?
-            .map(|(k, v)| (Value::sled(k), Value::sled(v))))
+        match &self.0 {
+            TreeRepr::Sled(t) => Ok(t.first()?.map(|(k, v)| (Value::sled(k), Value::sled(v)))),
+            TreeRepr::Postgres(_) => self.iter().next().transpose(),
+        }
     }
 
     /// The entry with the largest key.
     pub fn last(&self) -> Result<Option<(Value, Value)>, KvError> {
-        Ok(self
-            .sled()
-            .last()?
-            .map(|(k, v)| (Value::sled(k), Value::sled(v))))
+        match &self.0 {
+            TreeRepr::Sled(t) => Ok(t.last()?.map(|(k, v)| (Value::sled(k), Value::sled(v)))),
+            TreeRepr::Postgres(_) => self.iter().next_back().transpose(),
+        }
     }
 
     /// The number of entries. It reads the whole tree: for tests and tools, not for serving.
-    pub fn len(&self) -> usize {
-        self.sled().len()
+    pub fn len(&self) -> Result<usize, KvError> {
+        match &self.0 {
+            TreeRepr::Sled(t) => Ok(t.len()),
+            TreeRepr::Postgres(t) => Ok(t.len()?),
+        }
     }
 
     /// Whether the tree has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.sled().is_empty()
+    pub fn is_empty(&self) -> Result<bool, KvError> {
+        Ok(self.first()?.is_none())
     }
 }
 
@@ -302,6 +415,7 @@ pub struct Iter(IterRepr);
 
 enum IterRepr {
     Sled(sled::Iter),
+    Postgres(PgIter),
 }
 
 fn sled_entry(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(Value, Value), KvError> {
@@ -313,15 +427,19 @@ impl Iterator for Iter {
     type Item = Result<(Value, Value), KvError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let IterRepr::Sled(it) = &mut self.0;
-        it.next().map(sled_entry)
+        match &mut self.0 {
+            IterRepr::Sled(it) => it.next().map(sled_entry),
+            IterRepr::Postgres(it) => it.next().map(owned_entry),
+        }
     }
 }
 
 impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
-        let IterRepr::Sled(it) = &mut self.0;
-        it.next_back().map(sled_entry)
+        match &mut self.0 {
+            IterRepr::Sled(it) => it.next_back().map(sled_entry),
+            IterRepr::Postgres(it) => it.next_back().map(owned_entry),
+        }
     }
 }
 
@@ -366,11 +484,37 @@ pub fn transaction<T, A>(
         // Nothing it could write; sled refuses an empty transaction.
         return f(&TxTrees(TxTreesRepr::Sled(&[])));
     }
-    let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| t.sled()).collect();
+    if let TreeRepr::Postgres(first) = &trees[0].0 {
+        let pg: Vec<&PgTree> = trees
+            .iter()
+            .filter_map(|t| match &t.0 {
+                TreeRepr::Postgres(t) => Some(t),
+                TreeRepr::Sled(_) => None,
+            })
+            .collect();
+        if pg.len() != trees.len() {
+            return Err(TxError::Kv(KvError::MixedEngines));
+        }
+        return match first.transaction(&pg, |tx| f(&TxTrees(TxTreesRepr::Postgres(tx)))) {
+            Ok(outcome) => outcome,
+            Err(e) => Err(TxError::Kv(e.into())),
+        };
+    }
+    let Some(sled_trees) = trees
+        .iter()
+        .map(|t| match &t.0 {
+            TreeRepr::Sled(t) => Some(t),
+            TreeRepr::Postgres(_) => None,
+        })
+        .collect::<Option<Vec<&sled::Tree>>>()
+    else {
+        return Err(TxError::Kv(KvError::MixedEngines));
+    };
     let outcome = sled_trees[..].transaction(|view: &Vec<TransactionalTree>| {
         f(&TxTrees(TxTreesRepr::Sled(view))).map_err(|e| match e {
             TxError::Kv(KvError::Conflict) => ConflictableTransactionError::Conflict,
             TxError::Kv(KvError::Sled(e)) => ConflictableTransactionError::Storage(e),
+            // Not from a sled tree: the closure's own, passed through as an abort.
             abort => ConflictableTransactionError::Abort(abort),
         })
     });
@@ -385,13 +529,16 @@ pub struct TxTrees<'a>(TxTreesRepr<'a>);
 
 enum TxTreesRepr<'a> {
     Sled(&'a [TransactionalTree]),
+    Postgres(&'a PgTx<'a>),
 }
 
 impl<'a> TxTrees<'a> {
     /// How many trees the transaction spans.
     pub fn len(&self) -> usize {
-        let TxTreesRepr::Sled(trees) = self.0;
-        trees.len()
+        match self.0 {
+            TxTreesRepr::Sled(trees) => trees.len(),
+            TxTreesRepr::Postgres(tx) => tx.len(),
+        }
     }
 
     /// Whether the transaction spans no tree.
@@ -401,16 +548,33 @@ impl<'a> TxTrees<'a> {
 
     /// The tree at position `i`.
     pub fn get(&self, i: usize) -> Option<TxTree<'a>> {
-        let TxTreesRepr::Sled(trees) = self.0;
-        trees.get(i).map(|t| TxTree(TxTreeRepr::Sled(t)))
+        match self.0 {
+            TxTreesRepr::Sled(trees) => trees.get(i).map(|t| TxTree(TxTreeRepr::Sled(t))),
+            TxTreesRepr::Postgres(tx) => tx.tree(i).map(|t| TxTree(TxTreeRepr::Postgres(t))),
+        }
     }
 
     /// The `N` trees from position `start` on; `None` if there are fewer.
     pub fn array<const N: usize>(&self, start: usize) -> Option<[TxTree<'a>; N]> {
-        let TxTreesRepr::Sled(trees) = self.0;
-        let part: &'a [TransactionalTree; N] =
-            trees.get(start..start.checked_add(N)?)?.try_into().ok()?;
-        Some(part.each_ref().map(|t| TxTree(TxTreeRepr::Sled(t))))
+        match self.0 {
+            TxTreesRepr::Sled(trees) => {
+                let part: &'a [TransactionalTree; N] =
+                    trees.get(start..start.checked_add(N)?)?.try_into().ok()?;
+                Some(part.each_ref().map(|t| TxTree(TxTreeRepr::Sled(t))))
+            }
+            TxTreesRepr::Postgres(tx) => {
+                if start.checked_add(N)? > tx.len() {
+                    return None;
+                }
+                let mut out = [None; N];
+                for (i, slot) in out.iter_mut().enumerate() {
+                    *slot = tx.tree(start + i);
+                }
+                Some(out.map(|t| t.map(|t| TxTree(TxTreeRepr::Postgres(t)))))
+                    .and_then(|a| a.into_iter().collect::<Option<Vec<_>>>())
+                    .and_then(|v| v.try_into().ok())
+            }
+        }
     }
 }
 
@@ -422,26 +586,44 @@ pub struct TxTree<'a>(TxTreeRepr<'a>);
 #[derive(Clone, Copy)]
 enum TxTreeRepr<'a> {
     Sled(&'a TransactionalTree),
+    Postgres(PgTxTree<'a>),
 }
 
 impl TxTree<'_> {
     /// The value of `key`, if it has one.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
-        let TxTreeRepr::Sled(t) = self.0;
-        Ok(t.get(key)?.map(Value::sled))
+        match self.0 {
+            TxTreeRepr::Sled(t) => Ok(t.get(key)?.map(Value::sled)),
+            TxTreeRepr::Postgres(t) => Ok(t.get(key.as_ref())?.map(Value::owned)),
+        }
+    }
+
+    /// Tells the engine that the transaction is about to read `keys`: PostgreSQL reads them
+    /// in one round trip rather than one each; sled, in memory, has nothing to do.
+    pub fn prefetch(&self, keys: Vec<Vec<u8>>) -> Result<(), KvError> {
+        match self.0 {
+            TxTreeRepr::Sled(_) => Ok(()),
+            TxTreeRepr::Postgres(t) => Ok(t.prefetch(keys)?),
+        }
     }
 
     /// Sets `key` to `value`.
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
-        let TxTreeRepr::Sled(t) = self.0;
-        t.insert(key.as_ref(), value.as_ref())?;
+        match self.0 {
+            TxTreeRepr::Sled(t) => {
+                t.insert(key.as_ref(), value.as_ref())?;
+            }
+            TxTreeRepr::Postgres(t) => t.insert(key.as_ref(), value.as_ref())?,
+        }
         Ok(())
     }
 
     /// Removes `key`; returns the value it had.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
-        let TxTreeRepr::Sled(t) = self.0;
-        Ok(t.remove(key.as_ref())?.map(Value::sled))
+        match self.0 {
+            TxTreeRepr::Sled(t) => Ok(t.remove(key.as_ref())?.map(Value::sled)),
+            TxTreeRepr::Postgres(t) => Ok(t.remove(key.as_ref())?.map(Value::owned)),
+        }
     }
 }
 
@@ -487,7 +669,7 @@ mod tests {
         assert_eq!(keys(t.range(&b"b"[..]..)), [b"b".to_vec(), b"c".to_vec()]);
         assert_eq!(t.first().unwrap().unwrap().0.to_vec(), b"\x00");
         assert_eq!(t.last().unwrap().unwrap().0.to_vec(), b"c");
-        assert_eq!((t.len(), t.is_empty()), (5, false));
+        assert_eq!((t.len().unwrap(), t.is_empty().unwrap()), (5, false));
         assert_eq!(t.remove(b"c").unwrap().as_deref(), Some(&b"c"[..]));
         assert_eq!(t.get(b"c").unwrap(), None);
     }
@@ -543,7 +725,11 @@ mod tests {
             kv.flush().unwrap();
         }
         let kv = Kv::open_sled(&db).unwrap();
-        assert!(kv.tree_names().contains(&Value::from(b"kept".to_vec())));
+        assert!(
+            kv.tree_names()
+                .unwrap()
+                .contains(&Value::from(b"kept".to_vec()))
+        );
         let t = kv.open_tree("kept").unwrap();
         assert_eq!(
             t.get(b"k").unwrap().map(|v| v.to_vec()),

@@ -45,6 +45,7 @@ use crate::{
 };
 
 pub mod kv;
+pub mod postgres;
 pub mod queue;
 mod sled_store;
 

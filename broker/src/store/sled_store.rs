@@ -168,8 +168,9 @@ pub struct SledStorage {
     /// revocations, which the writer applies.
     revocations: RwLock<HashMap<Vec<u8>, Value>>,
     last_seq: AtomicU64,
-    /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself.
-    files: DurableFiles,
+    /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself (`None` on
+    /// PostgreSQL, whose commits are durable when they return).
+    files: Option<DurableFiles>,
     /// The data directory (the log key beside the database, for snapshots).
     dir: std::path::PathBuf,
 }
@@ -412,6 +413,51 @@ impl SledStorage {
         check_segment_size(&db_dir)?;
         let fresh = !db_dir.exists();
         let db = Kv::open_sled(&db_dir).map_err(kv_err("opening the database"))?;
+        let files = DurableFiles::open(&db_dir)
+            .map_err(|e| Internal::new("opening the database files", e))?;
+        Self::open_on(db, Some(files), fresh, dir, signer)
+    }
+
+    /// Opens the store in the PostgreSQL database `options` names (creating its schema on
+    /// first use), with the log key and the published checkpoint in `dir`.
+    pub fn open_postgres(
+        dir: &Path,
+        origin: &str,
+        options: &super::postgres::PgOptions,
+    ) -> Result<SledStorage, Internal> {
+        let db = Kv::open_postgres(options).map_err(kv_err("opening the database"))?;
+        // Never written to: its layout is the first thing a broker writes.
+        let fresh = db
+            .open_tree("meta")
+            .and_then(|meta| meta.first())
+            .map_err(kv_err("reading the database's layout"))?
+            .is_none();
+        // A database that holds a log needs the key that signed its checkpoints.
+        let signer = if fresh {
+            audit_log::load_or_create_key(dir, origin)?
+        } else {
+            audit_log::load_key(dir, origin)?
+        };
+        Self::open_on(db, None, fresh, dir, signer)
+    }
+
+    /// What the engine's settings leave of durability (PostgreSQL's server settings), one
+    /// warning per weakness: `check-config` and the log at start print them.
+    pub fn durability_warnings(&self) -> Result<Vec<String>, Internal> {
+        self.db
+            .durability_warnings()
+            .map_err(kv_err("reading the database's settings"))
+    }
+
+    /// Opens the store on `db`; `fresh` says it was just created, so that its empty log is
+    /// published at once.
+    fn open_on(
+        db: Kv,
+        files: Option<DurableFiles>,
+        fresh: bool,
+        dir: &Path,
+        signer: concordat_proto::checkpoint::LogSigner,
+    ) -> Result<SledStorage, Internal> {
         let tree = |name: &str| db.open_tree(name).map_err(kv_err("opening a tree"));
         let meta = tree("meta")?;
         check_layout(&meta)?;
@@ -438,8 +484,7 @@ impl SledStorage {
             index: Mutex::new(QueueIndex::default()),
             revocations: RwLock::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
-            files: DurableFiles::open(&db_dir)
-                .map_err(|e| Internal::new("opening the database files", e))?,
+            files,
             db,
             dir: dir.to_path_buf(),
         };
@@ -602,6 +647,21 @@ impl SledStorage {
                 timers,
                 log: self.log.in_tx(le, lh, meta)?,
             };
+            // What the operations will look up, read at once where that saves round trips.
+            let (mut receipt_keys, mut use_keys) = (Vec::new(), Vec::new());
+            for op in ops {
+                if let Op::Accept(a) = op {
+                    receipt_keys.push(receipt_key(&a.sender, &a.envelope.message_id));
+                    use_keys.extend(
+                        a.decision
+                            .consents
+                            .iter()
+                            .map(|c| token_key(&c.issuer, &c.jti).to_vec()),
+                    );
+                }
+            }
+            t.receipts.prefetch(receipt_keys)?;
+            t.uses.prefetch(use_keys)?;
             let mut fx = Effects::default();
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
@@ -1740,7 +1800,7 @@ impl Storage for SledStorage {
         // copied if their entry's index is below the snapshot's size.
         let (entries, hashes) = self.log.trees();
         let appended = [entries.name(), hashes.name()];
-        let mut names = self.db.tree_names();
+        let mut names = self.db.tree_names().map_err(kv_err("listing the trees"))?;
         names.sort();
         let mut later = Vec::new();
         for name in names {
@@ -1797,9 +1857,11 @@ impl Storage for SledStorage {
 
     fn sync(&self) -> Result<(), Internal> {
         self.db.flush().map_err(kv_err("flushing the database"))?;
-        self.files
-            .sync()
-            .map_err(|e| Internal::new("syncing the database files", e))?;
+        if let Some(files) = &self.files {
+            files
+                .sync()
+                .map_err(|e| Internal::new("syncing the database files", e))?;
+        }
         // Only now is the sealed checkpoint's tree durable: publish it beside the database.
         self.log.publish_sealed()
     }
@@ -1955,6 +2017,115 @@ mod tests {
 
     const ORIGIN: &str = "test/audit";
 
+    /// Where a test's store lives: its data directory (the log key, the published checkpoint)
+    /// and, on PostgreSQL, its database. `open` opens the same store again each time.
+    trait Place {
+        fn dir(&self) -> &Path;
+        fn open(&self) -> SledStorage;
+    }
+
+    struct SledPlace(tempfile::TempDir);
+
+    impl SledPlace {
+        fn new() -> SledPlace {
+            SledPlace(tempfile::tempdir().unwrap())
+        }
+    }
+
+    impl Place for SledPlace {
+        fn dir(&self) -> &Path {
+            self.0.path()
+        }
+
+        fn open(&self) -> SledStorage {
+            SledStorage::open(self.0.path(), ORIGIN).unwrap()
+        }
+    }
+
+    /// The store's behaviour that does not depend on its engine: each scenario runs as a test
+    /// of its own on sled, and all of them, each in a database of its own, on PostgreSQL
+    /// (`the_shared_suite_on_postgres`), so that the two engines cannot drift apart.
+    macro_rules! shared_suite {
+        ($($name:ident),* $(,)?) => {
+            /// Every scenario of the shared suite, by name.
+            const SHARED_SUITE: &[(&str, fn(&dyn Place))] = &[$((stringify!($name), $name)),*];
+
+            mod on_sled {
+                $(
+                    #[test]
+                    fn $name() {
+                        super::$name(&super::SledPlace::new());
+                    }
+                )*
+            }
+        };
+    }
+
+    /// A store in a PostgreSQL database of its own (created on the server at `base`).
+    struct PgPlace {
+        dir: tempfile::TempDir,
+        options: crate::store::postgres::PgOptions,
+    }
+
+    impl PgPlace {
+        fn new(server: &str, database: &str) -> PgPlace {
+            let admin = crate::store::postgres::PgOptions {
+                url: format!("{server}/postgres"),
+                pool: 1,
+                ca_file: None,
+            };
+            crate::store::postgres::create_database(&admin, database).unwrap();
+            PgPlace {
+                dir: tempfile::tempdir().unwrap(),
+                options: crate::store::postgres::PgOptions {
+                    url: format!("{server}/{database}"),
+                    pool: 2,
+                    ca_file: None,
+                },
+            }
+        }
+    }
+
+    impl Place for PgPlace {
+        fn dir(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn open(&self) -> SledStorage {
+            SledStorage::open_postgres(self.dir.path(), ORIGIN, &self.options).unwrap()
+        }
+    }
+
+    /// The shared suite on PostgreSQL: a real primary with a synchronous standby (started as
+    /// the `postgres` user when the tests run as root), each scenario in a database of its own.
+    /// PostgreSQL must be installed (`.ci/run` installs it): without it this test fails, saying
+    /// how to install it.
+    #[test]
+    fn the_shared_suite_on_postgres() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = concordat_tests::postgres::PgCluster::start(dir.path())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let server = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
+        for (i, (name, scenario)) in SHARED_SUITE.iter().enumerate() {
+            eprintln!("the shared suite on PostgreSQL: {name}");
+            scenario(&PgPlace::new(&server, &format!("suite_{i}")));
+        }
+    }
+
+    shared_suite!(
+        queues_and_acknowledgements_survive_a_restart,
+        notices_are_deliverable_at_once_and_timers_survive_a_restart,
+        a_corrupt_timer_or_record_does_not_stop_the_other_timers,
+        a_list_counts_only_the_records_the_caller_may_see,
+        steps_on_one_consultation_in_one_batch_apply_in_order_and_a_retry_adds_nothing,
+        a_retry_gets_the_first_receipt_and_a_reused_id_is_refused,
+        a_revocation_recalls_what_was_sent_and_is_remembered,
+        the_published_checkpoint_alternates_slots_and_a_torn_slot_leaves_the_one_before,
+        a_published_checkpoint_of_the_older_layout_is_read_and_rewritten_in_slots,
+        verify_finds_a_changed_hash_and_an_orphan_queue_item,
+        what_was_delivered_under_tlp_red_is_remembered_across_a_restart,
+    );
+
     fn agency(s: &str) -> AgencyId {
         s.parse().unwrap()
     }
@@ -2025,10 +2196,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn queues_and_acknowledgements_survive_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn queues_and_acknowledgements_survive_a_restart(place: &dyn Place) {
+        let s = place.open();
         let ops: Vec<Op> = (0..5)
             .map(|i| accept(&["ico"], vec![i; 10], None))
             .chain([accept(&["ico", "nca"], b"both".to_vec(), None)])
@@ -2056,27 +2225,36 @@ mod tests {
         assert_eq!(s.queue_depth(&agency("ico")), 4);
         drop(s);
 
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         assert_eq!(seqs(&s, "ico"), vec![1, 3, 5, 6]);
         assert_eq!(s.queue_depth(&agency("ico")), 4);
         assert_eq!(s.last_seq(), 7);
         commit(&s, &[ack("ico", &[1, 3, 5, 6])]);
         assert!(seqs(&s, "ico").is_empty());
-        assert_eq!(s.queues.len(), 1, "only the NCA's block is left");
-        assert_eq!(s.queue_acks.len(), 0, "no bitmap outlives its block");
+        assert_eq!(s.queues.len().unwrap(), 1, "only the NCA's block is left");
+        assert_eq!(
+            s.queue_acks.len().unwrap(),
+            0,
+            "no bitmap outlives its block"
+        );
         // The shared transfer stays until its last recipient has it.
-        assert_eq!(s.transfers.len(), 1);
+        assert_eq!(s.transfers.len().unwrap(), 1);
         commit(&s, &[ack("nca", &[7])]);
-        assert_eq!((s.transfers.len(), s.refs.len(), s.queues.len()), (0, 0, 0));
+        assert_eq!(
+            (
+                s.transfers.len().unwrap(),
+                s.refs.len().unwrap(),
+                s.queues.len().unwrap()
+            ),
+            (0, 0, 0)
+        );
         // Every acceptance, delivery-free here, and acknowledgement is in the log.
         assert_eq!(s.log_size().unwrap(), 6 + 7);
     }
 
-    #[test]
-    fn notices_are_deliverable_at_once_and_timers_survive_a_restart() {
+    fn notices_are_deliverable_at_once_and_timers_survive_a_restart(place: &dyn Place) {
         use concordat_proto::workflow::WorkflowId;
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let incident: WorkflowId = "ico:INC-1".parse().unwrap();
         let involve = |who: &str, partner: &str| {
@@ -2133,7 +2311,7 @@ mod tests {
             .unwrap();
         s.sync().unwrap();
         drop(s);
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         assert!(s.next_timer().unwrap().is_some_and(|t| t <= t0));
         let fired = commit(&s, &[Op::FireTimers { now: t0 }]);
         assert!(
@@ -2164,10 +2342,8 @@ mod tests {
         assert!(report.ok(), "{report:?}");
     }
 
-    #[test]
-    fn a_corrupt_timer_or_record_does_not_stop_the_other_timers() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn a_corrupt_timer_or_record_does_not_stop_the_other_timers(place: &dyn Place) {
+        let s = place.open();
         let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let deadline = |key: &str, at: i64| workflow::Timer {
             kind: workflow::TimerKind::Deadline as i32,
@@ -2242,12 +2418,10 @@ mod tests {
         assert_eq!(s.queue_depth(&agency("nca")), 1);
     }
 
-    #[test]
-    fn a_list_counts_only_the_records_the_caller_may_see() {
+    fn a_list_counts_only_the_records_the_caller_may_see(place: &dyn Place) {
         // More consultations between other agencies than one answer lists, sorting before
         // the caller's own: they must not crowd it out.
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         let record = |requester: &str, reference: &str| pb::ConsultationStatus {
             consultation_id: format!("{requester}:{reference}"),
             requester: requester.into(),
@@ -2278,11 +2452,11 @@ mod tests {
         assert_eq!(ids, ["nca:D-1"]);
     }
 
-    #[test]
-    fn steps_on_one_consultation_in_one_batch_apply_in_order_and_a_retry_adds_nothing() {
+    fn steps_on_one_consultation_in_one_batch_apply_in_order_and_a_retry_adds_nothing(
+        place: &dyn Place,
+    ) {
         use concordat_proto::workflow::{DsarAnswer, DsarOpen, Step};
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let day = time::Duration::days(1);
         let step = |sender: &str, to: &str, step: Step, id: MessageId| {
@@ -2357,7 +2531,7 @@ mod tests {
             "{done:?}"
         );
         // The opening's reminder and deadline, and those of the one extension.
-        assert_eq!(s.timers.len(), 4);
+        assert_eq!(s.timers.len().unwrap(), 4);
         let view =
             workflow::consultation_view(&s.workflow_record("dsar/nca:D-1").unwrap().unwrap(), t0)
                 .unwrap();
@@ -2379,10 +2553,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_retry_gets_the_first_receipt_and_a_reused_id_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn a_retry_gets_the_first_receipt_and_a_reused_id_is_refused(place: &dyn Place) {
+        let s = place.open();
         let op = accept(&["ico"], b"once".to_vec(), None);
         let Op::Accept(a) = &op else { unreachable!() };
         let (sender, id) = (a.sender.clone(), a.envelope.message_id);
@@ -2422,10 +2594,8 @@ mod tests {
         assert_eq!(seqs(&s, "ico"), vec![1]);
     }
 
-    #[test]
-    fn a_revocation_recalls_what_was_sent_and_is_remembered() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn a_revocation_recalls_what_was_sent_and_is_remembered(place: &dyn Place) {
+        let s = place.open();
         let issuer: KeyId = concordat_proto::paserk::SecretKey::generate().key_id();
         let jti = TokenId::random();
         let consent = ConsentUse {
@@ -2479,7 +2649,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         drop(s);
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         assert!(s.is_revoked(&issuer, &jti, consent.issued_at).unwrap());
         assert_eq!(seqs(&s, "ico").len(), 4);
         // The consent ledger lists the token with its uses, its limit, its expiry and its
@@ -2518,7 +2688,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(!blobs.is_empty(), "sled wrote no blob file");
-        let synced = s.files.synced_blobs.lock().unwrap().clone();
+        let synced = s
+            .files
+            .as_ref()
+            .unwrap()
+            .synced_blobs
+            .lock()
+            .unwrap()
+            .clone();
         assert!(
             blobs.iter().all(|b| synced.contains(b)),
             "{blobs:?} vs {synced:?}"
@@ -2579,11 +2756,11 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_published_checkpoint_alternates_slots_and_a_torn_slot_leaves_the_one_before() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn the_published_checkpoint_alternates_slots_and_a_torn_slot_leaves_the_one_before(
+        place: &dyn Place,
+    ) {
+        let path = place.dir().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
+        let s = place.open();
         let mut published = Vec::new();
         for n in 0..3u8 {
             commit(&s, &[accept(&["ico"], vec![n], None)]);
@@ -2592,7 +2769,7 @@ mod tests {
             published.push(cp);
         }
         // The last two publications are in different slots, in place.
-        let both = slots(dir.path());
+        let both = slots(place.dir());
         assert!(both.contains(&published[1].note) && both.contains(&published[2].note));
         // A crash tears the newest slot: the one published before it is read instead.
         let newest = both.iter().position(|n| *n == published[2].note).unwrap();
@@ -2603,11 +2780,11 @@ mod tests {
         assert_eq!(s.published_checkpoint().unwrap().unwrap(), published[1]);
         drop(s);
         // Reopened, the broker overwrites the torn slot, never the one it reads.
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         commit(&s, &[accept(&["ico"], b"after".to_vec(), None)]);
         let after = s.published_checkpoint().unwrap().unwrap();
         assert_eq!(after.size, published[2].size + 1);
-        assert_eq!(slots(dir.path())[1 - newest], published[1].note);
+        assert_eq!(slots(place.dir())[1 - newest], published[1].note);
         // Both slots torn: nothing proves what was published, and the broker says so.
         let mut bytes = std::fs::read(&path).unwrap();
         for slot in 0..2 {
@@ -2619,29 +2796,27 @@ mod tests {
         assert!(e.contains("neither slot"), "{e}");
     }
 
-    #[test]
-    fn a_published_checkpoint_of_the_older_layout_is_read_and_rewritten_in_slots() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn a_published_checkpoint_of_the_older_layout_is_read_and_rewritten_in_slots(
+        place: &dyn Place,
+    ) {
+        let path = place.dir().join(audit_log::PUBLISHED_CHECKPOINT_FILE);
+        let s = place.open();
         commit(&s, &[accept(&["ico"], b"one".to_vec(), None)]);
         let cp = s.published_checkpoint().unwrap().unwrap();
         drop(s);
         // As a broker before the slots wrote it: the note alone.
         std::fs::write(&path, cp.note.as_bytes()).unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
-        crate::store::check_recovered(&s, dir.path()).unwrap();
+        let s = place.open();
+        crate::store::check_recovered(&s, place.dir()).unwrap();
         assert_eq!(s.published_checkpoint().unwrap().unwrap(), cp);
         commit(&s, &[accept(&["ico"], b"two".to_vec(), None)]);
         let next = s.published_checkpoint().unwrap().unwrap();
         assert_eq!(next.size, cp.size + 1);
-        assert!(slots(dir.path()).contains(&next.note));
+        assert!(slots(place.dir()).contains(&next.note));
     }
 
-    #[test]
-    fn verify_finds_a_changed_hash_and_an_orphan_queue_item() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+    fn verify_finds_a_changed_hash_and_an_orphan_queue_item(place: &dyn Place) {
+        let s = place.open();
         commit(
             &s,
             &[
@@ -2715,12 +2890,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn what_was_delivered_under_tlp_red_is_remembered_across_a_restart() {
+    fn what_was_delivered_under_tlp_red_is_remembered_across_a_restart(place: &dyn Place) {
         const X: &str = "indicator--6f1e5a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
         const Y: &str = "malware--9a8b7c6d-5e4f-4321-9fed-cba987654321";
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         // Two in one commit: the second sender is added, the first transfer kept.
         let out = commit(
             &s,
@@ -2735,7 +2908,7 @@ mod tests {
         transfer_of(&out[2]);
         drop(s);
 
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = place.open();
         let x = s.received(&agency("ico"), X).unwrap().unwrap();
         assert_eq!(x.first_transfer, first);
         assert_eq!(

@@ -1,0 +1,1107 @@
+//! The PostgreSQL engine of the store's key-value layer: every tree is a range of one table,
+//! `concordat_kv (tree, key, value)`, ordered by `(tree, key)` as sled orders a tree's keys
+//! (bytea compares byte by byte).
+//!
+//! - **Connections.** One for the writer's transactions, `pool` for everything else (reads
+//!   through the `Storage` trait, writes outside a transaction), and one that holds the
+//!   database's advisory lock for as long as this broker runs. Each is made from the
+//!   configured URL (several hosts and `target_session_attrs=read-write` pick the primary) and
+//!   made again when it breaks, so the store follows a promoted standby without a restart.
+//!   Every session runs with `synchronous_commit = on` and a statement timeout.
+//! - **Calls.** The store is synchronous (its writer is a thread of its own); a call here
+//!   blocks the calling thread on the query's future while the connections' I/O runs on a
+//!   small runtime of this engine's own, so it works from any thread, a Tokio worker included.
+//! - **Transactions.** `BEGIN`; the closure's reads go to the server (after the transaction's
+//!   own writes, which are kept in memory); its writes are sent at the end as one upsert and
+//!   one delete (`unnest` of arrays), then `COMMIT`. An acknowledged commit is on the primary's
+//!   disk and, with `synchronous_standby_names` set, on a standby's.
+//! - **Schema.** Versioned in `concordat_schema`; created at first start, migrated forwards,
+//!   and a database of a newer version than this broker knows is refused.
+//! - **One node.** The advisory lock keeps a second broker from writing the same database:
+//!   several nodes need the shared log head and delivery claims that are not built yet.
+
+use std::{
+    cell::RefCell,
+    collections::{HashMap, VecDeque},
+    future::Future,
+    ops::Bound,
+    path::Path,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use tokio_postgres::{Client, Config, Statement, types::ToSql};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The schema version this broker writes and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The advisory lock key a broker holds on its database (the bytes of "concord", big-endian).
+pub const LOCK_KEY: i64 = 0x0063_6f6e_636f_7264;
+
+/// How long dropping the engine waits for the server to release its advisory lock.
+const UNLOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// How long opening waits for another session to let go of the advisory lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Rows fetched by an iterator's first round trip from either end: most iterations stop after
+/// a row or two (the newest bundle of the log, the first due timer).
+const FIRST_PAGE: i64 = 2;
+
+/// The most rows fetched per round trip; each page doubles up to it.
+const PAGE: i64 = 512;
+
+/// The most time a statement may take before the server cancels it.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long connecting may take, per host tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong. Messages carry the server's message and SQLSTATE, never a row's key or value
+/// (a server's DETAIL can quote them, so it is left out).
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The server or the connection failed.
+    #[error("PostgreSQL: {0}")]
+    Db(String),
+    /// The database holds a schema this broker cannot use.
+    #[error("{0}")]
+    Schema(String),
+    /// The configuration cannot be used.
+    #[error("{0}")]
+    Config(String),
+    /// Another broker holds the database.
+    #[error(
+        "another broker holds this database (advisory lock {LOCK_KEY}, waited {LOCK_WAIT:?}): this version runs one broker node per database"
+    )]
+    Locked,
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError::Db(describe(&e))
+    }
+}
+
+/// The error's message and SQLSTATE, without its DETAIL (which may quote row contents).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                s.push_str(": ");
+                s.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            s
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// A libpq-style URL or key-value string; several hosts are tried in turn.
+    pub url: String,
+    /// Connections for reads and writes outside the writer's transactions.
+    pub pool: usize,
+    /// PEM file of the CA certificates that sign the servers' certificates, for TLS (`sslmode`
+    /// in the URL decides whether TLS is used).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// A connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    get: Statement,
+    upsert: Statement,
+    delete: Statement,
+    remove: Statement,
+    get_many: Statement,
+    asc: Statement,
+    asc_to: Statement,
+    desc: Statement,
+    desc_to: Statement,
+}
+
+impl Conn {
+    async fn prepare(client: Client) -> Result<Conn, PgError> {
+        let q = "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key >= $2";
+        Ok(Conn {
+            get: client
+                .prepare("SELECT value FROM concordat_kv WHERE tree = $1 AND key = $2")
+                .await?,
+            upsert: client
+                .prepare(
+                    "INSERT INTO concordat_kv (tree, key, value) \
+                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
+                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?,
+            delete: client
+                .prepare(
+                    "DELETE FROM concordat_kv WHERE (tree, key) IN \
+                     (SELECT * FROM unnest($1::text[], $2::bytea[]))",
+                )
+                .await?,
+            remove: client
+                .prepare(
+                    "DELETE FROM concordat_kv WHERE tree = $1 AND key = $2 RETURNING value",
+                )
+                .await?,
+            get_many: client
+                .prepare(
+                    "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key = ANY($2::bytea[])",
+                )
+                .await?,
+            asc: client.prepare(&format!("{q} ORDER BY key LIMIT $3")).await?,
+            asc_to: client
+                .prepare(&format!("{q} AND key < $4 ORDER BY key LIMIT $3"))
+                .await?,
+            desc: client
+                .prepare(&format!("{q} ORDER BY key DESC LIMIT $3"))
+                .await?,
+            desc_to: client
+                .prepare(&format!("{q} AND key < $4 ORDER BY key DESC LIMIT $3"))
+                .await?,
+            client,
+        })
+    }
+}
+
+/// A connection that is made again when it breaks.
+struct Slot {
+    conn: RwLock<Option<Arc<Conn>>>,
+}
+
+/// The engine's runtime, shut down without waiting when the engine is dropped (which may
+/// happen on a thread of another runtime, where waiting is not allowed).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Background {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        // Taken only by `drop`.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the runtime is taken only by drop"))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The engine's shared state.
+struct Shared {
+    runtime: Background,
+    config: Config,
+    tls: MakeRustlsConnect,
+    writer: Mutex<Option<Arc<Conn>>>,
+    readers: Vec<Slot>,
+    next: AtomicUsize,
+    /// The session that holds the advisory lock, given back when the engine is dropped.
+    locker: Arc<Client>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the session would release the lock too, but only once the server has seen
+        // the connection go: unlock first, so that a broker opened next finds it free. Bounded:
+        // a server that does not answer releases it when the connection drops.
+        let locker = self.locker.clone();
+        let _ = on_runtime(&self.runtime, async move {
+            let unlock = locker.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]);
+            let _ = tokio::time::timeout(UNLOCK_WAIT, unlock).await;
+            Ok(())
+        });
+    }
+}
+
+/// A PostgreSQL database opened as the store's key-value engine.
+#[derive(Clone)]
+pub struct PgKv {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PgKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgKv")
+            .field("hosts", &self.shared.config.get_hosts().len())
+            .field("pool", &self.shared.readers.len())
+            .finish()
+    }
+}
+
+/// Runs `fut` to completion on the calling thread. The futures of a `Client` need no runtime:
+/// they talk to the connection's task (on the engine's runtime) through channels.
+fn wait<T>(fut: impl Future<Output = T>) -> T {
+    futures::executor::block_on(fut)
+}
+
+/// Runs `fut` on the engine's runtime (what needs its I/O driver: connecting) and waits.
+fn on_runtime<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, PgError>> + Send + 'static,
+) -> Result<T, PgError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| PgError::Db("the engine's runtime stopped".into()))?
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, PgError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            PgError::Config(format!(
+                "reading the PostgreSQL CA file {}: {e}",
+                path.display()
+            ))
+        })?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| {
+                PgError::Config(format!("the PostgreSQL CA file {}: {e}", path.display()))
+            })?;
+            roots.add(cert).map_err(|e| {
+                PgError::Config(format!("the PostgreSQL CA file {}: {e}", path.display()))
+            })?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| PgError::Config(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+async fn connect(config: Config, tls: MakeRustlsConnect) -> Result<Client, PgError> {
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %describe(&e), "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+impl PgKv {
+    /// Connects, creates or migrates the schema, and takes the database's advisory lock.
+    pub fn open(options: &PgOptions) -> Result<PgKv, PgError> {
+        let mut config: Config = options
+            .url
+            .parse()
+            .map_err(|e| PgError::Config(format!("the PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let session = format!(
+            "-c synchronous_commit=on -c statement_timeout={}",
+            STATEMENT_TIMEOUT.as_millis()
+        );
+        let options_now = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{options_now} {session}").trim());
+        config.keepalives(true);
+        config.application_name("concordat-broker");
+        let tls = tls_config(options.ca_file.as_deref())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("concordat-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| PgError::Db(format!("starting the engine's runtime: {e}")))?;
+        let locker = {
+            let (config, tls) = (config.clone(), tls.clone());
+            on_runtime(&runtime, async move {
+                let client = connect(config, tls).await?;
+                migrate(&client).await?;
+                // A broker that has just stopped may still hold it for a moment, until the
+                // server has seen its connection close.
+                let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+                loop {
+                    let row = client
+                        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+                        .await?;
+                    if row.try_get::<_, bool>(0)? {
+                        return Ok(client);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(PgError::Locked);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })?
+        };
+        let shared = Arc::new(Shared {
+            runtime: Background(Some(runtime)),
+            config,
+            tls,
+            writer: Mutex::new(None),
+            readers: (0..options.pool.max(1))
+                .map(|_| Slot {
+                    conn: RwLock::new(None),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            locker: Arc::new(locker),
+        });
+        let kv = PgKv { shared };
+        // Connect now, so that a broker that cannot reach its database says so at start.
+        drop(kv.writer()?);
+        kv.reader()?;
+        Ok(kv)
+    }
+
+    fn fresh(&self) -> Result<Arc<Conn>, PgError> {
+        let (config, tls) = (self.shared.config.clone(), self.shared.tls.clone());
+        on_runtime(&self.shared.runtime, async move {
+            Conn::prepare(connect(config, tls).await?)
+                .await
+                .map(Arc::new)
+        })
+    }
+
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Option<Arc<Conn>>>, PgError> {
+        let mut guard = self
+            .shared
+            .writer
+            .lock()
+            .map_err(|_| PgError::Db("the writer connection's lock is poisoned".into()))?;
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(self.fresh()?);
+        }
+        Ok(guard)
+    }
+
+    fn reader(&self) -> Result<Arc<Conn>, PgError> {
+        let n = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.readers.len();
+        let slot = &self.shared.readers[n];
+        if let Ok(current) = slot.conn.read()
+            && let Some(conn) = current.as_ref()
+            && !conn.client.is_closed()
+        {
+            return Ok(conn.clone());
+        }
+        let mut current = slot
+            .conn
+            .write()
+            .map_err(|_| PgError::Db("a reader connection's lock is poisoned".into()))?;
+        match current.as_ref() {
+            Some(conn) if !conn.client.is_closed() => Ok(conn.clone()),
+            _ => {
+                let conn = self.fresh()?;
+                *current = Some(conn.clone());
+                Ok(conn)
+            }
+        }
+    }
+
+    /// The tree `name` (registered, so that [`PgKv::tree_names`] lists it while empty).
+    pub fn open_tree(&self, name: &str) -> Result<PgTree, PgError> {
+        let conn = self.reader()?;
+        wait(conn.client.execute(
+            "INSERT INTO concordat_trees (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&name],
+        ))?;
+        Ok(PgTree {
+            kv: self.clone(),
+            name: name.into(),
+        })
+    }
+
+    /// The names of the trees ever opened, in order.
+    pub fn tree_names(&self) -> Result<Vec<String>, PgError> {
+        let conn = self.reader()?;
+        let rows = wait(
+            conn.client
+                .query("SELECT name FROM concordat_trees ORDER BY name", &[]),
+        )?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(PgError::from))
+            .collect()
+    }
+
+    /// What the connected server's settings leave of the store's durability: one warning per
+    /// setting that weakens it (empty when none does).
+    pub fn durability_warnings(&self) -> Result<Vec<String>, PgError> {
+        let conn = self.reader()?;
+        let mut warnings = Vec::new();
+        let show = |name: &'static str| wait(conn_show(&conn.client, name));
+        let fsync = show("fsync")?;
+        if fsync != "on" {
+            warnings.push(format!(
+                "fsync is {fsync}: a crash of the database server can lose or corrupt committed transfers (set fsync = on)"
+            ));
+        }
+        let fpw = show("full_page_writes")?;
+        if fpw != "on" {
+            warnings.push(format!(
+                "full_page_writes is {fpw}: a crash during a page write can corrupt the store (set full_page_writes = on)"
+            ));
+        }
+        let sync = show("synchronous_commit")?;
+        if !matches!(sync.as_str(), "on" | "remote_apply") {
+            warnings.push(format!(
+                "synchronous_commit is {sync} for this session: commits may be acknowledged before they are on a standby's disk"
+            ));
+        }
+        let standbys = show("synchronous_standby_names")?;
+        if standbys.trim().is_empty() {
+            warnings.push(
+                "synchronous_standby_names is empty: a commit is on the primary's disk only, so losing the primary loses acknowledged transfers (set it to 'ANY 1 (<standbys>)')".into(),
+            );
+        }
+        Ok(warnings)
+    }
+
+    /// Runs `f` in one transaction over `trees`: commits if it returns `Ok`, rolls back if it
+    /// returns `Err`. The outer error is the database's; the inner result is `f`'s.
+    pub fn transaction<T, E>(
+        &self,
+        trees: &[&PgTree],
+        f: impl Fn(&PgTx<'_>) -> Result<T, E>,
+    ) -> Result<Result<T, E>, PgError> {
+        let guard = self.writer()?;
+        let Some(conn) = guard.as_ref() else {
+            return Err(PgError::Db("no writer connection".into()));
+        };
+        wait(conn.client.batch_execute("BEGIN"))?;
+        let tx = PgTx {
+            conn,
+            trees: trees.iter().map(|t| t.name.clone()).collect(),
+            writes: RefCell::new(HashMap::new()),
+            reads: RefCell::new(HashMap::new()),
+            failed: RefCell::new(None),
+        };
+        let outcome = f(&tx);
+        let failed = tx.failed.borrow_mut().take();
+        match (outcome, failed) {
+            (Ok(value), None) => {
+                tx.write_all()?;
+                wait(conn.client.batch_execute("COMMIT"))?;
+                Ok(Ok(value))
+            }
+            (outcome, failed) => {
+                // A rollback that fails leaves nothing behind either: the server ends the
+                // transaction with the session.
+                let _ = wait(conn.client.batch_execute("ROLLBACK"));
+                match (outcome, failed) {
+                    (_, Some(e)) => Err(e),
+                    (Ok(value), None) => Ok(Ok(value)),
+                    (Err(e), None) => Ok(Err(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Creates the database `name` (dropping any of that name first), connected as `admin` says:
+/// for tests and tools that set up a server.
+pub fn create_database(admin: &PgOptions, name: &str) -> Result<(), PgError> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(PgError::Config(format!(
+            "{name:?} is not a plain database name"
+        )));
+    }
+    let config: Config = admin
+        .url
+        .parse()
+        .map_err(|e| PgError::Config(format!("the PostgreSQL URL: {e}")))?;
+    let tls = tls_config(admin.ca_file.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| PgError::Db(format!("starting a runtime: {e}")))?;
+    let name = name.to_owned();
+    let background = Background(Some(runtime));
+    on_runtime(&background, async move {
+        let client = connect(config, tls).await?;
+        // One statement each: neither may run inside a transaction block.
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        Ok(())
+    })
+}
+
+async fn conn_show(client: &Client, name: &str) -> Result<String, PgError> {
+    let row = client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?;
+    Ok(row.try_get::<_, String>(0)?)
+}
+
+/// Creates the schema at its current version, or migrates an older one; refuses a newer one.
+async fn migrate(client: &Client) -> Result<(), PgError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS concordat_schema (\
+                 one boolean PRIMARY KEY DEFAULT true CHECK (one), \
+                 version integer NOT NULL)",
+        )
+        .await?;
+    client.batch_execute("BEGIN").await?;
+    let result = async {
+        client
+            .batch_execute("LOCK TABLE concordat_schema IN EXCLUSIVE MODE")
+            .await?;
+        let row = client
+            .query_opt("SELECT version FROM concordat_schema", &[])
+            .await?;
+        let version: i32 = match row {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
+        if version > SCHEMA_VERSION {
+            return Err(PgError::Schema(format!(
+                "the database's schema is version {version}; this broker knows versions up to {SCHEMA_VERSION}: run a broker at least as new as the one that wrote it"
+            )));
+        }
+        if version < 1 {
+            client
+                .batch_execute(
+                    "CREATE TABLE concordat_trees (name text PRIMARY KEY); \
+                     CREATE TABLE concordat_kv (\
+                         tree text NOT NULL, key bytea NOT NULL, value bytea NOT NULL, \
+                         PRIMARY KEY (tree, key)); \
+                     INSERT INTO concordat_schema (version) VALUES (1)",
+                )
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => client.batch_execute("COMMIT").await.map_err(PgError::from),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// A tree of a [`PgKv`].
+#[derive(Clone)]
+pub struct PgTree {
+    kv: PgKv,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for PgTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PgTree").field(&self.name).finish()
+    }
+}
+
+impl PgTree {
+    /// Runs `f` in one transaction over `trees` (see [`PgKv::transaction`]).
+    pub fn transaction<T, E>(
+        &self,
+        trees: &[&PgTree],
+        f: impl Fn(&PgTx<'_>) -> Result<T, E>,
+    ) -> Result<Result<T, E>, PgError> {
+        self.kv.transaction(trees, f)
+    }
+
+    /// The tree's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
+        let conn = self.kv.reader()?;
+        let row = wait(conn.client.query_opt(&conn.get, &[&&*self.name, &key]))?;
+        row.map(|r| r.try_get::<_, Vec<u8>>(0).map_err(PgError::from))
+            .transpose()
+    }
+
+    /// Sets `key` to `value`, committed when it returns.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), PgError> {
+        let conn = self.kv.reader()?;
+        let (trees, keys, values) = (vec![&*self.name], vec![key], vec![value]);
+        wait(conn.client.execute(&conn.upsert, &[&trees, &keys, &values]))?;
+        Ok(())
+    }
+
+    /// Removes `key`, committed when it returns; its value before.
+    pub fn remove(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
+        let conn = self.kv.reader()?;
+        let row = wait(conn.client.query_opt(&conn.remove, &[&&*self.name, &key]))?;
+        row.map(|r| r.try_get::<_, Vec<u8>>(0).map_err(PgError::from))
+            .transpose()
+    }
+
+    /// The keys and values in `range`, in key order (and from either end).
+    pub fn range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>) -> PgIter {
+        // Bounds in one form: an inclusive lower bound, an exclusive upper one. Between byte
+        // strings, `> k` is `>= k || 0` and `<= k` is `< k || 0`.
+        let after = |k: &[u8]| {
+            let mut v = k.to_vec();
+            v.push(0);
+            v
+        };
+        let lo = match start {
+            Bound::Included(k) => k.to_vec(),
+            Bound::Excluded(k) => after(k),
+            Bound::Unbounded => Vec::new(),
+        };
+        let hi = match end {
+            Bound::Included(k) => Some(after(k)),
+            Bound::Excluded(k) => Some(k.to_vec()),
+            Bound::Unbounded => None,
+        };
+        PgIter {
+            tree: self.clone(),
+            lo,
+            hi,
+            front: VecDeque::new(),
+            back: VecDeque::new(),
+            front_page: FIRST_PAGE,
+            back_page: FIRST_PAGE,
+            done: false,
+        }
+    }
+
+    /// How many keys the tree holds (for tests and tools: it counts them all).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> Result<usize, PgError> {
+        let conn = self.kv.reader()?;
+        let row = wait(conn.client.query_one(
+            "SELECT count(*) FROM concordat_kv WHERE tree = $1",
+            &[&&*self.name],
+        ))?;
+        let n: i64 = row.try_get(0)?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// A key of a transaction's tree, by the tree's position.
+type TreeKey = (usize, Vec<u8>);
+
+/// Key-value pairs of a range, fetched a page at a time from whichever end is read.
+pub struct PgIter {
+    tree: PgTree,
+    /// What is left to fetch: keys from `lo` (inclusive) to `hi` (exclusive, or the end).
+    lo: Vec<u8>,
+    hi: Option<Vec<u8>>,
+    /// Fetched from the front, ascending; fetched from the back, descending. Every key in
+    /// `front` is below every key left to fetch, which is below every key in `back`.
+    front: VecDeque<(Vec<u8>, Vec<u8>)>,
+    back: VecDeque<(Vec<u8>, Vec<u8>)>,
+    /// Rows the next fetch from each end asks for.
+    front_page: i64,
+    back_page: i64,
+    done: bool,
+}
+
+impl PgIter {
+    fn fetch(&mut self, ascending: bool) -> Result<Vec<Entry>, PgError> {
+        let conn = self.tree.kv.reader()?;
+        let name: &str = &self.tree.name;
+        let page = if ascending {
+            &mut self.front_page
+        } else {
+            &mut self.back_page
+        };
+        let limit = *page;
+        *page = (*page * 2).min(PAGE);
+        let rows = match (&self.hi, ascending) {
+            (None, true) => wait(conn.client.query(&conn.asc, &[&name, &self.lo, &limit])),
+            (None, false) => wait(conn.client.query(&conn.desc, &[&name, &self.lo, &limit])),
+            (Some(hi), true) => wait(
+                conn.client
+                    .query(&conn.asc_to, &[&name, &self.lo, &limit, hi]),
+            ),
+            (Some(hi), false) => wait(
+                conn.client
+                    .query(&conn.desc_to, &[&name, &self.lo, &limit, hi]),
+            ),
+        }?;
+        let page = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<_, Vec<u8>>(0)?, r.try_get::<_, Vec<u8>>(1)?)))
+            .collect::<Result<Vec<_>, PgError>>()?;
+        // Narrow what is left to fetch past what this page holds.
+        match (ascending, page.last()) {
+            (true, Some((k, _))) => {
+                self.lo = k.clone();
+                self.lo.push(0);
+            }
+            (false, Some((k, _))) => self.hi = Some(k.clone()),
+            _ => {}
+        }
+        Ok(page)
+    }
+
+    fn step(&mut self, ascending: bool) -> Option<Result<Entry, PgError>> {
+        if self.done {
+            return None;
+        }
+        let mine = if ascending {
+            &mut self.front
+        } else {
+            &mut self.back
+        };
+        if let Some(item) = mine.pop_front() {
+            return Some(Ok(item));
+        }
+        let exhausted = self.hi.as_ref().is_some_and(|hi| self.lo >= *hi);
+        if !exhausted {
+            match self.fetch(ascending) {
+                Ok(page) if !page.is_empty() => {
+                    let mine = if ascending {
+                        &mut self.front
+                    } else {
+                        &mut self.back
+                    };
+                    mine.extend(page);
+                    return mine.pop_front().map(Ok);
+                }
+                // Nothing left between the two ends.
+                Ok(_) => self.hi = Some(self.lo.clone()),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        // What the other end fetched and has not yet returned comes next, nearest first.
+        let theirs = if ascending {
+            &mut self.back
+        } else {
+            &mut self.front
+        };
+        theirs.pop_back().map(Ok)
+    }
+}
+
+impl Iterator for PgIter {
+    type Item = Result<Entry, PgError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step(true)
+    }
+}
+
+impl DoubleEndedIterator for PgIter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.step(false)
+    }
+}
+
+/// The trees of a transaction in progress, by position.
+pub struct PgTx<'a> {
+    conn: &'a Conn,
+    trees: Vec<Arc<str>>,
+    /// The transaction's writes, sent at commit: (tree, key) → value, or `None` for removed.
+    writes: RefCell<HashMap<TreeKey, Option<Vec<u8>>>>,
+    /// What the transaction has read (`None`: absent). The broker is the database's only
+    /// writer (it holds the advisory lock), so nothing read can change before the commit.
+    reads: RefCell<HashMap<TreeKey, Option<Vec<u8>>>>,
+    /// The first database error a call met: the transaction then rolls back and returns it.
+    failed: RefCell<Option<PgError>>,
+}
+
+impl PgTx<'_> {
+    /// The number of trees.
+    pub fn len(&self) -> usize {
+        self.trees.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.trees.is_empty()
+    }
+
+    /// The `i`th tree.
+    pub fn tree(&self, i: usize) -> Option<PgTxTree<'_>> {
+        (i < self.trees.len()).then_some(PgTxTree { tx: self, tree: i })
+    }
+
+    fn note<T>(&self, r: Result<T, PgError>) -> Result<T, PgError> {
+        if let Err(e) = &r
+            && let Ok(mut failed) = self.failed.try_borrow_mut()
+            && failed.is_none()
+        {
+            *failed = Some(PgError::Db(e.to_string()));
+        }
+        r
+    }
+
+    fn read(&self, tree: usize, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
+        let at = (tree, key.to_vec());
+        if let Some(written) = self.writes.borrow().get(&at) {
+            return Ok(written.clone());
+        }
+        if let Some(read) = self.reads.borrow().get(&at) {
+            return Ok(read.clone());
+        }
+        let name: &str = &self.trees[tree];
+        let row = wait(self.conn.client.query_opt(&self.conn.get, &[&name, &key]))?;
+        let value = row
+            .map(|r| r.try_get::<_, Vec<u8>>(0).map_err(PgError::from))
+            .transpose()?;
+        self.reads.borrow_mut().insert(at, value.clone());
+        Ok(value)
+    }
+
+    /// Reads `keys` of tree `tree` in one round trip, for the reads that follow.
+    fn prefetch(&self, tree: usize, keys: Vec<Vec<u8>>) -> Result<(), PgError> {
+        let keys: Vec<Vec<u8>> = {
+            let (writes, reads) = (self.writes.borrow(), self.reads.borrow());
+            keys.into_iter()
+                .filter(|k| {
+                    let at = (tree, k.clone());
+                    !writes.contains_key(&at) && !reads.contains_key(&at)
+                })
+                .collect()
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let name: &str = &self.trees[tree];
+        let rows = wait(self.conn.client.query(&self.conn.get_many, &[&name, &keys]))?;
+        let mut reads = self.reads.borrow_mut();
+        for key in keys {
+            reads.insert((tree, key), None);
+        }
+        for row in rows {
+            let (k, v) = (row.try_get::<_, Vec<u8>>(0)?, row.try_get::<_, Vec<u8>>(1)?);
+            reads.insert((tree, k), Some(v));
+        }
+        Ok(())
+    }
+
+    fn write_all(&self) -> Result<(), PgError> {
+        let writes = self.writes.borrow();
+        let (mut up_t, mut up_k, mut up_v) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
+        for ((tree, key), value) in writes.iter() {
+            let name: &str = &self.trees[*tree];
+            match value {
+                Some(v) => {
+                    up_t.push(name);
+                    up_k.push(key.as_slice());
+                    up_v.push(v.as_slice());
+                }
+                None => {
+                    del_t.push(name);
+                    del_k.push(key.as_slice());
+                }
+            }
+        }
+        let client = &self.conn.client;
+        let up: [&(dyn ToSql + Sync); 3] = [&up_t, &up_k, &up_v];
+        let del: [&(dyn ToSql + Sync); 2] = [&del_t, &del_k];
+        wait(async {
+            let upsert = async {
+                if up_t.is_empty() {
+                    Ok(0)
+                } else {
+                    client.execute(&self.conn.upsert, &up).await
+                }
+            };
+            let delete = async {
+                if del_t.is_empty() {
+                    Ok(0)
+                } else {
+                    client.execute(&self.conn.delete, &del).await
+                }
+            };
+            futures::try_join!(upsert, delete)
+        })?;
+        Ok(())
+    }
+}
+
+/// One tree of a transaction in progress.
+#[derive(Clone, Copy)]
+pub struct PgTxTree<'a> {
+    tx: &'a PgTx<'a>,
+    tree: usize,
+}
+
+impl PgTxTree<'_> {
+    /// The value of `key`, as this transaction sees it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
+        self.tx.note(self.tx.read(self.tree, key))
+    }
+
+    /// Reads `keys` in one round trip, so that the transaction's reads of them cost none.
+    pub fn prefetch(&self, keys: Vec<Vec<u8>>) -> Result<(), PgError> {
+        self.tx.note(self.tx.prefetch(self.tree, keys))
+    }
+
+    /// Sets `key` to `value` when the transaction commits.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), PgError> {
+        self.tx
+            .writes
+            .borrow_mut()
+            .insert((self.tree, key.to_vec()), Some(value.to_vec()));
+        Ok(())
+    }
+
+    /// Removes `key` when the transaction commits; its value as this transaction saw it.
+    pub fn remove(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
+        let before = self.get(key)?;
+        self.tx
+            .writes
+            .borrow_mut()
+            .insert((self.tree, key.to_vec()), None);
+        Ok(before)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use concordat_tests::postgres::PgCluster;
+
+    fn options(cluster: &PgCluster, database: &str) -> PgOptions {
+        let server = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
+        let admin = PgOptions {
+            url: format!("{server}/postgres"),
+            pool: 1,
+            ca_file: None,
+        };
+        create_database(&admin, database).unwrap();
+        PgOptions {
+            url: format!("{server}/{database}"),
+            pool: 2,
+            ca_file: None,
+        }
+    }
+
+    fn keys(it: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), PgError>>) -> Vec<Vec<u8>> {
+        it.map(|r| r.unwrap().0).collect()
+    }
+
+    /// One PostgreSQL cluster for the engine's own tests: pages from both ends of a range
+    /// meet without losing or repeating a key, transactions read their own writes and apply
+    /// all or nothing, one broker at a time holds a database, a newer schema is refused, and
+    /// the server's settings are read for `check-config`.
+    #[test]
+    fn the_engine_on_a_real_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = PgCluster::start(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        let opts = options(&cluster, "engine");
+        let kv = PgKv::open(&opts).unwrap();
+        let (t, u) = (kv.open_tree("t").unwrap(), kv.open_tree("u").unwrap());
+        let all: Vec<Vec<u8>> = (0u32..1500).map(|i| i.to_be_bytes().to_vec()).collect();
+        kv.transaction(&[&t], |tx| {
+            let tree = tx.tree(0).unwrap();
+            for k in &all {
+                tree.insert(k, b"v")?;
+            }
+            Ok::<_, PgError>(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.len().unwrap(), 1500);
+        assert_eq!(keys(t.range(Bound::Unbounded, Bound::Unbounded)), all);
+        let mut back = keys(t.range(Bound::Unbounded, Bound::Unbounded).rev());
+        back.reverse();
+        assert_eq!(back, all);
+        // Alternating ends over a bounded range: every key once.
+        let (lo, hi) = (10u32.to_be_bytes(), 1200u32.to_be_bytes());
+        let mut it = t.range(Bound::Excluded(&lo[..]), Bound::Included(&hi[..]));
+        let mut seen = Vec::new();
+        loop {
+            let (a, b) = (it.next(), it.next_back());
+            if a.is_none() && b.is_none() {
+                break;
+            }
+            seen.extend(a.into_iter().chain(b).map(|r| r.unwrap().0));
+        }
+        seen.sort();
+        assert_eq!(seen, all[11..=1200].to_vec());
+        let newest = t
+            .range(Bound::Unbounded, Bound::Excluded(&700u32.to_be_bytes()[..]))
+            .next_back()
+            .unwrap()
+            .unwrap();
+        assert_eq!(newest.0, 699u32.to_be_bytes());
+
+        // A transaction sees its own writes and commits them together.
+        let five = 5u32.to_be_bytes();
+        let moved = kv
+            .transaction(&[&t, &u], |tx| {
+                let (a, b) = (tx.tree(0).unwrap(), tx.tree(1).unwrap());
+                a.prefetch(vec![five.to_vec(), b"absent".to_vec()])?;
+                assert_eq!(a.get(b"absent")?, None);
+                let old = a.remove(&five)?.expect("present");
+                assert_eq!(a.get(&five)?, None);
+                b.insert(b"x", &old)?;
+                assert_eq!(b.get(b"x")?, Some(old));
+                Ok::<_, PgError>(())
+            })
+            .unwrap();
+        assert!(moved.is_ok());
+        assert_eq!(
+            (t.get(&five).unwrap(), u.get(b"x").unwrap()),
+            (None, Some(b"v".to_vec()))
+        );
+        // One that fails writes nothing.
+        let failed = kv
+            .transaction(&[&u], |tx| {
+                tx.tree(0).unwrap().insert(b"y", b"1")?;
+                Err::<(), _>(PgError::Config("changed my mind".into()))
+            })
+            .unwrap();
+        assert!(failed.is_err());
+        assert_eq!(u.get(b"y").unwrap(), None);
+        assert_eq!(kv.tree_names().unwrap(), ["t", "u"]);
+
+        // A second broker on the same database is refused while this one runs.
+        assert!(matches!(PgKv::open(&opts), Err(PgError::Locked)));
+        // This cluster is set up for durability: nothing to warn about.
+        assert_eq!(kv.durability_warnings().unwrap(), Vec::<String>::new());
+        // Closed with its last tree: the next broker opens it at once.
+        drop((kv, t, u, it));
+
+        // A schema newer than this broker knows is refused, with the versions.
+        let kv = PgKv::open(&opts).unwrap();
+        let conn = kv.reader().unwrap();
+        wait(
+            conn.client
+                .batch_execute("UPDATE concordat_schema SET version = 99"),
+        )
+        .unwrap();
+        drop(conn);
+        drop(kv);
+        let Err(e) = PgKv::open(&opts) else {
+            panic!("a newer schema was opened")
+        };
+        assert!(e.to_string().contains("version 99"), "{e}");
+    }
+}
