@@ -78,8 +78,11 @@ pub struct Config {
     pub source: String,
     /// The address `concordat-broker serve` binds.
     pub listen: SocketAddr,
-    /// Where the broker keeps its sled database and log key.
+    /// Where the broker keeps its log key, its published checkpoint and, with the sled engine,
+    /// its database.
     pub data_dir: PathBuf,
+    /// The storage engine (`[storage]`): sled in `data_dir` unless PostgreSQL is configured.
+    pub storage: StorageEngine,
     /// Certificates and keys for mutual TLS.
     pub tls: TlsMaterial,
     /// The files `tls` was read from, which a reload reads again; `None` for material that
@@ -123,6 +126,78 @@ pub struct ConfigFile {
     /// `data_dir` as written in the file (resolved against the file's directory).
     pub data_dir: PathBuf,
 }
+
+/// The engine that stores the broker's state (`[storage]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StorageEngine {
+    /// sled in `data_dir/db`: the embedded default.
+    #[default]
+    Sled,
+    /// A PostgreSQL database.
+    Postgres(PostgresStorage),
+}
+
+/// How to reach the PostgreSQL database (`[storage] engine = "postgres"`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresStorage {
+    /// The connection URL (`postgres://…` or libpq key-value form); several hosts with
+    /// `target_session_attrs=read-write` pick the primary, and pick it again after a failover.
+    pub url: String,
+    /// Connections besides the writer's.
+    pub pool: usize,
+    /// The CA certificates (PEM) that sign the servers' certificates, for `sslmode=require`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for PostgresStorage {
+    // The URL may hold a password: only its hosts are shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStorage")
+            .field("hosts", &postgres_hosts(&self.url))
+            .field("pool", &self.pool)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl PostgresStorage {
+    /// The engine's connection options.
+    pub fn options(&self) -> crate::store::postgres::PgOptions {
+        crate::store::postgres::PgOptions {
+            url: self.url.clone(),
+            pool: self.pool,
+            ca_file: self.ca_file.clone(),
+        }
+    }
+}
+
+/// The hosts and ports a PostgreSQL URL names, for messages (never its password).
+pub fn postgres_hosts(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let ports = c.get_ports();
+            c.get_hosts()
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let host = match h {
+                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    };
+                    match ports.get(i).or(ports.first()) {
+                        Some(p) => format!("{host}:{p}"),
+                        None => host,
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// The most connections `[storage] pool` may ask for.
+pub const MAX_POSTGRES_POOL: usize = 64;
 
 /// An agency of the federation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,6 +436,7 @@ impl Config {
             source: "<in code>".into(),
             listen,
             data_dir,
+            storage: StorageEngine::Sled,
             tls,
             tls_files: None,
             tls_reload_poll: None,
@@ -434,6 +510,8 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty".into()));
         }
         let data_dir = files.resolve(&raw.data_dir);
+        let storage =
+            storage_engine(raw.storage, files).map_err(|(key, problem)| invalid(key, problem))?;
 
         let read = |key: &str, path: &Path| {
             files
@@ -990,6 +1068,7 @@ impl Config {
             source: file.into(),
             listen,
             data_dir,
+            storage,
             tls,
             tls_files,
             tls_reload_poll,
@@ -1013,6 +1092,22 @@ impl Config {
         let _ = writeln!(s, "configuration: {}", self.source);
         let _ = writeln!(s, "listen:        {}", self.listen);
         let _ = writeln!(s, "data_dir:      {}", self.data_dir.display());
+        let _ = match &self.storage {
+            StorageEngine::Sled => writeln!(
+                s,
+                "store:         sled in {}",
+                self.data_dir.join("db").display()
+            ),
+            StorageEngine::Postgres(pg) => writeln!(
+                s,
+                "store:         PostgreSQL at {} ({} pooled connections{})",
+                postgres_hosts(&pg.url),
+                pg.pool,
+                pg.ca_file
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(", CA {}", f.display()))
+            ),
+        };
         let _ = writeln!(s, "audit log:     {}", self.log_origin);
         let _ = writeln!(
             s,
@@ -1262,9 +1357,74 @@ impl FileSource for Embedded {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawStorage {
+    engine: String,
+    url: Option<String>,
+    pool: Option<usize>,
+    ca_file: Option<PathBuf>,
+}
+
+/// Validates `[storage]`; an error is the key and what is wrong with it.
+fn storage_engine(
+    raw: Option<RawStorage>,
+    files: &dyn FileSource,
+) -> Result<StorageEngine, (&'static str, String)> {
+    let Some(raw) = raw else {
+        return Ok(StorageEngine::Sled);
+    };
+    match raw.engine.as_str() {
+        "sled" => {
+            for (key, set) in [
+                ("storage.url", raw.url.is_some()),
+                ("storage.pool", raw.pool.is_some()),
+                ("storage.ca_file", raw.ca_file.is_some()),
+            ] {
+                if set {
+                    return Err((key, "applies to engine = \"postgres\" only".into()));
+                }
+            }
+            Ok(StorageEngine::Sled)
+        }
+        "postgres" => {
+            let Some(url) = raw.url else {
+                return Err((
+                    "storage.url",
+                    "is required with engine = \"postgres\" (e.g. \"postgres://broker@db1,db2/concordat?target_session_attrs=read-write\")".into(),
+                ));
+            };
+            // The parser's message never quotes the URL, which may hold a password.
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return Err((
+                    "storage.url",
+                    format!("is not a PostgreSQL connection URL: {e}"),
+                ));
+            }
+            let pool = raw.pool.unwrap_or(4);
+            if !(1..=MAX_POSTGRES_POOL).contains(&pool) {
+                return Err((
+                    "storage.pool",
+                    format!("is {pool}; it must be between 1 and {MAX_POSTGRES_POOL}"),
+                ));
+            }
+            Ok(StorageEngine::Postgres(PostgresStorage {
+                url,
+                pool,
+                ca_file: raw.ca_file.map(|p| files.resolve(&p)),
+            }))
+        }
+        other => Err((
+            "storage.engine",
+            format!("{other:?} is not a storage engine: \"sled\" (the default) or \"postgres\""),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: String,
     data_dir: PathBuf,
+    storage: Option<RawStorage>,
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
@@ -2061,5 +2221,61 @@ mod tests {
         assert!(shown.starts_with("test.toml: "), "{shown}");
         assert!(shown.contains("max_mesage_bytes"), "{shown}");
         assert!(shown.contains("line"), "{shown}");
+    }
+
+    /// `[storage]`: sled unless PostgreSQL is configured; a PostgreSQL URL is required,
+    /// parsed, and never shown with its password; the pool is bounded; the sled engine takes
+    /// none of PostgreSQL's keys.
+    #[test]
+    fn storage_engines() {
+        let with = |table: &str| DEFAULT_CONFIG.replacen("[tls]", &format!("{table}\n[tls]"), 1);
+        let c = Config::parse(DEFAULT_CONFIG, "t.toml", &Embedded).unwrap();
+        assert_eq!(c.storage, StorageEngine::Sled);
+        let c = Config::parse(&with("[storage]\nengine = \"sled\""), "t.toml", &Embedded).unwrap();
+        assert_eq!(c.storage, StorageEngine::Sled);
+        let url =
+            "postgres://broker:s3cret@db1:5432,db2:5433/concordat?target_session_attrs=read-write";
+        let c = Config::parse(
+            &with(&format!(
+                "[storage]\nengine = \"postgres\"\nurl = \"{url}\"\npool = 8"
+            )),
+            "t.toml",
+            &Embedded,
+        )
+        .unwrap();
+        let StorageEngine::Postgres(pg) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!((pg.url.as_str(), pg.pool), (url, 8));
+        for shown in [format!("{:?}", c.storage), c.summary()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("db1:5432,db2:5433"), "{shown}");
+        }
+        for (table, key) in [
+            ("[storage]\nengine = \"postgres\"", "storage.url"),
+            (
+                "[storage]\nengine = \"postgres\"\nurl = \"postgres://h/d?sslmode=sometimes\"",
+                "storage.url",
+            ),
+            (
+                "[storage]\nengine = \"postgres\"\nurl = \"postgres://h/d\"\npool = 0",
+                "storage.pool",
+            ),
+            (
+                "[storage]\nengine = \"postgres\"\nurl = \"postgres://h/d\"\npool = 65",
+                "storage.pool",
+            ),
+            (
+                "[storage]\nengine = \"sled\"\nurl = \"postgres://h/d\"",
+                "storage.url",
+            ),
+            ("[storage]\nengine = \"rocksdb\"", "storage.engine"),
+        ] {
+            let err = Config::parse(&with(table), "t.toml", &Embedded).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("t.toml: {key}: ")),
+                "{table}: {err}"
+            );
+        }
     }
 }

@@ -222,10 +222,22 @@ async fn serve_until_stopped(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let storage = Arc::new(store::SledStorage::open(
-        &config.data_dir,
-        &config.log_origin,
-    )?);
+    let storage = Arc::new(match &config.storage {
+        config::StorageEngine::Sled => {
+            store::SledStorage::open(&config.data_dir, &config.log_origin)?
+        }
+        config::StorageEngine::Postgres(pg) => {
+            let storage = store::SledStorage::open_postgres(
+                &config.data_dir,
+                &config.log_origin,
+                &pg.options(),
+            )?;
+            for warning in storage.durability_warnings()? {
+                tracing::warn!("PostgreSQL: {warning}");
+            }
+            storage
+        }
+    });
     *opened = Some(Arc::downgrade(&storage));
     store::check_recovered(storage.as_ref(), &config.data_dir)?;
     // The clock never goes back before what the log already holds.
