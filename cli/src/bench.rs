@@ -82,6 +82,10 @@ pub struct RelayBench {
     /// Synthetic organisations registered in the full broker besides the default registry's
     /// (as `bench gate` builds them), so that a payload scan meets a realistic registry.
     pub organisations: usize,
+    /// A PostgreSQL server (a URL without a database name, e.g.
+    /// `postgres://postgres@127.0.0.1:5432`): the full broker then runs once more on the
+    /// PostgreSQL engine, in a database `concordat_bench` made afresh on it.
+    pub postgres: Option<String>,
 }
 
 /// What the relay benchmark's payloads are (`--content`).
@@ -717,8 +721,48 @@ async fn run_full(
     tokens: Arc<Vec<String>>,
     settings: &RelayBench,
 ) -> anyhow::Result<RunResult> {
+    run_full_on(
+        pki,
+        desk,
+        envelope,
+        tokens,
+        settings,
+        concordat_broker::config::StorageEngine::Sled,
+    )
+    .await
+}
+
+/// The PostgreSQL database the benchmark makes (dropped first if it exists) on the server
+/// `server`, as a storage engine.
+fn bench_database(server: &str) -> anyhow::Result<concordat_broker::config::StorageEngine> {
+    const DATABASE: &str = "concordat_bench";
+    let server = server.trim_end_matches('/');
+    let admin = concordat_broker::store::postgres::PgOptions {
+        url: format!("{server}/postgres"),
+        pool: 1,
+        ca_file: None,
+    };
+    concordat_broker::store::postgres::create_database(&admin, DATABASE)?;
+    Ok(concordat_broker::config::StorageEngine::Postgres(
+        concordat_broker::config::PostgresStorage {
+            url: format!("{server}/{DATABASE}"),
+            pool: 4,
+            ca_file: None,
+        },
+    ))
+}
+
+async fn run_full_on(
+    pki: &mut Pki,
+    desk: &SecretKey,
+    envelope: &pb::Envelope,
+    tokens: Arc<Vec<String>>,
+    settings: &RelayBench,
+    storage: concordat_broker::config::StorageEngine,
+) -> anyhow::Result<RunResult> {
     let dir = tempfile::tempdir()?;
     let mut config = Config::embedded_default()?;
+    config.storage = storage;
     config.tls = pki.tls_material()?;
     config.data_dir = dir.path().join("broker");
     config.metrics_listen = None;
@@ -856,10 +900,32 @@ pub async fn relay(
         }
         combined(&stix_runs)
     } else {
-        run_full(&mut pki, &desk, &envelope, one_token, &settings).await?
+        run_full(&mut pki, &desk, &envelope, one_token.clone(), &settings).await?
     };
     if settings.content != RelayContent::Stix {
         print_run(out, "full broker", &full)?;
+    }
+    if let Some(server) = &settings.postgres {
+        let storage = bench_database(server)?;
+        let on_pg = run_full_on(
+            &mut pki,
+            &desk,
+            &envelope,
+            one_token.clone(),
+            &settings,
+            storage,
+        )
+        .await?;
+        print_run(out, "full, PostgreSQL", &on_pg)?;
+        writeln!(
+            out,
+            "  (the same broker on the PostgreSQL engine: each group commit one SQL transaction, answered after COMMIT)"
+        )?;
+        writeln!(
+            out,
+            "ratio PostgreSQL/sled throughput: {:.2}",
+            on_pg.rate() / full.rate().max(1e-9)
+        )?;
     }
     writeln!(
         out,

@@ -335,6 +335,11 @@ enum BenchCommand {
         /// Also run the full broker with a new consent token for every message.
         #[arg(long)]
         fresh_tokens: bool,
+        /// Also run the full broker on PostgreSQL: the server's URL without a database
+        /// (e.g. postgres://postgres@127.0.0.1:5432); the benchmark makes a database
+        /// concordat_bench on it, dropping any of that name.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// The content gate's organisation matcher: MB/s over 4 KiB and 1 MiB payloads.
     Gate {
@@ -1051,6 +1056,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     fresh_tokens,
                     content,
                     organisations,
+                    postgres,
                 } => {
                     let settings = concordat_cli::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),
@@ -1061,6 +1067,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         fresh_tokens,
                         content,
                         organisations,
+                        postgres,
                     };
                     concordat_cli::bench::relay(settings, &mut out).await?;
                 }
