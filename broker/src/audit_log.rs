@@ -707,6 +707,21 @@ impl Log {
         })
     }
 
+    /// Reads the log's size and frontier again from the store, for when a transaction's
+    /// outcome is unknown.
+    pub fn reload(&self) -> Result<(), Internal> {
+        let size = self
+            .meta
+            .get(LOG_SIZE)
+            .map_err(|e| Internal::new("reading the log size", e))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
+        let frontier = Frontier::load(size, &self.hashes)
+            .map_err(|e| Internal::new("reading the log frontier", e))?;
+        *self.lock_frontier() = frontier;
+        Ok(())
+    }
+
     /// Records that a transaction which returned `frontier` from [`TxLog::finish`] committed.
     pub fn advance(&self, frontier: Option<Frontier>) {
         if let Some(f) = frontier {

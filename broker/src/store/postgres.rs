@@ -416,10 +416,18 @@ impl PgKv {
     /// The tree `name` (registered, so that [`PgKv::tree_names`] lists it while empty).
     pub fn open_tree(&self, name: &str) -> Result<PgTree, PgError> {
         let conn = self.reader()?;
-        wait(conn.client.execute(
-            "INSERT INTO concordat_trees (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&name],
-        ))?;
+        // Read first: a broker that only opens what exists writes nothing (a write to a
+        // stale primary would wait for ever for a synchronous standby).
+        let known = wait(
+            conn.client
+                .query_opt("SELECT 1 FROM concordat_trees WHERE name = $1", &[&name]),
+        )?;
+        if known.is_none() {
+            wait(conn.client.execute(
+                "INSERT INTO concordat_trees (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&name],
+            ))?;
+        }
         Ok(PgTree {
             kv: self.clone(),
             name: name.into(),

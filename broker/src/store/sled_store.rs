@@ -168,6 +168,9 @@ pub struct SledStorage {
     /// revocations, which the writer applies.
     revocations: RwLock<HashMap<Vec<u8>, Value>>,
     last_seq: AtomicU64,
+    /// The last transaction failed in the engine: its outcome is not known, and the
+    /// in-memory state is read again before the next one.
+    unsure: std::sync::atomic::AtomicBool,
     /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself (`None` on
     /// PostgreSQL, whose commits are durable when they return).
     files: Option<DurableFiles>,
@@ -484,16 +487,12 @@ impl SledStorage {
             index: Mutex::new(QueueIndex::default()),
             revocations: RwLock::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
+            unsure: std::sync::atomic::AtomicBool::new(false),
             files,
             db,
             dir: dir.to_path_buf(),
         };
-        let revocations = storage
-            .revoked
-            .iter()
-            .map(|item| item.map(|(k, v)| (k.to_vec(), v)))
-            .collect::<Result<HashMap<_, _>, _>>()
-            .map_err(kv_err("reading revocations"))?;
+        let revocations = storage.read_revocations()?;
         *storage
             .revocations
             .write()
@@ -586,6 +585,23 @@ impl SledStorage {
         if ops.is_empty() {
             return Vec::new();
         }
+        // After an engine failure the last commit's outcome may be unknown (PostgreSQL can
+        // commit a transaction whose COMMIT never answered): read the state again first.
+        if self.unsure.load(Ordering::SeqCst) {
+            if let Err(e) = self.reload_state() {
+                let why = e.to_string();
+                return ops
+                    .iter()
+                    .map(|_| {
+                        Err(Failure::Internal(Internal::new(
+                            "applying a batch",
+                            why.clone(),
+                        )))
+                    })
+                    .collect();
+            }
+            self.unsure.store(false, Ordering::SeqCst);
+        }
         let (entries, hashes) = self.log.trees();
         // The workflow trees join the transaction only when an operation needs them: the
         // cost of a sled transaction grows with the trees it spans.
@@ -670,6 +686,17 @@ impl SledStorage {
             let committed = self.finish(&t, fx)?;
             Ok((results, committed))
         });
+        if let Err(TxError::Kv(e)) = &outcome {
+            // The engine failed (a lost connection, a server that went away): nothing is
+            // acknowledged, and every caller is told to try again, as when a flush fails. A
+            // retry finds its receipt if the commit went through after all.
+            tracing::error!(error = %e, "a batch's transaction failed in the database");
+            self.unsure.store(true, Ordering::SeqCst);
+            return ops
+                .iter()
+                .map(|_| Err(super::storage_unavailable().into()))
+                .collect();
+        }
         match tx_outcome(outcome) {
             Ok((results, committed)) => {
                 self.settle(committed);
@@ -728,6 +755,38 @@ impl SledStorage {
             last_seq: fx.last_seq,
             frontier: t.log.finish()?,
         })
+    }
+
+    /// Reads the in-memory state again from the database: the log's size and frontier, the
+    /// queue index, the sequence counter and the revocations. After an engine failure the
+    /// transaction that failed may have committed (or not); the state then is whatever the
+    /// database holds, and the next transaction starts from it, as a restart would.
+    fn reload_state(&self) -> Result<(), Internal> {
+        self.log.reload()?;
+        *self.lock_index() = self.load_index()?;
+        let next = self
+            .meta
+            .get(NEXT_SEQ)
+            .map_err(kv_err("reading the sequence counter"))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(1);
+        self.last_seq
+            .store(next.saturating_sub(1), Ordering::SeqCst);
+        let revocations = self.read_revocations()?;
+        *self.revocations.write().unwrap_or_else(|p| p.into_inner()) = revocations;
+        tracing::warn!(
+            log_size = self.log_size().unwrap_or(0),
+            "read the store's state again after a failed commit"
+        );
+        Ok(())
+    }
+
+    fn read_revocations(&self) -> Result<HashMap<Vec<u8>, Value>, Internal> {
+        self.revoked
+            .iter()
+            .map(|item| item.map(|(k, v)| (k.to_vec(), v)))
+            .collect::<Result<HashMap<_, _>, _>>()
+            .map_err(kv_err("reading revocations"))
     }
 
     /// Applies what a committed transaction changed to the in-memory state.

@@ -23,7 +23,7 @@ use tempfile::TempDir;
 use crate::relay::{inbox_ids, logs, message, receipts};
 
 /// How long an ordinary outcome (files sent, deliveries stored) may take.
-const OUTCOME_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const OUTCOME_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Reconnecting quickly, and a short connect timeout so that a node that never answers costs
 /// the agent little.
@@ -39,20 +39,20 @@ fn refused_port() -> SocketAddr {
 }
 
 /// The PKI and broker configuration of a federation, in a temporary directory.
-struct Nodes {
-    dir: TempDir,
-    pki: PkiFiles,
-    config: std::path::PathBuf,
-    data_dir: std::path::PathBuf,
+pub(crate) struct Nodes {
+    pub(crate) dir: TempDir,
+    pub(crate) pki: PkiFiles,
+    pub(crate) config: std::path::PathBuf,
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl Nodes {
-    fn new() -> Nodes {
+    pub(crate) fn new() -> Nodes {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let (pki, config) = write_broker_files(
             dir.path(),
-            &["ico", "ncsc", "nca"],
+            &["ico", "ncsc", "nca", "auditor"],
             &data_dir,
             &Limits::default(),
         )
@@ -66,7 +66,7 @@ impl Nodes {
     }
 
     /// The agent of `agency`, listing `brokers` in this order.
-    fn agent(&self, agency: &str, brokers: &[SocketAddr]) -> AgentProcess {
+    pub(crate) fn agent(&self, agency: &str, brokers: &[SocketAddr]) -> AgentProcess {
         AgentProcess::start_nodes(
             &self.dir.path().join(agency),
             agency,
@@ -109,7 +109,7 @@ impl Nodes {
 }
 
 /// Drops `count` messages for the ICO, numbered from `first`, in the NCA's outbox.
-fn drop_messages(nca: &AgentProcess, first: usize, count: usize) {
+pub(crate) fn drop_messages(nca: &AgentProcess, first: usize, count: usize) {
     for seq in first..first + count {
         nca.spool()
             .drop_message(&format!("m{seq:03}.json"), &message("ico", seq))
@@ -119,7 +119,12 @@ fn drop_messages(nca: &AgentProcess, first: usize, count: usize) {
 
 /// Every file of the NCA's is in `sent/` with a receipt, and the ICO's inbox holds exactly
 /// those messages, each once.
-fn assert_all_delivered_once(total: usize, nca: &AgentProcess, ico: &AgentProcess, why: &str) {
+pub(crate) fn assert_all_delivered_once(
+    total: usize,
+    nca: &AgentProcess,
+    ico: &AgentProcess,
+    why: &str,
+) {
     let (outbox, inbox) = (nca.spool(), ico.spool());
     wait_for("every file sent", OUTCOME_TIMEOUT, || {
         match outbox.count_moved("sent") {

@@ -22,6 +22,7 @@ mod logs;
 mod metrics;
 mod mtls;
 mod pg_cluster;
+mod postgres_store;
 mod refusals;
 mod relay;
 mod reviews;

@@ -1,0 +1,128 @@
+//! A broker on the PostgreSQL engine (`[storage] engine = "postgres"`, docs/deployment.md),
+//! against a real primary with a synchronous standby: killed with SIGKILL and restarted, then
+//! left running while the database fails over to its standby, it loses and duplicates
+//! nothing, and its audit log stays one history that verifies offline; when the old primary
+//! comes back stale, a broker that reaches it refuses to serve.
+
+use std::{collections::BTreeMap, fs, io::Write as _};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use concordat_broker::audit_log::{self, DEFAULT_ORIGIN};
+use concordat_cli::audit_file::{self, Format};
+use concordat_proto::{
+    audit,
+    pb::{self, audit_entry::Event},
+};
+use concordat_tests::{
+    postgres::PgCluster,
+    process::{AgentProcess, BrokerProcess, wait_for},
+};
+use serde_json::Value;
+
+use crate::{
+    failover::{Nodes, OUTCOME_TIMEOUT, assert_all_delivered_once, drop_messages},
+    relay::logs,
+};
+
+/// Waits until at least `n` of the NCA's files have been sent.
+fn wait_sent(n: usize, broker: &BrokerProcess, nca: &AgentProcess, ico: &AgentProcess) {
+    wait_for("files sent", OUTCOME_TIMEOUT, || {
+        match nca.spool().count_moved("sent") {
+            sent if sent >= n => Ok(()),
+            sent => Err(format!("{sent} of {n} sent")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(broker, &[nca, ico])));
+}
+
+#[test]
+fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover() {
+    const ROUND: usize = 40;
+    let pg_dir = tempfile::tempdir().unwrap();
+    let mut cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = Nodes::new();
+    // Both servers, so that the broker finds the primary again after a failover.
+    let mut config = fs::OpenOptions::new()
+        .append(true)
+        .open(&nodes.config)
+        .unwrap();
+    writeln!(
+        config,
+        "\n[storage]\nengine = \"postgres\"\nurl = \"{}\"",
+        cluster.multi_host_url()
+    )
+    .unwrap();
+    drop(config);
+    let mut broker = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
+    let addr = broker.addr();
+    let nca = nodes.agent("nca", &[addr]);
+    let ico = nodes.agent("ico", &[addr]);
+
+    // 1. The broker is killed mid-run and started again on the same address.
+    drop_messages(&nca, 0, ROUND);
+    wait_sent(ROUND / 4, &broker, &nca, &ico);
+    broker.kill().unwrap();
+    let broker = BrokerProcess::start_on(&nodes.config, &nodes.data_dir, addr).unwrap();
+    drop_messages(&nca, ROUND, ROUND);
+    wait_sent(ROUND + ROUND / 4, &broker, &nca, &ico);
+
+    // 2. The primary dies under load and the standby is promoted, as a failover manager
+    //    would; the broker keeps running and finds the new primary itself.
+    cluster.kill_primary().unwrap();
+    cluster.promote_standby().unwrap();
+    drop_messages(&nca, 2 * ROUND, ROUND);
+    assert_all_delivered_once(
+        3 * ROUND,
+        &nca,
+        &ico,
+        "across a broker crash and a database failover",
+    );
+
+    // 3. The whole log, exported by the auditor, verifies offline against the broker's key,
+    //    and holds each message's acceptance once.
+    let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
+        .unwrap()
+        .verifier();
+    let path = nodes.dir.path().join("audit.jsonl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(async {
+        let auditor = nodes.pki.client(addr, "auditor").unwrap();
+        let client = auditor.connect().await.unwrap();
+        audit_file::export(&client, pb::ExportRequest::default(), &path, Format::Jsonl)
+            .await
+            .unwrap()
+    });
+    let verified = audit_file::verify(&path, &key)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
+    assert!(!verified.partial);
+    assert_eq!(verified.entries, summary.tree_size);
+    let text = fs::read_to_string(&path).unwrap();
+    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+    for (index, line) in text.lines().skip(1).enumerate() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["index"].as_u64(), Some(index as u64), "a gap");
+        let bytes = B64.decode(record["entry"].as_str().unwrap()).unwrap();
+        if let Some(Event::TransferAccepted(t)) = audit::decode(&bytes).unwrap().event {
+            *accepted
+                .entry(t.envelope.unwrap_or_default().message_id)
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(accepted.len(), 3 * ROUND, "one acceptance per message");
+    assert!(
+        accepted.values().all(|n| *n == 1),
+        "a message accepted twice: {accepted:?}"
+    );
+
+    // 4. The old primary comes back, stale: it never saw the promotion and lacks what was
+    //    committed since. A broker started now reaches it first (the URL lists it first) and
+    //    refuses to serve: the log it finds is behind the checkpoint it published.
+    drop(broker);
+    cluster.restart_old_primary().unwrap();
+    let Err(e) = BrokerProcess::start(&nodes.config, &nodes.data_dir) else {
+        panic!("a broker served from the stale primary");
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("acknowledged history was lost"), "{e}");
+}
