@@ -199,6 +199,19 @@ pub async fn serve_with(
     outcome
 }
 
+/// Opens the store `config` names: sled in its data directory, or its PostgreSQL database
+/// (with the log key and the published checkpoint in the data directory either way).
+pub fn open_store(config: &Config) -> Result<store::SledStorage, refusal::Internal> {
+    match &config.storage {
+        config::StorageEngine::Sled => {
+            store::SledStorage::open(&config.data_dir, &config.log_origin)
+        }
+        config::StorageEngine::Postgres(pg) => {
+            store::SledStorage::open_postgres(&config.data_dir, &config.log_origin, &pg.options())
+        }
+    }
+}
+
 /// How long [`serve_with`] waits, once stopped, for the store to close.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
@@ -222,22 +235,10 @@ async fn serve_until_stopped(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let storage = Arc::new(match &config.storage {
-        config::StorageEngine::Sled => {
-            store::SledStorage::open(&config.data_dir, &config.log_origin)?
-        }
-        config::StorageEngine::Postgres(pg) => {
-            let storage = store::SledStorage::open_postgres(
-                &config.data_dir,
-                &config.log_origin,
-                &pg.options(),
-            )?;
-            for warning in storage.durability_warnings()? {
-                tracing::warn!("PostgreSQL: {warning}");
-            }
-            storage
-        }
-    });
+    let storage = Arc::new(open_store(&config)?);
+    for warning in storage.durability_warnings()? {
+        tracing::warn!("PostgreSQL: {warning}");
+    }
     *opened = Some(Arc::downgrade(&storage));
     store::check_recovered(storage.as_ref(), &config.data_dir)?;
     // The clock never goes back before what the log already holds.

@@ -208,6 +208,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for warning in config.warnings(time::OffsetDateTime::now_utc().date()) {
                 println!("warning: {warning}");
             }
+            if let concordat_broker::config::StorageEngine::Postgres(pg) = &config.storage {
+                // The server's settings, read without touching the database (a running
+                // broker may hold it).
+                match concordat_broker::store::postgres::server_warnings(&pg.options()) {
+                    Ok(warnings) => {
+                        for warning in warnings {
+                            println!("warning: PostgreSQL: {warning}");
+                        }
+                    }
+                    Err(e) => println!(
+                        "warning: PostgreSQL at {} could not be asked for its settings: {e}",
+                        concordat_broker::config::postgres_hosts(&pg.url)
+                    ),
+                }
+            }
             println!("ok");
             Ok(())
         }
@@ -329,18 +344,19 @@ fn verify(
     data_dir: Option<PathBuf>,
     publish_checkpoint: bool,
 ) -> anyhow::Result<()> {
-    use concordat_broker::{audit_log, store::SledStorage};
+    use concordat_broker::audit_log;
     let mut config = load(config.as_ref())?;
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
     let dir = &config.data_dir;
-    if !dir.join(audit_log::DB_DIR).is_dir() {
+    let is_sled = config.storage == concordat_broker::config::StorageEngine::Sled;
+    if is_sled && !dir.join(audit_log::DB_DIR).is_dir() {
         anyhow::bail!("{} holds no broker database", dir.display());
     }
     println!("verifying the store in {}", dir.display());
-    let storage = SledStorage::open(dir, &config.log_origin)
-        .with_context(|| format!("opening the store in {}", dir.display()))?;
+    let storage = concordat_broker::open_store(&config)
+        .with_context(|| format!("opening the store of {}", dir.display()))?;
     let report = storage.verify()?;
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     let hex = |c: Option<(u64, concordat_proto::merkle::Hash)>| match c {

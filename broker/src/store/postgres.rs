@@ -450,33 +450,7 @@ impl PgKv {
     /// setting that weakens it (empty when none does).
     pub fn durability_warnings(&self) -> Result<Vec<String>, PgError> {
         let conn = self.reader()?;
-        let mut warnings = Vec::new();
-        let show = |name: &'static str| wait(conn_show(&conn.client, name));
-        let fsync = show("fsync")?;
-        if fsync != "on" {
-            warnings.push(format!(
-                "fsync is {fsync}: a crash of the database server can lose or corrupt committed transfers (set fsync = on)"
-            ));
-        }
-        let fpw = show("full_page_writes")?;
-        if fpw != "on" {
-            warnings.push(format!(
-                "full_page_writes is {fpw}: a crash during a page write can corrupt the store (set full_page_writes = on)"
-            ));
-        }
-        let sync = show("synchronous_commit")?;
-        if !matches!(sync.as_str(), "on" | "remote_apply") {
-            warnings.push(format!(
-                "synchronous_commit is {sync} for this session: commits may be acknowledged before they are on a standby's disk"
-            ));
-        }
-        let standbys = show("synchronous_standby_names")?;
-        if standbys.trim().is_empty() {
-            warnings.push(
-                "synchronous_standby_names is empty: a commit is on the primary's disk only, so losing the primary loses acknowledged transfers (set it to 'ANY 1 (<standbys>)')".into(),
-            );
-        }
-        Ok(warnings)
+        durability_warnings(&conn.client)
     }
 
     /// Runs `f` in one transaction over `trees`: commits if it returns `Ok`, rolls back if it
@@ -555,6 +529,60 @@ pub fn create_database(admin: &PgOptions, name: &str) -> Result<(), PgError> {
             .await?;
         Ok(())
     })
+}
+
+/// One warning per setting of the server behind `client` that weakens the store's durability.
+fn durability_warnings(client: &Client) -> Result<Vec<String>, PgError> {
+    let mut warnings = Vec::new();
+    let show = |name: &'static str| wait(conn_show(client, name));
+    let fsync = show("fsync")?;
+    if fsync != "on" {
+        warnings.push(format!(
+            "fsync is {fsync}: a crash of the database server can lose or corrupt committed transfers (set fsync = on)"
+        ));
+    }
+    let fpw = show("full_page_writes")?;
+    if fpw != "on" {
+        warnings.push(format!(
+            "full_page_writes is {fpw}: a crash during a page write can corrupt the store (set full_page_writes = on)"
+        ));
+    }
+    let sync = show("synchronous_commit")?;
+    if !matches!(sync.as_str(), "on" | "remote_apply") {
+        warnings.push(format!(
+            "synchronous_commit is {sync} for this session: commits may be acknowledged before they are on a standby's disk"
+        ));
+    }
+    let standbys = show("synchronous_standby_names")?;
+    if standbys.trim().is_empty() {
+        warnings.push(
+            "synchronous_standby_names is empty: a commit is on the primary's disk only, so losing the primary loses acknowledged transfers (set it to 'ANY 1 (<standbys>)')".into(),
+        );
+    }
+    Ok(warnings)
+}
+
+/// The durability warnings of the server `options` names (see [`PgKv::durability_warnings`]),
+/// read over one connection that touches no table and takes no lock: what `check-config`
+/// prints, while a broker may be running on the database.
+pub fn server_warnings(options: &PgOptions) -> Result<Vec<String>, PgError> {
+    let mut config: Config = options
+        .url
+        .parse()
+        .map_err(|e| PgError::Config(format!("the PostgreSQL URL: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.options("-c synchronous_commit=on");
+    let tls = tls_config(options.ca_file.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| PgError::Db(format!("starting a runtime: {e}")))?;
+    let runtime = Background(Some(runtime));
+    let client = on_runtime(&runtime, async move { connect(config, tls).await })?;
+    durability_warnings(&client)
 }
 
 async fn conn_show(client: &Client, name: &str) -> Result<String, PgError> {

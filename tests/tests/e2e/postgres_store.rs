@@ -14,6 +14,7 @@ use concordat_proto::{
     pb::{self, audit_entry::Event},
 };
 use concordat_tests::{
+    binary,
     postgres::PgCluster,
     process::{AgentProcess, BrokerProcess, wait_for},
 };
@@ -23,6 +24,22 @@ use crate::{
     failover::{Nodes, OUTCOME_TIMEOUT, assert_all_delivered_once, drop_messages},
     relay::logs,
 };
+
+/// `concordat-broker check-config` on the configuration: its output.
+fn check_config(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(binary("concordat-broker").unwrap())
+        .arg("check-config")
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
 
 /// Waits until at least `n` of the NCA's files have been sent.
 fn wait_sent(n: usize, broker: &BrokerProcess, nca: &AgentProcess, ico: &AgentProcess) {
@@ -53,6 +70,13 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
     )
     .unwrap();
     drop(config);
+    // The cluster is set up for durability: check-config finds nothing to warn about.
+    let checked = check_config(&nodes.config);
+    assert!(
+        checked.contains("store:         PostgreSQL at 127.0.0.1:"),
+        "{checked}"
+    );
+    assert!(!checked.contains("warning: PostgreSQL"), "{checked}");
     let mut broker = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
     let addr = broker.addr();
     let nca = nodes.agent("nca", &[addr]);
@@ -71,6 +95,12 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
     cluster.kill_primary().unwrap();
     cluster.promote_standby().unwrap();
     drop_messages(&nca, 2 * ROUND, ROUND);
+    // The promoted standby commits alone now: check-config says what that risks.
+    let checked = check_config(&nodes.config);
+    assert!(
+        checked.contains("warning: PostgreSQL: synchronous_standby_names is empty"),
+        "{checked}"
+    );
     assert_all_delivered_once(
         3 * ROUND,
         &nca,
