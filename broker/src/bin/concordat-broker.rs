@@ -449,7 +449,7 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
                     fetched.paused.as_secs_f64() * 1000.0
                 ),
                 None => {
-                    snapshot_stopped(&dir, &config.log_origin, &file)?;
+                    snapshot_stopped(&config, &file)?;
                     format!("read directly: no broker is running on {}", dir.display())
                 }
             };
@@ -502,12 +502,13 @@ fn backup(config: Option<PathBuf>, data_dir: Option<PathBuf>, out: &Path) -> any
 
 /// Snapshots the store of a stopped broker: opened directly (which fails while a broker holds
 /// it) and checked as at start first, so that a backup is never taken of a damaged store.
-fn snapshot_stopped(dir: &Path, origin: &str, out: &std::fs::File) -> anyhow::Result<()> {
-    use concordat_broker::{audit_log, backup, store};
-    if !dir.join(audit_log::DB_DIR).is_dir() {
+fn snapshot_stopped(config: &Config, out: &std::fs::File) -> anyhow::Result<()> {
+    use concordat_broker::{audit_log, backup, config::StorageEngine, store};
+    let dir = &config.data_dir;
+    if config.storage == StorageEngine::Sled && !dir.join(audit_log::DB_DIR).is_dir() {
         anyhow::bail!("{} holds no broker database", dir.display());
     }
-    let storage = store::SledStorage::open(dir, origin).with_context(|| {
+    let storage = concordat_broker::open_store(config).with_context(|| {
         format!(
             "opening the store in {} (a broker running on it without its admin socket holds \
              it: stop it, or see its log for why the socket is missing)",
