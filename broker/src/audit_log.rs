@@ -873,8 +873,11 @@ impl Log {
             .map_err(|e| Internal::new("making a checkpoint", e))?;
         let note = checkpoint::sign(&cp, &self.signer)
             .map_err(|e| Internal::new("signing a checkpoint", e))?;
+        // Made durable by the flush that follows (sled) or by the next commit (PostgreSQL);
+        // one lost in a crash is harmless: the published checkpoint beside the database and
+        // the entries already committed prove as much, and the next seal signs it again.
         self.meta
-            .insert(LOG_CHECKPOINT, note.as_bytes())
+            .insert_unsynced(LOG_CHECKPOINT, note.as_bytes())
             .map_err(|e| Internal::new("storing the checkpoint", e))?;
         let sealed = SignedCheckpoint { note, size, root };
         *self.lock_unpublished() = Some(sealed.clone());

@@ -337,6 +337,25 @@ impl Tree {
         Ok(())
     }
 
+    /// Sets `key` to `value` without waiting for the disk: the write is visible at once, and
+    /// durable once [`Kv::flush`] has returned (sled) or the engine's next durable commit has
+    /// (PostgreSQL, where it is an asynchronous commit). For a record the store can do
+    /// without after a crash (the log's latest checkpoint, which the published checkpoint and
+    /// the committed entries prove anyway).
+    pub fn insert_unsynced(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<(), KvError> {
+        match &self.0 {
+            TreeRepr::Sled(t) => {
+                t.insert(key, value.as_ref())?;
+            }
+            TreeRepr::Postgres(t) => t.insert_unsynced(key.as_ref(), value.as_ref())?,
+        }
+        Ok(())
+    }
+
     /// Removes `key`; returns the value it had.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>, KvError> {
         match &self.0 {

@@ -464,33 +464,30 @@ impl PgKv {
         let Some(conn) = guard.as_ref() else {
             return Err(PgError::Db("no writer connection".into()));
         };
-        wait(conn.client.batch_execute("BEGIN"))?;
+        // `BEGIN` goes out with the transaction's first statement (`PgTx::call`), and its
+        // writes with `COMMIT`: one round trip each, not three.
         let tx = PgTx {
             conn,
             trees: trees.iter().map(|t| t.name.clone()).collect(),
+            begun: std::cell::Cell::new(false),
             writes: RefCell::new(HashMap::new()),
             reads: RefCell::new(HashMap::new()),
             failed: RefCell::new(None),
         };
         let outcome = f(&tx);
         let failed = tx.failed.borrow_mut().take();
-        match (outcome, failed) {
-            (Ok(value), None) => {
-                tx.write_all()?;
-                wait(conn.client.batch_execute("COMMIT"))?;
-                Ok(Ok(value))
-            }
-            (outcome, failed) => {
-                // A rollback that fails leaves nothing behind either: the server ends the
-                // transaction with the session.
-                let _ = wait(conn.client.batch_execute("ROLLBACK"));
-                match (outcome, failed) {
-                    (_, Some(e)) => Err(e),
-                    (Ok(value), None) => Ok(Ok(value)),
-                    (Err(e), None) => Ok(Err(e)),
-                }
-            }
+        let result = match (outcome, failed) {
+            (Ok(value), None) => tx.commit().map(|()| Ok(value)),
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Ok(Err(e)),
+        };
+        if !matches!(result, Ok(Ok(_))) && tx.begun.get() {
+            // Whatever failed, the session leaves the transaction (a statement that failed
+            // leaves it aborted, and every later one would fail). A rollback that fails
+            // leaves nothing behind either: the server ends the transaction with the session.
+            let _ = wait(conn.client.batch_execute("ROLLBACK"));
         }
+        result
     }
 }
 
@@ -685,6 +682,29 @@ impl PgTree {
         Ok(())
     }
 
+    /// Sets `key` to `value` in an asynchronous commit (`synchronous_commit = off` for it
+    /// alone): visible when it returns, on disk with the next synchronous commit, which the
+    /// server flushes with everything before it in its WAL.
+    pub fn insert_unsynced(&self, key: &[u8], value: &[u8]) -> Result<(), PgError> {
+        let conn = self.kv.reader()?;
+        let (trees, keys, values) = (vec![&*self.name], vec![key], vec![value]);
+        let params: [&(dyn ToSql + Sync); 3] = [&trees, &keys, &values];
+        let client = &conn.client;
+        // One round trip; a failed upsert ends the transaction rolled back, and is returned.
+        let sent = wait(async {
+            futures::try_join!(
+                client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
+                client.execute(&conn.upsert, &params),
+                client.batch_execute("COMMIT"),
+            )
+        });
+        if let Err(e) = sent {
+            let _ = wait(client.batch_execute("ROLLBACK"));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Removes `key`, committed when it returns; its value before.
     pub fn remove(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
         let conn = self.kv.reader()?;
@@ -858,6 +878,8 @@ impl DoubleEndedIterator for PgIter {
 pub struct PgTx<'a> {
     conn: &'a Conn,
     trees: Vec<Arc<str>>,
+    /// Whether `BEGIN` has been sent.
+    begun: std::cell::Cell<bool>,
     /// The transaction's writes, sent at commit: (tree, key) → value, or `None` for removed.
     writes: RefCell<HashMap<TreeKey, Option<Vec<u8>>>>,
     /// What the transaction has read (`None`: absent). The broker is the database's only
@@ -902,7 +924,7 @@ impl PgTx<'_> {
             return Ok(read.clone());
         }
         let name: &str = &self.trees[tree];
-        let row = wait(self.conn.client.query_opt(&self.conn.get, &[&name, &key]))?;
+        let row = self.call(self.conn.client.query_opt(&self.conn.get, &[&name, &key]))?;
         let value = row
             .map(|r| r.try_get::<_, Vec<u8>>(0).map_err(PgError::from))
             .transpose()?;
@@ -925,7 +947,7 @@ impl PgTx<'_> {
             return Ok(());
         }
         let name: &str = &self.trees[tree];
-        let rows = wait(self.conn.client.query(&self.conn.get_many, &[&name, &keys]))?;
+        let rows = self.call(self.conn.client.query(&self.conn.get_many, &[&name, &keys]))?;
         let mut reads = self.reads.borrow_mut();
         for key in keys {
             reads.insert((tree, key), None);
@@ -937,8 +959,29 @@ impl PgTx<'_> {
         Ok(())
     }
 
-    fn write_all(&self) -> Result<(), PgError> {
+    /// Runs `statement` in the transaction, sending `BEGIN` ahead of it in the same round trip
+    /// if it is the first.
+    fn call<T>(
+        &self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, PgError> {
+        if self.begun.replace(true) {
+            return Ok(wait(statement)?);
+        }
+        let (_, out) =
+            wait(async { futures::try_join!(self.conn.client.batch_execute("BEGIN"), statement) })?;
+        Ok(out)
+    }
+
+    /// Sends the transaction's writes and `COMMIT` in one round trip (after `BEGIN` if nothing
+    /// was read). Requests on a connection run in the order they are sent, so `COMMIT` comes
+    /// after the writes; if one of them failed, the transaction ends rolled back and the error
+    /// is returned.
+    fn commit(&self) -> Result<(), PgError> {
         let writes = self.writes.borrow();
+        if writes.is_empty() && !self.begun.get() {
+            return Ok(());
+        }
         let (mut up_t, mut up_k, mut up_v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
         for ((tree, key), value) in writes.iter() {
@@ -958,7 +1001,15 @@ impl PgTx<'_> {
         let client = &self.conn.client;
         let up: [&(dyn ToSql + Sync); 3] = [&up_t, &up_k, &up_v];
         let del: [&(dyn ToSql + Sync); 2] = [&del_t, &del_k];
+        let begin = !self.begun.replace(true);
         wait(async {
+            let begin = async {
+                if begin {
+                    client.batch_execute("BEGIN").await
+                } else {
+                    Ok(())
+                }
+            };
             let upsert = async {
                 if up_t.is_empty() {
                     Ok(0)
@@ -973,7 +1024,7 @@ impl PgTx<'_> {
                     client.execute(&self.conn.delete, &del).await
                 }
             };
-            futures::try_join!(upsert, delete)
+            futures::try_join!(begin, upsert, delete, client.batch_execute("COMMIT"))
         })?;
         Ok(())
     }
@@ -1116,6 +1167,29 @@ mod tests {
             .unwrap();
         assert!(failed.is_err());
         assert_eq!(u.get(b"y").unwrap(), None);
+        // A write the server refuses (a key too long for its index: random bytes, so that
+        // they do not compress) fails that transaction alone: the session does not stay in
+        // the aborted transaction, and the next one commits.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let huge: Vec<u8> = (0..16_384)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let refused = kv.transaction(&[&u], |tx| {
+            tx.tree(0).unwrap().insert(&huge, b"v")?;
+            Ok::<_, PgError>(())
+        });
+        assert!(refused.is_err(), "{refused:?}");
+        let next = kv.transaction(&[&u], |tx| {
+            tx.tree(0).unwrap().insert(b"z", b"1")?;
+            Ok::<_, PgError>(())
+        });
+        assert!(matches!(next, Ok(Ok(()))), "{next:?}");
+        assert_eq!(u.get(b"z").unwrap(), Some(b"1".to_vec()));
         assert_eq!(kv.tree_names().unwrap(), ["t", "u"]);
 
         // A second broker on the same database is refused while this one runs.

@@ -649,6 +649,8 @@ impl SledStorage {
                 Some([w, t]) => (Some(w), Some(t)),
                 None => (None, None),
             };
+            // The counters every batch reads, in one round trip where that saves any.
+            meta.prefetch(vec![audit_log::LOG_SIZE.to_vec(), NEXT_SEQ.to_vec()])?;
             let t = Trees {
                 receipts,
                 transfers,
