@@ -708,7 +708,8 @@ impl Log {
     }
 
     /// Reads the log's size and frontier again from the store, for when a transaction's
-    /// outcome is unknown.
+    /// outcome is unknown or another broker node has appended; refuses a log shorter than
+    /// what this broker committed.
     pub fn reload(&self) -> Result<(), Internal> {
         let size = self
             .meta
@@ -716,6 +717,17 @@ impl Log {
             .map_err(|e| Internal::new("reading the log size", e))?
             .and_then(|v| be_u64(&v))
             .unwrap_or(0);
+        // Committed entries never go away: a shorter log is a database that lost them (a
+        // stale primary), and this broker writes nothing on it.
+        let committed = self.lock_frontier().size;
+        if size < committed {
+            return Err(Internal::new(
+                "reading the log again",
+                format!(
+                    "the database's log has {size} entries, fewer than the {committed} this broker committed: acknowledged history was lost (a stale primary?); nothing is written to it"
+                ),
+            ));
+        }
         let frontier = Frontier::load(size, &self.hashes)
             .map_err(|e| Internal::new("reading the log frontier", e))?;
         *self.lock_frontier() = frontier;
@@ -838,28 +850,39 @@ impl Log {
         }))
     }
 
-    /// Signs a checkpoint of the tree as it now stands (not yet flushed), unless the latest one
-    /// already covers it. Refuses to sign a tree that is not consistent with the last checkpoint.
+    /// Signs a checkpoint of the tree as this node last committed it (not yet flushed), unless
+    /// `previous` already covers it. Refuses to sign a tree that is not consistent with the last
+    /// checkpoint.
     pub fn seal(
         &self,
         previous: Option<&SignedCheckpoint>,
     ) -> Result<Option<SignedCheckpoint>, Internal> {
-        let size = self.size()?;
-        if previous.is_some_and(|p| p.size == size) {
-            return Ok(None);
+        let stored = self.size()?;
+        // The tree this node committed: other broker nodes sharing the database (PostgreSQL)
+        // may have appended since, and seal their own trees. A stored log shorter than what
+        // was committed, or than a checkpoint, is a store that lost entries: nothing is signed.
+        let frontier = self.lock_frontier().clone();
+        let size = frontier.size;
+        if stored < size {
+            return Err(Internal::new(
+                "sealing the log",
+                format!("the stored log has {stored} entries but its frontier {size}"),
+            ));
         }
-        // The root folds the frontier; when the stored size and the frontier disagree, this
-        // fails rather than sign a guess.
-        let frontier = self.frontier_of(size, "sealing the log")?;
+        if let Some(p) = previous {
+            if p.size > stored {
+                return Err(Internal::new(
+                    "sealing the log",
+                    format!("the log shrank from {} to {stored}", p.size),
+                ));
+            }
+            if p.size >= size {
+                return Ok(None);
+            }
+        }
         let root =
             merkle::tree_hash(size, &frontier).map_err(|e| Internal::new("hashing the tree", e))?;
         if let Some(p) = previous {
-            if p.size > size {
-                return Err(Internal::new(
-                    "sealing the log",
-                    format!("the log shrank from {} to {size}", p.size),
-                ));
-            }
             let proof = self.prove_consistency(p.size, size)?;
             merkle::check_tree(&proof, size, &root, p.size, &p.root).map_err(|e| {
                 Internal::new(

@@ -104,6 +104,9 @@ pub enum Reason {
     MessageIdReused,
     /// The agency already holds as many subscriptions as the broker allows.
     TooManySubscriptions,
+    /// Another broker node sharing the database serves the agency's deliveries (its
+    /// subscriptions there are open): subscribe there, or once they have ended.
+    DeliveriesOnAnotherNode,
     /// The broker's storage is failing or stalled; nothing was written. Try again later.
     StorageUnavailable,
     /// The broker's disk is nearly full: it takes no new transfers until space is freed.
@@ -162,6 +165,7 @@ impl Reason {
         Reason::RecipientQueueFull,
         Reason::MessageIdReused,
         Reason::TooManySubscriptions,
+        Reason::DeliveriesOnAnotherNode,
         Reason::StorageUnavailable,
         Reason::StorageFull,
         Reason::ConsultationOpen,
@@ -211,6 +215,7 @@ impl Reason {
             Reason::RecipientQueueFull => "RECIPIENT_QUEUE_FULL",
             Reason::MessageIdReused => "MESSAGE_ID_REUSED",
             Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            Reason::DeliveriesOnAnotherNode => "DELIVERIES_ON_ANOTHER_NODE",
             Reason::StorageUnavailable => "STORAGE_UNAVAILABLE",
             Reason::StorageFull => "STORAGE_FULL",
             Reason::ConsultationOpen => "CONSULTATION_OPEN",
@@ -233,7 +238,7 @@ impl Reason {
             Reason::RecipientQueueFull | Reason::TooManySubscriptions | Reason::StorageFull => {
                 Code::ResourceExhausted
             }
-            Reason::StorageUnavailable => Code::Unavailable,
+            Reason::StorageUnavailable | Reason::DeliveriesOnAnotherNode => Code::Unavailable,
             Reason::ConsultationOpen | Reason::WorkflowConflict => Code::FailedPrecondition,
             Reason::WorkflowUnknown => Code::NotFound,
             _ => Code::PermissionDenied,
@@ -553,6 +558,7 @@ mod tests {
             Reason::RecipientQueueFull => {}
             Reason::MessageIdReused => {}
             Reason::TooManySubscriptions => {}
+            Reason::DeliveriesOnAnotherNode => {}
             Reason::StorageUnavailable => {}
             Reason::StorageFull => {}
             Reason::ConsultationOpen => {}
@@ -600,6 +606,7 @@ mod tests {
             Reason::RecipientQueueFull,
             Reason::MessageIdReused,
             Reason::TooManySubscriptions,
+            Reason::DeliveriesOnAnotherNode,
             Reason::StorageUnavailable,
             Reason::StorageFull,
             Reason::ConsultationOpen,

@@ -491,7 +491,19 @@ impl pb::exchange_server::Exchange for ExchangeService {
             0 => max,
             w => w.min(max),
         } as usize;
+        // One node at a time delivers an agency's items (several nodes on one PostgreSQL
+        // database): each subscription holds a claim until it ends.
+        if !self.state.store.claim_deliveries(&recipient)? {
+            let refusal = Refusal::new(
+                Reason::DeliveriesOnAnotherNode,
+                format!(
+                    "another broker node serves {recipient}'s deliveries while its subscriptions there are open; subscribe there, or here once they have ended"
+                ),
+            );
+            return Err(self.state.refuse(&call, refusal).await);
+        }
         let Some(registered) = self.state.dispatcher.register(&recipient) else {
+            self.state.store.release_deliveries(&recipient);
             let refusal = Refusal::new(
                 Reason::TooManySubscriptions,
                 format!(
@@ -654,6 +666,7 @@ async fn deliver(
         }
     }
     state.dispatcher.release(&recipient, sub);
+    state.store.release_deliveries(&recipient);
     state.metrics.subscribed(recipient.as_str(), false);
     tracing::info!(agency = %recipient, "subscription ended");
 }

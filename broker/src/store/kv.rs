@@ -28,6 +28,7 @@ use std::{
     fmt,
     ops::{Bound, Deref, RangeBounds},
     path::Path,
+    sync::Arc,
 };
 
 use super::postgres::{PgError, PgIter, PgKv, PgOptions, PgTree, PgTx, PgTxTree};
@@ -80,6 +81,14 @@ pub enum KvError {
     /// The trees of one transaction belong to different engines.
     #[error("a transaction's trees belong to different engines")]
     MixedEngines,
+}
+
+impl KvError {
+    /// Whether another broker node committed since the caller's state was read: the
+    /// transaction wrote nothing, and runs again once the state is read again.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, KvError::Postgres(PgError::Stale { .. }))
+    }
 }
 
 impl From<sled::Error> for KvError {
@@ -261,6 +270,75 @@ impl Kv {
         Ok(())
     }
 
+    /// Where the store stands, to be taken before the caller reads its in-memory state from
+    /// the engine and given to [`Kv::reloaded`] after (PostgreSQL: the store's generation, so
+    /// that a commit of another node in between makes the next transaction
+    /// [`KvError::is_stale`], and the state is read once more).
+    pub fn mark(&self) -> Result<Mark, KvError> {
+        match &self.0 {
+            KvRepr::Sled(_) => Ok(Mark(None)),
+            KvRepr::Postgres(pg) => Ok(Mark(Some(pg.generation()?))),
+        }
+    }
+
+    /// Records that the caller's in-memory state reflects the store at `mark`.
+    pub fn reloaded(&self, mark: Mark) {
+        if let (KvRepr::Postgres(pg), Some(generation)) = (&self.0, mark.0) {
+            pg.reloaded_at(generation);
+        }
+    }
+
+    /// Holds the store's head until the next transaction ends (PostgreSQL: no other node
+    /// commits meanwhile, so what the caller reads stays current and that transaction cannot
+    /// be stale); [`Kv::release_head`] lets go if no transaction followed. sled: nothing.
+    pub fn hold_head(&self) -> Result<(), KvError> {
+        match &self.0 {
+            KvRepr::Sled(_) => Ok(()),
+            KvRepr::Postgres(pg) => Ok(pg.hold_head()?),
+        }
+    }
+
+    /// Lets go of the head [`Kv::hold_head`] took, if no transaction has.
+    pub fn release_head(&self) {
+        if let KvRepr::Postgres(pg) = &self.0 {
+            pg.release_head();
+        }
+    }
+
+    /// Claims what is delivered under `name` (a recipient) for one more subscription of this
+    /// node: false when another broker node sharing the database holds it (PostgreSQL; sled's
+    /// one broker always has it). Each claim is ended by [`Kv::unclaim`].
+    pub fn claim(&self, name: &str) -> Result<bool, KvError> {
+        match &self.0 {
+            KvRepr::Sled(_) => Ok(true),
+            KvRepr::Postgres(pg) => Ok(pg.claim(claim_key(name))?),
+        }
+    }
+
+    /// Ends one claim of `name`.
+    pub fn unclaim(&self, name: &str) {
+        if let KvRepr::Postgres(pg) = &self.0 {
+            pg.unclaim(claim_key(name));
+        }
+    }
+
+    /// Whether another broker node has committed since the caller's state was read (as far
+    /// as this node has heard; PostgreSQL only).
+    pub fn moved(&self) -> bool {
+        match &self.0 {
+            KvRepr::Sled(_) => false,
+            KvRepr::Postgres(pg) => pg.moved(),
+        }
+    }
+
+    /// Calls `wake` whenever another node's commit is heard (PostgreSQL; never for sled, which
+    /// one broker holds alone).
+    pub fn on_moved(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        if let KvRepr::Postgres(pg) = &self.0 {
+            pg.on_moved(wake);
+        }
+    }
+
     /// What the engine's settings leave of durability, one warning per weakness (PostgreSQL's
     /// server settings; none for sled).
     pub fn durability_warnings(&self) -> Result<Vec<String>, KvError> {
@@ -270,6 +348,18 @@ impl Kv {
         }
     }
 }
+
+/// The lock key of a claim of `name`: the first four bytes of its SHA-256. Two names that
+/// share one are claimed together, which costs nothing but a coarser claim.
+fn claim_key(name: &str) -> i32 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Where the store stood before a read of the caller's state ([`Kv::mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Mark(Option<i64>);
 
 /// A tree: keys in byte order, each with a value. Cloning it is cheap and the clones share
 /// the tree.

@@ -348,6 +348,26 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     /// Applies operations in order, each atomically (refusals do not affect the others). They
     /// are not durable until [`Storage::sync`] returns.
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>>;
+    /// Reads the in-memory state again if another broker node sharing the database has
+    /// committed since it was read (PostgreSQL): whether it did. Called by the writer thread.
+    fn catch_up(&self) -> Result<bool, Internal> {
+        Ok(false)
+    }
+    /// Claims `recipient`'s deliveries for one more subscription on this node: false when
+    /// another broker node sharing the database serves them. Ended by
+    /// [`Storage::release_deliveries`].
+    fn claim_deliveries(&self, recipient: &AgencyId) -> Result<bool, Internal> {
+        let _ = recipient;
+        Ok(true)
+    }
+    /// Ends one subscription's claim of `recipient`'s deliveries.
+    fn release_deliveries(&self, recipient: &AgencyId) {
+        let _ = recipient;
+    }
+    /// Calls `wake` whenever another broker node's commit is heard (never with sled).
+    fn on_moved(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        let _ = wake;
+    }
     /// Makes every applied operation durable, then publishes the checkpoint sealed since the
     /// last call outside the database (see [`check_recovered`]).
     fn sync(&self) -> Result<(), Internal>;
@@ -751,6 +771,16 @@ impl Store {
                 )
             })
             .map_err(|e| Internal::new("starting the writer thread", e))?;
+        // Another node's commit wakes the writer, which reads the state again and lets this
+        // node's subscribers see what was queued for them there.
+        let wake = jobs.downgrade();
+        storage.on_moved(Arc::new(move || {
+            if let Some(jobs) = wake.upgrade() {
+                let (reply, _) = oneshot::channel();
+                // A full queue means the writer is busy: it catches up before its next batch.
+                let _ = jobs.try_send(Job { op: None, reply });
+            }
+        }));
         let watched = Arc::downgrade(&shared);
         let nudge = jobs.downgrade();
         thread::Builder::new()
@@ -821,6 +851,17 @@ impl Store {
             .map_err(|_| Internal::new("pausing the writer", "the writer has stopped"))?;
         // Dropped unrun only while the storage is unavailable.
         result.await.map_err(|_| storage_unavailable().into())
+    }
+
+    /// Claims `recipient`'s deliveries for one more subscription on this node (see
+    /// [`Storage::claim_deliveries`]).
+    pub fn claim_deliveries(&self, recipient: &AgencyId) -> Result<bool, Internal> {
+        self.storage.claim_deliveries(recipient)
+    }
+
+    /// Ends one subscription's claim of `recipient`'s deliveries.
+    pub fn release_deliveries(&self, recipient: &AgencyId) {
+        self.storage.release_deliveries(recipient);
     }
 
     /// Whether the store can write, as it changes.
@@ -1043,6 +1084,21 @@ fn write_loop(
     let mut previous_batch = 0usize;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
+        // What other broker nodes committed (PostgreSQL): this node's state follows it before
+        // it writes, and its subscribers are woken for what was queued for them.
+        match storage.catch_up() {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Ok(Some(cp)) = storage.latest_checkpoint()
+                    && latest.as_ref().is_none_or(|l| l.size < cp.size)
+                {
+                    latest = Some(cp);
+                    checkpoint.send_replace(latest.clone());
+                }
+                durable.send_replace(storage.last_seq());
+            }
+            Err(e) => tracing::warn!(error = %e, "reading what other broker nodes committed"),
+        }
         // A batch boundary: the last batch is flushed and published, the next not begun.
         let pauses = shared.take_pauses();
         if shared.lock_since().is_none() {

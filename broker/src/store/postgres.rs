@@ -3,11 +3,11 @@
 //! (bytea compares byte by byte).
 //!
 //! - **Connections.** One for the writer's transactions, `pool` for everything else (reads
-//!   through the `Storage` trait, writes outside a transaction), and one that holds the
-//!   database's advisory lock for as long as this broker runs. Each is made from the
-//!   configured URL (several hosts and `target_session_attrs=read-write` pick the primary) and
-//!   made again when it breaks, so the store follows a promoted standby without a restart.
-//!   Every session runs with `synchronous_commit = on` and a statement timeout.
+//!   through the `Storage` trait, writes outside a transaction), and one that listens for
+//!   other nodes' commits. Each is made from the configured URL (several hosts and
+//!   `target_session_attrs=read-write` pick the primary) and made again when it breaks, so the
+//!   store follows a promoted standby without a restart. Every session runs with
+//!   `synchronous_commit = on` and a statement timeout.
 //! - **Calls.** The store is synchronous (its writer is a thread of its own); a call here
 //!   blocks the calling thread on the query's future while the connections' I/O runs on a
 //!   small runtime of this engine's own, so it works from any thread, a Tokio worker included.
@@ -15,10 +15,17 @@
 //!   own writes, which are kept in memory); its writes are sent at the end as one upsert and
 //!   one delete (`unnest` of arrays), then `COMMIT`. An acknowledged commit is on the primary's
 //!   disk and, with `synchronous_standby_names` set, on a standby's.
+//! - **Several nodes, one order.** The head row `concordat_head` holds the store's
+//!   generation, which every committing transaction advances. A node remembers the generation
+//!   its in-memory state reflects; its transaction's first write is `concordat_advance`, which
+//!   locks the head row (so the nodes' commits queue one behind another) and fails with
+//!   [`PgError::Stale`] when another node has committed since: nothing is written, the node
+//!   reads its state again and runs the transaction again. So two nodes never append at the
+//!   same index of the log, and every node's commits extend what the others committed.
+//!   Each advance also notifies `concordat_commit`: the other nodes hear it, read their state
+//!   again and wake their subscribers ([`PgKv::on_moved`]).
 //! - **Schema.** Versioned in `concordat_schema`; created at first start, migrated forwards,
 //!   and a database of a newer version than this broker knows is refused.
-//! - **One node.** The advisory lock keeps a second broker from writing the same database:
-//!   several nodes need the shared log head and delivery claims that are not built yet.
 
 use std::{
     cell::RefCell,
@@ -28,26 +35,30 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicI64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-use tokio_postgres::{Client, Config, Statement, types::ToSql};
+use tokio_postgres::{AsyncMessage, Client, Config, Statement, types::ToSql};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema version this broker writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
-/// The advisory lock key a broker holds on its database (the bytes of "concord", big-endian).
-pub const LOCK_KEY: i64 = 0x0063_6f6e_636f_7264;
+/// The channel every commit notifies, with the store's new generation.
+const CHANNEL: &str = "concordat_commit";
 
-/// How long dropping the engine waits for the server to release its advisory lock.
-const UNLOCK_WAIT: Duration = Duration::from_secs(2);
+/// The SQLSTATE `concordat_advance` raises when another node has committed since.
+const STALE_STATE: &str = "CCST1";
 
-/// How long opening waits for another session to let go of the advisory lock.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// The first key of the advisory locks that claim a recipient's deliveries (the bytes of
+/// "conc"); the second is derived from the recipient.
+const CLAIM_CLASS: i32 = 0x636f_6e63;
+
+/// How long the listener waits before connecting again after its connection broke.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Rows fetched by an iterator's first round trip from either end: most iterations stop after
 /// a row or two (the newest bundle of the log, the first due timer).
@@ -75,11 +86,15 @@ pub enum PgError {
     /// The configuration cannot be used.
     #[error("{0}")]
     Config(String),
-    /// Another broker holds the database.
-    #[error(
-        "another broker holds this database (advisory lock {LOCK_KEY}, waited {LOCK_WAIT:?}): this version runs one broker node per database"
-    )]
-    Locked,
+    /// Another broker node committed since this node last read its state: the transaction
+    /// wrote nothing, and runs again once the state is read again.
+    #[error("another broker node changed the store (generation {known} -> {now}); read it again")]
+    Stale {
+        /// The generation this node's state reflects.
+        known: i64,
+        /// The store's generation.
+        now: i64,
+    },
 }
 
 impl From<tokio_postgres::Error> for PgError {
@@ -120,6 +135,7 @@ pub struct PgOptions {
 /// A connection and the statements prepared on it.
 struct Conn {
     client: Client,
+    advance: Statement,
     get: Statement,
     upsert: Statement,
     delete: Statement,
@@ -135,6 +151,9 @@ impl Conn {
     async fn prepare(client: Client) -> Result<Conn, PgError> {
         let q = "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key >= $2";
         Ok(Conn {
+            advance: client
+                .prepare("SELECT concordat_advance($1, $2)")
+                .await?,
             get: client
                 .prepare("SELECT value FROM concordat_kv WHERE tree = $1 AND key = $2")
                 .await?,
@@ -212,22 +231,92 @@ struct Shared {
     writer: Mutex<Option<Arc<Conn>>>,
     readers: Vec<Slot>,
     next: AtomicUsize,
-    /// The session that holds the advisory lock, given back when the engine is dropped.
-    locker: Arc<Client>,
+    heads: Arc<Heads>,
+    /// The writer connection while it holds the head row in a transaction begun by
+    /// [`PgKv::hold_head`], which the next [`PgKv::transaction`] on it continues.
+    held: Mutex<Option<Arc<Conn>>>,
+    /// This node's delivery claims ([`PgKv::claim`]).
+    claims: Mutex<Claims>,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // Closing the session would release the lock too, but only once the server has seen
-        // the connection go: unlock first, so that a broker opened next finds it free. Bounded:
-        // a server that does not answer releases it when the connection drops.
-        let locker = self.locker.clone();
-        let _ = on_runtime(&self.runtime, async move {
-            let unlock = locker.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]);
-            let _ = tokio::time::timeout(UNLOCK_WAIT, unlock).await;
-            Ok(())
-        });
+/// The session that holds this node's delivery claims, as session advisory locks, and how
+/// many subscriptions hold each. The server frees a session's locks when it ends, so the
+/// claims of a node that dies are free as soon as its connection is gone.
+#[derive(Default)]
+struct Claims {
+    session: Option<Arc<Client>>,
+    held: HashMap<i32, usize>,
+}
+
+/// What this node knows of the store's generation (see the module's documentation).
+struct Heads {
+    /// The generation this node's in-memory state reflects: its own last commit, or what it
+    /// last read its state at.
+    known: AtomicI64,
+    /// The newest generation heard of (from the listener).
+    heard: AtomicI64,
+    /// Called when a generation newer than `known` is heard.
+    wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl Heads {
+    fn hear(&self, generation: i64) {
+        self.heard.fetch_max(generation, Ordering::SeqCst);
+        if generation > self.known.load(Ordering::SeqCst) {
+            let wake = self.wake.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(wake) = wake {
+                wake();
+            }
+        }
     }
+}
+
+/// Listens for other nodes' commits for as long as the engine's runtime runs, connecting
+/// again when the connection breaks (a failover: the URL then picks the new primary).
+async fn listen(config: Config, tls: MakeRustlsConnect, heads: Arc<Heads>) {
+    loop {
+        if let Err(e) = listen_once(&config, &tls, &heads).await {
+            tracing::warn!(error = %e, "listening for other broker nodes' commits; connecting again");
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+async fn listen_once(
+    config: &Config,
+    tls: &MakeRustlsConnect,
+    heads: &Heads,
+) -> Result<(), PgError> {
+    let (client, mut connection) = config.connect(tls.clone()).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    // Sent by `concordat_advance` alone; anything else is ignored.
+                    if let Ok(generation) = n.payload().parse::<i64>() {
+                        let _ = tx.send(generation);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(PgError::from(e)),
+                None => return Ok(()),
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // What was committed while nobody listened (before this start, or while reconnecting).
+    let row = client
+        .query_one("SELECT generation FROM concordat_head", &[])
+        .await?;
+    heads.hear(row.try_get(0)?);
+    while let Some(generation) = rx.recv().await {
+        heads.hear(generation);
+    }
+    drop(client);
+    driver
+        .await
+        .map_err(|e| PgError::Db(format!("the listener stopped: {e}")))?
 }
 
 /// A PostgreSQL database opened as the store's key-value engine.
@@ -303,7 +392,8 @@ async fn connect(config: Config, tls: MakeRustlsConnect) -> Result<Client, PgErr
 }
 
 impl PgKv {
-    /// Connects, creates or migrates the schema, and takes the database's advisory lock.
+    /// Connects, creates or migrates the schema, and starts listening for other nodes'
+    /// commits.
     pub fn open(options: &PgOptions) -> Result<PgKv, PgError> {
         let mut config: Config = options
             .url
@@ -327,28 +417,25 @@ impl PgKv {
             .enable_all()
             .build()
             .map_err(|e| PgError::Db(format!("starting the engine's runtime: {e}")))?;
-        let locker = {
+        let generation = {
             let (config, tls) = (config.clone(), tls.clone());
             on_runtime(&runtime, async move {
                 let client = connect(config, tls).await?;
                 migrate(&client).await?;
-                // A broker that has just stopped may still hold it for a moment, until the
-                // server has seen its connection close.
-                let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-                loop {
-                    let row = client
-                        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
-                        .await?;
-                    if row.try_get::<_, bool>(0)? {
-                        return Ok(client);
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(PgError::Locked);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                let row = client
+                    .query_one("SELECT generation FROM concordat_head", &[])
+                    .await?;
+                Ok(row.try_get::<_, i64>(0)?)
             })?
         };
+        // Read before the store reads its state: a commit of another node in between makes
+        // this node's first transaction stale, never one that goes unnoticed.
+        let heads = Arc::new(Heads {
+            known: AtomicI64::new(generation),
+            heard: AtomicI64::new(generation),
+            wake: Mutex::new(None),
+        });
+        runtime.spawn(listen(config.clone(), tls.clone(), heads.clone()));
         let shared = Arc::new(Shared {
             runtime: Background(Some(runtime)),
             config,
@@ -360,7 +447,9 @@ impl PgKv {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            locker: Arc::new(locker),
+            heads,
+            held: Mutex::new(None),
+            claims: Mutex::new(Claims::default()),
         });
         let kv = PgKv { shared };
         // Connect now, so that a broker that cannot reach its database says so at start.
@@ -464,12 +553,20 @@ impl PgKv {
         let Some(conn) = guard.as_ref() else {
             return Err(PgError::Db("no writer connection".into()));
         };
+        let heads = &self.shared.heads;
+        // Continues the transaction `hold_head` began, if it began on this connection (one
+        // made again since is not in it).
+        let held = self
+            .lock_held()
+            .take()
+            .is_some_and(|held| Arc::ptr_eq(&held, conn));
         // `BEGIN` goes out with the transaction's first statement (`PgTx::call`), and its
         // writes with `COMMIT`: one round trip each, not three.
         let tx = PgTx {
             conn,
             trees: trees.iter().map(|t| t.name.clone()).collect(),
-            begun: std::cell::Cell::new(false),
+            known: heads.known.load(Ordering::SeqCst),
+            begun: std::cell::Cell::new(held),
             writes: RefCell::new(HashMap::new()),
             reads: RefCell::new(HashMap::new()),
             failed: RefCell::new(None),
@@ -477,17 +574,185 @@ impl PgKv {
         let outcome = f(&tx);
         let failed = tx.failed.borrow_mut().take();
         let result = match (outcome, failed) {
-            (Ok(value), None) => tx.commit().map(|()| Ok(value)),
+            (Ok(value), None) => tx.commit().map(|generation| {
+                if let Some(g) = generation {
+                    heads.known.store(g, Ordering::SeqCst);
+                }
+                Ok(value)
+            }),
             (_, Some(e)) => Err(e),
             (Err(e), None) => Ok(Err(e)),
         };
-        if !matches!(result, Ok(Ok(_))) && tx.begun.get() {
+        if matches!(result, Ok(Ok(_))) {
+            return result;
+        }
+        if tx.begun.get() {
             // Whatever failed, the session leaves the transaction (a statement that failed
             // leaves it aborted, and every later one would fail). A rollback that fails
             // leaves nothing behind either: the server ends the transaction with the session.
             let _ = wait(conn.client.batch_execute("ROLLBACK"));
         }
+        if matches!(result, Err(PgError::Stale { .. })) {
+            return result;
+        }
+        // A transaction that read what another node had committed since may have failed on
+        // what its reads contradicted (the log's size against its frontier): the cause is the
+        // stale state, and the transaction runs again once it is read again.
+        if let Ok(row) = wait(
+            conn.client
+                .query_one("SELECT generation FROM concordat_head", &[]),
+        ) && let Ok(now) = row.try_get::<_, i64>(0)
+            && now != tx.known
+        {
+            return Err(moved(tx.known, now));
+        }
         result
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Option<Arc<Conn>>> {
+        // Replaced whole, never torn.
+        self.shared.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Begins a transaction on the writer connection that holds the head row: until it ends,
+    /// no other node commits, so the state this node reads meanwhile stays current, and the
+    /// next [`PgKv::transaction`] (which continues it) cannot be stale. For a transaction that
+    /// was: taking turns this way, a node is never starved by faster ones.
+    /// [`PgKv::release_head`] ends it if no transaction did.
+    pub fn hold_head(&self) -> Result<(), PgError> {
+        let guard = self.writer()?;
+        let Some(conn) = guard.as_ref() else {
+            return Err(PgError::Db("no writer connection".into()));
+        };
+        self.release_head_on(conn);
+        let locked = wait(
+            conn.client
+                .batch_execute("BEGIN; SELECT generation FROM concordat_head FOR UPDATE"),
+        );
+        if let Err(e) = locked {
+            let _ = wait(conn.client.batch_execute("ROLLBACK"));
+            return Err(e.into());
+        }
+        *self.lock_held() = Some(conn.clone());
+        Ok(())
+    }
+
+    /// Ends the transaction [`PgKv::hold_head`] began, if no transaction has continued it.
+    pub fn release_head(&self) {
+        if let Ok(guard) = self.writer()
+            && let Some(conn) = guard.as_ref()
+        {
+            self.release_head_on(conn);
+        }
+    }
+
+    fn release_head_on(&self, conn: &Arc<Conn>) {
+        let held = self.lock_held().take();
+        if held.is_some_and(|held| Arc::ptr_eq(&held, conn)) {
+            let _ = wait(conn.client.batch_execute("ROLLBACK"));
+        }
+    }
+
+    /// Claims the deliveries of the recipient `key` for one more subscription on this node:
+    /// false when another node holds them (its subscriptions deliver them; one node at a time
+    /// does, so an item is in flight on one node only). Every claim is ended by
+    /// [`PgKv::unclaim`].
+    pub fn claim(&self, key: i32) -> Result<bool, PgError> {
+        let mut claims = self.lock_claims();
+        let session = self.claims_session(&mut claims)?;
+        if let Some(n) = claims.held.get_mut(&key) {
+            *n += 1;
+            return Ok(true);
+        }
+        let row =
+            wait(session.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&CLAIM_CLASS, &key]))?;
+        let taken: bool = row.try_get(0)?;
+        if taken {
+            claims.held.insert(key, 1);
+        }
+        Ok(taken)
+    }
+
+    /// Ends one subscription's claim of the recipient `key`; the last one lets go of it.
+    pub fn unclaim(&self, key: i32) {
+        let mut claims = self.lock_claims();
+        let Some(n) = claims.held.get_mut(&key) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        claims.held.remove(&key);
+        if let Some(session) = claims.session.as_ref().filter(|s| !s.is_closed()) {
+            let _ =
+                wait(session.execute("SELECT pg_advisory_unlock($1, $2)", &[&CLAIM_CLASS, &key]));
+        }
+    }
+
+    fn lock_claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        // Updated in whole steps.
+        self.shared.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The claims' session, made again if it broke (a failover), taking again the claims it
+    /// held; one another node took meanwhile is lost (logged: until this node's
+    /// subscriptions of it end, both nodes may deliver the same items, which agents take
+    /// once by their ids).
+    fn claims_session(&self, claims: &mut Claims) -> Result<Arc<Client>, PgError> {
+        if let Some(session) = claims.session.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(session.clone());
+        }
+        let (config, tls) = (self.shared.config.clone(), self.shared.tls.clone());
+        let session = Arc::new(on_runtime(&self.shared.runtime, connect(config, tls))?);
+        for key in claims.held.keys() {
+            let row = wait(
+                session.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&CLAIM_CLASS, key]),
+            )?;
+            if !row.try_get::<_, bool>(0)? {
+                tracing::warn!(
+                    claim = key,
+                    "a delivery claim was lost with its session and another node holds it now"
+                );
+            }
+        }
+        claims.session = Some(session.clone());
+        Ok(session)
+    }
+
+    /// The store's generation now: read it before reading the node's in-memory state, and
+    /// record it with [`PgKv::reloaded_at`] after (a commit of another node in between makes
+    /// the next transaction stale, and the state is read once more).
+    pub fn generation(&self) -> Result<i64, PgError> {
+        let conn = self.reader()?;
+        let row = wait(
+            conn.client
+                .query_one("SELECT generation FROM concordat_head", &[]),
+        )?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Records that the node's in-memory state reflects the store at `generation`.
+    pub fn reloaded_at(&self, generation: i64) {
+        self.shared.heads.known.store(generation, Ordering::SeqCst);
+    }
+
+    /// Whether another node has committed since this node's state was read, as far as the
+    /// listener has heard.
+    pub fn moved(&self) -> bool {
+        let heads = &self.shared.heads;
+        heads.heard.load(Ordering::SeqCst) > heads.known.load(Ordering::SeqCst)
+    }
+
+    /// Calls `wake` (on the engine's own thread: keep it short) whenever another node's
+    /// commit is heard.
+    pub fn on_moved(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        *self
+            .shared
+            .heads
+            .wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(wake);
     }
 }
 
@@ -624,6 +889,31 @@ async fn migrate(client: &Client) -> Result<(), PgError> {
                          PRIMARY KEY (tree, key)); \
                      INSERT INTO concordat_schema (version) VALUES (1)",
                 )
+                .await?;
+        }
+        if version < 2 {
+            // The head: the store's generation, advanced by every commit of every node.
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE concordat_head (\
+                         one boolean PRIMARY KEY DEFAULT true CHECK (one), \
+                         generation bigint NOT NULL); \
+                     INSERT INTO concordat_head (generation) VALUES (0); \
+                     CREATE FUNCTION concordat_advance(known bigint, advance boolean) \
+                     RETURNS bigint LANGUAGE plpgsql AS $f$ \
+                     DECLARE g bigint; \
+                     BEGIN \
+                         SELECT generation INTO g FROM concordat_head FOR UPDATE; \
+                         IF g <> known THEN \
+                             RAISE EXCEPTION USING ERRCODE = '{STALE_STATE}', MESSAGE = g::text; \
+                         END IF; \
+                         IF NOT advance THEN RETURN g; END IF; \
+                         UPDATE concordat_head SET generation = g + 1; \
+                         PERFORM pg_notify('{CHANNEL}', (g + 1)::text); \
+                         RETURN g + 1; \
+                     END $f$; \
+                     UPDATE concordat_schema SET version = 2"
+                ))
                 .await?;
         }
         Ok(())
@@ -878,12 +1168,14 @@ impl DoubleEndedIterator for PgIter {
 pub struct PgTx<'a> {
     conn: &'a Conn,
     trees: Vec<Arc<str>>,
+    /// The generation the node's state reflects, which the commit advances.
+    known: i64,
     /// Whether `BEGIN` has been sent.
     begun: std::cell::Cell<bool>,
     /// The transaction's writes, sent at commit: (tree, key) → value, or `None` for removed.
     writes: RefCell<HashMap<TreeKey, Option<Vec<u8>>>>,
-    /// What the transaction has read (`None`: absent). The broker is the database's only
-    /// writer (it holds the advisory lock), so nothing read can change before the commit.
+    /// What the transaction has read (`None`: absent). What another node commits after a
+    /// read makes the commit fail as stale, so a read need not be repeated.
     reads: RefCell<HashMap<TreeKey, Option<Vec<u8>>>>,
     /// The first database error a call met: the transaction then rolls back and returns it.
     failed: RefCell<Option<PgError>>,
@@ -973,14 +1265,15 @@ impl PgTx<'_> {
         Ok(out)
     }
 
-    /// Sends the transaction's writes and `COMMIT` in one round trip (after `BEGIN` if nothing
-    /// was read). Requests on a connection run in the order they are sent, so `COMMIT` comes
-    /// after the writes; if one of them failed, the transaction ends rolled back and the error
-    /// is returned.
-    fn commit(&self) -> Result<(), PgError> {
+    /// Sends the head's compare-and-set, the transaction's writes and `COMMIT` in one round
+    /// trip (after `BEGIN` if nothing was read). Requests on a connection run in the order
+    /// they are sent, so `COMMIT` comes after the writes; if one of them failed, the
+    /// transaction ends rolled back and the error is returned ([`PgError::Stale`] when another
+    /// node had committed). Returns the generation the commit made, if it wrote anything.
+    fn commit(&self) -> Result<Option<i64>, PgError> {
         let writes = self.writes.borrow();
         if writes.is_empty() && !self.begun.get() {
-            return Ok(());
+            return Ok(None);
         }
         let (mut up_t, mut up_k, mut up_v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
@@ -1001,8 +1294,12 @@ impl PgTx<'_> {
         let client = &self.conn.client;
         let up: [&(dyn ToSql + Sync); 3] = [&up_t, &up_k, &up_v];
         let del: [&(dyn ToSql + Sync); 2] = [&del_t, &del_k];
+        // A transaction that only read checks the head without advancing it: what it
+        // decided from this node's state stands only if nobody has changed the store.
+        let advance = !writes.is_empty();
+        let head: [&(dyn ToSql + Sync); 2] = [&self.known, &advance];
         let begin = !self.begun.replace(true);
-        wait(async {
+        let sent = wait(async {
             let begin = async {
                 if begin {
                     client.batch_execute("BEGIN").await
@@ -1024,9 +1321,38 @@ impl PgTx<'_> {
                     client.execute(&self.conn.delete, &del).await
                 }
             };
-            futures::try_join!(begin, upsert, delete, client.batch_execute("COMMIT"))
-        })?;
-        Ok(())
+            futures::try_join!(
+                begin,
+                client.query_one(&self.conn.advance, &head),
+                upsert,
+                delete,
+                client.batch_execute("COMMIT")
+            )
+        });
+        match sent {
+            Ok((_, row, ..)) => Ok(advance.then_some(row.try_get::<_, i64>(0)?)),
+            Err(e) => Err(stale(&e, self.known).unwrap_or_else(|| e.into())),
+        }
+    }
+}
+
+/// The error `concordat_advance` raises when the head has moved past `known`, as
+/// [`PgError::Stale`].
+fn stale(e: &tokio_postgres::Error, known: i64) -> Option<PgError> {
+    let db = e.as_db_error()?;
+    (db.code().code() == STALE_STATE).then(|| moved(known, db.message().parse().unwrap_or(-1)))
+}
+
+/// The store's head at `now` where this node knew `known`: another node committed
+/// ([`PgError::Stale`]), or the database is behind what this node committed (a stale primary
+/// that missed the commits since: an error, and nothing is read from it as current).
+fn moved(known: i64, now: i64) -> PgError {
+    if now > known {
+        PgError::Stale { known, now }
+    } else {
+        PgError::Db(format!(
+            "the database's head is at generation {now}, behind the {known} this broker committed: acknowledged history was lost (a stale primary?); nothing is written to it"
+        ))
     }
 }
 
@@ -1095,8 +1421,8 @@ mod tests {
 
     /// One PostgreSQL cluster for the engine's own tests: pages from both ends of a range
     /// meet without losing or repeating a key, transactions read their own writes and apply
-    /// all or nothing, one broker at a time holds a database, a newer schema is refused, and
-    /// the server's settings are read for `check-config`.
+    /// all or nothing, a second node's commit makes a transaction stale, a newer schema is
+    /// refused, and the server's settings are read for `check-config`.
     #[test]
     fn the_engine_on_a_real_server() {
         let dir = tempfile::tempdir().unwrap();
@@ -1192,11 +1518,74 @@ mod tests {
         assert_eq!(u.get(b"z").unwrap(), Some(b"1".to_vec()));
         assert_eq!(kv.tree_names().unwrap(), ["t", "u"]);
 
-        // A second broker on the same database is refused while this one runs.
-        assert!(matches!(PgKv::open(&opts), Err(PgError::Locked)));
+        // A second node on the same database: its commit makes this node's next transaction
+        // stale (it writes nothing) until this node has read its state again, under the held
+        // head or not; the other node hears of each commit.
+        let other = PgKv::open(&opts).unwrap();
+        let heard = Arc::new(AtomicUsize::new(0));
+        let counter = heard.clone();
+        kv.on_moved(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let put = |kv: &PgKv, key: &[u8]| {
+            let u = kv.open_tree("u").unwrap();
+            kv.transaction(&[&u], |tx| {
+                tx.tree(0).unwrap().insert(key, b"1")?;
+                Ok::<_, PgError>(())
+            })
+        };
+        assert!(matches!(put(&other, b"from-other"), Ok(Ok(()))));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !kv.moved() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit was not heard"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(heard.load(Ordering::SeqCst) >= 1);
+        let stale = put(&kv, b"from-kv");
+        assert!(matches!(stale, Err(PgError::Stale { .. })), "{stale:?}");
+        assert_eq!(u.get(b"from-kv").unwrap(), None);
+        // Read-only transactions are checked too.
+        let read = kv.transaction(&[&u], |tx| tx.tree(0).unwrap().get(b"z"));
+        assert!(matches!(read, Err(PgError::Stale { .. })), "{read:?}");
+        kv.hold_head().unwrap();
+        let generation = kv.generation().unwrap();
+        kv.reloaded_at(generation);
+        assert!(!kv.moved());
+        assert!(matches!(put(&kv, b"from-kv"), Ok(Ok(()))));
+        assert_eq!(u.get(b"from-kv").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(kv.generation().unwrap(), generation + 1);
+        // A hold no transaction used is let go: the other node commits again.
+        kv.hold_head().unwrap();
+        kv.release_head();
+        let again = put(&other, b"other-again");
+        assert!(matches!(again, Err(PgError::Stale { .. })), "{again:?}");
+        other.reloaded_at(other.generation().unwrap());
+        assert!(matches!(put(&other, b"other-again"), Ok(Ok(()))));
+        // Delivery claims: counted per subscription on one node, refused to the other until
+        // the last is ended, and freed when the node holding them goes.
+        assert!(kv.claim(7).unwrap() && kv.claim(7).unwrap());
+        assert!(!other.claim(7).unwrap());
+        assert!(other.claim(8).unwrap());
+        kv.unclaim(7);
+        assert!(!other.claim(7).unwrap());
+        kv.unclaim(7);
+        assert!(other.claim(7).unwrap());
+        assert!(!kv.claim(7).unwrap());
+        drop(other);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !kv.claim(7).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the claim outlived its node"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kv.unclaim(7);
         // This cluster is set up for durability: nothing to warn about.
         assert_eq!(kv.durability_warnings().unwrap(), Vec::<String>::new());
-        // Closed with its last tree: the next broker opens it at once.
         drop((kv, t, u, it));
 
         // A schema newer than this broker knows is refused, with the versions.

@@ -76,6 +76,7 @@ use crate::{
 
 /// The `meta` key of the next queue sequence number.
 const NEXT_SEQ: &[u8] = b"next_seq";
+
 /// Prefix of the `meta` keys of designations already recorded in the log (then their
 /// SHA-256).
 const DESIGNATION_PREFIX: &[u8] = b"significance/";
@@ -171,6 +172,9 @@ pub struct SledStorage {
     /// The last transaction failed in the engine: its outcome is not known, and the
     /// in-memory state is read again before the next one.
     unsure: std::sync::atomic::AtomicBool,
+    /// The last transaction was stale: another broker node had committed since this node's
+    /// state was read (PostgreSQL). It wrote nothing; it runs again once the state is read.
+    stale: std::sync::atomic::AtomicBool,
     /// sled's log file and blob directory, which [`Storage::sync`] fsyncs itself (`None` on
     /// PostgreSQL, whose commits are durable when they return).
     files: Option<DurableFiles>,
@@ -488,6 +492,7 @@ impl SledStorage {
             revocations: RwLock::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
             unsure: std::sync::atomic::AtomicBool::new(false),
+            stale: std::sync::atomic::AtomicBool::new(false),
             files,
             db,
             dir: dir.to_path_buf(),
@@ -563,20 +568,65 @@ impl SledStorage {
         let mut out = Vec::with_capacity(ops.len());
         let mut start = 0;
         for (i, op) in ops.iter().enumerate() {
-            let alone = match op {
-                Op::Revoke(r) => Some(self.apply_revoke(r)),
-                Op::FireTimers { now } => Some(self.fire_timers(*now)),
-                _ => None,
-            };
-            if let Some(result) = alone {
-                let before = self.run_tx(&ops[start..i]);
-                out.extend(before);
-                out.push(result);
-                start = i + 1;
+            if !matches!(op, Op::Revoke(_) | Op::FireTimers { .. }) {
+                continue;
             }
+            out.extend(self.fresh(|| self.run_tx(&ops[start..i])));
+            out.push(self.fresh(|| self.apply_alone(op)));
+            start = i + 1;
         }
-        out.extend(self.run_tx(&ops[start..]));
+        out.extend(self.fresh(|| self.run_tx(&ops[start..])));
         out
+    }
+
+    /// An operation that runs in a transaction of its own.
+    fn apply_alone(&self, op: &Op) -> Result<Applied, Failure> {
+        match op {
+            Op::Revoke(r) => self.apply_revoke(r),
+            Op::FireTimers { now } => self.fire_timers(*now),
+            _ => Err(Internal::new("applying a batch", "not an operation applied alone").into()),
+        }
+    }
+
+    /// Runs `apply` (one transaction's worth of a batch) and, if another broker node's commit
+    /// made it stale, runs it again with the store's head held: the state is read again while
+    /// no node can commit, so the second run cannot be stale, and a node is never starved by
+    /// faster ones. A stale transaction wrote nothing, so running it again applies it once.
+    fn fresh<T>(&self, apply: impl Fn() -> T) -> T {
+        let result = apply();
+        if !self.stale.swap(false, Ordering::SeqCst) {
+            return result;
+        }
+        if let Err(e) = self.db.hold_head() {
+            tracing::error!(error = %e, "holding the store's head to apply a batch again");
+            self.unsure.store(true, Ordering::SeqCst);
+            return result;
+        }
+        let again = match self.reload_state("another broker node committed") {
+            Ok(()) => apply(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the store's state again");
+                self.unsure.store(true, Ordering::SeqCst);
+                self.db.release_head();
+                return result;
+            }
+        };
+        self.db.release_head();
+        if self.stale.swap(false, Ordering::SeqCst) {
+            // Only if the held transaction was lost with its connection: the callers are told
+            // the storage is unavailable, and the next batch reads the state first.
+            self.unsure.store(true, Ordering::SeqCst);
+        }
+        again
+    }
+
+    /// Notes a transaction that failed in the engine because another node committed first.
+    fn note_stale<T, A>(&self, outcome: &Result<T, TxError<A>>) -> bool {
+        let stale = matches!(outcome, Err(TxError::Kv(e)) if e.is_stale());
+        if stale {
+            self.stale.store(true, Ordering::SeqCst);
+        }
+        stale
     }
 
     /// Applies `ops` in one transaction. A refusal writes nothing but its audit entry and does
@@ -588,7 +638,7 @@ impl SledStorage {
         // After an engine failure the last commit's outcome may be unknown (PostgreSQL can
         // commit a transaction whose COMMIT never answered): read the state again first.
         if self.unsure.load(Ordering::SeqCst) {
-            if let Err(e) = self.reload_state() {
+            if let Err(e) = self.reload_state("a commit's outcome was not known") {
                 let why = e.to_string();
                 return ops
                     .iter()
@@ -688,6 +738,12 @@ impl SledStorage {
             let committed = self.finish(&t, fx)?;
             Ok((results, committed))
         });
+        if self.note_stale(&outcome) {
+            return ops
+                .iter()
+                .map(|_| Err(super::storage_unavailable().into()))
+                .collect();
+        }
         if let Err(TxError::Kv(e)) = &outcome {
             // The engine failed (a lost connection, a server that went away): nothing is
             // acknowledged, and every caller is told to try again, as when a flush fails. A
@@ -761,9 +817,14 @@ impl SledStorage {
 
     /// Reads the in-memory state again from the database: the log's size and frontier, the
     /// queue index, the sequence counter and the revocations. After an engine failure the
-    /// transaction that failed may have committed (or not); the state then is whatever the
+    /// transaction that failed may have committed (or not); after another broker node's
+    /// commit the database holds more than this node applied. The state then is whatever the
     /// database holds, and the next transaction starts from it, as a restart would.
-    fn reload_state(&self) -> Result<(), Internal> {
+    fn reload_state(&self, why: &str) -> Result<(), Internal> {
+        let mark = self
+            .db
+            .mark()
+            .map_err(kv_err("reading the store's generation"))?;
         self.log.reload()?;
         *self.lock_index() = self.load_index()?;
         let next = self
@@ -776,9 +837,11 @@ impl SledStorage {
             .store(next.saturating_sub(1), Ordering::SeqCst);
         let revocations = self.read_revocations()?;
         *self.revocations.write().unwrap_or_else(|p| p.into_inner()) = revocations;
-        tracing::warn!(
+        self.db.reloaded(mark);
+        tracing::debug!(
             log_size = self.log_size().unwrap_or(0),
-            "read the store's state again after a failed commit"
+            why,
+            "read the store's state again"
         );
         Ok(())
     }
@@ -1068,6 +1131,7 @@ impl SledStorage {
                 Ok((fired, notices, committed))
             },
         );
+        self.note_stale(&outcome);
         let (timers, notices, committed) = tx_outcome(outcome)?;
         self.settle(committed);
         Ok(Applied::Fired { timers, notices })
@@ -1490,6 +1554,7 @@ impl SledStorage {
                 Ok((notices, false, committed, Some(written)))
             },
         );
+        self.note_stale(&outcome);
         let (recall_notices, duplicate, committed, written) = tx_outcome(outcome)?;
         if let Some((key, value)) = written {
             self.revocations
@@ -1793,6 +1858,28 @@ impl Storage for SledStorage {
 
     fn apply_batch(&self, ops: &[Op]) -> Vec<Result<Applied, Failure>> {
         self.apply_batch_sled(ops)
+    }
+
+    fn catch_up(&self) -> Result<bool, Internal> {
+        if !self.db.moved() {
+            return Ok(false);
+        }
+        self.reload_state("another broker node committed")?;
+        Ok(true)
+    }
+
+    fn on_moved(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) {
+        self.db.on_moved(wake);
+    }
+
+    fn claim_deliveries(&self, recipient: &AgencyId) -> Result<bool, Internal> {
+        self.db
+            .claim(recipient.as_str())
+            .map_err(kv_err("claiming deliveries"))
+    }
+
+    fn release_deliveries(&self, recipient: &AgencyId) {
+        self.db.unclaim(recipient.as_str());
     }
 
     fn seal(
@@ -2171,6 +2258,88 @@ mod tests {
             eprintln!("the shared suite on PostgreSQL: {name}");
             scenario(&PgPlace::new(&server, &format!("suite_{i}")));
         }
+    }
+
+    /// Two broker nodes on one PostgreSQL database (one log key, data directories of their
+    /// own): batches taking turns and batches at once make one log with every entry once and
+    /// one sequence number per item; each node sees what the other queued and acknowledged
+    /// once it has heard of the commit; and both sign the same checkpoint of a size.
+    #[test]
+    fn two_nodes_on_one_database_keep_one_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = concordat_tests::postgres::PgCluster::start(dir.path())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let server = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
+        let place = PgPlace::new(&server, "two_nodes");
+        let a = place.open();
+        let b_dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            place.dir().join(audit_log::LOG_KEY_FILE),
+            b_dir.path().join(audit_log::LOG_KEY_FILE),
+        )
+        .unwrap();
+        let b = SledStorage::open_postgres(b_dir.path(), ORIGIN, &place.options).unwrap();
+        let accepted = |r: &Result<Applied, Failure>| matches!(r, Ok(Applied::Accepted(_)));
+        // Taking turns: each node's batch follows one of the other's, which it has not read.
+        for i in 0..5u8 {
+            for s in [&a, &b] {
+                let out = commit(
+                    s,
+                    &[
+                        accept(&["ico"], vec![i; 8], None),
+                        accept(&["nca"], vec![i; 8], None),
+                    ],
+                );
+                assert!(out.iter().all(accepted), "{out:?}");
+            }
+        }
+        // At once, from two threads.
+        std::thread::scope(|scope| {
+            for s in [&a, &b] {
+                scope.spawn(move || {
+                    for i in 0..20u8 {
+                        let out = commit(s, &[accept(&["ico"], vec![i; 8], None)]);
+                        assert!(out.iter().all(accepted), "{out:?}");
+                    }
+                });
+            }
+        });
+        for s in [&a, &b] {
+            s.reload_state("the test").unwrap();
+            assert_eq!(s.log_size().unwrap(), 60);
+            assert_eq!(s.last_seq(), 60);
+        }
+        let ico = seqs(&a, "ico");
+        assert_eq!(ico.len(), 50);
+        assert_eq!(seqs(&b, "ico"), ico);
+        assert_eq!(seqs(&a, "nca").len(), 10);
+        // One node acknowledges what both queued; the other has heard of it before long.
+        let acked = commit(&b, &[ack("ico", &ico)]);
+        assert!(matches!(acked[0], Ok(Applied::Acked(50))), "{acked:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !a.catch_up().unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a did not hear b's commit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(seqs(&a, "ico").is_empty());
+        // A transfer accepted on `a` after it caught up, delivered from `b`.
+        let out = commit(&a, &[accept(&["ico"], b"late".to_vec(), None)]);
+        assert!(out.iter().all(accepted), "{out:?}");
+        b.reload_state("the test").unwrap();
+        assert_eq!(seqs(&b, "ico"), vec![61]);
+        // The same checkpoint of the same size, whichever node signs it.
+        let (sa, sb) = (
+            a.seal(None).unwrap().unwrap(),
+            b.seal(None).unwrap().unwrap(),
+        );
+        // (60 acceptances, 50 acknowledgements, one more acceptance.)
+        assert_eq!((sa.size, &sa.note), (111, &sb.note));
+        let report = a.verify().unwrap();
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.entries, 111);
     }
 
     shared_suite!(

@@ -1,5 +1,6 @@
-//! A broker on the PostgreSQL engine (`[storage] engine = "postgres"`, docs/deployment.md),
-//! against a real primary with a synchronous standby: killed with SIGKILL and restarted, then
+//! Brokers on the PostgreSQL engine (`[storage] engine = "postgres"`, docs/deployment.md),
+//! against a real primary with a synchronous standby. Two nodes share one database, and one
+//! of them is killed with SIGKILL under load. One broker, killed with SIGKILL and restarted, then
 //! left running while the database fails over to its standby, it loses and duplicates
 //! nothing, and its audit log stays one history that verifies offline; when the old primary
 //! comes back stale, a broker that reaches it refuses to serve.
@@ -7,7 +8,10 @@
 use std::{collections::BTreeMap, fs, io::Write as _};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
-use concordat_broker::audit_log::{self, DEFAULT_ORIGIN};
+use concordat_broker::{
+    audit_log::{self, DEFAULT_ORIGIN},
+    refusal::reason_of,
+};
 use concordat_cli::audit_file::{self, Format};
 use concordat_proto::{
     audit,
@@ -52,13 +56,9 @@ fn wait_sent(n: usize, broker: &BrokerProcess, nca: &AgentProcess, ico: &AgentPr
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(broker, &[nca, ico])));
 }
 
-#[test]
-fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover() {
-    const ROUND: usize = 40;
-    let pg_dir = tempfile::tempdir().unwrap();
-    let mut cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
-    let nodes = Nodes::new();
-    // Both servers, so that the broker finds the primary again after a failover.
+/// Appends `[storage]` on the cluster (both servers, so that a broker finds the primary
+/// again after a failover) to the federation's configuration.
+fn use_postgres(nodes: &Nodes, cluster: &PgCluster) {
     let mut config = fs::OpenOptions::new()
         .append(true)
         .open(&nodes.config)
@@ -69,7 +69,124 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
         cluster.multi_host_url()
     )
     .unwrap();
-    drop(config);
+}
+
+/// The whole log, exported by the auditor from the node at `addr`, verifies offline against
+/// the log key, has no gap, and holds exactly one acceptance for each of `total` messages.
+fn assert_log_verifies(nodes: &Nodes, addr: std::net::SocketAddr, total: usize) {
+    let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
+        .unwrap()
+        .verifier();
+    let path = nodes.dir.path().join("audit.jsonl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let summary = rt.block_on(async {
+        let auditor = nodes.pki.client(addr, "auditor").unwrap();
+        let client = auditor.connect().await.unwrap();
+        audit_file::export(&client, pb::ExportRequest::default(), &path, Format::Jsonl)
+            .await
+            .unwrap()
+    });
+    let verified = audit_file::verify(&path, &key)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
+    assert!(!verified.partial);
+    assert_eq!(verified.entries, summary.tree_size);
+    let text = fs::read_to_string(&path).unwrap();
+    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+    for (index, line) in text.lines().skip(1).enumerate() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["index"].as_u64(), Some(index as u64), "a gap");
+        let bytes = B64.decode(record["entry"].as_str().unwrap()).unwrap();
+        if let Some(Event::TransferAccepted(t)) = audit::decode(&bytes).unwrap().event {
+            *accepted
+                .entry(t.envelope.unwrap_or_default().message_id)
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(accepted.len(), total, "one acceptance per message");
+    assert!(
+        accepted.values().all(|n| *n == 1),
+        "a message accepted twice: {accepted:?}"
+    );
+}
+
+/// Two broker nodes on one database, serving at once (docs/deployment.md): the NCA's agent
+/// sends through node A and the ICO's receives from node B, so every delivery crosses nodes.
+/// B holds the ICO's deliveries while its subscriptions there are open, and A refuses to serve
+/// them too. Node A is killed with SIGKILL under load and the NCA's agent moves to B. Every
+/// acknowledged transfer reaches the ICO's inbox exactly once, and the log, exported from B,
+/// has no gap, one acceptance per message, and verifies against the key the nodes share.
+#[test]
+fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
+    const ROUND: usize = 40;
+    let pg_dir = tempfile::tempdir().unwrap();
+    let cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = Nodes::new();
+    use_postgres(&nodes, &cluster);
+    let mut a = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
+    // Node B, added as docs/deployment.md says: a data directory of its own holding the log
+    // key and a copy of the published checkpoint of node A (the floor below which B refuses
+    // a database: a stale primary), and a configuration of its own (its log sits beside it).
+    let b_home = nodes.dir.path().join("node-b");
+    let b_data = b_home.join("data");
+    fs::create_dir_all(&b_data).unwrap();
+    for file in [
+        audit_log::LOG_KEY_FILE,
+        audit_log::PUBLISHED_CHECKPOINT_FILE,
+    ] {
+        fs::copy(nodes.data_dir.join(file), b_data.join(file)).unwrap();
+    }
+    let b_config = b_home.join("broker.toml");
+    fs::copy(&nodes.config, &b_config).unwrap();
+    let b = BrokerProcess::start(&b_config, &b_data).unwrap();
+    let nca = nodes.agent("nca", &[a.addr(), b.addr()]);
+    let ico = nodes.agent("ico", &[b.addr(), a.addr()]);
+
+    // Sent through A, delivered from B.
+    drop_messages(&nca, 0, ROUND);
+    assert_all_delivered_once(ROUND, &nca, &ico, "sent through A, received from B");
+    // B serves the ICO's deliveries while its agent's subscription there is open: A refuses
+    // to deliver them too, and says where they are.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let client = nodes.pki.client(a.addr(), "ico").unwrap();
+        let client = client.connect().await.unwrap();
+        client
+            .exchange()
+            .subscribe(pb::SubscribeRequest { window: 1 })
+            .await
+            .expect_err("a second node delivering the ICO's items")
+    });
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("DELIVERIES_ON_ANOTHER_NODE")
+    );
+
+    // A dies under load; the NCA's agent moves to B.
+    drop_messages(&nca, ROUND, 2 * ROUND);
+    wait_sent(ROUND + ROUND / 4, &a, &nca, &ico);
+    a.kill().unwrap();
+    drop_messages(&nca, 3 * ROUND, ROUND);
+    assert_all_delivered_once(4 * ROUND, &nca, &ico, "after node A was killed");
+    let moved_to = format!("https://localhost:{}", b.addr().port());
+    assert!(
+        nca.log_text()
+            .lines()
+            .any(|l| l.contains("connected to broker node") && l.contains(&moved_to)),
+        "the NCA's agent logs its move to node B:\n{}",
+        nca.log_tail(30)
+    );
+    assert_log_verifies(&nodes, b.addr(), 4 * ROUND);
+}
+
+#[test]
+fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover() {
+    const ROUND: usize = 40;
+    let pg_dir = tempfile::tempdir().unwrap();
+    let mut cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let nodes = Nodes::new();
+    use_postgres(&nodes, &cluster);
     // The cluster is set up for durability: check-config finds nothing to warn about.
     let checked = check_config(&nodes.config);
     assert!(
@@ -110,40 +227,7 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
 
     // 3. The whole log, exported by the auditor, verifies offline against the broker's key,
     //    and holds each message's acceptance once.
-    let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
-        .unwrap()
-        .verifier();
-    let path = nodes.dir.path().join("audit.jsonl");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let summary = rt.block_on(async {
-        let auditor = nodes.pki.client(addr, "auditor").unwrap();
-        let client = auditor.connect().await.unwrap();
-        audit_file::export(&client, pb::ExportRequest::default(), &path, Format::Jsonl)
-            .await
-            .unwrap()
-    });
-    let verified = audit_file::verify(&path, &key)
-        .unwrap()
-        .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
-    assert!(!verified.partial);
-    assert_eq!(verified.entries, summary.tree_size);
-    let text = fs::read_to_string(&path).unwrap();
-    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
-    for (index, line) in text.lines().skip(1).enumerate() {
-        let record: Value = serde_json::from_str(line).unwrap();
-        assert_eq!(record["index"].as_u64(), Some(index as u64), "a gap");
-        let bytes = B64.decode(record["entry"].as_str().unwrap()).unwrap();
-        if let Some(Event::TransferAccepted(t)) = audit::decode(&bytes).unwrap().event {
-            *accepted
-                .entry(t.envelope.unwrap_or_default().message_id)
-                .or_default() += 1;
-        }
-    }
-    assert_eq!(accepted.len(), 3 * ROUND, "one acceptance per message");
-    assert!(
-        accepted.values().all(|n| *n == 1),
-        "a message accepted twice: {accepted:?}"
-    );
+    assert_log_verifies(&nodes, addr, 3 * ROUND);
 
     // 4. The old primary comes back, stale: it never saw the promotion and lacks what was
     //    committed since. A broker started now reaches it first (the URL lists it first) and
