@@ -402,8 +402,16 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     {
         return Err(at.err("modified", "is before created"));
     }
-    for p in TIMESTAMPS {
-        timestamp_prop(&at, o, p, false)?;
+    // One pass over the object's members finds its timestamps (a lookup per name in
+    // TIMESTAMPS would search the object a dozen times); only if one is bad are they checked
+    // again in TIMESTAMPS' order, so that the first bad one in that order is reported.
+    let timestamps_ok = o.iter().all(|(name, v)| {
+        !TIMESTAMPS.contains(&name.as_str()) || v.as_str().and_then(timestamp).is_some()
+    });
+    if !timestamps_ok {
+        for p in TIMESTAMPS {
+            timestamp_prop(&at, o, p, false)?;
+        }
     }
     for (name, v) in o {
         if let Value::Array(items) = v
