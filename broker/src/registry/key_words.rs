@@ -13,21 +13,24 @@
 //! In a JSON text that is pure ASCII and has no backslash (no escape), every string of the
 //! document and every integer is written out byte for byte between punctuation, so each of
 //! its words is a whole word of the text. So if no word of the text is a key word, the
-//! matcher finds nobody in the document, and its string-by-string walk can be skipped. Any
-//! other text (a byte beyond ASCII, an escape) is always "may name": the walk decides.
+//! matcher finds nobody in the document, and its string-by-string walk can be skipped. An
+//! escape that stands for punctuation (`\n`, `\"`, `\u0020`) is blanked out first, which
+//! separates words as the character it stands for does. Any other text (a byte beyond
+//! ASCII, an escaped letter, digit or character beyond ASCII) is always "may name": the
+//! walk decides.
 //! Words that the text's punctuation puts side by side across two strings only make a false
 //! alarm, which the walk then settles.
 //!
 //! The test hashes each word of the text once and looks it up in a bitmap of the key words'
-//! hashes (a few KiB, cache-resident), then, for the few words that hit, in the set of their
+//! hashes (128 KiB), then, for the few words that hit, in the set of their
 //! full hashes: linear in the text, with no automaton and no normal form written. A hash
 //! collision can only raise a false alarm.
 
 use std::collections::HashSet;
 
-/// log2 of the bitmap's size in bits: 2^18 bits (32 KiB) hold the key words of 10,000
-/// organisations (about 40,000) at about one bit in six set.
-const BITS: u32 = 18;
+/// log2 of the bitmap's size in bits: 2^20 bits (128 KiB) hold the key words of 10,000
+/// organisations (about 40,000) at about one bit in 25 set.
+const BITS: u32 = 20;
 
 /// The key words of a registry.
 #[derive(Debug)]
@@ -119,23 +122,128 @@ impl KeyWords {
         }
     }
 
-    /// Whether the JSON text `text` may name someone: false only if it is pure ASCII, has
-    /// no backslash, and none of its words is a key word.
+    /// Whether the JSON text `text` may name someone: false only if it is pure ASCII, its
+    /// escapes all stand for punctuation, and none of its words is a key word.
     pub(crate) fn may_name(&self, text: &[u8]) -> bool {
-        if self.always || !text.is_ascii() || memchr::memchr(b'\\', text).is_some() {
+        if self.always || !text.is_ascii() {
             return true;
         }
         if self.hashes.is_empty() {
             return false;
         }
-        runs(text).any(|word| {
+        let is_key = |word: &[u8]| {
             let h = word_hash(word);
             self.bits
                 .get(bit_word(h))
                 .is_none_or(|slot| slot & bit(h) != 0)
                 && self.hashes.contains(&h)
-        })
+        };
+        match memchr::memchr(b'\\', text) {
+            None => any_run(text, is_key),
+            Some(first) => match without_escapes(text, first) {
+                Some(plain) => any_run(&plain, is_key),
+                None => true,
+            },
+        }
     }
+}
+
+/// A copy of the JSON text `text` (whose first backslash is at `first`) with every escape
+/// blanked out, if every escape stands for an ASCII character other than a letter or digit
+/// (`\n`, `\"`, `\/`, `\u0020`, …): in the document such a character separates words as
+/// the blanks do, so the copy's words are the document's. `None` for any other escape (a
+/// letter, a digit or a character beyond ASCII written as `\u`), which the caller cannot
+/// answer for. A backslash only ever starts an escape in a text the parser accepted, and
+/// escapes are read from left to right, so `\\n` is an escaped backslash, then `n`.
+fn without_escapes(text: &[u8], first: usize) -> Option<Vec<u8>> {
+    let mut out = text.to_vec();
+    let mut i = first;
+    while let Some(at) = memchr::memchr(b'\\', out.get(i..)?) {
+        i += at;
+        let len = match out.get(i + 1)? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => 2,
+            b'u' => {
+                let digits = std::str::from_utf8(out.get(i + 2..i + 6)?).ok()?;
+                let c = u8::try_from(u32::from_str_radix(digits, 16).ok()?).ok()?;
+                if !c.is_ascii() || c.is_ascii_alphanumeric() {
+                    return None;
+                }
+                6
+            }
+            _ => return None,
+        };
+        out.get_mut(i..i + len)?.fill(b' ');
+        i += len;
+    }
+    Some(out)
+}
+
+/// Bit k set where byte k of `x` (little-endian) is an ASCII letter or digit, for eight
+/// ASCII bytes at once (a byte beyond ASCII is read without its top bit). Each test is a
+/// range check by addition: adding `0x80 - lo` sets a byte's top bit from `lo` on, and no
+/// byte below 0x80 carries into the next.
+fn alnum_bits(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const TOP: u64 = 0x8080_8080_8080_8080;
+    let x = x & !TOP;
+    let digit = (x + (0x80 - 0x30) * ONES) & !(x + (0x80 - 0x3a) * ONES);
+    let lower = x | (0x20 * ONES);
+    let letter = (lower + (0x80 - 0x61) * ONES) & !(lower + (0x80 - 0x7b) * ONES);
+    // Gather the top bit of each byte into the top byte, byte k's at bit 56 + k.
+    ((((digit | letter) & TOP) >> 7).wrapping_mul(0x0102_0408_1020_4080)) >> 56
+}
+
+/// Whether `f` holds for any of the maximal runs of ASCII letters and digits in `text`, in
+/// order; as `runs(text).any(f)`, but faster. `text` must be ASCII. The text is classified 64 bytes at a time
+/// into a bit mask (no branch per byte), and the runs' starts and ends are read off its
+/// transitions; a run may cross from one 64-byte block into the next.
+fn any_run<'t>(text: &'t [u8], mut f: impl FnMut(&'t [u8]) -> bool) -> bool {
+    // Whether the byte before the block is a letter or digit (then a run is open, from
+    // `start`).
+    let mut carry = 0u64;
+    let mut start = 0usize;
+    for (block, bytes) in text.chunks(64).enumerate() {
+        let base = block * 64;
+        let mut mask = 0u64;
+        for (k, eight) in bytes.chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            if let Some(to) = b.get_mut(..eight.len()) {
+                to.copy_from_slice(eight);
+            }
+            mask |= alnum_bits(u64::from_le_bytes(b)) << (8 * k);
+        }
+        let before = (mask << 1) | carry;
+        // Bit j of `starts`: a run starts at j; of `ends`: a run ended at j - 1. Past the
+        // block's last byte the mask is clear, so a run still open at a short (last) block's
+        // end ends there.
+        let mut starts = mask & !before;
+        let mut ends = !mask & before;
+        // Starts and ends alternate; an open run's end comes first.
+        let mut open = carry == 1;
+        loop {
+            if open {
+                if ends == 0 {
+                    break;
+                }
+                let end = base + ends.trailing_zeros() as usize;
+                ends &= ends - 1;
+                open = false;
+                if text.get(start..end).is_some_and(&mut f) {
+                    return true;
+                }
+            } else {
+                if starts == 0 {
+                    break;
+                }
+                start = base + starts.trailing_zeros() as usize;
+                starts &= starts - 1;
+                open = true;
+            }
+        }
+        carry = mask >> 63;
+    }
+    // A run open at the end of a text whose last block is whole.
+    carry == 1 && text.get(start..).is_some_and(f)
 }
 
 /// The maximal runs of ASCII letters and digits in `text` (other bytes separate them).
@@ -213,9 +321,16 @@ mod tests {
             (r#"{"a":"mail.example"}"#, false),
             (r#"{"a":"see northwind"}"#, true),
             (r#"{"a":"co.uk"}"#, false),
-            // Beyond ASCII or with an escape, the text always may name.
+            // Beyond ASCII, the text always may name.
             ("{\"a\":\"caf\u{e9}\"}", true),
-            (r#"{"a":"x\ny"}"#, true),
+            // An escape of punctuation separates words; of anything else, may name.
+            (r#"{"a":"x\ny"}"#, false),
+            (r#"{"a":"x\nacme"}"#, true),
+            (r#"{"a":"x\u0020acme\"\\\/"}"#, true),
+            (r#"{"a":"\\nacme"}"#, false),
+            (r#"{"a":"\u0041cme"}"#, true),
+            (r#"{"a":"\u00e9"}"#, true),
+            (r#"{"a":"\x"}"#, true),
             // A name or domain beyond ASCII adds no key word.
             (r#"{"a":"Societe Generale"}"#, false),
             (r#"{"a":"b.cher.example"}"#, false),
@@ -223,6 +338,48 @@ mod tests {
         for (text, want) in rows {
             assert_eq!(k.may_name(text.as_bytes()), *want, "{text}");
         }
+    }
+
+    /// The block-wise run finder yields exactly the runs that splitting does, across and at
+    /// the edges of 64-byte blocks.
+    #[test]
+    fn runs_are_found_across_blocks() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in (0..200).chain([255, 256, 257, 1000]) {
+            for _ in 0..50 {
+                let text: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        // Mostly letters, so that long runs cross blocks too.
+                        b"aZ9aaaaabbbbcccc-. :\"{"[(state % 22) as usize]
+                    })
+                    .collect();
+                let want: Vec<&[u8]> = runs(&text).collect();
+                let mut got: Vec<&[u8]> = Vec::new();
+                assert!(!any_run(&text, |w| {
+                    got.push(w);
+                    false
+                }));
+                assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&text));
+            }
+        }
+        assert!(any_run(b"x yz", |w| w == b"yz"));
+        assert!(!any_run(b"", |_| true));
+    }
+
+    #[test]
+    fn alnum_bits_classify_every_ascii_byte() {
+        for b in 0..=0x7fu8 {
+            for k in 0..8 {
+                let mut bytes = [b'.'; 8];
+                bytes[k] = b;
+                let want = u64::from(b.is_ascii_alphanumeric()) << k;
+                assert_eq!(alnum_bits(u64::from_le_bytes(bytes)), want, "{b:#x} at {k}");
+            }
+        }
+        assert_eq!(alnum_bits(u64::from_le_bytes(*b"a0Z9 /:@")), 0b1111);
     }
 
     #[test]

@@ -532,10 +532,10 @@ impl Matcher {
     /// `value` must be what the JSON parser made of `json_text` (it is not checked): a text
     /// that says less than its document would hide matches.
     ///
-    /// The first look (see `key_words`) answers for pure-ASCII texts without escapes, which
-    /// write every string and integer of their document byte for byte: if none of the
-    /// text's words is the key word of a registered name or identifier, no string of the
-    /// document can hold one. Any other text is walked.
+    /// The first look (see `key_words`) answers for pure-ASCII texts whose escapes all stand
+    /// for punctuation (`\n`, `\"`), which write every word of every string and integer of
+    /// their document as it is: if none of the text's words is the key word of a registered
+    /// name or identifier, no string of the document can hold one. Any other text is walked.
     pub fn scan_json_text_with<'m>(
         &'m self,
         scratch: &mut Scratch,
@@ -1089,7 +1089,13 @@ mod tests {
             ("a letter escaped", r#"{"a":"\u0041cme"}"#, true, true),
             ("after \\n", r#"{"a":"x\nAcme"}"#, true, true),
             ("after \\t, in a key", r#"{"x\tGlobex":0}"#, true, true),
-            ("an escaped backslash", r#"{"a":"\\nAcme"}"#, false, true),
+            ("an escaped backslash", r#"{"a":"\\nAcme"}"#, false, false),
+            (
+                "an escaped quote before an n",
+                r#"{"a":"\"nAcme"}"#,
+                false,
+                false,
+            ),
             ("escaped quotes", r#"{"a":"\"Acme\""}"#, true, true),
             (
                 "a surrogate pair",
