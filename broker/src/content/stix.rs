@@ -355,7 +355,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     };
     let id = match o.get("id") {
         Some(Value::String(id)) => match identifier(id) {
-            Some((it, _)) if it == t => id.clone(),
+            Some((it, _)) if it == t => id.as_str(),
             Some((it, _)) => {
                 return Err(at.err(
                     "id",
@@ -367,7 +367,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         Some(_) => return Err(at.err("id", "must be a string")),
         None => return Err(at.err("id", "is required")),
     };
-    at.id = Some(id.clone());
+    at.id = Some(id);
     for name in o.keys() {
         if name.is_empty()
             || name.len() > 250
@@ -385,11 +385,11 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         (None, Category::Sco | Category::Custom) => {}
         (None, _) => return Err(at.err("spec_version", "is required")),
     }
-    let needs_created_modified = matches!(cat, Category::Sdo | Category::Sro);
-    let mut common: Vec<&str> = Vec::new();
-    if needs_created_modified {
-        common.extend(["created", "modified"]);
-    }
+    let common: &[&str] = if matches!(cat, Category::Sdo | Category::Sro) {
+        &["created", "modified"]
+    } else {
+        &[]
+    };
     for p in common.iter().chain(required.iter()) {
         if !o.contains_key(*p) {
             return Err(at.err(p, "is required"));
@@ -402,8 +402,16 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     {
         return Err(at.err("modified", "is before created"));
     }
-    for p in TIMESTAMPS {
-        timestamp_prop(&at, o, p, false)?;
+    // One pass over the object's members finds its timestamps (a lookup per name in
+    // TIMESTAMPS would search the object a dozen times); only if one is bad are they checked
+    // again in TIMESTAMPS' order, so that the first bad one in that order is reported.
+    let timestamps_ok = o.iter().all(|(name, v)| {
+        !TIMESTAMPS.contains(&name.as_str()) || v.as_str().and_then(timestamp).is_some()
+    });
+    if !timestamps_ok {
+        for p in TIMESTAMPS {
+            timestamp_prop(&at, o, p, false)?;
+        }
     }
     for (name, v) in o {
         if let Value::Array(items) = v
@@ -418,10 +426,10 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         if t == "observed-data" && name == "objects" {
             continue;
         }
-        check_refs(&at, t, name, name, v)?;
+        check_refs(&at, t, name, PropPath::Top(name), v)?;
     }
     if t == "marking-definition" {
-        check_marking_definition(&at, &id, o)?;
+        check_marking_definition(&at, id, o)?;
     }
     if t == "ipv4-addr" || t == "ipv6-addr" {
         let v4 = t == "ipv4-addr";
@@ -441,19 +449,20 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     if let Some(g) = o.get("granular_markings") {
         check_granular_markings(&at, o, g)?;
     }
-    Ok(id)
+    Ok(id.to_owned())
 }
 
-struct ObjectCheck {
+/// The object being checked, for the errors that name it.
+struct ObjectCheck<'a> {
     index: usize,
-    id: Option<String>,
+    id: Option<&'a str>,
 }
 
-impl ObjectCheck {
+impl ObjectCheck<'_> {
     fn err(&self, property: &str, message: impl Into<String>) -> StixError {
         StixError {
             index: Some(self.index),
-            id: self.id.clone(),
+            id: self.id.map(str::to_owned),
             property: property.to_owned(),
             message: message.into(),
         }
@@ -463,7 +472,7 @@ impl ObjectCheck {
 /// Checks the timestamp property `name` if present; `created`/`modified` need millisecond
 /// precision. Returns its value as comparable parts.
 fn timestamp_prop(
-    at: &ObjectCheck,
+    at: &ObjectCheck<'_>,
     o: &Map<String, Value>,
     name: &str,
     millis: bool,
@@ -555,47 +564,70 @@ fn timestamp(s: &str) -> Option<Timestamp> {
     })
 }
 
+/// Where a property is inside an object (`external_references[0].source_ref`), spelt out
+/// only when an error names it.
+#[derive(Debug, Clone, Copy)]
+enum PropPath<'a> {
+    /// A top-level property.
+    Top(&'a str),
+    /// A member of the object at the path.
+    Key(&'a PropPath<'a>, &'a str),
+    /// An item of the list at the path.
+    Index(&'a PropPath<'a>, usize),
+}
+
+impl std::fmt::Display for PropPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropPath::Top(name) => f.write_str(name),
+            PropPath::Key(parent, key) => write!(f, "{parent}.{key}"),
+            PropPath::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 /// Checks reference properties under `value` (the property `name` at `path`).
 fn check_refs(
-    at: &ObjectCheck,
+    at: &ObjectCheck<'_>,
     object_type: &str,
     name: &str,
-    path: &str,
+    path: PropPath<'_>,
     value: &Value,
 ) -> Result<(), StixError> {
     if name.ends_with("_ref") {
         let Value::String(r) = value else {
-            return Err(at.err(path, "must be an identifier string"));
+            return Err(at.err(&path.to_string(), "must be an identifier string"));
         };
         return check_ref(at, object_type, name, path, r);
     }
     if name.ends_with("_refs") {
         let Value::Array(items) = value else {
-            return Err(at.err(path, "must be a list of identifiers"));
+            return Err(at.err(&path.to_string(), "must be a list of identifiers"));
         };
         if items.is_empty() {
-            return Err(at.err(path, "must not be empty"));
+            return Err(at.err(&path.to_string(), "must not be empty"));
         }
         for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
+            let p = PropPath::Index(&path, i);
             let Value::String(r) = item else {
-                return Err(at.err(&p, "must be an identifier string"));
+                return Err(at.err(&p.to_string(), "must be an identifier string"));
             };
-            check_ref(at, object_type, name, &p, r)?;
+            check_ref(at, object_type, name, p, r)?;
         }
         return Ok(());
     }
     match value {
         Value::Object(m) => {
             for (k, v) in m {
-                check_refs(at, object_type, k, &format!("{path}.{k}"), v)?;
+                check_refs(at, object_type, k, PropPath::Key(&path, k), v)?;
             }
         }
         Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
                 if let Value::Object(m) = v {
+                    let item = PropPath::Index(&path, i);
                     for (k, v) in m {
-                        check_refs(at, object_type, k, &format!("{path}[{i}].{k}"), v)?;
+                        check_refs(at, object_type, k, PropPath::Key(&item, k), v)?;
                     }
                 }
             }
@@ -606,14 +638,17 @@ fn check_refs(
 }
 
 fn check_ref(
-    at: &ObjectCheck,
+    at: &ObjectCheck<'_>,
     object_type: &str,
     name: &str,
-    path: &str,
+    path: PropPath<'_>,
     r: &str,
 ) -> Result<(), StixError> {
     let Some((target, _)) = identifier(r) else {
-        return Err(at.err(path, format!("{r:?} is not an identifier (type--UUID)")));
+        return Err(at.err(
+            &path.to_string(),
+            format!("{r:?} is not an identifier (type--UUID)"),
+        ));
     };
     let ok = match allowed(object_type, name) {
         Allowed::Any => true,
@@ -630,14 +665,14 @@ fn check_ref(
         Ok(())
     } else {
         Err(at.err(
-            path,
+            &path.to_string(),
             format!("refers to a {target}, which {object_type}.{name} may not reference"),
         ))
     }
 }
 
 fn check_marking_definition(
-    at: &ObjectCheck,
+    at: &ObjectCheck<'_>,
     id: &str,
     o: &Map<String, Value>,
 ) -> Result<(), StixError> {
@@ -694,7 +729,7 @@ fn check_marking_definition(
 }
 
 fn check_granular_markings(
-    at: &ObjectCheck,
+    at: &ObjectCheck<'_>,
     o: &Map<String, Value>,
     g: &Value,
 ) -> Result<(), StixError> {

@@ -37,6 +37,7 @@ thread_local! {
 
 /// The organisations `envelope` identifies: those it declares first, in its order, then those
 /// only its payload names, in document order, then those only its workflow step's text names.
+/// `content` is what `envelope.payload` reads as ([`Content::read`]).
 pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> Vec<Identified> {
     let mut out: Vec<Identified> = envelope
         .declared_organisations()
@@ -67,8 +68,10 @@ pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> 
         Content::Text(_) | Content::Opaque => None,
     };
     if let Some(value) = value {
+        // `content` is what the payload read as, so the payload is the document's text, which
+        // the matcher scans whole first and walks only if it could name someone.
         let found = SCRATCH.with(|s| match s.try_borrow_mut() {
-            Ok(mut scratch) => matcher.scan_json_with(&mut scratch, value),
+            Ok(mut scratch) => matcher.scan_json_text_with(&mut scratch, &envelope.payload, value),
             // Only re-entered if a scan panicked mid-way on this thread; start afresh.
             Err(_) => matcher.scan_json(value),
         });
@@ -203,6 +206,14 @@ mod tests {
          "pattern":"[domain-name:value = 'vpn.ACME.example']","pattern_type":"stix",
          "valid_from":"2026-11-30T09:15:00Z","description":"Seen against Globex plc's mail gateway"}]}"#;
 
+    /// A bundle whose only name is written with JSON escapes (`\u0020`, `\n`), which the
+    /// raw text hides from a naive scan.
+    const STIX_ESCAPED: &str = r#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e","objects":[
+        {"type":"indicator","spec_version":"2.1","id":"indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f",
+         "created":"2026-11-30T09:15:00.000Z","modified":"2026-11-30T09:15:00.000Z",
+         "pattern":"[domain-name:value = 'vpn.example.test']","pattern_type":"stix",
+         "valid_from":"2026-11-30T09:15:00Z","description":"Seen against\nAcme\u0020Ltd's mail gateway"}]}"#;
+
     #[test]
     fn declared_then_named_each_once_with_where() {
         let m = matcher();
@@ -258,6 +269,31 @@ mod tests {
                         ),
                     ),
                 ],
+            ),
+            (
+                "stix: a name written with escapes",
+                None,
+                "application/stix+json;version=2.1",
+                STIX_ESCAPED.as_bytes(),
+                vec![(
+                    "acme-ltd",
+                    false,
+                    Some(
+                        "its name in object 0 \
+                         (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property description",
+                    ),
+                )],
+            ),
+            (
+                "json: a name split by an escape, in a key",
+                None,
+                "application/json",
+                br#"{"notes":{"ACME\tLimited":"x"}}"#,
+                vec![(
+                    "acme-ltd",
+                    false,
+                    Some("its name in a property name of $.notes"),
+                )],
             ),
             (
                 "opaque: only what is declared",

@@ -27,6 +27,7 @@ use serde_json::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
+    key_words::KeyWords,
     normalise::{NotableToken, append_identifiers_form_noting, is_mark, name_words, word_pattern},
 };
 
@@ -210,6 +211,8 @@ pub struct Matcher {
     ids: Vec<OrgId>,
     names: Option<Automaton>,
     identifiers: Identifiers,
+    /// A word of every name and identifier, for the first look at a whole JSON text.
+    key_words: KeyWords,
 }
 
 /// The most pattern bytes compiled into a DFA (about 50 MiB of automaton); a larger
@@ -306,6 +309,7 @@ impl Matcher {
     ) -> Result<Self, RegistryError> {
         let mut names = PatternSet::default();
         let mut identifiers = Identifiers::default();
+        let mut key_words = KeyWords::default();
         let mut ids = Vec::with_capacity(registry.len());
         for (i, o) in registry.organisations().iter().enumerate() {
             let org = u32::try_from(i)
@@ -314,7 +318,9 @@ impl Matcher {
             if o.match_on == MatchOn::NamesAndIdentifiers {
                 for name in o.names() {
                     let role = Role::Identifies(MatchKind::Name);
-                    names.add(word_pattern(&name_words(name)), Owner { org, role });
+                    let words = name_words(name);
+                    key_words.add_name(&words);
+                    names.add(word_pattern(&words), Owner { org, role });
                 }
                 for phrase in &o.not_names {
                     let role = Role::NotName;
@@ -323,6 +329,7 @@ impl Matcher {
             }
             let mut token = |text: &str, kind: MatchKind| {
                 let role = Role::Identifies(kind);
+                key_words.add_number(text.to_ascii_lowercase().as_bytes());
                 Identifiers::add(&mut identifiers.numbers, text, Owner { org, role });
             };
             if let Some(n) = &o.company_number {
@@ -341,6 +348,7 @@ impl Matcher {
             ] {
                 for d in list {
                     let role = Role::Identifies(kind);
+                    key_words.add_domain(d.as_str().to_ascii_lowercase().as_bytes());
                     Identifiers::add(&mut identifiers.domains, d.as_str(), Owner { org, role });
                 }
             }
@@ -349,6 +357,7 @@ impl Matcher {
             ids,
             names: names.build(dfa_max_pattern_bytes)?,
             identifiers,
+            key_words,
         })
     }
 
@@ -516,6 +525,34 @@ impl Matcher {
         found
     }
 
+    /// As [`Matcher::scan_json_with`], for a document parsed from `json_text`, first looking
+    /// at that text whole: only if it could name an organisation is the document walked
+    /// string by string (which finds and places each match). The finding is the same.
+    ///
+    /// `value` must be what the JSON parser made of `json_text` (it is not checked): a text
+    /// that says less than its document would hide matches.
+    ///
+    /// The first look (see `key_words`) answers for pure-ASCII texts whose escapes all stand
+    /// for punctuation (`\n`, `\"`), which write every word of every string and integer of
+    /// their document as it is: if none of the text's words is the key word of a registered
+    /// name or identifier, no string of the document can hold one. Any other text is walked.
+    pub fn scan_json_text_with<'m>(
+        &'m self,
+        scratch: &mut Scratch,
+        json_text: &[u8],
+        value: &Value,
+    ) -> Vec<JsonMatch<'m>> {
+        if !self.text_may_name(json_text) {
+            return Vec::new();
+        }
+        self.scan_json_with(scratch, value)
+    }
+
+    /// Whether the JSON text `text` could name an organisation (true when unsure).
+    fn text_may_name(&self, text: &[u8]) -> bool {
+        self.key_words.may_name(text)
+    }
+
     /// Scans the part of a JSON document's form in `scratch.identifiers`, which starts at
     /// `*base` in the whole form, adding (organisation, piece, kind) to `hits` for every
     /// match; then empties the buffer and moves `*base` past it.
@@ -672,7 +709,7 @@ fn path_of(root: &Value, nodes: &[Node], mut node: usize, named: &[usize]) -> St
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::registry::{Organisation, OrganisationSpec};
+    use crate::registry::{Organisation, OrganisationSpec, normalise::tests as normalise_tests};
 
     fn org(id: &str, name: &str, edit: impl FnOnce(&mut OrganisationSpec)) -> Organisation {
         let mut s = OrganisationSpec {
@@ -978,6 +1015,443 @@ mod tests {
             };
             assert_eq!(found(&nfa), found(&dfa), "{text:?}");
         }
+    }
+
+    /// `matcher()`'s registry and two more: a two-word name whose first word names no one
+    /// alone, and an accented name.
+    fn wider_matcher() -> Matcher {
+        let registry = Registry::new(vec![
+            org("acme-ltd", "Acme Ltd", |s| {
+                s.other_names = vec!["ACME Limited".into()];
+                s.company_number = Some("01234567".into());
+                s.domains = vec!["acme.example".into(), "acmecorp.example".into()];
+                s.not_names = vec!["Acme Road".into()];
+            }),
+            org("globex-plc", "Globex PLC", |s| {
+                s.domains = vec!["globex.example".into()];
+                s.email_domains = vec!["globex-mail.example".into()];
+                s.charity_number = Some("SC012345".into());
+            }),
+            org("acme-holdings", "Acme Holdings Limited", |_| {}),
+            org("apple-charity", "Apple", |s| {
+                s.match_on = Some("identifiers".into());
+                s.company_number = Some("SC123456".into());
+            }),
+            org("initech", "Initech Software Ltd", |_| {}),
+            org("socgen", "Soci\u{e9}t\u{e9} G\u{e9}n\u{e9}rale", |_| {}),
+        ])
+        .unwrap();
+        Matcher::new(&registry).unwrap()
+    }
+
+    /// Checks that the whole-text scan and the walk find the same in the JSON text `text`,
+    /// and that the text alone is never judged to name no one where the walk finds someone.
+    /// Returns (what the walk found, whether the text could name someone).
+    fn agree(m: &Matcher, text: &str) -> (Vec<String>, bool) {
+        let value: Value = serde_json::from_str(text).unwrap();
+        let mut scratch = Scratch::default();
+        let walked: Vec<String> = m
+            .scan_json_with(&mut scratch, &value)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let fast: Vec<String> = m
+            .scan_json_text_with(&mut scratch, text.as_bytes(), &value)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(fast, walked, "{text}");
+        let may = m.text_may_name(text.as_bytes());
+        assert!(may || walked.is_empty(), "missed {walked:?} in {text}");
+        (walked, may)
+    }
+
+    #[test]
+    fn the_whole_text_scan_misses_nothing_the_walk_finds() {
+        let m = wider_matcher();
+        // (what, JSON text, whether the walk finds someone, whether the text could)
+        let rows: &[(&str, &str, bool, bool)] = &[
+            (
+                "nobody",
+                r#"{"a":"plain words","n":[1,2.5,true,null]}"#,
+                false,
+                false,
+            ),
+            ("a name", r#"{"a":"Acme Ltd"}"#, true, true),
+            ("mixed case", r#"{"a":"aCmE lTd"}"#, true, true),
+            ("in a key", r#"{"x":{"Acme Ltd":1}}"#, true, true),
+            (
+                "split by a \\u escape",
+                r#"{"a":"Acme\u0020Ltd"}"#,
+                true,
+                true,
+            ),
+            ("a letter escaped", r#"{"a":"\u0041cme"}"#, true, true),
+            ("after \\n", r#"{"a":"x\nAcme"}"#, true, true),
+            ("after \\t, in a key", r#"{"x\tGlobex":0}"#, true, true),
+            ("an escaped backslash", r#"{"a":"\\nAcme"}"#, false, false),
+            (
+                "an escaped quote before an n",
+                r#"{"a":"\"nAcme"}"#,
+                false,
+                false,
+            ),
+            ("escaped quotes", r#"{"a":"\"Acme\""}"#, true, true),
+            (
+                "a surrogate pair",
+                r#"{"a":"\ud83d\ude00Acme"}"#,
+                true,
+                true,
+            ),
+            (
+                "accents escaped",
+                r#"{"a":"Soci\u00e9t\u00e9 G\u00e9n\u00e9rale"}"#,
+                true,
+                true,
+            ),
+            (
+                "accents plain",
+                "{\"a\":\"SOCI\u{c9}T\u{c9} G\u{c9}N\u{c9}RALE\"}",
+                true,
+                true,
+            ),
+            (
+                "a URL, slashes escaped",
+                r#"{"u":"https:\/\/vpn.acmecorp.example\/x"}"#,
+                true,
+                true,
+            ),
+            (
+                "a dot escaped",
+                r#"{"u":"acmecorp\u002eexample"}"#,
+                true,
+                true,
+            ),
+            (
+                "a subdomain",
+                r#"{"a":"mail.vpn.acmecorp.example"}"#,
+                true,
+                true,
+            ),
+            (
+                "an e-mail domain",
+                r#"{"a":"x@globex-mail.example"}"#,
+                true,
+                true,
+            ),
+            (
+                "a look-alike domain",
+                r#"{"a":"notacmecorp.example"}"#,
+                false,
+                false,
+            ),
+            ("a company number", r#"{"a":"No. 01234567"}"#, true, true),
+            ("an integer", r#"{"a":1234567}"#, true, true),
+            ("a negative integer", r#"[-1234567]"#, true, true),
+            // A float is not an integer, but its digits are a word.
+            (
+                "a float is not an integer",
+                r#"{"a":1234567.0}"#,
+                false,
+                true,
+            ),
+            ("nor is an exponent", r#"{"a":1234567e0}"#, false, false),
+            (
+                "a number's digits escaped",
+                r#"{"a":"0123\u00345\u00367"}"#,
+                true,
+                true,
+            ),
+            ("a charity number", r#"["sc012345"]"#, true, true),
+            (
+                "an identifiers-only name",
+                r#"{"a":"an apple a day"}"#,
+                false,
+                false,
+            ),
+            ("a number split in two", r#"["0123","4567"]"#, false, false),
+            (
+                "a domain split in two",
+                r#"["acmecorp",".example"]"#,
+                false,
+                true,
+            ),
+            // Punctuation between two strings joins their words: a false alarm that the
+            // walk settles.
+            (
+                "a name across two strings",
+                r#"["Initech","Software"]"#,
+                false,
+                true,
+            ),
+            (
+                "across a key and its value",
+                r#"{"Initech":"Software"}"#,
+                false,
+                true,
+            ),
+            // A name that the text's punctuation puts inside a not_names phrase or a longer
+            // name still alarms, though there it would not count.
+            (
+                "in one string, a not_names phrase beside the next",
+                r#"["12 Acme","Road"]"#,
+                true,
+                true,
+            ),
+            (
+                "beside the next string's longer name",
+                r#"["Acme","Holdings"]"#,
+                true,
+                true,
+            ),
+            (
+                "a not_names phrase in one string",
+                r#"["12 Acme Road"]"#,
+                false,
+                true,
+            ),
+        ];
+        for (what, text, walk, may) in rows {
+            let (found, alarmed) = agree(&m, text);
+            assert_eq!(
+                (!found.is_empty(), alarmed),
+                (*walk, *may),
+                "{what}: {text}"
+            );
+        }
+        // A text the parser did not make (a bad escape) is walked, not trusted.
+        let value = serde_json::json!({"a": "Acme"});
+        let mut scratch = Scratch::default();
+        assert_eq!(
+            m.scan_json_text_with(&mut scratch, br#"{"a":"\x"}"#, &value)
+                .len(),
+            1
+        );
+    }
+
+    /// Writes `v` as JSON with random whitespace between tokens, each string escaped at
+    /// random (see `Gen::escaped`) if `escape`, else only where JSON requires.
+    fn write_json(v: &Value, g: &mut normalise_tests::Gen, escape: bool, out: &mut String) {
+        let space = |g: &mut normalise_tests::Gen, out: &mut String| {
+            if g.next().is_multiple_of(3) {
+                out.push_str([" ", "\n  ", "\t"][(g.next() % 3) as usize]);
+            }
+        };
+        space(g, out);
+        match v {
+            Value::String(s) if escape => {
+                out.push('"');
+                out.push_str(&g.escaped(s));
+                out.push('"');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write_json(item, g, escape, out);
+                }
+                out.push(']');
+            }
+            Value::Object(map) => {
+                out.push('{');
+                for (i, (k, item)) in map.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    space(g, out);
+                    if escape {
+                        out.push('"');
+                        out.push_str(&g.escaped(k));
+                        out.push('"');
+                    } else {
+                        out.push_str(&Value::from(k.as_str()).to_string());
+                    }
+                    out.push(':');
+                    write_json(item, g, escape, out);
+                }
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+        space(g, out);
+    }
+
+    /// Pieces of the generated documents' strings: every registered name, identifier and
+    /// not_names phrase in pieces, separators, and (from `SPECIAL`) characters beyond ASCII
+    /// or that JSON escapes.
+    const PIECES: &[&str] = &[
+        "Acme",
+        "aCME",
+        "Ltd",
+        "Limited",
+        "Holdings",
+        "Road",
+        "12",
+        "01234567",
+        "1234567",
+        "0123",
+        "4567",
+        "SC012345",
+        "sc123456",
+        "acme.example",
+        "acmecorp",
+        ".example",
+        "x@",
+        "mail.",
+        "globex-mail",
+        "Globex",
+        "PLC",
+        "Initech",
+        "Software",
+        "Apple",
+        "Soci",
+        "Generale",
+        ".",
+        "@",
+        "-",
+        " ",
+        "/",
+        "'",
+        "nobody",
+        "quiet",
+        "words",
+        "",
+    ];
+    const SPECIAL: &[&str] = &[
+        "Soci\u{e9}t\u{e9}",
+        "G\u{c9}n\u{e9}rale",
+        "\n",
+        "\"",
+        "\\",
+        "\u{2019}",
+        "\u{1f600}",
+        "\u{130}",
+    ];
+
+    /// A generated document; with `special`, its strings may hold `SPECIAL` pieces.
+    fn generated_value(g: &mut normalise_tests::Gen, depth: u32, special: bool) -> Value {
+        let text = |g: &mut normalise_tests::Gen| -> String {
+            (0..g.next() % 5)
+                .map(|_| {
+                    let k = g.next() as usize;
+                    if special && k.is_multiple_of(4) {
+                        SPECIAL[(k / 4) % SPECIAL.len()]
+                    } else {
+                        PIECES[k % PIECES.len()]
+                    }
+                })
+                .collect()
+        };
+        match g.next() % if depth == 0 { 3 } else { 6 } {
+            0 | 1 => Value::String(text(g)),
+            2 => Value::from([1234567_i64, -1234567, 1234567, 42, 0][(g.next() % 5) as usize]),
+            3 | 4 => Value::Object(
+                (0..g.next() % 4)
+                    .map(|_| (text(g), generated_value(g, depth - 1, special)))
+                    .collect(),
+            ),
+            _ => Value::Array(
+                (0..g.next() % 4)
+                    .map(|_| generated_value(g, depth - 1, special))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A property test: on generated documents (half of them pure ASCII without escapes,
+    /// the others with characters beyond ASCII and every kind of escape), written with
+    /// random whitespace, the whole-text look and walk find exactly what the walk alone
+    /// finds, and the look alarms wherever the walk finds someone.
+    #[test]
+    fn the_whole_text_scan_agrees_on_generated_documents() {
+        let m = wider_matcher();
+        let mut g = normalise_tests::Gen(0xdead_beef_cafe_f00d);
+        let (mut named, mut quiet) = (0, 0);
+        for i in 0..40_000 {
+            let special = i % 2 == 1;
+            let v = generated_value(&mut g, 3, special);
+            let mut text = String::new();
+            write_json(&v, &mut g, special, &mut text);
+            let (found, may) = agree(&m, &text);
+            named += usize::from(!found.is_empty());
+            quiet += usize::from(!may);
+        }
+        // The generator must exercise both verdicts to prove anything.
+        assert!(
+            named > 4_000 && quiet > 4_000,
+            "{named} named, {quiet} quiet"
+        );
+    }
+
+    /// The same over the STIX test corpus: every bundle as it is, then with each of its
+    /// strings in turn replaced by texts that name someone (or almost), written plainly
+    /// and with random escapes.
+    #[test]
+    fn the_whole_text_scan_agrees_on_the_stix_corpus() {
+        let m = wider_matcher();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/stix");
+        let mut g = normalise_tests::Gen(0x0123_4567_89ab_cdef);
+        let mut documents = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let Ok(value) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            agree(&m, &text);
+            documents += 1;
+            let strings = count_strings(&value);
+            for k in 0..strings {
+                for replacement in [
+                    "breach at ACME, then",
+                    "see x@mail.acmecorp.example.",
+                    "12 Acme Road",
+                    "Company No. 01234567",
+                    "Initech",
+                    "no one at all",
+                ] {
+                    let mut v = value.clone();
+                    replace_string(&mut v, k, replacement);
+                    agree(&m, &serde_json::to_string(&v).unwrap());
+                    let mut escaped = String::new();
+                    write_json(&v, &mut g, true, &mut escaped);
+                    agree(&m, &escaped);
+                }
+            }
+        }
+        assert!(documents > 30, "the corpus was not read: {documents}");
+    }
+
+    fn count_strings(v: &Value) -> usize {
+        match v {
+            Value::String(_) => 1,
+            Value::Array(items) => items.iter().map(count_strings).sum(),
+            Value::Object(map) => map.values().map(count_strings).sum(),
+            _ => 0,
+        }
+    }
+
+    /// Replaces the `k`th string value of `v` (in `count_strings`' order) with `with`.
+    fn replace_string(v: &mut Value, k: usize, with: &str) {
+        fn walk(v: &mut Value, k: &mut usize, with: &str) -> bool {
+            match v {
+                Value::String(s) => {
+                    if *k == 0 {
+                        *s = with.to_owned();
+                        return true;
+                    }
+                    *k -= 1;
+                    false
+                }
+                Value::Array(items) => items.iter_mut().any(|i| walk(i, k, with)),
+                Value::Object(map) => map.values_mut().any(|i| walk(i, k, with)),
+                _ => false,
+            }
+        }
+        let mut k = k;
+        walk(v, &mut k, with);
     }
 
     #[test]

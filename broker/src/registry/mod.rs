@@ -11,6 +11,7 @@
 //! [`Organisation::new`] and a [`Registry`] with [`Registry::new`], mapping their errors to its
 //! keys. See `docs/registry.md` for the matching rules as an operator sees them.
 
+mod key_words;
 mod matcher;
 mod normalise;
 

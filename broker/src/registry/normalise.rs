@@ -240,7 +240,7 @@ pub(crate) fn word_pattern(words: &[String]) -> Vec<u8> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn names(s: &str) -> String {
@@ -342,6 +342,106 @@ mod tests {
                 }
                 at += token.len() + 1;
             }
+        }
+    }
+
+    /// The identifiers form as the module's doc states it, one character at a time: the
+    /// reference the fast loop is compared with.
+    fn reference_form(text: &str) -> String {
+        let mut out = String::from(" ");
+        for c in text.chars() {
+            if c.is_alphanumeric() {
+                out.extend(c.to_lowercase());
+                continue;
+            }
+            let separator = if c.is_ascii() { c } else { ' ' };
+            match out.chars().last() {
+                Some(' ') => {}
+                Some('.' | '@' | '-') => {
+                    out.pop();
+                    out.push(' ');
+                }
+                _ if matches!(separator, '.' | '@' | '-') => out.push(separator),
+                _ => out.push(' '),
+            }
+        }
+        match out.chars().last() {
+            Some(' ') => {}
+            Some('.' | '@' | '-') => {
+                out.pop();
+                out.push(' ');
+            }
+            _ => out.push(' '),
+        }
+        out
+    }
+
+    /// A small generator of test strings: xorshift over an alphabet that holds every kind
+    /// of byte the normaliser treats apart (letters of both cases, digits, marks, other
+    /// punctuation, JSON's special characters, multi-byte letters and separators, a
+    /// character whose lower case is longer, an emoji).
+    pub(crate) struct Gen(pub(crate) u64);
+
+    impl Gen {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn text(&mut self, max: u64) -> String {
+            let alphabet: Vec<char> =
+                "aZq09.@-_ ,/:\"\\\n\t\u{0}\u{1f}\u{7f}\u{e9}\u{c9}\u{df}\u{130}\u{2019}\u{a0}\u{1f600}\u{660}K\u{212a}"
+                    .chars()
+                    .collect();
+            let len = self.next() % max;
+            (0..len)
+                .map(|_| alphabet[(self.next() % alphabet.len() as u64) as usize])
+                .collect()
+        }
+
+        /// `s` as the body of a JSON string, each character written plainly where JSON
+        /// allows it or escaped in one of the ways JSON allows, at random.
+        pub(crate) fn escaped(&mut self, s: &str) -> String {
+            let mut out = String::new();
+            for c in s.chars() {
+                let must = c == '"' || c == '\\' || c < ' ';
+                match self.next() % 4 {
+                    0 | 1 if !must => out.push(c),
+                    2 if matches!(c, '"' | '\\' | '/' | '\n' | '\t' | '\r' | '\u{8}' | '\u{c}') => {
+                        out.push('\\');
+                        out.push(match c {
+                            '\n' => 'n',
+                            '\t' => 't',
+                            '\r' => 'r',
+                            '\u{8}' => 'b',
+                            '\u{c}' => 'f',
+                            c => c,
+                        });
+                    }
+                    _ => {
+                        let mut units = [0u16; 2];
+                        for u in c.encode_utf16(&mut units) {
+                            if self.next().is_multiple_of(2) {
+                                out.push_str(&format!("\\u{u:04x}"));
+                            } else {
+                                out.push_str(&format!("\\u{u:04X}"));
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn the_form_is_the_reference_form() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..50_000 {
+            let s = g.text(24);
+            assert_eq!(idents(&s), reference_form(&s), "{s:?}");
         }
     }
 
