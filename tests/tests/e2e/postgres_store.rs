@@ -1,10 +1,9 @@
 //! Brokers on the PostgreSQL engine (`[storage] engine = "postgres"`, docs/deployment.md),
-//! against a real primary with a synchronous standby. Two nodes share one database, and one
-//! of them is killed with SIGKILL under load. One broker, killed with SIGKILL and restarted, then
-//! left running while the database fails over to its standby, it loses and duplicates
-//! nothing, and its audit log stays one history that verifies offline; when the old primary
-//! comes back stale, a broker that reaches it refuses to serve.
-
+//! against a real primary with a synchronous standby, two broker nodes sharing one database
+//! and two agents. One node killed with SIGKILL under load; one killed and restarted, then both
+//! left running while the database fails over to its standby: nothing is lost or duplicated,
+//! and the audit log stays one history that verifies offline from either node; when the old
+//! primary comes back stale, a node that reaches it refuses to serve.
 use std::{collections::BTreeMap, fs, io::Write as _};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
@@ -71,6 +70,25 @@ fn use_postgres(nodes: &Nodes, cluster: &PgCluster) {
     .unwrap();
 }
 
+/// Node B, added as docs/deployment.md says: a data directory of its own holding the log key
+/// and a copy of the first node's published checkpoint (the floor below which B refuses a
+/// database: a stale primary), and a configuration of its own (its log sits beside it).
+/// Returns its configuration and data directory.
+fn add_node(nodes: &Nodes) -> (std::path::PathBuf, std::path::PathBuf) {
+    let home = nodes.dir.path().join("node-b");
+    let data = home.join("data");
+    fs::create_dir_all(&data).unwrap();
+    for file in [
+        audit_log::LOG_KEY_FILE,
+        audit_log::PUBLISHED_CHECKPOINT_FILE,
+    ] {
+        fs::copy(nodes.data_dir.join(file), data.join(file)).unwrap();
+    }
+    let config = home.join("broker.toml");
+    fs::copy(&nodes.config, &config).unwrap();
+    (config, data)
+}
+
 /// The whole log, exported by the auditor from the node at `addr`, verifies offline against
 /// the log key, has no gap, and holds exactly one acceptance for each of `total` messages.
 fn assert_log_verifies(nodes: &Nodes, addr: std::net::SocketAddr, total: usize) {
@@ -124,20 +142,7 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
     let nodes = Nodes::new();
     use_postgres(&nodes, &cluster);
     let mut a = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
-    // Node B, added as docs/deployment.md says: a data directory of its own holding the log
-    // key and a copy of the published checkpoint of node A (the floor below which B refuses
-    // a database: a stale primary), and a configuration of its own (its log sits beside it).
-    let b_home = nodes.dir.path().join("node-b");
-    let b_data = b_home.join("data");
-    fs::create_dir_all(&b_data).unwrap();
-    for file in [
-        audit_log::LOG_KEY_FILE,
-        audit_log::PUBLISHED_CHECKPOINT_FILE,
-    ] {
-        fs::copy(nodes.data_dir.join(file), b_data.join(file)).unwrap();
-    }
-    let b_config = b_home.join("broker.toml");
-    fs::copy(&nodes.config, &b_config).unwrap();
+    let (b_config, b_data) = add_node(&nodes);
     let b = BrokerProcess::start(&b_config, &b_data).unwrap();
     let nca = nodes.agent("nca", &[a.addr(), b.addr()]);
     let ico = nodes.agent("ico", &[b.addr(), a.addr()]);
@@ -180,8 +185,14 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
     assert_log_verifies(&nodes, b.addr(), 4 * ROUND);
 }
 
+/// Two broker nodes on one database through a node crash and a database failover: node A is
+/// killed with SIGKILL under load and started again; then the primary is killed under load and
+/// the standby promoted, and both nodes carry on without a restart, finding the new primary
+/// themselves. Nothing is lost or duplicated, and the log exported from either node is the
+/// same one history that verifies offline. When the old primary comes back stale, neither
+/// node, started again, serves from it.
 #[test]
-fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover() {
+fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
     const ROUND: usize = 40;
     let pg_dir = tempfile::tempdir().unwrap();
     let mut cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
@@ -194,21 +205,23 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
         "{checked}"
     );
     assert!(!checked.contains("warning: PostgreSQL"), "{checked}");
-    let mut broker = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
-    let addr = broker.addr();
-    let nca = nodes.agent("nca", &[addr]);
-    let ico = nodes.agent("ico", &[addr]);
+    let mut a = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
+    let a_addr = a.addr();
+    let (b_config, b_data) = add_node(&nodes);
+    let b = BrokerProcess::start(&b_config, &b_data).unwrap();
+    let nca = nodes.agent("nca", &[a_addr, b.addr()]);
+    let ico = nodes.agent("ico", &[b.addr(), a_addr]);
 
-    // 1. The broker is killed mid-run and started again on the same address.
+    // 1. Node A is killed mid-run and started again on the same address.
     drop_messages(&nca, 0, ROUND);
-    wait_sent(ROUND / 4, &broker, &nca, &ico);
-    broker.kill().unwrap();
-    let broker = BrokerProcess::start_on(&nodes.config, &nodes.data_dir, addr).unwrap();
+    wait_sent(ROUND / 4, &a, &nca, &ico);
+    a.kill().unwrap();
+    let a = BrokerProcess::start_on(&nodes.config, &nodes.data_dir, a_addr).unwrap();
     drop_messages(&nca, ROUND, ROUND);
-    wait_sent(ROUND + ROUND / 4, &broker, &nca, &ico);
+    wait_sent(ROUND + ROUND / 4, &a, &nca, &ico);
 
     // 2. The primary dies under load and the standby is promoted, as a failover manager
-    //    would; the broker keeps running and finds the new primary itself.
+    //    would; both nodes keep running and find the new primary themselves.
     cluster.kill_primary().unwrap();
     cluster.promote_standby().unwrap();
     drop_messages(&nca, 2 * ROUND, ROUND);
@@ -222,21 +235,27 @@ fn a_broker_on_postgres_loses_nothing_across_its_crash_and_a_database_failover()
         3 * ROUND,
         &nca,
         &ico,
-        "across a broker crash and a database failover",
+        "across a node crash and a database failover",
     );
 
-    // 3. The whole log, exported by the auditor, verifies offline against the broker's key,
-    //    and holds each message's acceptance once.
-    assert_log_verifies(&nodes, addr, 3 * ROUND);
+    // 3. The whole log, exported by the auditor from each node, verifies offline against
+    //    the nodes' key and holds each message's acceptance once.
+    assert_log_verifies(&nodes, a.addr(), 3 * ROUND);
+    assert_log_verifies(&nodes, b.addr(), 3 * ROUND);
 
     // 4. The old primary comes back, stale: it never saw the promotion and lacks what was
-    //    committed since. A broker started now reaches it first (the URL lists it first) and
-    //    refuses to serve: the log it finds is behind the checkpoint it published.
-    drop(broker);
+    //    committed since. Either node started now reaches it first (the URL lists it first)
+    //    and refuses to serve: the log it finds is behind the checkpoint it published.
+    drop((a, b));
     cluster.restart_old_primary().unwrap();
-    let Err(e) = BrokerProcess::start(&nodes.config, &nodes.data_dir) else {
-        panic!("a broker served from the stale primary");
-    };
-    let e = format!("{e:#}");
-    assert!(e.contains("acknowledged history was lost"), "{e}");
+    for (node, config, data) in [
+        ("A", &nodes.config, &nodes.data_dir),
+        ("B", &b_config, &b_data),
+    ] {
+        let Err(e) = BrokerProcess::start(config, data) else {
+            panic!("node {node} served from the stale primary");
+        };
+        let e = format!("{e:#}");
+        assert!(e.contains("acknowledged history was lost"), "node {node}: {e}");
+    }
 }
