@@ -256,6 +256,9 @@ fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
             panic!("node {node} served from the stale primary");
         };
         let e = format!("{e:#}");
-        assert!(e.contains("acknowledged history was lost"), "node {node}: {e}");
+        assert!(
+            e.contains("acknowledged history was lost"),
+            "node {node}: {e}"
+        );
     }
 }
