@@ -501,17 +501,9 @@ pub fn check_recovered(storage: &dyn Storage, data_dir: &Path) -> Result<(), Rec
         dir: data_dir.display().to_string(),
         problem,
     };
-    let size = storage.log_size()?;
-    let root = storage.tree_root(size).map_err(|e| {
-        damaged(format!(
-            "the recovered audit log of {size} entries has no complete tree: {e}"
-        ))
-    })?;
-    if let Some(problem) = storage.check_tail(TAIL_CHECK)? {
-        return Err(damaged(format!(
-            "the recovered audit log is corrupt: {problem}"
-        )));
-    }
+    // The checkpoints are read before the log's size: another broker node sharing the
+    // database may append and sign between the two reads, and a checkpoint read first is
+    // covered by the log read after it, whereas one read after could be newer than the size.
     let stored = storage.latest_checkpoint().map_err(|e| {
         damaged(format!(
             "the checkpoint in the database does not verify: {e}"
@@ -525,6 +517,17 @@ pub fn check_recovered(storage: &dyn Storage, data_dir: &Path) -> Result<(), Rec
                 .display()
         ))
     })?;
+    let size = storage.log_size()?;
+    let root = storage.tree_root(size).map_err(|e| {
+        damaged(format!(
+            "the recovered audit log of {size} entries has no complete tree: {e}"
+        ))
+    })?;
+    if let Some(problem) = storage.check_tail(TAIL_CHECK)? {
+        return Err(damaged(format!(
+            "the recovered audit log is corrupt: {problem}"
+        )));
+    }
     if published.is_none() && size > 0 {
         return Err(damaged(format!(
             "the database holds an audit log of {size} entries (root {}), but the file {} that \

@@ -2340,6 +2340,29 @@ mod tests {
         let report = a.verify().unwrap();
         assert!(report.ok(), "{report:?}");
         assert_eq!(report.entries, 111);
+
+        // A node starting while the other commits and signs checkpoints finds its store whole:
+        // the checkpoint it reads may be newer than the log size it read a moment before, so
+        // the check must read the checkpoints first.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut i = 0u8;
+                while !stop.load(Ordering::SeqCst) {
+                    i = i.wrapping_add(1);
+                    let out = commit(&b, &[accept(&["nca"], vec![i; 8], None)]);
+                    assert!(out.iter().all(accepted), "{out:?}");
+                    b.seal(None).unwrap();
+                }
+            });
+            let checks = (0..200)
+                .map(|_| crate::store::check_recovered(&a, place.dir()))
+                .collect::<Vec<_>>();
+            stop.store(true, Ordering::SeqCst);
+            for checked in checks {
+                checked.unwrap_or_else(|e| panic!("{e}"));
+            }
+        });
     }
 
     shared_suite!(
