@@ -5,6 +5,7 @@
 mod audit;
 mod audit_crash;
 mod backup;
+mod bench_relay;
 mod cli_docs;
 mod clock;
 mod config;
