@@ -305,8 +305,12 @@ fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// How many hash bundles [`Log`] keeps decoded in memory for proofs.
+/// How many hash bundles [`Log`] keeps in memory for proofs.
 const HASH_CACHE_BUNDLES: usize = 512;
+
+/// How many entry bundles [`Log`] keeps in memory for [`Log::entry`]: the receipts of one
+/// group commit read its one bundle, once per transfer.
+const ENTRY_CACHE_BUNDLES: usize = 16;
 
 /// A batch's entries as one stored value: a big-endian `u32` count, then each entry's end offset
 /// (big-endian `u32`, relative to the data), then the entries' bytes back to back.
@@ -374,11 +378,44 @@ fn storage_err(e: impl std::error::Error + Send + Sync + 'static) -> MerkleError
     MerkleError::Storage(Box::new(e))
 }
 
+/// Bundles of one log tree (entries or hashes) read recently, by the index of their first
+/// record. A committed bundle never changes, so a copy in memory stays true; the cache starts
+/// afresh when full, which bounds it and keeps it cheap (the hot bundles are read again at once).
+struct BundleCache {
+    bundles: Mutex<BTreeMap<u64, Value>>,
+    capacity: usize,
+}
+
+impl BundleCache {
+    fn new(capacity: usize) -> BundleCache {
+        BundleCache {
+            bundles: Mutex::new(BTreeMap::new()),
+            capacity,
+        }
+    }
+
+    /// What `pick` finds in the cached bundle starting at or before `index` (given its start).
+    fn find<T>(&self, index: u64, pick: impl FnOnce(u64, &[u8]) -> Option<T>) -> Option<T> {
+        let bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, bundle) = bundles.range(..=index).next_back()?;
+        pick(*start, bundle)
+    }
+
+    /// Keeps the committed bundle starting at `start`.
+    fn keep(&self, start: u64, bundle: Value) {
+        let mut bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
+        if bundles.len() >= self.capacity {
+            bundles.clear();
+        }
+        bundles.insert(start, bundle);
+    }
+}
+
 /// The hashes of the log: stored in bundles (one per group commit, keyed by the stored-hash
 /// index of its first hash), with the most recently used bundles kept in memory.
 struct Hashes {
     tree: Tree,
-    cache: Mutex<BTreeMap<u64, Value>>,
+    cache: BundleCache,
 }
 
 impl Hashes {
@@ -389,13 +426,9 @@ impl Hashes {
             let at = k.checked_mul(32)?;
             Hash::from_slice(bundle.get(at..at.checked_add(32)?)?).ok()
         };
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((start, bundle)) = cache.range(..=i).next_back()
-            && let Some(h) = covering(*start, bundle)
-        {
+        if let Some(h) = self.cache.find(i, covering) {
             return Ok(h);
         }
-        drop(cache);
         let found = bundle_at_or_before(&self.tree, i).map_err(storage_err)?;
         let Some((key, bundle)) = found else {
             return Err(MerkleError::MissingHash { index: i });
@@ -405,13 +438,7 @@ impl Hashes {
             return Err(MerkleError::MalformedHash);
         }
         let h = covering(start, &bundle).ok_or(MerkleError::MissingHash { index: i })?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= HASH_CACHE_BUNDLES {
-            // Bundles are immutable once written; starting afresh keeps the cache bounded and
-            // the hot ones (the roots every proof needs) are read again at once.
-            cache.clear();
-        }
-        cache.insert(start, bundle);
+        self.cache.keep(start, bundle);
         Ok(h)
     }
 }
@@ -603,6 +630,8 @@ impl TxLog<'_> {
 /// stored-hash index of the first. Two writes per commit instead of three or more per entry.
 pub struct Log {
     entries: Tree,
+    /// Entry bundles read by [`Log::entry`] (never by the reads that check the store).
+    entry_cache: BundleCache,
     hashes: Hashes,
     meta: Tree,
     signer: LogSigner,
@@ -629,7 +658,7 @@ impl Log {
     ) -> Result<Self, Internal> {
         let hashes = Hashes {
             tree: hashes,
-            cache: Mutex::new(BTreeMap::new()),
+            cache: BundleCache::new(HASH_CACHE_BUNDLES),
         };
         let size = meta
             .get(LOG_SIZE)
@@ -646,6 +675,7 @@ impl Log {
         };
         Ok(Log {
             entries,
+            entry_cache: BundleCache::new(ENTRY_CACHE_BUNDLES),
             hashes,
             meta,
             signer,
@@ -751,9 +781,33 @@ impl Log {
             .unwrap_or(0))
     }
 
-    /// The entry at `index`.
+    /// The entry at `index`, from a bundle kept in memory when it was read lately (receipts
+    /// and proofs; [`Log::entries_from`], which the store's checks use, always reads the
+    /// store).
     pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal> {
-        Ok(self.entries_from(index, 1)?.into_iter().next())
+        let malformed = || Internal::new("reading audit entries", "malformed entry bundle");
+        // `Some(None)`: the bundle ends before `index`; `None`: it does not decode.
+        let pick = |start: u64, bundle: &[u8]| -> Option<Option<Vec<u8>>> {
+            let k = usize::try_from(index.checked_sub(start)?).ok()?;
+            if k >= bundle_len(bundle)? {
+                return Some(None);
+            }
+            bundle_entry(bundle, k).map(|e| Some(e.to_vec()))
+        };
+        if let Some(Some(entry)) = self.entry_cache.find(index, pick) {
+            return Ok(Some(entry));
+        }
+        let found = bundle_at_or_before(&self.entries, index)
+            .map_err(|e| Internal::new("reading audit entries", e))?;
+        let Some((key, bundle)) = found else {
+            return Ok(None);
+        };
+        let start = be_u64(&key).ok_or_else(malformed)?;
+        let entry = pick(start, &bundle).ok_or_else(malformed)?;
+        if entry.is_some() {
+            self.entry_cache.keep(start, bundle);
+        }
+        Ok(entry)
     }
 
     /// Up to `limit` consecutive entries from `index` on (fewer at the end of the log).

@@ -2377,7 +2377,39 @@ mod tests {
         a_published_checkpoint_of_the_older_layout_is_read_and_rewritten_in_slots,
         verify_finds_a_changed_hash_and_an_orphan_queue_item,
         what_was_delivered_under_tlp_red_is_remembered_across_a_restart,
+        an_entry_read_through_the_cache_is_the_stored_one,
     );
+
+    /// `log_entry` keeps the bundles it read in memory: it answers as `log_entries` (which
+    /// always reads the store) does for every entry, read once or again, and an entry
+    /// committed after its bundle's predecessor was cached is found, not hidden by it.
+    fn an_entry_read_through_the_cache_is_the_stored_one(place: &dyn Place) {
+        let s = place.open();
+        let mut size = 0;
+        for batch in [1usize, 3, 2, 5] {
+            let ops: Vec<Op> = (0..batch)
+                .map(|i| accept(&["ico"], vec![u8::try_from(i).unwrap(); 8], None))
+                .collect();
+            commit(&s, &ops);
+            let new_size = s.log_size().unwrap();
+            assert!(new_size > size);
+            // Past the end, after the last bundle was cached.
+            assert_eq!(s.log_entry(new_size).unwrap(), None);
+            for _ in 0..2 {
+                for i in 0..new_size {
+                    let stored = s.log_entries(i, 1).unwrap();
+                    assert_eq!(stored.len(), 1, "entry {i}");
+                    assert_eq!(
+                        s.log_entry(i).unwrap().as_ref(),
+                        stored.first(),
+                        "entry {i}"
+                    );
+                }
+            }
+            size = new_size;
+        }
+        assert_eq!(s.log_entry(size + 100).unwrap(), None);
+    }
 
     fn agency(s: &str) -> AgencyId {
         s.parse().unwrap()
