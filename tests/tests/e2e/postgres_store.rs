@@ -4,6 +4,7 @@
 //! left running while the database fails over to its standby: nothing is lost or duplicated,
 //! and the audit log stays one history that verifies offline from either node; when the old
 //! primary comes back stale, a node that reaches it refuses to serve.
+
 use std::{collections::BTreeMap, fs, io::Write as _};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
