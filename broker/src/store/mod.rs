@@ -1092,11 +1092,22 @@ fn write_loop(
         match storage.catch_up() {
             Ok(false) => {}
             Ok(true) => {
-                if let Ok(Some(cp)) = storage.latest_checkpoint()
-                    && latest.as_ref().is_none_or(|l| l.size < cp.size)
+                // The tree caught up with is signed here: the other node's checkpoint of it
+                // may not be stored yet (its seal follows its commit, which is what was
+                // heard), or ever (it was killed in between). Every node signs the same
+                // checkpoint of a size.
+                match storage
+                    .seal(latest.as_ref())
+                    .and_then(|new| storage.sync().map(|()| new))
                 {
-                    latest = Some(cp);
-                    checkpoint.send_replace(latest.clone());
+                    Ok(Some(cp)) => {
+                        latest = Some(cp);
+                        checkpoint.send_replace(latest.clone());
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "signing what other broker nodes committed");
+                    }
                 }
                 durable.send_replace(storage.last_seq());
             }

@@ -2363,6 +2363,31 @@ mod tests {
                 checked.unwrap_or_else(|e| panic!("{e}"));
             }
         });
+
+        // A node's signed checkpoint follows what the other commits, even when the other never
+        // stores a checkpoint of it (a node killed between its commit and its seal; or any
+        // node in the moment between the two, whose NOTIFY comes with the commit).
+        let a = std::sync::Arc::new(a);
+        let store = crate::store::Store::start(
+            a.clone(),
+            crate::store::StoreOptions::new(place.dir(), std::time::Duration::from_secs(10)),
+        )
+        .unwrap();
+        let out = b.apply_batch(&[accept(&["ico"], b"unsealed".to_vec(), None)]);
+        assert!(out.iter().all(accepted), "{out:?}");
+        b.sync().unwrap();
+        let size = b.log_size().unwrap();
+        assert!(b.latest_checkpoint().unwrap().unwrap().size < size);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.checkpoint().map(|cp| cp.size) != Some(size) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node a signs {:?}, the log holds {size}",
+                store.checkpoint().map(|cp| cp.size)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(store);
     }
 
     shared_suite!(
