@@ -20,7 +20,7 @@ use concordat_proto::{
 use concordat_tests::{
     binary,
     postgres::PgCluster,
-    process::{AgentProcess, BrokerProcess, wait_for},
+    process::{AgentProcess, BrokerProcess, POLL_INTERVAL, wait_for},
 };
 use serde_json::Value;
 
@@ -90,21 +90,37 @@ fn add_node(nodes: &Nodes) -> (std::path::PathBuf, std::path::PathBuf) {
     (config, data)
 }
 
-/// The whole log, exported by the auditor from the node at `addr`, verifies offline against
-/// the log key, has no gap, and holds exactly one acceptance for each of `total` messages.
-fn assert_log_verifies(nodes: &Nodes, addr: std::net::SocketAddr, total: usize) {
+/// The whole log, exported by the auditor from `node`, verifies offline against the log key,
+/// has no gap, and holds exactly one acceptance for each of `total` messages; returns its size.
+/// A node signs what another node committed once it has heard of it: the export is taken
+/// again until it reaches `at_least` entries, for at most `OUTCOME_TIMEOUT`.
+fn assert_log_verifies(nodes: &Nodes, node: &BrokerProcess, total: usize, at_least: u64) -> u64 {
     let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
         .unwrap()
         .verifier();
     let path = nodes.dir.path().join("audit.jsonl");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let summary = rt.block_on(async {
-        let auditor = nodes.pki.client(addr, "auditor").unwrap();
-        let client = auditor.connect().await.unwrap();
-        audit_file::export(&client, pb::ExportRequest::default(), &path, Format::Jsonl)
-            .await
-            .unwrap()
-    });
+    let deadline = std::time::Instant::now() + OUTCOME_TIMEOUT;
+    let summary = loop {
+        let summary = rt.block_on(async {
+            let auditor = nodes.pki.client(node.addr(), "auditor").unwrap();
+            let client = auditor.connect().await.unwrap();
+            audit_file::export(&client, pb::ExportRequest::default(), &path, Format::Jsonl)
+                .await
+                .unwrap()
+        });
+        if summary.tree_size >= at_least {
+            break summary;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node at {} exports {} entries, another node's log holds {at_least}:\n{}",
+            node.addr(),
+            summary.tree_size,
+            node.log_tail(40)
+        );
+        std::thread::sleep(POLL_INTERVAL);
+    };
     let verified = audit_file::verify(&path, &key)
         .unwrap()
         .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
@@ -127,6 +143,7 @@ fn assert_log_verifies(nodes: &Nodes, addr: std::net::SocketAddr, total: usize) 
         accepted.values().all(|n| *n == 1),
         "a message accepted twice: {accepted:?}"
     );
+    summary.tree_size
 }
 
 /// Two broker nodes on one database, serving at once (docs/deployment.md): the NCA's agent
@@ -183,7 +200,7 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
         "the NCA's agent logs its move to node B:\n{}",
         nca.log_tail(30)
     );
-    assert_log_verifies(&nodes, b.addr(), 4 * ROUND);
+    assert_log_verifies(&nodes, &b, 4 * ROUND, 0);
 }
 
 /// Two broker nodes on one database through a node crash and a database failover: node A is
@@ -241,8 +258,8 @@ fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
 
     // 3. The whole log, exported by the auditor from each node, verifies offline against
     //    the nodes' key and holds each message's acceptance once.
-    assert_log_verifies(&nodes, a.addr(), 3 * ROUND);
-    assert_log_verifies(&nodes, b.addr(), 3 * ROUND);
+    let size = assert_log_verifies(&nodes, &a, 3 * ROUND, 0);
+    assert_log_verifies(&nodes, &b, 3 * ROUND, size);
 
     // 4. The old primary comes back, stale: it never saw the promotion and lacks what was
     //    committed since. Either node started now reaches it first (the URL lists it first)
