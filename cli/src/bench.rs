@@ -1732,7 +1732,7 @@ pub fn gate(organisations: usize, out: &mut dyn Write) -> anyhow::Result<()> {
     let budget = Duration::from_secs(2);
     for (label, size) in [("4 KiB", 4 * 1024), ("1 MiB", 1024 * 1024)] {
         let text = synthetic_bundle(size);
-        let doc: serde_json::Value = serde_json::from_str(&text)?;
+        let doc = concordat_broker::content::parse_json(text.as_bytes())?;
         let mut scratch = Scratch::default();
         let mut found = Vec::new();
         let (text_rate, text_found) = throughput(text.len(), budget, || {
@@ -1744,7 +1744,7 @@ pub fn gate(organisations: usize, out: &mut dyn Write) -> anyhow::Result<()> {
             matcher.scan_json_with(&mut scratch, &doc).len()
         });
         let (parsed_rate, _) = throughput(text.len(), budget, || {
-            serde_json::from_str::<serde_json::Value>(&text)
+            concordat_broker::content::parse_json(text.as_bytes())
                 .map_or(0, |doc| matcher.scan_json_with(&mut scratch, &doc).len())
         });
         writeln!(
@@ -1876,7 +1876,7 @@ mod tests {
             let text = String::from_utf8(stix_bundle(4096))
                 .unwrap()
                 .replace("Northwind Threat Research", &name);
-            let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let doc = concordat_broker::content::parse_json(text.as_bytes()).unwrap();
             assert_eq!(matcher.scan_json(&doc).len(), 1, "{name}");
         }
     }

@@ -9,9 +9,8 @@ use std::fmt;
 
 use concordat_proto::ids::OrgId;
 use serde::Deserialize;
-use serde_json::Value;
 
-use super::stix::is_utc_timestamp;
+use super::{Value, stix::is_utc_timestamp};
 
 /// The longest `incident.reference`.
 pub const MAX_REFERENCE: usize = 64;
@@ -106,10 +105,17 @@ impl fmt::Display for Granularity {
 pub struct IncidentError(pub String);
 
 impl IncidentRecord {
-    /// Reads and validates a record from parsed JSON.
-    pub fn from_value(value: &Value) -> Result<IncidentRecord, IncidentError> {
-        let record =
-            IncidentRecord::deserialize(value).map_err(|e| IncidentError(e.to_string()))?;
+    /// Reads and validates a record from its JSON `text`, which parsed as `value`. A member
+    /// name repeated in an object is refused (see [`super::repeated_member`]).
+    pub fn read(text: &str, value: &Value<'_>) -> Result<IncidentRecord, IncidentError> {
+        if let Some(path) = super::repeated_member(value) {
+            return Err(IncidentError(format!(
+                "{} repeats a member name of its object",
+                path.strip_prefix("$.").unwrap_or(&path)
+            )));
+        }
+        let record: IncidentRecord =
+            serde_json::from_str(text).map_err(|e| IncidentError(e.to_string()))?;
         record.validate()?;
         Ok(record)
     }
@@ -200,7 +206,7 @@ fn is_code(s: &str) -> bool {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -309,8 +315,34 @@ mod tests {
         for (what, edit, ok) in rows {
             let mut v = valid();
             edit(&mut v);
-            let got = IncidentRecord::from_value(&v);
+            let text = v.to_string();
+            let value = crate::content::parse_json(text.as_bytes()).unwrap();
+            let got = IncidentRecord::read(&text, &value);
             assert_eq!(got.is_ok(), *ok, "{what}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_member_name_is_refused() {
+        let text = valid().to_string();
+        for (what, from, to) in [
+            (
+                "top level",
+                "\"granularity\"",
+                "\"granularity\":\"incident_specific\",\"granularity\"",
+            ),
+            (
+                "nested",
+                "\"summary\"",
+                "\"summary\":\"Acme Ltd was hit.\",\"summary\"",
+            ),
+        ] {
+            let repeated = text.replacen(from, to, 1);
+            assert_ne!(repeated, text, "{what}");
+            let value = crate::content::parse_json(repeated.as_bytes()).unwrap();
+            let got = IncidentRecord::read(&repeated, &value);
+            let err = got.expect_err(what);
+            assert!(err.0.contains("repeats a member name"), "{what}: {err}");
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod stix;
 
 use std::fmt;
 
-use serde_json::Value;
+pub use serde_json_borrow::{ObjectAsVec as JsonObject, Value};
 
 pub use incident::{Granularity, IncidentRecord};
 pub use stix::Bundle;
@@ -274,35 +274,37 @@ pub enum ContentError {
     Incident(#[from] incident::IncidentError),
 }
 
-/// A payload the broker has read.
+/// A payload the broker has read. Its strings borrow from the payload wherever the JSON
+/// text holds them unescaped.
 #[derive(Debug, Clone)]
-pub enum Content {
+pub enum Content<'a> {
     /// A valid STIX 2.1 bundle.
-    Stix(Bundle),
+    Stix(Bundle<'a>),
     /// A valid incident record, with the JSON it was read from.
-    Incident(Box<IncidentRecord>, Value),
+    Incident(Box<IncidentRecord>, Value<'a>),
     /// Some other JSON document.
-    Json(Value),
+    Json(Value<'a>),
     /// UTF-8 text.
-    Text(String),
+    Text(&'a str),
     /// Bytes the broker cannot read.
     Opaque,
 }
 
-impl Content {
+impl<'a> Content<'a> {
     /// Reads `payload` as `kind`, enforcing the depth bound and, for STIX and incident
     /// records, every rule of their schema.
-    pub fn read(kind: ContentKind, payload: &[u8]) -> Result<Content, ContentError> {
+    pub fn read(kind: ContentKind, payload: &'a [u8]) -> Result<Content<'a>, ContentError> {
         match kind {
             ContentKind::Opaque => Ok(Content::Opaque),
             ContentKind::Json => Ok(Content::Json(parse_json(payload)?)),
             ContentKind::Text => std::str::from_utf8(payload)
-                .map(|t| Content::Text(t.to_owned()))
+                .map(Content::Text)
                 .map_err(|e| ContentError::NotUtf8(e.to_string())),
             ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
             ContentKind::IncidentRecord => {
+                let text = json_text(payload)?;
                 let value = parse_json(payload)?;
-                let record = IncidentRecord::from_value(&value)?;
+                let record = IncidentRecord::read(text, &value)?;
                 Ok(Content::Incident(Box::new(record), value))
             }
         }
@@ -373,13 +375,13 @@ impl JsonPath {
 
 /// Visits every string under `value`, extending `path` as it goes.
 fn walk_strings(
-    value: &Value,
+    value: &Value<'_>,
     path: &mut JsonPath,
     object: Option<ObjectAt<'_>>,
     f: &mut dyn FnMut(StringAt<'_>),
 ) {
     match value {
-        Value::String(s) => f(StringAt {
+        Value::Str(s) => f(StringAt {
             object,
             path: &path.0,
             is_key: false,
@@ -394,7 +396,7 @@ fn walk_strings(
             }
         }
         Value::Object(members) => {
-            for (key, item) in members {
+            for (key, item) in members.iter() {
                 let len = path.0.len();
                 path.0.push('.');
                 path.0.push_str(key);
@@ -412,10 +414,76 @@ fn walk_strings(
     }
 }
 
-/// Parses `payload` as JSON after checking its nesting depth.
-pub fn parse_json(payload: &[u8]) -> Result<Value, ContentError> {
+/// Parses `payload` as JSON after checking its nesting depth. Strings and keys borrow from
+/// `payload` unless they hold escapes; objects keep their members in document order, repeated
+/// names included (see [`repeated_member`]).
+pub fn parse_json(payload: &[u8]) -> Result<Value<'_>, ContentError> {
     check_depth(payload, MAX_DEPTH)?;
-    serde_json::from_slice(payload).map_err(|e| ContentError::NotJson(e.to_string()))
+    // serde_json reads a byte slice as UTF-8 too, but only text it has checked whole can
+    // lend its strings to the document.
+    serde_json::from_str(json_text(payload)?).map_err(|e| ContentError::NotJson(e.to_string()))
+}
+
+/// `payload` as the UTF-8 text that JSON is.
+fn json_text(payload: &[u8]) -> Result<&str, ContentError> {
+    std::str::from_utf8(payload).map_err(|e| {
+        ContentError::NotJson(format!(
+            "invalid UTF-8 at byte {} of the payload",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// The member `key` of `value`, if `value` is an object that has it.
+pub fn member<'v, 'a>(value: &'v Value<'a>, key: &str) -> Option<&'v Value<'a>> {
+    value.as_object()?.get(key)
+}
+
+/// The path (`$.objects[2].name`) of the first object member, in document order, whose name
+/// its object already holds. JSON leaves repeated names undefined, and parsers disagree on
+/// which one counts (the first, the last, both), so a document whose schema the broker checks
+/// must not hold any: another reader could see a value the broker did not check.
+pub fn repeated_member(value: &Value<'_>) -> Option<String> {
+    /// The path below `value` of a repeated name, if any; built only when one is found.
+    fn walk(value: &Value<'_>) -> Option<String> {
+        match value {
+            Value::Object(members) => {
+                if let Some(key) = repeated_name(members) {
+                    return Some(format!(".{key}"));
+                }
+                members
+                    .iter()
+                    .find_map(|(key, item)| walk(item).map(|below| format!(".{key}{below}")))
+            }
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item).map(|below| format!("[{i}]{below}"))),
+            _ => None,
+        }
+    }
+    walk(value).map(|below| format!("${below}"))
+}
+
+/// The first member name of `object`, in document order, that an earlier member already has.
+pub fn repeated_name<'o>(object: &'o JsonObject<'_>) -> Option<&'o str> {
+    let members = object.as_vec();
+    if members.len() <= 16 {
+        // Nearly every object: compared pairwise, without allocating.
+        return members.iter().enumerate().find_map(|(i, (key, _))| {
+            let key: &str = key;
+            members[..i]
+                .iter()
+                .any(|(k, _)| {
+                    let k: &str = k;
+                    k == key
+                })
+                .then_some(key)
+        });
+    }
+    // A large object goes through a set, so that one huge object costs linear time.
+    let mut seen = std::collections::HashSet::with_capacity(members.len());
+    object.keys().find(|key| !seen.insert(*key))
 }
 
 /// Checks, in one pass and without recursion, that no array or object in `payload` is nested
@@ -480,6 +548,33 @@ pub fn fuzz_stix(data: &[u8]) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_member_names_are_found_wherever_they_are() {
+        let wide = |repeat: bool| {
+            let mut members: Vec<String> = (0..40).map(|i| format!("\"m{i}\":{i}")).collect();
+            if repeat {
+                members.push("\"m7\":0".into());
+            }
+            format!("{{\"w\":{{{}}}}}", members.join(","))
+        };
+        let rows: Vec<(String, Option<&str>)> = vec![
+            (r#"{"a":1,"b":{"a":2},"c":[{"a":3}]}"#.into(), None),
+            (r#"{"a":1,"b":2,"a":3}"#.into(), Some("$.a")),
+            (
+                r#"{"x":[{"b":1},{"b":1,"c":{},"b":2}]}"#.into(),
+                Some("$.x[1].b"),
+            ),
+            // The same name once plain and once escaped is the same name.
+            (r#"{"o":{"name":1,"n\u0061me":2}}"#.into(), Some("$.o.name")),
+            (wide(false), None),
+            (wide(true), Some("$.w.m7")),
+        ];
+        for (text, want) in rows {
+            let value = parse_json(text.as_bytes()).unwrap();
+            assert_eq!(repeated_member(&value).as_deref(), want, "{text}");
+        }
+    }
 
     #[test]
     fn content_types_are_classified() {

@@ -22,29 +22,35 @@
 //!   entry has non-empty `selectors` that each select something present in the object, and a
 //!   `marking_ref` (a marking definition) or a `lang`.
 //!
-//! - `ipv4-addr` and `ipv6-addr` values are addresses or CIDR blocks.
+//! - `ipv4-addr` and `ipv6-addr` values are addresses or CIDR blocks;
+//! - no object, at any depth, holds a member name twice (the broker's own rule: JSON leaves
+//!   repeated names undefined, and readers disagree on which one counts).
 //!
 //! STIX patterns are not parsed and other SCO property formats (hashes, MAC addresses) are not checked:
 //! see `docs/stix.md` for where this differs from the OASIS validator.
 
-use serde_json::{Map, Value};
+use super::{JsonObject, Value};
 use time::{Date, Month};
 
 use super::{ObjectAt, StringAt, walk_strings};
+
+/// Why a repeated member name is refused.
+const REPEATED: &str = "repeats a member name of its object: JSON leaves repeated names \
+     undefined and parsers disagree on which value counts";
 
 /// The most objects a bundle may hold.
 pub const MAX_OBJECTS: usize = 10_000;
 
 /// A STIX 2.1 bundle whose every object passed validation.
 #[derive(Debug, Clone)]
-pub struct Bundle {
-    value: Value,
+pub struct Bundle<'a> {
+    value: Value<'a>,
     ids: Vec<String>,
 }
 
-impl Bundle {
+impl<'a> Bundle<'a> {
     /// Validates `value` as a STIX 2.1 bundle.
-    pub fn validate(value: Value) -> Result<Bundle, StixError> {
+    pub fn validate(value: Value<'a>) -> Result<Bundle<'a>, StixError> {
         let ids = check_bundle(&value)?;
         Ok(Bundle { value, ids })
     }
@@ -55,7 +61,7 @@ impl Bundle {
     }
 
     /// The bundle as JSON.
-    pub fn as_json(&self) -> &Value {
+    pub fn as_json(&self) -> &Value<'a> {
         &self.value
     }
 
@@ -64,7 +70,7 @@ impl Bundle {
         let Value::Object(bundle) = &self.value else {
             return;
         };
-        for (key, item) in bundle {
+        for (key, item) in bundle.iter() {
             if key == "objects" {
                 continue;
             }
@@ -297,7 +303,7 @@ fn allowed(object_type: &str, property: &str) -> Allowed {
     }
 }
 
-fn check_bundle(value: &Value) -> Result<Vec<String>, StixError> {
+fn check_bundle(value: &Value<'_>) -> Result<Vec<String>, StixError> {
     let top = |property: &str, message: String| StixError {
         index: None,
         id: None,
@@ -307,12 +313,25 @@ fn check_bundle(value: &Value) -> Result<Vec<String>, StixError> {
     let Value::Object(bundle) = value else {
         return Err(top("", "is not a JSON object".into()));
     };
+    // Repeated member names, in the bundle itself and below its members but `objects`, whose
+    // every object is checked for them on its own.
+    let repeated = super::repeated_name(bundle).map(str::to_owned).or_else(|| {
+        bundle
+            .iter()
+            .filter(|(key, _)| *key != "objects")
+            .find_map(|(key, item)| {
+                super::repeated_member(item).map(|path| format!("{key}{}", &path[1..]))
+            })
+    });
+    if let Some(property) = repeated {
+        return Err(top(&property, REPEATED.into()));
+    }
     match bundle.get("type") {
-        Some(Value::String(t)) if t == "bundle" => {}
+        Some(Value::Str(t)) if t == "bundle" => {}
         _ => return Err(top("type", "must be \"bundle\"".into())),
     }
     match bundle.get("id") {
-        Some(Value::String(id)) if identifier(id).is_some_and(|(t, _)| t == "bundle") => {}
+        Some(Value::Str(id)) if identifier(id).is_some_and(|(t, _)| t == "bundle") => {}
         _ => return Err(top("id", "must be bundle--<UUID>".into())),
     }
     let objects = match bundle.get("objects") {
@@ -337,14 +356,14 @@ fn check_bundle(value: &Value) -> Result<Vec<String>, StixError> {
 }
 
 /// Checks one object; returns its id.
-fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
+fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
     let mut at = ObjectCheck { index, id: None };
     let Value::Object(o) = value else {
         return Err(at.err("", "is not a JSON object"));
     };
     let t = match o.get("type") {
-        Some(Value::String(t)) if is_type_name(t) => t.as_str(),
-        Some(Value::String(t)) => {
+        Some(Value::Str(t)) if is_type_name(t) => t.as_ref(),
+        Some(Value::Str(t)) => {
             return Err(at.err(
                 "type",
                 format!("{t:?} is not a type name (3-250 of a-z 0-9 -, starting with a letter)"),
@@ -354,8 +373,8 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         None => return Err(at.err("type", "is required")),
     };
     let id = match o.get("id") {
-        Some(Value::String(id)) => match identifier(id) {
-            Some((it, _)) if it == t => id.as_str(),
+        Some(Value::Str(id)) => match identifier(id) {
+            Some((it, _)) if it == t => id.as_ref(),
             Some((it, _)) => {
                 return Err(at.err(
                     "id",
@@ -368,6 +387,10 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         None => return Err(at.err("id", "is required")),
     };
     at.id = Some(id);
+    if let Some(path) = super::repeated_member(value) {
+        let property = path.strip_prefix("$.").unwrap_or(&path);
+        return Err(at.err(property, REPEATED));
+    }
     for name in o.keys() {
         if name.is_empty()
             || name.len() > 250
@@ -378,7 +401,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     }
     let (cat, required) = category(t);
     match (o.get("spec_version"), cat) {
-        (Some(Value::String(v)), _) if v == "2.1" => {}
+        (Some(Value::Str(v)), _) if v == "2.1" => {}
         (Some(v), _) => {
             return Err(at.err("spec_version", format!("is {v}; this is a STIX 2.1 bundle")));
         }
@@ -391,7 +414,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
         &[]
     };
     for p in common.iter().chain(required.iter()) {
-        if !o.contains_key(*p) {
+        if !o.contains_key(p) {
             return Err(at.err(p, "is required"));
         }
     }
@@ -405,15 +428,15 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     // One pass over the object's members finds its timestamps (a lookup per name in
     // TIMESTAMPS would search the object a dozen times); only if one is bad are they checked
     // again in TIMESTAMPS' order, so that the first bad one in that order is reported.
-    let timestamps_ok = o.iter().all(|(name, v)| {
-        !TIMESTAMPS.contains(&name.as_str()) || v.as_str().and_then(timestamp).is_some()
-    });
+    let timestamps_ok = o
+        .iter()
+        .all(|(name, v)| !TIMESTAMPS.contains(&name) || v.as_str().and_then(timestamp).is_some());
     if !timestamps_ok {
         for p in TIMESTAMPS {
             timestamp_prop(&at, o, p, false)?;
         }
     }
-    for (name, v) in o {
+    for (name, v) in o.iter() {
         if let Value::Array(items) = v
             && items.is_empty()
         {
@@ -422,7 +445,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     }
     // References, at any depth but inside observed-data's deprecated `objects` map (whose
     // references are keys into that map, not identifiers).
-    for (name, v) in o {
+    for (name, v) in o.iter() {
         if t == "observed-data" && name == "objects" {
             continue;
         }
@@ -434,7 +457,7 @@ fn check_object(index: usize, value: &Value) -> Result<String, StixError> {
     if t == "ipv4-addr" || t == "ipv6-addr" {
         let v4 = t == "ipv4-addr";
         match o.get("value") {
-            Some(Value::String(v)) if is_address(v, v4) => {}
+            Some(Value::Str(v)) if is_address(v, v4) => {}
             _ => {
                 return Err(at.err(
                     "value",
@@ -473,14 +496,14 @@ impl ObjectCheck<'_> {
 /// precision. Returns its value as comparable parts.
 fn timestamp_prop(
     at: &ObjectCheck<'_>,
-    o: &Map<String, Value>,
+    o: &JsonObject<'_>,
     name: &str,
     millis: bool,
 ) -> Result<Option<Timestamp>, StixError> {
     let Some(v) = o.get(name) else {
         return Ok(None);
     };
-    let Value::String(s) = v else {
+    let Value::Str(s) = v else {
         return Err(at.err(name, "must be a timestamp string"));
     };
     match timestamp(s) {
@@ -592,10 +615,10 @@ fn check_refs(
     object_type: &str,
     name: &str,
     path: PropPath<'_>,
-    value: &Value,
+    value: &Value<'_>,
 ) -> Result<(), StixError> {
     if name.ends_with("_ref") {
-        let Value::String(r) = value else {
+        let Value::Str(r) = value else {
             return Err(at.err(&path.to_string(), "must be an identifier string"));
         };
         return check_ref(at, object_type, name, path, r);
@@ -609,7 +632,7 @@ fn check_refs(
         }
         for (i, item) in items.iter().enumerate() {
             let p = PropPath::Index(&path, i);
-            let Value::String(r) = item else {
+            let Value::Str(r) = item else {
                 return Err(at.err(&p.to_string(), "must be an identifier string"));
             };
             check_ref(at, object_type, name, p, r)?;
@@ -618,7 +641,7 @@ fn check_refs(
     }
     match value {
         Value::Object(m) => {
-            for (k, v) in m {
+            for (k, v) in m.iter() {
                 check_refs(at, object_type, k, PropPath::Key(&path, k), v)?;
             }
         }
@@ -626,7 +649,7 @@ fn check_refs(
             for (i, v) in items.iter().enumerate() {
                 if let Value::Object(m) = v {
                     let item = PropPath::Index(&path, i);
-                    for (k, v) in m {
+                    for (k, v) in m.iter() {
                         check_refs(at, object_type, k, PropPath::Key(&item, k), v)?;
                     }
                 }
@@ -674,13 +697,14 @@ fn check_ref(
 fn check_marking_definition(
     at: &ObjectCheck<'_>,
     id: &str,
-    o: &Map<String, Value>,
+    o: &JsonObject<'_>,
 ) -> Result<(), StixError> {
     let definition_type = o.get("definition_type");
     let definition = o.get("definition");
     match definition_type {
-        Some(Value::String(dt)) if dt == "tlp" => {
+        Some(Value::Str(dt)) if dt == "tlp" => {
             let level = definition
+                .and_then(Value::as_object)
                 .and_then(|d| d.get("tlp"))
                 .and_then(Value::as_str)
                 .unwrap_or_default();
@@ -704,13 +728,16 @@ fn check_marking_definition(
             }
             Ok(())
         }
-        Some(Value::String(dt)) if dt == "statement" => {
-            match definition.and_then(|d| d.get("statement")) {
-                Some(Value::String(_)) => Ok(()),
+        Some(Value::Str(dt)) if dt == "statement" => {
+            match definition
+                .and_then(Value::as_object)
+                .and_then(|d| d.get("statement"))
+            {
+                Some(Value::Str(_)) => Ok(()),
                 _ => Err(at.err("definition.statement", "is required and must be a string")),
             }
         }
-        Some(Value::String(_)) => match definition {
+        Some(Value::Str(_)) => match definition {
             Some(Value::Object(_)) => Ok(()),
             _ => Err(at.err("definition", "is required with definition_type")),
         },
@@ -730,8 +757,8 @@ fn check_marking_definition(
 
 fn check_granular_markings(
     at: &ObjectCheck<'_>,
-    o: &Map<String, Value>,
-    g: &Value,
+    o: &JsonObject<'_>,
+    g: &Value<'_>,
 ) -> Result<(), StixError> {
     let Value::Array(markings) = g else {
         return Err(at.err("granular_markings", "must be a list"));
@@ -743,7 +770,7 @@ fn check_granular_markings(
         };
         match m.get("marking_ref") {
             Some(_) => {}
-            None if matches!(m.get("lang"), Some(Value::String(_))) => {}
+            None if matches!(m.get("lang"), Some(Value::Str(_))) => {}
             None => return Err(at.err(&p(""), "needs a marking_ref or a lang")),
         }
         if let Some(lang) = m.get("lang")
@@ -756,7 +783,7 @@ fn check_granular_markings(
             _ => return Err(at.err(&p(".selectors"), "must be a non-empty list")),
         };
         for (j, s) in selectors.iter().enumerate() {
-            let Value::String(s) = s else {
+            let Value::Str(s) = s else {
                 return Err(at.err(&p(&format!(".selectors[{j}]")), "must be a string"));
             };
             if !selects(o, s) {
@@ -771,7 +798,7 @@ fn check_granular_markings(
 }
 
 /// Whether the selector `s` (`a.b.[2].c`) selects something present in `object`.
-fn selects(object: &Map<String, Value>, s: &str) -> bool {
+fn selects(object: &JsonObject<'_>, s: &str) -> bool {
     let mut steps = s.split('.');
     let Some(mut here) = steps.next().and_then(|first| object.get(first)) else {
         return false;
@@ -900,9 +927,39 @@ mod tests {
     }
 
     #[test]
+    fn repeated_member_names_are_refused_in_the_bundle_and_in_objects() {
+        let object = r#"{"type":"malware","spec_version":"2.1","id":"malware--9a8b7c6d-5e4f-4321-9fed-cba987654321","created":"2026-11-30T09:15:00.000Z","modified":"2026-11-30T09:15:00.000Z","name":"LockBit","is_family":true,"x_meta":{"k":[{"v":1,"v":2}]}}"#;
+        let rows = [
+            (
+                r#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e","type":"bundle","objects":[]}"#.to_owned(),
+                None,
+                "type",
+            ),
+            (
+                r#"{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e","x":{"a":1,"a":1},"objects":[]}"#.to_owned(),
+                None,
+                "x.a",
+            ),
+            (
+                format!(
+                    r#"{{"type":"bundle","id":"bundle--b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e","objects":[{object}]}}"#
+                ),
+                Some(0),
+                "x_meta.k[0].v",
+            ),
+        ];
+        for (text, index, property) in rows {
+            let value = crate::content::parse_json(text.as_bytes()).unwrap();
+            let e = Bundle::validate(value).expect_err(&text);
+            assert_eq!((e.index, e.property.as_str()), (index, property), "{e}");
+            assert!(e.message.contains("repeats a member name"), "{e}");
+        }
+    }
+
+    #[test]
     fn selectors() {
-        let o: Map<String, Value> =
-            serde_json::from_str(r#"{"a":{"b":[1,{"c":2}]},"l":["x"]}"#).unwrap();
+        let v = crate::content::parse_json(br#"{"a":{"b":[1,{"c":2}]},"l":["x"]}"#).unwrap();
+        let o = v.as_object().unwrap();
         for (s, ok) in [
             ("a", true),
             ("a.b", true),
@@ -913,7 +970,7 @@ mod tests {
             ("z", false),
             ("", false),
         ] {
-            assert_eq!(selects(&o, s), ok, "{s}");
+            assert_eq!(selects(o, s), ok, "{s}");
         }
     }
 }

@@ -130,7 +130,7 @@ pub(super) fn check(
     cx: &Context<'_>,
     sender: &AgencyId,
     envelope: &Envelope,
-    content: &Content,
+    content: &Content<'_>,
     flows: &[FlowBases<'_>],
     organisation_named: bool,
 ) -> Result<Option<Designation>, Failure> {
@@ -290,7 +290,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn record(granularity: &str, orgs: &[&str]) -> Content {
+    fn record(granularity: &str, orgs: &[&str]) -> Content<'static> {
         let bytes = serde_json::to_vec(&serde_json::json!({
             "incident": {
                 "reference": "ICO-2026-0042",
@@ -303,7 +303,8 @@ mod tests {
         }))
         .unwrap();
         let kind = ContentKind::of("application/vnd.concordat.incident+json;version=1").unwrap();
-        Content::read(kind, &bytes).unwrap()
+        // Content borrows its payload; a test's few records may live as long as the test.
+        Content::read(kind, Vec::leak(bytes)).unwrap()
     }
 
     #[test]
@@ -372,7 +373,7 @@ mod tests {
             &'a str,
             &'a LegalBases,
             bool,
-            Content,
+            Content<'static>,
             Option<SignificanceTokens>,
             Result<bool, Reason>,
         );
@@ -445,7 +446,7 @@ mod tests {
                 "organisation-specific JSON, significance flow",
                 &ns,
                 true,
-                Content::Json(serde_json::json!({})),
+                Content::read(ContentKind::Json, b"{}").unwrap(),
                 None,
                 Err(Reason::NationalSignificanceRequired),
             ),

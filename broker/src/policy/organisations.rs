@@ -38,7 +38,11 @@ thread_local! {
 /// The organisations `envelope` identifies: those it declares first, in its order, then those
 /// only its payload names, in document order, then those only its workflow step's text names.
 /// `content` is what `envelope.payload` reads as ([`Content::read`]).
-pub fn identified(matcher: &Matcher, envelope: &Envelope, content: &Content) -> Vec<Identified> {
+pub fn identified(
+    matcher: &Matcher,
+    envelope: &Envelope,
+    content: &Content<'_>,
+) -> Vec<Identified> {
     let mut out: Vec<Identified> = envelope
         .declared_organisations()
         .map(|org| Identified {
@@ -253,19 +257,19 @@ mod tests {
                 STIX_BUNDLE.as_bytes(),
                 vec![
                     (
-                        "globex-plc",
-                        false,
-                        Some(
-                            "its name in object 0 \
-                             (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property description",
-                        ),
-                    ),
-                    (
                         "acme-ltd",
                         false,
                         Some(
                             "its name in object 0 \
                              (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property pattern",
+                        ),
+                    ),
+                    (
+                        "globex-plc",
+                        false,
+                        Some(
+                            "its name in object 0 \
+                             (indicator--8e2e2d2b-17d4-4cbf-938f-98ee46b3cd3f), property description",
                         ),
                     ),
                 ],

@@ -22,7 +22,7 @@ use crate::{
 pub(super) fn check_content(
     envelope: &Envelope,
     every_flow_opaque: bool,
-) -> Result<Content, Failure> {
+) -> Result<Content<'_>, Failure> {
     let invalid = |e: &dyn std::fmt::Display| refuse(Reason::InvalidContent, e.to_string());
     let kind = ContentKind::of(&envelope.content_type).map_err(|e| invalid(&e))?;
     let content = Content::read(kind, &envelope.payload).map_err(|e| invalid(&e))?;

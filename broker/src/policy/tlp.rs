@@ -31,11 +31,10 @@ use concordat_proto::{
     envelope::{Envelope, Tlp},
     ids::AgencyId,
 };
-use serde_json::Value;
 
 use super::{Context, refuse};
 use crate::{
-    content::{Bundle, Content},
+    content::{Bundle, Content, JsonObject, Value, member},
     refusal::{Failure, Internal, Reason},
 };
 
@@ -148,7 +147,7 @@ pub(super) fn check(
     cx: &Context<'_>,
     sender: &AgencyId,
     envelope: &Envelope,
-    content: &Content,
+    content: &Content<'_>,
     limits: &[FlowLimit],
 ) -> Result<Carried, Failure> {
     let bundle = match content {
@@ -329,11 +328,11 @@ struct Marked {
 }
 
 /// The level a marking definition object of the bundle declares, if it is a TLP one.
-fn declared_level(o: &serde_json::Map<String, Value>) -> Result<Option<Tlp>, String> {
+fn declared_level(o: &JsonObject<'_>) -> Result<Option<Tlp>, String> {
     if let Some(ext) = o
         .get("extensions")
-        .and_then(|e| e.get(TLP2_EXTENSION))
-        .and_then(|x| x.get("tlp_2_0"))
+        .and_then(|e| member(e, TLP2_EXTENSION))
+        .and_then(|x| member(x, "tlp_2_0"))
     {
         let level = ext.as_str().unwrap_or_default();
         return match level.parse::<Tlp>() {
@@ -345,7 +344,7 @@ fn declared_level(o: &serde_json::Map<String, Value>) -> Result<Option<Tlp>, Str
         // The STIX validation already allows only the four TLP 1.0 definitions here.
         return Ok(o
             .get("definition")
-            .and_then(|d| d.get("tlp"))
+            .and_then(|d| member(d, "tlp"))
             .and_then(Value::as_str)
             .and_then(|l| match l {
                 "white" => Some(Tlp::Clear),
@@ -357,12 +356,10 @@ fn declared_level(o: &serde_json::Map<String, Value>) -> Result<Option<Tlp>, Str
 
 /// Reads the TLP markings of `bundle`: the levels its marking definitions declare, checked
 /// against the fixed ids, then each object's references.
-fn markings(bundle: &Bundle) -> Result<Marked, Failure> {
-    let objects: &[Value] = bundle
-        .as_json()
-        .get("objects")
+fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
+    let objects: &[Value<'_>] = member(bundle.as_json(), "objects")
         .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
+        .unwrap_or_default();
     let ids = bundle.object_ids();
     let mismatch = |m: String| refuse(Reason::TlpMismatch, m);
     // The levels the bundle's own marking definitions declare.
@@ -377,7 +374,7 @@ fn markings(bundle: &Bundle) -> Result<Marked, Failure> {
         let level =
             declared_level(o).map_err(|why| mismatch(format!("objects[{index}] {id}: {why}")))?;
         let Some(level) = level else { continue };
-        if let Some((_, fixed)) = MARKINGS.iter().find(|(m, _)| m == id)
+        if let Some((_, fixed)) = MARKINGS.iter().find(|(m, _)| *m == id)
             && *fixed != level
         {
             return Err(mismatch(format!(
@@ -412,22 +409,19 @@ fn markings(bundle: &Bundle) -> Result<Marked, Failure> {
                 });
             }
         };
-        let refs = object
-            .get("object_marking_refs")
+        let refs = member(object, "object_marking_refs")
             .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice);
+            .unwrap_or_default();
         for (i, r) in refs.iter().enumerate() {
             if let Some(tlp) = r.as_str().and_then(level_of) {
                 note(tlp, format!("object_marking_refs[{i}]"), &mut marked);
             }
         }
-        let granular = object
-            .get("granular_markings")
+        let granular = member(object, "granular_markings")
             .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice);
+            .unwrap_or_default();
         for (i, g) in granular.iter().enumerate() {
-            if let Some(tlp) = g
-                .get("marking_ref")
+            if let Some(tlp) = member(g, "marking_ref")
                 .and_then(Value::as_str)
                 .and_then(level_of)
             {
@@ -452,7 +446,7 @@ mod tests {
     use std::{collections::HashMap, sync::Mutex};
 
     use concordat_proto::{envelope::Kind, ids::MessageId};
-    use serde_json::json;
+    use serde_json::{Value, json};
     use time::OffsetDateTime;
 
     use super::*;
@@ -592,7 +586,6 @@ mod tests {
             Some(p) => ("application/stix+json;version=2.1", p),
             None => ("application/json", b"{}".to_vec()),
         };
-        let content = Content::read(ContentKind::of(content_type).unwrap(), &payload).unwrap();
         let envelope = Envelope {
             message_id: MessageId::new_random(),
             recipients: row.to.iter().map(|r| agency(r)).collect(),
@@ -608,6 +601,8 @@ mod tests {
             significance: None,
             workflow: None,
         };
+        let content =
+            Content::read(ContentKind::of(content_type).unwrap(), &envelope.payload).unwrap();
         let limits: Vec<FlowLimit> = row.to.iter().map(|r| limit(r, row.max_tlp)).collect();
         check(&cx, &agency(row.from), &envelope, &content, &limits)
     }

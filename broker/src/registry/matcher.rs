@@ -23,7 +23,7 @@ use std::{
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind as AcMatchKind};
 use concordat_proto::ids::OrgId;
-use serde_json::Value;
+use serde_json_borrow::Value;
 
 use super::{
     MatchOn, Registry, RegistryError,
@@ -390,7 +390,7 @@ impl Matcher {
     /// Scans every string of a JSON document (every property name, every string value, every
     /// integer's decimal form) and returns, for each organisation found, the first place it
     /// was found, in document order. At most one entry per organisation.
-    pub fn scan_json<'m>(&'m self, value: &Value) -> Vec<JsonMatch<'m>> {
+    pub fn scan_json<'m>(&'m self, value: &Value<'_>) -> Vec<JsonMatch<'m>> {
         let mut scratch = Scratch::default();
         self.scan_json_with(&mut scratch, value)
     }
@@ -404,7 +404,7 @@ impl Matcher {
     pub fn scan_json_with<'m>(
         &'m self,
         scratch: &mut Scratch,
-        value: &Value,
+        value: &Value<'_>,
     ) -> Vec<JsonMatch<'m>> {
         // The walk is iterative (no recursion, whatever the depth); `nodes` records each
         // value's parent and path segment, so a path is only spelt out when it is reported.
@@ -425,13 +425,13 @@ impl Matcher {
         // scanned and emptied whenever it reaches `JSON_CHUNK` (at a string boundary, which no
         // match crosses), so that a large document is scanned while it is still in cache.
         let mut base = 0;
-        let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+        let mut stack: Vec<(&Value<'_>, usize)> = vec![(value, 0)];
         while let Some((v, node)) = stack.pop() {
             if scratch.identifiers.len() >= JSON_CHUNK {
                 self.scan_chunk(scratch, &pieces, &mut hits, &mut base);
             }
             match v {
-                Value::String(s) => {
+                Value::Str(s) => {
                     append_identifiers_form_noting(
                         s,
                         &mut scratch.identifiers,
@@ -483,7 +483,7 @@ impl Matcher {
                             site: JsonSite::Key,
                         });
                     }
-                    for (k, item) in map.values().enumerate().rev() {
+                    for (k, (_, item)) in map.as_vec().iter().enumerate().rev() {
                         nodes.push(Node {
                             parent: node,
                             segment: Segment::Key {
@@ -540,7 +540,7 @@ impl Matcher {
         &'m self,
         scratch: &mut Scratch,
         json_text: &[u8],
-        value: &Value,
+        value: &Value<'_>,
     ) -> Vec<JsonMatch<'m>> {
         if !self.text_may_name(json_text) {
             return Vec::new();
@@ -670,7 +670,7 @@ fn plain_key(key: &str) -> bool {
 
 /// Spells out the path of `node`, descending from `root` along the recorded segments. A
 /// property name is shown only if it is plain and its piece is not in `named` (sorted).
-fn path_of(root: &Value, nodes: &[Node], mut node: usize, named: &[usize]) -> String {
+fn path_of(root: &Value<'_>, nodes: &[Node], mut node: usize, named: &[usize]) -> String {
     let mut segments = Vec::new();
     while let Some(n) = nodes.get(node) {
         segments.push(&n.segment);
@@ -708,6 +708,11 @@ fn path_of(root: &Value, nodes: &[Node], mut node: usize, named: &[usize]) -> St
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    // The generated documents are built, edited and written as serde_json values; the matcher
+    // walks the broker's own document type (`Doc`), parsed from text or converted.
+    use serde_json::Value;
+    use serde_json_borrow::Value as Doc;
+
     use super::*;
     use crate::registry::{Organisation, OrganisationSpec, normalise::tests as normalise_tests};
 
@@ -887,7 +892,7 @@ mod tests {
     #[test]
     fn json_paths_name_where_not_what() {
         let m = matcher();
-        let doc: Value = serde_json::from_str(
+        let doc: Doc<'_> = serde_json::from_str(
             r#"{
                 "type": "bundle",
                 "objects": [
@@ -905,13 +910,13 @@ mod tests {
         assert_eq!(
             got,
             [
-                "acme-ltd (company number) at $.count",
                 "globex-plc (name) at $.objects[1].name",
+                "acme-ltd (name) at $.objects[3].refs[0].url",
             ],
-            "the integer comes first: BTreeMap order puts count before objects"
+            "document order: the first place of each organisation"
         );
 
-        let doc: Value = serde_json::from_str(
+        let doc: Doc<'_> = serde_json::from_str(
             r#"{"objects": [{"x": 1}, {"x": 2}, {"x": 3}, {"refs": [{"url": "https://www.acme.example/"}]}]}"#,
         )
         .unwrap();
@@ -921,7 +926,7 @@ mod tests {
         assert_eq!(got[0].kind, MatchKind::Name, "the first kind in order");
 
         // A key that names an organisation is reported on its object and never spelt out.
-        let doc: Value =
+        let doc: Doc<'_> =
             serde_json::from_str(r#"{"a": [{"Acme Ltd": {"note": "globex"}}]}"#).unwrap();
         let got: Vec<String> = m.scan_json(&doc).iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -957,7 +962,11 @@ mod tests {
             items[i] = Value::from(t);
         }
         let doc = serde_json::json!({ "items": items });
-        let got: Vec<String> = m.scan_json(&doc).iter().map(ToString::to_string).collect();
+        let got: Vec<String> = m
+            .scan_json(&Doc::from(&doc))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             got,
             [
@@ -970,7 +979,7 @@ mod tests {
         let mut items: Vec<Value> = (0..6000).map(|_| Value::from(filler)).collect();
         items[2 * per_chunk + 7] = Value::from("company 01234567");
         let got: Vec<String> = m
-            .scan_json(&Value::Array(items))
+            .scan_json(&Doc::from(&Value::Array(items)))
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -1048,7 +1057,7 @@ mod tests {
     /// and that the text alone is never judged to name no one where the walk finds someone.
     /// Returns (what the walk found, whether the text could name someone).
     fn agree(m: &Matcher, text: &str) -> (Vec<String>, bool) {
-        let value: Value = serde_json::from_str(text).unwrap();
+        let value: Doc<'_> = serde_json::from_str(text).unwrap();
         let mut scratch = Scratch::default();
         let walked: Vec<String> = m
             .scan_json_with(&mut scratch, &value)
@@ -1220,7 +1229,7 @@ mod tests {
             );
         }
         // A text the parser did not make (a bad escape) is walked, not trusted.
-        let value = serde_json::json!({"a": "Acme"});
+        let value: Doc<'_> = serde_json::from_str(r#"{"a": "Acme"}"#).unwrap();
         let mut scratch = Scratch::default();
         assert_eq!(
             m.scan_json_text_with(&mut scratch, br#"{"a":"\x"}"#, &value)
@@ -1457,14 +1466,14 @@ mod tests {
     #[test]
     fn deep_json_does_not_recurse() {
         let m = matcher();
-        let mut v = Value::String("acme.example".into());
+        let mut v = Doc::Str("acme.example".into());
         for _ in 0..100_000 {
-            v = Value::Array(vec![v]);
+            v = Doc::Array(vec![v]);
         }
         let got = m.scan_json(&v);
         assert_eq!(got.len(), 1);
         assert!(got[0].path.ends_with("[0][0]"));
-        // Dropping a deeply nested Value recurses in serde_json; leak it instead.
+        // Dropping a deeply nested value recurses; leak it instead.
         std::mem::forget(v);
     }
 
