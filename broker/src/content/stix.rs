@@ -218,6 +218,26 @@ const TIMESTAMPS: &[&str] = &[
     "analysis_ended",
 ];
 
+/// Whether `name` is one of [`TIMESTAMPS`] (a `match`, which the compiler turns into a jump
+/// on the length, where `TIMESTAMPS.contains` compares with every entry).
+fn is_timestamp_property(name: &str) -> bool {
+    matches!(
+        name,
+        "valid_from"
+            | "valid_until"
+            | "first_seen"
+            | "last_seen"
+            | "published"
+            | "first_observed"
+            | "last_observed"
+            | "start_time"
+            | "stop_time"
+            | "submitted"
+            | "analysis_started"
+            | "analysis_ended"
+    )
+}
+
 /// The four TLP marking definitions of STIX 2.1: level, id.
 const TLP: &[(&str, &str)] = &[
     (
@@ -430,22 +450,20 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
     // again in TIMESTAMPS' order, so that the first bad one in that order is reported.
     let timestamps_ok = o
         .iter()
-        .all(|(name, v)| !TIMESTAMPS.contains(&name) || v.as_str().and_then(timestamp).is_some());
+        .all(|(name, v)| !is_timestamp_property(name) || v.as_str().and_then(timestamp).is_some());
     if !timestamps_ok {
         for p in TIMESTAMPS {
             timestamp_prop(&at, o, p, false)?;
         }
     }
+    // No list at the top level is empty; references, at any depth but inside observed-data's
+    // deprecated `objects` map (whose references are keys into that map, not identifiers).
     for (name, v) in o.iter() {
         if let Value::Array(items) = v
             && items.is_empty()
         {
             return Err(at.err(name, "is an empty list; a list property must not be empty"));
         }
-    }
-    // References, at any depth but inside observed-data's deprecated `objects` map (whose
-    // references are keys into that map, not identifiers).
-    for (name, v) in o.iter() {
         if t == "observed-data" && name == "objects" {
             continue;
         }
@@ -853,14 +871,19 @@ fn is_type_name(t: &str) -> bool {
 /// Splits an identifier `type--UUID` into its type and UUID, if well-formed (the UUID of the
 /// RFC 4122 variant).
 fn identifier(s: &str) -> Option<(&str, &str)> {
-    let (t, uuid) = s.rsplit_once("--")?;
+    // The UUID is the last 36 bytes, after `--`; it holds no `--` itself, so this is the
+    // split at the last `--` (without a substring search, which costs more here than the
+    // rest of the check: every id and reference of a bundle comes through).
+    let at = s.len().checked_sub(38)?;
+    let t = s.get(..at)?;
+    if s.get(at..at + 2)? != "--" {
+        return None;
+    }
+    let uuid = s.get(at + 2..)?;
     if !is_type_name(t) {
         return None;
     }
     let b = uuid.as_bytes();
-    if b.len() != 36 {
-        return None;
-    }
     for (i, c) in b.iter().enumerate() {
         let ok = if matches!(i, 8 | 13 | 18 | 23) {
             *c == b'-'
@@ -953,6 +976,67 @@ mod tests {
             let e = Bundle::validate(value).expect_err(&text);
             assert_eq!((e.index, e.property.as_str()), (index, property), "{e}");
             assert!(e.message.contains("repeats a member name"), "{e}");
+        }
+    }
+
+    /// `identifier` splits at the last `--` without searching: it agrees with the split by
+    /// search on ids and near-ids (a `-` too many or too few, other characters, other lengths).
+    #[test]
+    fn identifier_agrees_with_the_split_at_the_last_double_hyphen() {
+        fn by_search(s: &str) -> Option<(&str, &str)> {
+            let (t, uuid) = s.rsplit_once("--")?;
+            let well_formed = is_type_name(t)
+                && uuid.len() == 36
+                && uuid.bytes().enumerate().all(|(i, c)| {
+                    if matches!(i, 8 | 13 | 18 | 23) {
+                        c == b'-'
+                    } else {
+                        c.is_ascii_hexdigit()
+                    }
+                })
+                && matches!(uuid.as_bytes()[19], b'8' | b'9' | b'a' | b'b' | b'A' | b'B');
+            well_formed.then_some((t, uuid))
+        }
+        let base = "indicator--4b3e2a1c-5d6f-4a7b-8c9d-0e1f2a3b4c5d";
+        let alphabet = ["a", "-", "--", "4", "8", "\u{e9}", "x-", "B"];
+        let mut state = 0x9e37_79b9_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut checked, mut valid) = (0, 0);
+        for _ in 0..200_000 {
+            let mut s = base.to_owned();
+            for _ in 0..(next() % 3) {
+                let at = (next() as usize) % (s.len() + 1);
+                let piece = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 if s.is_char_boundary(at) => s.insert_str(at, piece),
+                    1 if at < s.len() && s.is_char_boundary(at) && s.is_char_boundary(at + 1) => {
+                        s.remove(at);
+                    }
+                    _ => s = format!("{piece}{s}"),
+                }
+            }
+            assert_eq!(identifier(&s), by_search(&s), "{s}");
+            checked += 1;
+            valid += usize::from(by_search(&s).is_some());
+        }
+        assert!(
+            valid > 10_000 && checked - valid > 10_000,
+            "{valid} of {checked} valid"
+        );
+    }
+
+    /// Every property of the list is recognised (one the `match` had and the list lacked
+    /// would only be checked again and pass).
+    #[test]
+    fn the_timestamp_properties_are_the_list() {
+        assert!(TIMESTAMPS.iter().all(|p| is_timestamp_property(p)));
+        for other in ["created", "modified", "valid_from_", "name", ""] {
+            assert!(!is_timestamp_property(other), "{other}");
         }
     }
 

@@ -306,7 +306,25 @@ struct Highest {
     tlp: Tlp,
     index: usize,
     object_id: String,
-    property: String,
+    property: MarkingSite,
+}
+
+/// The property of an object that references a marking, spelt out only in a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkingSite {
+    /// `object_marking_refs[i]`.
+    ObjectMarkingRef(usize),
+    /// `granular_markings[i].marking_ref`.
+    GranularMarking(usize),
+}
+
+impl std::fmt::Display for MarkingSite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MarkingSite::ObjectMarkingRef(i) => write!(f, "object_marking_refs[{i}]"),
+            MarkingSite::GranularMarking(i) => write!(f, "granular_markings[{i}].marking_ref"),
+        }
+    }
 }
 
 /// One object of a bundle and its own TLP marking.
@@ -398,7 +416,7 @@ fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
     };
     for (index, (object, id)) in objects.iter().zip(ids).enumerate() {
         let mut own: Option<Tlp> = None;
-        let mut note = |tlp: Tlp, property: String, marked: &mut Marked| {
+        let mut note = |tlp: Tlp, property: MarkingSite, marked: &mut Marked| {
             own = own.max(Some(tlp));
             if marked.highest.as_ref().is_none_or(|h| tlp > h.tlp) {
                 marked.highest = Some(Highest {
@@ -414,7 +432,7 @@ fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
             .unwrap_or_default();
         for (i, r) in refs.iter().enumerate() {
             if let Some(tlp) = r.as_str().and_then(level_of) {
-                note(tlp, format!("object_marking_refs[{i}]"), &mut marked);
+                note(tlp, MarkingSite::ObjectMarkingRef(i), &mut marked);
             }
         }
         let granular = member(object, "granular_markings")
@@ -425,11 +443,7 @@ fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
                 .and_then(Value::as_str)
                 .and_then(level_of)
             {
-                note(
-                    tlp,
-                    format!("granular_markings[{i}].marking_ref"),
-                    &mut marked,
-                );
+                note(tlp, MarkingSite::GranularMarking(i), &mut marked);
             }
         }
         marked.objects.push(ObjectMarking {

@@ -2165,6 +2165,25 @@ mod tests {
 
     const ORIGIN: &str = "test/audit";
 
+    /// Opens the store in `dir`, which a store of this process may just have closed. sled
+    /// releases its file lock only when its last background job ends, which can be after the
+    /// `Db` is dropped; there is nothing to wait on, so the open is retried while it fails on
+    /// that lock alone (for at most 10 s). Any other error is returned at once.
+    fn reopen(dir: &Path) -> Result<SledStorage, Internal> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStorage::open(dir, ORIGIN) {
+                Err(e)
+                    if format!("{e:?}").contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Where a test's store lives: its data directory (the log key, the published checkpoint)
     /// and, on PostgreSQL, its database. `open` opens the same store again each time.
     trait Place {
@@ -2186,7 +2205,7 @@ mod tests {
         }
 
         fn open(&self) -> SledStorage {
-            SledStorage::open(self.0.path(), ORIGIN).unwrap()
+            reopen(self.0.path()).unwrap()
         }
     }
 
@@ -2987,7 +3006,7 @@ mod tests {
     #[test]
     fn a_payload_larger_than_a_segment_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         let big: Vec<u8> = (0..(3 * kv::SLED_SEGMENT_BYTES / 2))
             .map(|i| i as u8)
             .collect();
@@ -3011,7 +3030,7 @@ mod tests {
             "{blobs:?} vs {synced:?}"
         );
         drop(s);
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         let got = s
             .claimable(&agency("ico"), u64::MAX, 1, &|_| false)
             .unwrap();
@@ -3024,13 +3043,13 @@ mod tests {
     #[test]
     fn the_start_check_refuses_a_rolled_back_store() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         commit(&s, &[accept(&["ico"], b"one".to_vec(), None)]);
         drop(s);
         // A copy of the database as it was, published at 1 entry.
         let copy = tempfile::tempdir().unwrap();
         copy_dir(&dir.path().join("db"), &copy.path().join("db"));
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         crate::store::check_recovered(&s, dir.path()).unwrap();
         commit(&s, &[accept(&["ico"], b"two".to_vec(), None)]);
         let published = s.published_checkpoint().unwrap().unwrap();
@@ -3039,7 +3058,7 @@ mod tests {
         // The database rolls back; the published checkpoint does not.
         std::fs::remove_dir_all(dir.path().join("db")).unwrap();
         copy_dir(&copy.path().join("db"), &dir.path().join("db"));
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         let e = crate::store::check_recovered(&s, dir.path()).unwrap_err();
         let text = e.to_string();
         for needle in [
@@ -3287,7 +3306,7 @@ mod tests {
     #[test]
     fn a_database_in_the_old_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         // Flushed first, like every other restart here: a database dropped while sled's
         // threads still write what opening it started may keep its lock a moment longer.
         s.sync().unwrap();
@@ -3303,7 +3322,7 @@ mod tests {
             meta.insert(NEXT_SEQ, &5u64.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let Err(e) = SledStorage::open(dir.path(), ORIGIN) else {
+        let Err(e) = reopen(dir.path()) else {
             panic!("opened a database in another layout");
         };
         assert!(e.to_string().contains("older broker"), "{e}");
@@ -3315,7 +3334,7 @@ mod tests {
         // An older broker made its key, then its database.
         audit_log::load_or_create_key(dir.path(), ORIGIN).unwrap();
         drop(sled::open(dir.path().join("db")).unwrap());
-        let Err(e) = SledStorage::open(dir.path(), ORIGIN) else {
+        let Err(e) = reopen(dir.path()) else {
             panic!("opened a database with other segments");
         };
         assert!(e.to_string().contains("older broker"), "{e}");
@@ -3332,7 +3351,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
         std::fs::create_dir(&live).unwrap();
-        let storage = Arc::new(SledStorage::open(&live, ORIGIN).unwrap());
+        let storage = Arc::new(reopen(&live).unwrap());
         let store = Store::start(
             storage.clone(),
             StoreOptions::new(&live, std::time::Duration::from_secs(10)),
@@ -3385,7 +3404,7 @@ mod tests {
         );
         let restored = dir.path().join("restored");
         crate::backup::restore(&file, &restored).unwrap();
-        let copy = SledStorage::open(&restored, ORIGIN).unwrap();
+        let copy = reopen(&restored).unwrap();
         for ((sender, id), index) in &accepted {
             let found = copy.receipt(sender, id).unwrap();
             if *index < header.log_size {
@@ -3414,7 +3433,7 @@ mod tests {
             op
         };
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path(), ORIGIN).unwrap();
+        let s = reopen(dir.path()).unwrap();
         let filled = Instant::now();
         for _ in 0..TRANSFERS / 500 {
             let ops: Vec<Op> = (0..500)
