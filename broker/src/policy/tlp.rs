@@ -232,7 +232,7 @@ pub(super) fn check(
     }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
-    for object in marked.objects.iter().filter(|o| !is_definition(&o.id)) {
+    for object in marked.objects.iter().filter(|o| !is_definition(o.id)) {
         let object_id = &object.id;
         let Some(received) = cx.provenance.received(sender, object_id)? else {
             continue;
@@ -261,11 +261,11 @@ pub(super) fn check(
     let restricted = marked
         .objects
         .iter()
-        .filter(|o| !is_definition(&o.id))
+        .filter(|o| !is_definition(o.id))
         .filter_map(|o| {
             let tlp = o.own.unwrap_or(envelope.tlp);
             (tlp >= RESTRICTED_FROM).then(|| Restricted {
-                object_id: o.id.clone(),
+                object_id: o.id.to_owned(),
                 tlp,
             })
         })
@@ -295,8 +295,15 @@ fn label(tlp: Tlp) -> String {
     format!("TLP:{}", tlp.as_str().to_uppercase())
 }
 
+/// Whether the object `id` (a validated STIX identifier, `type--UUID`) is a marking or
+/// extension definition. Its type is all before the UUID: a custom type may itself hold `--`
+/// (`marking-definition--x--<UUID>` is a custom object, not a marking definition).
 fn is_definition(id: &str) -> bool {
-    let kind = id.split_once("--").map_or(id, |(t, _)| t);
+    let kind = id
+        .len()
+        .checked_sub(38)
+        .and_then(|at| id.get(..at))
+        .unwrap_or(id);
     DEFINITIONS.contains(&kind)
 }
 
@@ -329,18 +336,18 @@ impl std::fmt::Display for MarkingSite {
 
 /// One object of a bundle and its own TLP marking.
 #[derive(Debug)]
-struct ObjectMarking {
+struct ObjectMarking<'b> {
     /// Its id.
-    id: String,
+    id: &'b str,
     /// The most restrictive TLP marking it references itself, if any.
     own: Option<Tlp>,
 }
 
 /// The TLP markings of a bundle.
 #[derive(Debug, Default)]
-struct Marked {
+struct Marked<'b> {
     /// Every object, in bundle order, with its own marking.
-    objects: Vec<ObjectMarking>,
+    objects: Vec<ObjectMarking<'b>>,
     /// The most restrictive marking referenced anywhere, and where first.
     highest: Option<Highest>,
 }
@@ -374,7 +381,7 @@ fn declared_level(o: &JsonObject<'_>) -> Result<Option<Tlp>, String> {
 
 /// Reads the TLP markings of `bundle`: the levels its marking definitions declare, checked
 /// against the fixed ids, then each object's references.
-fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
+fn markings<'b>(bundle: &'b Bundle<'_>) -> Result<Marked<'b>, Failure> {
     let objects: &[Value<'_>] = member(bundle.as_json(), "objects")
         .and_then(Value::as_array)
         .unwrap_or_default();
@@ -416,7 +423,7 @@ fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
     };
     for (index, (object, id)) in objects.iter().zip(ids).enumerate() {
         let mut own: Option<Tlp> = None;
-        let mut note = |tlp: Tlp, property: MarkingSite, marked: &mut Marked| {
+        let mut note = |tlp: Tlp, property: MarkingSite, marked: &mut Marked<'b>| {
             own = own.max(Some(tlp));
             if marked.highest.as_ref().is_none_or(|h| tlp > h.tlp) {
                 marked.highest = Some(Highest {
@@ -446,10 +453,7 @@ fn markings(bundle: &Bundle<'_>) -> Result<Marked, Failure> {
                 note(tlp, MarkingSite::GranularMarking(i), &mut marked);
             }
         }
-        marked.objects.push(ObjectMarking {
-            id: id.clone(),
-            own,
-        });
+        marked.objects.push(ObjectMarking { id, own });
     }
     Ok(marked)
 }
@@ -619,6 +623,20 @@ mod tests {
             Content::read(ContentKind::of(content_type).unwrap(), &envelope.payload).unwrap();
         let limits: Vec<FlowLimit> = row.to.iter().map(|r| limit(r, row.max_tlp)).collect();
         check(&cx, &agency(row.from), &envelope, &content, &limits)
+    }
+
+    #[test]
+    fn definitions_are_known_by_the_whole_type() {
+        let uuid = "4b3e2a1c-5d6f-4a7b-8c9d-0e1f2a3b4c5d";
+        for (id, want) in [
+            (format!("marking-definition--{uuid}"), true),
+            (format!("extension-definition--{uuid}"), true),
+            (format!("indicator--{uuid}"), false),
+            (format!("marking-definition--x--{uuid}"), false),
+            (format!("x-marking-definition--{uuid}"), false),
+        ] {
+            assert_eq!(is_definition(&id), want, "{id}");
+        }
     }
 
     #[test]

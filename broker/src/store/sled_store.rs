@@ -272,7 +272,8 @@ fn revoked_jti_key(issuer: &KeyId, jti: &TokenId) -> Vec<u8> {
 }
 
 fn received_key(holder: &AgencyId, object_id: &str) -> Vec<u8> {
-    let mut k = holder.as_str().as_bytes().to_vec();
+    let mut k = Vec::with_capacity(holder.as_str().len() + 1 + object_id.len());
+    k.extend_from_slice(holder.as_str().as_bytes());
     k.push(0);
     k.extend_from_slice(object_id.as_bytes());
     k
