@@ -1187,8 +1187,8 @@ mod corpus {
         }
     }
 
-    /// Random byte changes to the valid bundles (a fixed-seed generator, so that a failure
-    /// repeats) must go through without a panic.
+    /// Random byte changes and copied pieces in the valid bundles (a fixed-seed generator,
+    /// so that a failure repeats) must go through without a panic.
     #[test]
     fn mutated_bundles_do_not_panic() {
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1213,8 +1213,17 @@ mod corpus {
                 let mut bytes = original.clone();
                 for _ in 0..1 + next() % 4 {
                     let at = (next() % bytes.len() as u64) as usize;
-                    const BYTES: &[u8] = b"{}[]\",:0aZ-\x00\xff";
-                    bytes[at] = BYTES[(next() % BYTES.len() as u64) as usize];
+                    if next() % 3 == 0 {
+                        // A piece of the text copied elsewhere: repeated members, nested
+                        // objects where strings were, unbalanced brackets.
+                        let from = (next() % bytes.len() as u64) as usize;
+                        let len = (next() % 64) as usize;
+                        let piece = bytes[from..(from + len).min(bytes.len())].to_vec();
+                        bytes.splice(at..at, piece);
+                    } else {
+                        const BYTES: &[u8] = b"{}[]\",:0aZ-\x00\xff";
+                        bytes[at] = BYTES[(next() % BYTES.len() as u64) as usize];
+                    }
                 }
                 fuzz_stix(&bytes);
             }
