@@ -2166,23 +2166,11 @@ mod tests {
 
     const ORIGIN: &str = "test/audit";
 
-    /// Opens the store in `dir`, which a store of this process may just have closed. sled
-    /// releases its file lock only when its last background job ends, which can be after the
-    /// `Db` is dropped; there is nothing to wait on, so the open is retried while it fails on
-    /// that lock alone (for at most 10 s). Any other error is returned at once.
+    /// Opens the store in `dir`, which a store of this process may just have closed: sled
+    /// lets go of its lock a little after the last handle is dropped ([`wait_until_closed`]).
     fn reopen(dir: &Path) -> Result<SledStorage, Internal> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match SledStorage::open(dir, ORIGIN) {
-                Err(e)
-                    if format!("{e:?}").contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
+        wait_until_closed(dir, std::time::Duration::from_secs(10), || true);
+        SledStorage::open(dir, ORIGIN)
     }
 
     /// Where a test's store lives: its data directory (the log key, the published checkpoint)
