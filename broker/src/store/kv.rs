@@ -270,6 +270,17 @@ impl Kv {
         Ok(())
     }
 
+    /// Whether the engine answers now: sled is in the process, so nothing to ask; PostgreSQL
+    /// is asked a question on a read-write session (the writer's probe after a failure, where
+    /// [`Kv::flush`], which has nothing to do on PostgreSQL, would answer yes with the primary
+    /// down).
+    pub fn probe(&self) -> Result<(), KvError> {
+        match &self.0 {
+            KvRepr::Sled(_) => Ok(()),
+            KvRepr::Postgres(pg) => pg.generation().map(drop).map_err(KvError::from),
+        }
+    }
+
     /// Where the store stands, to be taken before the caller reads its in-memory state from
     /// the engine and given to [`Kv::reloaded`] after (PostgreSQL: the store's generation, so
     /// that a commit of another node in between makes the next transaction

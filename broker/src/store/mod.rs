@@ -371,6 +371,11 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     /// Makes every applied operation durable, then publishes the checkpoint sealed since the
     /// last call outside the database (see [`check_recovered`]).
     fn sync(&self) -> Result<(), Internal>;
+    /// Whether the storage works again after a failure: a [`Storage::sync`] that also reaches
+    /// the database server, if there is one (whose sync has nothing to flush).
+    fn probe(&self) -> Result<(), Internal> {
+        self.sync()
+    }
     /// The checkpoint last published outside the database, if any.
     fn published_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal>;
     /// The root hash of the log's first `size` entries, from the stored hashes.
@@ -1127,7 +1132,7 @@ fn write_loop(
                 since: Instant::now(),
                 replies: Vec::new(),
             });
-            let probe = storage.sync();
+            let probe = storage.probe();
             *shared.lock_inflight() = None;
             match probe {
                 Ok(()) => {

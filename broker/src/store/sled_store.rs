@@ -2015,6 +2015,13 @@ impl Storage for SledStorage {
         self.log.publish_sealed()
     }
 
+    fn probe(&self) -> Result<(), Internal> {
+        self.sync()?;
+        self.db
+            .probe()
+            .map_err(kv_err("asking the database whether it answers"))
+    }
+
     fn published_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal> {
         self.log.published()
     }
@@ -2266,6 +2273,25 @@ mod tests {
             eprintln!("the shared suite on PostgreSQL: {name}");
             scenario(&PgPlace::new(&server, &format!("suite_{i}")));
         }
+    }
+
+    /// The writer's probe, after a failure, reaches the primary: with the primary down it
+    /// fails, where `sync` (which has nothing to flush on PostgreSQL) succeeds, so a writer that
+    /// probed with `sync` took the storage for recovered and failed its next batch again.
+    #[test]
+    fn the_probe_fails_while_the_primary_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = concordat_tests::postgres::PgCluster::start(dir.path())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let server = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
+        let s = PgPlace::new(&server, "probe").open();
+        s.probe().unwrap();
+        cluster.kill_primary().unwrap();
+        assert!(s.sync().is_ok(), "sync asks nothing of the server");
+        let Err(e) = s.probe() else {
+            panic!("the probe succeeded with the primary down");
+        };
+        assert!(format!("{e:?}").contains("answers"), "{e:?}");
     }
 
     /// Two broker nodes on one PostgreSQL database (one log key, data directories of their
