@@ -387,8 +387,10 @@ fn markings<'b>(bundle: &'b Bundle<'_>) -> Result<Marked<'b>, Failure> {
         .unwrap_or_default();
     let ids = bundle.object_ids();
     let mismatch = |m: String| refuse(Reason::TlpMismatch, m);
-    // The levels the bundle's own marking definitions declare.
-    let mut defined: Vec<(&str, Tlp)> = Vec::new();
+    // The levels the bundle's own marking definitions declare (the first of an id counts), by
+    // id: every reference of every object is looked up here, and a bundle may hold thousands
+    // of each.
+    let mut defined: std::collections::HashMap<&str, Tlp> = std::collections::HashMap::new();
     for (index, (object, id)) in objects.iter().zip(ids).enumerate() {
         let Some(o) = object.as_object() else {
             continue;
@@ -408,14 +410,14 @@ fn markings<'b>(bundle: &'b Bundle<'_>) -> Result<Marked<'b>, Failure> {
                 label(*fixed)
             )));
         }
-        defined.push((id, level));
+        defined.entry(id.as_str()).or_insert(level);
     }
     let level_of = |marking: &str| -> Option<Tlp> {
         MARKINGS
             .iter()
-            .chain(defined.iter())
             .find(|(m, _)| *m == marking)
             .map(|(_, t)| *t)
+            .or_else(|| defined.get(marking).copied())
     };
     let mut marked = Marked {
         objects: Vec::with_capacity(ids.len()),

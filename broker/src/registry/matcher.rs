@@ -691,7 +691,8 @@ fn path_of(root: &Value<'_>, nodes: &[Node], mut node: usize, named: &[usize]) -
             Segment::Key { position, piece } => {
                 let entry = at
                     .and_then(Value::as_object)
-                    .and_then(|m| m.iter().nth(*position));
+                    .and_then(|m| m.as_vec().get(*position))
+                    .map(|(k, v)| (&**k, v));
                 at = entry.map(|(_, v)| v);
                 match entry {
                     Some((k, _)) if plain_key(k) && named.binary_search(piece).is_err() => {
