@@ -302,8 +302,7 @@ impl<'a> Content<'a> {
                 .map_err(|e| ContentError::NotUtf8(e.to_string())),
             ContentKind::Stix21 => Ok(Content::Stix(Bundle::validate(parse_json(payload)?)?)),
             ContentKind::IncidentRecord => {
-                let text = json_text(payload)?;
-                let value = parse_json(payload)?;
+                let (text, value) = parse_json_text(payload)?;
                 let record = IncidentRecord::read(text, &value)?;
                 Ok(Content::Incident(Box::new(record), value))
             }
@@ -418,20 +417,22 @@ fn walk_strings(
 /// `payload` unless they hold escapes; objects keep their members in document order, repeated
 /// names included (see [`repeated_member`]).
 pub fn parse_json(payload: &[u8]) -> Result<Value<'_>, ContentError> {
+    parse_json_text(payload).map(|(_, value)| value)
+}
+
+/// As [`parse_json`], also giving the payload as the UTF-8 text it was read as.
+fn parse_json_text(payload: &[u8]) -> Result<(&str, Value<'_>), ContentError> {
     check_depth(payload, MAX_DEPTH)?;
     // serde_json reads a byte slice as UTF-8 too, but only text it has checked whole can
     // lend its strings to the document.
-    serde_json::from_str(json_text(payload)?).map_err(|e| ContentError::NotJson(e.to_string()))
-}
-
-/// `payload` as the UTF-8 text that JSON is.
-fn json_text(payload: &[u8]) -> Result<&str, ContentError> {
-    std::str::from_utf8(payload).map_err(|e| {
+    let text = std::str::from_utf8(payload).map_err(|e| {
         ContentError::NotJson(format!(
             "invalid UTF-8 at byte {} of the payload",
             e.valid_up_to()
         ))
-    })
+    })?;
+    let value = serde_json::from_str(text).map_err(|e| ContentError::NotJson(e.to_string()))?;
+    Ok((text, value))
 }
 
 /// The member `key` of `value`, if `value` is an object that has it.
@@ -465,10 +466,14 @@ pub fn repeated_member(value: &Value<'_>) -> Option<String> {
     walk(value).map(|below| format!("${below}"))
 }
 
+/// Objects of at most this many members are searched member by member; larger ones go
+/// through a set or an index, so that one huge object costs linear time, not quadratic.
+pub(crate) const SMALL_OBJECT: usize = 16;
+
 /// The first member name of `object`, in document order, that an earlier member already has.
 pub fn repeated_name<'o>(object: &'o JsonObject<'_>) -> Option<&'o str> {
     let members = object.as_vec();
-    if members.len() <= 16 {
+    if members.len() <= SMALL_OBJECT {
         // Nearly every object: compared pairwise, without allocating.
         return members.iter().enumerate().find_map(|(i, (key, _))| {
             let key: &str = key;
@@ -481,7 +486,6 @@ pub fn repeated_name<'o>(object: &'o JsonObject<'_>) -> Option<&'o str> {
                 .then_some(key)
         });
     }
-    // A large object goes through a set, so that one huge object costs linear time.
     let mut seen = std::collections::HashSet::with_capacity(members.len());
     object.keys().find(|key| !seen.insert(*key))
 }

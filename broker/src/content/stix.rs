@@ -29,7 +29,7 @@
 //! STIX patterns are not parsed and other SCO property formats (hashes, MAC addresses) are not checked:
 //! see `docs/stix.md` for where this differs from the OASIS validator.
 
-use super::{JsonObject, Value};
+use super::{JsonObject, Value, member};
 use time::{Date, Month};
 
 use super::{ObjectAt, StringAt, walk_strings};
@@ -722,8 +722,7 @@ fn check_marking_definition(
     match definition_type {
         Some(Value::Str(dt)) if dt == "tlp" => {
             let level = definition
-                .and_then(Value::as_object)
-                .and_then(|d| d.get("tlp"))
+                .and_then(|d| member(d, "tlp"))
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             let Some((_, tlp_id)) = TLP.iter().find(|(l, _)| *l == level) else {
@@ -747,10 +746,7 @@ fn check_marking_definition(
             Ok(())
         }
         Some(Value::Str(dt)) if dt == "statement" => {
-            match definition
-                .and_then(Value::as_object)
-                .and_then(|d| d.get("statement"))
-            {
+            match definition.and_then(|d| member(d, "statement")) {
                 Some(Value::Str(_)) => Ok(()),
                 _ => Err(at.err("definition.statement", "is required and must be a string")),
             }
@@ -818,7 +814,7 @@ fn check_granular_markings(
 
 /// Finds members by name for selectors. An object's members are a list, searched from the
 /// start, and a bundle may hold one object of many thousands of members and as many
-/// selectors into it: each object of more than 16 members is indexed once, the first time a
+/// selectors into it: each object of more than [`super::SMALL_OBJECT`] members is indexed once, the first time a
 /// selector steps into it, so that the selectors cost time linear in their length, not in the
 /// objects' sizes. (Repeated member names were refused before, so the index is unambiguous.)
 #[derive(Default)]
@@ -829,7 +825,7 @@ struct Lookup<'v, 'a> {
 
 impl<'v, 'a> Lookup<'v, 'a> {
     fn get(&mut self, object: &'v JsonObject<'a>, key: &str) -> Option<&'v Value<'a>> {
-        if object.len() <= 16 {
+        if object.len() <= super::SMALL_OBJECT {
             return object.get(key);
         }
         let index = self
@@ -895,7 +891,7 @@ fn is_type_name(t: &str) -> bool {
 
 /// Splits an identifier `type--UUID` into its type and UUID, if well-formed (the UUID of the
 /// RFC 4122 variant).
-fn identifier(s: &str) -> Option<(&str, &str)> {
+pub(crate) fn identifier(s: &str) -> Option<(&str, &str)> {
     // The UUID is the last 36 bytes, after `--`; it holds no `--` itself, so this is the
     // split at the last `--` (without a substring search, which costs more here than the
     // rest of the check: every id and reference of a bundle comes through).

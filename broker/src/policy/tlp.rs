@@ -299,12 +299,7 @@ fn label(tlp: Tlp) -> String {
 /// extension definition. Its type is all before the UUID: a custom type may itself hold `--`
 /// (`marking-definition--x--<UUID>` is a custom object, not a marking definition).
 fn is_definition(id: &str) -> bool {
-    let kind = id
-        .len()
-        .checked_sub(38)
-        .and_then(|at| id.get(..at))
-        .unwrap_or(id);
-    DEFINITIONS.contains(&kind)
+    crate::content::stix::identifier(id).is_some_and(|(kind, _)| DEFINITIONS.contains(&kind))
 }
 
 /// Where the most restrictive marking of a bundle is referenced.
