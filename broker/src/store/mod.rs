@@ -1080,6 +1080,17 @@ fn watchdog(shared: std::sync::Weak<Shared>, nudge: mpsc::WeakSender<Job>) {
     }
 }
 
+/// Signs a checkpoint of the log as it stands unless `latest` covers it, and makes it durable
+/// with everything applied before it: the new checkpoint, if one was signed.
+fn seal_and_sync(
+    storage: &dyn Storage,
+    latest: Option<&SignedCheckpoint>,
+) -> Result<Option<SignedCheckpoint>, Internal> {
+    let sealed = storage.seal(latest)?;
+    storage.sync()?;
+    Ok(sealed)
+}
+
 fn write_loop(
     storage: &dyn Storage,
     mut rx: mpsc::Receiver<Job>,
@@ -1101,10 +1112,7 @@ fn write_loop(
                 // may not be stored yet (its seal follows its commit, which is what was
                 // heard), or ever (it was killed in between). Every node signs the same
                 // checkpoint of a size.
-                match storage
-                    .seal(latest.as_ref())
-                    .and_then(|new| storage.sync().map(|()| new))
-                {
+                match seal_and_sync(storage, latest.as_ref()) {
                     Ok(Some(cp)) => {
                         latest = Some(cp);
                         checkpoint.send_replace(latest.clone());
@@ -1203,8 +1211,7 @@ fn write_loop(
         let results = storage.apply_batch(&ops);
         // Seal the batch with a checkpoint, flushed together with it (and published beside
         // the database once the flush is durable).
-        let sealed = storage.seal(latest.as_ref());
-        let synced = sealed.and_then(|new| storage.sync().map(|()| new));
+        let synced = seal_and_sync(storage, latest.as_ref());
         let replies = shared
             .lock_inflight()
             .take()
