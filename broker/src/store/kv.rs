@@ -698,6 +698,20 @@ impl<'a> TxTrees<'a> {
     }
 }
 
+/// Tells the engine that a transaction is about to read these keys of these trees:
+/// PostgreSQL reads them all in one round trip, rather than one per tree or per key; sled, in
+/// memory, has nothing to do.
+pub fn prefetch(wanted: Vec<(TxTree<'_>, Vec<Vec<u8>>)>) -> Result<(), KvError> {
+    let on_postgres: Vec<_> = wanted
+        .into_iter()
+        .filter_map(|(tree, keys)| match tree.0 {
+            TxTreeRepr::Postgres(t) => Some((t, keys)),
+            TxTreeRepr::Sled(_) => None,
+        })
+        .collect();
+    Ok(super::postgres::prefetch_trees(on_postgres)?)
+}
+
 /// One tree inside a running transaction: reads see its own writes, and the writes are
 /// applied when the transaction commits.
 #[derive(Clone, Copy)]
@@ -721,10 +735,7 @@ impl TxTree<'_> {
     /// Tells the engine that the transaction is about to read `keys`: PostgreSQL reads them
     /// in one round trip rather than one each; sled, in memory, has nothing to do.
     pub fn prefetch(&self, keys: Vec<Vec<u8>>) -> Result<(), KvError> {
-        match self.0 {
-            TxTreeRepr::Sled(_) => Ok(()),
-            TxTreeRepr::Postgres(t) => Ok(t.prefetch(keys)?),
-        }
+        prefetch(vec![(*self, keys)])
     }
 
     /// Sets `key` to `value`.

@@ -1224,29 +1224,55 @@ impl PgTx<'_> {
         Ok(value)
     }
 
-    /// Reads `keys` of tree `tree` in one round trip, for the reads that follow.
-    fn prefetch(&self, tree: usize, keys: Vec<Vec<u8>>) -> Result<(), PgError> {
-        let keys: Vec<Vec<u8>> = {
+    /// Reads the keys of each tree (by position) in one round trip, for the reads that
+    /// follow: one query per tree, all sent before any answer is awaited. Keys the
+    /// transaction has written or read already are left out.
+    fn prefetch(&self, wanted: Vec<(usize, Vec<Vec<u8>>)>) -> Result<(), PgError> {
+        let wanted: Vec<(usize, Vec<Vec<u8>>)> = {
             let (writes, reads) = (self.writes.borrow(), self.reads.borrow());
-            keys.into_iter()
-                .filter(|k| {
-                    let at = (tree, k.clone());
-                    !writes.contains_key(&at) && !reads.contains_key(&at)
+            wanted
+                .into_iter()
+                .map(|(tree, keys)| {
+                    let keys: Vec<Vec<u8>> = keys
+                        .into_iter()
+                        .filter(|k| {
+                            let at = (tree, k.clone());
+                            !writes.contains_key(&at) && !reads.contains_key(&at)
+                        })
+                        .collect();
+                    (tree, keys)
                 })
+                .filter(|(tree, keys)| *tree < self.trees.len() && !keys.is_empty())
                 .collect()
         };
-        if keys.is_empty() {
+        if wanted.is_empty() {
             return Ok(());
         }
-        let name: &str = &self.trees[tree];
-        let rows = self.call(self.conn.client.query(&self.conn.get_many, &[&name, &keys]))?;
+        let names: Vec<&str> = wanted.iter().map(|(tree, _)| &*self.trees[*tree]).collect();
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 2]> = names
+            .iter()
+            .zip(&wanted)
+            .map(|(name, (_, keys))| {
+                [
+                    name as &(dyn tokio_postgres::types::ToSql + Sync),
+                    keys as &(dyn tokio_postgres::types::ToSql + Sync),
+                ]
+            })
+            .collect();
+        let answers = self.call(futures::future::try_join_all(
+            params
+                .iter()
+                .map(|p| self.conn.client.query(&self.conn.get_many, p)),
+        ))?;
         let mut reads = self.reads.borrow_mut();
-        for key in keys {
-            reads.insert((tree, key), None);
-        }
-        for row in rows {
-            let (k, v) = (row.try_get::<_, Vec<u8>>(0)?, row.try_get::<_, Vec<u8>>(1)?);
-            reads.insert((tree, k), Some(v));
+        for ((tree, keys), rows) in wanted.into_iter().zip(answers) {
+            for key in keys {
+                reads.insert((tree, key), None);
+            }
+            for row in rows {
+                let (k, v) = (row.try_get::<_, Vec<u8>>(0)?, row.try_get::<_, Vec<u8>>(1)?);
+                reads.insert((tree, k), Some(v));
+            }
         }
         Ok(())
     }
@@ -1356,6 +1382,21 @@ fn moved(known: i64, now: i64) -> PgError {
     }
 }
 
+/// Reads the keys of several trees of one transaction in one round trip, so that the
+/// transaction's reads of them cost none (trees of different transactions: a round trip each).
+pub fn prefetch_trees(wanted: Vec<(PgTxTree<'_>, Vec<Vec<u8>>)>) -> Result<(), PgError> {
+    let Some(tx) = wanted.first().map(|(t, _)| t.tx) else {
+        return Ok(());
+    };
+    if wanted.iter().any(|(t, _)| !std::ptr::eq(t.tx, tx)) {
+        for (t, keys) in wanted {
+            t.prefetch(keys)?;
+        }
+        return Ok(());
+    }
+    tx.note(tx.prefetch(wanted.into_iter().map(|(t, keys)| (t.tree, keys)).collect()))
+}
+
 /// One tree of a transaction in progress.
 #[derive(Clone, Copy)]
 pub struct PgTxTree<'a> {
@@ -1371,7 +1412,7 @@ impl PgTxTree<'_> {
 
     /// Reads `keys` in one round trip, so that the transaction's reads of them cost none.
     pub fn prefetch(&self, keys: Vec<Vec<u8>>) -> Result<(), PgError> {
-        self.tx.note(self.tx.prefetch(self.tree, keys))
+        self.tx.note(self.tx.prefetch(vec![(self.tree, keys)]))
     }
 
     /// Sets `key` to `value` when the transaction commits.
@@ -1484,6 +1525,38 @@ mod tests {
             (t.get(&five).unwrap(), u.get(b"x").unwrap()),
             (None, Some(b"v".to_vec()))
         );
+        // Several trees read at once: each key answered from its own tree, a key the
+        // transaction wrote keeps its written value, and absent keys read as absent.
+        let (six, seven) = (6u32.to_be_bytes(), 7u32.to_be_bytes());
+        let read = kv
+            .transaction(&[&t, &u], |tx| {
+                let (a, b) = (tx.tree(0).unwrap(), tx.tree(1).unwrap());
+                a.insert(&seven, b"written")?;
+                prefetch_trees(vec![
+                    (a, vec![six.to_vec(), seven.to_vec(), b"x".to_vec()]),
+                    (b, vec![b"x".to_vec(), six.to_vec()]),
+                ])?;
+                Ok::<_, PgError>([
+                    a.get(&six)?,
+                    a.get(&seven)?,
+                    a.get(b"x")?,
+                    b.get(b"x")?,
+                    b.get(&six)?,
+                ])
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            read,
+            [
+                Some(b"v".to_vec()),
+                Some(b"written".to_vec()),
+                None,
+                Some(b"v".to_vec()),
+                None
+            ]
+        );
+        assert_eq!(t.get(&seven).unwrap(), Some(b"written".to_vec()));
         // One that fails writes nothing.
         let failed = kv
             .transaction(&[&u], |tx| {
