@@ -3,9 +3,11 @@
 //! - [`logging`]: the log subscriber: text or JSON lines, colour only on a terminal.
 //! - [`cli_docs`]: shell completions and man pages, generated from the binaries' clap definitions.
 //! - [`report()`]: an error and its causes on one line, each said once.
+//! - [`memory`]: how the binaries ask the kernel for memory (no transparent huge pages).
 
 pub mod cli_docs;
 pub mod logging;
+pub mod memory;
 mod report;
 
 pub use report::report;

@@ -62,6 +62,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    concordat_support::memory::no_transparent_huge_pages();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -883,6 +883,7 @@ struct SendArgs {
 }
 
 fn main() -> ExitCode {
+    concordat_support::memory::no_transparent_huge_pages();
     let cli = Cli::parse();
     // The demo and the benchmarks print their own account; only errors are worth adding.
     let default_filter = if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
