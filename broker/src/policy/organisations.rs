@@ -244,6 +244,13 @@ mod tests {
                 vec![("acme-ltd", false, Some("its company number at $.company"))],
             ),
             (
+                "json: a company number as a number with an exponent",
+                None,
+                "application/json",
+                br#"{"company":1.234567e6}"#,
+                vec![("acme-ltd", false, Some("its company number at $.company"))],
+            ),
+            (
                 "declared and named",
                 Some("acme-ltd"),
                 "application/json",

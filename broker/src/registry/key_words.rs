@@ -12,7 +12,10 @@
 //!
 //! In a JSON text that is pure ASCII and has no backslash (no escape), every string of the
 //! document and every integer is written out byte for byte between punctuation, so each of
-//! its words is a whole word of the text. So if no word of the text is a key word, the
+//! its words is a whole word of the text. A number with a fraction that is an integer
+//! (`1234567.0`) keeps its integer digits as a word; one written with an exponent
+//! (`1.234567e6`) does not, so a text with such a number outside its strings always "may
+//! name". So if no word of the text is a key word, the
 //! matcher finds nobody in the document, and its string-by-string walk can be skipped. An
 //! escape that stands for punctuation (`\n`, `\"`, `\u0020`) is blanked out first, which
 //! separates words as the character it stands for does. Any other text (a byte beyond
@@ -139,13 +142,48 @@ impl KeyWords {
                 && self.hashes.contains(&h)
         };
         match memchr::memchr(b'\\', text) {
-            None => any_run(text, is_key),
+            None => any_key_word_or_exponent(text, is_key),
             Some(first) => match without_escapes(text, first) {
-                Some(plain) => any_run(&plain, is_key),
+                Some(plain) => any_key_word_or_exponent(&plain, is_key),
                 None => true,
             },
         }
     }
+}
+
+/// Whether a word of `text` (ASCII, its escapes blanked) is a key word, or a number outside
+/// its strings is written with an exponent. The walk reads `1.234567e6` as the integer
+/// 1234567, whose digits are no word of the text, so such a number always "may name".
+fn any_key_word_or_exponent(text: &[u8], is_key: impl Fn(&[u8]) -> bool) -> bool {
+    // Whether the text is inside a string at `at`, counting quotes from the last place asked
+    // (words come in order, so the text is counted once). With escapes blanked, every quote
+    // opens or closes a string.
+    let (mut counted, mut inside) = (0usize, false);
+    let mut in_string = |at: usize| {
+        let quotes = text
+            .get(counted..at)
+            .map_or(0, |between| memchr::memchr_iter(b'"', between).count());
+        inside ^= quotes % 2 == 1;
+        counted = at;
+        inside
+    };
+    any_run(text, |word| {
+        is_key(word)
+            || (is_exponent_word(word)
+                && !in_string(word.as_ptr().addr().saturating_sub(text.as_ptr().addr())))
+    })
+}
+
+/// Whether `word` is how a number written with an exponent shows in the words of a text:
+/// digits, `e` or `E`, and digits unless a sign follows (`1.5e3`, `2e+7` give `5e3`, `2e`).
+fn is_exponent_word(word: &[u8]) -> bool {
+    let Some(e) = word.iter().position(|b| matches!(b, b'e' | b'E')) else {
+        return false;
+    };
+    let (mantissa, exponent) = word.split_at(e);
+    !mantissa.is_empty()
+        && mantissa.iter().all(u8::is_ascii_digit)
+        && exponent.iter().skip(1).all(u8::is_ascii_digit)
 }
 
 /// A copy of the JSON text `text` (whose first backslash is at `first`) with every escape

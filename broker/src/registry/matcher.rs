@@ -77,7 +77,7 @@ pub struct OrgMatch<'m> {
 /// Where in a JSON document a match was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JsonSite {
-    /// In the string (or integer) at the path.
+    /// In the string (or the number that is an integer) at the path.
     Value,
     /// In the name of one of the properties of the object at the path.
     Key,
@@ -221,6 +221,23 @@ const DFA_MAX_PATTERN_BYTES: usize = 1 << 20;
 
 /// How much of a JSON document's normal form is scanned at once (see `scan_json_with`).
 const JSON_CHUNK: usize = 64 * 1024;
+
+/// The integer a JSON number stands for, if it stands for one: JSON has one kind of number,
+/// so `1234567`, `1234567.0` and `1.234567e6` are the same integer to whoever reads them
+/// (JavaScript prints all three as `1234567`). Beyond 10^15 a float has no digits to spare,
+/// and no identifier is that long.
+fn integer_of(n: &serde_json_borrow::Number) -> Option<i128> {
+    if let Some(u) = n.as_u64() {
+        return Some(i128::from(u));
+    }
+    if let Some(i) = n.as_i64() {
+        return Some(i128::from(i));
+    }
+    let f = n.as_f64()?;
+    // Exactly integral and well inside i64, so the cast is exact.
+    #[allow(clippy::cast_possible_truncation)]
+    (f.fract() == 0.0 && f.abs() < 1e15).then_some(f as i128)
+}
 
 /// The longest token looked up as a company or charity number.
 const MAX_NUMBER_LEN: usize = 11;
@@ -387,8 +404,8 @@ impl Matcher {
         }));
     }
 
-    /// Scans every string of a JSON document (every property name, every string value, every
-    /// integer's decimal form) and returns, for each organisation found, the first place it
+    /// Scans every string of a JSON document (every property name, every string value, the
+    /// decimal form of every number that is an integer, however written) and returns, for each organisation found, the first place it
     /// was found, in document order. At most one entry per organisation.
     pub fn scan_json<'m>(&'m self, value: &Value<'_>) -> Vec<JsonMatch<'m>> {
         let mut scratch = Scratch::default();
@@ -444,9 +461,9 @@ impl Matcher {
                     });
                 }
                 Value::Number(n) => {
-                    if n.is_u64() || n.is_i64() {
+                    if let Some(integer) = integer_of(n) {
                         scratch.number.clear();
-                        let _ = write!(scratch.number, "{n}");
+                        let _ = write!(scratch.number, "{integer}");
                         append_identifiers_form_noting(
                             &scratch.number,
                             &mut scratch.identifiers,
@@ -1158,14 +1175,40 @@ mod tests {
             ("a company number", r#"{"a":"No. 01234567"}"#, true, true),
             ("an integer", r#"{"a":1234567}"#, true, true),
             ("a negative integer", r#"[-1234567]"#, true, true),
-            // A float is not an integer, but its digits are a word.
+            // JSON has one kind of number: 1234567.0 and 1.234567e6 are the integer 1234567
+            // to whoever reads them (JavaScript prints them so).
             (
-                "a float is not an integer",
+                "an integral float is that integer",
                 r#"{"a":1234567.0}"#,
+                true,
+                true,
+            ),
+            (
+                "so is one with an exponent",
+                r#"{"a":1234567e0}"#,
+                true,
+                true,
+            ),
+            (
+                "or with a fraction and an exponent",
+                r#"{"a":1.234567e6}"#,
+                true,
+                true,
+            ),
+            ("or a signed exponent", r#"[-12345.67E+2]"#, true, true),
+            // A fraction is not an integer, but its digits are a word.
+            (
+                "a fraction is not an integer",
+                r#"{"a":1234567.5}"#,
                 false,
                 true,
             ),
-            ("nor is an exponent", r#"{"a":1234567e0}"#, false, false),
+            (
+                "an exponent in a string is a word",
+                r#"{"a":"1234567e0","b":"2.5e3"}"#,
+                false,
+                false,
+            ),
             (
                 "a number's digits escaped",
                 r#"{"a":"0123\u00345\u00367"}"#,
