@@ -1326,6 +1326,22 @@ mod tests {
                 }
                 out.push('}');
             }
+            // An integer spelled as JSON allows: plainly, with a fraction, with an exponent.
+            Value::Number(n) if n.as_i64().is_some() => {
+                let n = n.as_i64().unwrap_or(0);
+                let (sign, digits) = (if n < 0 { "-" } else { "" }, n.unsigned_abs().to_string());
+                let (head, tail) = digits.split_at(1);
+                let spelled = match g.next() % 7 {
+                    0 => format!("{sign}{digits}.0"),
+                    1 => format!("{sign}{digits}e0"),
+                    2 if !tail.is_empty() => format!("{sign}{head}.{tail}e{}", tail.len()),
+                    3 if !tail.is_empty() => format!("{sign}{head}.{tail}E+{}", tail.len()),
+                    4 if n != 0 => format!("{sign}{digits}0e-1"),
+                    5 => format!("{sign}0.{digits}e{}", digits.len()),
+                    _ => format!("{sign}{digits}"),
+                };
+                out.push_str(&spelled);
+            }
             other => out.push_str(&other.to_string()),
         }
         space(g, out);
