@@ -5,8 +5,8 @@
 /// mimalloc asks for huge pages for its arenas and gives memory it no longer uses back to the
 /// kernel. sled allocates a fresh 8 MiB I/O buffer at every flush, and the broker flushes every
 /// group commit: with huge pages, each new buffer faulted in whole 2 MiB pages that the kernel
-/// zeroed first. Under `concordat bench relay` that zeroing was 4–7 % of the full broker's CPU
-/// (8–14 µs per transfer); with huge pages off it is under 0.5 %. Call it first thing in `main`;
+/// zeroed first. Under `concordat bench relay` that zeroing was 3.6–6.8 % of the full broker's
+/// CPU (7–14 µs per transfer); with huge pages off it is under 0.5 %. Call it first thing in `main`;
 /// memory already faulted in keeps its pages. A kernel that refuses is not an error: the process
 /// only runs slower.
 pub fn no_transparent_huge_pages() {

@@ -14,8 +14,8 @@
 //! document and every integer is written out byte for byte between punctuation, so each of
 //! its words is a whole word of the text. A number with a fraction that is an integer
 //! (`1234567.0`) keeps its integer digits as a word; one written with an exponent
-//! (`1.234567e6`) does not, so a text with such a number outside its strings always "may
-//! name". So if no word of the text is a key word, the
+//! (`1.234567e6`) does not, nor one whose fraction a double cannot hold (`1234566.9999999999`
+//! parses as 1234567), so a text with such a number outside its strings always "may name". So if no word of the text is a key word, the
 //! matcher finds nobody in the document, and its string-by-string walk can be skipped. An
 //! escape that stands for punctuation (`\n`, `\"`, `\u0020`) is blanked out first, which
 //! separates words as the character it stands for does. Any other text (a byte beyond
@@ -152,8 +152,10 @@ impl KeyWords {
 }
 
 /// Whether a word of `text` (ASCII, its escapes blanked) is a key word, or a number outside
-/// its strings is written with an exponent. The walk reads `1.234567e6` as the integer
-/// 1234567, whose digits are no word of the text, so such a number always "may name".
+/// its strings is written so that the integer the walk reads from it is no word of the text:
+/// with an exponent (`1.234567e6` is 1234567), or with more significant digits than a double
+/// holds (`1234566.9999999999` parses as 1234567). A number of at most 15 significant digits
+/// parses to an integer only if it is that integer written out, whose digits are a word.
 fn any_key_word_or_exponent(text: &[u8], is_key: impl Fn(&[u8]) -> bool) -> bool {
     // Whether the text is inside a string at `at`, counting quotes from the last place asked
     // (words come in order, so the text is counted once). With escapes blanked, every quote
@@ -168,10 +170,26 @@ fn any_key_word_or_exponent(text: &[u8], is_key: impl Fn(&[u8]) -> bool) -> bool
         inside
     };
     any_run(text, |word| {
+        let at = word.as_ptr().addr().saturating_sub(text.as_ptr().addr());
         is_key(word)
-            || (is_exponent_word(word)
-                && !in_string(word.as_ptr().addr().saturating_sub(text.as_ptr().addr())))
+            || ((is_exponent_word(word) || is_long_fraction(text, at, word)) && !in_string(at))
     })
+}
+
+/// Whether `word`, at `at` in `text`, is the fraction of a number of more than 15 digits in
+/// all: digits after a `.` that follows digits.
+fn is_long_fraction(text: &[u8], at: usize, word: &[u8]) -> bool {
+    if !word.iter().all(u8::is_ascii_digit) || at == 0 || text.get(at - 1) != Some(&b'.') {
+        return false;
+    }
+    let integer = text
+        .get(..at - 1)
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    integer > 0 && integer + word.len() > 15
 }
 
 /// Whether `word` is how a number written with an exponent shows in the words of a text:

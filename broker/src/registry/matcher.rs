@@ -1203,6 +1203,20 @@ mod tests {
                 false,
                 true,
             ),
+            // A fraction too long for a double rounds: to the reader too, 1234567.
+            (
+                "a fraction that rounds to the integer",
+                r#"{"a":1234566.9999999999}"#,
+                true,
+                true,
+            ),
+            ("a negative one", r#"[-1234566.99999999999]"#, true, true),
+            (
+                "a long fraction in a string is words",
+                r#"{"a":"1234566.9999999999"}"#,
+                false,
+                false,
+            ),
             (
                 "an exponent in a string is a word",
                 r#"{"a":"1234567e0","b":"2.5e3"}"#,
@@ -1326,12 +1340,15 @@ mod tests {
                 }
                 out.push('}');
             }
-            // An integer spelled as JSON allows: plainly, with a fraction, with an exponent.
+            // An integer spelled as JSON allows: plainly, with a fraction, with an exponent,
+            // with a fraction that rounds to it.
             Value::Number(n) if n.as_i64().is_some() => {
                 let n = n.as_i64().unwrap_or(0);
                 let (sign, digits) = (if n < 0 { "-" } else { "" }, n.unsigned_abs().to_string());
                 let (head, tail) = digits.split_at(1);
-                let spelled = match g.next() % 7 {
+                let spelled = match g.next() % 8 {
+                    // Too many digits for a double: the parser rounds it up to the integer.
+                    6 if n != 0 => format!("{sign}{}.{}", n.unsigned_abs() - 1, "9".repeat(20)),
                     0 => format!("{sign}{digits}.0"),
                     1 => format!("{sign}{digits}e0"),
                     2 if !tail.is_empty() => format!("{sign}{head}.{tail}e{}", tail.len()),
