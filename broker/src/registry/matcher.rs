@@ -405,8 +405,9 @@ impl Matcher {
     }
 
     /// Scans every string of a JSON document (every property name, every string value, the
-    /// decimal form of every number that is an integer, however written) and returns, for each organisation found, the first place it
-    /// was found, in document order. At most one entry per organisation.
+    /// decimal form of every number that is an integer, however written) and returns, for
+    /// each organisation found, the first place it was found, in document order. At most one
+    /// entry per organisation.
     pub fn scan_json<'m>(&'m self, value: &Value<'_>) -> Vec<JsonMatch<'m>> {
         let mut scratch = Scratch::default();
         self.scan_json_with(&mut scratch, value)

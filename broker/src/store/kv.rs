@@ -732,12 +732,6 @@ impl TxTree<'_> {
         }
     }
 
-    /// Tells the engine that the transaction is about to read `keys`: PostgreSQL reads them
-    /// in one round trip rather than one each; sled, in memory, has nothing to do.
-    pub fn prefetch(&self, keys: Vec<Vec<u8>>) -> Result<(), KvError> {
-        prefetch(vec![(*self, keys)])
-    }
-
     /// Sets `key` to `value`.
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
         match self.0 {
