@@ -12,9 +12,13 @@
 //!   blocks the calling thread on the query's future while the connections' I/O runs on a
 //!   small runtime of this engine's own, so it works from any thread, a Tokio worker included.
 //! - **Transactions.** `BEGIN`; the closure's reads go to the server (after the transaction's
-//!   own writes, which are kept in memory); its writes are sent at the end as one upsert and
-//!   one delete (`unnest` of arrays), then `COMMIT`. An acknowledged commit is on the primary's
-//!   disk and, with `synchronous_standby_names` set, on a standby's.
+//!   own writes, which are kept in memory); its writes are sent at the end as one upsert
+//!   (`unnest` of arrays) and a delete per key, then `COMMIT`. An acknowledged commit is on
+//!   the primary's disk and, with `synchronous_standby_names` set, on a standby's.
+//! - **Plans.** Every statement finds its rows through the primary key whatever the table's
+//!   statistics say, since a prepared statement's generic plan is made once, often while the
+//!   table is small, and kept: reads of several keys probe the key one by one ([`GET_MANY`]),
+//!   deletes go one key per statement ([`DELETE`]).
 //! - **Several nodes, one order.** The head row `concordat_head` holds the store's
 //!   generation, which every committing transaction advances. A node remembers the generation
 //!   its in-memory state reflects; its transaction's first write is `concordat_advance`, which
@@ -132,6 +136,20 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// The values of several keys of one tree: a probe of the primary key per key. Written so that
+/// no plan can do otherwise (`OFFSET 0` keeps the lookup a subquery of its own, run per key,
+/// and an equality on every column of a unique index is one row whatever the statistics say):
+/// `tree = $1 AND key = ANY($2)`, planned while the table was small, read every row of the
+/// tree and kept the key test as a filter, each batch slower as the tree grew.
+const GET_MANY: &str = "SELECT k.key, v.value FROM unnest($2::bytea[]) AS k(key) \
+     CROSS JOIN LATERAL \
+     (SELECT value FROM concordat_kv WHERE tree = $1 AND key = k.key OFFSET 0) AS v";
+
+/// Deletes one key; a transaction's deletes are sent together, one statement per key, for the
+/// same reason as [`GET_MANY`] (a join of the table with an array of keys was planned as a
+/// scan of the whole table).
+const DELETE: &str = "DELETE FROM concordat_kv WHERE tree = $1 AND key = $2";
+
 /// A connection and the statements prepared on it.
 struct Conn {
     client: Client,
@@ -151,9 +169,7 @@ impl Conn {
     async fn prepare(client: Client) -> Result<Conn, PgError> {
         let q = "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key >= $2";
         Ok(Conn {
-            advance: client
-                .prepare("SELECT concordat_advance($1, $2)")
-                .await?,
+            advance: client.prepare("SELECT concordat_advance($1, $2)").await?,
             get: client
                 .prepare("SELECT value FROM concordat_kv WHERE tree = $1 AND key = $2")
                 .await?,
@@ -164,23 +180,14 @@ impl Conn {
                      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
                 )
                 .await?,
-            delete: client
-                .prepare(
-                    "DELETE FROM concordat_kv WHERE (tree, key) IN \
-                     (SELECT * FROM unnest($1::text[], $2::bytea[]))",
-                )
-                .await?,
+            delete: client.prepare(DELETE).await?,
             remove: client
-                .prepare(
-                    "DELETE FROM concordat_kv WHERE tree = $1 AND key = $2 RETURNING value",
-                )
+                .prepare("DELETE FROM concordat_kv WHERE tree = $1 AND key = $2 RETURNING value")
                 .await?,
-            get_many: client
-                .prepare(
-                    "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key = ANY($2::bytea[])",
-                )
+            get_many: client.prepare(GET_MANY).await?,
+            asc: client
+                .prepare(&format!("{q} ORDER BY key LIMIT $3"))
                 .await?,
-            asc: client.prepare(&format!("{q} ORDER BY key LIMIT $3")).await?,
             asc_to: client
                 .prepare(&format!("{q} AND key < $4 ORDER BY key LIMIT $3"))
                 .await?,
@@ -1302,7 +1309,7 @@ impl PgTx<'_> {
             return Ok(None);
         }
         let (mut up_t, mut up_k, mut up_v) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
+        let mut deletes = Vec::new();
         for ((tree, key), value) in writes.iter() {
             let name: &str = &self.trees[*tree];
             match value {
@@ -1311,15 +1318,13 @@ impl PgTx<'_> {
                     up_k.push(key.as_slice());
                     up_v.push(v.as_slice());
                 }
-                None => {
-                    del_t.push(name);
-                    del_k.push(key.as_slice());
-                }
+                None => deletes.push((name, key.as_slice())),
             }
         }
         let client = &self.conn.client;
         let up: [&(dyn ToSql + Sync); 3] = [&up_t, &up_k, &up_v];
-        let del: [&(dyn ToSql + Sync); 2] = [&del_t, &del_k];
+        let deletes: Vec<[&(dyn ToSql + Sync); 2]> =
+            deletes.iter().map(|(t, k)| [t as _, k as _]).collect();
         // A transaction that only read checks the head without advancing it: what it
         // decided from this node's state stands only if nobody has changed the store.
         let advance = !writes.is_empty();
@@ -1340,13 +1345,9 @@ impl PgTx<'_> {
                     client.execute(&self.conn.upsert, &up).await
                 }
             };
-            let delete = async {
-                if del_t.is_empty() {
-                    Ok(0)
-                } else {
-                    client.execute(&self.conn.delete, &del).await
-                }
-            };
+            let delete = futures::future::try_join_all(
+                deletes.iter().map(|p| client.execute(&self.conn.delete, p)),
+            );
             futures::try_join!(
                 begin,
                 client.query_one(&self.conn.advance, &head),
@@ -1458,6 +1459,102 @@ mod tests {
 
     fn keys(it: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), PgError>>) -> Vec<Vec<u8>> {
         it.map(|r| r.unwrap().0).collect()
+    }
+
+    /// The plan of the prepared statement whose text is `sql`, as the server runs it on
+    /// `conn` with `args`: `EXPLAIN ANALYZE` of the statement the engine prepared, by the name
+    /// the server lists it under.
+    fn plan(conn: &Conn, sql: &str, args: &str) -> String {
+        let rows = wait(conn.client.query(
+            "SELECT name FROM pg_prepared_statements WHERE statement = $1",
+            &[&sql],
+        ))
+        .unwrap();
+        let name: String = rows.first().expect("the engine prepared it").get(0);
+        let explain =
+            format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE {name}({args})");
+        wait(conn.client.query(&explain, &[]))
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0) + "\n")
+            .collect()
+    }
+
+    /// A tree that was empty when the server first planned the engine's statements and has
+    /// grown since, with no statistics gathered (autovacuum has not come by yet, as in a
+    /// broker's first minute on a new database): its lookups and deletes still go to the
+    /// keys through the index, instead of reading every row of the tree, which the cached
+    /// generic plan of `tree = $1 AND key = ANY($2)` did, each batch slower than the last.
+    #[test]
+    fn lookups_stay_index_probes_on_a_grown_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = PgCluster::start(dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        let kv = PgKv::open(&PgOptions {
+            pool: 1,
+            ..options(&cluster, "plans")
+        })
+        .unwrap();
+        let t = kv.open_tree("t").unwrap();
+        let conn = kv.reader().unwrap();
+        wait(conn.client.batch_execute(
+            "ALTER TABLE concordat_kv SET (autovacuum_enabled = false); \
+             SET plan_cache_mode = force_generic_plan",
+        ))
+        .unwrap();
+        // Planned while the table holds a few rows of another tree and none of this one.
+        let m = kv.open_tree("m").unwrap();
+        for i in 0u8..5 {
+            m.insert(&[i], b"v").unwrap();
+        }
+        let probe = |n: u32| {
+            let keys = vec![n.to_be_bytes().to_vec(), b"absent".to_vec()];
+            wait(conn.client.query(&conn.get_many, &[&"t", &keys]))
+                .unwrap()
+                .len()
+        };
+        assert_eq!(probe(7), 0);
+        let (lo, hi) = (100u32.to_be_bytes(), 200u32.to_be_bytes());
+        let newest = || {
+            t.range(Bound::Included(&lo[..]), Bound::Excluded(&hi[..]))
+                .next_back()
+                .map(|r| r.unwrap().0)
+        };
+        assert_eq!(newest(), None);
+        let one: [&(dyn ToSql + Sync); 2] = [&"t", &b"absent".as_slice()];
+        wait(conn.client.execute(&conn.delete, &one)).unwrap();
+        // Grown to 20,000 keys.
+        kv.transaction(&[&t], |tx| {
+            let tree = tx.tree(0).unwrap();
+            for i in 0u32..20_000 {
+                tree.insert(&i.to_be_bytes(), b"v")?;
+            }
+            Ok::<_, PgError>(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(probe(7), 1);
+        assert_eq!(newest(), Some(199u32.to_be_bytes().to_vec()));
+        let key = |n: u32| format!("'\\x{}'::bytea", hex::encode(n.to_be_bytes()));
+        let read = plan(
+            &conn,
+            GET_MANY,
+            &format!("'t', ARRAY[{}, {}, '\\x00']", key(7), key(9)),
+        );
+        let delete = plan(&conn, DELETE, &format!("'t', {}", key(11)));
+        let q = "SELECT key, value FROM concordat_kv WHERE tree = $1 AND key >= $2";
+        let range = plan(
+            &conn,
+            &format!("{q} AND key < $4 ORDER BY key DESC LIMIT $3"),
+            &format!("'t', {}, 2, {}", key(100), key(200)),
+        );
+        assert!(!range.contains("Sort"), "{range}");
+        for p in [&read, &delete, &range] {
+            assert!(p.contains("Index Cond"), "{p}");
+            assert!(!p.contains("Rows Removed by Filter"), "{p}");
+            assert!(!p.contains("Seq Scan on concordat_kv"), "{p}");
+        }
+        assert_eq!(t.get(&11u32.to_be_bytes()).unwrap(), None);
+        assert_eq!(t.len().unwrap(), 19_999);
     }
 
     /// One PostgreSQL cluster for the engine's own tests: pages from both ends of a range
