@@ -750,6 +750,18 @@ impl TxTree<'_> {
             TxTreeRepr::Postgres(t) => Ok(t.remove(key.as_ref())?.map(Value::owned)),
         }
     }
+
+    /// Removes `key`, without reading the value it had (on PostgreSQL, a read is a round trip
+    /// to the server; the delete itself goes with the commit).
+    pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<(), KvError> {
+        match self.0 {
+            TxTreeRepr::Sled(t) => {
+                t.remove(key.as_ref())?;
+            }
+            TxTreeRepr::Postgres(t) => t.delete(key.as_ref()),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1428,11 +1428,16 @@ impl PgTxTree<'_> {
     /// Removes `key` when the transaction commits; its value as this transaction saw it.
     pub fn remove(&self, key: &[u8]) -> Result<Option<Vec<u8>>, PgError> {
         let before = self.get(key)?;
+        self.delete(key);
+        Ok(before)
+    }
+
+    /// Removes `key` when the transaction commits, without reading it first.
+    pub fn delete(&self, key: &[u8]) {
         self.tx
             .writes
             .borrow_mut()
             .insert((self.tree, key.to_vec()), None);
-        Ok(before)
     }
 }
 
@@ -1654,6 +1659,17 @@ mod tests {
             ]
         );
         assert_eq!(t.get(&seven).unwrap(), Some(b"written".to_vec()));
+        // A delete without a read: gone within the transaction and after it.
+        let eight = 8u32.to_be_bytes();
+        let gone = kv
+            .transaction(&[&t], |tx| {
+                let a = tx.tree(0).unwrap();
+                a.delete(&eight);
+                a.get(&eight)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!((gone, t.get(&eight).unwrap()), (None, None));
         // One that fails writes nothing.
         let failed = kv
             .transaction(&[&u], |tx| {

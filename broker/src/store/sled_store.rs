@@ -796,9 +796,9 @@ impl SledStorage {
                     }
                     Some(AckOutcome::Complete { had_bitmap }) => {
                         if had_bitmap {
-                            t.queue_acks.remove(key.as_slice())?;
+                            t.queue_acks.delete(key.as_slice())?;
                         }
-                        t.queues.remove(key)?;
+                        t.queues.delete(key)?;
                     }
                     None => continue,
                 }
@@ -1388,9 +1388,9 @@ impl SledStorage {
             let left = counted.unwrap_or(1).saturating_sub(1);
             if left == 0 {
                 if counted.is_some() {
-                    t.refs.remove(&tid[..])?;
+                    t.refs.delete(&tid[..])?;
                 }
-                t.transfers.remove(&tid[..])?;
+                t.transfers.delete(&tid[..])?;
             } else {
                 t.refs.insert(&tid[..], left.to_be_bytes())?;
             }
