@@ -82,10 +82,21 @@ pub struct RelayBench {
     /// Synthetic organisations registered in the full broker besides the default registry's
     /// (as `bench gate` builds them), so that a payload scan meets a realistic registry.
     pub organisations: usize,
-    /// A PostgreSQL server (a URL without a database name, e.g.
-    /// `postgres://postgres@127.0.0.1:5432`): the full broker then runs once more on the
-    /// PostgreSQL engine, in a database `concordat_bench` made afresh on it.
-    pub postgres: Option<String>,
+    /// Whether the full broker runs once more on the PostgreSQL engine, and on which server.
+    pub postgres: Option<PostgresServer>,
+}
+
+/// The PostgreSQL server of `bench relay --storage postgres`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostgresServer {
+    /// A running server (a URL without a database name, e.g.
+    /// `postgres://postgres@127.0.0.1:5432`), on which a database `concordat_bench` is made
+    /// afresh.
+    Url(String),
+    /// A primary and a synchronous standby that the benchmark starts on loopback in a
+    /// temporary directory (from the installed PostgreSQL, as the tests do) and stops at its
+    /// end.
+    Throwaway,
 }
 
 /// What the relay benchmark's payloads are (`--content`).
@@ -732,6 +743,43 @@ async fn run_full(
     .await
 }
 
+/// Starts a PostgreSQL primary with a synchronous standby in a temporary directory, as
+/// `--storage postgres` without `--postgres` asks; the URL of the primary (without a
+/// database) and the cluster, which stops both servers and removes the directory when dropped.
+async fn throwaway_cluster(out: &mut dyn Write) -> anyhow::Result<(String, ThrowawayCluster)> {
+    let dir = tempfile::Builder::new()
+        .prefix("concordat-bench-pg")
+        .tempdir()
+        .context("making a directory for the PostgreSQL cluster")?;
+    writeln!(
+        out,
+        "starting a PostgreSQL primary and a synchronous standby in {} (stopped at the end)",
+        dir.path().display()
+    )?;
+    let path = dir.path().to_path_buf();
+    let cluster =
+        tokio::task::spawn_blocking(move || concordat_support::pg_cluster::PgCluster::start(&path))
+            .await?
+            .context(
+                "starting PostgreSQL for --storage postgres (or name a server with --postgres URL)",
+            )?;
+    let url = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
+    Ok((
+        url,
+        ThrowawayCluster {
+            _cluster: cluster,
+            _dir: dir,
+        },
+    ))
+}
+
+/// A cluster of [`throwaway_cluster`] and its directory. Fields drop in order: the servers
+/// stop before their directory is removed.
+struct ThrowawayCluster {
+    _cluster: concordat_support::pg_cluster::PgCluster,
+    _dir: tempfile::TempDir,
+}
+
 /// The PostgreSQL database the benchmark makes (dropped first if it exists) on the server
 /// `server`, as a storage engine.
 fn bench_database(server: &str) -> anyhow::Result<concordat_broker::config::StorageEngine> {
@@ -905,8 +953,16 @@ pub async fn relay(
     if settings.content != RelayContent::Stix {
         print_run(out, "full broker", &full)?;
     }
-    if let Some(server) = &settings.postgres {
-        let storage = bench_database(server)?;
+    if let Some(postgres) = &settings.postgres {
+        // Kept until the run is over: dropping it stops the servers.
+        let (server, _cluster) = match postgres {
+            PostgresServer::Url(url) => (url.clone(), None),
+            PostgresServer::Throwaway => {
+                let (url, cluster) = throwaway_cluster(out).await?;
+                (url, Some(cluster))
+            }
+        };
+        let storage = bench_database(&server)?;
         let on_pg = run_full_on(
             &mut pki,
             &desk,

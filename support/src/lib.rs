@@ -4,10 +4,16 @@
 //! - [`cli_docs`]: shell completions and man pages, generated from the binaries' clap definitions.
 //! - [`report()`]: an error and its causes on one line, each said once.
 //! - [`memory`]: how the binaries ask the kernel for memory (no transparent huge pages).
+//! - [`pg_cluster`]: a throwaway PostgreSQL primary with a synchronous standby, for the tests
+//!   and for `concordat bench relay --storage postgres`; [`poll`]: waiting for it, and for
+//!   anything else, without guessed sleeps.
 
 pub mod cli_docs;
 pub mod logging;
 pub mod memory;
+#[cfg(target_os = "linux")]
+pub mod pg_cluster;
+pub mod poll;
 mod report;
 
 pub use report::report;

@@ -7,7 +7,9 @@
 //! Two modules run real child processes: [`process`] the broker and agent binaries, and
 //! [`postgres`] a PostgreSQL primary with a synchronous standby ([`postgres::PgCluster`]).
 
-pub mod postgres;
+/// The PostgreSQL cluster of the storage tests (in `concordat-support`, which the benchmark
+/// shares).
+pub use concordat_support::pg_cluster as postgres;
 pub mod process;
 
 use std::{

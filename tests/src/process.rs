@@ -29,60 +29,12 @@ use concordat_broker::config::Limits;
 use nix::{sys::signal::Signal, unistd::Pid};
 
 use crate::{TestPki, binary};
+pub use concordat_support::poll::{POLL_INTERVAL, wait_for, wait_while_progressing};
 
-/// How often [`wait_for`] looks again.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a broker may take to bind its socket (a debug build on a busy machine).
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The line prefix `concordat-broker serve` prints on stdout once it is listening.
 pub const LISTENING: &str = "concordat-broker listening on ";
-
-/// Polls `check` every [`POLL_INTERVAL`] until it returns `Ok`, for at most `timeout`.
-///
-/// `check` returns `Err(state)` while the condition does not hold, describing what it saw; the
-/// error on timeout names `what` was awaited and that last state.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    check: impl FnMut() -> Result<T, String>,
-) -> anyhow::Result<T> {
-    wait_while_progressing(what, timeout, timeout, check)
-}
-
-/// Like [`wait_for`], but also gives up once the state that `check` reports has not changed
-/// for `stall`: a count that stops short of its goal fails the test in `stall`, not `timeout`.
-pub fn wait_while_progressing<T>(
-    what: &str,
-    stall: Duration,
-    timeout: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
-) -> anyhow::Result<T> {
-    let started = Instant::now();
-    let deadline = started + timeout;
-    let mut last: Option<(String, Instant)> = None;
-    loop {
-        let state = match check() {
-            Ok(value) => return Ok(value),
-            Err(state) => state,
-        };
-        let now = Instant::now();
-        let since = match &last {
-            Some((seen, since)) if *seen == state => *since,
-            _ => now,
-        };
-        if now >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}; last seen: {state}");
-        }
-        if now.duration_since(since) >= stall {
-            bail!(
-                "no progress for {stall:?} (after {:?}) waiting for {what}; stuck at: {state}",
-                now.duration_since(started)
-            );
-        }
-        last = Some((state, since));
-        std::thread::sleep(POLL_INTERVAL);
-    }
-}
 
 /// The test PKI written to a directory: `ca.pem`, `broker.pem`, `broker.key`, and
 /// `<agency>.pem` / `<agency>.key` for each agency.

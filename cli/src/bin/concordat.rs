@@ -304,6 +304,15 @@ enum SignificanceCommand {
     },
 }
 
+/// The storage engines `bench relay --storage` runs the full broker on.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchStorage {
+    /// sled only.
+    Sled,
+    /// sled, then PostgreSQL.
+    Postgres,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Accepted transfers per second and latency through the full broker, against a bare mTLS
@@ -335,8 +344,14 @@ enum BenchCommand {
         /// Also run the full broker with a new consent token for every message.
         #[arg(long)]
         fresh_tokens: bool,
-        /// Also run the full broker on PostgreSQL: the server's URL without a database
-        /// (e.g. postgres://postgres@127.0.0.1:5432); the benchmark makes a database
+        /// Where the full broker runs: sled (the embedded default), or postgres, which runs it
+        /// on sled and then on PostgreSQL, printing both (a primary and a synchronous standby
+        /// that the benchmark starts and stops, from the installed PostgreSQL, unless
+        /// --postgres names a server).
+        #[arg(long, value_enum, default_value = "sled")]
+        storage: BenchStorage,
+        /// The PostgreSQL server of --storage postgres (which it implies): its URL without a
+        /// database (e.g. postgres://postgres@127.0.0.1:5432); the benchmark makes a database
         /// concordat_bench on it, dropping any of that name.
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
@@ -1057,8 +1072,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     fresh_tokens,
                     content,
                     organisations,
+                    storage,
                     postgres,
                 } => {
+                    use concordat_cli::bench::PostgresServer;
+                    let postgres = match (storage, postgres) {
+                        (_, Some(url)) => Some(PostgresServer::Url(url)),
+                        (BenchStorage::Postgres, None) => Some(PostgresServer::Throwaway),
+                        (BenchStorage::Sled, None) => None,
+                    };
                     let settings = concordat_cli::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),
                         in_flight: in_flight.max(1),

@@ -56,3 +56,35 @@ fn bench_relay_runs_on_sled_and_on_postgres_without_a_failed_request() {
         assert!(stdout.contains(line), "no {line:?}:\n{stdout}");
     }
 }
+
+/// `--storage postgres` without a server: the benchmark starts a primary and a synchronous
+/// standby of its own, runs the full broker on them beside sled, and leaves nothing behind
+/// (the servers stopped, their directory removed).
+#[test]
+fn bench_relay_storage_postgres_starts_and_stops_its_own_cluster() {
+    let out = Command::new(binary("concordat").unwrap())
+        .args(["bench", "relay", "--seconds", "1", "--in-flight", "8"])
+        .args(["--organisations", "100", "--storage", "postgres"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    for label in ["full broker", "full, PostgreSQL"] {
+        let (accepted, errors) = run_counts(&stdout, label);
+        assert!(accepted > 0, "{label}: nothing accepted\n{stdout}");
+        assert_eq!(errors, 0, "{label}: failed requests\n{stdout}");
+    }
+    assert!(
+        stdout.contains("ratio PostgreSQL/sled throughput: "),
+        "{stdout}"
+    );
+    let dir = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("starting a PostgreSQL primary and a synchronous standby in ")?
+                .strip_suffix(" (stopped at the end)")
+        })
+        .unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{stdout}"));
+    assert!(!std::path::Path::new(dir).exists(), "{dir} is left behind");
+}

@@ -51,7 +51,7 @@ use nix::{
     unistd::{Pid, User, geteuid},
 };
 
-use crate::process::{POLL_INTERVAL, wait_for};
+use crate::poll::{POLL_INTERVAL, wait_for};
 
 /// How to get PostgreSQL where it is missing, named by every error that finds none.
 pub const INSTALL_HINT: &str = "install PostgreSQL: `apt-get install -y postgresql` (Debian)";
