@@ -795,7 +795,7 @@ fn append_conf(data_dir: &Path, why: &str, settings: &str) -> anyhow::Result<()>
         .with_context(|| format!("opening {}", path.display()))?;
     write!(
         file,
-        "\n# Concordat test cluster, {why} (tests/src/postgres.rs)\n{settings}"
+        "\n# Concordat test cluster, {why} (concordat-support, pg_cluster.rs)\n{settings}"
     )
     .with_context(|| format!("writing {}", path.display()))
 }
