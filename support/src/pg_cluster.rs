@@ -1,7 +1,7 @@
-//! A real PostgreSQL cluster for tests of storage on PostgreSQL: a primary and one synchronous
-//! standby on loopback, each a `postgres` child process of the test, with the failures a highly
-//! available deployment must survive (a killed primary, a promotion, the old primary coming back
-//! stale).
+//! A real PostgreSQL cluster for tests of storage on PostgreSQL (and for `concordat bench relay
+//! --storage postgres`): a primary and one synchronous standby on loopback, each a `postgres`
+//! child process of the test, with the failures a highly available deployment must survive (a
+//! killed primary, a promotion, the old primary coming back stale).
 //!
 //! [`PgCluster::start`] lays out, in the directory it is given:
 //! ```text
