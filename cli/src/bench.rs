@@ -763,6 +763,12 @@ async fn throwaway_cluster(out: &mut dyn Write) -> anyhow::Result<(String, Throw
             .context(
                 "starting PostgreSQL for --storage postgres (or name a server with --postgres URL)",
             )?;
+    writeln!(
+        out,
+        "PostgreSQL primary on 127.0.0.1:{}, synchronous standby on 127.0.0.1:{}",
+        cluster.primary_port(),
+        cluster.standby_port()
+    )?;
     let url = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
     Ok((
         url,
@@ -855,6 +861,12 @@ pub async fn relay(
     settings: RelayBench,
     out: &mut dyn Write,
 ) -> anyhow::Result<(RunResult, RunResult)> {
+    // Found before the runs, not after them: PostgreSQL to start must be installed.
+    if settings.postgres == Some(PostgresServer::Throwaway) {
+        concordat_support::pg_cluster::PgInstall::find().context(
+            "--storage postgres starts PostgreSQL (or name a server with --postgres URL)",
+        )?;
+    }
     let mut pki = Pki::new()?;
     let desk = SecretKey::generate();
     let token = bench_token(&desk)?;

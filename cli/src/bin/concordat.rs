@@ -344,12 +344,12 @@ enum BenchCommand {
         /// Also run the full broker with a new consent token for every message.
         #[arg(long)]
         fresh_tokens: bool,
-        /// Where the full broker runs: sled (the embedded default), or postgres, which runs it
-        /// on sled and then on PostgreSQL, printing both (a primary and a synchronous standby
-        /// that the benchmark starts and stops, from the installed PostgreSQL, unless
-        /// --postgres names a server).
-        #[arg(long, value_enum, default_value = "sled")]
-        storage: BenchStorage,
+        /// Where the full broker runs: sled (the embedded default, when not given), or
+        /// postgres, which runs it on sled and then on PostgreSQL, printing both (a primary and
+        /// a synchronous standby that the benchmark starts and stops, from the installed
+        /// PostgreSQL, unless --postgres names a server).
+        #[arg(long, value_enum)]
+        storage: Option<BenchStorage>,
         /// The PostgreSQL server of --storage postgres (which it implies): its URL without a
         /// database (e.g. postgres://postgres@127.0.0.1:5432); the benchmark makes a database
         /// concordat_bench on it, dropping any of that name.
@@ -1077,9 +1077,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => {
                     use concordat_cli::bench::PostgresServer;
                     let postgres = match (storage, postgres) {
+                        (Some(BenchStorage::Sled), Some(_)) => {
+                            anyhow::bail!(
+                                "--postgres names the server of --storage postgres; with \
+                                 --storage sled there is none to name"
+                            )
+                        }
                         (_, Some(url)) => Some(PostgresServer::Url(url)),
-                        (BenchStorage::Postgres, None) => Some(PostgresServer::Throwaway),
-                        (BenchStorage::Sled, None) => None,
+                        (Some(BenchStorage::Postgres), None) => Some(PostgresServer::Throwaway),
+                        (Some(BenchStorage::Sled) | None, None) => None,
                     };
                     let settings = concordat_cli::bench::RelayBench {
                         duration: std::time::Duration::from_secs(seconds),

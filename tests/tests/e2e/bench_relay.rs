@@ -87,4 +87,32 @@ fn bench_relay_storage_postgres_starts_and_stops_its_own_cluster() {
         })
         .unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{stdout}"));
     assert!(!std::path::Path::new(dir).exists(), "{dir} is left behind");
+    // Both servers stopped: their ports refuse connections.
+    let ports = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PostgreSQL primary on "))
+        .unwrap_or_else(|| panic!("no line naming the servers' ports:\n{stdout}"));
+    let addrs: Vec<&str> = ports.split(", synchronous standby on ").collect();
+    assert_eq!(addrs.len(), 2, "{ports}");
+    for addr in addrs {
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "a server still listens on {addr}"
+        );
+    }
+}
+
+/// `--storage sled` with `--postgres` contradicts itself, and is refused before any run.
+#[test]
+fn bench_relay_refuses_a_postgres_server_with_storage_sled() {
+    let out = Command::new(binary("concordat").unwrap())
+        .args(["bench", "relay", "--seconds", "1", "--storage", "sled"])
+        .args(["--postgres", "postgres://postgres@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.is_empty(), "a run began:\n{stdout}");
+    assert!(stderr.contains("--storage sled"), "{stderr}");
 }
