@@ -51,7 +51,7 @@ use nix::{
     unistd::{Pid, User, geteuid},
 };
 
-use crate::poll::{POLL_INTERVAL, wait_for};
+use crate::poll::{POLL_INTERVAL, log_tail, wait_for};
 
 /// How to get PostgreSQL where it is missing, named by every error that finds none.
 pub const INSTALL_HINT: &str = "install PostgreSQL: `apt-get install -y postgresql` (Debian)";
@@ -706,17 +706,7 @@ impl Server {
 
     /// The last `lines` lines of the log.
     fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let mut out = format!(
-            "--- last lines of the {} ({}) ---\n",
-            self.name,
-            self.log.display()
-        );
-        for line in &all[all.len().saturating_sub(lines)..] {
-            let _ = writeln!(out, "{line}");
-        }
-        out
+        log_tail(&self.log, &format!("the {}", self.name), lines)
     }
 }
 

@@ -1,9 +1,13 @@
 //! Waiting for a condition without sleeping for a guessed time: a poll every
 //! [`POLL_INTERVAL`], always under a deadline, whose error says what was awaited and what was
-//! last seen. Used by the test harness and by `concordat bench relay --storage postgres`,
+//! last seen; and [`log_tail`], what a waited-for process last wrote, for such errors. Used by the test harness and by `concordat bench relay --storage postgres`,
 //! which start servers and wait for them to be ready.
 
-use std::time::{Duration, Instant};
+use std::{
+    fmt::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::bail;
 
@@ -54,4 +58,16 @@ pub fn wait_while_progressing<T>(
         last = Some((state, since));
         std::thread::sleep(POLL_INTERVAL);
     }
+}
+
+/// The last `lines` lines of the log file `path`, under a heading naming `what` wrote it (empty
+/// if the file cannot be read).
+pub fn log_tail(path: &Path, what: &str, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = format!("--- last lines of {what} ({}) ---\n", path.display());
+    for line in &all[all.len().saturating_sub(lines)..] {
+        let _ = writeln!(out, "{line}");
+    }
+    out
 }

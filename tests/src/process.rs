@@ -13,7 +13,6 @@
 //! so a chatty process never blocks on a full pipe; the tails of the logs explain a failure.
 
 use std::{
-    fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Write as _},
     net::SocketAddr,
@@ -355,17 +354,7 @@ impl Supervised {
 
     /// The last `lines` lines of the log.
     fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let mut out = format!(
-            "--- last lines of {} ({}) ---\n",
-            self.name,
-            self.log.display()
-        );
-        for line in &all[all.len().saturating_sub(lines)..] {
-            let _ = writeln!(out, "{line}");
-        }
-        out
+        concordat_support::poll::log_tail(&self.log, &self.name, lines)
     }
 }
 

@@ -1474,6 +1474,15 @@ mod tests {
         it.map(|r| r.unwrap().0).collect()
     }
 
+    /// What the `EXPLAIN` statement `explain` prints on `conn`, a line per row.
+    fn explain_text(conn: &Conn, explain: &str) -> String {
+        wait(conn.client.query(explain, &[]))
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0) + "\n")
+            .collect()
+    }
+
     /// The plans the server runs, on `conn`, for every statement the engine prepared on it
     /// that reads or deletes rows of `tree` (`EXPLAIN ANALYZE` of each, by the name the server
     /// lists it under, with arguments made from its parameter types: keys 100 and 200 of the
@@ -1508,12 +1517,7 @@ mod tests {
                     "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE {name}({})",
                     args.join(", ")
                 );
-                let plan: String = wait(conn.client.query(&explain, &[]))
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get::<_, String>(0) + "\n")
-                    .collect();
-                (sql, plan)
+                (sql, explain_text(conn, &explain))
             })
             .collect()
     }
@@ -1522,7 +1526,7 @@ mod tests {
     /// tree has grown they reach its rows through the primary key, instead of reading every
     /// row of the tree: `tree = $1 AND key = ANY($2)`, planned while the table was nearly
     /// empty, read the whole tree for each batch (each slower than the last), and after an
-    /// `ANALYZE` of a five-row table even a single key's lookup was a scan of the table. Both
+    /// `ANALYZE` of a table of a few rows even a single key's lookup was a scan of the table. Both
     /// starts of a new database are tried: before autovacuum's first `ANALYZE` and after one
     /// while the table was small. Each statement's generic plan is made on the small table
     /// and kept (`force_generic_plan`), as a prepared statement's is.
@@ -1570,15 +1574,11 @@ mod tests {
                 }
             }
             // The head row can only be read by a scan: run, not compiled.
-            let head: String = wait(conn.client.query(
+            let head = explain_text(
+                &conn,
                 // (With costs: EXPLAIN leaves JIT out of plans without them.)
                 "EXPLAIN (ANALYZE, SUMMARY OFF) SELECT generation FROM concordat_head FOR UPDATE",
-                &[],
-            ))
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0) + "\n")
-            .collect();
+            );
             assert!(!head.contains("JIT"), "{head}");
             // The deletes were run: key 100 is gone.
             assert_eq!(t.get(&100u32.to_be_bytes()).unwrap(), None);
