@@ -24,10 +24,10 @@
 //! Words that the text's punctuation puts side by side across two strings only make a false
 //! alarm, which the walk then settles.
 //!
-//! The test hashes each word of the text once and looks it up in a bitmap of the key words'
-//! hashes (128 KiB), then, for the few words that hit, in the set of their
-//! full hashes: linear in the text, with no automaton and no normal form written. A hash
-//! collision can only raise a false alarm.
+//! The test hashes each word of the text whose length is that of some key word (the others
+//! cannot be one) and looks it up in a bitmap of the key words' hashes (128 KiB), then, for
+//! the few words that hit, in the set of their full hashes: linear in the text, with no
+//! automaton and no normal form written. A hash collision can only raise a false alarm.
 
 use std::collections::HashSet;
 
@@ -42,6 +42,9 @@ pub(crate) struct KeyWords {
     bits: Vec<u64>,
     /// The full hash of every key word.
     hashes: HashSet<u64, foldhash::fast::FixedState>,
+    /// Bit `n` set if a key word is `n` bytes long (bit 63: 63 bytes or more): a word of
+    /// any other length is no key word, and is not hashed.
+    lengths: u64,
     /// A pattern with no usable key word (a name of no words): every text may name.
     always: bool,
 }
@@ -51,6 +54,7 @@ impl Default for KeyWords {
         KeyWords {
             bits: vec![0; 1 << (BITS - 6)],
             hashes: HashSet::default(),
+            lengths: 0,
             always: false,
         }
     }
@@ -119,6 +123,7 @@ impl KeyWords {
                     *slot |= bit(h);
                 }
                 self.hashes.insert(h);
+                self.lengths |= length_bit(word);
             }
             // A pattern without a word would match between any two words.
             _ => self.always = true,
@@ -135,6 +140,9 @@ impl KeyWords {
             return false;
         }
         let is_key = |word: &[u8]| {
+            if self.lengths & length_bit(word) == 0 {
+                return false;
+            }
             let h = word_hash(word);
             self.bits
                 .get(bit_word(h))
@@ -170,9 +178,12 @@ fn any_key_word_or_exponent(text: &[u8], is_key: impl Fn(&[u8]) -> bool) -> bool
         inside
     };
     any_run(text, |word| {
-        let at = word.as_ptr().addr().saturating_sub(text.as_ptr().addr());
+        // Both forms of number begin with a digit.
         is_key(word)
-            || ((is_exponent_word(word) || is_long_fraction(text, at, word)) && !in_string(at))
+            || (word.first().is_some_and(u8::is_ascii_digit) && {
+                let at = word.as_ptr().addr().saturating_sub(text.as_ptr().addr());
+                (is_exponent_word(word) || is_long_fraction(text, at, word)) && !in_string(at)
+            })
     })
 }
 
@@ -330,6 +341,11 @@ fn word_hash(word: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The bit of [`KeyWords::lengths`] for `word`'s length.
+fn length_bit(word: &[u8]) -> u64 {
+    1 << word.len().min(63)
+}
+
 /// The bitmap's word that holds `h`'s bit.
 fn bit_word(h: u64) -> usize {
     usize::try_from((h >> (64 - BITS)) / 64).unwrap_or(0)
@@ -436,6 +452,25 @@ mod tests {
             }
         }
         assert_eq!(alnum_bits(u64::from_le_bytes(*b"a0Z9 /:@")), 0b1111);
+    }
+
+    /// Words are hashed only at the lengths of key words: every length up to 62 on its own,
+    /// all from 63 on together.
+    #[test]
+    fn key_words_are_found_at_every_length() {
+        for len in [1usize, 2, 7, 8, 9, 62, 63, 64, 100] {
+            let key = "k".repeat(len);
+            let mut k = KeyWords::default();
+            k.add_name(std::slice::from_ref(&key));
+            let text = |w: &str| format!(r#"{{"a":"x {w} y"}}"#);
+            assert!(k.may_name(text(&key.to_uppercase()).as_bytes()), "{len}");
+            assert!(!k.may_name(text(&"k".repeat(len + 1)).as_bytes()), "{len}");
+            assert!(!k.may_name(text(&format!("{}j", "k".repeat(len - 1))).as_bytes()));
+            // The numbers that always may name are found whatever the key words' lengths.
+            assert!(k.may_name(br#"{"n":1.5e3}"#), "{len}");
+            assert!(k.may_name(br#"{"n":1234566.9999999999}"#), "{len}");
+            assert!(!k.may_name(br#"{"n":"1.5e3"}"#), "{len}");
+        }
     }
 
     #[test]
