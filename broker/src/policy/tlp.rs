@@ -111,6 +111,13 @@ pub struct Received {
 pub trait Provenance: Send + Sync {
     /// What was delivered of `object_id` to `holder` under AMBER+STRICT or RED, if anything.
     fn received(&self, holder: &AgencyId, object_id: &str) -> Result<Option<Received>, Internal>;
+
+    /// Whether anything at all was delivered to `holder` under AMBER+STRICT or RED: when
+    /// not, no object of a bundle it sends need be looked up. A store that cannot answer
+    /// more cheaply than by its objects says yes.
+    fn holds_any(&self, _holder: &AgencyId) -> Result<bool, Internal> {
+        Ok(true)
+    }
 }
 
 /// One STIX object a transfer delivers under AMBER+STRICT or RED.
@@ -232,7 +239,12 @@ pub(super) fn check(
     }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
-    for object in marked.objects.iter().filter(|o| !is_definition(o.id)) {
+    let holds_any = cx.provenance.holds_any(sender)?;
+    for object in marked
+        .objects
+        .iter()
+        .filter(|o| holds_any && !is_definition(o.id))
+    {
         let object_id = &object.id;
         let Some(received) = cx.provenance.received(sender, object_id)? else {
             continue;

@@ -1730,6 +1730,18 @@ impl Provenance for SledStorage {
             tlp,
         }))
     }
+
+    /// One probe of the holder's keys instead of one per object: most agencies never
+    /// receive anything restricted.
+    fn holds_any(&self, holder: &AgencyId) -> Result<bool, Internal> {
+        Ok(self
+            .tlp_received
+            .scan_prefix(received_key(holder, ""))
+            .next()
+            .transpose()
+            .map_err(kv_err("reading TLP records"))?
+            .is_some())
+    }
 }
 
 impl Storage for SledStorage {
@@ -3270,6 +3282,10 @@ mod tests {
         // Delivered under AMBER: nothing to remember; nothing for the senders either.
         assert_eq!(s.received(&agency("nca"), Y).unwrap(), None);
         assert_eq!(s.received(&agency("ncsc"), X).unwrap(), None);
+        assert!(s.holds_any(&agency("ico")).unwrap());
+        for other in ["nca", "ncsc", "ic"] {
+            assert!(!s.holds_any(&agency(other)).unwrap(), "{other}");
+        }
         // Sent back to where it came from, it does not bind its originator.
         let back = commit(&s, &[accept_stix("ico", &["ncsc"], Tlp::Red, &[X])]);
         transfer_of(&back[0]);
