@@ -328,8 +328,9 @@ enum BenchCommand {
         #[arg(long)]
         payload: Option<usize>,
         /// The payloads: json (a JSON document), opaque (bytes on a flow with opaque = true),
-        /// or stix (STIX 2.1 bundles: the full broker runs with opaque payloads of the same
-        /// size, then with the bundles, and the STIX/opaque throughput ratio is printed).
+        /// or stix (STIX 2.1 bundles: the full broker runs alternately with opaque payloads of
+        /// the same size and with the bundles, four rounds, and the STIX/opaque throughput
+        /// ratio is printed).
         #[arg(long, default_value = "json")]
         content: concordat_cli::bench::RelayContent,
         /// Synthetic organisations registered in the full broker besides the default ones.
