@@ -112,6 +112,19 @@ pub trait Provenance: Send + Sync {
     /// What was delivered of `object_id` to `holder` under AMBER+STRICT or RED, if anything.
     fn received(&self, holder: &AgencyId, object_id: &str) -> Result<Option<Received>, Internal>;
 
+    /// What was delivered of each of `object_ids` to `holder` under AMBER+STRICT or RED, in
+    /// their order.
+    fn received_many(
+        &self,
+        holder: &AgencyId,
+        object_ids: &[&str],
+    ) -> Result<Vec<Option<Received>>, Internal> {
+        object_ids
+            .iter()
+            .map(|id| self.received(holder, id))
+            .collect()
+    }
+
     /// Whether anything at all was delivered to `holder` under AMBER+STRICT or RED: when
     /// not, no object of a bundle it sends need be looked up. A store that cannot answer
     /// more cheaply than by its objects says yes.
@@ -239,14 +252,26 @@ pub(super) fn check(
     }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
-    let holds_any = cx.provenance.holds_any(sender)?;
-    for object in marked
-        .objects
-        .iter()
-        .filter(|o| holds_any && !is_definition(o.id))
-    {
-        let object_id = &object.id;
-        let Some(received) = cx.provenance.received(sender, object_id)? else {
+    let looked_up: Vec<&str> = if cx.provenance.holds_any(sender)? {
+        marked
+            .objects
+            .iter()
+            .map(|o| o.id)
+            .filter(|id| !is_definition(id))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let found = cx.provenance.received_many(sender, &looked_up)?;
+    if found.len() != looked_up.len() {
+        return Err(Internal::new(
+            "reading TLP records",
+            format!("{} answers for {} objects", found.len(), looked_up.len()),
+        )
+        .into());
+    }
+    for (object_id, received) in looked_up.iter().zip(found) {
+        let Some(received) = received else {
             continue;
         };
         if let Some(third) = envelope

@@ -427,6 +427,21 @@ impl Tree {
         }
     }
 
+    /// The values of `keys`, in their order: on PostgreSQL in one round trip.
+    pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>, KvError> {
+        match &self.0 {
+            TreeRepr::Sled(t) => keys
+                .iter()
+                .map(|k| Ok(t.get(k)?.map(Value::sled)))
+                .collect(),
+            TreeRepr::Postgres(t) => Ok(t
+                .get_many(keys)?
+                .into_iter()
+                .map(|v| v.map(Value::owned))
+                .collect()),
+        }
+    }
+
     /// Sets `key` to `value`.
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), KvError> {
         match &self.0 {

@@ -979,6 +979,21 @@ impl PgTree {
             .transpose()
     }
 
+    /// The values of `keys`, in their order, read in one round trip.
+    pub fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, PgError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.kv.reader()?;
+        let rows = wait(conn.client.query(&conn.get_many, &[&&*self.name, &keys]))?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            found.insert(row.try_get::<_, Vec<u8>>(0)?, row.try_get::<_, Vec<u8>>(1)?);
+        }
+        // A key asked twice is answered twice.
+        Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
+    }
+
     /// Sets `key` to `value`, committed when it returns.
     pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<(), PgError> {
         let conn = self.kv.reader()?;

@@ -1707,28 +1707,30 @@ impl ConsentLedger for SledStorage {
 
 impl Provenance for SledStorage {
     fn received(&self, holder: &AgencyId, object_id: &str) -> Result<Option<Received>, Internal> {
-        let Some(found) = self
-            .tlp_received
+        self.tlp_received
             .get(received_key(holder, object_id))
             .map_err(kv_err("reading TLP records"))?
-        else {
-            return Ok(None);
-        };
-        let r = StoredReceived::decode(found.as_ref())
-            .map_err(|e| Internal::new("decoding a TLP record", e))?;
-        let from = r
-            .from
+            .map(|found| decode_received(found.as_ref()))
+            .transpose()
+    }
+
+    /// One read of them all (on PostgreSQL one round trip, not one per object).
+    fn received_many(
+        &self,
+        holder: &AgencyId,
+        object_ids: &[&str],
+    ) -> Result<Vec<Option<Received>>, Internal> {
+        let keys: Vec<Vec<u8>> = object_ids
             .iter()
-            .map(|a| a.parse::<AgencyId>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| Internal::new("decoding a TLP record", e))?;
-        let tlp = concordat_proto::envelope::Tlp::try_from(r.tlp)
-            .map_err(|e| Internal::new("decoding a TLP record", e))?;
-        Ok(Some(Received {
-            first_transfer: r.first_transfer,
-            from,
-            tlp,
-        }))
+            .map(|id| received_key(holder, id))
+            .collect();
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        self.tlp_received
+            .get_many(&keys)
+            .map_err(kv_err("reading TLP records"))?
+            .into_iter()
+            .map(|found| found.map(|f| decode_received(f.as_ref())).transpose())
+            .collect()
     }
 
     /// One probe of the holder's keys instead of one per object: most agencies never
@@ -1742,6 +1744,24 @@ impl Provenance for SledStorage {
             .map_err(kv_err("reading TLP records"))?
             .is_some())
     }
+}
+
+/// A record of the `tlp_received` tree.
+fn decode_received(found: &[u8]) -> Result<Received, Internal> {
+    let r = StoredReceived::decode(found).map_err(|e| Internal::new("decoding a TLP record", e))?;
+    let from = r
+        .from
+        .iter()
+        .map(|a| a.parse::<AgencyId>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Internal::new("decoding a TLP record", e))?;
+    let tlp = concordat_proto::envelope::Tlp::try_from(r.tlp)
+        .map_err(|e| Internal::new("decoding a TLP record", e))?;
+    Ok(Received {
+        first_transfer: r.first_transfer,
+        from,
+        tlp,
+    })
 }
 
 impl Storage for SledStorage {
@@ -3286,6 +3306,17 @@ mod tests {
         for other in ["nca", "ncsc", "ic"] {
             assert!(!s.holds_any(&agency(other)).unwrap(), "{other}");
         }
+        // Read together, as read one by one, in the order asked.
+        const Z: &str = "tool--0f1e5a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+        for holder in ["ico", "nca"] {
+            let holder = agency(holder);
+            let one_by_one: Vec<_> = [Y, Z, X, Y]
+                .iter()
+                .map(|id| s.received(&holder, id).unwrap())
+                .collect();
+            assert_eq!(s.received_many(&holder, &[Y, Z, X, Y]).unwrap(), one_by_one);
+        }
+        assert!(s.received_many(&agency("ico"), &[]).unwrap().is_empty());
         // Sent back to where it came from, it does not bind its originator.
         let back = commit(&s, &[accept_stix("ico", &["ncsc"], Tlp::Red, &[X])]);
         transfer_of(&back[0]);
