@@ -14,8 +14,9 @@
 //!   process, each a quarter of the duration, alternating opaque payloads of the bundles'
 //!   exact size and the bundles (opaque, STIX, opaque, STIX, …, so that a change in a shared
 //!   machine's load weighs on both), and the STIX/opaque throughput ratio of the two sides'
-//!   totals is printed (target at least 0.90), then each round's: what reading, validating and scanning a bundle costs over
-//!   relaying the same bytes unread, with the CPU ratio beside it. The full
+//!   totals is printed (target at least 0.90) with each round's beside it: what reading,
+//!   validating and scanning a bundle costs over relaying the same bytes unread, with the CPU
+//!   ratio after it. The full
 //!   broker registers the default organisations plus `--organisations` synthetic ones
 //!   (10,000 by default, as `bench gate` builds them).
 //! - **audit**: fills a log with a number of entries, then exports it through the broker and
@@ -142,7 +143,7 @@ const OPAQUE_MEDIA_TYPE: &str = "application/octet-stream";
 const STIX_MEDIA_TYPE: &str = "application/stix+json;version=2.1";
 
 /// With `--content stix`, how many times the full broker runs with opaque payloads and then
-/// with the bundles, each run this fraction of `--seconds`: the shorter the turns, the less a
+/// with the bundles, each run `--seconds` divided by this: the shorter the turns, the less a
 /// burst of another tenant's load falls on one side only.
 const STIX_ROUNDS: u32 = 4;
 

@@ -252,16 +252,15 @@ pub(super) fn check(
     }
 
     // 3. Nothing the sender received under AMBER+STRICT or RED goes to a third agency.
-    let looked_up: Vec<&str> = if cx.provenance.holds_any(sender)? {
-        marked
-            .objects
-            .iter()
-            .map(|o| o.id)
-            .filter(|id| !is_definition(id))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut looked_up: Vec<&str> = marked
+        .objects
+        .iter()
+        .map(|o| o.id)
+        .filter(|id| !is_definition(id))
+        .collect();
+    if !looked_up.is_empty() && !cx.provenance.holds_any(sender)? {
+        looked_up.clear();
+    }
     let found = cx.provenance.received_many(sender, &looked_up)?;
     if found.len() != looked_up.len() {
         return Err(Internal::new(
