@@ -474,16 +474,21 @@ pub(crate) const SMALL_OBJECT: usize = 16;
 pub fn repeated_name<'o>(object: &'o JsonObject<'_>) -> Option<&'o str> {
     let members = object.as_vec();
     if members.len() <= SMALL_OBJECT {
-        // Nearly every object: compared pairwise, without allocating.
+        // Nearly every object: compared pairwise, without allocating, and only when an
+        // earlier name has the same length and last byte (a bit of `seen`), which the
+        // members of a STIX object nearly never share.
+        let mut seen = 0u64;
         return members.iter().enumerate().find_map(|(i, (key, _))| {
             let key: &str = key;
-            members[..i]
-                .iter()
-                .any(|(k, _)| {
+            let last = key.as_bytes().last().copied().unwrap_or(0);
+            let bit = 1u64 << ((key.len() + usize::from(last)) % 64);
+            let repeated = seen & bit != 0
+                && members[..i].iter().any(|(k, _)| {
                     let k: &str = k;
                     k == key
-                })
-                .then_some(key)
+                });
+            seen |= bit;
+            repeated.then_some(key)
         });
     }
     let mut seen = std::collections::HashSet::with_capacity(members.len());
@@ -565,6 +570,13 @@ mod tests {
         let rows: Vec<(String, Option<&str>)> = vec![
             (r#"{"a":1,"b":{"a":2},"c":[{"a":3}]}"#.into(), None),
             (r#"{"a":1,"b":2,"a":3}"#.into(), Some("$.a")),
+            // Names of the same length and last byte, repeated or not.
+            (r#"{"ab":1,"cb":2,"db":{"xy":1,"zy":2}}"#.into(), None),
+            (
+                r#"{"ab":1,"cb":2,"db":{"xy":1,"zy":2,"xy":3}}"#.into(),
+                Some("$.db.xy"),
+            ),
+            (r#"{"":1,"b":2,"":3}"#.into(), Some("$.")),
             (
                 r#"{"x":[{"b":1},{"b":1,"c":{},"b":2}]}"#.into(),
                 Some("$.x[1].b"),

@@ -30,7 +30,6 @@
 //! see `docs/stix.md` for where this differs from the OASIS validator.
 
 use super::{JsonObject, Value, member};
-use time::{Date, Month};
 
 use super::{ObjectAt, StringAt, walk_strings};
 
@@ -381,7 +380,8 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
     let Value::Object(o) = value else {
         return Err(at.err("", "is not a JSON object"));
     };
-    let t = match o.get("type") {
+    let members = Members::of(o);
+    let t = match members.type_ {
         Some(Value::Str(t)) if is_type_name(t) => t.as_ref(),
         Some(Value::Str(t)) => {
             return Err(at.err(
@@ -392,7 +392,7 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
         Some(_) => return Err(at.err("type", "must be a string")),
         None => return Err(at.err("type", "is required")),
     };
-    let id = match o.get("id") {
+    let id = match members.id {
         Some(Value::Str(id)) => match identifier(id) {
             Some((it, _)) if it == t => id.as_ref(),
             Some((it, _)) => {
@@ -411,16 +411,11 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
         let property = path.strip_prefix("$.").unwrap_or(&path);
         return Err(at.err(property, REPEATED));
     }
-    for name in o.keys() {
-        if name.is_empty()
-            || name.len() > 250
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            return Err(at.err(name, "is not a property name (a-z A-Z 0-9 _)"));
-        }
+    if let Some(name) = members.bad_name {
+        return Err(at.err(name, "is not a property name (a-z A-Z 0-9 _)"));
     }
     let (cat, required) = category(t);
-    match (o.get("spec_version"), cat) {
+    match (members.spec_version, cat) {
         (Some(Value::Str(v)), _) if v == "2.1" => {}
         (Some(v), _) => {
             return Err(at.err("spec_version", format!("is {v}; this is a STIX 2.1 bundle")));
@@ -428,18 +423,20 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
         (None, Category::Sco | Category::Custom) => {}
         (None, _) => return Err(at.err("spec_version", "is required")),
     }
-    let common: &[&str] = if matches!(cat, Category::Sdo | Category::Sro) {
-        &["created", "modified"]
-    } else {
-        &[]
-    };
-    for p in common.iter().chain(required.iter()) {
+    if matches!(cat, Category::Sdo | Category::Sro) {
+        for (p, v) in [("created", members.created), ("modified", members.modified)] {
+            if v.is_none() {
+                return Err(at.err(p, "is required"));
+            }
+        }
+    }
+    for p in required {
         if !o.contains_key(p) {
             return Err(at.err(p, "is required"));
         }
     }
-    let created = timestamp_prop(&at, o, "created", true)?;
-    let modified = timestamp_prop(&at, o, "modified", true)?;
+    let created = timestamp_value(&at, "created", members.created, true)?;
+    let modified = timestamp_value(&at, "modified", members.modified, true)?;
     if let (Some(c), Some(m)) = (created, modified)
         && m < c
     {
@@ -487,7 +484,7 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
             }
         }
     }
-    if let Some(g) = o.get("granular_markings") {
+    if let Some(g) = members.granular_markings {
         check_granular_markings(&at, o, g)?;
     }
     Ok(id.to_owned())
@@ -510,6 +507,49 @@ impl ObjectCheck<'_> {
     }
 }
 
+/// The members of an object that every object's check reads, found in one pass over its
+/// member list (a `get` for each would search the list again each time): the first of each
+/// name, as `get` finds it; and the first member name that is not a property name.
+#[derive(Default)]
+struct Members<'v, 'a> {
+    type_: Option<&'v Value<'a>>,
+    id: Option<&'v Value<'a>>,
+    spec_version: Option<&'v Value<'a>>,
+    created: Option<&'v Value<'a>>,
+    modified: Option<&'v Value<'a>>,
+    granular_markings: Option<&'v Value<'a>>,
+    bad_name: Option<&'v str>,
+}
+
+impl<'v, 'a> Members<'v, 'a> {
+    fn of(o: &'v JsonObject<'a>) -> Self {
+        let mut m = Members::default();
+        for (name, v) in o.iter() {
+            let slot = match name {
+                "type" => &mut m.type_,
+                "id" => &mut m.id,
+                "spec_version" => &mut m.spec_version,
+                "created" => &mut m.created,
+                "modified" => &mut m.modified,
+                "granular_markings" => &mut m.granular_markings,
+                _ => {
+                    if m.bad_name.is_none() && !is_property_name(name) {
+                        m.bad_name = Some(name);
+                    }
+                    continue;
+                }
+            };
+            slot.get_or_insert(v);
+        }
+        m
+    }
+}
+
+/// A STIX property name: 1 to 250 of `a-z A-Z 0-9 _`.
+fn is_property_name(name: &str) -> bool {
+    (1..=250).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// Checks the timestamp property `name` if present; `created`/`modified` need millisecond
 /// precision. Returns its value as comparable parts.
 fn timestamp_prop(
@@ -518,7 +558,17 @@ fn timestamp_prop(
     name: &str,
     millis: bool,
 ) -> Result<Option<Timestamp>, StixError> {
-    let Some(v) = o.get(name) else {
+    timestamp_value(at, name, o.get(name), millis)
+}
+
+/// As [`timestamp_prop`], given the property's value if present.
+fn timestamp_value(
+    at: &ObjectCheck<'_>,
+    name: &str,
+    value: Option<&Value<'_>>,
+    millis: bool,
+) -> Result<Option<Timestamp>, StixError> {
+    let Some(v) = value else {
         return Ok(None);
     };
     let Value::Str(s) = v else {
@@ -551,33 +601,49 @@ pub(crate) fn is_utc_timestamp(s: &str) -> bool {
     timestamp(s).is_some()
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, the only timestamp form STIX allows.
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, the only timestamp form STIX allows. Every
+/// bundle object has two or three timestamps, so the digits are read in place, without a
+/// number parser, and the date is checked against the Gregorian calendar directly.
 fn timestamp(s: &str) -> Option<Timestamp> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[b.len() - 1] != b'Z' {
+    let (head, rest) = b.split_at_checked(19)?;
+    let [
+        y0,
+        y1,
+        y2,
+        y3,
+        b'-',
+        m0,
+        m1,
+        b'-',
+        d0,
+        d1,
+        b'T',
+        h0,
+        h1,
+        b':',
+        n0,
+        n1,
+        b':',
+        s0,
+        s1,
+    ] = *head
+    else {
         return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        let part = b.get(r)?;
-        if part.iter().all(u8::is_ascii_digit) {
-            std::str::from_utf8(part).ok()?.parse().ok()
-        } else {
-            None
-        }
     };
-    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let year = num(0..4)?;
-    let month = num(5..7)?;
-    let day = num(8..10)?;
-    let hour = num(11..13)?;
-    let minute = num(14..16)?;
-    let second = num(17..19)?;
-    let rest = &b[19..b.len() - 1];
+    let [year, month, day, hour, minute, second] = [
+        digits([y0, y1, y2, y3])?,
+        digits([m0, m1])?,
+        digits([d0, d1])?,
+        digits([h0, h1])?,
+        digits([n0, n1])?,
+        digits([s0, s1])?,
+    ];
     let (nanos, fraction_digits) = match rest {
-        [] => (0, 0),
-        [b'.', digits @ ..] if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) => {
+        [b'Z'] => (0, 0),
+        [b'.', digits @ .., b'Z']
+            if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) =>
+        {
             let mut n: u32 = 0;
             for i in 0..9 {
                 n = n * 10 + digits.get(i).map_or(0, |d| u32::from(d - b'0'));
@@ -586,23 +652,44 @@ fn timestamp(s: &str) -> Option<Timestamp> {
         }
         _ => return None,
     };
-    let month_t = Month::try_from(u8::try_from(month).ok()?).ok()?;
-    Date::from_calendar_date(i32::try_from(year).ok()?, month_t, u8::try_from(day).ok()?).ok()?;
-    if hour > 23 || minute > 59 || second > 59 {
+    if !(1..=12).contains(&month)
+        || day == 0
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
         return None;
     }
     Some(Timestamp {
         seconds: (
             i32::try_from(year).ok()?,
-            month as u8,
-            day as u8,
-            hour as u8,
-            minute as u8,
-            second as u8,
+            u8::try_from(month).ok()?,
+            u8::try_from(day).ok()?,
+            u8::try_from(hour).ok()?,
+            u8::try_from(minute).ok()?,
+            u8::try_from(second).ok()?,
         ),
         nanos,
         fraction_digits,
     })
+}
+
+/// The number that the ASCII digits `d` write, if they are all digits.
+fn digits<const N: usize>(d: [u8; N]) -> Option<u32> {
+    d.iter().try_fold(0u32, |n, &c| {
+        c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+    })
+}
+
+/// The days of `month` (1–12) in `year` of the proleptic Gregorian calendar.
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// Where a property is inside an object (`external_references[0].source_ref`), spelt out
@@ -904,16 +991,25 @@ pub(crate) fn identifier(s: &str) -> Option<(&str, &str)> {
     if !is_type_name(t) {
         return None;
     }
+    // Eight bytes at a time: the groups of 8, 4 + 4, 4 + 4 and 8 hex digits around the
+    // dashes at 8, 13, 18 and 23 (every id and reference of a bundle comes through here).
     let b = uuid.as_bytes();
-    for (i, c) in b.iter().enumerate() {
-        let ok = if matches!(i, 8 | 13 | 18 | 23) {
-            *c == b'-'
-        } else {
-            c.is_ascii_hexdigit()
-        };
-        if !ok {
-            return None;
-        }
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    };
+    let half = |at: usize| -> Option<u64> {
+        Some(u64::from(u32::from_le_bytes(
+            b.get(at..at + 4)?.try_into().ok()?,
+        )))
+    };
+    let hex = [
+        word(0)?,
+        half(9)? | half(14)? << 32,
+        half(19)? | half(24)? << 32,
+        word(28)?,
+    ];
+    if !hex.into_iter().all(all_hex) || [8, 13, 18, 23].iter().any(|&i| b.get(i) != Some(&b'-')) {
+        return None;
     }
     // The variant: the first digit of the fourth group is 8, 9, a or b.
     if !matches!(b[19], b'8' | b'9' | b'a' | b'b' | b'A' | b'B') {
@@ -922,10 +1018,41 @@ pub(crate) fn identifier(s: &str) -> Option<(&str, &str)> {
     Some((t, uuid))
 }
 
+/// Whether each of the eight bytes of `x` is an ASCII hex digit. Each range test is done on
+/// all bytes at once by addition: adding `0x80 - lo` to a byte below 0x80 sets its top bit
+/// exactly when it is at least `lo`, and carries into no other byte.
+fn all_hex(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const TOP: u64 = 0x8080_8080_8080_8080;
+    if x & TOP != 0 {
+        return false;
+    }
+    let digit = (x + (0x80 - 0x30) * ONES) & !(x + (0x80 - 0x3a) * ONES);
+    // `A`–`F` and `a`–`f`, and nothing else, become `a`–`f` with bit 0x20 set.
+    let lower = x | (0x20 * ONES);
+    let letter = (lower + (0x80 - 0x61) * ONES) & !(lower + (0x80 - 0x67) * ONES);
+    (digit | letter) & TOP == TOP
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_hex_agrees_with_the_byte_test_on_every_byte() {
+        for c in 0..=255u8 {
+            for at in 0..8 {
+                let mut bytes = *b"0a9FfA5c";
+                bytes[at] = c;
+                assert_eq!(
+                    all_hex(u64::from_le_bytes(bytes)),
+                    c.is_ascii_hexdigit(),
+                    "byte {c:#x} at {at}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn timestamps() {
@@ -937,6 +1064,21 @@ mod tests {
             ("2026-01-01T00:00:00z", None),
             ("2026-01-01T00:00:00+00:00", None),
             ("2026-02-30T00:00:00Z", None),
+            // The calendar: leap years, month lengths, months and days out of range.
+            ("2024-02-29T00:00:00Z", Some(0)),
+            ("2000-02-29T00:00:00Z", Some(0)),
+            ("2100-02-29T00:00:00Z", None),
+            ("2026-02-29T00:00:00Z", None),
+            ("2026-04-31T00:00:00Z", None),
+            ("2026-12-31T23:59:59.999Z", Some(3)),
+            ("2026-00-10T00:00:00Z", None),
+            ("2026-13-10T00:00:00Z", None),
+            ("2026-01-00T00:00:00Z", None),
+            ("2026-01-01T00:60:00Z", None),
+            ("2026-01-01T00:00:00.1234567891Z", Some(10)),
+            ("2026-01-01T00:00:00.12aZ", None),
+            ("-026-01-01T00:00:00Z", None),
+            ("2026-01-01T00:00:00ZZ", None),
             ("2026-01-01T00:00:60Z", None),
             ("2026-01-01T24:00:00Z", None),
             ("2026-01-01T00:00:00.Z", None),
@@ -967,6 +1109,21 @@ mod tests {
         ];
         for (s, ok) in rows {
             assert_eq!(identifier(s).is_some(), ok, "{s}");
+        }
+        // Every byte at every place of the UUID, against the rule read byte by byte.
+        let valid = "4b3e2a1c-5d6f-4a7b-8c9d-0e1f2a3b4c5d";
+        for at in 0..valid.len() {
+            for c in (0..=255u8).filter(|c| c.is_ascii()) {
+                let mut uuid = valid.as_bytes().to_vec();
+                uuid[at] = c;
+                let want = uuid.iter().enumerate().all(|(i, b)| match i {
+                    8 | 13 | 18 | 23 => *b == b'-',
+                    19 => b"89abAB".contains(b),
+                    _ => b.is_ascii_hexdigit(),
+                });
+                let id = format!("tool--{}", String::from_utf8(uuid).unwrap());
+                assert_eq!(identifier(&id).is_some(), want, "{id}");
+            }
         }
     }
 
