@@ -15,16 +15,18 @@
 //! Anything else is opaque: nobody can check what it says. Whether an opaque payload may be
 //! relayed is the policy's call ([`crate::policy::decide`]), not this module's.
 //!
-//! Every payload is hostile. JSON is parsed only after a linear scan has checked its nesting
-//! depth ([`MAX_DEPTH`]), well below `serde_json`'s own recursion limit of 128, so a deeply
-//! nested document can neither overflow the stack nor reach serde's recursion at all. Size is
-//! bounded by the broker's message limit before this module sees the payload.
+//! Every payload is hostile. JSON nesting is bounded ([`MAX_DEPTH`]) while the tree is read
+//! (`tree`), well below `serde_json`'s own recursion limit of 128, so a deeply nested
+//! document can neither overflow the stack nor reach that limit; the rare document read by
+//! the library's reader instead (a key spelt with an escape) is first scanned for its depth.
+//! Size is bounded by the broker's message limit before this module sees the payload.
 //!
 //! [`Content::for_each_string`] visits every string (values and object keys) with its location,
 //! for checks that look for what a payload must not say.
 
 pub mod incident;
 pub mod stix;
+mod tree;
 
 use std::fmt;
 
@@ -422,7 +424,6 @@ pub fn parse_json(payload: &[u8]) -> Result<Value<'_>, ContentError> {
 
 /// As [`parse_json`], also giving the payload as the UTF-8 text it was read as.
 fn parse_json_text(payload: &[u8]) -> Result<(&str, Value<'_>), ContentError> {
-    check_depth(payload, MAX_DEPTH)?;
     // serde_json reads a byte slice as UTF-8 too, but only text it has checked whole can
     // lend its strings to the document.
     let text = std::str::from_utf8(payload).map_err(|e| {
@@ -431,7 +432,17 @@ fn parse_json_text(payload: &[u8]) -> Result<(&str, Value<'_>), ContentError> {
             e.valid_up_to()
         ))
     })?;
-    let value = serde_json::from_str(text).map_err(|e| ContentError::NotJson(e.to_string()))?;
+    let value = match tree::parse(text, MAX_DEPTH) {
+        Ok(value) => value,
+        Err(tree::Refusal::TooDeep) => return Err(ContentError::TooDeep),
+        Err(tree::Refusal::NotJson(e)) => return Err(ContentError::NotJson(e.to_string())),
+        // A key spelt with an escape: the library's reader, which bounds no depth of its
+        // own (only serde_json's 128), after a scan for the depth.
+        Err(tree::Refusal::EscapedKey) => {
+            check_depth(payload, MAX_DEPTH)?;
+            serde_json::from_str(text).map_err(|e| ContentError::NotJson(e.to_string()))?
+        }
+    };
     Ok((text, value))
 }
 
@@ -652,7 +663,7 @@ mod tests {
     }
 
     #[test]
-    fn depth_is_bounded_before_parsing() {
+    fn depth_is_bounded() {
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
         assert_eq!(parse_json(deep.as_bytes()), Err(ContentError::TooDeep));
         let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
@@ -662,6 +673,18 @@ mod tests {
         // Brackets in strings, and escaped quotes, do not count.
         let s = format!("[\"{}\\\"{}\"]", "[".repeat(200), "{".repeat(200));
         assert!(parse_json(s.as_bytes()).is_ok());
+        // A document with a key spelt with an escape is read by the library's reader, after
+        // the depth scan: the same bound.
+        let escaped = |n: usize| format!("{{\"k\\u0065y\":{}1{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(parse_json(escaped(MAX_DEPTH - 1).as_bytes()).is_ok());
+        assert_eq!(
+            parse_json(escaped(MAX_DEPTH).as_bytes()),
+            Err(ContentError::TooDeep)
+        );
+        assert_eq!(
+            parse_json(escaped(200).as_bytes()),
+            Err(ContentError::TooDeep)
+        );
     }
 
     /// The depth check that skips strings in jumps agrees with a byte-by-byte one on
