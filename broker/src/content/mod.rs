@@ -486,8 +486,8 @@ pub fn repeated_name<'o>(object: &'o JsonObject<'_>) -> Option<&'o str> {
     let members = object.as_vec();
     if members.len() <= SMALL_OBJECT {
         // Nearly every object: compared pairwise, without allocating, and only when an
-        // earlier name has the same length and last byte (a bit of `seen`), which the
-        // members of a STIX object nearly never share.
+        // earlier name set the same bit of `seen` (chosen by length plus last byte, so equal
+        // names always share it; unequal ones seldom do, and then only cost a comparison).
         let mut seen = 0u64;
         return members.iter().enumerate().find_map(|(i, (key, _))| {
             let key: &str = key;
