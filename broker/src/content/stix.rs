@@ -44,7 +44,8 @@ pub const MAX_OBJECTS: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Bundle<'a> {
     value: Value<'a>,
-    ids: Vec<String>,
+    /// The objects' ids: borrowed from the payload unless written with escapes.
+    ids: Vec<std::borrow::Cow<'a, str>>,
 }
 
 impl<'a> Bundle<'a> {
@@ -55,7 +56,7 @@ impl<'a> Bundle<'a> {
     }
 
     /// The ids of the objects, in order.
-    pub fn object_ids(&self) -> &[String] {
+    pub fn object_ids(&self) -> &[std::borrow::Cow<'a, str>] {
         &self.ids
     }
 
@@ -322,7 +323,7 @@ fn allowed(object_type: &str, property: &str) -> Allowed {
     }
 }
 
-fn check_bundle(value: &Value<'_>) -> Result<Vec<String>, StixError> {
+fn check_bundle<'a>(value: &Value<'a>) -> Result<Vec<std::borrow::Cow<'a, str>>, StixError> {
     let top = |property: &str, message: String| StixError {
         index: None,
         id: None,
@@ -375,7 +376,10 @@ fn check_bundle(value: &Value<'_>) -> Result<Vec<String>, StixError> {
 }
 
 /// Checks one object; returns its id.
-fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
+fn check_object<'a>(
+    index: usize,
+    value: &Value<'a>,
+) -> Result<std::borrow::Cow<'a, str>, StixError> {
     let mut at = ObjectCheck { index, id: None };
     let Value::Object(o) = value else {
         return Err(at.err("", "is not a JSON object"));
@@ -394,7 +398,7 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
     };
     let id = match members.id {
         Some(Value::Str(id)) => match identifier(id) {
-            Some((it, _)) if it == t => id.as_ref(),
+            Some((it, _)) if it == t => id,
             Some((it, _)) => {
                 return Err(at.err(
                     "id",
@@ -406,7 +410,7 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
         Some(_) => return Err(at.err("id", "must be a string")),
         None => return Err(at.err("id", "is required")),
     };
-    at.id = Some(id);
+    at.id = Some(id.as_ref());
     if let Some(path) = super::repeated_member(value) {
         let property = path.strip_prefix("$.").unwrap_or(&path);
         return Err(at.err(property, REPEATED));
@@ -487,7 +491,7 @@ fn check_object(index: usize, value: &Value<'_>) -> Result<String, StixError> {
     if let Some(g) = members.granular_markings {
         check_granular_markings(&at, o, g)?;
     }
-    Ok(id.to_owned())
+    Ok(id.clone())
 }
 
 /// The object being checked, for the errors that name it.

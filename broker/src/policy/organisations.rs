@@ -133,7 +133,7 @@ fn json_place(m: &JsonMatch<'_>) -> String {
 
 /// Where a match is in a STIX bundle: the object's index and id, and the property inside it,
 /// when it is inside an object of `objects`.
-fn stix_place(m: &JsonMatch<'_>, ids: &[String]) -> String {
+fn stix_place(m: &JsonMatch<'_>, ids: &[std::borrow::Cow<'_, str>]) -> String {
     let object = m.path.strip_prefix("$.objects[").and_then(|rest| {
         let (index, rest) = rest.split_once(']')?;
         let index: usize = index.parse().ok()?;

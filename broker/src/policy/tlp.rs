@@ -307,7 +307,11 @@ pub(super) fn check(
         })
         .collect();
     Ok(Carried {
-        object_ids: bundle.object_ids().to_vec(),
+        object_ids: bundle
+            .object_ids()
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
         restricted,
     })
 }
@@ -441,7 +445,7 @@ fn markings<'b>(bundle: &'b Bundle<'_>) -> Result<Marked<'b>, Failure> {
                 label(*fixed)
             )));
         }
-        defined.entry(id.as_str()).or_insert(level);
+        defined.entry(id.as_ref()).or_insert(level);
     }
     let level_of = |marking: &str| -> Option<Tlp> {
         MARKINGS
@@ -462,7 +466,7 @@ fn markings<'b>(bundle: &'b Bundle<'_>) -> Result<Marked<'b>, Failure> {
                 marked.highest = Some(Highest {
                     tlp,
                     index,
-                    object_id: id.clone(),
+                    object_id: id.to_string(),
                     property,
                 });
             }
