@@ -172,6 +172,8 @@ pub struct RunResult {
     pub rss_mib: Vec<f64>,
     /// CPU time the whole process used during the run, in seconds (none if it could not be read).
     pub cpu_seconds: Option<f64>,
+    /// The part of it the load generator's threads used (none if it could not be read).
+    pub load_cpu_seconds: Option<f64>,
 }
 
 impl RunResult {
@@ -186,6 +188,15 @@ impl RunResult {
         self.cpu_seconds
             .filter(|_| self.accepted > 0)
             .map(|cpu| cpu / self.accepted as f64)
+    }
+
+    /// Seconds of CPU per accepted transfer of the server alone: the process's, less its load
+    /// generator's threads'.
+    pub fn server_cpu_per_transfer(&self) -> Option<f64> {
+        self.cpu_seconds
+            .zip(self.load_cpu_seconds)
+            .filter(|_| self.accepted > 0)
+            .map(|(all, load)| (all - load).max(0.0) / self.accepted as f64)
     }
 }
 
@@ -239,6 +250,31 @@ fn cpu_seconds() -> Option<f64> {
     let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
     let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
     Some(micros as f64 / 1e6)
+}
+
+/// The name of the load generator's threads: it runs on a runtime of its own, so that the CPU
+/// time of the server (the rest of the process) can be told apart from its own.
+const LOAD_THREADS: &str = "bench-load";
+
+/// CPU seconds the process's live threads named `name` have run, from each thread's
+/// `/proc/self/task/*/schedstat` (nanoseconds on a CPU); none if it cannot be read.
+fn threads_cpu_seconds(name: &str) -> Option<f64> {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        // A thread that ended meanwhile has no files left.
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
+        nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(nanos as f64 / 1e9)
 }
 
 /// The process's resident memory in MiB, from /proc.
@@ -459,6 +495,7 @@ async fn load(
 
     let start = Instant::now();
     let cpu_at_start = cpu_seconds();
+    let load_cpu_at_start = threads_cpu_seconds(LOAD_THREADS);
     let deadline = start + settings.duration;
     let sampler = {
         let rss = rss.clone();
@@ -521,6 +558,9 @@ async fn load(
     error_kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let elapsed = start.elapsed();
     let cpu = cpu_at_start.zip(cpu_seconds()).map(|(a, b)| b - a);
+    let load_cpu = load_cpu_at_start
+        .zip(threads_cpu_seconds(LOAD_THREADS))
+        .map(|(a, b)| b - a);
     let _ = sampler.await;
     // Let the subscriber catch up with what was accepted, briefly.
     let accepted = latencies.len();
@@ -541,20 +581,42 @@ async fn load(
         p99: pct(0.99),
         rss_mib,
         cpu_seconds: cpu,
+        load_cpu_seconds: load_cpu,
     })
 }
 
-async fn clients(
+/// Runs [`load`] from `settings.connections` senders as the NCSC and a subscriber as the ICO
+/// to the server at `addr`, on a runtime of its own ([`LOAD_THREADS`], as many workers as the
+/// machine has CPUs), connections included.
+async fn load_apart(
     pki: &mut Pki,
-    cn: &str,
     addr: SocketAddr,
-    n: usize,
-) -> anyhow::Result<Vec<Broker>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(pki.client(cn, addr)?.connect().await?);
-    }
-    Ok(out)
+    envelope: pb::Envelope,
+    tokens: Arc<Vec<String>>,
+    settings: &RelayBench,
+) -> anyhow::Result<RunResult> {
+    let senders = (0..settings.connections)
+        .map(|_| pki.client("ncsc", addr))
+        .collect::<anyhow::Result<Vec<ClientTls>>>()?;
+    let receiver = pki.client("ico", addr)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name(LOAD_THREADS)
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")?;
+    let settings = settings.clone();
+    let run = runtime.spawn(async move {
+        let mut brokers = Vec::new();
+        for sender in &senders {
+            brokers.push(sender.connect().await?);
+        }
+        let receiver = receiver.connect().await?;
+        load(brokers, receiver, envelope, tokens, &settings).await
+    });
+    let result = run.await;
+    runtime.shutdown_background();
+    result.context("the load generator")?
 }
 
 /// Opaque bytes (a fixed pseudo-random sequence) of exactly `bytes` bytes.
@@ -853,9 +915,7 @@ async fn run_full_on(
     let server = tokio::spawn(concordat_broker::serve(config, listener, async {
         let _ = stopped.await;
     }));
-    let senders = clients(pki, "ncsc", addr, settings.connections).await?;
-    let receiver = pki.client("ico", addr)?.connect().await?;
-    let result = load(senders, receiver, envelope.clone(), tokens, settings).await?;
+    let result = load_apart(pki, addr, envelope.clone(), tokens, settings).await?;
     let _ = stop.send(());
     server.await??;
     Ok(result)
@@ -930,11 +990,9 @@ pub async fn relay(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = spawn_bare(&pki, listener)?;
-    let senders = clients(&mut pki, "ncsc", addr, settings.connections).await?;
-    let receiver = pki.client("ico", addr)?.connect().await?;
-    let bare = load(
-        senders,
-        receiver,
+    let bare = load_apart(
+        &mut pki,
+        addr,
         envelope.clone(),
         one_token.clone(),
         &settings,
@@ -1018,6 +1076,16 @@ pub async fn relay(
             f / b.max(1e-12)
         )?;
     }
+    if let (Some(f), Some(b)) = (
+        full.server_cpu_per_transfer(),
+        bare.server_cpu_per_transfer(),
+    ) {
+        writeln!(
+            out,
+            "ratio full/bare server CPU per accepted transfer: {:.2} (target <= 1.6)",
+            f / b.max(1e-12)
+        )?;
+    }
     if !opaque_runs.is_empty() {
         let opaque = combined(&opaque_runs);
         let rounds: Vec<String> = opaque_runs
@@ -1073,6 +1141,7 @@ fn combined(runs: &[RunResult]) -> RunResult {
         p99: Duration::ZERO,
         rss_mib: Vec::new(),
         cpu_seconds: Some(0.0),
+        load_cpu_seconds: Some(0.0),
     };
     for r in runs {
         all.accepted += r.accepted;
@@ -1084,6 +1153,10 @@ fn combined(runs: &[RunResult]) -> RunResult {
         all.p99 = all.p99.max(r.p99);
         all.rss_mib.extend(&r.rss_mib);
         all.cpu_seconds = all.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
+        all.load_cpu_seconds = all
+            .load_cpu_seconds
+            .zip(r.load_cpu_seconds)
+            .map(|(a, b)| a + b);
     }
     all
 }
@@ -1109,6 +1182,14 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
             "  process CPU: {:.2} cores busy on average, {:.0} µs per accepted transfer (load generator and server together)",
             cpu / r.elapsed.as_secs_f64().max(1e-9),
             r.cpu_per_transfer().unwrap_or(0.0) * 1e6
+        )?;
+    }
+    if let (Some(server), Some(load)) = (r.server_cpu_per_transfer(), r.load_cpu_seconds) {
+        writeln!(
+            out,
+            "  server CPU: {:.0} µs per accepted transfer; load generator {:.0} µs",
+            server * 1e6,
+            load / r.accepted.max(1) as f64 * 1e6
         )?;
     }
     if !r.rss_mib.is_empty() {
@@ -1971,6 +2052,39 @@ mod tests {
         );
     }
 
+    /// The CPU time of a named thread is read, and only its own: a thread that spins for a
+    /// while counts at least most of that, one of another name nothing.
+    #[test]
+    fn threads_cpu_time_is_read_by_name() {
+        assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("bench-test-busy".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(300) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                let _ = wait.recv();
+                x
+            })
+            .unwrap();
+        let spun = concordat_support::poll::wait_for(
+            "the thread's CPU time",
+            Duration::from_secs(10),
+            || match threads_cpu_seconds("bench-test-busy") {
+                Some(s) if s >= 0.2 => Ok(s),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+        assert!(spun < 10.0, "{spun}");
+        assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
+        done.send(()).unwrap();
+        handle.join().unwrap();
+    }
+
     #[test]
     fn combined_runs_add_up() {
         let run = |accepted: u64, secs: u64, cpu: Option<f64>| RunResult {
@@ -1983,6 +2097,7 @@ mod tests {
             p99: Duration::from_millis(10 * secs),
             rss_mib: vec![1.0],
             cpu_seconds: cpu,
+            load_cpu_seconds: cpu.map(|c| c / 4.0),
         };
         let all = combined(&[run(100, 1, Some(0.5)), run(500, 3, Some(1.5))]);
         assert_eq!(all.accepted, 600);
@@ -1991,6 +2106,7 @@ mod tests {
         assert!((all.rate() - 150.0).abs() < 1e-9);
         assert_eq!(all.p99, Duration::from_millis(30));
         assert_eq!(all.cpu_per_transfer(), Some(2.0 / 600.0));
+        assert_eq!(all.server_cpu_per_transfer(), Some(1.5 / 600.0));
         // Unknown CPU time in any run makes the total unknown.
         assert_eq!(
             combined(&[run(1, 1, None), run(1, 1, Some(1.0))]).cpu_seconds,
