@@ -2052,34 +2052,43 @@ mod tests {
         );
     }
 
-    /// The CPU time of a named thread is read, and only its own: a thread that spins for a
-    /// while counts at least most of that, one of another name nothing.
+    /// The CPU time of a named thread is read, and only its own: a thread that spins until
+    /// its own CPU time (by `getrusage`) reaches 0.3 s counts about that, one of another name
+    /// nothing.
     #[test]
     fn threads_cpu_time_is_read_by_name() {
+        use nix::sys::{
+            resource::{UsageWho, getrusage},
+            time::TimeValLike,
+        };
         assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
         let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (spun_tx, spun) = std::sync::mpsc::channel::<f64>();
         let handle = std::thread::Builder::new()
             .name("bench-test-busy".into())
             .spawn(move || {
-                let start = Instant::now();
+                let own = || {
+                    let u = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
+                    (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64
+                        / 1e6
+                };
                 let mut x = 0u64;
-                while start.elapsed() < Duration::from_millis(300) {
-                    x = std::hint::black_box(x.wrapping_add(1));
+                while own() < 0.3 {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
                 }
+                spun_tx.send(own()).unwrap();
                 let _ = wait.recv();
                 x
             })
             .unwrap();
-        let spun = concordat_support::poll::wait_for(
-            "the thread's CPU time",
-            Duration::from_secs(10),
-            || match threads_cpu_seconds("bench-test-busy") {
-                Some(s) if s >= 0.2 => Ok(s),
-                other => Err(format!("{other:?}")),
-            },
-        )
-        .unwrap();
-        assert!(spun < 10.0, "{spun}");
+        let by_rusage = spun.recv().unwrap();
+        let read = threads_cpu_seconds("bench-test-busy").unwrap();
+        assert!(
+            read >= 0.25 && read <= by_rusage + 0.1,
+            "{read} s read, {by_rusage} s by getrusage"
+        );
         assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
         done.send(()).unwrap();
         handle.join().unwrap();
