@@ -39,8 +39,7 @@ pub(super) enum Refusal {
 /// Parses `text` (one JSON value, nothing after it but whitespace), with no array or
 /// object nested more than `max_depth` deep.
 pub(super) fn parse(text: &str, max_depth: usize) -> Result<Value<'_>, Refusal> {
-    let escaped_key = Cell::new(false);
-    let too_deep = Cell::new(false);
+    let stopped = Cell::new(None);
     // Room for the members and items open at once in a typical document, so that the
     // stack itself is not grown while reading one.
     let mut stack = Stack {
@@ -50,30 +49,24 @@ pub(super) fn parse(text: &str, max_depth: usize) -> Result<Value<'_>, Refusal> 
     let mut de = serde_json::Deserializer::from_str(text);
     let parsed = Node {
         stack: &mut stack,
-        flags: Flags {
-            escaped_key: &escaped_key,
-            too_deep: &too_deep,
-        },
+        stopped: &stopped,
         room: max_depth,
     }
     .deserialize(&mut de)
     .and_then(|value| de.end().map(|()| value));
-    parsed.map_err(|e| {
-        if too_deep.get() {
-            Refusal::TooDeep
-        } else if escaped_key.get() {
-            Refusal::EscapedKey
-        } else {
-            Refusal::NotJson(e)
-        }
+    parsed.map_err(|e| match stopped.get() {
+        Some(Stop::TooDeep) => Refusal::TooDeep,
+        Some(Stop::EscapedKey) => Refusal::EscapedKey,
+        None => Refusal::NotJson(e),
     })
 }
 
-/// What stopped a parse that serde_json reports only as an error.
+/// What stopped a parse that serde_json reports only as an error (the first stop ends the
+/// parse, so there is at most one).
 #[derive(Clone, Copy)]
-struct Flags<'s> {
-    escaped_key: &'s Cell<bool>,
-    too_deep: &'s Cell<bool>,
+enum Stop {
+    TooDeep,
+    EscapedKey,
 }
 
 /// The items of the objects and arrays still open, innermost last.
@@ -85,7 +78,7 @@ struct Stack<'a> {
 /// Reads one value, using the document's stack.
 struct Node<'s, 'a> {
     stack: &'s mut Stack<'a>,
-    flags: Flags<'s>,
+    stopped: &'s Cell<Option<Stop>>,
     /// How many more levels of arrays and objects may open here.
     room: usize,
 }
@@ -95,7 +88,7 @@ impl<'a> Node<'_, 'a> {
     fn inner(&mut self) -> Node<'_, 'a> {
         Node {
             stack: &mut *self.stack,
-            flags: self.flags,
+            stopped: self.stopped,
             room: self.room.saturating_sub(1),
         }
     }
@@ -103,7 +96,7 @@ impl<'a> Node<'_, 'a> {
     /// Refuses to open an array or object where no level is left.
     fn open<E: serde::de::Error>(&self) -> Result<(), E> {
         if self.room == 0 {
-            self.flags.too_deep.set(true);
+            self.stopped.set(Some(Stop::TooDeep));
             return Err(E::custom("nested too deep"));
         }
         Ok(())
@@ -175,7 +168,7 @@ impl<'de> Visitor<'de> for Node<'_, 'de> {
         let from = self.stack.members.len();
         while let Some(key) = map.next_key_seed(Key)? {
             let Some(key) = key else {
-                self.flags.escaped_key.set(true);
+                self.stopped.set(Some(Stop::EscapedKey));
                 return Err(A::Error::custom("a key holds an escape"));
             };
             let value = map.next_value_seed(self.inner())?;
