@@ -243,11 +243,13 @@ fn latency_histogram() -> anyhow::Result<hdrhistogram::Histogram<u64>> {
 
 /// The CPU time (user and system, all threads) this process has used, in seconds.
 fn cpu_seconds() -> Option<f64> {
-    use nix::sys::{
-        resource::{UsageWho, getrusage},
-        time::TimeValLike,
-    };
-    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    used_seconds(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+/// The CPU time (user and system) `who` has used, in seconds, by `getrusage`.
+fn used_seconds(who: nix::sys::resource::UsageWho) -> Option<f64> {
+    use nix::sys::time::TimeValLike;
+    let usage = nix::sys::resource::getrusage(who).ok()?;
     let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
     Some(micros as f64 / 1e6)
 }
@@ -2057,21 +2059,13 @@ mod tests {
     /// nothing.
     #[test]
     fn threads_cpu_time_is_read_by_name() {
-        use nix::sys::{
-            resource::{UsageWho, getrusage},
-            time::TimeValLike,
-        };
         assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let (spun_tx, spun) = std::sync::mpsc::channel::<f64>();
         let handle = std::thread::Builder::new()
             .name("bench-test-busy".into())
             .spawn(move || {
-                let own = || {
-                    let u = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
-                    (u.user_time().num_microseconds() + u.system_time().num_microseconds()) as f64
-                        / 1e6
-                };
+                let own = || used_seconds(nix::sys::resource::UsageWho::RUSAGE_THREAD).unwrap();
                 let mut x = 0u64;
                 while own() < 0.3 {
                     for _ in 0..10_000 {
