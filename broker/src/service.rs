@@ -833,7 +833,7 @@ impl pb::audit_server::Audit for AuditService {
             reason: (!req.reason.is_empty()).then_some(req.reason),
             party,
         };
-        let Some(cp) = self.state.store.checkpoint() else {
+        let Some(cp) = self.state.store.checkpoint_now().await? else {
             return Err(Internal::new("exporting", "no checkpoint has been signed yet").into());
         };
         let end = if req.index_to == 0 {
@@ -922,7 +922,7 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         let call = call(&request)?;
         let req = request.into_inner();
-        let Some(cp) = self.state.store.checkpoint() else {
+        let Some(cp) = self.state.store.checkpoint_now().await? else {
             return Err(Internal::new(
                 "reading the checkpoint",
                 "no checkpoint has been signed yet",

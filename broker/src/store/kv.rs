@@ -292,6 +292,15 @@ impl Kv {
         }
     }
 
+    /// Records that the store stood at `mark` when the caller read it (PostgreSQL: a node
+    /// whose state is older is woken to catch up, as when its listener hears a commit, so
+    /// it need not wait for the listener, which is slower and deaf while it reconnects).
+    pub fn hear(&self, mark: Mark) {
+        if let (KvRepr::Postgres(pg), Some(generation)) = (&self.0, mark.0) {
+            pg.hear(generation);
+        }
+    }
+
     /// Records that the caller's in-memory state reflects the store at `mark`.
     pub fn reloaded(&self, mark: Mark) {
         if let (KvRepr::Postgres(pg), Some(generation)) = (&self.0, mark.0) {

@@ -415,6 +415,10 @@ pub trait Storage: ConsentLedger + Provenance + Send + Sync + 'static {
     fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, Internal>;
     /// The number of audit entries.
     fn log_size(&self) -> Result<u64, Internal>;
+    /// The number of audit entries the store holds now, what other broker nodes sharing the
+    /// database committed included (PostgreSQL: read from the server; the writer, if behind,
+    /// is woken to catch up with it, see [`Store::checkpoint_now`]).
+    fn stored_log_size(&self) -> Result<u64, Internal>;
     /// The audit entry at `index`.
     fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal>;
     /// Up to `limit` consecutive audit entries from `index` on.
@@ -910,6 +914,37 @@ impl Store {
         self.checkpoint.borrow().clone()
     }
 
+    /// The latest durable signed checkpoint once it covers every entry the store held when
+    /// this was called, what other broker nodes sharing the database had committed included
+    /// (a node signs their commits once it has caught up with them): for the answers that must
+    /// not lag behind what was acknowledged before the question was asked, an auditor's export
+    /// and a witness's checkpoint. While the storage is unavailable, or if the writer has not
+    /// signed that much within [`CATCH_UP_WAIT`], the latest checkpoint there is (consistent
+    /// with the log, only shorter), with a warning in the broker's log.
+    pub async fn checkpoint_now(&self) -> Result<Option<SignedCheckpoint>, Internal> {
+        let size = self.storage.stored_log_size()?;
+        let covers = |cp: &Option<SignedCheckpoint>| {
+            size == 0 || cp.as_ref().is_some_and(|cp| cp.size >= size)
+        };
+        let mut checkpoint = self.checkpoint.clone();
+        let mut health = self.health.clone();
+        let caught_up = tokio::select! {
+            waited = tokio::time::timeout(CATCH_UP_WAIT, checkpoint.wait_for(covers)) => {
+                matches!(waited, Ok(Ok(_)))
+            }
+            _ = health.wait_for(|h| *h == Health::Unavailable) => false,
+        };
+        let cp = self.checkpoint();
+        if !caught_up {
+            tracing::warn!(
+                stored = size,
+                signed = cp.as_ref().map_or(0, |cp| cp.size),
+                "answering with a checkpoint short of the stored log: the storage is unavailable or the writer has not caught up"
+            );
+        }
+        Ok(cp)
+    }
+
     /// Fills in a receipt's audit proof, waiting until a durable checkpoint covers its entry (a
     /// retry racing its first attempt is answered only once that attempt is on disk).
     pub async fn prove_receipt(&self, receipt: &mut pb::Receipt) -> Result<(), Internal> {
@@ -1027,6 +1062,10 @@ fn fill_proof(
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the writer waits between flushes that try whether the storage is back.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long [`Store::checkpoint_now`] waits for the writer to sign what the store holds: a
+/// batch's flush, or catching up with another node's commits, takes milliseconds.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 /// Fails the batch whose flush has taken longer than [`StoreOptions::flush_timeout`], marks
 /// the storage unavailable, and gives up once it has been for [`StoreOptions::give_up_after`].

@@ -747,6 +747,13 @@ impl PgKv {
         Ok(row.try_get(0)?)
     }
 
+    /// Records that the store was found at `generation` (read by the node itself, not heard
+    /// from the listener): if that is newer than the node's state, it is woken to catch up
+    /// as when the listener hears a commit.
+    pub fn hear(&self, generation: i64) {
+        self.shared.heads.hear(generation);
+    }
+
     /// Records that the node's in-memory state reflects the store at `generation`.
     pub fn reloaded_at(&self, generation: i64) {
         self.shared.heads.known.store(generation, Ordering::SeqCst);

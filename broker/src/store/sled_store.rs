@@ -1932,6 +1932,17 @@ impl Storage for SledStorage {
         self.log.size()
     }
 
+    fn stored_log_size(&self) -> Result<u64, Internal> {
+        // The size first: the generation read after it is at least the one it was read at.
+        let size = self.log.size()?;
+        let mark = self
+            .db
+            .mark()
+            .map_err(kv_err("reading the store's generation"))?;
+        self.db.hear(mark);
+        Ok(size)
+    }
+
     fn log_entry(&self, index: u64) -> Result<Option<Vec<u8>>, Internal> {
         self.log.entry(index)
     }
