@@ -833,7 +833,8 @@ impl pb::audit_server::Audit for AuditService {
             reason: (!req.reason.is_empty()).then_some(req.reason),
             party,
         };
-        let Some(cp) = self.state.store.checkpoint_now().await? else {
+        // With `current` false the export is of a shorter log (consistent, and saying its size).
+        let (Some(cp), _current) = self.state.store.checkpoint_now().await else {
             return Err(Internal::new("exporting", "no checkpoint has been signed yet").into());
         };
         let end = if req.index_to == 0 {
@@ -922,7 +923,7 @@ impl pb::audit_server::Audit for AuditService {
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
         let call = call(&request)?;
         let req = request.into_inner();
-        let Some(cp) = self.state.store.checkpoint_now().await? else {
+        let (Some(cp), current) = self.state.store.checkpoint_now().await else {
             return Err(Internal::new(
                 "reading the checkpoint",
                 "no checkpoint has been signed yet",
@@ -934,6 +935,18 @@ impl pb::audit_server::Audit for AuditService {
         } else {
             req.to_size
         };
+        if to > cp.size && !current {
+            // The store may hold that size, signed by another node: this one has not caught
+            // up in time, which is no fault of the caller's.
+            let refusal = Refusal::new(
+                Reason::StorageUnavailable,
+                format!(
+                    "this broker node has signed {} entries and could not sign more in time; try again or ask another node",
+                    cp.size
+                ),
+            );
+            return Err(self.state.refuse(&call, refusal).await);
+        }
         if to > cp.size || req.from_size > to {
             if to > cp.size {
                 // What a witness holding a checkpoint this log does not reach would ask.

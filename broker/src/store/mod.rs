@@ -651,6 +651,8 @@ struct Shared {
     free_bytes: std::sync::atomic::AtomicU64,
     /// Work waiting to run on the writer thread between two batches ([`Store::between_batches`]).
     pauses: std::sync::Mutex<Vec<Pause>>,
+    /// When [`Store::checkpoint_now`] last warned that it answered short.
+    short_warned: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Work the writer thread runs between two batches, with nothing written meanwhile.
@@ -677,6 +679,17 @@ impl Shared {
     }
 
     /// Turns health `NOT_SERVING` (once) and logs why.
+    /// Whether a short checkpoint's warning may be logged now: at most one a minute, since
+    /// any caller of the audit service can bring one about.
+    fn warn_short_checkpoint(&self) -> bool {
+        let mut last = self.short_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
     fn mark_unavailable(&self, why: &str) {
         let mut since = self.lock_since();
         if since.is_none() {
@@ -767,6 +780,7 @@ impl Store {
             failed: watch::channel(None).0,
             free_bytes: std::sync::atomic::AtomicU64::new(u64::MAX),
             pauses: std::sync::Mutex::new(Vec::new()),
+            short_warned: std::sync::Mutex::new(None),
         });
         shared.refresh_free_bytes();
         let writer = storage.clone();
@@ -915,34 +929,63 @@ impl Store {
     }
 
     /// The latest durable signed checkpoint once it covers every entry the store held when
-    /// this was called, what other broker nodes sharing the database had committed included
-    /// (a node signs their commits once it has caught up with them): for the answers that must
-    /// not lag behind what was acknowledged before the question was asked, an auditor's export
-    /// and a witness's checkpoint. While the storage is unavailable, or if the writer has not
-    /// signed that much within [`CATCH_UP_WAIT`], the latest checkpoint there is (consistent
-    /// with the log, only shorter), with a warning in the broker's log.
-    pub async fn checkpoint_now(&self) -> Result<Option<SignedCheckpoint>, Internal> {
-        let size = self.storage.stored_log_size()?;
-        let covers = |cp: &Option<SignedCheckpoint>| {
-            size == 0 || cp.as_ref().is_some_and(|cp| cp.size >= size)
-        };
-        let mut checkpoint = self.checkpoint.clone();
+    /// this was called, what other broker nodes sharing the database had committed included:
+    /// for the answers that should not lag behind what was acknowledged before the question,
+    /// an auditor's export and a witness's checkpoint. The store's log size is read (on
+    /// PostgreSQL, with the head, so that a node whose listener has not heard of another
+    /// node's commit catches up with it) and the writer nudged to sign it. Within
+    /// [`CATCH_UP_WAIT`], the read included, that checkpoint and `true`; otherwise (the
+    /// storage unavailable, the database not answering, the writer not done in time) the
+    /// latest checkpoint there is, consistent with the log but perhaps shorter, and `false`.
+    pub async fn checkpoint_now(&self) -> (Option<SignedCheckpoint>, bool) {
         let mut health = self.health.clone();
-        let caught_up = tokio::select! {
-            waited = tokio::time::timeout(CATCH_UP_WAIT, checkpoint.wait_for(covers)) => {
-                matches!(waited, Ok(Ok(_)))
+        if *health.borrow_and_update() == Health::Unavailable {
+            return (self.checkpoint(), false);
+        }
+        let storage = self.storage.clone();
+        let mut checkpoint = self.checkpoint.clone();
+        let jobs = self.jobs.clone();
+        let signed = async move {
+            let size = tokio::task::spawn_blocking(move || storage.stored_log_size())
+                .await
+                .map_err(|e| Internal::new("reading the log size", e))??;
+            let covers = |cp: &Option<SignedCheckpoint>| {
+                size == 0 || cp.as_ref().is_some_and(|cp| cp.size >= size)
+            };
+            if !covers(&checkpoint.borrow_and_update()) {
+                // The writer signs what it has not signed yet when nudged, even if it has
+                // nothing to write; a full queue means it is writing, and signs anyway.
+                let (reply, _) = oneshot::channel();
+                let _ = jobs.try_send(Job { op: None, reply });
             }
-            _ = health.wait_for(|h| *h == Health::Unavailable) => false,
+            checkpoint
+                .wait_for(covers)
+                .await
+                .map_err(|_| Internal::new("awaiting a checkpoint", "the writer has stopped"))?;
+            Ok::<u64, Internal>(size)
+        };
+        let outcome = tokio::select! {
+            signed = tokio::time::timeout(CATCH_UP_WAIT, signed) => match signed {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("not signed within {CATCH_UP_WAIT:?}")),
+            },
+            _ = health.wait_for(|h| *h == Health::Unavailable) => Err("storage unavailable".into()),
         };
         let cp = self.checkpoint();
-        if !caught_up {
-            tracing::warn!(
-                stored = size,
-                signed = cp.as_ref().map_or(0, |cp| cp.size),
-                "answering with a checkpoint short of the stored log: the storage is unavailable or the writer has not caught up"
-            );
+        match outcome {
+            Ok(()) => (cp, true),
+            Err(why) => {
+                if self.shared.warn_short_checkpoint() {
+                    tracing::warn!(
+                        signed = cp.as_ref().map_or(0, |cp| cp.size),
+                        why,
+                        "answering with a checkpoint that may be short of the stored log (at most one such warning a minute)"
+                    );
+                }
+                (cp, false)
+            }
         }
-        Ok(cp)
     }
 
     /// Fills in a receipt's audit proof, waiting until a durable checkpoint covers its entry (a
@@ -1130,6 +1173,19 @@ fn seal_and_sync(
     Ok(sealed)
 }
 
+/// Signs a checkpoint of the log as it stands unless `latest` covers it, and makes it durable
+/// then: the new checkpoint, if one was signed (nothing is flushed otherwise).
+fn seal_if_behind(
+    storage: &dyn Storage,
+    latest: Option<&SignedCheckpoint>,
+) -> Result<Option<SignedCheckpoint>, Internal> {
+    let Some(sealed) = storage.seal(latest)? else {
+        return Ok(None);
+    };
+    storage.sync()?;
+    Ok(Some(sealed))
+}
+
 fn write_loop(
     storage: &dyn Storage,
     mut rx: mpsc::Receiver<Job>,
@@ -1141,29 +1197,34 @@ fn write_loop(
     let mut latest = checkpoint.borrow().clone();
     let mut previous_batch = 0usize;
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
         // What other broker nodes committed (PostgreSQL): this node's state follows it before
         // it writes, and its subscribers are woken for what was queued for them.
-        match storage.catch_up() {
-            Ok(false) => {}
-            Ok(true) => {
-                // The tree caught up with is signed here: the other node's checkpoint of it
-                // may not be stored yet (its seal follows its commit, which is what was
-                // heard), or ever (it was killed in between). Every node signs the same
-                // checkpoint of a size.
-                match seal_and_sync(storage, latest.as_ref()) {
-                    Ok(Some(cp)) => {
-                        latest = Some(cp);
-                        checkpoint.send_replace(latest.clone());
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "signing what other broker nodes committed");
-                    }
+        let nudged = first.op.is_none();
+        batch.push(first);
+        let caught_up = storage.catch_up().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading what other broker nodes committed");
+            false
+        });
+        // The tree caught up with is signed here: the other node's checkpoint of it may not be
+        // stored yet (its seal follows its commit, which is what was heard), or ever (it was
+        // killed in between). Every node signs the same checkpoint of a size. So is a tree a
+        // nudge finds unsigned while the storage is available (an audit answer waits for it:
+        // the last such seal failed, or the node started with its log ahead of the stored
+        // checkpoint).
+        if caught_up || (nudged && shared.lock_since().is_none()) {
+            match seal_if_behind(storage, latest.as_ref()) {
+                Ok(Some(cp)) => {
+                    latest = Some(cp);
+                    checkpoint.send_replace(latest.clone());
                 }
-                durable.send_replace(storage.last_seq());
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "signing the log caught up with");
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "reading what other broker nodes committed"),
+        }
+        if caught_up {
+            durable.send_replace(storage.last_seq());
         }
         // A batch boundary: the last batch is flushed and published, the next not begun.
         let pauses = shared.take_pauses();
