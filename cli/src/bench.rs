@@ -1033,24 +1033,47 @@ pub async fn relay(
         print_run(out, "full broker", &full)?;
     }
     if let Some(postgres) = &settings.postgres {
-        // Kept until the run is over: dropping it stops the servers.
-        let (server, _cluster) = match postgres {
-            PostgresServer::Url(url) => (url.clone(), None),
-            PostgresServer::Throwaway => {
-                let (url, cluster) = throwaway_cluster(out).await?;
-                (url, Some(cluster))
-            }
+        let on_pg = async {
+            // Kept until the run is over: dropping it stops the servers.
+            let (server, cluster) = match postgres {
+                PostgresServer::Url(url) => (url.clone(), None),
+                PostgresServer::Throwaway => {
+                    let (url, cluster) = throwaway_cluster(&mut *out).await?;
+                    (url, Some(cluster))
+                }
+            };
+            let storage = bench_database(&server)?;
+            let run = run_full_on(
+                &mut pki,
+                &desk,
+                &envelope,
+                one_token.clone(),
+                &settings,
+                storage,
+            )
+            .await;
+            drop(cluster);
+            run
         };
-        let storage = bench_database(&server)?;
-        let on_pg = run_full_on(
-            &mut pki,
-            &desk,
-            &envelope,
-            one_token.clone(),
-            &settings,
-            storage,
-        )
-        .await?;
+        // Ctrl-C ends the run here, not the process: dropping the run stops a cluster the
+        // benchmark started and removes its directory before the error is returned. A
+        // terminal's Ctrl-C reaches the servers too, and the run may fail on their shutdown
+        // first: that failure is reported as the interruption it is.
+        let interrupted =
+            "interrupted during the PostgreSQL run; its cluster is stopped and removed";
+        let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+        let on_pg = tokio::select! {
+            biased;
+            _ = &mut ctrl_c => anyhow::bail!(interrupted),
+            run = on_pg => run,
+        };
+        let on_pg = match on_pg {
+            Ok(run) => run,
+            Err(e) => match tokio::time::timeout(Duration::from_millis(500), &mut ctrl_c).await {
+                Ok(_) => anyhow::bail!(interrupted),
+                Err(_) => return Err(e),
+            },
+        };
         print_run(out, "full, PostgreSQL", &on_pg)?;
         writeln!(
             out,

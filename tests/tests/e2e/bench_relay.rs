@@ -102,6 +102,65 @@ fn bench_relay_storage_postgres_starts_and_stops_its_own_cluster() {
     }
 }
 
+/// Ctrl-C during the PostgreSQL run (SIGINT to the benchmark's whole process group, as a
+/// terminal sends it) ends the benchmark with an error that says so, and it still stops its
+/// servers and removes their directory (it used to die at once and leave the directory).
+#[test]
+fn bench_relay_interrupted_leaves_no_cluster_behind() {
+    use std::io::{BufRead as _, BufReader};
+    use std::os::unix::process::CommandExt as _;
+
+    let mut child = Command::new(binary("concordat").unwrap())
+        .args(["bench", "relay", "--seconds", "5", "--in-flight", "8"])
+        .args(["--organisations", "100", "--storage", "postgres"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut dir = None;
+    // The PostgreSQL run has begun once both servers are reported up.
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("the benchmark ended before its PostgreSQL run:\n{seen}");
+        }
+        seen.push_str(&line);
+        if let Some(d) = line
+            .trim_end()
+            .strip_prefix("starting a PostgreSQL primary and a synchronous standby in ")
+            .and_then(|l| l.strip_suffix(" (stopped at the end)"))
+        {
+            dir = Some(std::path::PathBuf::from(d));
+        }
+        if line.starts_with("PostgreSQL primary on ") {
+            break;
+        }
+    }
+    let dir = dir.unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{seen}"));
+    assert!(dir.exists(), "{}", dir.display());
+    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}\n{seen}{rest}\n{stderr}");
+    assert!(
+        stderr.contains("interrupted"),
+        "{status}: the error says why it ended\n{stderr}"
+    );
+    assert!(
+        !dir.exists(),
+        "{} is left behind after Ctrl-C\n{stderr}",
+        dir.display()
+    );
+}
+
 /// `--storage sled` with `--postgres` contradicts itself, and is refused before any run.
 #[test]
 fn bench_relay_refuses_a_postgres_server_with_storage_sled() {
