@@ -95,9 +95,9 @@ fn add_node(nodes: &Nodes) -> (std::path::PathBuf, std::path::PathBuf) {
 /// has no gap, and holds exactly one acceptance for each of `total` messages; returns its size.
 /// A node's export covers what the database held when it was asked unless the node could not
 /// sign that much in time (`a_node_answers_the_auditor_with_what_another_node_acknowledged_before`
-/// tests that it can): the export is taken again until it reaches `at_least` entries, for at
-/// most `OUTCOME_TIMEOUT`, so that a node slow to recover from a failover on a loaded machine
-/// is not taken for a wrong one.
+/// tests that it can): the export is taken again until it holds `total` acceptances and at
+/// least `at_least` entries, for at most `OUTCOME_TIMEOUT`, so that a node slow to recover
+/// from a failover on a loaded machine is not taken for a wrong one.
 fn assert_log_verifies(nodes: &Nodes, node: &BrokerProcess, total: usize, at_least: u64) -> u64 {
     let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
         .unwrap()
@@ -105,7 +105,7 @@ fn assert_log_verifies(nodes: &Nodes, node: &BrokerProcess, total: usize, at_lea
     let path = nodes.dir.path().join("audit.jsonl");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let deadline = std::time::Instant::now() + OUTCOME_TIMEOUT;
-    let summary = loop {
+    loop {
         let summary = rt.block_on(async {
             let auditor = nodes.pki.client(node.addr(), "auditor").unwrap();
             let client = auditor.connect().await.unwrap();
@@ -113,41 +113,45 @@ fn assert_log_verifies(nodes: &Nodes, node: &BrokerProcess, total: usize, at_lea
                 .await
                 .unwrap()
         });
-        if summary.tree_size >= at_least {
-            break summary;
+        let verified = audit_file::verify(&path, &key)
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
+        assert!(!verified.partial);
+        assert_eq!(verified.entries, summary.tree_size);
+        let text = fs::read_to_string(&path).unwrap();
+        let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+        for (index, line) in text.lines().skip(1).enumerate() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["index"].as_u64(), Some(index as u64), "a gap");
+            let bytes = B64.decode(record["entry"].as_str().unwrap()).unwrap();
+            if let Some(Event::TransferAccepted(t)) = audit::decode(&bytes).unwrap().event {
+                *accepted
+                    .entry(t.envelope.unwrap_or_default().message_id)
+                    .or_default() += 1;
+            }
         }
         assert!(
+            accepted.values().all(|n| *n == 1),
+            "a message accepted twice: {accepted:?}"
+        );
+        if accepted.len() == total && summary.tree_size >= at_least {
+            return summary.tree_size;
+        }
+        assert!(
+            accepted.len() <= total,
+            "{} messages accepted, {total} sent",
+            accepted.len()
+        );
+        assert!(
             std::time::Instant::now() < deadline,
-            "the node at {} exports {} entries, another node's log held {at_least} before:\n{}",
+            "the node at {} exports {} entries with {} of the {total} acceptances; another node's log held {at_least} before:\n{}",
             node.addr(),
             summary.tree_size,
+            accepted.len(),
             node.log_tail(40)
         );
         std::thread::sleep(POLL_INTERVAL);
-    };
-    let verified = audit_file::verify(&path, &key)
-        .unwrap()
-        .unwrap_or_else(|e| panic!("the export does not verify: {e}"));
-    assert!(!verified.partial);
-    assert_eq!(verified.entries, summary.tree_size);
-    let text = fs::read_to_string(&path).unwrap();
-    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
-    for (index, line) in text.lines().skip(1).enumerate() {
-        let record: Value = serde_json::from_str(line).unwrap();
-        assert_eq!(record["index"].as_u64(), Some(index as u64), "a gap");
-        let bytes = B64.decode(record["entry"].as_str().unwrap()).unwrap();
-        if let Some(Event::TransferAccepted(t)) = audit::decode(&bytes).unwrap().event {
-            *accepted
-                .entry(t.envelope.unwrap_or_default().message_id)
-                .or_default() += 1;
-        }
     }
-    assert_eq!(accepted.len(), total, "one acceptance per message");
-    assert!(
-        accepted.values().all(|n| *n == 1),
-        "a message accepted twice: {accepted:?}"
-    );
-    summary.tree_size
 }
 
 /// Two broker nodes on one database, serving at once (docs/deployment.md): the NCA's agent
