@@ -1520,7 +1520,7 @@ async fn the_witness_accepts_an_honest_restart() {
     checkpoint::check_consistent(&witnessed, &now, &hashes(&proof)).unwrap();
 
     agent.drop_file("03.json");
-    agent.sent("03.json", QUIET).await;
+    agent.sent("03.json", TIMEOUT).await;
     agent.stop().await;
     site.broker.stop().await.unwrap();
 }

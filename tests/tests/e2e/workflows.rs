@@ -411,10 +411,12 @@ fn a_deadline_that_passes_while_the_broker_is_stopped_fires_after_the_restart() 
             .connect()
             .await
             .unwrap();
-        assert_eq!(
-            consultation(&nca, "nca:DSAR-2").await.unwrap().state,
-            "open"
-        );
+        // Open until its deadline: checked when the answer came before it (the reminder
+        // leaves 2 s, which a loaded machine may spend on delivering it).
+        let state = consultation(&nca, "nca:DSAR-2").await.unwrap().state;
+        if OffsetDateTime::now_utc() < due {
+            assert_eq!(state, "open");
+        }
     });
 
     assert!(broker.terminate(Duration::from_secs(10)).unwrap().success());
