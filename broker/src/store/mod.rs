@@ -678,7 +678,6 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Turns health `NOT_SERVING` (once) and logs why.
     /// Whether a short checkpoint's warning may be logged now: at most one a minute, since
     /// any caller of the audit service can bring one about.
     fn warn_short_checkpoint(&self) -> bool {
@@ -690,6 +689,7 @@ impl Shared {
         true
     }
 
+    /// Turns health `NOT_SERVING` (once) and logs why.
     fn mark_unavailable(&self, why: &str) {
         let mut since = self.lock_since();
         if since.is_none() {

@@ -2339,6 +2339,42 @@ mod tests {
         assert!(format!("{e:?}").contains("answers"), "{e:?}");
     }
 
+    /// An audit answer ([`crate::store::Store::checkpoint_now`]) on a store whose log is ahead
+    /// of its latest checkpoint, with nothing to write: the writer, nudged, signs the log, and
+    /// the answer covers it. (Before, the answer waited 5 s for a write that never came and
+    /// fell back to the shorter checkpoint: a node that started after another died between
+    /// its commit and its seal, or whose last seal failed.)
+    #[test]
+    fn an_audit_answer_has_the_writer_sign_what_is_unsigned() {
+        let place = SledPlace::new();
+        let s = place.open();
+        let accepted = |r: &Result<Applied, Failure>| matches!(r, Ok(Applied::Accepted(_)));
+        assert!(
+            commit(&s, &[accept(&["ico"], b"sealed".to_vec(), None)])
+                .iter()
+                .all(accepted)
+        );
+        let sealed = s.latest_checkpoint().unwrap().unwrap().size;
+        let out = s.apply_batch(&[accept(&["ico"], b"unsealed".to_vec(), None)]);
+        assert!(out.iter().all(accepted), "{out:?}");
+        s.sync().unwrap();
+        let size = s.log_size().unwrap();
+        assert!(sealed < size);
+        let store = crate::store::Store::start(
+            std::sync::Arc::new(s),
+            crate::store::StoreOptions::new(place.dir(), std::time::Duration::from_secs(10)),
+        )
+        .unwrap();
+        assert_eq!(store.checkpoint().map(|cp| cp.size), Some(sealed));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (cp, current) = rt.block_on(store.checkpoint_now());
+        assert!(
+            current,
+            "the answer fell back to the checkpoint of {sealed}"
+        );
+        assert_eq!(cp.map(|cp| cp.size), Some(size));
+    }
+
     /// Two broker nodes on one PostgreSQL database (one log key, data directories of their
     /// own): batches taking turns and batches at once make one log with every entry once and
     /// one sequence number per item; each node sees what the other queued and acknowledged
