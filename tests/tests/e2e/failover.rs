@@ -77,6 +77,31 @@ impl Nodes {
         .unwrap()
     }
 
+    /// The agent of `agency`, listing `brokers` in this order, with the log key
+    /// (`log_key`): its witness checks every receipt's and delivery's proof and that each
+    /// checkpoint extends the last it saw, whichever node signed it, and stops sending on an
+    /// alarm. The log key is read from the first node's data directory (`concordat-broker
+    /// log-key`), so that node must have started once.
+    pub(crate) fn witnessing_agent(&self, agency: &str, brokers: &[SocketAddr]) -> AgentProcess {
+        let out = Command::new(binary("concordat-broker").unwrap())
+            .args(["log-key", "--config"])
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let key = String::from_utf8(out.stdout).unwrap();
+        AgentProcess::start_nodes(
+            &self.dir.path().join(agency),
+            agency,
+            brokers,
+            &self.pki,
+            &format!("log_key = \"{}\"\n{AGENT_SETTINGS}", key.trim()),
+        )
+        .unwrap()
+    }
+
     /// `concordat status` as the NCA, given these `--broker` URLs; exit success and output.
     fn status(&self, brokers: &[SocketAddr]) -> (bool, String) {
         let mut command = Command::new(binary("concordat").unwrap());

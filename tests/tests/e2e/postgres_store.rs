@@ -300,8 +300,11 @@ fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
     let a_addr = a.addr();
     let (b_config, b_data) = add_node(&nodes);
     let b = BrokerProcess::start(&b_config, &b_data).unwrap();
-    let nca = nodes.agent("nca", &[a_addr, b.addr()]);
-    let ico = nodes.agent("ico", &[b.addr(), a_addr]);
+    // Both agents witness the log (docs/audit-log.md §3) across nodes, a crash and a
+    // failover: a node's checkpoint behind one the agent saw from another node must not
+    // read as a log that no longer extends it (an alarm, and the agent stops sending).
+    let nca = nodes.witnessing_agent("nca", &[a_addr, b.addr()]);
+    let ico = nodes.witnessing_agent("ico", &[b.addr(), a_addr]);
 
     // 1. Node A is killed mid-run and started again on the same address.
     drop_messages(&nca, 0, ROUND);
@@ -328,6 +331,18 @@ fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
         &ico,
         "across a node crash and a database failover",
     );
+
+    // Both witnesses kept a checkpoint (and raised no alarm: they went on sending and
+    // storing).
+    for agency in ["nca", "ico"] {
+        let kept = nodes
+            .dir
+            .path()
+            .join(agency)
+            .join(".state")
+            .join("checkpoint");
+        assert!(kept.exists(), "{agency}'s witness kept no checkpoint");
+    }
 
     // 3. The whole log, exported by the auditor from each node, verifies offline against
     //    the nodes' key and holds each message's acceptance once.
