@@ -426,12 +426,15 @@ impl PgKv {
         config.keepalives(true);
         config.application_name("concordat-broker");
         let tls = tls_config(options.ca_file.as_deref())?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("concordat-postgres")
-            .enable_all()
-            .build()
-            .map_err(|e| PgError::Db(format!("starting the engine's runtime: {e}")))?;
+        // In its guard from the start: a failure below drops it, maybe on a Tokio worker.
+        let runtime = Background(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("concordat-postgres")
+                .enable_all()
+                .build()
+                .map_err(|e| PgError::Db(format!("starting the engine's runtime: {e}")))?,
+        ));
         let generation = {
             let (config, tls) = (config.clone(), tls.clone());
             on_runtime(&runtime, async move {
@@ -452,7 +455,7 @@ impl PgKv {
         });
         runtime.spawn(listen(config.clone(), tls.clone(), heads.clone()));
         let shared = Arc::new(Shared {
-            runtime: Background(Some(runtime)),
+            runtime,
             config,
             tls,
             writer: Mutex::new(None),

@@ -211,6 +211,35 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
     assert_log_verifies(&nodes, &b, 4 * ROUND, 0);
 }
 
+/// A broker whose database cannot be reached at start ends with an error that says so,
+/// before it says it listens; it used to panic instead (the PostgreSQL engine's runtime
+/// dropped inside the broker's).
+#[test]
+fn a_broker_that_cannot_reach_its_database_says_so_at_start() {
+    let nodes = Nodes::new();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = refused.local_addr().unwrap().port();
+    drop(refused);
+    let mut config = fs::OpenOptions::new()
+        .append(true)
+        .open(&nodes.config)
+        .unwrap();
+    writeln!(
+        config,
+        "\n[storage]\nengine = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{port}/concordat\""
+    )
+    .unwrap();
+    let Err(e) = BrokerProcess::start(&nodes.config, &nodes.data_dir) else {
+        panic!("a broker served without its database");
+    };
+    let e = format!("{e:#}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(
+        e.contains("error: opening the database: PostgreSQL"),
+        "the error names the database: {e}"
+    );
+}
+
 /// The size of the tree a checkpoint note signed with the nodes' key names.
 fn checkpoint_size(nodes: &Nodes, note: &str) -> u64 {
     let key = audit_log::load_key(&nodes.data_dir, DEFAULT_ORIGIN)
