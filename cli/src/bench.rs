@@ -857,34 +857,47 @@ async fn throwaway_cluster(out: &mut dyn Write) -> anyhow::Result<(String, Throw
         "starting a PostgreSQL primary and a synchronous standby in {} (stopped at the end)",
         dir.path().display()
     )?;
-    let path = dir.path().to_path_buf();
-    let cluster =
-        tokio::task::spawn_blocking(move || concordat_support::pg_cluster::PgCluster::start(&path))
-            .await?
-            .context(
-                "starting PostgreSQL for --storage postgres (or name a server with --postgres URL)",
-            )?;
+    // The directory goes with the start into its thread: if the benchmark is interrupted
+    // meanwhile, the start runs on and the directory is removed after its servers stop.
+    let cluster = tokio::task::spawn_blocking(move || {
+        concordat_support::pg_cluster::PgCluster::start(dir.path()).map(|cluster| {
+            ThrowawayCluster {
+                servers: cluster,
+                _dir: dir,
+            }
+        })
+    })
+    .await?
+    .context("starting PostgreSQL for --storage postgres (or name a server with --postgres URL)")?;
     writeln!(
         out,
         "PostgreSQL primary on 127.0.0.1:{}, synchronous standby on 127.0.0.1:{}",
-        cluster.primary_port(),
-        cluster.standby_port()
+        cluster.servers.primary_port(),
+        cluster.servers.standby_port()
     )?;
-    let url = format!("postgres://postgres@127.0.0.1:{}", cluster.primary_port());
-    Ok((
-        url,
-        ThrowawayCluster {
-            _cluster: cluster,
-            _dir: dir,
-        },
-    ))
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}",
+        cluster.servers.primary_port()
+    );
+    Ok((url, cluster))
 }
 
 /// A cluster of [`throwaway_cluster`] and its directory. Fields drop in order: the servers
 /// stop before their directory is removed.
 struct ThrowawayCluster {
-    _cluster: concordat_support::pg_cluster::PgCluster,
+    servers: concordat_support::pg_cluster::PgCluster,
     _dir: tempfile::TempDir,
+}
+
+/// After a first Ctrl-C, while the benchmark cleans up: a second one ends the process at once
+/// (exit status 130, as a shell reports SIGINT), leaving whatever the cleanup had not done.
+fn exit_on_second_ctrl_c() {
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted again: exiting without cleaning up");
+            std::process::exit(130);
+        }
+    });
 }
 
 /// The PostgreSQL database the benchmark makes (dropped first if it exists) on the server
@@ -1087,22 +1100,33 @@ pub async fn relay(
             run
         };
         // Ctrl-C ends the run here, not the process: dropping the run stops a cluster the
-        // benchmark started and removes its directory before the error is returned. A
-        // terminal's Ctrl-C reaches the servers too, and the run may fail on their shutdown
-        // first: that failure is reported as the interruption it is.
-        let interrupted =
-            "interrupted during the PostgreSQL run; its cluster is stopped and removed";
+        // benchmark started and removes its directory before the error is returned (a second
+        // Ctrl-C ends the process at once). A terminal's Ctrl-C reaches the servers too, and
+        // the run may fail on their shutdown first: that failure is reported as the
+        // interruption it is.
+        let interrupted = match postgres {
+            PostgresServer::Throwaway => {
+                "interrupted during the PostgreSQL run; its cluster is stopped and removed"
+            }
+            PostgresServer::Url(_) => "interrupted during the PostgreSQL run",
+        };
         let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
         let on_pg = tokio::select! {
             biased;
-            _ = &mut ctrl_c => anyhow::bail!(interrupted),
+            Ok(()) = &mut ctrl_c => {
+                exit_on_second_ctrl_c();
+                anyhow::bail!(interrupted)
+            }
             run = on_pg => run,
         };
         let on_pg = match on_pg {
             Ok(run) => run,
             Err(e) => match tokio::time::timeout(Duration::from_millis(500), &mut ctrl_c).await {
-                Ok(_) => anyhow::bail!(interrupted),
-                Err(_) => return Err(e),
+                Ok(Ok(())) => {
+                    exit_on_second_ctrl_c();
+                    anyhow::bail!(interrupted)
+                }
+                _ => return Err(e),
             },
         };
         print_run(out, "full, PostgreSQL", &on_pg)?;

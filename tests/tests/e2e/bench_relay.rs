@@ -128,10 +128,16 @@ fn interrupt_the_postgres_run(to_group: bool) {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    // Read apart, so that neither pipe can fill while the other is read.
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr_pipe, &mut text).map(|_| text)
+    });
     let mut seen = String::new();
     let mut dir = None;
     // The PostgreSQL run has begun once both servers are reported up.
-    loop {
+    let primary = loop {
         let mut line = String::new();
         if stdout.read_line(&mut line).unwrap() == 0 {
             let _ = child.kill();
@@ -145,10 +151,15 @@ fn interrupt_the_postgres_run(to_group: bool) {
         {
             dir = Some(std::path::PathBuf::from(d));
         }
-        if line.starts_with("PostgreSQL primary on ") {
-            break;
+        if let Some(ports) = line.strip_prefix("PostgreSQL primary on ") {
+            break ports
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
         }
-    }
+    };
     let dir = dir.unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{seen}"));
     assert!(dir.exists(), "{}", dir.display());
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
@@ -157,11 +168,23 @@ fn interrupt_the_postgres_run(to_group: bool) {
     } else {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     }
+    // It ends within its cleanup's bounds, or it is killed and the test fails.
+    let status = concordat_tests::process::wait_for(
+        "the benchmark to exit",
+        std::time::Duration::from_secs(120),
+        || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("running".to_owned()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+    .unwrap_or_else(|e| {
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("{e} (to the group: {to_group})\n{seen}");
+    });
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let status = child.wait().unwrap();
+    let stderr = stderr.join().unwrap().unwrap();
     assert_eq!(
         status.code(),
         Some(1),
@@ -175,6 +198,10 @@ fn interrupt_the_postgres_run(to_group: bool) {
         !dir.exists(),
         "{} is left behind after Ctrl-C (to the group: {to_group})\n{stderr}",
         dir.display()
+    );
+    assert!(
+        std::net::TcpStream::connect(&primary).is_err(),
+        "the primary still listens on {primary} (to the group: {to_group})"
     );
 }
 
