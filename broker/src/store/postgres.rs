@@ -393,13 +393,42 @@ fn tls_config(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, PgError> {
 }
 
 async fn connect(config: Config, tls: MakeRustlsConnect) -> Result<Client, PgError> {
-    let (client, connection) = config.connect(tls).await?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| {
+        PgError::Db(format!(
+            "connecting to {}: {}",
+            servers(&config),
+            describe(&e)
+        ))
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "PostgreSQL connection closed");
         }
     });
     Ok(client)
+}
+
+/// The servers `config` names, in the order they are tried, for messages: `host:port`, or a
+/// socket directory (never the user, the password or the database).
+fn servers(config: &Config) -> String {
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| match host {
+            tokio_postgres::config::Host::Tcp(name) => format!("{name}:{}", port(i)),
+            tokio_postgres::config::Host::Unix(dir) => {
+                format!("{} (port {})", dir.display(), port(i))
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        "the default server".to_owned()
+    } else {
+        hosts.join(", ")
+    }
 }
 
 impl PgKv {
@@ -1615,6 +1644,27 @@ mod tests {
     /// meet without losing or repeating a key, transactions read their own writes and apply
     /// all or nothing, a second node's commit makes a transaction stale, a newer schema is
     /// refused, and the server's settings are read for `check-config`.
+    /// Connection errors name the servers tried, in order, with their ports (the default
+    /// 5432 where the URL gives none), and never the URL's user, password or database.
+    #[test]
+    fn connection_errors_name_the_servers_and_nothing_secret() {
+        let named = |url: &str| servers(&url.parse::<Config>().unwrap());
+        assert_eq!(
+            named("postgres://broker:s3cret@db-a:5433,db-b:5434/concordat"),
+            "db-a:5433, db-b:5434"
+        );
+        assert_eq!(
+            named("postgres://broker@db-a,db-b/concordat"),
+            "db-a:5432, db-b:5432"
+        );
+        assert_eq!(named("postgres://db-a:6000,db-b/x"), "db-a:6000, db-b:5432");
+        assert_eq!(
+            named("host=/run/postgresql port=5433 user=broker password=s3cret"),
+            "/run/postgresql (port 5433)"
+        );
+        assert_eq!(named("user=broker"), "the default server");
+    }
+
     #[test]
     fn the_engine_on_a_real_server() {
         let dir = tempfile::tempdir().unwrap();

@@ -211,9 +211,9 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
     assert_log_verifies(&nodes, &b, 4 * ROUND, 0);
 }
 
-/// A broker whose database cannot be reached at start ends with an error that says so,
-/// before it says it listens; it used to panic instead (the PostgreSQL engine's runtime
-/// dropped inside the broker's).
+/// A broker whose database cannot be reached at start ends with an error that says so and
+/// names the server it tried, before it says it listens; it used to panic instead (the
+/// PostgreSQL engine's runtime dropped inside the broker's).
 #[test]
 fn a_broker_that_cannot_reach_its_database_says_so_at_start() {
     let nodes = Nodes::new();
@@ -235,8 +235,10 @@ fn a_broker_that_cannot_reach_its_database_says_so_at_start() {
     let e = format!("{e:#}");
     assert!(!e.contains("panicked"), "{e}");
     assert!(
-        e.contains("error: opening the database: PostgreSQL"),
-        "the error names the database: {e}"
+        e.contains(&format!(
+            "error: opening the database: PostgreSQL: connecting to 127.0.0.1:{port}: "
+        )),
+        "the error names the database and the server it tried: {e}"
     );
 }
 
