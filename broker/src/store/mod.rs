@@ -758,11 +758,20 @@ pub struct Store {
     health: watch::Receiver<Health>,
 }
 
-/// A write for the writer thread, or (`op: None`) a nudge from the watchdog to try a flush
-/// while the storage is unavailable.
+/// A write for the writer thread, or (`op: None`, [`Job::nudge`]) a nudge that wakes it: the
+/// watchdog's, to try a flush while the storage is unavailable; another node's commit heard,
+/// to catch up; work waiting between batches; an audit answer waiting for a checkpoint.
 struct Job {
     op: Option<Op>,
     reply: oneshot::Sender<Result<Applied, Failure>>,
+}
+
+impl Job {
+    /// A job with nothing to write, whose answer nobody awaits.
+    fn nudge() -> Job {
+        let (reply, _) = oneshot::channel();
+        Job { op: None, reply }
+    }
 }
 
 impl Store {
@@ -802,9 +811,8 @@ impl Store {
         let wake = jobs.downgrade();
         storage.on_moved(Arc::new(move || {
             if let Some(jobs) = wake.upgrade() {
-                let (reply, _) = oneshot::channel();
                 // A full queue means the writer is busy: it catches up before its next batch.
-                let _ = jobs.try_send(Job { op: None, reply });
+                let _ = jobs.try_send(Job::nudge());
             }
         }));
         let watched = Arc::downgrade(&shared);
@@ -870,9 +878,8 @@ impl Store {
                 let _ = done.send(work(storage));
             }));
         // Wakes the writer if it is idle; if it is busy, it runs the work after this batch.
-        let (reply, _) = oneshot::channel();
         self.jobs
-            .send(Job { op: None, reply })
+            .send(Job::nudge())
             .await
             .map_err(|_| Internal::new("pausing the writer", "the writer has stopped"))?;
         // Dropped unrun only while the storage is unavailable.
@@ -955,8 +962,7 @@ impl Store {
             if !covers(&checkpoint.borrow_and_update()) {
                 // The writer signs what it has not signed yet when nudged, even if it has
                 // nothing to write; a full queue means it is writing, and signs anyway.
-                let (reply, _) = oneshot::channel();
-                let _ = jobs.try_send(Job { op: None, reply });
+                let _ = jobs.try_send(Job::nudge());
             }
             checkpoint
                 .wait_for(covers)
@@ -1127,8 +1133,7 @@ fn watchdog(shared: std::sync::Weak<Shared>, nudge: mpsc::WeakSender<Job>) {
             && shared.lock_inflight().is_none()
             && let Some(jobs) = nudge.upgrade()
         {
-            let (reply, _) = oneshot::channel();
-            let _ = jobs.try_send(Job { op: None, reply });
+            let _ = jobs.try_send(Job::nudge());
         }
         let timeout = shared.options.flush_timeout;
         let stalled = {
