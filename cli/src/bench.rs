@@ -601,7 +601,9 @@ async fn load_apart(
         .map(|_| pki.client("ncsc", addr))
         .collect::<anyhow::Result<Vec<ClientTls>>>()?;
     let receiver = pki.client("ico", addr)?;
-    let runtime = ShutDownInBackground::new(
+    // Dropped at the end of the run, or with the run when it is dropped unfinished (Ctrl-C),
+    // inside the caller's runtime.
+    let runtime = concordat_support::runtime::Background::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .thread_name(LOAD_THREADS)
@@ -617,39 +619,8 @@ async fn load_apart(
         }
         let receiver = receiver.connect().await?;
         load(brokers, receiver, envelope, tokens, &settings).await
-    })?;
+    });
     run.await.context("the load generator")?
-}
-
-/// A runtime shut down in the background when dropped: at the end of a run, or when the run
-/// is dropped unfinished (Ctrl-C), inside the caller's runtime, where dropping a runtime
-/// outright panics.
-struct ShutDownInBackground(Option<tokio::runtime::Runtime>);
-
-impl ShutDownInBackground {
-    fn new(runtime: tokio::runtime::Runtime) -> Self {
-        ShutDownInBackground(Some(runtime))
-    }
-
-    fn spawn<F>(&self, task: F) -> anyhow::Result<tokio::task::JoinHandle<F::Output>>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        let runtime = self
-            .0
-            .as_ref()
-            .context("the load generator's runtime is gone")?;
-        Ok(runtime.spawn(task))
-    }
-}
-
-impl Drop for ShutDownInBackground {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 /// Opaque bytes (a fixed pseudo-random sequence) of exactly `bytes` bytes.

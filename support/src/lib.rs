@@ -7,6 +7,7 @@
 //! - [`pg_cluster`]: a throwaway PostgreSQL primary with a synchronous standby, for the tests
 //!   and for `concordat bench relay --storage postgres`; [`poll`]: waiting for it, and for
 //!   anything else, without guessed sleeps.
+//! - [`runtime`]: a Tokio runtime that may be dropped inside another.
 
 pub mod cli_docs;
 pub mod logging;
@@ -15,5 +16,6 @@ pub mod memory;
 pub mod pg_cluster;
 pub mod poll;
 mod report;
+pub mod runtime;
 
 pub use report::report;

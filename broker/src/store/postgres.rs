@@ -48,6 +48,7 @@ use std::{
     time::Duration,
 };
 
+use concordat_support::runtime::Background;
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use tokio_postgres::{AsyncMessage, Client, Config, Statement, types::ToSql};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -209,29 +210,6 @@ impl Conn {
 /// A connection that is made again when it breaks.
 struct Slot {
     conn: RwLock<Option<Arc<Conn>>>,
-}
-
-/// The engine's runtime, shut down without waiting when the engine is dropped (which may
-/// happen on a thread of another runtime, where waiting is not allowed).
-struct Background(Option<tokio::runtime::Runtime>);
-
-impl std::ops::Deref for Background {
-    type Target = tokio::runtime::Runtime;
-
-    fn deref(&self) -> &tokio::runtime::Runtime {
-        // Taken only by `drop`.
-        self.0
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("the runtime is taken only by drop"))
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 /// The engine's shared state.
@@ -456,14 +434,14 @@ impl PgKv {
         config.application_name("concordat-broker");
         let tls = tls_config(options.ca_file.as_deref())?;
         // In its guard from the start: a failure below drops it, maybe on a Tokio worker.
-        let runtime = Background(Some(
+        let runtime = Background::new(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("concordat-postgres")
                 .enable_all()
                 .build()
                 .map_err(|e| PgError::Db(format!("starting the engine's runtime: {e}")))?,
-        ));
+        );
         let generation = {
             let (config, tls) = (config.clone(), tls.clone());
             on_runtime(&runtime, async move {
@@ -833,7 +811,7 @@ pub fn create_database(admin: &PgOptions, name: &str) -> Result<(), PgError> {
         .build()
         .map_err(|e| PgError::Db(format!("starting a runtime: {e}")))?;
     let name = name.to_owned();
-    let background = Background(Some(runtime));
+    let background = Background::new(runtime);
     on_runtime(&background, async move {
         let client = connect(config, tls).await?;
         // One statement each: neither may run inside a transaction block.
@@ -896,7 +874,7 @@ pub fn server_warnings(options: &PgOptions) -> Result<Vec<String>, PgError> {
         .enable_all()
         .build()
         .map_err(|e| PgError::Db(format!("starting a runtime: {e}")))?;
-    let runtime = Background(Some(runtime));
+    let runtime = Background::new(runtime);
     let client = on_runtime(&runtime, async move { connect(config, tls).await })?;
     durability_warnings(&client)
 }
