@@ -31,7 +31,7 @@ const AGENT_SETTINGS: &str = "[reconnect]\nmin_backoff_ms = 50\nmax_backoff_ms =
 [timeouts]\nconnect_ms = 2000\n";
 
 /// A port nothing listens on: connections to it are refused.
-fn refused_port() -> SocketAddr {
+pub(crate) fn refused_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -26,7 +26,7 @@ use concordat_tests::{
 use serde_json::Value;
 
 use crate::{
-    failover::{Nodes, OUTCOME_TIMEOUT, assert_all_delivered_once, drop_messages},
+    failover::{Nodes, OUTCOME_TIMEOUT, assert_all_delivered_once, drop_messages, refused_port},
     relay::logs,
 };
 
@@ -57,17 +57,17 @@ fn wait_sent(n: usize, broker: &BrokerProcess, nca: &AgentProcess, ico: &AgentPr
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(broker, &[nca, ico])));
 }
 
-/// Appends `[storage]` on the cluster (both servers, so that a broker finds the primary
-/// again after a failover) to the federation's configuration.
-fn use_postgres(nodes: &Nodes, cluster: &PgCluster) {
+/// Appends `[storage]` on PostgreSQL at `url` to the federation's configuration; for a
+/// cluster, both its servers (`multi_host_url`), so that a broker finds the primary again
+/// after a failover.
+fn use_postgres(nodes: &Nodes, url: &str) {
     let mut config = fs::OpenOptions::new()
         .append(true)
         .open(&nodes.config)
         .unwrap();
     writeln!(
         config,
-        "\n[storage]\nengine = \"postgres\"\nurl = \"{}\"",
-        cluster.multi_host_url()
+        "\n[storage]\nengine = \"postgres\"\nurl = \"{url}\""
     )
     .unwrap();
 }
@@ -166,7 +166,7 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
     let pg_dir = tempfile::tempdir().unwrap();
     let cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
     let nodes = Nodes::new();
-    use_postgres(&nodes, &cluster);
+    use_postgres(&nodes, &cluster.multi_host_url());
     let mut a = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
     let (b_config, b_data) = add_node(&nodes);
     let b = BrokerProcess::start(&b_config, &b_data).unwrap();
@@ -217,18 +217,11 @@ fn two_broker_nodes_share_one_database_and_lose_nothing_when_one_is_killed() {
 #[test]
 fn a_broker_that_cannot_reach_its_database_says_so_at_start() {
     let nodes = Nodes::new();
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = refused.local_addr().unwrap().port();
-    drop(refused);
-    let mut config = fs::OpenOptions::new()
-        .append(true)
-        .open(&nodes.config)
-        .unwrap();
-    writeln!(
-        config,
-        "\n[storage]\nengine = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:{port}/concordat\""
-    )
-    .unwrap();
+    let port = refused_port().port();
+    use_postgres(
+        &nodes,
+        &format!("postgres://postgres@127.0.0.1:{port}/concordat"),
+    );
     let Err(e) = BrokerProcess::start(&nodes.config, &nodes.data_dir) else {
         panic!("a broker served without its database");
     };
@@ -262,7 +255,7 @@ fn a_node_answers_the_auditor_with_what_another_node_acknowledged_before() {
     let pg_dir = tempfile::tempdir().unwrap();
     let cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
     let nodes = Nodes::new();
-    use_postgres(&nodes, &cluster);
+    use_postgres(&nodes, &cluster.multi_host_url());
     let a = BrokerProcess::start(&nodes.config, &nodes.data_dir).unwrap();
     let (b_config, b_data) = add_node(&nodes);
     let b = BrokerProcess::start(&b_config, &b_data).unwrap();
@@ -319,7 +312,7 @@ fn two_broker_nodes_lose_nothing_across_a_node_crash_and_a_database_failover() {
     let pg_dir = tempfile::tempdir().unwrap();
     let mut cluster = PgCluster::start(pg_dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
     let nodes = Nodes::new();
-    use_postgres(&nodes, &cluster);
+    use_postgres(&nodes, &cluster.multi_host_url());
     // The cluster is set up for durability: check-config finds nothing to warn about.
     let checked = check_config(&nodes.config);
     assert!(
