@@ -171,27 +171,11 @@ impl PostgresStorage {
     }
 }
 
-/// The hosts and ports a PostgreSQL URL names, for messages (never its password).
+/// The hosts and ports a PostgreSQL URL names, for messages (never its password): see
+/// [`crate::store::postgres::servers`].
 pub fn postgres_hosts(url: &str) -> String {
     match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => {
-            let ports = c.get_ports();
-            c.get_hosts()
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let host = match h {
-                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-                    };
-                    match ports.get(i).or(ports.first()) {
-                        Some(p) => format!("{host}:{p}"),
-                        None => host,
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        }
+        Ok(c) => crate::store::postgres::servers(&c),
         Err(_) => "<unparsable URL>".into(),
     }
 }

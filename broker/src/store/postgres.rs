@@ -386,26 +386,30 @@ async fn connect(config: Config, tls: MakeRustlsConnect) -> Result<Client, PgErr
     Ok(client)
 }
 
-/// The servers `config` names, in the order they are tried, for messages: `host:port`, or a
-/// socket directory (never the user, the password or the database).
-fn servers(config: &Config) -> String {
+/// The servers `config` names, in the order they are tried, for messages (connection errors,
+/// `check-config`): `host:port` each (a socket directory in place of a host), joined by
+/// commas; never the user, the password or the database.
+pub fn servers(config: &Config) -> String {
     let ports = config.get_ports();
-    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()
         .enumerate()
-        .map(|(i, host)| match host {
-            tokio_postgres::config::Host::Tcp(name) => format!("{name}:{}", port(i)),
-            tokio_postgres::config::Host::Unix(dir) => {
-                format!("{} (port {})", dir.display(), port(i))
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            match ports.get(i).or(ports.first()) {
+                Some(p) => format!("{host}:{p}"),
+                None => host,
             }
         })
         .collect();
     if hosts.is_empty() {
-        "the default server".to_owned()
+        "no host".to_owned()
     } else {
-        hosts.join(", ")
+        hosts.join(",")
     }
 }
 
@@ -1623,24 +1627,25 @@ mod tests {
     /// all or nothing, a second node's commit makes a transaction stale, a newer schema is
     /// refused, and the server's settings are read for `check-config`.
     /// Connection errors name the servers tried, in order, with their ports (the default
-    /// 5432 where the URL gives none), and never the URL's user, password or database.
+    /// 5432 where the URL gives none), and never the URL's user, password or database. (The
+    /// same text as `check-config`'s, `config::postgres_hosts`.)
     #[test]
     fn connection_errors_name_the_servers_and_nothing_secret() {
         let named = |url: &str| servers(&url.parse::<Config>().unwrap());
         assert_eq!(
             named("postgres://broker:s3cret@db-a:5433,db-b:5434/concordat"),
-            "db-a:5433, db-b:5434"
+            "db-a:5433,db-b:5434"
         );
         assert_eq!(
             named("postgres://broker@db-a,db-b/concordat"),
-            "db-a:5432, db-b:5432"
+            "db-a:5432,db-b:5432"
         );
-        assert_eq!(named("postgres://db-a:6000,db-b/x"), "db-a:6000, db-b:5432");
+        assert_eq!(named("postgres://db-a:6000,db-b/x"), "db-a:6000,db-b:5432");
         assert_eq!(
             named("host=/run/postgresql port=5433 user=broker password=s3cret"),
-            "/run/postgresql (port 5433)"
+            "/run/postgresql:5433"
         );
-        assert_eq!(named("user=broker"), "the default server");
+        assert_eq!(named("user=broker"), "no host");
     }
 
     #[test]
