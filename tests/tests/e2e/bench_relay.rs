@@ -81,19 +81,37 @@ fn bench_relay_storage_postgres_starts_and_stops_its_own_cluster() {
     );
     let dir = stdout
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("starting a PostgreSQL primary and a synchronous standby in ")?
-                .strip_suffix(" (stopped at the end)")
-        })
+        .find_map(cluster_dir)
         .unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{stdout}"));
     assert!(!std::path::Path::new(dir).exists(), "{dir} is left behind");
-    // Both servers stopped: their ports refuse connections.
-    let ports = stdout
+    let addrs = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("PostgreSQL primary on "))
+        .find_map(cluster_addrs)
         .unwrap_or_else(|| panic!("no line naming the servers' ports:\n{stdout}"));
-    let addrs: Vec<&str> = ports.split(", synchronous standby on ").collect();
+    assert_servers_stopped(&addrs);
+}
+
+/// The directory of the cluster the benchmark starts, from the line of its output naming it.
+fn cluster_dir(line: &str) -> Option<&str> {
+    line.trim_end()
+        .strip_prefix("starting a PostgreSQL primary and a synchronous standby in ")?
+        .strip_suffix(" (stopped at the end)")
+}
+
+/// The addresses of that cluster's primary and standby, from the line of its output naming
+/// them.
+fn cluster_addrs(line: &str) -> Option<Vec<String>> {
+    let ports = line.trim_end().strip_prefix("PostgreSQL primary on ")?;
+    let addrs: Vec<String> = ports
+        .split(", synchronous standby on ")
+        .map(str::to_owned)
+        .collect();
     assert_eq!(addrs.len(), 2, "{ports}");
+    Some(addrs)
+}
+
+/// Both servers stopped: their ports refuse connections.
+fn assert_servers_stopped(addrs: &[String]) {
     for addr in addrs {
         assert!(
             std::net::TcpStream::connect(addr).is_err(),
@@ -137,27 +155,18 @@ fn interrupt_the_postgres_run(to_group: bool) {
     let mut seen = String::new();
     let mut dir = None;
     // The PostgreSQL run has begun once both servers are reported up.
-    let primary = loop {
+    let servers = loop {
         let mut line = String::new();
         if stdout.read_line(&mut line).unwrap() == 0 {
             let _ = child.kill();
             panic!("the benchmark ended before its PostgreSQL run:\n{seen}");
         }
         seen.push_str(&line);
-        if let Some(d) = line
-            .trim_end()
-            .strip_prefix("starting a PostgreSQL primary and a synchronous standby in ")
-            .and_then(|l| l.strip_suffix(" (stopped at the end)"))
-        {
+        if let Some(d) = cluster_dir(&line) {
             dir = Some(std::path::PathBuf::from(d));
         }
-        if let Some(ports) = line.strip_prefix("PostgreSQL primary on ") {
-            break ports
-                .split(',')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
+        if let Some(addrs) = cluster_addrs(&line) {
+            break addrs;
         }
     };
     let dir = dir.unwrap_or_else(|| panic!("no line naming the cluster's directory:\n{seen}"));
@@ -199,10 +208,7 @@ fn interrupt_the_postgres_run(to_group: bool) {
         "{} is left behind after Ctrl-C (to the group: {to_group})\n{stderr}",
         dir.display()
     );
-    assert!(
-        std::net::TcpStream::connect(&primary).is_err(),
-        "the primary still listens on {primary} (to the group: {to_group})"
-    );
+    assert_servers_stopped(&servers);
 }
 
 /// `--storage sled` with `--postgres` contradicts itself, and is refused before any run.
