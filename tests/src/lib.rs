@@ -274,6 +274,20 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The log key of the broker configured by `config` over `data_dir`, as `concordat-broker
+/// log-key` prints it (`name+keyid+base64`): for agents' `log_key` and offline checks. The
+/// broker must have started there once (it makes the key).
+pub fn log_key(config: &Path, data_dir: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary("concordat-broker")?)
+        .args(["log-key", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "concordat-broker log-key: {out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
 /// A Python (in a virtual environment `target/<venv>` of the workspace, made and reused across
 /// runs) in which `import <module>` works, installing `requirement` from PyPI with pip when it
 /// does not yet; `Err` says why there is none (no `python3`, no `venv` module, no PyPI). Used by

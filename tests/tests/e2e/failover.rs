@@ -83,21 +83,13 @@ impl Nodes {
     /// alarm. The log key is read from the first node's data directory (`concordat-broker
     /// log-key`), so that node must have started once.
     pub(crate) fn witnessing_agent(&self, agency: &str, brokers: &[SocketAddr]) -> AgentProcess {
-        let out = Command::new(binary("concordat-broker").unwrap())
-            .args(["log-key", "--config"])
-            .arg(&self.config)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let key = String::from_utf8(out.stdout).unwrap();
+        let key = concordat_tests::log_key(&self.config, &self.data_dir).unwrap();
         AgentProcess::start_nodes(
             &self.dir.path().join(agency),
             agency,
             brokers,
             &self.pki,
-            &format!("log_key = \"{}\"\n{AGENT_SETTINGS}", key.trim()),
+            &format!("log_key = \"{key}\"\n{AGENT_SETTINGS}"),
         )
         .unwrap()
     }

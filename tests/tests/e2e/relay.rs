@@ -965,15 +965,7 @@ async fn a_stopped_broker_has_let_go_of_its_store() {
 
 /// The broker's log verifier key, as `concordat-broker log-key` prints it.
 fn log_key(fed: &Federation) -> String {
-    let out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
-        .args(["log-key", "--config"])
-        .arg(fed.dir.path().join("broker.toml"))
-        .arg("--data-dir")
-        .arg(fed.broker.data_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    concordat_tests::log_key(&fed.dir.path().join("broker.toml"), fed.broker.data_dir()).unwrap()
 }
 
 /// `concordat receipt verify FILE --log-key KEY`: its exit status and what it printed.

@@ -177,17 +177,8 @@ fn notice_of(d: &pb::Delivery) -> Option<&pb::Notice> {
 
 /// The log key, for checking proofs offline (`concordat-broker log-key`).
 fn log_key(config: &Path, data_dir: &Path) -> LogVerifier {
-    let out = std::process::Command::new(concordat_tests::binary("concordat-broker").unwrap())
-        .args(["log-key", "--config"])
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
+    concordat_tests::log_key(config, data_dir)
         .unwrap()
-        .trim()
         .parse()
         .unwrap()
 }
