@@ -356,6 +356,11 @@ enum BenchCommand {
         /// concordat_bench on it, dropping any of that name.
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
+        /// How the senders send: stream (SendStream, one stream per connection, as the agent
+        /// sends; the bare relay then runs both ways, so that both baselines are printed) or
+        /// unary (one Send call per envelope).
+        #[arg(long, default_value = "stream")]
+        send: concordat_cli::bench::SendMode,
     },
     /// The content gate's organisation matcher: MB/s over 4 KiB and 1 MiB payloads.
     Gate {
@@ -1075,6 +1080,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     organisations,
                     storage,
                     postgres,
+                    send,
                 } => {
                     use concordat_cli::bench::PostgresServer;
                     let postgres = match (storage, postgres) {
@@ -1098,6 +1104,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         content,
                         organisations,
                         postgres,
+                        send,
                     };
                     concordat_cli::bench::relay(settings, &mut out).await?;
                 }

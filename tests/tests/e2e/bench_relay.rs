@@ -44,7 +44,12 @@ fn bench_relay_runs_on_sled_and_on_postgres_without_a_failed_request() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
-    for label in ["bare mTLS relay", "full broker", "full, PostgreSQL"] {
+    for label in [
+        "bare mTLS relay, SendStream",
+        "bare mTLS relay, unary Send",
+        "full broker",
+        "full, PostgreSQL",
+    ] {
         let (accepted, errors) = run_counts(&stdout, label);
         assert!(accepted > 0, "{label}: nothing accepted\n{stdout}");
         assert_eq!(errors, 0, "{label}: failed requests\n{stdout}");
@@ -52,6 +57,9 @@ fn bench_relay_runs_on_sled_and_on_postgres_without_a_failed_request() {
     for line in [
         "ratio PostgreSQL/sled throughput: ",
         "ratio full/bare throughput: ",
+        "ratio full (SendStream)/bare (unary Send) CPU per accepted transfer: ",
+        "targets: >= 16000 accepted/s: ",
+        "targets: CPU per accepted transfer <= 1.6x the bare relay's (by unary Send): ",
     ] {
         assert!(stdout.contains(line), "no {line:?}:\n{stdout}");
     }
@@ -209,6 +217,34 @@ fn interrupt_the_postgres_run(to_group: bool) {
         dir.display()
     );
     assert_servers_stopped(&servers);
+}
+
+/// `--send unary`: every sender waits for each receipt before its next `Send`, against the
+/// full broker and the bare relay alike, which then runs once (its unary run is the only
+/// baseline).
+#[test]
+fn bench_relay_sends_by_unary_calls_when_asked() {
+    let out = Command::new(binary("concordat").unwrap())
+        .args(["bench", "relay", "--seconds", "1", "--in-flight", "8"])
+        .args(["--organisations", "100", "--send", "unary"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("by unary Send"), "{stdout}");
+    for label in ["bare mTLS relay, unary Send", "full broker"] {
+        let (accepted, errors) = run_counts(&stdout, label);
+        assert!(accepted > 0, "{label}: nothing accepted\n{stdout}");
+        assert_eq!(errors, 0, "{label}: failed requests\n{stdout}");
+    }
+    assert!(!stdout.contains("SendStream"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "targets: CPU per accepted transfer <= 1.6x the bare relay's (sent to the same way): "
+        ),
+        "{stdout}"
+    );
 }
 
 /// `--storage sled` with `--postgres` contradicts itself, and is refused before any run.
