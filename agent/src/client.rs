@@ -307,6 +307,11 @@ impl Broker {
         &self.url
     }
 
+    /// How long a call may wait for the broker's answer ([`Broker::deadline`]).
+    pub fn rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
+    }
+
     /// Waits for `call` (a call on one of this broker's clients) for at most the RPC timeout;
     /// past it, the call is dropped (which cancels it) and the result is `DEADLINE_EXCEEDED`
     /// with a message that names the broker and the timeout. For a streaming call, pass the

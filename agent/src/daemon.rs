@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use concordat_proto::pb;
+use concordat_proto::pb::{self, send_result::Outcome};
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -41,6 +41,7 @@ use concordat_proto::checkpoint::LogVerifier;
 use crate::{
     client::{Broker, ClientError, ClientTls, refusal_of},
     config::AgentConfig,
+    pipeline::{Pipeline, Sent},
     spool::{Delivered, DeliveryError, OutboxItem, Spool},
     witness::{Witness, WitnessError},
 };
@@ -520,9 +521,20 @@ async fn outbox_loop(
         let mut retry: Option<Down> = None;
         let mut busy: Option<String> = None;
         let stopping = shutdown.clone();
+        // The pass's envelopes share one SendStream.
+        let pipeline = Pipeline::open(&connected, SEND_CONCURRENCY);
         let mut outcomes = futures::stream::iter(pending)
             .take_while(move |_| std::future::ready(!*stopping.borrow()))
-            .map(|name| send_file(&connected, &spool, name, &events, witness.as_deref()))
+            .map(|name| {
+                send_file(
+                    &connected,
+                    &pipeline,
+                    &spool,
+                    name,
+                    &events,
+                    witness.as_deref(),
+                )
+            })
             .buffer_unordered(SEND_CONCURRENCY);
         while let Some(outcome) = outcomes.next().await {
             match outcome {
@@ -533,6 +545,7 @@ async fn outbox_loop(
             }
         }
         drop(outcomes);
+        drop(pipeline);
         match (retry, busy) {
             (None, None) => {
                 link.up();
@@ -569,6 +582,7 @@ async fn outbox_loop(
 /// stop the agent (a full disk, say); transport failures are a `Retry`.
 async fn send_file(
     broker: &Broker,
+    pipeline: &Pipeline,
     spool: &Spool,
     name: String,
     events: &Option<mpsc::UnboundedSender<AgentEvent>>,
@@ -605,13 +619,8 @@ async fn send_file(
         }
     };
     let message_id = envelope.message_id;
-    let mut client = broker.exchange();
-    match broker
-        .deadline(client.send(pb::Envelope::from(envelope)))
-        .await
-    {
-        Ok(receipt) => {
-            let receipt = receipt.into_inner();
+    match send_envelope(broker, pipeline, pb::Envelope::from(envelope)).await {
+        Answer::Receipt(receipt) => {
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
             for warning in &receipt.warnings {
                 tracing::warn!(file = %name, transfer = %receipt.transfer_id, "the broker warns: {warning}");
@@ -634,35 +643,79 @@ async fn send_file(
                 AgentEvent::Sent {
                     file: name,
                     path,
-                    receipt: Box::new(receipt),
+                    receipt,
                 },
             );
             Ok(FileOutcome::Done)
         }
-        Err(status) => match refusal_of(&status) {
-            Some((reason, _)) if TRANSIENT_REASONS.contains(&reason.as_str()) => {
-                Ok(FileOutcome::Busy(format!("{reason}: {}", status.message())))
-            }
-            Some((reason, message)) => {
-                tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
-                let (path, name, reason, message) = blocking(spool, move |s| {
-                    s.complete_refused(&name, message_id, &reason, &message)
-                        .map(|p| (p, name, reason, message))
-                })
-                .await?;
-                emit(
-                    events,
-                    AgentEvent::Refused {
-                        file: name,
-                        path,
-                        reason,
-                        message,
-                    },
-                );
-                Ok(FileOutcome::Done)
-            }
-            None => Ok(FileOutcome::Retry(Down::status(&status))),
+        Answer::Refused { reason, message } if TRANSIENT_REASONS.contains(&reason.as_str()) => {
+            Ok(FileOutcome::Busy(format!("{reason}: {message}")))
+        }
+        Answer::Refused { reason, message } => {
+            tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
+            let (path, name, reason, message) = blocking(spool, move |s| {
+                s.complete_refused(&name, message_id, &reason, &message)
+                    .map(|p| (p, name, reason, message))
+            })
+            .await?;
+            emit(
+                events,
+                AgentEvent::Refused {
+                    file: name,
+                    path,
+                    reason,
+                    message,
+                },
+            );
+            Ok(FileOutcome::Done)
+        }
+        Answer::Failed(status) => Ok(FileOutcome::Retry(Down::status(&status))),
+    }
+}
+
+/// The broker's answer to one envelope.
+enum Answer {
+    Receipt(Box<pb::Receipt>),
+    /// Refused, with the stable reason code and the broker's message.
+    Refused {
+        reason: String,
+        message: String,
+    },
+    /// No answer (the connection failed, the deadline passed, …): send it again later.
+    Failed(tonic::Status),
+}
+
+impl Answer {
+    fn of_status(status: tonic::Status) -> Answer {
+        match refusal_of(&status) {
+            Some((reason, message)) => Answer::Refused { reason, message },
+            None => Answer::Failed(status),
+        }
+    }
+}
+
+/// Sends `envelope` through the pass's stream, or by a `Send` call of its own when the stream
+/// could not answer it ([`Sent::Interrupted`]); each within the RPC timeout.
+async fn send_envelope(broker: &Broker, pipeline: &Pipeline, envelope: pb::Envelope) -> Answer {
+    let streamed = broker
+        .deadline(async { Ok(pipeline.send(envelope.clone()).await) })
+        .await;
+    match streamed {
+        Ok(Sent::Answered(outcome)) => match *outcome {
+            Outcome::Receipt(receipt) => Answer::Receipt(Box::new(receipt)),
+            Outcome::Refusal(refusal) => Answer::Refused {
+                reason: refusal.reason,
+                message: refusal.message,
+            },
         },
+        Ok(Sent::Failed(status)) | Err(status) => Answer::of_status(status),
+        Ok(Sent::Interrupted) => {
+            let mut client = broker.exchange();
+            match broker.deadline(client.send(envelope)).await {
+                Ok(receipt) => Answer::Receipt(Box::new(receipt.into_inner())),
+                Err(status) => Answer::of_status(status),
+            }
+        }
     }
 }
 

@@ -10,6 +10,8 @@
 //!   with every write atomic and fsynced.
 //! - [`daemon`]: the agent's two loops: sending the outbox and receiving deliveries, each
 //!   reconnecting with a short capped backoff and saying why the broker is unreachable.
+//! - [`pipeline`]: one `SendStream` shared by the files of a pass over the outbox, each
+//!   waiting for its own answer.
 //! - [`logging`]: the binaries' log subscriber (`concordat_support::logging`).
 //! - [`witness`]: checks the broker's audit log checkpoints in receipts, and their consistency.
 //! - `fuzzing` (hidden): the body of the fuzz target in `agent/fuzz/`, replayed by `cargo test`.
@@ -20,5 +22,6 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
 pub use concordat_support::logging;
+pub mod pipeline;
 pub mod spool;
 pub mod witness;

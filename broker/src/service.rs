@@ -326,9 +326,10 @@ impl State {
         Ok(Prepared::Accept(Op::Accept(Box::new(accept)), warnings))
     }
 
-    /// [`State::submit`], with the outcome logged.
+    /// [`State::submit`], with the outcome logged, naming the call it came by (`rpc`).
     async fn submit_logged(
         &self,
+        call: &Call,
         sender: &AgencyId,
         wire: pb::Envelope,
     ) -> Result<pb::Receipt, Failure> {
@@ -351,6 +352,7 @@ impl State {
                 }
                 tracing::info!(
                     agency = %sender,
+                    rpc = call.rpc,
                     transfer = %receipt.transfer_id,
                     message_id = %message_id,
                     kind,
@@ -361,10 +363,10 @@ impl State {
             }
             Err(Failure::Refused(r)) => {
                 self.metrics.refused(r.reason.as_str());
-                tracing::warn!(agency = %sender, message_id = %message_id, kind, reason = %r.reason, "refused: {}", r.message);
+                tracing::warn!(agency = %sender, rpc = call.rpc, message_id = %message_id, kind, reason = %r.reason, "refused: {}", r.message);
             }
             Err(Failure::Internal(e)) => {
-                tracing::error!(agency = %sender, message_id = %message_id, error = %e, "send failed");
+                tracing::error!(agency = %sender, rpc = call.rpc, message_id = %message_id, error = %e, "send failed");
             }
         }
         outcome
@@ -423,7 +425,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
         let sender = self.state.agency_of(&call).await?;
         let receipt = self
             .state
-            .submit_logged(&sender, request.into_inner())
+            .submit_logged(&call, &sender, request.into_inner())
             .await?;
         Ok(Response::new(receipt))
     }
@@ -457,7 +459,7 @@ impl pb::exchange_server::Exchange for ExchangeService {
                         }
                     };
                     let message_id = wire.message_id.clone();
-                    let outcome = match state.submit_logged(&sender, wire).await {
+                    let outcome = match state.submit_logged(&call, &sender, wire).await {
                         Ok(receipt) => pb::send_result::Outcome::Receipt(receipt),
                         Err(Failure::Refused(r)) => {
                             pb::send_result::Outcome::Refusal(pb::Refusal {

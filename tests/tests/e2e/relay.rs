@@ -700,7 +700,8 @@ fn malformed_outbox_files_fail_and_the_agent_carries_on() {
 }
 
 /// A payload over the broker's `max_message_bytes` is refused with `PAYLOAD_TOO_LARGE` and the
-/// file lands in `refused/` with that reason; a small one beside it is accepted.
+/// file lands in `refused/` with that reason; a small one beside it is accepted, though the
+/// refusal ended the stream they shared.
 #[test]
 fn an_oversized_payload_is_refused_with_its_reason() {
     let fed = Federation::start(&Limits {
@@ -744,6 +745,81 @@ fn an_oversized_payload_is_refused_with_its_reason() {
     assert_eq!(reason.reason, "PAYLOAD_TOO_LARGE", "{}", reason.message);
     assert_eq!(reason.message_id, id);
     assert!(reason.message.contains("2000"), "{}", reason.message);
+    // The agent sends through SendStream: the stream ended on the oversized envelope, and the
+    // file beside it was answered on the stream or sent again on its own.
+    let log = logs(&fed.broker, &[]);
+    for outcome in ["refused", "accepted"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(outcome) && l.contains("rpc=\"Exchange.SendStream\"")),
+            "not {outcome} on the stream:\n{log}"
+        );
+    }
+}
+
+/// An envelope too large for the broker to read ends the `SendStream` it came on (the
+/// transport refuses it before any decision): the agent files it under `PAYLOAD_TOO_LARGE`,
+/// and the files that shared its stream are sent again on their own and accepted.
+#[test]
+fn an_envelope_too_large_to_read_refuses_only_itself() {
+    let fed = Federation::start(&Limits {
+        max_message_bytes: 1024,
+        ..Limits::default()
+    });
+    // The files are there before the agent starts, so that its first pass takes them all.
+    let spool = SpoolDir::new(&fed.dir.path().join("nca"));
+    std::fs::create_dir_all(spool.folder("payloads")).unwrap();
+    // Past the payload limit and the envelope's allowance for the rest (64 KiB).
+    std::fs::write(
+        spool.folder("payloads").join("huge.bin"),
+        vec![b'x'; 200_000],
+    )
+    .unwrap();
+    let id = MessageId::new_random().to_string();
+    let huge = json!({
+        "message_id": id,
+        "recipients": ["ico"],
+        "kind": "threat_assessment",
+        "payload_file": "payloads/huge.bin",
+    });
+    // Taken in name order: the huge one first, the others behind it on the same stream.
+    spool.drop_message("a-huge.json", &huge).unwrap();
+    for n in 1..=8 {
+        spool
+            .drop_message(&format!("b-{n}.json"), &message("ico", n))
+            .unwrap();
+    }
+    let nca = fed.agent("nca");
+    wait_for("every file handled", OUTCOME_TIMEOUT, || {
+        let (r, s) = (spool.count_moved("refused"), spool.count_moved("sent"));
+        if (r, s) == (1, 8) {
+            Ok(())
+        } else {
+            Err(format!("{r} refused, {s} sent"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    let reason: ReasonFile = serde_json::from_value(
+        spool
+            .read_json("refused", "a-huge.json.reason.json")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reason.reason, "PAYLOAD_TOO_LARGE", "{}", reason.message);
+    assert_eq!(reason.message_id, id);
+    // Refused on the stream; the others, behind it, each by a Send of its own.
+    let log = logs(&fed.broker, &[]);
+    let lines = |what: &str, rpc: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&format!("rpc=\"{rpc}\"")))
+            .count()
+    };
+    assert_eq!(
+        lines("PAYLOAD_TOO_LARGE", "Exchange.SendStream"),
+        1,
+        "{log}"
+    );
+    assert_eq!(lines("accepted", "Exchange.Send"), 8, "{log}");
 }
 
 /// SIGTERM while the agent is sending: it exits with status 0 within a few seconds, having
