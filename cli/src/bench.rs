@@ -732,10 +732,10 @@ async fn stream_sender(
             None => count(&mut errors, "a result without an outcome".into()),
         }
         if Instant::now() < deadline {
-            if let Some(tx) = &tx {
-                if tx.send(next(&mut unanswered)).await.is_err() {
-                    break;
-                }
+            if let Some(tx) = &tx
+                && tx.send(next(&mut unanswered)).await.is_err()
+            {
+                break;
             }
         } else {
             // No more to send: closing the request stream ends the call once all is answered.
