@@ -322,12 +322,17 @@ impl Broker {
     ) -> Result<T, tonic::Status> {
         match tokio::time::timeout(self.rpc_timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "the broker at {} did not answer within {} (deadline exceeded)",
-                self.url,
-                humantime::format_duration(self.rpc_timeout)
-            ))),
+            Err(_) => Err(self.deadline_exceeded()),
         }
+    }
+
+    /// What a call that waited past the RPC timeout ends with.
+    pub fn deadline_exceeded(&self) -> tonic::Status {
+        tonic::Status::deadline_exceeded(format!(
+            "the broker at {} did not answer within {} (deadline exceeded)",
+            self.url,
+            humantime::format_duration(self.rpc_timeout)
+        ))
     }
 
     /// The underlying channel (for health checks and reflection).

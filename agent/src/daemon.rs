@@ -619,7 +619,7 @@ async fn send_file(
         }
     };
     let message_id = envelope.message_id;
-    match send_envelope(broker, pipeline, pb::Envelope::from(envelope)).await {
+    match send_envelope(broker, pipeline, spool, &name, pb::Envelope::from(envelope)).await {
         Answer::Receipt(receipt) => {
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
             for warning in &receipt.warnings {
@@ -694,22 +694,45 @@ impl Answer {
     }
 }
 
-/// Sends `envelope` through the pass's stream, or by a `Send` call of its own when the stream
-/// could not answer it ([`Sent::Interrupted`]); each within the RPC timeout.
-async fn send_envelope(broker: &Broker, pipeline: &Pipeline, envelope: pb::Envelope) -> Answer {
-    let streamed = broker
-        .deadline(async { Ok(pipeline.send(envelope.clone()).await) })
-        .await;
-    match streamed {
-        Ok(Sent::Answered(outcome)) => match *outcome {
+/// Sends `envelope` (outbox file `name`) through the pass's stream, or, when the stream could
+/// not answer it ([`Sent::Interrupted`]), loads the file again and sends it by a `Send` call of
+/// its own within the RPC timeout. (Loading again rather than keeping a copy: a payload may be
+/// tens of MiB.)
+async fn send_envelope(
+    broker: &Broker,
+    pipeline: &Pipeline,
+    spool: &Spool,
+    name: &str,
+    envelope: pb::Envelope,
+) -> Answer {
+    match pipeline.send(envelope).await {
+        Sent::Answered(outcome) => match *outcome {
             Outcome::Receipt(receipt) => Answer::Receipt(Box::new(receipt)),
             Outcome::Refusal(refusal) => Answer::Refused {
                 reason: refusal.reason,
                 message: refusal.message,
             },
         },
-        Ok(Sent::Failed(status)) | Err(status) => Answer::of_status(status),
-        Ok(Sent::Interrupted) => {
+        Sent::Failed(status) => Answer::of_status(status),
+        Sent::Interrupted => {
+            let loaded = {
+                let (spool, name) = (spool.clone(), name.to_owned());
+                tokio::task::spawn_blocking(move || spool.load(&name)).await
+            };
+            let envelope = match loaded {
+                Ok(Ok(OutboxItem::Envelope(envelope))) => pb::Envelope::from(*envelope),
+                // It loaded a moment ago; whatever changed, the file stays for the next pass.
+                other => {
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => "it is no longer an envelope".into(),
+                    };
+                    return Answer::Failed(tonic::Status::unavailable(format!(
+                        "loading {name} again to send it on its own: {why}"
+                    )));
+                }
+            };
             let mut client = broker.exchange();
             match broker.deadline(client.send(envelope)).await {
                 Ok(receipt) => Answer::Receipt(Box::new(receipt.into_inner())),

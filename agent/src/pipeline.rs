@@ -4,12 +4,20 @@
 //! back as [`Sent::Interrupted`], to be sent again by a `Send` call of its own, so that one
 //! envelope's failure (a payload over the broker's limit ends the stream) never stands for
 //! another's.
+//!
+//! Time: the stream is given up when the broker answers nothing for the RPC timeout while
+//! envelopes wait (every one waiting is then told `DEADLINE_EXCEEDED`, as a `Send` would
+//! be), or does not open within it. A slow envelope delays those behind it (answers come in
+//! order) but times none of them out while answers keep coming.
 
-use std::{collections::VecDeque, time::Duration};
+use std::collections::VecDeque;
 
 use concordat_proto::pb::{self, exchange_client::ExchangeClient, send_result::Outcome};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use crate::client::Broker;
@@ -20,7 +28,8 @@ pub enum Sent {
     /// The broker's answer to this envelope: its receipt or its refusal.
     Answered(Box<Outcome>),
     /// The stream ended on this envelope with `Status`: what a `Send` of it would have met
-    /// (a refusal the transport could not carry as a result, or the connection's failure).
+    /// (a refusal the transport could not carry as a result, the connection's failure, or
+    /// no answer within the RPC timeout).
     Failed(tonic::Status),
     /// The stream ended before answering this envelope, on another's account, or could not
     /// be opened: send it again on its own.
@@ -30,8 +39,8 @@ pub enum Sent {
 /// One envelope waiting for its answer.
 type Submission = (pb::Envelope, oneshot::Sender<Sent>);
 
-/// One `SendStream` to the broker, open while the handle lives; closed (once what was sent is
-/// answered, or after the RPC timeout) when it is dropped.
+/// One `SendStream` to the broker, open while the handle lives and closed once what was sent
+/// is answered (or given up, as above) after it is dropped.
 pub struct Pipeline {
     submit: mpsc::Sender<Submission>,
 }
@@ -40,18 +49,12 @@ impl Pipeline {
     /// A stream to `broker` for at most `in_flight` envelopes at once. It opens with the first
     /// envelope sent.
     pub fn open(broker: &Broker, in_flight: usize) -> Pipeline {
-        let in_flight = in_flight.max(1);
-        let (submit, submissions) = mpsc::channel(in_flight);
-        tokio::spawn(drive(
-            broker.exchange(),
-            submissions,
-            in_flight,
-            broker.rpc_timeout(),
-        ));
+        let (submit, submissions) = mpsc::channel(in_flight.max(1));
+        tokio::spawn(drive(broker.clone(), submissions));
         Pipeline { submit }
     }
 
-    /// Sends `envelope` and waits for its answer (bound the wait with [`Broker::deadline`]).
+    /// Sends `envelope` and waits for its answer, which comes within the bounds above.
     pub async fn send(&self, envelope: pb::Envelope) -> Sent {
         let (answer, answered) = oneshot::channel();
         if self.submit.send((envelope, answer)).await.is_err() {
@@ -63,42 +66,49 @@ impl Pipeline {
 
 /// Runs the stream: forwards submissions in order and hands each result to the envelope at
 /// the head of the queue. Whoever is still waiting when it returns is told `Interrupted`
-/// (their answer channels are dropped).
-async fn drive(
-    mut client: ExchangeClient<Channel>,
-    mut submissions: mpsc::Receiver<Submission>,
-    in_flight: usize,
-    timeout: Duration,
-) {
+/// (their answer channels are dropped), unless told otherwise first.
+async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
+    let timeout = broker.rpc_timeout();
     let Some((first, answer)) = submissions.recv().await else {
         return;
     };
-    let (requests, request_stream) = mpsc::channel::<pb::Envelope>(in_flight);
+    // Unbounded, but never holding more than the submissions' capacity: each envelope in it
+    // has a place in `waiting`, whose length the senders bound.
+    let (requests, request_stream) = mpsc::unbounded_channel::<pb::Envelope>();
     let mut waiting: VecDeque<(String, oneshot::Sender<Sent>)> = VecDeque::new();
     waiting.push_back((first.message_id.clone(), answer));
-    if requests.try_send(first).is_err() {
+    if requests.send(first).is_err() {
         return;
     }
-    let mut results = match client
-        .send_stream(ReceiverStream::new(request_stream))
-        .await
-    {
-        Ok(results) => results.into_inner(),
-        // Refused or failed as a whole: each envelope goes again on its own and meets its own
-        // answer.
-        Err(_) => return,
+    let mut client: ExchangeClient<Channel> = broker.exchange();
+    let opened = tokio::time::timeout(
+        timeout,
+        client.send_stream(UnboundedReceiverStream::new(request_stream)),
+    )
+    .await;
+    // Refused or failed as a whole, or not opened in time: each envelope goes again on its
+    // own and meets its own answer.
+    let Ok(Ok(results)) = opened else {
+        return;
     };
+    let mut results = results.into_inner();
     let mut requests = Some(requests);
+    // When the broker last showed progress: the last answer, or the first envelope sent
+    // after a time with nothing waiting.
+    let mut progress = Instant::now();
     loop {
         if requests.is_none() && waiting.is_empty() {
             return;
         }
-        let result = tokio::select! {
+        tokio::select! {
             submission = submissions.recv(), if requests.is_some() => {
                 match (submission, &requests) {
                     (Some((envelope, answer)), Some(to_broker)) => {
+                        if waiting.is_empty() {
+                            progress = Instant::now();
+                        }
                         waiting.push_back((envelope.message_id.clone(), answer));
-                        if to_broker.send(envelope).await.is_err() {
+                        if to_broker.send(envelope).is_err() {
                             return;
                         }
                     }
@@ -106,38 +116,45 @@ async fn drive(
                     // call once everything sent is answered.
                     _ => requests = None,
                 }
-                continue;
             }
-            result = tokio::time::timeout(timeout, results.message()), if !waiting.is_empty() => result,
-        };
-        match result {
-            Ok(Ok(Some(result))) => {
-                let Some((message_id, answer)) = waiting.pop_front() else {
-                    return;
-                };
-                match result.outcome {
-                    // Answers out of order cannot be trusted to belong to anyone.
-                    Some(outcome) if result.message_id == message_id => {
-                        let _ = answer.send(Sent::Answered(Box::new(outcome)));
+            result = results.message(), if !waiting.is_empty() => {
+                progress = Instant::now();
+                match result {
+                    Ok(Some(result)) => {
+                        let Some((message_id, answer)) = waiting.pop_front() else {
+                            return;
+                        };
+                        match result.outcome {
+                            Some(outcome) if result.message_id == message_id => {
+                                let _ = answer.send(Sent::Answered(Box::new(outcome)));
+                            }
+                            // Answers out of order cannot be trusted to belong to anyone.
+                            _ => {
+                                tracing::warn!(
+                                    expected = %message_id,
+                                    got = %result.message_id,
+                                    "the broker's SendStream answered out of order or without an outcome; sending one by one"
+                                );
+                                return;
+                            }
+                        }
                     }
-                    _ => {
-                        tracing::warn!(
-                            expected = %message_id,
-                            got = %result.message_id,
-                            "the broker's SendStream answered out of order or without an outcome; sending one by one"
-                        );
+                    Ok(None) => return,
+                    Err(status) => {
+                        if let Some((_, answer)) = waiting.pop_front() {
+                            let _ = answer.send(Sent::Failed(status));
+                        }
                         return;
                     }
                 }
             }
-            Ok(Err(status)) => {
-                if let Some((_, answer)) = waiting.pop_front() {
-                    let _ = answer.send(Sent::Failed(status));
+            () = tokio::time::sleep_until(progress + timeout), if !waiting.is_empty() => {
+                // Dropping the call cancels it on the broker, as a `Send` past its deadline.
+                for (_, answer) in waiting.drain(..) {
+                    let _ = answer.send(Sent::Failed(broker.deadline_exceeded()));
                 }
                 return;
             }
-            // Ended early, or silent for the RPC timeout: the callers' own deadlines apply.
-            Ok(Ok(None)) | Err(_) => return,
         }
     }
 }

@@ -440,8 +440,14 @@ impl pb::exchange_server::Exchange for ExchangeService {
         let sender = self.state.agency_of(&call).await?;
         let state = self.state.clone();
         let limit = self.limit;
+        // At shutdown the stream takes no more envelopes; those it has are answered, and the
+        // call ends, so that graceful shutdown does not wait for a sender that keeps sending.
+        let mut shutdown = self.state.shutdown.clone();
         let results = request
             .into_inner()
+            .take_until(async move {
+                let _ = shutdown.wait_for(|stopping| *stopping).await;
+            })
             .map(move |item| {
                 let state = state.clone();
                 let sender = sender.clone();

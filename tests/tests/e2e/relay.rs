@@ -747,7 +747,7 @@ fn an_oversized_payload_is_refused_with_its_reason() {
     assert!(reason.message.contains("2000"), "{}", reason.message);
     // The agent sends through SendStream: the stream ended on the oversized envelope, and the
     // file beside it was answered on the stream or sent again on its own.
-    let log = logs(&fed.broker, &[]);
+    let log = fed.broker.log_text();
     for outcome in ["refused", "accepted"] {
         assert!(
             log.lines()
@@ -807,19 +807,145 @@ fn an_envelope_too_large_to_read_refuses_only_itself() {
     .unwrap();
     assert_eq!(reason.reason, "PAYLOAD_TOO_LARGE", "{}", reason.message);
     assert_eq!(reason.message_id, id);
-    // Refused on the stream; the others, behind it, each by a Send of its own.
-    let log = logs(&fed.broker, &[]);
-    let lines = |what: &str, rpc: &str| {
-        log.lines()
-            .filter(|l| l.contains(what) && l.contains(&format!("rpc=\"{rpc}\"")))
-            .count()
-    };
+    // Refused on the stream; the others on it, or (those behind it) by a Send of their own.
+    let log = fed.broker.log_text();
     assert_eq!(
-        lines("PAYLOAD_TOO_LARGE", "Exchange.SendStream"),
+        log_lines(&log, "PAYLOAD_TOO_LARGE", "Exchange.SendStream"),
         1,
         "{log}"
     );
-    assert_eq!(lines("accepted", "Exchange.Send"), 8, "{log}");
+    let accepted = log_lines(&log, "accepted", "Exchange.SendStream")
+        + log_lines(&log, "accepted", "Exchange.Send");
+    assert_eq!(accepted, 8, "{log}");
+}
+
+/// The broker's log lines containing `what` that name the call `rpc`.
+fn log_lines(log: &str, what: &str, rpc: &str) -> usize {
+    let rpc = format!("rpc=\"{rpc}\"");
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(&rpc))
+        .count()
+}
+
+/// A pass of more files than the agent has in flight, or the broker decides at once on one
+/// stream: each file is filed under its own answer. Accepted ones carry receipts for their
+/// own message ids; one to a recipient nobody knows is refused `UNKNOWN_RECIPIENT`; of two
+/// files that reuse one message id for different content, the later is refused
+/// `MESSAGE_ID_REUSED`; and everything goes over the stream, none by `Send`.
+#[test]
+fn a_long_pass_over_one_stream_files_each_answer_with_its_own_file() {
+    let fed = Federation::start(&Limits::default());
+    // The files are there before the agent starts, so that its first pass takes them all.
+    let spool = SpoolDir::new(&fed.dir.path().join("nca"));
+    let reused = MessageId::new_random().to_string();
+    let mut ids = BTreeMap::new();
+    for n in 0..120 {
+        let name = format!("m-{n:03}.json");
+        let id = match n {
+            50 | 90 => reused.clone(),
+            _ => MessageId::new_random().to_string(),
+        };
+        let mut body = message(if n == 37 { "nobody" } else { "ico" }, n);
+        body["message_id"] = json!(id);
+        spool.drop_message(&name, &body).unwrap();
+        ids.insert(name, id);
+    }
+    let nca = fed.agent("nca");
+    wait_for("every file handled", OUTCOME_TIMEOUT, || {
+        let (r, s) = (spool.count_moved("refused"), spool.count_moved("sent"));
+        if r + s == 120 {
+            Ok(())
+        } else {
+            Err(format!("{r} refused, {s} sent"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    let refused = moved(&spool, "refused");
+    let expected: BTreeSet<String> = ["m-037.json".to_owned(), "m-090.json".to_owned()].into();
+    assert_eq!(refused, expected);
+    let reason = |file: &str| -> ReasonFile {
+        serde_json::from_value(
+            spool
+                .read_json("refused", &format!("{file}.reason.json"))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(reason("m-037.json").reason, "UNKNOWN_RECIPIENT");
+    assert_eq!(reason("m-037.json").message_id, ids["m-037.json"]);
+    assert_eq!(reason("m-090.json").reason, "MESSAGE_ID_REUSED");
+    assert_eq!(reason("m-090.json").message_id, reused);
+    let receipts = receipts(&spool);
+    assert_eq!(receipts.len(), 118);
+    for (file, receipt) in &receipts {
+        assert_eq!(receipt.message_id, ids[file], "{file}");
+    }
+    let log = fed.broker.log_text();
+    assert_eq!(
+        log_lines(&log, "accepted", "Exchange.SendStream"),
+        118,
+        "{log}"
+    );
+    assert_eq!(log_lines(&log, "accepted", "Exchange.Send"), 0, "{log}");
+}
+
+/// SIGTERM to the broker while an agent drains a long outbox over one stream: the broker stops
+/// taking the stream's envelopes, answers those it has and exits promptly, rather than waiting
+/// for the agent's pass to end. Started again, it takes the rest: every file ends in `sent/`
+/// with its receipt, and each message was accepted once.
+#[test]
+fn a_broker_stops_promptly_while_an_agent_streams_to_it() {
+    const COUNT: usize = 4000;
+    let mut fed = Federation::start(&Limits::default());
+    let spool = SpoolDir::new(&fed.dir.path().join("nca"));
+    for seq in 0..COUNT {
+        spool
+            .drop_message(&format!("m{seq:04}.json"), &message("ico", seq))
+            .unwrap();
+    }
+    let nca = fed.agent("nca");
+    wait_for("20 files sent", OUTCOME_TIMEOUT, || {
+        match spool.count_moved("sent") {
+            n if n >= 20 => Ok(n),
+            n => Err(format!("{n} sent")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    let signalled = Instant::now();
+    let status = fed
+        .broker
+        .terminate(STOP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    let took = signalled.elapsed();
+    let sent_then = spool.count_moved("sent");
+    assert!(status.success(), "the broker exited with {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the broker took {took:?} to stop ({sent_then} of {COUNT} files sent by then)"
+    );
+    assert!(
+        sent_then < COUNT,
+        "the whole outbox went before the broker stopped"
+    );
+
+    fed.broker.restart().unwrap();
+    wait_for(
+        "every file sent after the restart",
+        OUTCOME_TIMEOUT * 4,
+        || match spool.count_moved("sent") {
+            COUNT => Ok(()),
+            n => Err(format!("{n} sent")),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    assert!(spool.files("outbox").unwrap().is_empty());
+    assert_eq!(receipts(&spool).len(), COUNT);
+    let log = fed.broker.log_text();
+    let first_acceptances = log
+        .lines()
+        .filter(|l| l.contains(" accepted ") && l.contains("duplicate=false"))
+        .count();
+    assert_eq!(first_acceptances, COUNT, "{}", logs(&fed.broker, &[&nca]));
 }
 
 /// SIGTERM while the agent is sending: it exits with status 0 within a few seconds, having
