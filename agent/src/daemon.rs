@@ -461,6 +461,9 @@ enum FileOutcome {
     Busy(String),
     /// Not done: the call failed; retry after reconnecting.
     Retry(Down),
+    /// Not done, for a reason of the agent's own (logged): the file waits for the next pass,
+    /// and the connection stays as it is.
+    Later,
 }
 
 async fn outbox_loop(
@@ -541,6 +544,7 @@ async fn outbox_loop(
                 Ok(FileOutcome::Done) => {}
                 Ok(FileOutcome::Retry(down)) => retry = Some(down),
                 Ok(FileOutcome::Busy(why)) => busy = Some(why),
+                Ok(FileOutcome::Later) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -619,7 +623,9 @@ async fn send_file(
         }
     };
     let message_id = envelope.message_id;
-    match send_envelope(broker, pipeline, spool, &name, pb::Envelope::from(envelope)).await {
+    let answer = send_envelope(broker, pipeline, spool, &name, pb::Envelope::from(envelope)).await;
+    match answer {
+        Answer::Later => Ok(FileOutcome::Later),
         Answer::Receipt(receipt) => {
             tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
             for warning in &receipt.warnings {
@@ -683,6 +689,8 @@ enum Answer {
     },
     /// No answer (the connection failed, the deadline passed, …): send it again later.
     Failed(tonic::Status),
+    /// Not sent again on its own, for a reason of the agent's (logged): the next pass will.
+    Later,
 }
 
 impl Answer {
@@ -697,14 +705,17 @@ impl Answer {
 /// Sends `envelope` (outbox file `name`) through the pass's stream, or, when the stream could
 /// not answer it ([`Sent::Interrupted`]), loads the file again and sends it by a `Send` call of
 /// its own within the RPC timeout. (Loading again rather than keeping a copy: a payload may be
-/// tens of MiB.)
+/// tens of MiB.) The stream may have ended after the broker accepted the envelope, so only the
+/// very envelope streamed is sent again: if the files it was made from changed meanwhile, it
+/// waits for the next pass.
 async fn send_envelope(
     broker: &Broker,
     pipeline: &Pipeline,
     spool: &Spool,
     name: &str,
-    envelope: pb::Envelope,
+    mut envelope: pb::Envelope,
 ) -> Answer {
+    let streamed = envelope_digest(&mut envelope);
     match pipeline.send(envelope).await {
         Sent::Answered(outcome) => match *outcome {
             Outcome::Receipt(receipt) => Answer::Receipt(Box::new(receipt)),
@@ -719,20 +730,22 @@ async fn send_envelope(
                 let (spool, name) = (spool.clone(), name.to_owned());
                 tokio::task::spawn_blocking(move || spool.load(&name)).await
             };
-            let envelope = match loaded {
+            let mut envelope = match loaded {
                 Ok(Ok(OutboxItem::Envelope(envelope))) => pb::Envelope::from(*envelope),
-                // It loaded a moment ago; whatever changed, the file stays for the next pass.
                 other => {
                     let why = match other {
                         Ok(Err(e)) => e.to_string(),
                         Err(e) => e.to_string(),
                         Ok(Ok(_)) => "it is no longer an envelope".into(),
                     };
-                    return Answer::Failed(tonic::Status::unavailable(format!(
-                        "loading {name} again to send it on its own: {why}"
-                    )));
+                    tracing::warn!(file = %name, "not sent again on its own: loading it again: {why}; it waits for the next pass");
+                    return Answer::Later;
                 }
             };
+            if envelope_digest(&mut envelope) != streamed {
+                tracing::warn!(file = %name, "not sent again on its own: it, or a file it names, changed since it was streamed; it waits for the next pass");
+                return Answer::Later;
+            }
             let mut client = broker.exchange();
             match broker.deadline(client.send(envelope)).await {
                 Ok(receipt) => Answer::Receipt(Box::new(receipt.into_inner())),
@@ -740,6 +753,20 @@ async fn send_envelope(
             }
         }
     }
+}
+
+/// A digest of everything an envelope says: its payload's SHA-256, then its encoding without
+/// the payload (taken out for the encoding and put back, so that no copy of a large payload
+/// is made).
+fn envelope_digest(envelope: &mut pb::Envelope) -> [u8; 32] {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let payload = std::mem::take(&mut envelope.payload);
+    let mut digest = sha2::Sha256::new();
+    digest.update(sha2::Sha256::digest(&payload));
+    digest.update(envelope.encode_to_vec());
+    envelope.payload = payload;
+    digest.finalize().into()
 }
 
 /// Declares the agency's involvement in an incident for outbox file `name`
@@ -1048,6 +1075,37 @@ async fn ack_loop(broker: Broker, mut ids: mpsc::UnboundedReceiver<String>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_envelope_digest_changes_with_anything_it_says_and_keeps_the_payload() {
+        let mut e = pb::Envelope {
+            message_id: "m".into(),
+            recipients: vec!["ico".into()],
+            payload: b"payload".to_vec(),
+            consent_token: "t".into(),
+            ..Default::default()
+        };
+        let first = envelope_digest(&mut e);
+        assert_eq!(e.payload, b"payload");
+        assert_eq!(envelope_digest(&mut e), first);
+        let mut other_payload = pb::Envelope {
+            payload: b"payloaD".to_vec(),
+            ..e.clone()
+        };
+        assert_ne!(envelope_digest(&mut other_payload), first);
+        let mut other_token = pb::Envelope {
+            consent_token: "u".into(),
+            ..e.clone()
+        };
+        assert_ne!(envelope_digest(&mut other_token), first);
+        // The payload's bytes do not count twice as another field's.
+        let mut moved = pb::Envelope {
+            payload: Vec::new(),
+            message_id: "mpayload".into(),
+            ..e.clone()
+        };
+        assert_ne!(envelope_digest(&mut moved), first);
+    }
 
     /// An error wrapping another, as hyper's and tonic's do.
     #[derive(Debug, thiserror::Error)]

@@ -6,11 +6,13 @@
 //! another's.
 //!
 //! Time: the stream is given up when the broker answers nothing for the RPC timeout while
-//! envelopes wait (every one waiting is then told `DEADLINE_EXCEEDED`, as a `Send` would
-//! be), or does not open within it. A slow envelope delays those behind it (answers come in
-//! order) but times none of them out while answers keep coming.
+//! envelopes wait, or when an envelope has waited twice the RPC timeout (every one waiting is
+//! then told `DEADLINE_EXCEEDED`, as a `Send` would be), or when it does not open within the
+//! RPC timeout. A slow envelope delays those behind it (answers come in order) but times none
+//! of them out while answers keep coming. A stream that has ended is opened again for the
+//! next envelope.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use concordat_proto::pb::{self, exchange_client::ExchangeClient, send_result::Outcome};
 use tokio::{
@@ -36,32 +38,64 @@ pub enum Sent {
     Interrupted,
 }
 
-/// One envelope waiting for its answer.
+/// One envelope to send, and where its answer goes.
 type Submission = (pb::Envelope, oneshot::Sender<Sent>);
 
-/// One `SendStream` to the broker, open while the handle lives and closed once what was sent
-/// is answered (or given up, as above) after it is dropped.
+/// One envelope sent: its message id, where its answer goes, and when it was sent.
+type Waiting = (String, oneshot::Sender<Sent>, Instant);
+
+/// When the stream is given up: no answer for `timeout` since the last progress, or the
+/// oldest envelope waiting for twice `timeout`.
+fn give_up(progress: Instant, waiting: &VecDeque<Waiting>, timeout: Duration) -> Instant {
+    let last = progress + timeout;
+    match waiting.front() {
+        Some((_, _, sent)) => last.min(*sent + timeout * 2),
+        None => last,
+    }
+}
+
+/// One `SendStream` to the broker at a time, open while the handle lives and closed once what
+/// was sent is answered (or given up, as above) after it is dropped.
 pub struct Pipeline {
-    submit: mpsc::Sender<Submission>,
+    broker: Broker,
+    in_flight: usize,
+    submit: Mutex<mpsc::Sender<Submission>>,
 }
 
 impl Pipeline {
     /// A stream to `broker` for at most `in_flight` envelopes at once. It opens with the first
     /// envelope sent.
     pub fn open(broker: &Broker, in_flight: usize) -> Pipeline {
-        let (submit, submissions) = mpsc::channel(in_flight.max(1));
-        tokio::spawn(drive(broker.clone(), submissions));
-        Pipeline { submit }
+        let in_flight = in_flight.max(1);
+        Pipeline {
+            broker: broker.clone(),
+            in_flight,
+            submit: Mutex::new(start(broker, in_flight)),
+        }
     }
 
     /// Sends `envelope` and waits for its answer, which comes within the bounds above.
     pub async fn send(&self, envelope: pb::Envelope) -> Sent {
+        let submit = {
+            let mut submit = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+            if submit.is_closed() {
+                *submit = start(&self.broker, self.in_flight);
+            }
+            submit.clone()
+        };
         let (answer, answered) = oneshot::channel();
-        if self.submit.send((envelope, answer)).await.is_err() {
+        if submit.send((envelope, answer)).await.is_err() {
             return Sent::Interrupted;
         }
         answered.await.unwrap_or(Sent::Interrupted)
     }
+}
+
+/// A new stream's driver, and where to submit to it.
+fn start(broker: &Broker, in_flight: usize) -> mpsc::Sender<Submission> {
+    let (submit, submissions) = mpsc::channel(in_flight);
+    tokio::spawn(drive(broker.clone(), submissions));
+    submit
 }
 
 /// Runs the stream: forwards submissions in order and hands each result to the envelope at
@@ -75,8 +109,11 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
     // Unbounded, but never holding more than the submissions' capacity: each envelope in it
     // has a place in `waiting`, whose length the senders bound.
     let (requests, request_stream) = mpsc::unbounded_channel::<pb::Envelope>();
-    let mut waiting: VecDeque<(String, oneshot::Sender<Sent>)> = VecDeque::new();
-    waiting.push_back((first.message_id.clone(), answer));
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    waiting.push_back((first.message_id.clone(), answer, Instant::now()));
+    // When the broker last showed progress: the last answer, or the first envelope sent
+    // after a time with nothing waiting.
+    let mut progress = Instant::now();
     if requests.send(first).is_err() {
         return;
     }
@@ -93,9 +130,6 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
     };
     let mut results = results.into_inner();
     let mut requests = Some(requests);
-    // When the broker last showed progress: the last answer, or the first envelope sent
-    // after a time with nothing waiting.
-    let mut progress = Instant::now();
     loop {
         if requests.is_none() && waiting.is_empty() {
             return;
@@ -107,7 +141,7 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
                         if waiting.is_empty() {
                             progress = Instant::now();
                         }
-                        waiting.push_back((envelope.message_id.clone(), answer));
+                        waiting.push_back((envelope.message_id.clone(), answer, Instant::now()));
                         if to_broker.send(envelope).is_err() {
                             return;
                         }
@@ -121,7 +155,7 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
                 progress = Instant::now();
                 match result {
                     Ok(Some(result)) => {
-                        let Some((message_id, answer)) = waiting.pop_front() else {
+                        let Some((message_id, answer, _)) = waiting.pop_front() else {
                             return;
                         };
                         match result.outcome {
@@ -141,20 +175,39 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
                     }
                     Ok(None) => return,
                     Err(status) => {
-                        if let Some((_, answer)) = waiting.pop_front() {
+                        if let Some((_, answer, _)) = waiting.pop_front() {
                             let _ = answer.send(Sent::Failed(status));
                         }
                         return;
                     }
                 }
             }
-            () = tokio::time::sleep_until(progress + timeout), if !waiting.is_empty() => {
+            () = tokio::time::sleep_until(give_up(progress, &waiting, timeout)), if !waiting.is_empty() => {
                 // Dropping the call cancels it on the broker, as a `Send` past its deadline.
-                for (_, answer) in waiting.drain(..) {
+                for (_, answer, _) in waiting.drain(..) {
                     let _ = answer.send(Sent::Failed(broker.deadline_exceeded()));
                 }
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_given_up_on_silence_or_on_an_envelope_waiting_too_long() {
+        let t = Duration::from_secs(30);
+        let now = Instant::now();
+        let (answer, _) = oneshot::channel();
+        // Nothing old waiting: silence for the timeout since the last progress.
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        waiting.push_back(("a".into(), answer, now));
+        assert_eq!(give_up(now, &waiting, t), now + t);
+        // Answers keep coming, but the oldest has waited: twice the timeout from its sending.
+        let later = now + Duration::from_secs(50);
+        assert_eq!(give_up(later, &waiting, t), now + t * 2);
     }
 }

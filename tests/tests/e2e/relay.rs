@@ -809,9 +809,9 @@ fn an_envelope_too_large_to_read_refuses_only_itself() {
     assert_eq!(reason.message_id, id);
     // Refused on the stream; the others on it, or (those behind it) by a Send of their own.
     let log = fed.broker.log_text();
-    assert_eq!(
-        log_lines(&log, "PAYLOAD_TOO_LARGE", "Exchange.SendStream"),
-        1,
+    // (Once, or again on a new stream if the connection's reset came before the refusal.)
+    assert!(
+        log_lines(&log, "PAYLOAD_TOO_LARGE", "Exchange.SendStream") >= 1,
         "{log}"
     );
     let accepted = log_lines(&log, "accepted", "Exchange.SendStream")
@@ -860,8 +860,14 @@ fn a_long_pass_over_one_stream_files_each_answer_with_its_own_file() {
         }
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&fed.broker, &[&nca])));
+    // Of the two files with one id, whichever went second is refused (they load in parallel).
     let refused = moved(&spool, "refused");
-    let expected: BTreeSet<String> = ["m-037.json".to_owned(), "m-090.json".to_owned()].into();
+    let (first, second) = if refused.contains("m-090.json") {
+        ("m-050.json", "m-090.json")
+    } else {
+        ("m-090.json", "m-050.json")
+    };
+    let expected: BTreeSet<String> = ["m-037.json".to_owned(), second.to_owned()].into();
     assert_eq!(refused, expected);
     let reason = |file: &str| -> ReasonFile {
         serde_json::from_value(
@@ -873,10 +879,11 @@ fn a_long_pass_over_one_stream_files_each_answer_with_its_own_file() {
     };
     assert_eq!(reason("m-037.json").reason, "UNKNOWN_RECIPIENT");
     assert_eq!(reason("m-037.json").message_id, ids["m-037.json"]);
-    assert_eq!(reason("m-090.json").reason, "MESSAGE_ID_REUSED");
-    assert_eq!(reason("m-090.json").message_id, reused);
+    assert_eq!(reason(second).reason, "MESSAGE_ID_REUSED");
+    assert_eq!(reason(second).message_id, reused);
     let receipts = receipts(&spool);
     assert_eq!(receipts.len(), 118);
+    assert_eq!(receipts[first].message_id, reused);
     for (file, receipt) in &receipts {
         assert_eq!(receipt.message_id, ids[file], "{file}");
     }
@@ -946,6 +953,8 @@ fn a_broker_stops_promptly_while_an_agent_streams_to_it() {
         .filter(|l| l.contains(" accepted ") && l.contains("duplicate=false"))
         .count();
     assert_eq!(first_acceptances, COUNT, "{}", logs(&fed.broker, &[&nca]));
+    // What was stopped was a stream.
+    assert!(log_lines(&log, "accepted", "Exchange.SendStream") > 0);
 }
 
 /// SIGTERM while the agent is sending: it exits with status 0 within a few seconds, having
