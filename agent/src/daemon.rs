@@ -659,21 +659,17 @@ async fn send_file(
         }
         Answer::Refused { reason, message } => {
             tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
-            let (path, name, reason, message) = blocking(spool, move |s| {
-                s.complete_refused(&name, message_id, &reason, &message)
-                    .map(|p| (p, name, reason, message))
-            })
-            .await?;
-            emit(
+            file_refused(
+                spool,
                 events,
-                AgentEvent::Refused {
-                    file: name,
-                    path,
-                    reason,
-                    message,
+                name,
+                reason,
+                message,
+                move |s, name, reason, message| {
+                    s.complete_refused(name, message_id, reason, message)
                 },
-            );
-            Ok(FileOutcome::Done)
+            )
+            .await
         }
         Answer::Failed(status) => Ok(FileOutcome::Retry(Down::status(&status))),
     }
@@ -808,21 +804,17 @@ async fn declare_involvement(
             }
             Some((reason, message)) => {
                 tracing::warn!(file = %name, incident = %incident_ref, reason = %reason, "involvement refused: {message}");
-                let (path, name, reason, message) = blocking(spool, move |s| {
-                    s.complete_refused_involvement(&name, &reason, &message)
-                        .map(|p| (p, name, reason, message))
-                })
-                .await?;
-                emit(
+                file_refused(
+                    spool,
                     events,
-                    AgentEvent::Refused {
-                        file: name,
-                        path,
-                        reason,
-                        message,
+                    name,
+                    reason,
+                    message,
+                    |s, name, reason, message| {
+                        s.complete_refused_involvement(name, reason, message)
                     },
-                );
-                Ok(FileOutcome::Done)
+                )
+                .await
             }
             None => Ok(FileOutcome::Retry(Down::status(&status))),
         },
@@ -830,6 +822,32 @@ async fn declare_involvement(
 }
 
 /// Runs spool I/O on the blocking pool.
+/// Files outbox file `name` under the broker's refusal (`file` moves it into `refused/` with
+/// its reason) and tells the listener of `events`.
+async fn file_refused(
+    spool: &Spool,
+    events: &Option<mpsc::UnboundedSender<AgentEvent>>,
+    name: String,
+    reason: String,
+    message: String,
+    file: impl FnOnce(&Spool, &str, &str, &str) -> std::io::Result<PathBuf> + Send + 'static,
+) -> anyhow::Result<FileOutcome> {
+    let (path, name, reason, message) = blocking(spool, move |s| {
+        file(s, &name, &reason, &message).map(|p| (p, name, reason, message))
+    })
+    .await?;
+    emit(
+        events,
+        AgentEvent::Refused {
+            file: name,
+            path,
+            reason,
+            message,
+        },
+    );
+    Ok(FileOutcome::Done)
+}
+
 async fn blocking<T: Send + 'static>(
     spool: &Spool,
     f: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static,
