@@ -41,7 +41,10 @@ use sled::transaction::{
 /// sled's page cache size. sled counts only the serialized size of what it caches, so the
 /// process holds several times this much; with 128 MiB the broker's memory was still rising a
 /// minute into a full-speed run (`concordat bench relay`); with 32 MiB it levels off within
-/// about ten seconds, at no throughput cost that the benchmark could show.
+/// about ten seconds, at no throughput cost that the benchmark could show. What still grows
+/// after that grows with the database whatever this capacity: sled keeps an entry in memory
+/// for every page of every tree, paged out or not (`examples/sled_memory.rs` shows it apart
+/// from the broker).
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// sled's log segment size. Values in a node are stored together, and a node larger than a
