@@ -1447,7 +1447,7 @@ fn print_targets(
             let ratio = f / b.max(1e-12);
             writeln!(
                 out,
-                "targets: CPU per accepted transfer <= 1.6x the bare relay's ({how}): {ratio:.2}x ({})",
+                "targets: CPU per accepted transfer <= 1.6x the bare relay's ({how}): {ratio:.3}x ({})",
                 met(ratio <= 1.6)
             )?;
         }
