@@ -821,7 +821,6 @@ async fn declare_involvement(
     }
 }
 
-/// Runs spool I/O on the blocking pool.
 /// Files outbox file `name` under the broker's refusal (`file` moves it into `refused/` with
 /// its reason) and tells the listener of `events`.
 async fn file_refused(
@@ -848,6 +847,7 @@ async fn file_refused(
     Ok(FileOutcome::Done)
 }
 
+/// Runs spool I/O on the blocking pool.
 async fn blocking<T: Send + 'static>(
     spool: &Spool,
     f: impl FnOnce(&Spool) -> std::io::Result<T> + Send + 'static,
