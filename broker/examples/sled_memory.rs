@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use concordat_broker::store::kv::sled_config;
+use concordat_support::memory::resident_mib;
 
 // The broker's allocator, so that the figures are the broker's.
 #[global_allocator]
@@ -44,23 +45,11 @@ fn main() -> anyhow::Result<()> {
             db.flush()?;
             println!(
                 "{i:>9} keys  RSS {:>5.0} MiB  database {:>5.0} MiB  {:>5.1} s",
-                rss_mib(),
+                resident_mib(),
                 db.size_on_disk()? as f64 / (1024.0 * 1024.0),
                 started.elapsed().as_secs_f64()
             );
         }
     }
     Ok(())
-}
-
-/// The process's resident memory in MiB, from /proc (0 where it cannot be read).
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|kb| kb.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -349,20 +349,6 @@ fn threads_cpu_seconds(name: &str) -> Option<f64> {
     Some(nanos as f64 / 1e9)
 }
 
-/// The process's resident memory in MiB, from /proc.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The bare relay: the same contract, no checks, no storage.
 
@@ -576,7 +562,7 @@ async fn load(
         tokio::spawn(async move {
             loop {
                 if let Ok(mut v) = rss.lock() {
-                    v.push(rss_mib());
+                    v.push(concordat_support::memory::resident_mib());
                 }
                 if Instant::now() >= deadline {
                     break;

@@ -3,7 +3,8 @@
 //! - [`logging`]: the log subscriber: text or JSON lines, colour only on a terminal.
 //! - [`cli_docs`]: shell completions and man pages, generated from the binaries' clap definitions.
 //! - [`report()`]: an error and its causes on one line, each said once.
-//! - [`memory`]: how the binaries ask the kernel for memory (no transparent huge pages).
+//! - [`memory`]: how the binaries ask the kernel for memory (no transparent huge pages), and
+//!   how much they hold.
 //! - [`pg_cluster`]: a throwaway PostgreSQL primary with a synchronous standby, for the tests
 //!   and for `concordat bench relay --storage postgres`; [`poll`]: waiting for it, and for
 //!   anything else, without guessed sleeps.

@@ -1,4 +1,4 @@
-//! How the binaries ask the kernel for memory.
+//! How the binaries ask the kernel for memory, and how much they hold.
 
 /// Turns transparent huge pages off for this process (Linux; elsewhere nothing).
 ///
@@ -16,6 +16,19 @@ pub fn no_transparent_huge_pages() {
     }
 }
 
+/// This process's resident memory in MiB, read from `/proc/self/status` (0 where it cannot be
+/// read).
+pub fn resident_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|kb| kb.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]
@@ -23,5 +36,12 @@ mod tests {
     fn huge_pages_are_turned_off() {
         super::no_transparent_huge_pages();
         assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn resident_memory_is_read() {
+        let mib = super::resident_mib();
+        assert!(mib > 0.0 && mib < 1e6, "{mib}");
     }
 }
