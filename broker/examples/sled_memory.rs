@@ -21,6 +21,8 @@ use concordat_support::memory::resident_mib;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    // As the broker starts (its allocator above, and no transparent huge pages).
+    concordat_support::memory::no_transparent_huge_pages();
     let keys: u64 = match std::env::args().nth(1) {
         Some(n) => n.parse()?,
         None => 2_400_000,
