@@ -271,13 +271,24 @@ fn any_run<'t>(text: &'t [u8], mut f: impl FnMut(&'t [u8]) -> bool) -> bool {
     let mut start = 0usize;
     for (block, bytes) in text.chunks(64).enumerate() {
         let base = block * 64;
+        // Whole eights by plain loads; only a last, short block pads its tail (a copy of
+        // a length not known in advance is a call to `memcpy`).
         let mut mask = 0u64;
-        for (k, eight) in bytes.chunks(8).enumerate() {
+        let mut eights = bytes.chunks_exact(8);
+        let mut shift = 0;
+        for eight in &mut eights {
             let mut b = [0u8; 8];
-            if let Some(to) = b.get_mut(..eight.len()) {
-                to.copy_from_slice(eight);
+            b.copy_from_slice(eight);
+            mask |= alnum_bits(u64::from_le_bytes(b)) << shift;
+            shift += 8;
+        }
+        let rest = eights.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            if let Some(to) = b.get_mut(..rest.len()) {
+                to.copy_from_slice(rest);
             }
-            mask |= alnum_bits(u64::from_le_bytes(b)) << (8 * k);
+            mask |= alnum_bits(u64::from_le_bytes(b)) << shift;
         }
         let before = (mask << 1) | carry;
         // Bit j of `starts`: a run starts at j; of `ends`: a run ended at j - 1. Past the
@@ -285,27 +296,28 @@ fn any_run<'t>(text: &'t [u8], mut f: impl FnMut(&'t [u8]) -> bool) -> bool {
         // end ends there.
         let mut starts = mask & !before;
         let mut ends = !mask & before;
-        // Starts and ends alternate; an open run's end comes first.
-        let mut open = carry == 1;
-        loop {
-            if open {
-                if ends == 0 {
-                    break;
-                }
-                let end = base + ends.trailing_zeros() as usize;
-                ends &= ends - 1;
-                open = false;
-                if text.get(start..end).is_some_and(&mut f) {
-                    return true;
-                }
-            } else {
-                if starts == 0 {
-                    break;
-                }
-                start = base + starts.trailing_zeros() as usize;
-                starts &= starts - 1;
-                open = true;
+        // Starts and ends alternate. A run open from the blocks before ends at the first
+        // end; each other end closes the run of the start before it, with no branch per
+        // word on which comes next.
+        if carry == 1 && ends != 0 {
+            let end = base + ends.trailing_zeros() as usize;
+            ends &= ends - 1;
+            if text.get(start..end).is_some_and(&mut f) {
+                return true;
             }
+        }
+        while ends != 0 {
+            let from = base + starts.trailing_zeros() as usize;
+            starts &= starts - 1;
+            let end = base + ends.trailing_zeros() as usize;
+            ends &= ends - 1;
+            if text.get(from..end).is_some_and(&mut f) {
+                return true;
+            }
+        }
+        // A start left over opens a run that goes on into the next block.
+        if starts != 0 {
+            start = base + starts.trailing_zeros() as usize;
         }
         carry = mask >> 63;
     }
