@@ -190,7 +190,8 @@ fn any_key_word_or_exponent(text: &[u8], is_key: impl Fn(&[u8]) -> bool) -> bool
 /// Whether `word`, at `at` in `text`, is the fraction of a number of more than 15 digits in
 /// all: digits after a `.` that follows digits.
 fn is_long_fraction(text: &[u8], at: usize, word: &[u8]) -> bool {
-    if !word.iter().all(u8::is_ascii_digit) || at == 0 || text.get(at - 1) != Some(&b'.') {
+    // The byte before first: most words that begin with a digit follow no `.`.
+    if at == 0 || text.get(at - 1) != Some(&b'.') || !word.iter().all(u8::is_ascii_digit) {
         return false;
     }
     let integer = text
