@@ -308,8 +308,10 @@ fn any_run<'t>(text: &'t [u8], mut f: impl FnMut(&'t [u8]) -> bool) -> bool {
             }
         }
         while ends != 0 {
+            // (Here a start always precedes the end; wrapping keeps even a broken
+            // invariant from panicking.)
             let from = base + starts.trailing_zeros() as usize;
-            starts &= starts - 1;
+            starts &= starts.wrapping_sub(1);
             let end = base + ends.trailing_zeros() as usize;
             ends &= ends - 1;
             if text.get(from..end).is_some_and(&mut f) {
