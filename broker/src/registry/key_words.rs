@@ -452,6 +452,19 @@ mod tests {
                 assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&text));
             }
         }
+        // Runs that cover whole blocks (no start or end in them), and that end on an edge.
+        for len in [1usize, 62, 63, 64, 65, 127, 128, 129, 192, 300] {
+            for (before, after) in [("", ""), (" ", ""), ("x ", " y"), (&"-".repeat(63), ".")] {
+                let text = format!("{before}{}{after}", "a".repeat(len));
+                let want: Vec<&[u8]> = runs(text.as_bytes()).collect();
+                let mut got: Vec<&[u8]> = Vec::new();
+                assert!(!any_run(text.as_bytes(), |w| {
+                    got.push(w);
+                    false
+                }));
+                assert_eq!(got, want, "{len} {before:?} {after:?}");
+            }
+        }
         assert!(any_run(b"x yz", |w| w == b"yz"));
         assert!(!any_run(b"", |_| true));
     }
