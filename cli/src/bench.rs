@@ -207,6 +207,8 @@ pub struct RunResult {
     pub p99: Duration,
     /// Resident memory samples (MiB) over the run.
     pub rss_mib: Vec<f64>,
+    /// Transfers delivered per second in each tenth of the run (empty for runs combined).
+    pub delivered_by_tenth: Vec<f64>,
     /// CPU time the whole process used during the run, in seconds (none if it could not be read).
     pub cpu_seconds: Option<f64>,
     /// The part of it the load generator's threads used (none if it could not be read).
@@ -558,17 +560,20 @@ async fn load(
     let load_cpu_at_start = threads_cpu_seconds(LOAD_THREADS);
     let deadline = start + settings.duration;
     let sampler = {
-        let rss = rss.clone();
+        let (rss, delivered) = (rss.clone(), delivered.clone());
         tokio::spawn(async move {
+            let mut counts = Vec::new();
             loop {
                 if let Ok(mut v) = rss.lock() {
                     v.push(concordat_support::memory::resident_mib());
                 }
+                counts.push((start.elapsed(), delivered.load(Ordering::Relaxed)));
                 if Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            by_tenth(&counts)
         })
     };
     let mut workers = Vec::new();
@@ -614,7 +619,7 @@ async fn load(
     let load_cpu = load_cpu_at_start
         .zip(threads_cpu_seconds(LOAD_THREADS))
         .map(|(a, b)| b - a);
-    let _ = sampler.await;
+    let delivered_by_tenth = sampler.await.unwrap_or_default();
     // Let the subscriber catch up with what was accepted, briefly.
     let accepted = latencies.len();
     let catch_up = Instant::now() + Duration::from_secs(10);
@@ -633,9 +638,26 @@ async fn load(
         p50: pct(0.50),
         p99: pct(0.99),
         rss_mib,
+        delivered_by_tenth,
         cpu_seconds: cpu,
         load_cpu_seconds: load_cpu,
     })
+}
+
+/// The rate in each tenth of a run, from samples of (time since the start, count so far):
+/// between the samples that open and close each tenth (none with fewer than eleven samples,
+/// a run shorter than five seconds: some tenth would have no two samples of its own).
+fn by_tenth(counts: &[(Duration, u64)]) -> Vec<f64> {
+    let Some(last) = counts.len().checked_sub(1).filter(|l| *l >= 10) else {
+        return Vec::new();
+    };
+    (0..10)
+        .map(|d| {
+            let (t0, c0) = counts[d * last / 10];
+            let (t1, c1) = counts[(d + 1) * last / 10];
+            c1.saturating_sub(c0) as f64 / (t1.saturating_sub(t0)).as_secs_f64().max(1e-9)
+        })
+        .collect()
 }
 
 /// What one sender measured: latencies of accepted sends, failures by kind.
@@ -1453,6 +1475,7 @@ fn combined(runs: &[RunResult]) -> RunResult {
         p50: Duration::ZERO,
         p99: Duration::ZERO,
         rss_mib: Vec::new(),
+        delivered_by_tenth: Vec::new(),
         cpu_seconds: Some(0.0),
         load_cpu_seconds: Some(0.0),
     };
@@ -1522,6 +1545,18 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
                 "  RSS growth over the second half of the run (least-squares trend): {mib:+.0} MiB ({percent:+.1} %)",
             )?;
         }
+    }
+    if !r.delivered_by_tenth.is_empty() {
+        let rates: Vec<String> = r
+            .delivered_by_tenth
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect();
+        writeln!(
+            out,
+            "  delivered/s in each tenth of the run: {}",
+            rates.join(" / ")
+        )?;
     }
     Ok(())
 }
@@ -2405,6 +2440,7 @@ mod tests {
             p50: Duration::from_millis(secs),
             p99: Duration::from_millis(10 * secs),
             rss_mib: vec![1.0],
+            delivered_by_tenth: Vec::new(),
             cpu_seconds: cpu,
             load_cpu_seconds: cpu.map(|c| c / 4.0),
         };
@@ -2423,6 +2459,33 @@ mod tests {
         );
     }
 
+    /// The rate of each tenth is read between the samples that bound it; a run with too few
+    /// samples to give each tenth two has none.
+    #[test]
+    fn rates_by_tenth_follow_the_samples() {
+        let s = |secs: f64, n: u64| (Duration::from_secs_f64(secs), n);
+        // 21 samples, half a second apart: 100 a second in the first half, 300 after.
+        let counts: Vec<_> = (0..=20u64)
+            .map(|i| {
+                let n = if i <= 10 {
+                    50 * i
+                } else {
+                    500 + 150 * (i - 10)
+                };
+                s(i as f64 / 2.0, n)
+            })
+            .collect();
+        let rates = by_tenth(&counts);
+        assert_eq!(rates.len(), 10);
+        for (d, r) in rates.iter().enumerate() {
+            let want = if d < 5 { 100.0 } else { 300.0 };
+            assert!((r - want).abs() < 1e-6, "tenth {d}: {r}");
+        }
+        assert!(by_tenth(&counts[..10]).is_empty());
+        assert_eq!(by_tenth(&counts[..11]), vec![100.0; 10]);
+        assert!(by_tenth(&[]).is_empty());
+    }
+
     #[test]
     fn memory_growth_is_the_trend_over_the_second_half() {
         let run = |rss_mib: Vec<f64>| RunResult {
@@ -2434,6 +2497,7 @@ mod tests {
             p50: Duration::ZERO,
             p99: Duration::ZERO,
             rss_mib,
+            delivered_by_tenth: Vec::new(),
             cpu_seconds: None,
             load_cpu_seconds: None,
         };
