@@ -510,7 +510,6 @@ async fn load(
     tokens: Arc<Vec<String>>,
     settings: &RelayBench,
 ) -> anyhow::Result<RunResult> {
-    let rss = Arc::new(Mutex::new(Vec::new()));
     let window = settings.window;
     let delivered = Arc::new(AtomicU64::new(0));
     let consumer = {
@@ -560,20 +559,18 @@ async fn load(
     let load_cpu_at_start = threads_cpu_seconds(LOAD_THREADS);
     let deadline = start + settings.duration;
     let sampler = {
-        let (rss, delivered) = (rss.clone(), delivered.clone());
+        let delivered = delivered.clone();
         tokio::spawn(async move {
-            let mut counts = Vec::new();
+            let (mut rss, mut counts) = (Vec::new(), Vec::new());
             loop {
-                if let Ok(mut v) = rss.lock() {
-                    v.push(concordat_support::memory::resident_mib());
-                }
+                rss.push(concordat_support::memory::resident_mib());
                 counts.push((start.elapsed(), delivered.load(Ordering::Relaxed)));
                 if Instant::now() >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            by_tenth(&counts)
+            (rss, by_tenth(&counts))
         })
     };
     let mut workers = Vec::new();
@@ -619,7 +616,7 @@ async fn load(
     let load_cpu = load_cpu_at_start
         .zip(threads_cpu_seconds(LOAD_THREADS))
         .map(|(a, b)| b - a);
-    let delivered_by_tenth = sampler.await.unwrap_or_default();
+    let (rss_mib, delivered_by_tenth) = sampler.await.unwrap_or_default();
     // Let the subscriber catch up with what was accepted, briefly.
     let accepted = latencies.len();
     let catch_up = Instant::now() + Duration::from_secs(10);
@@ -628,7 +625,6 @@ async fn load(
     }
     consumer.abort();
     let pct = |p: f64| Duration::from_micros(latencies.value_at_quantile(p));
-    let rss_mib = rss.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(RunResult {
         accepted,
         delivered: delivered.load(Ordering::Relaxed),
