@@ -46,7 +46,7 @@ use anyhow::Context as _;
 use concordat_broker::{
     config::{Config, TlsMaterial},
     policy::{ConsentIssuer, Organisations},
-    store::{self, Op, Storage},
+    store::{self, Op, Storage, WRITER_THREAD},
 };
 use concordat_proto::{
     envelope::Kind,
@@ -213,6 +213,12 @@ pub struct RunResult {
     pub cpu_seconds: Option<f64>,
     /// The part of it the load generator's threads used (none if it could not be read).
     pub load_cpu_seconds: Option<f64>,
+    /// The part of it the broker's writer thread used ([`WRITER_THREAD`]: every group commit is
+    /// applied and flushed there, one after another; zero for the bare relay, which has none).
+    pub writer_cpu_seconds: Option<f64>,
+    /// Bytes the process sent towards the disk during the run (`write_bytes` of
+    /// `/proc/self/io`; none if it could not be read).
+    pub disk_bytes: Option<u64>,
 }
 
 impl RunResult {
@@ -270,6 +276,13 @@ impl RunResult {
             .filter(|_| self.accepted > 0)
             .map(|(all, load)| (all - load).max(0.0) / self.accepted as f64)
     }
+
+    /// Bytes sent towards the disk per accepted transfer, when known and anything was accepted.
+    pub fn disk_bytes_per_transfer(&self) -> Option<f64> {
+        self.disk_bytes
+            .filter(|_| self.accepted > 0)
+            .map(|bytes| bytes as f64 / self.accepted as f64)
+    }
 }
 
 struct Pki {
@@ -326,13 +339,31 @@ fn used_seconds(who: nix::sys::resource::UsageWho) -> Option<f64> {
     Some(micros as f64 / 1e6)
 }
 
+/// The bytes this process has caused to be sent to the storage layer: the `write_bytes` line
+/// of `/proc/self/io`, counted by the kernel as pages become dirty, so a page written again
+/// after it was flushed counts again. Reads nothing else (none if it cannot be read).
+fn disk_written_bytes() -> Option<u64> {
+    written_bytes_in(&std::fs::read_to_string("/proc/self/io").ok()?)
+}
+
+/// The `write_bytes` figure of a `/proc/<pid>/io` text.
+fn written_bytes_in(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The name of the load generator's threads: it runs on a runtime of its own, so that the CPU
 /// time of the server (the rest of the process) can be told apart from its own.
 const LOAD_THREADS: &str = "bench-load";
 
 /// CPU seconds the process's live threads named `name` have run, from each thread's
-/// `/proc/self/task/*/schedstat` (nanoseconds on a CPU); none if it cannot be read.
+/// `/proc/self/task/*/schedstat` (nanoseconds on a CPU); none if it cannot be read. The kernel
+/// keeps the first 15 bytes of a thread's name, so only those are compared.
 fn threads_cpu_seconds(name: &str) -> Option<f64> {
+    let name = name.get(..name.len().min(15)).unwrap_or(name);
     let mut nanos = 0u64;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let dir = task.ok()?.path();
@@ -557,6 +588,8 @@ async fn load(
     let start = Instant::now();
     let cpu_at_start = cpu_seconds();
     let load_cpu_at_start = threads_cpu_seconds(LOAD_THREADS);
+    let writer_cpu_at_start = threads_cpu_seconds(WRITER_THREAD);
+    let disk_at_start = disk_written_bytes();
     let deadline = start + settings.duration;
     let sampler = {
         let delivered = delivered.clone();
@@ -616,6 +649,12 @@ async fn load(
     let load_cpu = load_cpu_at_start
         .zip(threads_cpu_seconds(LOAD_THREADS))
         .map(|(a, b)| b - a);
+    let writer_cpu = writer_cpu_at_start
+        .zip(threads_cpu_seconds(WRITER_THREAD))
+        .map(|(a, b)| b - a);
+    let disk_bytes = disk_at_start
+        .zip(disk_written_bytes())
+        .map(|(a, b)| b.saturating_sub(a));
     let (rss_mib, delivered_by_tenth) = sampler.await.unwrap_or_default();
     // Let the subscriber catch up with what was accepted, briefly.
     let accepted = latencies.len();
@@ -637,6 +676,8 @@ async fn load(
         delivered_by_tenth,
         cpu_seconds: cpu,
         load_cpu_seconds: load_cpu,
+        writer_cpu_seconds: writer_cpu,
+        disk_bytes,
     })
 }
 
@@ -1474,6 +1515,8 @@ fn combined(runs: &[RunResult]) -> RunResult {
         delivered_by_tenth: Vec::new(),
         cpu_seconds: Some(0.0),
         load_cpu_seconds: Some(0.0),
+        writer_cpu_seconds: Some(0.0),
+        disk_bytes: Some(0),
     };
     for r in runs {
         all.accepted += r.accepted;
@@ -1489,6 +1532,11 @@ fn combined(runs: &[RunResult]) -> RunResult {
             .load_cpu_seconds
             .zip(r.load_cpu_seconds)
             .map(|(a, b)| a + b);
+        all.writer_cpu_seconds = all
+            .writer_cpu_seconds
+            .zip(r.writer_cpu_seconds)
+            .map(|(a, b)| a + b);
+        all.disk_bytes = all.disk_bytes.zip(r.disk_bytes).map(|(a, b)| a + b);
     }
     all
 }
@@ -1522,6 +1570,22 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
             "  server CPU: {:.0} µs per accepted transfer; load generator {:.0} µs",
             server * 1e6,
             load / r.accepted.max(1) as f64 * 1e6
+        )?;
+    }
+    if let Some(writer) = r.writer_cpu_seconds.filter(|w| *w > 0.0) {
+        writeln!(
+            out,
+            "  writer thread: {:.1} µs per accepted transfer, busy {:.0} % of the run (it applies and flushes the group commits one after another)",
+            writer / r.accepted.max(1) as f64 * 1e6,
+            100.0 * writer / r.elapsed.as_secs_f64().max(1e-9)
+        )?;
+    }
+    if let Some(bytes) = r.disk_bytes_per_transfer() {
+        writeln!(
+            out,
+            "  written towards the disk by this process: {:.1} KiB per accepted transfer ({:.0} MB/s)",
+            bytes / 1024.0,
+            r.disk_bytes.unwrap_or(0) as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9)
         )?;
     }
     if !r.rss_mib.is_empty() {
@@ -2393,14 +2457,15 @@ mod tests {
 
     /// The CPU time of a named thread is read, and only its own: a thread that spins until
     /// its own CPU time (by `getrusage`) reaches 0.3 s counts about that, one of another name
-    /// nothing.
+    /// nothing. Its name is longer than the 15 bytes the kernel keeps, as the writer's is, and
+    /// is still found by it.
     #[test]
     fn threads_cpu_time_is_read_by_name() {
         assert_eq!(threads_cpu_seconds("bench-test-none"), Some(0.0));
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let (spun_tx, spun) = std::sync::mpsc::channel::<f64>();
         let handle = std::thread::Builder::new()
-            .name("bench-test-busy".into())
+            .name("bench-test-busy-thread".into())
             .spawn(move || {
                 let own = || used_seconds(nix::sys::resource::UsageWho::RUSAGE_THREAD).unwrap();
                 let mut x = 0u64;
@@ -2415,7 +2480,7 @@ mod tests {
             })
             .unwrap();
         let by_rusage = spun.recv().unwrap();
-        let read = threads_cpu_seconds("bench-test-busy").unwrap();
+        let read = threads_cpu_seconds("bench-test-busy-thread").unwrap();
         assert!(
             read >= 0.25 && read <= by_rusage + 0.1,
             "{read} s read, {by_rusage} s by getrusage"
@@ -2439,6 +2504,8 @@ mod tests {
             delivered_by_tenth: Vec::new(),
             cpu_seconds: cpu,
             load_cpu_seconds: cpu.map(|c| c / 4.0),
+            writer_cpu_seconds: cpu.map(|c| c / 8.0),
+            disk_bytes: cpu.map(|c| (c * 1e6) as u64),
         };
         let all = combined(&[run(100, 1, Some(0.5)), run(500, 3, Some(1.5))]);
         assert_eq!(all.accepted, 600);
@@ -2448,11 +2515,23 @@ mod tests {
         assert_eq!(all.p99, Duration::from_millis(30));
         assert_eq!(all.cpu_per_transfer(), Some(2.0 / 600.0));
         assert_eq!(all.server_cpu_per_transfer(), Some(1.5 / 600.0));
-        // Unknown CPU time in any run makes the total unknown.
-        assert_eq!(
-            combined(&[run(1, 1, None), run(1, 1, Some(1.0))]).cpu_seconds,
-            None
-        );
+        assert_eq!(all.writer_cpu_seconds, Some(0.25));
+        assert_eq!(all.disk_bytes, Some(2_000_000));
+        assert_eq!(all.disk_bytes_per_transfer(), Some(2_000_000.0 / 600.0));
+        // Unknown CPU time or disk writes in any run make the total unknown.
+        let partly_known = combined(&[run(1, 1, None), run(1, 1, Some(1.0))]);
+        assert_eq!(partly_known.cpu_seconds, None);
+        assert_eq!(partly_known.disk_bytes, None);
+    }
+
+    /// The disk figure is the `write_bytes` line of `/proc/<pid>/io`, not `wchar` (every
+    /// `write`, sockets included) nor `cancelled_write_bytes`.
+    #[test]
+    fn disk_writes_are_read_from_write_bytes() {
+        let io = "rchar: 4096\nwchar: 123456\nsyscr: 2\nsyscw: 9\nread_bytes: 0\nwrite_bytes: 8192\ncancelled_write_bytes: 4096\n";
+        assert_eq!(written_bytes_in(io), Some(8192));
+        assert_eq!(written_bytes_in("rchar: 1\nwchar: 2\n"), None);
+        assert_eq!(written_bytes_in("write_bytes: lots\n"), None);
     }
 
     /// The rate of each tenth is read between the samples that bound it; a run with too few
@@ -2496,6 +2575,8 @@ mod tests {
             delivered_by_tenth: Vec::new(),
             cpu_seconds: None,
             load_cpu_seconds: None,
+            writer_cpu_seconds: None,
+            disk_bytes: None,
         };
         let close = |got: Option<(f64, f64)>, mib: f64, percent: f64| {
             let (m, p) = got.unwrap();

@@ -103,6 +103,10 @@ pub enum Op {
 /// The most timers one [`Op::FireTimers`] fires; the rest wait for the next.
 pub const MAX_TIMERS_FIRED: usize = 256;
 
+/// The name of the thread that applies and flushes every group commit (the one writer), so
+/// that profiles and `concordat bench relay` can tell its time apart.
+pub const WRITER_THREAD: &str = "concordat-writer";
+
 /// An agency's declaration that it is involved in an incident.
 #[derive(Debug)]
 pub struct Involve {
@@ -795,7 +799,7 @@ impl Store {
         let writer = storage.clone();
         let writer_shared = shared.clone();
         thread::Builder::new()
-            .name("concordat-writer".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || {
                 write_loop(
                     writer.as_ref(),
