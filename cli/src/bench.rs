@@ -1585,7 +1585,7 @@ fn print_run(out: &mut dyn Write, name: &str, r: &RunResult) -> anyhow::Result<(
             out,
             "  written towards the disk by this process: {:.1} KiB per accepted transfer ({:.0} MB/s)",
             bytes / 1024.0,
-            r.disk_bytes.unwrap_or(0) as f64 / 1e6 / r.elapsed.as_secs_f64().max(1e-9)
+            bytes * r.rate() / 1e6
         )?;
     }
     if !r.rss_mib.is_empty() {
