@@ -401,6 +401,30 @@ impl BundleCache {
         pick(*start, bundle)
     }
 
+    /// What `pick` finds for each of `indexes` in the cached bundles, under one lock (a proof
+    /// reads a score of hashes, many from the same few bundles): `None` where no cached bundle
+    /// has it.
+    fn find_all<T>(
+        &self,
+        indexes: &[u64],
+        pick: impl Fn(u64, u64, &[u8]) -> Option<T>,
+    ) -> Vec<Option<T>> {
+        let bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last: Option<(u64, &Value)> = None;
+        indexes
+            .iter()
+            .map(|&index| {
+                // The bundle of the previous index first: neighbours on a path often share one.
+                if let Some(found) = last.and_then(|(start, b)| pick(index, start, b)) {
+                    return Some(found);
+                }
+                let (start, bundle) = bundles.range(..=index).next_back()?;
+                last = Some((*start, bundle));
+                pick(index, *start, bundle)
+            })
+            .collect()
+    }
+
     /// Keeps the committed bundle starting at `start`.
     fn keep(&self, start: u64, bundle: Value) {
         let mut bundles = self.bundles.lock().unwrap_or_else(|p| p.into_inner());
@@ -418,17 +442,26 @@ struct Hashes {
     cache: BundleCache,
 }
 
+/// The hash at stored index `i` in the hash bundle that starts at `start`, if it holds it.
+fn hash_in_bundle(i: u64, start: u64, bundle: &[u8]) -> Option<Hash> {
+    let k = usize::try_from(i.checked_sub(start)?).ok()?;
+    let at = k.checked_mul(32)?;
+    Hash::from_slice(bundle.get(at..at.checked_add(32)?)?).ok()
+}
+
 impl Hashes {
     /// The hash at stored index `i`.
     fn get(&self, i: u64) -> Result<Hash, MerkleError> {
-        let covering = |start: u64, bundle: &[u8]| -> Option<Hash> {
-            let k = usize::try_from(i.checked_sub(start)?).ok()?;
-            let at = k.checked_mul(32)?;
-            Hash::from_slice(bundle.get(at..at.checked_add(32)?)?).ok()
-        };
+        let covering = |start: u64, bundle: &[u8]| hash_in_bundle(i, start, bundle);
         if let Some(h) = self.cache.find(i, covering) {
             return Ok(h);
         }
+        self.read(i)
+    }
+
+    /// The hash at stored index `i`, read from the store (its bundle then kept in the cache).
+    fn read(&self, i: u64) -> Result<Hash, MerkleError> {
+        let covering = |start: u64, bundle: &[u8]| hash_in_bundle(i, start, bundle);
         let found = bundle_at_or_before(&self.tree, i).map_err(storage_err)?;
         let Some((key, bundle)) = found else {
             return Err(MerkleError::MissingHash { index: i });
@@ -445,30 +478,50 @@ impl Hashes {
 
 impl HashReader for Hashes {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
-        indexes.iter().map(|i| self.get(*i)).collect()
+        let cached = self.cache.find_all(indexes, hash_in_bundle);
+        indexes
+            .iter()
+            .zip(cached)
+            .map(|(&i, found)| match found {
+                Some(h) => Ok(h),
+                None => self.read(i),
+            })
+            .collect()
     }
 }
 
 /// The stored hashes already read by one batch of proofs, in front of [`Hashes`].
 struct Memo<'h> {
     hashes: &'h Hashes,
-    seen: RefCell<HashMap<u64, Hash>>,
+    /// Hashed with foldhash: the keys are the log's own indexes, and SipHash was a tenth of
+    /// a delivery's proof.
+    seen: RefCell<HashMap<u64, Hash, foldhash::fast::FixedState>>,
 }
 
 impl HashReader for Memo<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
         let mut seen = self.seen.borrow_mut();
-        indexes
-            .iter()
-            .map(|&i| match seen.get(&i) {
-                Some(h) => Ok(*h),
+        // Those already seen, and where the others go, read together.
+        let mut out = Vec::with_capacity(indexes.len());
+        let (mut unseen, mut slots) = (Vec::new(), Vec::new());
+        for &i in indexes {
+            match seen.get(&i) {
+                Some(h) => out.push(*h),
                 None => {
-                    let h = self.hashes.get(i)?;
-                    seen.insert(i, h);
-                    Ok(h)
+                    unseen.push(i);
+                    slots.push(out.len());
+                    out.push(Hash([0; 32]));
                 }
-            })
-            .collect()
+            }
+        }
+        if !unseen.is_empty() {
+            let read = self.hashes.read_hashes(&unseen)?;
+            for ((i, slot), h) in unseen.into_iter().zip(slots).zip(read) {
+                out[slot] = h;
+                seen.insert(i, h);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -863,7 +916,7 @@ impl Log {
     pub fn prove_entries(&self, indexes: &[u64], size: u64) -> Result<Vec<ProvedEntry>, Internal> {
         let memo = Memo {
             hashes: &self.hashes,
-            seen: RefCell::new(HashMap::new()),
+            seen: RefCell::new(HashMap::default()),
         };
         indexes
             .iter()
@@ -1095,5 +1148,108 @@ pub fn entry_at(time: prost_types::Timestamp, event: pb::audit_entry::Event) -> 
     pb::AuditEntry {
         time: Some(time),
         event: Some(event),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::store::kv::{self, Kv};
+
+    /// Every stored hash of a log, computed apart from the store: the reference the store's
+    /// proofs are compared with.
+    #[derive(Default)]
+    struct Reference(HashMap<u64, Hash>);
+
+    impl HashReader for Reference {
+        fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, MerkleError> {
+            indexes
+                .iter()
+                .map(|i| {
+                    self.0
+                        .get(i)
+                        .copied()
+                        .ok_or(MerkleError::MissingHash { index: *i })
+                })
+                .collect()
+        }
+    }
+
+    fn test_entry(i: u64) -> pb::AuditEntry {
+        let seconds = i64::try_from(i).unwrap();
+        pb::AuditEntry {
+            time: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            event: None,
+        }
+    }
+
+    /// Proofs read through the hash cache (one lock for a proof's hashes, the previous
+    /// hash's bundle tried first), through the batch memo of deliveries, and from the store
+    /// alone after a restart, are those of the specification's algorithm over the same
+    /// hashes, for every entry of trees of many sizes.
+    #[test]
+    fn proofs_from_the_cache_and_from_the_store_are_the_specifications() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = "test/proofs";
+        load_or_create_key(dir.path(), origin).unwrap();
+        let kv = Kv::open_sled(&dir.path().join("db")).unwrap();
+        let (entries, hashes, meta) = (
+            kv.open_tree("log_entries").unwrap(),
+            kv.open_tree("log_hashes").unwrap(),
+            kv.open_tree("meta").unwrap(),
+        );
+        let open = || {
+            let signer = load_key(dir.path(), origin).unwrap();
+            Log::open(
+                entries.clone(),
+                hashes.clone(),
+                meta.clone(),
+                signer,
+                dir.path(),
+            )
+            .unwrap()
+        };
+        let log = open();
+        let mut reference = Reference::default();
+        // Commits of 1 to 37 entries: bundles of every shape, 40 of them.
+        let mut size = 0u64;
+        let mut sizes = Vec::new();
+        for commit in 0..40u64 {
+            let n = 1 + (commit * 7) % 37;
+            let frontier = kv::transaction(&[&entries, &hashes, &meta], |view| {
+                let [e, h, m] = view.array(0).unwrap();
+                let tx = log.in_tx(e, h, m)?;
+                for i in size..size + n {
+                    tx.append(&test_entry(i))?;
+                }
+                tx.finish()
+            })
+            .unwrap();
+            log.advance(frontier);
+            for i in size..size + n {
+                let leaf = test_entry(i).encode_to_vec();
+                let new = merkle::stored_hashes(i, &leaf, &reference).unwrap();
+                let first = merkle::stored_hash_count(i);
+                reference.0.extend((first..).zip(new));
+            }
+            size += n;
+            sizes.push(size);
+        }
+        let check = |log: &Log| {
+            for &t in sizes.iter().step_by(3).chain(sizes.last()) {
+                let all: Vec<u64> = (0..t).collect();
+                let batch = log.prove_entries(&all, t).unwrap();
+                for n in 0..t {
+                    let expected = merkle::prove_record(t, n, &reference).unwrap();
+                    assert_eq!(log.prove_entry(n, t).unwrap(), expected, "entry {n} of {t}");
+                    assert_eq!(batch[n as usize].proof, expected, "batch: entry {n} of {t}");
+                }
+            }
+        };
+        check(&log);
+        // A restarted broker's cache is empty: every bundle is read from the store first.
+        drop(log);
+        check(&open());
     }
 }
