@@ -653,26 +653,39 @@ impl TxLog<'_> {
     }
 
     /// Writes what was appended — one bundle of entries, one of hashes, the new size — and
-    /// returns the frontier to hand to [`Log::advance`] once the transaction has committed
-    /// (`None` if nothing was appended).
-    pub fn finish(&self) -> Result<Option<Frontier>, TxError<Failure>> {
+    /// returns what to hand to [`Log::advance`] once the transaction has committed (`None` if
+    /// nothing was appended).
+    pub fn finish(&self) -> Result<Option<Appended>, TxError<Failure>> {
         let p = self.pending.borrow();
         if p.entries.is_empty() {
             return Ok(None);
         }
         let internal = |e: Internal| TxError::Abort(Failure::Internal(e));
         let bundle = encode_entry_bundle(&p.entries).map_err(internal)?;
-        self.entries.insert(p.start.to_be_bytes(), bundle)?;
+        self.entries.insert(p.start.to_be_bytes(), &bundle)?;
         let hashes: Vec<u8> = p.hashes.iter().flat_map(|h| h.0).collect();
-        self.hashes.insert(p.hash_start.to_be_bytes(), hashes)?;
+        self.hashes.insert(p.hash_start.to_be_bytes(), &hashes)?;
         let size = p.start + p.entries.len() as u64;
         self.meta.insert(LOG_SIZE, size.to_be_bytes())?;
         let frontier = self
             .frontier
             .advanced(&p)
             .map_err(|e| internal(Internal::new("advancing the log frontier", e)))?;
-        Ok(Some(frontier))
+        Ok(Some(Appended {
+            frontier,
+            entries: (p.start, bundle.into()),
+            hashes: (p.hash_start, hashes.into()),
+        }))
     }
+}
+
+/// What a transaction appended to the log: the tree's new frontier, and the two bundles it
+/// wrote, which [`Log::advance`] keeps in the caches once it has committed (the commit's
+/// checkpoint, receipts and deliveries read them next).
+pub struct Appended {
+    frontier: Frontier,
+    entries: (u64, Value),
+    hashes: (u64, Value),
 }
 
 /// The committed log: reads, proofs and checkpoint signing.
@@ -817,10 +830,13 @@ impl Log {
         Ok(())
     }
 
-    /// Records that a transaction which returned `frontier` from [`TxLog::finish`] committed.
-    pub fn advance(&self, frontier: Option<Frontier>) {
-        if let Some(f) = frontier {
-            *self.lock_frontier() = f;
+    /// Records that a transaction which returned `appended` from [`TxLog::finish`] committed.
+    pub fn advance(&self, appended: Option<Appended>) {
+        if let Some(a) = appended {
+            let ((entries_start, entries), (hashes_start, hashes)) = (a.entries, a.hashes);
+            self.entry_cache.keep(entries_start, entries);
+            self.hashes.cache.keep(hashes_start, hashes);
+            *self.lock_frontier() = a.frontier;
         }
     }
 

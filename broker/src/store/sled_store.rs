@@ -64,7 +64,7 @@ use super::{
     receipt_from_entry, timestamp, transfer_refused,
 };
 use crate::{
-    audit_log::{self, Frontier, Log, SignedCheckpoint, TxLog},
+    audit_log::{self, Appended, Log, SignedCheckpoint, TxLog},
     backup,
     policy::{
         ConsentLedger, ConsentUse,
@@ -338,7 +338,7 @@ struct Committed {
     blocks: Vec<(AgencyId, Vec<ItemMeta>)>,
     acks: Vec<(AgencyId, u64, Vec<usize>)>,
     last_seq: u64,
-    frontier: Option<Frontier>,
+    frontier: Option<Appended>,
 }
 
 /// What a step inside a transaction returns: its error aborts the transaction.
