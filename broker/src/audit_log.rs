@@ -1201,9 +1201,10 @@ mod tests {
     }
 
     /// Proofs read through the hash cache (one lock for a proof's hashes, the previous
-    /// hash's bundle tried first), through the batch memo of deliveries, and from the store
-    /// alone after a restart, are those of the specification's algorithm over the same
-    /// hashes, for every entry of trees of many sizes.
+    /// hash's bundle tried first; each commit's bundles kept there when it commits), through
+    /// the batch memo of deliveries, and from the store alone after a restart, are those of
+    /// the specification's algorithm over the same hashes, for every entry of trees of many
+    /// sizes; and the entries read with them are the bytes appended.
     #[test]
     fn proofs_from_the_cache_and_from_the_store_are_the_specifications() {
         let dir = tempfile::tempdir().unwrap();
@@ -1233,7 +1234,7 @@ mod tests {
         let mut sizes = Vec::new();
         for commit in 0..40u64 {
             let n = 1 + (commit * 7) % 37;
-            let frontier = kv::transaction(&[&entries, &hashes, &meta], |view| {
+            let appended = kv::transaction(&[&entries, &hashes, &meta], |view| {
                 let [e, h, m] = view.array(0).unwrap();
                 let tx = log.in_tx(e, h, m)?;
                 for i in size..size + n {
@@ -1242,7 +1243,7 @@ mod tests {
                 tx.finish()
             })
             .unwrap();
-            log.advance(frontier);
+            log.advance(appended);
             for i in size..size + n {
                 let leaf = test_entry(i).encode_to_vec();
                 let new = merkle::stored_hashes(i, &leaf, &reference).unwrap();
@@ -1260,6 +1261,9 @@ mod tests {
                     let expected = merkle::prove_record(t, n, &reference).unwrap();
                     assert_eq!(log.prove_entry(n, t).unwrap(), expected, "entry {n} of {t}");
                     assert_eq!(batch[n as usize].proof, expected, "batch: entry {n} of {t}");
+                    let bytes = test_entry(n).encode_to_vec();
+                    assert_eq!(batch[n as usize].entry, bytes, "entry {n}'s bytes");
+                    assert_eq!(log.entry(n).unwrap(), Some(bytes), "entry {n} alone");
                 }
             }
         };

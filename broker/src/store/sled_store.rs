@@ -338,7 +338,7 @@ struct Committed {
     blocks: Vec<(AgencyId, Vec<ItemMeta>)>,
     acks: Vec<(AgencyId, u64, Vec<usize>)>,
     last_seq: u64,
-    frontier: Option<Appended>,
+    appended: Option<Appended>,
 }
 
 /// What a step inside a transaction returns: its error aborts the transaction.
@@ -814,7 +814,7 @@ impl SledStorage {
             blocks,
             acks,
             last_seq: fx.last_seq,
-            frontier: t.log.finish()?,
+            appended: t.log.finish()?,
         })
     }
 
@@ -859,7 +859,7 @@ impl SledStorage {
 
     /// Applies what a committed transaction changed to the in-memory state.
     fn settle(&self, c: Committed) {
-        self.log.advance(c.frontier);
+        self.log.advance(c.appended);
         let mut index = self.lock_index();
         for (recipient, items) in c.blocks {
             index.add_block(&recipient, items, Vec::new());
@@ -1129,7 +1129,7 @@ impl SledStorage {
                     blocks: write_blocks(queues, blocks)?,
                     acks: Vec::new(),
                     last_seq,
-                    frontier: log.finish()?,
+                    appended: log.finish()?,
                 };
                 Ok((fired, notices, committed))
             },
@@ -1552,7 +1552,7 @@ impl SledStorage {
                     blocks: write_blocks(queues, blocks)?,
                     acks: Vec::new(),
                     last_seq: seq - 1,
-                    frontier: log.finish()?,
+                    appended: log.finish()?,
                 };
                 Ok((notices, false, committed, Some(written)))
             },
