@@ -301,7 +301,7 @@ pub fn python_venv(venv: &str, module: &str, requirement: &str) -> Result<PathBu
     let python = venv.join("bin/python");
     let ready = |python: &Path| {
         Command::new(python)
-            .args(["-c", &format!("import {module}")])
+            .args(["-I", "-c", &format!("import {module}")])
             .output()
             .is_ok_and(|o| o.status.success())
     };

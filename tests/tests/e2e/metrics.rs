@@ -105,7 +105,9 @@ struct Sample {
 fn parse(python: &Path, parser: &str, body: &str) -> BTreeMap<String, Family> {
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), PARSE_PY).unwrap();
+    // Isolated (`-I`), as in `stix_crosscheck`: no module beside the script shadows the parser's.
     let mut child = Command::new(python)
+        .arg("-I")
         .arg(script.path())
         .arg(parser)
         .stdin(Stdio::piped())

@@ -59,7 +59,10 @@ fn the_broker_and_the_oasis_validator_agree_on_the_corpus() {
 
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), CHECK_PY).unwrap();
+    // Isolated (`-I`): the script's directory (the system's temporary one) is not put on the
+    // module path, so no stray `*.py` there can shadow the validator's imports.
     let out = Command::new(&python)
+        .arg("-I")
         .arg(script.path())
         .args(&files)
         .output()
