@@ -204,8 +204,10 @@ impl fmt::Debug for Value {
 }
 
 impl From<Vec<u8>> for Value {
+    /// Takes the bytes as they are: no copy (the writer hands each commit's log bundles, tens
+    /// of KiB, to the log's caches this way).
     fn from(v: Vec<u8>) -> Value {
-        Value::sled(v.into())
+        Value::owned(v)
     }
 }
 
