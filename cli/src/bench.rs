@@ -645,13 +645,11 @@ async fn load(
     let mut error_kinds: Vec<(String, u64)> = error_kinds.into_iter().collect();
     error_kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let elapsed = start.elapsed();
-    let cpu = cpu_at_start.zip(cpu_seconds()).map(|(a, b)| b - a);
-    let load_cpu = load_cpu_at_start
-        .zip(threads_cpu_seconds(LOAD_THREADS))
-        .map(|(a, b)| b - a);
-    let writer_cpu = writer_cpu_at_start
-        .zip(threads_cpu_seconds(WRITER_THREAD))
-        .map(|(a, b)| b - a);
+    // What a counter read at the start and now says the run used (unknown if either is).
+    let used = |at_start: Option<f64>, now: Option<f64>| at_start.zip(now).map(|(a, b)| b - a);
+    let cpu = used(cpu_at_start, cpu_seconds());
+    let load_cpu = used(load_cpu_at_start, threads_cpu_seconds(LOAD_THREADS));
+    let writer_cpu = used(writer_cpu_at_start, threads_cpu_seconds(WRITER_THREAD));
     let disk_bytes = disk_at_start
         .zip(disk_written_bytes())
         .map(|(a, b)| b.saturating_sub(a));
@@ -1502,6 +1500,11 @@ fn print_targets(
 
 /// Several runs taken together: their counts and times added (so the rate is the total
 /// accepted over the total time), latencies the worst of theirs, memory samples joined.
+/// The sum of two counters, unknown if either is.
+fn known_sum<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+    a.zip(b).map(|(a, b)| a + b)
+}
+
 fn combined(runs: &[RunResult]) -> RunResult {
     let mut all = RunResult {
         accepted: 0,
@@ -1527,16 +1530,10 @@ fn combined(runs: &[RunResult]) -> RunResult {
         all.p50 = all.p50.max(r.p50);
         all.p99 = all.p99.max(r.p99);
         all.rss_mib.extend(&r.rss_mib);
-        all.cpu_seconds = all.cpu_seconds.zip(r.cpu_seconds).map(|(a, b)| a + b);
-        all.load_cpu_seconds = all
-            .load_cpu_seconds
-            .zip(r.load_cpu_seconds)
-            .map(|(a, b)| a + b);
-        all.writer_cpu_seconds = all
-            .writer_cpu_seconds
-            .zip(r.writer_cpu_seconds)
-            .map(|(a, b)| a + b);
-        all.disk_bytes = all.disk_bytes.zip(r.disk_bytes).map(|(a, b)| a + b);
+        all.cpu_seconds = known_sum(all.cpu_seconds, r.cpu_seconds);
+        all.load_cpu_seconds = known_sum(all.load_cpu_seconds, r.load_cpu_seconds);
+        all.writer_cpu_seconds = known_sum(all.writer_cpu_seconds, r.writer_cpu_seconds);
+        all.disk_bytes = known_sum(all.disk_bytes, r.disk_bytes);
     }
     all
 }
