@@ -69,6 +69,7 @@ impl ContentKind {
         let version = media.param("version");
         let essence = media.essence();
         if essence == STIX_MEDIA_TYPE {
+            utf8_only(&media, STIX_MEDIA_TYPE)?;
             return match version {
                 // The version parameter is what STIX 2.1 specifies; without it the bundle is
                 // still validated as 2.1 rather than waved through as plain JSON.
@@ -80,6 +81,7 @@ impl ContentKind {
             };
         }
         if essence == INCIDENT_MEDIA_TYPE {
+            utf8_only(&media, INCIDENT_MEDIA_TYPE)?;
             return match version {
                 None | Some("1") => Ok(ContentKind::IncidentRecord),
                 Some(v) => Err(ContentError::UnsupportedVersion {
@@ -89,17 +91,11 @@ impl ContentKind {
             };
         }
         if let Some(&media_type) = TEXT_MEDIA_TYPES.iter().find(|t| **t == essence) {
-            // Only UTF-8 is read: text in another charset could name an organisation in bytes
-            // the matcher would not recognise, so it is refused rather than waved through.
-            return match media.param("charset") {
-                None | Some("utf-8") => Ok(ContentKind::Text),
-                Some(c) => Err(ContentError::UnsupportedCharset {
-                    media_type,
-                    charset: c.to_owned(),
-                }),
-            };
+            utf8_only(&media, media_type)?;
+            return Ok(ContentKind::Text);
         }
         if essence == "application/json" || media.subtype.ends_with("+json") {
+            utf8_only(&media, "JSON")?;
             return Ok(ContentKind::Json);
         }
         Ok(ContentKind::Opaque)
@@ -109,6 +105,29 @@ impl ContentKind {
     pub fn is_inspectable(self) -> bool {
         self != ContentKind::Opaque
     }
+}
+
+/// Only UTF-8 is read: a payload the broker reads, in another charset, could name an
+/// organisation in bytes the matcher would not recognise, so its type is refused rather than
+/// waved through. That covers a `charset` other than `utf-8`, and any extended parameter (RFC
+/// 2231's `name*` and `name*0`), which a MIME reader may take for the charset
+/// (`charset*=''utf-7`) while this reader would see none.
+fn utf8_only(media: &MediaType, media_type: &'static str) -> Result<(), ContentError> {
+    for (name, value) in &media.params {
+        if name.contains('*') {
+            return Err(ContentError::BadMediaType(format!(
+                "{media_type}: the extended parameter {name:?} (RFC 2231) is not read; give \
+                 charset=utf-8, or no charset"
+            )));
+        }
+        if name == "charset" && value != "utf-8" {
+            return Err(ContentError::UnsupportedCharset {
+                media_type,
+                charset: value.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for ContentKind {
@@ -636,6 +655,21 @@ mod tests {
             ("text/plain; charset=\"utf-8\"", Ok(Text)),
             ("text/plain; charset=iso-8859-1", Err(())),
             ("text/markdown; charset=utf-16", Err(())),
+            // Every type the broker reads is read as UTF-8: an extended parameter (RFC 2231),
+            // which a MIME reader takes for the charset, and any other charset are refused.
+            ("text/plain; charset*0=utf-7", Err(())),
+            ("text/plain; charset*=''utf-7", Err(())),
+            ("text/markdown; charset*0=\"utf-7\"", Err(())),
+            ("text/plain; charset=utf-8; charset*=''utf-7", Err(())),
+            ("application/json; charset=utf-7", Err(())),
+            ("application/json; charset*=''utf-7", Err(())),
+            ("application/geo+json; charset=utf-16", Err(())),
+            ("application/stix+json;version=2.1;charset=utf-7", Err(())),
+            (
+                "application/vnd.concordat.incident+json;version=1;charset=utf-7",
+                Err(()),
+            ),
+            ("application/octet-stream; name*=utf-8''a.bin", Ok(Opaque)),
             ("text/html", Ok(Opaque)),
             ("text/csv", Ok(Opaque)),
             ("application/jsonx", Ok(Opaque)),
