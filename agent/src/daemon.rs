@@ -29,6 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use concordat_proto::pb::{self, send_result::Outcome};
 use futures::StreamExt;
 use rand::Rng;
@@ -42,7 +43,7 @@ use crate::{
     client::{Broker, ClientError, ClientTls, refusal_of},
     config::AgentConfig,
     pipeline::{Pipeline, Sent},
-    spool::{Delivered, DeliveryError, OutboxItem, Spool},
+    spool::{Delivered, DeliveryError, FileId, OutboxError, OutboxItem, Spool},
     witness::{Witness, WitnessError},
 };
 
@@ -421,17 +422,46 @@ pub async fn run(
             None
         }
     };
-    let outbox = tokio::spawn(outbox_loop(
+    // The loops stop on `stop`: at shutdown, or as soon as either of them fails. An agent
+    // that can no longer file what it sends (or store what it receives) stops, loudly, rather
+    // than going on with one half.
+    let (stop_tx, stop) = watch::channel(false);
+    let forward = {
+        let (mut shutdown, stop_tx) = (shutdown, stop_tx.clone());
+        tokio::spawn(async move {
+            while !*shutdown.borrow_and_update() {
+                if shutdown.changed().await.is_err() {
+                    return;
+                }
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+    let mut outbox = tokio::spawn(outbox_loop(
         settings.clone(),
         spool.clone(),
-        shutdown.clone(),
+        stop.clone(),
         events.clone(),
         witness.clone(),
     ));
-    let inbox = tokio::spawn(inbox_loop(settings, spool, shutdown, events, witness));
-    let (a, b) = tokio::join!(outbox, inbox);
-    a??;
-    b??;
+    let mut inbox = tokio::spawn(inbox_loop(settings, spool, stop, events, witness));
+    let (first, ended) = tokio::select! {
+        ended = &mut outbox => ("outbox", ended),
+        ended = &mut inbox => ("inbox", ended),
+    };
+    let ended = ended.map_err(anyhow::Error::from).and_then(|r| r);
+    if let Err(e) = &ended {
+        tracing::error!("the {first} loop failed, so the agent stops: {e:#}");
+    }
+    let _ = stop_tx.send(true);
+    let other = if first == "outbox" {
+        inbox.await
+    } else {
+        outbox.await
+    };
+    forward.abort();
+    ended?;
+    other??;
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -583,8 +613,22 @@ async fn outbox_loop(
 }
 
 /// Sends one outbox file and files it under its outcome. Errors are local I/O failures that
-/// stop the agent (a full disk, say); transport failures are a `Retry`.
+/// stop the agent (a full disk, say), and name the file; transport failures are a `Retry`.
 async fn send_file(
+    broker: &Broker,
+    pipeline: &Pipeline,
+    spool: &Spool,
+    name: String,
+    events: &Option<mpsc::UnboundedSender<AgentEvent>>,
+    witness: Option<&Witness>,
+) -> anyhow::Result<FileOutcome> {
+    let shown = name.clone();
+    send_and_file(broker, pipeline, spool, name, events, witness)
+        .await
+        .with_context(|| format!("outbox file {shown:?}"))
+}
+
+async fn send_and_file(
     broker: &Broker,
     pipeline: &Pipeline,
     spool: &Spool,
@@ -597,12 +641,16 @@ async fn send_file(
     }
     let loaded = {
         let (spool, name) = (spool.clone(), name.clone());
-        tokio::task::spawn_blocking(move || spool.load(&name)).await?
+        tokio::task::spawn_blocking(move || spool.load_file(&name)).await?
     };
-    let envelope = match loaded {
-        Ok(OutboxItem::Envelope(envelope)) => *envelope,
-        Ok(OutboxItem::Involvement(incident_ref)) => {
-            return declare_involvement(broker, spool, name, incident_ref, events).await;
+    let (envelope, read) = match loaded {
+        Ok((OutboxItem::Envelope(envelope), read)) => (*envelope, read),
+        Ok((OutboxItem::Involvement(incident_ref), read)) => {
+            return declare_involvement(broker, spool, name, incident_ref, read, events).await;
+        }
+        Err(e @ OutboxError::Changed { .. }) => {
+            tracing::info!(file = ?name, "not sent on this pass: {e}");
+            return Ok(FileOutcome::Later);
         }
         Err(e) => {
             let error = e.to_string();
@@ -632,7 +680,8 @@ async fn send_file(
                 tracing::warn!(file = %name, transfer = %receipt.transfer_id, "the broker warns: {warning}");
             }
             let (path, name, receipt) = blocking(spool, move |s| {
-                s.complete_sent(&name, &receipt).map(|p| (p, name, receipt))
+                s.complete_sent(&name, &receipt, Some(read))
+                    .map(|p| (p, name, receipt))
             })
             .await?;
             if let Some(w) = witness {
@@ -666,7 +715,7 @@ async fn send_file(
                 reason,
                 message,
                 move |s, name, reason, message| {
-                    s.complete_refused(name, message_id, reason, message)
+                    s.complete_refused(name, message_id, reason, message, Some(read))
                 },
             )
             .await
@@ -773,6 +822,7 @@ async fn declare_involvement(
     spool: &Spool,
     name: String,
     incident_ref: String,
+    read: FileId,
     events: &Option<mpsc::UnboundedSender<AgentEvent>>,
 ) -> anyhow::Result<FileOutcome> {
     let mut client = broker.workflows();
@@ -784,7 +834,7 @@ async fn declare_involvement(
             let answer = answer.into_inner();
             tracing::info!(file = %name, incident = %answer.incident_ref, notified = answer.notified.len(), "involvement declared");
             let (path, name, answer) = blocking(spool, move |s| {
-                s.complete_involved(&name, &answer)
+                s.complete_involved(&name, &answer, Some(read))
                     .map(|p| (p, name, answer))
             })
             .await?;
@@ -810,8 +860,8 @@ async fn declare_involvement(
                     name,
                     reason,
                     message,
-                    |s, name, reason, message| {
-                        s.complete_refused_involvement(name, reason, message)
+                    move |s, name, reason, message| {
+                        s.complete_refused_involvement(name, reason, message, Some(read))
                     },
                 )
                 .await

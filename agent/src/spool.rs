@@ -101,6 +101,48 @@ pub enum OutboxError {
     /// The file is not valid outbox JSON.
     #[error("not a valid outbox message: {0}")]
     Parse(String),
+    /// The file's name is too long to be filed under (its id record, its sidecar).
+    #[error(
+        "its name is {0} bytes long; the agent sends files whose names have at most \
+         {MAX_NAME_BYTES} bytes: give it a shorter name"
+    )]
+    NameTooLong(usize),
+    /// The file left the outbox, or was replaced, while it was being read: it is read again
+    /// on the next pass, if it is still there.
+    #[error("{path} was removed or replaced while it was being read")]
+    Changed {
+        /// The file.
+        path: String,
+    },
+}
+
+/// The longest outbox file name the agent sends, in bytes. Its id record, its sidecar and their
+/// temporary files add up to 59 bytes to the name it is filed under (a dot, a message id, a
+/// suffix such as `.involvement.json`, and `.tmp`), and no file name may exceed 255 bytes.
+pub const MAX_NAME_BYTES: usize = 190;
+
+/// How much of a longer name is kept when such a file is filed under `failed/` (followed by a
+/// random id).
+const KEPT_NAME_BYTES: usize = 120;
+
+/// Which file a path named when the agent read it: its device and inode. A file written anew
+/// and renamed over the old one, as the README asks writers to do, is another file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` (not following a symbolic link).
+    fn of(path: &Path) -> io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::symlink_metadata(path)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
 }
 
 /// An outbox file, as the agency writes it.
@@ -552,8 +594,25 @@ impl Spool {
     /// Reads and validates the outbox file `name`: an envelope (its message id chosen, once,
     /// if the file does not give one) or an involvement declaration.
     pub fn load(&self, name: &str) -> Result<OutboxItem, OutboxError> {
-        let bytes = self.read_limited(&self.dir("outbox").join(name))?;
-        item_from_outbox(name, &bytes, self)
+        self.load_file(name).map(|(item, _)| item)
+    }
+
+    /// As [`Spool::load`], with the identity of the file read, which the `complete_*` methods
+    /// check before they move the file: one removed or replaced since is not moved.
+    pub fn load_file(&self, name: &str) -> Result<(OutboxItem, FileId), OutboxError> {
+        if name.len() > MAX_NAME_BYTES {
+            return Err(OutboxError::NameTooLong(name.len()));
+        }
+        let path = self.dir("outbox").join(name);
+        let changed = || OutboxError::Changed {
+            path: path.display().to_string(),
+        };
+        let before = FileId::of(&path).map_err(|_| changed())?;
+        let bytes = self.read_limited(&path)?;
+        if FileId::of(&path).ok() != Some(before) {
+            return Err(changed());
+        }
+        item_from_outbox(name, &bytes, self).map(|item| (item, before))
     }
 
     /// The message id chosen for outbox file `name` with content `fingerprint` (its SHA-256):
@@ -581,6 +640,16 @@ impl Spool {
     /// Moves outbox file `name` to `folder` beside a sidecar file `<name><suffix>` with
     /// `contents`, then forgets its message id. The sidecar is written first: a crash in between
     /// leaves the file in the outbox, to be sent again under the same id.
+    ///
+    /// Nothing in `folder` is overwritten: when `<name>` or `<name><suffix>` is taken (an
+    /// earlier file of the same name, or a file named like another's sidecar), the file is
+    /// filed as `<name>.<id>`, the message id or, without one or when that is taken too, a
+    /// random one. A name longer than [`MAX_NAME_BYTES`] keeps its first bytes only.
+    ///
+    /// `loaded` is the file as it was read. One removed from the outbox since is not there to
+    /// move, and one replaced since is another message: it stays in the outbox, to be sent on
+    /// the next pass under a new id. Either way the sidecar is filed alone, and a warning says
+    /// so.
     fn complete(
         &self,
         name: &str,
@@ -588,29 +657,66 @@ impl Spool {
         suffix: &str,
         contents: &[u8],
         id: Option<MessageId>,
+        loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let dest_dir = self.dir(folder);
-        let mut dest = name.to_owned();
-        if dest_dir.join(&dest).exists() {
+        let taken = |dest: &str| {
+            fs::symlink_metadata(dest_dir.join(dest)).is_ok()
+                || fs::symlink_metadata(dest_dir.join(format!("{dest}{suffix}"))).is_ok()
+        };
+        let base = kept_name(name);
+        let mut dest = base.to_owned();
+        if base.len() < name.len() || taken(&dest) {
             dest = match id {
-                Some(id) => format!("{name}.{id}"),
-                None => format!("{name}.{}", MessageId::new_random()),
+                Some(id) => format!("{base}.{id}"),
+                None => format!("{base}.{}", MessageId::new_random()),
             };
+            while taken(&dest) {
+                dest = format!("{base}.{}", MessageId::new_random());
+            }
         }
         atomic_write(&dest_dir, &format!("{dest}{suffix}"), contents)?;
-        fs::rename(self.dir("outbox").join(name), dest_dir.join(&dest))?;
-        sync_dir(&dest_dir)?;
-        sync_dir(&self.dir("outbox"))?;
-        match fs::remove_file(self.dir(".state/ids").join(name)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        let source = self.dir("outbox").join(name);
+        let present = match FileId::of(&source) {
+            Ok(now) => Some(now),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
+        };
+        match (present, loaded) {
+            (None, _) => tracing::warn!(
+                file = ?name,
+                "the file left the outbox while it was being sent: {folder}/{dest}{suffix} is filed without it"
+            ),
+            (Some(now), Some(read)) if now != read => tracing::warn!(
+                file = ?name,
+                "the file was replaced while it was being sent: {folder}/{dest}{suffix} is the \
+                 outcome of the file as it was read; the new file stays in the outbox, to be sent \
+                 as a new message"
+            ),
+            _ => {
+                fs::rename(&source, dest_dir.join(&dest))?;
+                sync_dir(&dest_dir)?;
+            }
+        }
+        sync_dir(&self.dir("outbox"))?;
+        // A name too long to send never had an id record.
+        if name.len() <= MAX_NAME_BYTES {
+            match fs::remove_file(self.dir(".state/ids").join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(dest_dir.join(dest))
     }
 
     /// Records an accepted file: `sent/<name>` and `sent/<name>.receipt.json`.
-    pub fn complete_sent(&self, name: &str, receipt: &pb::Receipt) -> io::Result<PathBuf> {
+    pub fn complete_sent(
+        &self,
+        name: &str,
+        receipt: &pb::Receipt,
+        loaded: Option<FileId>,
+    ) -> io::Result<PathBuf> {
         let file = ReceiptFile {
             transfer_id: receipt.transfer_id.clone(),
             message_id: receipt.message_id.clone(),
@@ -632,7 +738,7 @@ impl Spool {
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let id = receipt.message_id.parse().ok();
-        self.complete(name, "sent", ".receipt.json", &json, id)
+        self.complete(name, "sent", ".receipt.json", &json, id, loaded)
     }
 
     /// Records a refused file: `refused/<name>` and `refused/<name>.reason.json`.
@@ -642,6 +748,7 @@ impl Spool {
         message_id: MessageId,
         reason: &str,
         message: &str,
+        loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let file = ReasonFile {
             message_id: message_id.to_string(),
@@ -649,7 +756,14 @@ impl Spool {
             message: message.to_owned(),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        self.complete(name, "refused", ".reason.json", &json, Some(message_id))
+        self.complete(
+            name,
+            "refused",
+            ".reason.json",
+            &json,
+            Some(message_id),
+            loaded,
+        )
     }
 
     /// Records a declared involvement: `sent/<name>` and `sent/<name>.involvement.json`.
@@ -657,6 +771,7 @@ impl Spool {
         &self,
         name: &str,
         answer: &pb::InvolveResponse,
+        loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let file = InvolvementAnswerFile {
             incident_ref: answer.incident_ref.clone(),
@@ -664,7 +779,7 @@ impl Spool {
             duplicate: answer.duplicate,
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        self.complete(name, "sent", ".involvement.json", &json, None)
+        self.complete(name, "sent", ".involvement.json", &json, None, loaded)
     }
 
     /// Records a refused involvement declaration: `refused/<name>` and
@@ -674,6 +789,7 @@ impl Spool {
         name: &str,
         reason: &str,
         message: &str,
+        loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let file = ReasonFile {
             message_id: String::new(),
@@ -681,7 +797,7 @@ impl Spool {
             message: message.to_owned(),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
-        self.complete(name, "refused", ".reason.json", &json, None)
+        self.complete(name, "refused", ".reason.json", &json, None, loaded)
     }
 
     /// Records a file that could not be read or parsed: `failed/<name>` and
@@ -692,6 +808,7 @@ impl Spool {
             "failed",
             ".error.txt",
             format!("{error}\n").as_bytes(),
+            None,
             None,
         )
     }
@@ -1262,6 +1379,19 @@ pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// `name`, or its first [`KEPT_NAME_BYTES`] (at a character boundary) when it is longer than
+/// [`MAX_NAME_BYTES`].
+fn kept_name(name: &str) -> &str {
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    let mut end = KEPT_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// fsyncs a directory, so that a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -1670,7 +1800,7 @@ mod tests {
             notified: vec!["nca".into()],
             duplicate: false,
         };
-        let path = s.complete_involved("0.json", &answer).unwrap();
+        let path = s.complete_involved("0.json", &answer, None).unwrap();
         assert_eq!(path, s.dir("sent").join("0.json"));
         let written: InvolvementAnswerFile = serde_json::from_slice(
             &fs::read(s.dir("sent").join("0.json.involvement.json")).unwrap(),
@@ -1686,7 +1816,7 @@ mod tests {
         fs::write(s.dir("outbox").join("m.json"), "x").unwrap();
         let id = s.message_id_for("m.json", "x").unwrap();
         let path = s
-            .complete_refused("m.json", id, "NO_AGREEMENT", "no")
+            .complete_refused("m.json", id, "NO_AGREEMENT", "no", None)
             .unwrap();
         assert_eq!(path, s.dir("refused").join("m.json"));
         assert!(!s.dir("outbox").join("m.json").exists());
@@ -1698,10 +1828,157 @@ mod tests {
         // The same name again does not overwrite the first.
         fs::write(s.dir("outbox").join("m.json"), "y").unwrap();
         let second = s
-            .complete_refused("m.json", id, "NO_AGREEMENT", "no")
+            .complete_refused("m.json", id, "NO_AGREEMENT", "no", None)
             .unwrap();
         assert_ne!(second, path);
         assert_eq!(fs::read(&path).unwrap(), b"x");
+    }
+
+    /// A file of `name` in the outbox with `text`, written as the README asks (to a temporary
+    /// name, then renamed into place).
+    fn put(s: &Spool, name: &str, text: &str) {
+        fs::write(s.dir("outbox").join(".put.tmp"), text).unwrap();
+        fs::rename(s.dir("outbox").join(".put.tmp"), s.dir("outbox").join(name)).unwrap();
+    }
+
+    fn assessment_text(message_id: MessageId) -> String {
+        serde_json::json!({
+            "message_id": message_id.to_string(),
+            "recipients": ["ico"],
+            "kind": "threat_assessment",
+            "payload": {"summary": "x"},
+        })
+        .to_string()
+    }
+
+    /// Every file and sidecar in `folder`, with their contents.
+    fn filed(s: &Spool, folder: &str) -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = fs::read_dir(s.dir(folder))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, fs::read_to_string(e.path()).unwrap())
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn completion_never_overwrites_an_earlier_file() {
+        let (_d, s) = spool();
+        // The same name and message id, refused three times (the id reused with new
+        // contents): each file is kept.
+        let id = MessageId::new_random();
+        for text in ["one", "two", "three"] {
+            put(&s, "d.json", text);
+            s.complete_refused("d.json", id, "MESSAGE_ID_REUSED", "reused", None)
+                .unwrap();
+        }
+        let kept: Vec<String> = filed(&s, "refused")
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with(".reason.json"))
+            .map(|(_, text)| text)
+            .collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        for text in ["one", "two", "three"] {
+            assert!(kept.iter().any(|k| k == text), "{text} lost: {kept:?}");
+        }
+        // A file named like another's sidecar, then that other: neither overwrites the other.
+        let receipt = |id: MessageId| pb::Receipt {
+            transfer_id: uuid::Uuid::new_v4().to_string(),
+            message_id: id.to_string(),
+            ..Default::default()
+        };
+        put(&s, "c.json.receipt.json", "the first message");
+        s.complete_sent(
+            "c.json.receipt.json",
+            &receipt(MessageId::new_random()),
+            None,
+        )
+        .unwrap();
+        put(&s, "c.json", "the second message");
+        s.complete_sent("c.json", &receipt(MessageId::new_random()), None)
+            .unwrap();
+        let sent = filed(&s, "sent");
+        assert!(
+            sent.iter().any(|(_, text)| text == "the first message"),
+            "{sent:?}"
+        );
+        assert!(
+            sent.iter().any(|(_, text)| text == "the second message"),
+            "{sent:?}"
+        );
+        assert_eq!(sent.len(), 4, "{sent:?}");
+    }
+
+    #[test]
+    fn a_file_removed_while_it_is_sent_is_filed_without_it() {
+        let (_d, s) = spool();
+        put(&s, "m.json", &assessment_text(MessageId::new_random()));
+        let (item, read) = s.load_file("m.json").unwrap();
+        let id = envelope_of(item).message_id;
+        fs::remove_file(s.dir("outbox").join("m.json")).unwrap();
+        let path = s
+            .complete_refused("m.json", id, "NO_AGREEMENT", "no", Some(read))
+            .unwrap();
+        assert_eq!(path, s.dir("refused").join("m.json"));
+        assert!(s.dir("refused").join("m.json.reason.json").exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_file_replaced_while_it_is_sent_stays_to_be_sent() {
+        let (_d, s) = spool();
+        let first = serde_json::json!({
+            "recipients": ["ico"], "kind": "threat_assessment", "payload": {"v": 1},
+        });
+        put(&s, "r.json", &first.to_string());
+        let (item, read) = s.load_file("r.json").unwrap();
+        let sent_id = envelope_of(item).message_id;
+        // Corrected while in flight, written and renamed into place.
+        let corrected = serde_json::json!({
+            "recipients": ["ico"], "kind": "threat_assessment", "payload": {"v": 2},
+        })
+        .to_string();
+        put(&s, "r.json", &corrected);
+        let receipt = pb::Receipt {
+            transfer_id: uuid::Uuid::new_v4().to_string(),
+            message_id: sent_id.to_string(),
+            ..Default::default()
+        };
+        s.complete_sent("r.json", &receipt, Some(read)).unwrap();
+        // The corrected file waits in the outbox, to go as a new message.
+        assert_eq!(
+            fs::read_to_string(s.dir("outbox").join("r.json")).unwrap(),
+            corrected
+        );
+        assert_eq!(s.pending().unwrap(), ["r.json"]);
+        let again = envelope_of(s.load("r.json").unwrap());
+        assert_ne!(again.message_id, sent_id);
+        // The receipt is filed; no file in sent/ claims the corrected contents.
+        let sent = filed(&s, "sent");
+        assert!(sent.iter().all(|(_, text)| *text != corrected), "{sent:?}");
+        assert!(
+            sent.iter().any(|(name, _)| name.ends_with(".receipt.json")),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_name_too_long_to_file_is_failed_under_a_shorter_one() {
+        let (_d, s) = spool();
+        for len in [MAX_NAME_BYTES + 1, 230, 250] {
+            let name = format!("{}.json", "é".repeat((len - 5) / 2));
+            put(&s, &name, &assessment_text(MessageId::new_random()));
+            let e = s.load(&name).unwrap_err();
+            assert!(matches!(e, OutboxError::NameTooLong(_)), "{e}");
+            let path = s.complete_failed(&name, &e.to_string()).unwrap();
+            assert!(path.exists());
+            assert!(path.file_name().unwrap().len() < 200, "{}", path.display());
+            assert!(s.pending().unwrap().is_empty());
+        }
     }
 
     fn transfer(sender: &str, id: &str, payload: &[u8]) -> pb::Delivery {

@@ -1,7 +1,9 @@
-//! The receiving agent's inbox, with real processes: two senders' messages that share a message
-//! id both land (ids are scoped per sender, so one agency cannot suppress another's delivery),
-//! and a full disk holds deliveries back until space returns, without partial files and without
-//! a reconnect.
+//! The agent's spool, with real processes. Its inbox: two senders' messages that share a
+//! message id both land (ids are scoped per sender, so one agency cannot suppress another's
+//! delivery), and a full disk holds deliveries back until space returns, without partial files
+//! and without a reconnect. Its outbox: a file that cannot be filed under its own name does not
+//! stop the files after it, and an agent that can no longer file what it sent stops, naming the
+//! file, instead of receiving on with its sending half dead.
 
 use std::{
     fs,
@@ -14,7 +16,9 @@ use concordat_broker::config::Limits;
 use concordat_proto::{ids::MessageId, pb};
 use concordat_tests::{
     TestPki,
-    process::{AgentProcess, BrokerProcess, PkiFiles, Tmpfs, wait_for, write_broker_config},
+    process::{
+        AgentProcess, BrokerProcess, PkiFiles, SpoolDir, Tmpfs, wait_for, write_broker_config,
+    },
 };
 use tempfile::TempDir;
 
@@ -268,4 +272,90 @@ async fn a_full_disk_holds_deliveries_until_space_returns_without_a_reconnect() 
     );
     drop(ico);
     drop(tmpfs);
+}
+
+/// A threat assessment for the ICO, as an outbox file.
+fn outbox_assessment(text: &str) -> serde_json::Value {
+    serde_json::json!({
+        "recipients": ["ico"],
+        "kind": "threat_assessment",
+        "payload": {"summary": text},
+    })
+}
+
+/// A file whose name is too long to be filed under (`sent/<name>.receipt.json` and its
+/// temporary file would pass the file system's 255 bytes) goes to `failed/` under a shorter
+/// name, and the outbox goes on: a file dropped after it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_file_named_too_long_is_failed_and_the_outbox_goes_on() {
+    let fed = Federation::start();
+    let ncsc = fed.agent("ncsc");
+    let long = format!("{}.json", "b".repeat(240));
+    ncsc.spool()
+        .drop_message(&long, &outbox_assessment("long"))
+        .unwrap();
+    let spool = SpoolDir::new(ncsc.spool().root());
+    let failed = tokio::task::spawn_blocking(move || {
+        wait_for("the long name to leave the outbox", OUTCOME_TIMEOUT, || {
+            let left = spool.files("outbox").map_err(|e| e.to_string())?;
+            let failed = spool.files("failed").map_err(|e| e.to_string())?;
+            if left.is_empty() && !failed.is_empty() {
+                Ok(failed)
+            } else {
+                Err(format!("outbox {left:?}, failed {failed:?}"))
+            }
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", ncsc.log_tail(20)));
+    assert!(failed.iter().all(|f| f.len() < 200), "{failed:?}");
+    let reason = failed
+        .iter()
+        .find(|f| f.ends_with(".error.txt"))
+        .map(|f| fs::read_to_string(ncsc.spool().folder("failed").join(f)).unwrap())
+        .unwrap();
+    assert!(reason.contains("give it a shorter name"), "{reason}");
+
+    ncsc.spool()
+        .drop_message("after.json", &outbox_assessment("after"))
+        .unwrap();
+    let outcome = tokio::task::spawn_blocking(move || ncsc.outcome("after.json", OUTCOME_TIMEOUT))
+        .await
+        .unwrap();
+    assert_eq!(outcome, "sent");
+}
+
+/// When the agent cannot file a file it sent (here `sent/` is replaced by a plain file, as a
+/// full or failing disk would refuse the write), it stops with an error that names the file:
+/// before, its outbox loop ended silently while the process went on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_file_what_it_sent_stops_and_says_which_file() {
+    let fed = Federation::start();
+    let mut ncsc = fed.agent("ncsc");
+    let sent = ncsc.spool().folder("sent");
+    wait_for("the agent to make its spool", OUTCOME_TIMEOUT, || {
+        if sent.is_dir() {
+            Ok(())
+        } else {
+            Err("no sent/ yet".into())
+        }
+    })
+    .unwrap();
+    fs::remove_dir_all(&sent).unwrap();
+    fs::write(&sent, "not a directory").unwrap();
+    ncsc.spool()
+        .drop_message("stuck.json", &outbox_assessment("stuck"))
+        .unwrap();
+    let stopped = wait_for("the agent to stop", OUTCOME_TIMEOUT, || {
+        if ncsc.is_running() {
+            Err("still running".into())
+        } else {
+            Ok(())
+        }
+    });
+    let log = ncsc.log_text();
+    stopped.unwrap_or_else(|e| panic!("{e:#}\n{}", ncsc.log_tail(20)));
+    assert!(log.contains("stuck.json"), "{log}");
+    assert!(log.contains("the outbox loop failed"), "{log}");
 }
