@@ -845,13 +845,18 @@ impl Spool {
                 serde_json::to_value(ProofFile::from_wire(audit)).map_err(io::Error::other)?;
             obj.insert("proof".into(), proof);
         }
-        let name = key.file_name();
-        let path = inbox.join(&name);
-        let present = if path.exists() {
-            Some(path.clone())
-        } else {
-            key.legacy_file_in(&inbox)
+        let (name, present) = match &delivery.body {
+            Some(pb::delivery::Body::RecallNotice(n)) => recall_file(&inbox, &key, n),
+            _ => {
+                let name = key.file_name();
+                let present = match inbox.join(&name) {
+                    path if path.exists() => Some(path),
+                    _ => key.legacy_file_in(&inbox),
+                };
+                (name, present)
+            }
         };
+        let path = inbox.join(&name);
         if let Some(present) = present {
             sync_dir(&inbox)?;
             return Ok(Delivered::AlreadyPresent(present));
@@ -915,6 +920,59 @@ pub struct InboxKey {
     pub message_id: MessageId,
     /// The transfer or its recall notice.
     pub kind: InboxKind,
+}
+
+/// Where recall notice `n` goes in `inbox`, and the file that already holds it, if one does.
+/// A transfer made under several consents is recalled once for each consent withdrawn: the
+/// first notice is `<sender>.<message_id>.recall.json`, each other one
+/// `<sender>.<message_id>.recall.<digest>.json` (the first 16 hex digits of the SHA-256 of its
+/// consent's issuer and jti). A file that records another sender or another consent, or that
+/// cannot be read, is not this notice (writing it again risks a duplicate, never a loss).
+fn recall_file(inbox: &Path, key: &InboxKey, n: &pb::RecallNotice) -> (String, Option<PathBuf>) {
+    let holds_it = |path: &Path| {
+        fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<RecordedRecall>(&bytes).ok())
+            .is_some_and(|r| {
+                r.sender == key.sender.as_str()
+                    && r.consent_jti == n.consent_jti
+                    && r.consent_issuer == n.consent_issuer
+            })
+    };
+    let first = key.file_name();
+    let digest = hex_digest(format!("{}\0{}", n.consent_issuer, n.consent_jti).as_bytes());
+    let other = format!(
+        "{}.{}.recall.{}.json",
+        key.sender,
+        key.message_id,
+        &digest[..16]
+    );
+    for name in [&first, &other] {
+        let path = inbox.join(name);
+        if holds_it(&path) {
+            return (name.clone(), Some(path));
+        }
+    }
+    let legacy = inbox.join(key.legacy_file_name());
+    if holds_it(&legacy) {
+        return (first, Some(legacy));
+    }
+    if inbox.join(&first).exists() {
+        (other, None)
+    } else {
+        (first, None)
+    }
+}
+
+/// What a recall notice's inbox file records of whom it is from and which consent it recalls
+/// (absent in files of earlier agents, which wrote one notice per transfer).
+#[derive(Deserialize)]
+struct RecordedRecall {
+    sender: String,
+    #[serde(default)]
+    consent_jti: String,
+    #[serde(default)]
+    consent_issuer: String,
 }
 
 /// The one field of an inbox file that an old-style name leaves out.
@@ -2082,6 +2140,44 @@ mod tests {
         let r2 = s.deliver(&recall("nca", &id)).unwrap();
         assert!(matches!(r1, Delivered::Written(_)) && matches!(r2, Delivered::Written(_)));
         assert_eq!(fs::read_dir(s.dir("inbox")).unwrap().count(), 4);
+    }
+
+    /// A transfer made under two consents is recalled twice, once per consent withdrawn: both
+    /// notices land (before, the second was taken for the first, acknowledged and lost), and
+    /// each is written once.
+    #[test]
+    fn each_consent_withdrawn_gets_its_own_recall_notice() {
+        let (_d, s) = spool();
+        let id = MessageId::new_random().to_string();
+        let notice = |org: &str, jti: &str| {
+            let mut d = recall("ncsc", &id);
+            if let Some(pb::delivery::Body::RecallNotice(n)) = &mut d.body {
+                n.organisation = org.into();
+                n.consent_jti = jti.into();
+                n.consent_issuer = "k4.pid.issuer".into();
+            }
+            d
+        };
+        let acme = notice("acme-ltd", "jti-acme");
+        let globex = notice("globex-plc", "jti-globex");
+        let first = s.deliver(&acme).unwrap();
+        let second = s.deliver(&globex).unwrap();
+        let (Delivered::Written(a), Delivered::Written(g)) = (&first, &second) else {
+            panic!("{first:?} {second:?}");
+        };
+        assert_ne!(a, g);
+        for (path, org) in [(a, "acme-ltd"), (g, "globex-plc")] {
+            let v: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+            assert_eq!(v["organisation"], org);
+        }
+        assert_eq!(
+            s.deliver(&acme).unwrap(),
+            Delivered::AlreadyPresent(a.clone())
+        );
+        assert_eq!(
+            s.deliver(&globex).unwrap(),
+            Delivered::AlreadyPresent(g.clone())
+        );
     }
 
     /// An inbox written by an earlier agent names files by message id alone. Such a file is this
