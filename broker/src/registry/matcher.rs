@@ -1555,6 +1555,42 @@ mod tests {
         std::mem::forget(v);
     }
 
+    /// A name or number broken by characters that render as nothing (a soft hyphen, a
+    /// zero-width space or joiner) reads as the name to a person, so it is found: in text, and
+    /// in JSON whether the characters are written plainly or escaped.
+    #[test]
+    fn invisible_characters_do_not_hide_a_name() {
+        let m = matcher();
+        for text in [
+            "Ac\u{00ad}me Ltd",
+            "Ac\u{200b}me Ltd",
+            "A\u{200d}cme\u{2060} Ltd",
+            "company 0123\u{00ad}4567",
+            "mail@ac\u{00ad}me.example",
+        ] {
+            assert!(
+                found(&m, text).iter().any(|(org, _)| org == "acme-ltd"),
+                "{text:?}"
+            );
+            for json in [
+                serde_json::json!({ "a": text }).to_string(),
+                serde_json::json!({ "a": text })
+                    .to_string()
+                    .replace('\u{00ad}', "\\u00ad")
+                    .replace('\u{200b}', "\\u200B")
+                    .replace('\u{200d}', "\\u200d")
+                    .replace('\u{2060}', "\\u2060"),
+            ] {
+                let value: Doc<'_> = serde_json::from_str(&json).unwrap();
+                let got = m.scan_json_text_with(&mut Scratch::default(), json.as_bytes(), &value);
+                assert!(
+                    got.iter().any(|f| f.to_string().contains("acme-ltd")),
+                    "{json} {got:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn large_inputs_are_scanned_whole() {
         let m = matcher();

@@ -10,7 +10,8 @@
 //!   `"mail@Mail.ACME.example."` becomes `" mail@mail.acme.example "`.
 //!
 //! Letters and digits are Unicode-aware (`char::is_alphanumeric`, `char::to_lowercase`); accents
-//! are not folded. The work is one pass over the text, appending to a caller's buffer: no
+//! are not folded. Characters that render as nothing (Unicode's default-ignorable code points:
+//! the soft hyphen, zero-width spaces and joiners, …) are left out, so they do not split a word. The work is one pass over the text, appending to a caller's buffer: no
 //! allocation per byte, and none at all once the buffer has grown to the text's size.
 
 /// Whether a byte of the identifiers form is a kept mark.
@@ -117,6 +118,9 @@ fn write_identifiers_form(text: &str, mut out: Vec<u8>, tokens: &mut Vec<Notable
                 break;
             };
             i += c.len_utf8();
+            if is_invisible(c) {
+                continue;
+            }
             if c.is_alphanumeric() {
                 let mut buf = [0u8; 4];
                 for l in c.to_lowercase() {
@@ -172,6 +176,33 @@ fn close_token(
     }
     *notable = false;
     *start = space + 1;
+}
+
+/// Whether `c` renders as nothing: Unicode's default-ignorable code points (the soft hyphen,
+/// zero-width spaces and joiners, the word joiner, bidirectional controls, variation
+/// selectors, the byte order mark, Hangul fillers, tags). A person reads `Ac\u{ad}me` as
+/// `Acme`, so both forms leave such a character out rather than splitting a word at it.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{34f}'
+            | '\u{61c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fff8}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
+    )
 }
 
 /// Whether `b` is an ASCII letter or digit, by table (one load, no branches).
@@ -270,6 +301,11 @@ pub(crate) mod tests {
             ("ÉCOLE", " école "),
             ("a\u{00a0}b\u{2019}c", " a b c "),
             ("...", " "),
+            // Characters that render as nothing (soft hyphen, zero-width space, joiners, word
+            // joiner, variation selector, byte order mark) are not there at all.
+            ("Ac\u{00ad}me\u{200b} Lt\u{200d}d\u{2060}", " acme ltd "),
+            ("A\u{fe0f}cme\u{feff}\u{200c}", " acme "),
+            ("0123\u{00ad}4567", " 01234567 "),
         ];
         for (input, want) in cases {
             assert_eq!(names(input), *want, "names form of {input:?}");
@@ -350,6 +386,9 @@ pub(crate) mod tests {
     fn reference_form(text: &str) -> String {
         let mut out = String::from(" ");
         for c in text.chars() {
+            if is_invisible(c) {
+                continue;
+            }
             if c.is_alphanumeric() {
                 out.extend(c.to_lowercase());
                 continue;
@@ -392,7 +431,7 @@ pub(crate) mod tests {
 
         fn text(&mut self, max: u64) -> String {
             let alphabet: Vec<char> =
-                "aZq09.@-_ ,/:\"\\\n\t\u{0}\u{1f}\u{7f}\u{e9}\u{c9}\u{df}\u{130}\u{2019}\u{a0}\u{1f600}\u{660}K\u{212a}"
+                "aZq09.@-_ ,/:\"\\\n\t\u{0}\u{1f}\u{7f}\u{e9}\u{c9}\u{df}\u{130}\u{2019}\u{a0}\u{1f600}\u{660}K\u{212a}\u{ad}\u{200b}\u{feff}"
                     .chars()
                     .collect();
             let len = self.next() % max;
