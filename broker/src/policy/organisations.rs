@@ -97,6 +97,13 @@ pub fn identified(
             add(m.org, format!("its {} in {field}", m.kind));
         }
     }
+    // The incident reference is delivered with the payload (the recipient's inbox file holds
+    // it): a name in it identifies as one in the payload does.
+    if let Some(reference) = &envelope.incident_ref {
+        for m in scan_text(matcher, reference) {
+            add(m.org, format!("its {} in incident_ref", m.kind));
+        }
+    }
     out
 }
 
@@ -348,6 +355,46 @@ mod tests {
                 .map(|(o, d, f)| (o.to_owned(), d, f.map(str::to_owned)))
                 .collect();
             assert_eq!(got, want, "{what}");
+        }
+    }
+
+    /// The envelope's incident reference is delivered with the payload (it is in the
+    /// recipient's inbox file), so a name or number in it identifies the organisation as the
+    /// payload would: before, `Acme-Ltd-breach` passed unscanned.
+    #[test]
+    fn an_incident_reference_is_scanned_whatever_the_payload() {
+        let m = matcher();
+        let cases: [(&str, &str, Option<&str>); 4] = [
+            (
+                "ncsc:Acme-Ltd-breach",
+                "application/octet-stream",
+                Some("acme-ltd"),
+            ),
+            ("ncsc:01234567", "application/json", Some("acme-ltd")),
+            ("ncsc:acme.example", "text/plain", Some("acme-ltd")),
+            ("ncsc:INC-2026-0042", "application/octet-stream", None),
+        ];
+        for (incident_ref, content_type, want) in cases {
+            let mut e = envelope(None, content_type, b"{}");
+            e.incident_ref = Some(incident_ref.into());
+            let content =
+                Content::read(ContentKind::of(content_type).unwrap(), &e.payload).unwrap();
+            let got: Vec<(String, Option<String>)> = identified(&m, &e, &content)
+                .into_iter()
+                .map(|i| (i.org.to_string(), i.found_at))
+                .collect();
+            match want {
+                Some(org) => {
+                    assert_eq!(got.len(), 1, "{incident_ref}: {got:?}");
+                    assert_eq!(got[0].0, org, "{incident_ref}");
+                    let place = got[0].1.as_deref().unwrap_or_default();
+                    assert!(
+                        place.ends_with("in incident_ref"),
+                        "{incident_ref}: {place}"
+                    );
+                }
+                None => assert!(got.is_empty(), "{incident_ref}: {got:?}"),
+            }
         }
     }
 
