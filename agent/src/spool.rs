@@ -660,9 +660,13 @@ impl Spool {
         loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let dest_dir = self.dir(folder);
+        // A sidecar alone under the name, recording this message id, is this file's own,
+        // written before a crash cut its move short: the file is filed beside it again.
         let taken = |dest: &str| {
+            let sidecar = dest_dir.join(format!("{dest}{suffix}"));
             fs::symlink_metadata(dest_dir.join(dest)).is_ok()
-                || fs::symlink_metadata(dest_dir.join(format!("{dest}{suffix}"))).is_ok()
+                || (fs::symlink_metadata(&sidecar).is_ok()
+                    && !id.is_some_and(|id| records_message_id(&sidecar, id)))
         };
         let base = kept_name(name);
         let mut dest = base.to_owned();
@@ -1437,6 +1441,21 @@ pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Whether the sidecar at `path` (a receipt or a refusal's reason) records message id `id`.
+/// Anything else there (another message's, a file named like a sidecar, one too large for a
+/// sidecar) does not.
+fn records_message_id(path: &Path, id: MessageId) -> bool {
+    #[derive(Deserialize)]
+    struct Recorded {
+        message_id: String,
+    }
+    let mut bytes = Vec::new();
+    let read = File::open(path).and_then(|f| f.take(1 << 20).read_to_end(&mut bytes));
+    read.is_ok()
+        && serde_json::from_slice::<Recorded>(&bytes)
+            .is_ok_and(|r| r.message_id.parse::<MessageId>().is_ok_and(|m| m == id))
+}
+
 /// `name`, or its first [`KEPT_NAME_BYTES`] (at a character boundary) when it is longer than
 /// [`MAX_NAME_BYTES`].
 fn kept_name(name: &str) -> &str {
@@ -1969,6 +1988,25 @@ mod tests {
             "{sent:?}"
         );
         assert_eq!(sent.len(), 4, "{sent:?}");
+    }
+
+    /// A crash between writing the sidecar and moving the file leaves the sidecar alone in
+    /// `sent/`; the file, sent again under its id, is filed beside it under its own name.
+    #[test]
+    fn a_file_sent_again_after_a_crash_is_filed_beside_its_own_sidecar() {
+        let (_d, s) = spool();
+        let id = MessageId::new_random();
+        let receipt = pb::Receipt {
+            transfer_id: uuid::Uuid::new_v4().to_string(),
+            message_id: id.to_string(),
+            ..Default::default()
+        };
+        let json = serde_json::to_vec(&serde_json::json!({"message_id": id.to_string()})).unwrap();
+        atomic_write(&s.dir("sent"), "m.json.receipt.json", &json).unwrap();
+        put(&s, "m.json", "x");
+        let path = s.complete_sent("m.json", &receipt, None).unwrap();
+        assert_eq!(path, s.dir("sent").join("m.json"));
+        assert_eq!(filed(&s, "sent").len(), 2);
     }
 
     #[test]
