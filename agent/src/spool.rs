@@ -54,6 +54,7 @@ use std::{
 
 use base64::Engine as _;
 use concordat_proto::{
+    checkpoint::Checkpoint,
     envelope::{Envelope, Kind, Tlp},
     ids::{AgencyId, MessageId},
     pb,
@@ -504,7 +505,7 @@ pub enum DeliveryError {
     Io(#[from] io::Error),
 }
 
-fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
     ts.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
@@ -828,27 +829,22 @@ impl Spool {
         if let Some(pb::delivery::Body::Notice(n)) = &delivery.body {
             return self.deliver_notice(&inbox, n, delivery.audit.as_ref());
         }
-        let (key, json) = match &delivery.body {
+        // The proof of the entry it was queued under goes beside the payload, for the agency to
+        // keep (`concordat receipt verify` checks the file offline).
+        let proof = delivery.audit.as_ref().map(ProofFile::from_wire);
+        let (key, file) = match &delivery.body {
             Some(pb::delivery::Body::Transfer(t)) => (
                 InboxKey::parse(&t.sender, &t.message_id, InboxKind::Transfer)?,
-                transfer_json(t),
+                InboxFile::Transfer(Box::new(TransferFile::of(t, proof))),
             ),
             Some(pb::delivery::Body::RecallNotice(n)) => (
                 InboxKey::parse(&n.sender, &n.message_id, InboxKind::RecallNotice)?,
-                recall_json(n),
+                InboxFile::Recall(Box::new(RecallFile::of(n, proof))),
             ),
             Some(pb::delivery::Body::Notice(_)) | None => {
                 return Err(DeliveryError::Invalid("empty delivery"));
             }
         };
-        // The proof of the entry it was queued under, beside the payload, for the agency to keep
-        // (`concordat receipt verify` checks the file offline).
-        let mut json = json;
-        if let (Some(audit), Some(obj)) = (&delivery.audit, json.as_object_mut()) {
-            let proof =
-                serde_json::to_value(ProofFile::from_wire(audit)).map_err(io::Error::other)?;
-            obj.insert("proof".into(), proof);
-        }
         let (name, present) = match &delivery.body {
             Some(pb::delivery::Body::RecallNotice(n)) => recall_file(&inbox, &key, n),
             _ => {
@@ -865,10 +861,20 @@ impl Spool {
             sync_dir(&inbox)?;
             return Ok(Delivered::AlreadyPresent(present));
         }
-        let bytes = serde_json::to_vec_pretty(&json).map_err(io::Error::other)?;
+        let bytes = match &file {
+            InboxFile::Transfer(t) => serde_json::to_vec_pretty(t),
+            InboxFile::Recall(r) => serde_json::to_vec_pretty(r),
+        }
+        .map_err(io::Error::other)?;
         atomic_write(&inbox, &name, &bytes)?;
         Ok(Delivered::Written(path))
     }
+}
+
+/// An inbox file of a transfer or a recall notice, as [`Spool::deliver`] writes it.
+enum InboxFile {
+    Transfer(Box<TransferFile>),
+    Recall(Box<RecallFile>),
 }
 
 impl Spool {
@@ -1037,8 +1043,6 @@ fn tlp_name(tlp: i32) -> String {
         .unwrap_or_else(|_| tlp.to_string())
 }
 
-/// The inbox JSON of a transfer. A JSON payload is inlined as `payload`; any other payload is
-/// `payload_base64`. `payload_sha256` is always given.
 /// Where the parts of an outbox message that are not in its file come from: the payload and
 /// token files it names, and the message id chosen for a file that gives none. The spool reads
 /// them from disk; the fuzz target (`crate::fuzzing`) supplies them from memory.
@@ -1225,124 +1229,317 @@ pub fn designation_halves(text: &str) -> Option<(String, String)> {
         .then_some((designation, countersignature))
 }
 
-fn transfer_json(t: &pb::Transfer) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "type": "transfer",
-        "transfer_id": t.transfer_id,
-        "message_id": t.message_id,
-        "sender": t.sender,
-        "recipients": t.recipients,
-        "kind": kind_name(t.kind),
-        "organisation": t.organisation,
-        "incident_ref": t.incident_ref,
-        "content_type": t.content_type,
-        "tlp": tlp_name(t.tlp),
-        "consent_jti": t.consent_jti,
-        "consent_issuer": t.consent_issuer,
-        "agreement_id": t.agreement_id,
-        "clause": t.clause,
-        "accepted_at": rfc3339(t.accepted_at.as_ref()),
-        "payload_sha256": hex_digest(&t.payload),
-    });
-    if let (Some(w), Some(obj)) = (&t.workflow, v.as_object_mut()) {
-        obj.insert("workflow".into(), concordat_proto::audit::workflow_json(w));
-    }
-    let inline = t
-        .content_type
-        .contains("json")
-        .then(|| serde_json::from_slice::<serde_json::Value>(&t.payload).ok())
-        .flatten();
-    if let Some(obj) = v.as_object_mut() {
-        match inline {
-            Some(value) => obj.insert("payload".into(), value),
-            None => obj.insert(
-                "payload_base64".into(),
-                serde_json::Value::String(
-                    base64::engine::general_purpose::STANDARD.encode(&t.payload),
-                ),
+/// An inbox file of a transfer, `inbox/<sender>.<message_id>.json`: the transfer as delivered
+/// and the proof of its `transfer_accepted` entry. A JSON payload is inlined as `payload`; any
+/// other payload is `payload_base64`. `payload_sha256` is always given.
+///
+/// Every field but `content_type` (and `type`, `proof` and the payload's own fields) is
+/// recorded by the entry, and `concordat receipt verify` holds each to it. `organisations`
+/// and `consents` are absent from files written by earlier agents. A file with any other
+/// field is not one the agent wrote, and is refused.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferFile {
+    /// Always `transfer`.
+    #[serde(rename = "type")]
+    file_type: String,
+    transfer_id: String,
+    message_id: String,
+    sender: String,
+    recipients: Vec<String>,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    organisation: String,
+    /// Every organisation the transfer identifies, `organisation` first when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    organisations: Option<Vec<String>>,
+    #[serde(default)]
+    incident_ref: String,
+    /// Not in the audit log, so not verified.
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    tlp: String,
+    #[serde(default)]
+    consent_jti: String,
+    #[serde(default)]
+    consent_issuer: String,
+    /// Every consent the transfer was made under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    consents: Option<Vec<ConsentFile>>,
+    #[serde(default)]
+    agreement_id: String,
+    #[serde(default)]
+    clause: String,
+    #[serde(default)]
+    accepted_at: String,
+    payload_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workflow: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proof: Option<ProofFile>,
+}
+
+/// One consent a transfer was made under, in an inbox file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentFile {
+    organisation: String,
+    jti: String,
+    issuer: String,
+}
+
+/// An inbox file of a recall notice, `inbox/<sender>.<message_id>.recall.json`. Its
+/// `revoked_at` is not in the `recall_queued` entry, so not verified.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecallFile {
+    /// Always `recall_notice`.
+    #[serde(rename = "type")]
+    file_type: String,
+    transfer_id: String,
+    message_id: String,
+    sender: String,
+    #[serde(default)]
+    organisation: String,
+    #[serde(default)]
+    consent_jti: String,
+    #[serde(default)]
+    consent_issuer: String,
+    #[serde(default)]
+    revoked_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proof: Option<ProofFile>,
+}
+
+/// Why an inbox file names no proof.
+const NO_PROOF: &str = "the inbox file holds no proof (written by an agent older than the \
+                        proof field, or from a broker that sent none)";
+
+impl TransferFile {
+    /// The file for transfer `t`, with its `proof`.
+    fn of(t: &pb::Transfer, proof: Option<ProofFile>) -> TransferFile {
+        let inline = t
+            .content_type
+            .contains("json")
+            .then(|| serde_json::from_slice::<serde_json::Value>(&t.payload).ok())
+            .flatten();
+        let payload_base64 = inline
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&t.payload));
+        TransferFile {
+            file_type: "transfer".into(),
+            transfer_id: t.transfer_id.clone(),
+            message_id: t.message_id.clone(),
+            sender: t.sender.clone(),
+            recipients: t.recipients.clone(),
+            kind: kind_name(t.kind),
+            organisation: t.organisation.clone(),
+            organisations: Some(t.organisations.clone()),
+            incident_ref: t.incident_ref.clone(),
+            content_type: t.content_type.clone(),
+            tlp: tlp_name(t.tlp),
+            consent_jti: t.consent_jti.clone(),
+            consent_issuer: t.consent_issuer.clone(),
+            consents: Some(
+                t.consents
+                    .iter()
+                    .map(|c| ConsentFile {
+                        organisation: c.organisation.clone(),
+                        jti: c.jti.clone(),
+                        issuer: c.issuer.clone(),
+                    })
+                    .collect(),
             ),
-        };
+            agreement_id: t.agreement_id.clone(),
+            clause: t.clause.clone(),
+            accepted_at: rfc3339(t.accepted_at.as_ref()),
+            payload_sha256: hex_digest(&t.payload),
+            workflow: t
+                .workflow
+                .as_ref()
+                .map(concordat_proto::audit::workflow_json),
+            payload: inline,
+            payload_base64,
+            proof,
+        }
     }
-    v
+
+    /// What the file claims of the transfer, to hold against its entry. `payload_size` is the
+    /// size of the payload bytes the file holds, when it holds them.
+    fn claim(&self, payload_size: Option<u64>) -> Result<crate::witness::TransferClaim, String> {
+        let kind = self
+            .kind
+            .parse::<Kind>()
+            .map(|k| pb::MessageKind::from(k) as i32)
+            .or_else(|_| self.kind.parse::<i32>())
+            .map_err(|_| format!("kind {:?} is not a message kind", self.kind))?;
+        let tlp = self
+            .tlp
+            .parse::<Tlp>()
+            .map(|t| pb::Tlp::from(t) as i32)
+            .or_else(|_| self.tlp.parse::<i32>())
+            .map_err(|_| format!("tlp {:?} is not a TLP marking", self.tlp))?;
+        Ok(crate::witness::TransferClaim {
+            transfer_id: self.transfer_id.clone(),
+            message_id: self.message_id.clone(),
+            sender: self.sender.clone(),
+            recipients: self.recipients.clone(),
+            kind,
+            organisation: self.organisation.clone(),
+            organisations: self.organisations.clone(),
+            incident_ref: self.incident_ref.clone(),
+            tlp,
+            consent_jti: self.consent_jti.clone(),
+            consent_issuer: self.consent_issuer.clone(),
+            consents: self.consents.as_ref().map(|cs| {
+                cs.iter()
+                    .map(|c| pb::ConsentRef {
+                        organisation: c.organisation.clone(),
+                        jti: c.jti.clone(),
+                        issuer: c.issuer.clone(),
+                    })
+                    .collect()
+            }),
+            agreement_id: self.agreement_id.clone(),
+            clause: self.clause.clone(),
+            accepted_at: crate::witness::ClaimedTime::Text(self.accepted_at.clone()),
+            workflow: self.workflow.clone(),
+            payload_sha256: sha256_of_hex(&self.payload_sha256)?,
+            payload_size,
+        })
+    }
+}
+
+impl RecallFile {
+    fn of(n: &pb::RecallNotice, proof: Option<ProofFile>) -> RecallFile {
+        RecallFile {
+            file_type: "recall_notice".into(),
+            transfer_id: n.transfer_id.clone(),
+            message_id: n.message_id.clone(),
+            sender: n.sender.clone(),
+            organisation: n.organisation.clone(),
+            consent_jti: n.consent_jti.clone(),
+            consent_issuer: n.consent_issuer.clone(),
+            revoked_at: rfc3339(n.revoked_at.as_ref()),
+            proof,
+        }
+    }
+}
+
+/// A SHA-256 written as 64 hex digits.
+fn sha256_of_hex(hex: &str) -> Result<Vec<u8>, String> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .filter(|d| d.len() == 32)
+        .ok_or_else(|| "payload_sha256 is not 64 hex digits".to_owned())
 }
 
 /// Checks an inbox file offline (`concordat receipt verify`): its `proof` is signed by the log
-/// key, its entry is the one the delivery was queued under (for a transfer: this transfer, from
-/// this sender, to these recipients, with this payload's SHA-256), and it is included in the
-/// checkpoint's tree. For a payload kept as `payload_base64`, the digest is recomputed from it;
-/// a JSON payload written inline is a parsed view of the bytes received, so its recorded
-/// `payload_sha256` (computed by the agent on receipt) is what is checked. `None` if the file is
-/// not an inbox file; otherwise the verdict or what is wrong.
+/// key, its entry is the one the delivery was queued under and records every field of the file
+/// that it can record as the file states it (for a transfer: all but `content_type`; for a
+/// recall notice: all but `revoked_at`; a notice whole), and it is included in the
+/// checkpoint's tree. For a payload kept as `payload_base64`, the digest is recomputed from
+/// it; a JSON payload written inline is a parsed view of the bytes received, so its recorded
+/// `payload_sha256` (computed by the agent on receipt) is what is checked. `None` if the file
+/// is not an inbox file; otherwise the verdict or what is wrong.
 pub fn verify_inbox_file(
     text: &[u8],
     key: &concordat_proto::checkpoint::LogVerifier,
 ) -> Option<Result<String, String>> {
-    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
-    let kind = v.get("type")?.as_str()?.to_owned();
-    Some(inbox_verdict(&v, &kind, key))
+    /// The one field every inbox file has; the rest is read by type.
+    #[derive(Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        file_type: String,
+    }
+    let typed: Typed = serde_json::from_slice(text).ok()?;
+    Some(inbox_verdict(text, &typed.file_type, key))
 }
 
 fn inbox_verdict(
-    v: &serde_json::Value,
+    text: &[u8],
     kind: &str,
     key: &concordat_proto::checkpoint::LogVerifier,
 ) -> Result<String, String> {
-    let text = |field: &str| -> Result<String, String> {
-        v.get(field)
-            .and_then(|x| x.as_str())
-            .map(str::to_owned)
-            .ok_or_else(|| format!("the inbox file has no {field}"))
+    let checked = |what: &str, wire: &pb::AuditProof, cp: &Checkpoint, tail: &str| {
+        format!(
+            "VERIFIED: {what} is entry {} of {} (checkpoint of size {}, root {}); {tail}",
+            wire.log_index,
+            cp.origin(),
+            cp.size(),
+            cp.root().to_hex()
+        )
     };
-    let claim = match kind {
+    match kind {
         "transfer" => {
-            let recipients = v
-                .get("recipients")
-                .and_then(|r| r.as_array())
-                .ok_or("the inbox file has no recipients")?
-                .iter()
-                .map(|r| {
-                    r.as_str()
-                        .map(str::to_owned)
-                        .ok_or("a recipient is not a string")
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let recorded = text("payload_sha256")?;
-            if let Some(b64) = v.get("payload_base64").and_then(|p| p.as_str()) {
+            let file: TransferFile = serde_json::from_slice(text)
+                .map_err(|e| format!("the inbox file does not read as a transfer: {e}"))?;
+            let mut payload_size = None;
+            if let Some(b64) = &file.payload_base64 {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
                     .map_err(|e| format!("payload_base64 is not base64: {e}"))?;
-                if hex_digest(&bytes) != recorded {
+                if hex_digest(&bytes) != file.payload_sha256 {
                     return Err("payload_base64 does not hash to payload_sha256".into());
                 }
+                payload_size = Some(bytes.len() as u64);
             }
-            let payload_sha256 = (0..recorded.len())
-                .step_by(2)
-                .map(|i| {
-                    recorded
-                        .get(i..i + 2)
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                })
-                .collect::<Option<Vec<u8>>>()
-                .filter(|d| d.len() == 32)
-                .ok_or("payload_sha256 is not 64 hex digits")?;
-            crate::witness::DeliveryClaim::Transfer {
-                transfer_id: text("transfer_id")?,
-                message_id: text("message_id")?,
-                sender: text("sender")?,
-                recipients,
-                payload_sha256,
-            }
+            let claim =
+                crate::witness::DeliveryClaim::Transfer(Box::new(file.claim(payload_size)?));
+            let wire = file.proof.as_ref().ok_or(NO_PROOF)?.to_wire()?;
+            let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+            Ok(checked(
+                &format!(
+                    "delivery of transfer {} from {}",
+                    file.transfer_id, file.sender
+                ),
+                &wire,
+                &cp,
+                "every field is the entry's but content_type, which the audit log does not \
+                 record (not verified)",
+            ))
         }
-        "recall_notice" => crate::witness::DeliveryClaim::Recall {
-            transfer_id: text("transfer_id")?,
-            message_id: text("message_id")?,
-            sender: text("sender")?,
-            consent_jti: text("consent_jti")?,
-        },
+        "recall_notice" => {
+            let file: RecallFile = serde_json::from_slice(text)
+                .map_err(|e| format!("the inbox file does not read as a recall notice: {e}"))?;
+            let claim = crate::witness::DeliveryClaim::Recall {
+                transfer_id: file.transfer_id.clone(),
+                message_id: file.message_id.clone(),
+                sender: file.sender.clone(),
+                organisation: file.organisation.clone(),
+                consent_jti: file.consent_jti.clone(),
+                consent_issuer: file.consent_issuer.clone(),
+            };
+            let wire = file.proof.as_ref().ok_or(NO_PROOF)?.to_wire()?;
+            let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+            Ok(checked(
+                &format!(
+                    "recall notice for transfer {} from {}",
+                    file.transfer_id, file.sender
+                ),
+                &wire,
+                &cp,
+                "every field is the entry's but revoked_at, which the recall's entry does not \
+                 record (not verified)",
+            ))
+        }
         // A notice file holds the notice as JSON: it is the one its proof's entry holds if
         // that entry's notice reads the same, field for field.
         "notice" => {
-            let wire = proof_of(v)?.to_wire()?;
+            let v: serde_json::Value =
+                serde_json::from_slice(text).map_err(|e| format!("the notice file: {e}"))?;
+            let wire = proof_of(&v)?.to_wire()?;
             let entry = concordat_proto::audit::decode(&wire.entry)
                 .map_err(|e| format!("the proof's entry: {e}"))?;
             let Some(pb::audit_entry::Event::NoticeQueued(q)) = entry.event else {
@@ -1360,56 +1557,59 @@ fn inbox_verdict(
             }
             let claim = crate::witness::DeliveryClaim::Notice(notice);
             let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
-            return Ok(format!(
+            Ok(format!(
                 "VERIFIED: notice {} is entry {} of {} (checkpoint of size {}, root {})",
                 claim.transfer_id(),
                 wire.log_index,
                 cp.origin(),
                 cp.size(),
                 cp.root().to_hex()
-            ));
+            ))
         }
-        other => return Err(format!("an inbox file of unknown type {other:?}")),
-    };
-    let wire = proof_of(v)?.to_wire()?;
-    let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+        other => Err(format!("an inbox file of unknown type {other:?}")),
+    }
+}
+
+/// The `proof` of a notice file.
+fn proof_of(v: &serde_json::Value) -> Result<ProofFile, String> {
+    serde_json::from_value(v.get("proof").cloned().ok_or(NO_PROOF)?)
+        .map_err(|e| format!("proof: {e}"))
+}
+
+/// Checks a receipt file (`sent/<name>.receipt.json`) offline (`concordat receipt verify`):
+/// its proof is signed by the log key, its entry is this transfer's acceptance and records
+/// every field of the file but `warnings` as the file states it (`transfer_id`, `message_id`,
+/// `accepted_at`, `authorities`, `consent_jti`, `consent_issuer`, `log_index`:
+/// [`crate::witness::ReceiptClaim`]), and it is included in the checkpoint's tree. The verdict,
+/// or what is wrong.
+pub fn verify_receipt_file(
+    text: &[u8],
+    key: &concordat_proto::checkpoint::LogVerifier,
+) -> Result<String, String> {
+    let receipt: ReceiptFile =
+        serde_json::from_slice(text).map_err(|e| format!("not a receipt file: {e}"))?;
+    let proof = receipt
+        .proof
+        .as_ref()
+        .ok_or("holds no proof (written by an agent older than the proof field)")?;
+    let wire = proof.to_wire()?;
+    let claim = crate::witness::ReceiptClaim::of_file(&receipt);
+    let cp = crate::witness::verify_receipt(key, &claim, &wire)?;
     Ok(format!(
-        "VERIFIED: {} {} from {} is entry {} of {} (checkpoint of size {}, root {})",
-        if kind == "transfer" {
-            "delivery of transfer"
-        } else {
-            "recall notice for transfer"
-        },
-        claim.transfer_id(),
-        text("sender")?,
+        "VERIFIED: transfer {} (message {}) is entry {} of {} (checkpoint of size {}, root {}); \
+         its time, authorities and consent are the entry's{}",
+        receipt.transfer_id,
+        receipt.message_id,
         wire.log_index,
         cp.origin(),
         cp.size(),
-        cp.root().to_hex()
+        cp.root().to_hex(),
+        if receipt.warnings.is_empty() {
+            ""
+        } else {
+            "; its warnings are the broker's advice, not in the audit log, and are not verified"
+        }
     ))
-}
-
-/// The `proof` of an inbox file.
-fn proof_of(v: &serde_json::Value) -> Result<ProofFile, String> {
-    serde_json::from_value(
-        v.get("proof")
-            .cloned()
-            .ok_or("the inbox file holds no proof (written by an agent older than the proof field, or from a broker that sent none)")?,
-    )
-    .map_err(|e| format!("proof: {e}"))
-}
-
-fn recall_json(n: &pb::RecallNotice) -> serde_json::Value {
-    serde_json::json!({
-        "type": "recall_notice",
-        "transfer_id": n.transfer_id,
-        "message_id": n.message_id,
-        "sender": n.sender,
-        "organisation": n.organisation,
-        "consent_jti": n.consent_jti,
-        "consent_issuer": n.consent_issuer,
-        "revoked_at": rfc3339(n.revoked_at.as_ref()),
-    })
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
@@ -2290,5 +2490,130 @@ mod tests {
             .collect();
         assert_eq!(names, ["taken"]);
         assert!(dir.path().join("taken").is_dir());
+    }
+
+    /// `payload` delivered to ico as the transfer [`crate::witness::test_log::transfer`] with
+    /// its proof: the inbox file's bytes and the log key.
+    fn delivered(
+        s: &Spool,
+        payload: &[u8],
+        content_type: &str,
+    ) -> (Vec<u8>, concordat_proto::checkpoint::LogVerifier) {
+        let (t, entry) = crate::witness::test_log::transfer(payload, content_type);
+        let (key, proof) = crate::witness::test_log::prove(&entry);
+        let delivery = pb::Delivery {
+            delivery_id: "1".into(),
+            body: Some(pb::delivery::Body::Transfer(t)),
+            audit: Some(proof),
+        };
+        let path = s.deliver(&delivery).unwrap();
+        (fs::read(path.path()).unwrap(), key)
+    }
+
+    /// An inbox file verifies only while every field the transfer's entry records is the
+    /// entry's; a field it does not record (`content_type`) is said not to be verified, and a
+    /// field no inbox file has is refused.
+    #[test]
+    fn an_edited_inbox_file_does_not_verify() {
+        let (_d, s) = spool();
+        let (bytes, key) = delivered(&s, br#"{"a":1}"#, "application/json");
+        let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        assert!(verdict.contains("content_type"), "{verdict}");
+        let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let rows: [(&str, serde_json::Value); 13] = [
+            ("tlp", "clear".into()),
+            ("kind", "threat_assessment".into()),
+            ("organisation", "someone-else".into()),
+            ("organisation", "".into()),
+            ("consent_jti", "forged-jti".into()),
+            ("consent_issuer", "".into()),
+            ("incident_ref", "nca:OTHER".into()),
+            ("agreement_id", "other-mou".into()),
+            ("clause", "9.9".into()),
+            ("accepted_at", "2027-01-01T00:00:00Z".into()),
+            ("recipients", serde_json::json!(["ico", "nca"])),
+            ("sender", "nca".into()),
+            ("approved_by", "the minister".into()),
+        ];
+        for (field, value) in rows {
+            let mut forged = file.clone();
+            forged[field] = value;
+            let forged = serde_json::to_vec_pretty(&forged).unwrap();
+            let err = verify_inbox_file(&forged, &key)
+                .unwrap()
+                .expect_err(&format!("an inbox file with another {field} verified"));
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    /// A receipt file verifies only while its authorities, acceptance time, consent and log
+    /// index are its entry's. Its warnings are not in the log: the verdict says they are not
+    /// verified, and a receipt without them still verifies.
+    #[test]
+    fn a_receipt_file_with_forged_fields_does_not_verify() {
+        let (_d, s) = spool();
+        let (t, entry) = crate::witness::test_log::transfer(b"{}", "application/json");
+        let (key, proof) = crate::witness::test_log::prove(&entry);
+        let receipt = pb::Receipt {
+            transfer_id: t.transfer_id.clone(),
+            message_id: t.message_id.clone(),
+            accepted_at: t.accepted_at,
+            authorities: vec![pb::Authority {
+                recipient: "ico".into(),
+                agreement_id: t.agreement_id.clone(),
+                clause: t.clause.clone(),
+            }],
+            consent_jti: t.consent_jti.clone(),
+            consent_issuer: t.consent_issuer.clone(),
+            duplicate: false,
+            audit: Some(proof),
+            consents: t.consents.clone(),
+            warnings: vec!["agreement ico-ncsc-2024 is due for review".into()],
+        };
+        fs::write(s.dir("outbox").join("a.json"), "{}").unwrap();
+        s.complete_sent("a.json", &receipt, None).unwrap();
+        let bytes = fs::read(s.dir("sent").join("a.json.receipt.json")).unwrap();
+        let verdict = verify_receipt_file(&bytes, &key).unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        assert!(
+            verdict.contains("warnings") && verdict.contains("not verified"),
+            "{verdict}"
+        );
+        let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        type Forge = fn(&mut serde_json::Value);
+        let rows: [(&str, Forge); 9] = [
+            ("agreement_id", |f| {
+                f["authorities"][0]["agreement_id"] = "other-mou".into()
+            }),
+            ("clause", |f| f["authorities"][0]["clause"] = "9.9".into()),
+            ("recipient", |f| {
+                f["authorities"][0]["recipient"] = "nca".into()
+            }),
+            ("authorities", |f| f["authorities"] = serde_json::json!([])),
+            ("accepted_at", |f| {
+                f["accepted_at"] = "2027-01-01T00:00:00Z".into()
+            }),
+            ("consent_jti", |f| f["consent_jti"] = "forged-jti".into()),
+            ("consent_issuer", |f| {
+                f["consent_issuer"] = "k4.pid.other".into()
+            }),
+            ("log_index", |f| f["log_index"] = 7.into()),
+            ("transfer_id", |f| f["transfer_id"] = "other".into()),
+        ];
+        for (field, forge) in rows {
+            let mut forged = file.clone();
+            forge(&mut forged);
+            let forged = serde_json::to_vec_pretty(&forged).unwrap();
+            let err = verify_receipt_file(&forged, &key)
+                .expect_err(&format!("a receipt with another {field} verified"));
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // Warnings are not bound: emptied, the receipt still verifies, and says nothing of them.
+        let mut quiet = file.clone();
+        quiet.as_object_mut().unwrap().remove("warnings").unwrap();
+        let verdict = verify_receipt_file(&serde_json::to_vec(&quiet).unwrap(), &key).unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        assert!(!verdict.contains("warnings"), "{verdict}");
     }
 }

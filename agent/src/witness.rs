@@ -8,9 +8,14 @@
 //! alarm: it is logged and the agent stops sending.
 //!
 //! Every delivery carries the same kind of proof for the entry it was queued under (a
-//! transfer's `transfer_accepted`, a recall notice's `recall_queued`); the witness checks it,
-//! including that the entry names this payload's SHA-256, sender and recipients, before the
-//! delivery is written to the inbox and acknowledged.
+//! transfer's `transfer_accepted`, a recall notice's `recall_queued`); the witness checks it
+//! before the delivery is written to the inbox and acknowledged.
+//!
+//! A receipt or delivery is held to its entry field by field: every field the entry records
+//! must be the entry's ([`ReceiptClaim`], [`TransferClaim`], [`DeliveryClaim`]), and a
+//! refusal names each field that differs. What the entry does not record (a transfer's
+//! content type, a receipt's warnings, a recall notice's time of revocation) is not part of
+//! a claim, and whoever presents a verdict must not present it as verified.
 
 use std::{
     path::PathBuf,
@@ -58,29 +63,365 @@ fn hashes(proof: &[Vec<u8>]) -> Result<Vec<Hash>, WitnessError> {
         .collect()
 }
 
-/// Checks, offline, that `proof` proves the acceptance of transfer `transfer_id` (message
-/// `message_id`): the checkpoint is signed by the log key `verifier` names, the entry is that
-/// transfer's `transfer_accepted` entry, and the inclusion proof places the entry at its index
-/// in the checkpoint's tree. Returns the checkpoint, or what is wrong.
-pub fn verify_proof(
+/// What a receipt says of its transfer, to hold against the `transfer_accepted` entry its
+/// proof carries: read from the wire by the agent, or from a receipt file by `concordat
+/// receipt verify`.
+///
+/// The entry binds every field here. A receipt's `warnings` (an agreement due for review) and
+/// its `duplicate` flag are the broker's words at the time of the answer and are not in the
+/// log: they are not part of the claim and cannot be verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReceiptClaim {
+    /// The broker's transfer id.
+    pub transfer_id: String,
+    /// The sender's message id.
+    pub message_id: String,
+    /// When the broker accepted it: the entry's time.
+    pub accepted_at: ClaimedTime,
+    /// For each recipient, the agreement and clause relied on, in the entry's order.
+    pub authorities: Vec<pb::Authority>,
+    /// The first consent's token id and issuer (empty without consent).
+    pub consent_jti: String,
+    /// See `consent_jti`.
+    pub consent_issuer: String,
+    /// Every consent relied on; `None` when the claim does not say (a receipt file).
+    pub consents: Option<Vec<pb::ConsentRef>>,
+    /// The entry's index in the log, when the claim states it besides the proof's.
+    pub log_index: Option<u64>,
+}
+
+impl ReceiptClaim {
+    /// What `receipt` claims.
+    pub fn of(receipt: &pb::Receipt) -> ReceiptClaim {
+        ReceiptClaim {
+            transfer_id: receipt.transfer_id.clone(),
+            message_id: receipt.message_id.clone(),
+            accepted_at: ClaimedTime::Exact(receipt.accepted_at),
+            authorities: receipt.authorities.clone(),
+            consent_jti: receipt.consent_jti.clone(),
+            consent_issuer: receipt.consent_issuer.clone(),
+            consents: Some(receipt.consents.clone()),
+            log_index: None,
+        }
+    }
+
+    /// What a receipt file claims (it keeps no list of consents).
+    pub(crate) fn of_file(file: &crate::spool::ReceiptFile) -> ReceiptClaim {
+        ReceiptClaim {
+            transfer_id: file.transfer_id.clone(),
+            message_id: file.message_id.clone(),
+            accepted_at: ClaimedTime::Text(file.accepted_at.clone()),
+            authorities: file
+                .authorities
+                .iter()
+                .map(|a| pb::Authority {
+                    recipient: a.recipient.clone(),
+                    agreement_id: a.agreement_id.clone(),
+                    clause: a.clause.clone(),
+                })
+                .collect(),
+            consent_jti: file.consent_jti.clone(),
+            consent_issuer: file.consent_issuer.clone(),
+            consents: None,
+            log_index: file.log_index,
+        }
+    }
+
+    /// Whether `entry` (at `log_index`) is this transfer's acceptance, as the receipt states it.
+    fn check(&self, entry: &pb::AuditEntry, log_index: u64) -> Result<(), String> {
+        let Some(pb::audit_entry::Event::TransferAccepted(a)) = &entry.event else {
+            return Err(format!(
+                "the audit entry of receipt {} is not a transfer_accepted entry",
+                self.transfer_id
+            ));
+        };
+        let facts = a.envelope.clone().unwrap_or_default();
+        let mut d = Differences::new("receipt");
+        d.text("transfer_id", &self.transfer_id, &a.transfer_id);
+        d.text("message_id", &self.message_id, &facts.message_id);
+        d.time("accepted_at", &self.accepted_at, entry.time.as_ref());
+        if self.authorities.len() == a.authorities.len() {
+            for (i, (c, l)) in self.authorities.iter().zip(&a.authorities).enumerate() {
+                d.text(
+                    &format!("authorities[{i}].recipient"),
+                    &c.recipient,
+                    &l.recipient,
+                );
+                d.text(
+                    &format!("authorities[{i}].agreement_id"),
+                    &c.agreement_id,
+                    &l.agreement_id,
+                );
+                d.text(&format!("authorities[{i}].clause"), &c.clause, &l.clause);
+            }
+        } else {
+            d.differ(
+                "authorities",
+                format!("{} of them", self.authorities.len()),
+                a.authorities.len().to_string(),
+            );
+        }
+        d.text("consent_jti", &self.consent_jti, &facts.consent_jti);
+        d.text(
+            "consent_issuer",
+            &self.consent_issuer,
+            &facts.consent_issuer,
+        );
+        if let Some(consents) = &self.consents {
+            d.debug("consents", consents, &facts.consents);
+        }
+        if let Some(index) = self.log_index {
+            d.debug("log_index", &index, &log_index);
+        }
+        d.result(&self.transfer_id)
+    }
+}
+
+/// Checks, offline, that `proof` proves the receipt `claim`: the checkpoint is signed by the log
+/// key `verifier` names, the entry is that transfer's `transfer_accepted` entry and records
+/// every field of the claim as the claim states it ([`ReceiptClaim`]), and the inclusion proof
+/// places the entry at its index in the checkpoint's tree. Returns the checkpoint, or what is
+/// wrong (every field that differs, by name).
+pub fn verify_receipt(
     verifier: &LogVerifier,
-    transfer_id: &str,
-    message_id: &str,
+    claim: &ReceiptClaim,
     proof: &pb::AuditProof,
 ) -> Result<Checkpoint, String> {
-    verify_entry(verifier, "receipt", proof, |entry| match &entry.event {
-        Some(pb::audit_entry::Event::TransferAccepted(a))
-            if a.transfer_id == transfer_id
-                && a.envelope
-                    .as_ref()
-                    .is_some_and(|e| e.message_id == message_id) =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
-            "the audit entry of receipt {transfer_id} describes something else"
-        )),
+    verify_entry(verifier, "receipt", proof, |entry| {
+        claim.check(entry, proof.log_index)
     })
+}
+
+/// A time as a claim states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClaimedTime {
+    /// As the broker sent it: must be the entry's time exactly.
+    Exact(Option<prost_types::Timestamp>),
+    /// As a file keeps it: the RFC 3339 text the agent writes (whole seconds), which must be
+    /// the entry's time written the same way.
+    Text(String),
+}
+
+fn show_time(t: Option<&prost_types::Timestamp>) -> String {
+    match t {
+        Some(t) if t.nanos != 0 => format!("{} + {} ns", crate::spool::rfc3339(Some(t)), t.nanos),
+        t => crate::spool::rfc3339(t),
+    }
+}
+
+/// The fields of a claim that differ from its entry, each named with both values.
+struct Differences {
+    what: &'static str,
+    found: Vec<String>,
+}
+
+impl Differences {
+    fn new(what: &'static str) -> Self {
+        Differences {
+            what,
+            found: Vec::new(),
+        }
+    }
+
+    fn differ(&mut self, field: &str, claimed: String, logged: String) {
+        self.found.push(format!(
+            "{field} (the {} says {claimed}, the entry {logged})",
+            self.what
+        ));
+    }
+
+    fn text(&mut self, field: &str, claimed: &str, logged: &str) {
+        if claimed != logged {
+            self.differ(field, format!("{claimed:?}"), format!("{logged:?}"));
+        }
+    }
+
+    fn debug<T: PartialEq + std::fmt::Debug + ?Sized>(
+        &mut self,
+        field: &str,
+        claimed: &T,
+        logged: &T,
+    ) {
+        if claimed != logged {
+            self.differ(field, format!("{claimed:?}"), format!("{logged:?}"));
+        }
+    }
+
+    fn time(
+        &mut self,
+        field: &str,
+        claimed: &ClaimedTime,
+        logged: Option<&prost_types::Timestamp>,
+    ) {
+        let (same, shown) = match claimed {
+            ClaimedTime::Exact(t) => (t.as_ref() == logged, show_time(t.as_ref())),
+            ClaimedTime::Text(s) => (*s == crate::spool::rfc3339(logged), s.clone()),
+        };
+        if !same {
+            self.differ(field, shown, show_time(logged));
+        }
+    }
+
+    fn result(self, id: &str) -> Result<(), String> {
+        if self.found.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the {} of transfer {id} does not match its audit entry: {}",
+                self.what,
+                self.found.join("; ")
+            ))
+        }
+    }
+}
+
+fn kind_name(kind: i32) -> String {
+    pb::MessageKind::try_from(kind)
+        .map(|k| k.as_str_name().to_owned())
+        .unwrap_or_else(|_| kind.to_string())
+}
+
+fn tlp_name(tlp: i32) -> String {
+    pb::Tlp::try_from(tlp)
+        .map(|t| t.as_str_name().to_owned())
+        .unwrap_or_else(|_| tlp.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a transfer's delivery says of itself, field by field: every field its
+/// `transfer_accepted` entry records. The payload is represented by its SHA-256 (and size).
+///
+/// Not here, because the entry does not record it: the payload's `content_type` (the log keeps
+/// the payload's digest and size only), which therefore cannot be verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransferClaim {
+    /// The broker's transfer id.
+    pub transfer_id: String,
+    /// The sender's message id.
+    pub message_id: String,
+    /// The sending agency.
+    pub sender: String,
+    /// Every recipient of the transfer.
+    pub recipients: Vec<String>,
+    /// The message kind (the wire's number).
+    pub kind: i32,
+    /// The organisation the envelope named (empty: none).
+    pub organisation: String,
+    /// Every organisation the transfer identifies, `organisation` first when set; `None` when
+    /// the claim does not say (an inbox file written before this field).
+    pub organisations: Option<Vec<String>>,
+    /// The federation-unique incident reference (empty: none).
+    pub incident_ref: String,
+    /// The TLP marking (the wire's number).
+    pub tlp: i32,
+    /// The first consent's token id and issuer (empty without consent).
+    pub consent_jti: String,
+    /// See `consent_jti`.
+    pub consent_issuer: String,
+    /// Every consent relied on; `None` when the claim does not say (an older inbox file).
+    pub consents: Option<Vec<pb::ConsentRef>>,
+    /// The agreement and clause relied on for this recipient: one of the entry's authorities.
+    pub agreement_id: String,
+    /// See `agreement_id`.
+    pub clause: String,
+    /// When the broker accepted it: the entry's time.
+    pub accepted_at: ClaimedTime,
+    /// The workflow step it carries, as exports and inbox files write it.
+    pub workflow: Option<serde_json::Value>,
+    /// The SHA-256 of the payload.
+    pub payload_sha256: Vec<u8>,
+    /// The payload's size, when the claim holds the payload.
+    pub payload_size: Option<u64>,
+}
+
+impl TransferClaim {
+    /// What transfer `t` claims; the payload is hashed here.
+    pub fn of(t: &pb::Transfer) -> TransferClaim {
+        TransferClaim {
+            transfer_id: t.transfer_id.clone(),
+            message_id: t.message_id.clone(),
+            sender: t.sender.clone(),
+            recipients: t.recipients.clone(),
+            kind: t.kind,
+            organisation: t.organisation.clone(),
+            organisations: Some(t.organisations.clone()),
+            incident_ref: t.incident_ref.clone(),
+            tlp: t.tlp,
+            consent_jti: t.consent_jti.clone(),
+            consent_issuer: t.consent_issuer.clone(),
+            consents: Some(t.consents.clone()),
+            agreement_id: t.agreement_id.clone(),
+            clause: t.clause.clone(),
+            accepted_at: ClaimedTime::Exact(t.accepted_at),
+            workflow: t.workflow.as_ref().map(audit::workflow_json),
+            payload_sha256: Sha256::digest(&t.payload).to_vec(),
+            payload_size: Some(t.payload.len() as u64),
+        }
+    }
+
+    fn check(&self, entry: &pb::AuditEntry, a: &pb::TransferAccepted) -> Result<(), String> {
+        let f = a.envelope.clone().unwrap_or_default();
+        let mut d = Differences::new("delivery");
+        d.text("transfer_id", &self.transfer_id, &a.transfer_id);
+        d.text("message_id", &self.message_id, &f.message_id);
+        d.text("sender", &self.sender, &f.sender);
+        d.debug("recipients", &self.recipients, &f.recipients);
+        d.text("kind", &kind_name(self.kind), &kind_name(f.kind));
+        d.text("organisation", &self.organisation, &f.organisation);
+        if let Some(organisations) = &self.organisations {
+            // The log keeps `organisation` apart; a delivery lists it first.
+            let logged: Vec<String> = (!f.organisation.is_empty())
+                .then(|| f.organisation.clone())
+                .into_iter()
+                .chain(f.organisations.iter().cloned())
+                .collect();
+            d.debug("organisations", organisations, &logged);
+        }
+        d.text("incident_ref", &self.incident_ref, &f.incident_ref);
+        d.text("tlp", &tlp_name(self.tlp), &tlp_name(f.tlp));
+        d.text("consent_jti", &self.consent_jti, &f.consent_jti);
+        d.text("consent_issuer", &self.consent_issuer, &f.consent_issuer);
+        if let Some(consents) = &self.consents {
+            d.debug("consents", consents, &f.consents);
+        }
+        // The entry has one authority per recipient; which recipient this agent is, the
+        // delivery does not say, so it must be one of the transfer's.
+        let authority = a.authorities.iter().any(|x| {
+            x.agreement_id == self.agreement_id
+                && x.clause == self.clause
+                && self.recipients.contains(&x.recipient)
+        });
+        if !authority {
+            let logged: Vec<String> = a
+                .authorities
+                .iter()
+                .map(|x| format!("{}: {} clause {}", x.recipient, x.agreement_id, x.clause))
+                .collect();
+            d.differ(
+                "agreement_id and clause",
+                format!("{} clause {}", self.agreement_id, self.clause),
+                format!("has {}", logged.join(", ")),
+            );
+        }
+        d.time("accepted_at", &self.accepted_at, entry.time.as_ref());
+        let workflow = f.workflow.as_ref().map(audit::workflow_json);
+        d.debug("workflow", &self.workflow, &workflow);
+        d.text(
+            "payload_sha256",
+            &hex(&self.payload_sha256),
+            &hex(&f.payload_sha256),
+        );
+        if let Some(size) = self.payload_size {
+            d.debug("payload_size", &size, &f.payload_size);
+        }
+        d.result(&self.transfer_id)
+    }
 }
 
 /// What a delivery says of itself, to hold against the audit entry its proof carries: read
@@ -89,18 +430,7 @@ pub fn verify_proof(
 #[non_exhaustive]
 pub enum DeliveryClaim {
     /// A transfer: proved by its `transfer_accepted` entry.
-    Transfer {
-        /// The broker's transfer id.
-        transfer_id: String,
-        /// The sender's message id.
-        message_id: String,
-        /// The sending agency.
-        sender: String,
-        /// Every recipient of the transfer.
-        recipients: Vec<String>,
-        /// The SHA-256 of the payload.
-        payload_sha256: Vec<u8>,
-    },
+    Transfer(Box<TransferClaim>),
     /// A recall notice: proved by its `recall_queued` entry.
     Recall {
         /// The transfer recalled.
@@ -109,8 +439,12 @@ pub enum DeliveryClaim {
         message_id: String,
         /// Its sender.
         sender: String,
-        /// The revoked consent token.
+        /// The organisation whose consent was revoked.
+        organisation: String,
+        /// The revoked consent token and its issuer.
         consent_jti: String,
+        /// See `consent_jti`.
+        consent_issuer: String,
     },
     /// A notice of the broker's own: proved by its `notice_queued` entry, which holds it whole.
     Notice(pb::Notice),
@@ -120,60 +454,50 @@ impl DeliveryClaim {
     /// What `body` claims; the payload is hashed here.
     pub fn of(body: &pb::delivery::Body) -> DeliveryClaim {
         match body {
-            pb::delivery::Body::Transfer(t) => DeliveryClaim::Transfer {
-                transfer_id: t.transfer_id.clone(),
-                message_id: t.message_id.clone(),
-                sender: t.sender.clone(),
-                recipients: t.recipients.clone(),
-                payload_sha256: Sha256::digest(&t.payload).to_vec(),
-            },
+            pb::delivery::Body::Transfer(t) => {
+                DeliveryClaim::Transfer(Box::new(TransferClaim::of(t)))
+            }
             pb::delivery::Body::RecallNotice(n) => DeliveryClaim::Recall {
                 transfer_id: n.transfer_id.clone(),
                 message_id: n.message_id.clone(),
                 sender: n.sender.clone(),
+                organisation: n.organisation.clone(),
                 consent_jti: n.consent_jti.clone(),
+                consent_issuer: n.consent_issuer.clone(),
             },
             pb::delivery::Body::Notice(n) => DeliveryClaim::Notice(n.clone()),
         }
     }
 
     /// Whether `entry` is the entry this delivery was queued under: for a transfer, its
-    /// acceptance of this payload from this sender to these recipients; for a recall notice,
-    /// the recall of this transfer.
+    /// acceptance with every field the entry records as the delivery states it; for a recall
+    /// notice, the recall of this transfer, under this consent, to this organisation; for a
+    /// notice, the notice whole. Every field that differs is named.
     fn check(&self, entry: &pb::AuditEntry) -> Result<(), String> {
         use pb::audit_entry::Event;
         let matches = match (self, &entry.event) {
-            (
-                DeliveryClaim::Transfer {
-                    transfer_id,
-                    message_id,
-                    sender,
-                    recipients,
-                    payload_sha256,
-                },
-                Some(Event::TransferAccepted(a)),
-            ) => {
-                a.transfer_id == *transfer_id
-                    && a.envelope.as_ref().is_some_and(|e| {
-                        e.message_id == *message_id
-                            && e.sender == *sender
-                            && e.recipients == *recipients
-                            && e.payload_sha256 == *payload_sha256
-                    })
+            (DeliveryClaim::Transfer(claim), Some(Event::TransferAccepted(a))) => {
+                return claim.check(entry, a);
             }
             (
                 DeliveryClaim::Recall {
                     transfer_id,
                     message_id,
                     sender,
+                    organisation,
                     consent_jti,
+                    consent_issuer,
                 },
                 Some(Event::RecallQueued(q)),
             ) => {
-                q.transfer_id == *transfer_id
-                    && q.message_id == *message_id
-                    && q.sender == *sender
-                    && q.consent_jti == *consent_jti
+                let mut d = Differences::new("recall notice");
+                d.text("transfer_id", transfer_id, &q.transfer_id);
+                d.text("message_id", message_id, &q.message_id);
+                d.text("sender", sender, &q.sender);
+                d.text("organisation", organisation, &q.organisation);
+                d.text("consent_jti", consent_jti, &q.consent_jti);
+                d.text("consent_issuer", consent_issuer, &q.consent_issuer);
+                return d.result(transfer_id);
             }
             (DeliveryClaim::Notice(n), Some(Event::NoticeQueued(q))) => {
                 q.notice.as_ref() == Some(n)
@@ -184,8 +508,8 @@ impl DeliveryClaim {
             Ok(())
         } else {
             Err(format!(
-                "the audit entry of delivery {} describes something else (another transfer, \
-                 sender, recipient list or payload)",
+                "the audit entry of delivery {} describes something else (another kind of \
+                 entry, or another notice)",
                 self.transfer_id()
             ))
         }
@@ -194,8 +518,8 @@ impl DeliveryClaim {
     /// The transfer delivered or recalled.
     pub fn transfer_id(&self) -> &str {
         match self {
-            DeliveryClaim::Transfer { transfer_id, .. }
-            | DeliveryClaim::Recall { transfer_id, .. } => transfer_id,
+            DeliveryClaim::Transfer(t) => &t.transfer_id,
+            DeliveryClaim::Recall { transfer_id, .. } => transfer_id,
             DeliveryClaim::Notice(n) => &n.notice_id,
         }
     }
@@ -291,13 +615,8 @@ impl Witness {
                 receipt.message_id
             )));
         };
-        let cp = verify_proof(
-            &self.verifier,
-            &receipt.transfer_id,
-            &receipt.message_id,
-            proof,
-        )
-        .map_err(|why| self.alarm(why))?;
+        let cp = verify_receipt(&self.verifier, &ReceiptClaim::of(receipt), proof)
+            .map_err(|why| self.alarm(why))?;
         self.advance(broker, cp, &proof.checkpoint).await
     }
 
@@ -398,5 +717,161 @@ impl Witness {
             .unwrap_or_default();
         atomic_write(&dir, "checkpoint", note.as_bytes())
             .map_err(|e| WitnessError::Incomplete(format!("storing the checkpoint: {e}")))
+    }
+}
+
+/// A one-entry audit log signed by a fresh key, and a transfer logged in it, for the tests of
+/// this crate.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod test_log {
+    use concordat_proto::{
+        checkpoint::{self, Checkpoint, LogSigner, LogVerifier},
+        merkle, pb,
+    };
+    use prost::Message as _;
+    use sha2::{Digest, Sha256};
+
+    /// The log's verifier and the proof of `entry`, the only entry of a log of size 1.
+    pub(crate) fn prove(entry: &pb::AuditEntry) -> (LogVerifier, pb::AuditProof) {
+        let signer = LogSigner::generate("concordat.test/audit").unwrap();
+        let bytes = entry.encode_to_vec();
+        let cp = Checkpoint::new(signer.name(), 1, merkle::leaf_hash(&bytes)).unwrap();
+        let proof = pb::AuditProof {
+            log_index: 0,
+            checkpoint: checkpoint::sign(&cp, &signer).unwrap(),
+            inclusion_proof: Vec::new(),
+            entry: bytes,
+        };
+        (signer.verifier(), proof)
+    }
+
+    /// A TLP:RED incident record about acme-ltd, sent under consent by ncsc to ico, as ico
+    /// receives it, and its `transfer_accepted` entry.
+    pub(crate) fn transfer(payload: &[u8], content_type: &str) -> (pb::Transfer, pb::AuditEntry) {
+        let accepted_at = prost_types::Timestamp {
+            seconds: 1_796_000_000,
+            nanos: 123_000_000,
+        };
+        let consent = pb::ConsentRef {
+            organisation: "acme-ltd".into(),
+            jti: "0193a6f4-7c1e-7000-8000-000000000001".into(),
+            issuer: "k4.pid.issuer".into(),
+        };
+        let transfer = pb::Transfer {
+            transfer_id: "5b0d4a9e-3c2f-4d8e-9a51-0c6f7e2b1a11".into(),
+            message_id: "0193a6f4-7c1e-7000-8000-0000000000aa".into(),
+            sender: "ncsc".into(),
+            recipients: vec!["ico".into()],
+            kind: pb::MessageKind::IncidentRecord as i32,
+            organisation: "acme-ltd".into(),
+            incident_ref: "ncsc:INC-7".into(),
+            content_type: content_type.into(),
+            tlp: pb::Tlp::Red as i32,
+            payload: payload.to_vec(),
+            consent_jti: consent.jti.clone(),
+            consent_issuer: consent.issuer.clone(),
+            agreement_id: "ico-ncsc-2024".into(),
+            clause: "4.2".into(),
+            accepted_at: Some(accepted_at),
+            organisations: vec!["acme-ltd".into(), "globex-plc".into()],
+            consents: vec![consent.clone()],
+            workflow: None,
+        };
+        let facts = pb::EnvelopeFacts {
+            message_id: transfer.message_id.clone(),
+            sender: transfer.sender.clone(),
+            recipients: transfer.recipients.clone(),
+            kind: transfer.kind,
+            organisation: transfer.organisation.clone(),
+            incident_ref: transfer.incident_ref.clone(),
+            tlp: transfer.tlp,
+            payload_sha256: Sha256::digest(payload).to_vec(),
+            payload_size: payload.len() as u64,
+            consent_jti: consent.jti.clone(),
+            consent_issuer: consent.issuer.clone(),
+            consents: vec![consent],
+            // The log keeps `organisation` apart from the others.
+            organisations: vec!["globex-plc".into()],
+            workflow: None,
+        };
+        let entry = pb::AuditEntry {
+            time: Some(accepted_at),
+            event: Some(pb::audit_entry::Event::TransferAccepted(
+                pb::TransferAccepted {
+                    transfer_id: transfer.transfer_id.clone(),
+                    envelope: Some(facts),
+                    authorities: vec![pb::Authority {
+                        recipient: "ico".into(),
+                        agreement_id: "ico-ncsc-2024".into(),
+                        clause: "4.2".into(),
+                    }],
+                    stix_object_ids: Vec::new(),
+                    designation: None,
+                },
+            )),
+        };
+        (transfer, entry)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A delivery verifies only if every field its `transfer_accepted` entry records is the
+    /// entry's: a TLP:RED incident record about acme-ltd, made under consent, cannot pass for
+    /// TLP:CLEAR, a threat assessment, about no organisation or without consent.
+    #[test]
+    fn a_delivery_must_match_every_field_its_entry_records() {
+        let (transfer, entry) = test_log::transfer(br#"{"a":1}"#, "application/json");
+        let (key, proof) = test_log::prove(&entry);
+        let body = |t: &pb::Transfer| DeliveryClaim::of(&pb::delivery::Body::Transfer(t.clone()));
+        verify_delivery(&key, &body(&transfer), &proof).unwrap();
+        type Forge = fn(&mut pb::Transfer);
+        let rows: [(&str, Forge); 17] = [
+            ("tlp", |t| t.tlp = pb::Tlp::Clear as i32),
+            ("kind", |t| {
+                t.kind = pb::MessageKind::ThreatAssessment as i32
+            }),
+            ("organisation", |t| t.organisation.clear()),
+            ("organisation", |t| t.organisation = "someone-else".into()),
+            ("organisations", |t| t.organisations.clear()),
+            ("incident_ref", |t| t.incident_ref = "nca:OTHER".into()),
+            ("consent_jti", |t| t.consent_jti = "forged-jti".into()),
+            ("consent_issuer", |t| t.consent_issuer.clear()),
+            ("consents", |t| t.consents.clear()),
+            ("agreement_id", |t| t.agreement_id = "other-mou".into()),
+            ("clause", |t| t.clause = "9.9".into()),
+            ("accepted_at", |t| {
+                t.accepted_at = Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                })
+            }),
+            ("recipients", |t| t.recipients.push("nca".into())),
+            ("sender", |t| t.sender = "nca".into()),
+            ("message_id", |t| t.message_id.push('0')),
+            ("payload_sha256", |t| t.payload.push(b' ')),
+            ("workflow", |t| {
+                t.workflow = Some(pb::WorkflowStep {
+                    step: Some(pb::workflow_step::Step::DsarClose(pb::DsarClose {
+                        consultation_id: "ncsc:DSAR-1".into(),
+                    })),
+                })
+            }),
+        ];
+        for (field, forge) in rows {
+            let mut forged = transfer.clone();
+            forge(&mut forged);
+            let err = verify_delivery(&key, &body(&forged), &proof)
+                .expect_err(&format!("a delivery with another {field} verified"));
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        // The content type is not in the log: it is not checked (and not claimed to be).
+        let mut other = transfer.clone();
+        other.content_type = "text/plain".into();
+        verify_delivery(&key, &body(&other), &proof).unwrap();
     }
 }

@@ -619,9 +619,12 @@ enum IncidentCommand {
 #[derive(Subcommand)]
 enum ReceiptCommand {
     /// Checks a receipt file offline: its checkpoint is signed by the log key, its entry is
-    /// the transfer's acceptance, and the inclusion proof places the entry in the checkpoint's
-    /// tree. An inbox file is checked the same way against the entry it was delivered under.
-    /// Prints a one-line verdict; exit 1 on failure.
+    /// the transfer's acceptance and records every field of the file as the file states it
+    /// (all but `warnings`, which are not in the log), and the inclusion proof places the entry
+    /// in the checkpoint's tree. An inbox file is checked the same way against the entry it was
+    /// delivered under (all its fields but a transfer's `content_type` and a recall notice's
+    /// `revoked_at`). Prints a one-line verdict naming what is not verified, or the fields that
+    /// differ from the entry; exit 1 on failure.
     Verify {
         /// The receipt file (`sent/<name>.receipt.json`) or inbox file
         /// (`inbox/<sender>.<message_id>.json`).
@@ -639,33 +642,8 @@ fn verify_receipt(file: &std::path::Path, key: &LogVerifier) -> anyhow::Result<S
     if let Some(verdict) = concordat_agent::spool::verify_inbox_file(&text, key) {
         return verdict.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
     }
-    let receipt: concordat_agent::spool::ReceiptFile = serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not a receipt file", file.display()))?;
-    let proof = receipt.proof.as_ref().with_context(|| {
-        format!(
-            "{} holds no proof (written by an agent older than the proof field)",
-            file.display()
-        )
-    })?;
-    let wire = proof
-        .to_wire()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let cp = concordat_agent::witness::verify_proof(
-        key,
-        &receipt.transfer_id,
-        &receipt.message_id,
-        &wire,
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    Ok(format!(
-        "VERIFIED: transfer {} (message {}) is entry {} of {} (checkpoint of size {}, root {})",
-        receipt.transfer_id,
-        receipt.message_id,
-        wire.log_index,
-        cp.origin(),
-        cp.size(),
-        cp.root().to_hex()
-    ))
+    concordat_agent::spool::verify_receipt_file(&text, key)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 fn rfc3339(flag: &str, value: Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {

@@ -1067,6 +1067,32 @@ fn a_saved_receipt_verifies_offline_and_a_changed_one_does_not() {
     assert_eq!(code, Some(1), "{said}");
     assert!(said.starts_with("FAILED:"), "{said}");
 
+    // Every field the entry records is held to it, and a refusal names the field.
+    type Forge = fn(&mut ReceiptFile);
+    let forgeries: [(&str, Forge); 5] = [
+        ("agreement_id", |r| {
+            r.authorities[0].agreement_id = "forged-mou".into()
+        }),
+        ("clause", |r| r.authorities[0].clause = "9.9".into()),
+        ("accepted_at", |r| {
+            r.accepted_at = "2020-01-01T00:00:00Z".into()
+        }),
+        ("consent_jti", |r| r.consent_jti = "forged-jti".into()),
+        ("authorities", |r| r.authorities.clear()),
+    ];
+    for (field, forge) in forgeries {
+        let mut forged: ReceiptFile =
+            serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
+        forge(&mut forged);
+        std::fs::write(&changed, serde_json::to_vec(&forged).unwrap()).unwrap();
+        let (code, said) = receipt_verify(&changed, &key);
+        assert_eq!(code, Some(1), "{field}: {said}");
+        assert!(
+            said.starts_with("FAILED:") && said.contains(field),
+            "{field}: {said}"
+        );
+    }
+
     // Another log's key does not verify the checkpoint.
     let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
         .unwrap()
@@ -1117,6 +1143,8 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
     let (code, said) = receipt_verify(&file, &key);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.starts_with("VERIFIED: delivery of transfer"), "{said}");
+    // The content type is not in the log, and the verdict says it is not verified.
+    assert!(said.contains("content_type"), "{said}");
 
     let dir = tempfile::tempdir().unwrap();
     let tampered = |what: &str, f: &dyn Fn(&mut serde_json::Value)| {
@@ -1127,14 +1155,31 @@ fn an_inbox_file_keeps_the_proof_of_its_delivery_and_verifies_offline() {
         path
     };
     type Change<'a> = &'a dyn Fn(&mut serde_json::Value);
-    let cases: [(&str, Change<'_>); 2] = [
+    // Each named field is the one the refusal names.
+    let cases: [(&str, Change<'_>); 9] = [
         ("sender", &|v| v["sender"] = json!("ncsc")),
-        ("digest", &|v| v["payload_sha256"] = json!("00".repeat(32))),
+        ("payload_sha256", &|v| {
+            v["payload_sha256"] = json!("00".repeat(32))
+        }),
+        ("tlp", &|v| v["tlp"] = json!("red")),
+        ("kind", &|v| v["kind"] = json!("incident_record")),
+        ("organisation", &|v| {
+            v["organisation"] = json!("someone-else")
+        }),
+        ("consent_jti", &|v| v["consent_jti"] = json!("forged-jti")),
+        ("incident_ref", &|v| v["incident_ref"] = json!("nca:OTHER")),
+        ("agreement_id", &|v| v["agreement_id"] = json!("forged-mou")),
+        ("accepted_at", &|v| {
+            v["accepted_at"] = json!("2020-01-01T00:00:00Z")
+        }),
     ];
     for (what, change) in cases {
         let (code, said) = receipt_verify(&tampered(what, change), &key);
         assert_eq!(code, Some(1), "{what}: {said}");
-        assert!(said.starts_with("FAILED:"), "{what}: {said}");
+        assert!(
+            said.starts_with("FAILED:") && said.contains(what),
+            "{what}: {said}"
+        );
     }
     let other = concordat_proto::checkpoint::LogSigner::generate(DEFAULT_ORIGIN)
         .unwrap()
