@@ -61,6 +61,7 @@ use concordat_proto::{
     workflow::{Reference, WorkflowId, parse_deadline, parse_not_before},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 /// The largest outbox file or payload file the agent reads.
@@ -872,8 +873,8 @@ impl Spool {
 }
 
 /// An inbox file of a transfer or a recall notice, as [`Spool::deliver`] writes it.
-enum InboxFile {
-    Transfer(Box<TransferFile>),
+enum InboxFile<'a> {
+    Transfer(Box<TransferFile<'a>>),
     Recall(Box<RecallFile>),
 }
 
@@ -1230,8 +1231,15 @@ pub fn designation_halves(text: &str) -> Option<(String, String)> {
 }
 
 /// An inbox file of a transfer, `inbox/<sender>.<message_id>.json`: the transfer as delivered
-/// and the proof of its `transfer_accepted` entry. A JSON payload is inlined as `payload`; any
-/// other payload is `payload_base64`. `payload_sha256` is always given.
+/// and the proof of its `transfer_accepted` entry. `payload_sha256` is always given.
+///
+/// A payload whose content type names JSON and which is valid JSON with nothing around it is
+/// written as `payload`, byte for byte as it was received (`format` 2): never parsed into a
+/// value and written back, which would lose digits of large numbers and repeated keys, and
+/// would reindent a deeply nested payload into many times its size. Any other payload is
+/// `payload_base64`. Files of earlier agents have no `format`, and their inline `payload` is
+/// such a parsed view: no bytes in them hash to `payload_sha256`, so their payload cannot be
+/// verified (their other fields can).
 ///
 /// Every field but `content_type` (and `type`, `proof` and the payload's own fields) is
 /// recorded by the entry, and `concordat receipt verify` holds each to it. `organisations`
@@ -1239,10 +1247,14 @@ pub fn designation_halves(text: &str) -> Option<(String, String)> {
 /// field is not one the agent wrote, and is refused.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TransferFile {
+struct TransferFile<'a> {
     /// Always `transfer`.
     #[serde(rename = "type")]
     file_type: String,
+    /// [`INBOX_FORMAT`] in files whose inline payload is the payload's bytes; absent in files
+    /// of earlier agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    format: Option<u32>,
     transfer_id: String,
     message_id: String,
     sender: String,
@@ -1277,8 +1289,13 @@ struct TransferFile {
     payload_sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     workflow: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    payload: Option<serde_json::Value>,
+    #[serde(
+        default,
+        borrow,
+        deserialize_with = "raw_payload",
+        skip_serializing_if = "Option::is_none"
+    )]
+    payload: Option<&'a RawValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     payload_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1321,19 +1338,33 @@ struct RecallFile {
 const NO_PROOF: &str = "the inbox file holds no proof (written by an agent older than the \
                         proof field, or from a broker that sent none)";
 
-impl TransferFile {
+/// The `format` of the inbox files this agent writes: the inline payload is the payload's bytes.
+const INBOX_FORMAT: u32 = 2;
+
+/// An inline payload as the file has it, byte for byte (`null` too, which `Option` alone would
+/// read as no payload).
+fn raw_payload<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+impl<'a> TransferFile<'a> {
     /// The file for transfer `t`, with its `proof`.
-    fn of(t: &pb::Transfer, proof: Option<ProofFile>) -> TransferFile {
+    fn of(t: &'a pb::Transfer, proof: Option<ProofFile>) -> TransferFile<'a> {
+        // Validated, never parsed into a value: the raw value borrows the payload, and it is
+        // used only if it is the payload whole (no whitespace around it), so the file holds
+        // exactly the bytes whose SHA-256 the entry records.
         let inline = t
             .content_type
             .contains("json")
-            .then(|| serde_json::from_slice::<serde_json::Value>(&t.payload).ok())
-            .flatten();
+            .then(|| serde_json::from_slice::<&RawValue>(&t.payload).ok())
+            .flatten()
+            .filter(|raw| raw.get().as_bytes() == t.payload.as_slice());
         let payload_base64 = inline
             .is_none()
             .then(|| base64::engine::general_purpose::STANDARD.encode(&t.payload));
         TransferFile {
             file_type: "transfer".into(),
+            format: Some(INBOX_FORMAT),
             transfer_id: t.transfer_id.clone(),
             message_id: t.message_id.clone(),
             sender: t.sender.clone(),
@@ -1370,9 +1401,10 @@ impl TransferFile {
         }
     }
 
-    /// What the file claims of the transfer, to hold against its entry. `payload_size` is the
-    /// size of the payload bytes the file holds, when it holds them.
-    fn claim(&self, payload_size: Option<u64>) -> Result<crate::witness::TransferClaim, String> {
+    /// What the file claims of the transfer, to hold against its entry: with `payload`, the
+    /// payload's bytes as the file holds them, their digest and size; without, the digest the
+    /// file records.
+    fn claim(&self, payload: Option<&[u8]>) -> Result<crate::witness::TransferClaim, String> {
         let kind = self
             .kind
             .parse::<Kind>()
@@ -1410,8 +1442,11 @@ impl TransferFile {
             clause: self.clause.clone(),
             accepted_at: crate::witness::ClaimedTime::Text(self.accepted_at.clone()),
             workflow: self.workflow.clone(),
-            payload_sha256: sha256_of_hex(&self.payload_sha256)?,
-            payload_size,
+            payload_sha256: match payload {
+                Some(bytes) => Sha256::digest(bytes).to_vec(),
+                None => sha256_of_hex(&self.payload_sha256)?,
+            },
+            payload_size: payload.map(|p| p.len() as u64),
         })
     }
 }
@@ -1449,10 +1484,10 @@ fn sha256_of_hex(hex: &str) -> Result<Vec<u8>, String> {
 /// key, its entry is the one the delivery was queued under and records every field of the file
 /// that it can record as the file states it (for a transfer: all but `content_type`; for a
 /// recall notice: all but `revoked_at`; a notice whole), and it is included in the
-/// checkpoint's tree. For a payload kept as `payload_base64`, the digest is recomputed from
-/// it; a JSON payload written inline is a parsed view of the bytes received, so its recorded
-/// `payload_sha256` (computed by the agent on receipt) is what is checked. `None` if the file
-/// is not an inbox file; otherwise the verdict or what is wrong.
+/// checkpoint's tree. The payload's bytes (inline or `payload_base64`) are hashed again; a file
+/// of an earlier agent that inlined a parsed view of a JSON payload is refused, since nothing
+/// in it is the payload (see `TransferFile`). `None` if the file is not an inbox file;
+/// otherwise the verdict or what is wrong.
 pub fn verify_inbox_file(
     text: &[u8],
     key: &concordat_proto::checkpoint::LogVerifier,
@@ -1483,22 +1518,52 @@ fn inbox_verdict(
     };
     match kind {
         "transfer" => {
-            let file: TransferFile = serde_json::from_slice(text)
+            // Read without a value tree: the inline payload stays a slice of `text`.
+            let file: TransferFile<'_> = serde_json::from_slice(text)
                 .map_err(|e| format!("the inbox file does not read as a transfer: {e}"))?;
-            let mut payload_size = None;
-            if let Some(b64) = &file.payload_base64 {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .map_err(|e| format!("payload_base64 is not base64: {e}"))?;
-                if hex_digest(&bytes) != file.payload_sha256 {
-                    return Err("payload_base64 does not hash to payload_sha256".into());
+            // The payload's bytes, when the file holds them; `None` for the parsed view that
+            // files of earlier agents hold instead.
+            let decoded;
+            let payload: Option<&[u8]> = match (file.format, file.payload, &file.payload_base64) {
+                (Some(INBOX_FORMAT) | None, None, Some(b64)) => {
+                    decoded = base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .map_err(|e| format!("payload_base64 is not base64: {e}"))?;
+                    Some(&decoded)
                 }
-                payload_size = Some(bytes.len() as u64);
-            }
-            let claim =
-                crate::witness::DeliveryClaim::Transfer(Box::new(file.claim(payload_size)?));
+                (Some(INBOX_FORMAT), Some(raw), None) => Some(raw.get().as_bytes()),
+                (None, Some(_), None) => None,
+                (Some(INBOX_FORMAT) | None, _, _) => {
+                    return Err("the inbox file must hold exactly one of payload and \
+                                payload_base64"
+                        .into());
+                }
+                (Some(other), _, _) => {
+                    return Err(format!(
+                        "inbox file format {other} is not one this version reads \
+                         (it reads {INBOX_FORMAT} and files without a format)"
+                    ));
+                }
+            };
+            // The payload the file holds is what is held to the entry's digest; the file's own
+            // `payload_sha256` must then be that digest too.
+            let claim = crate::witness::DeliveryClaim::Transfer(Box::new(file.claim(payload)?));
             let wire = file.proof.as_ref().ok_or(NO_PROOF)?.to_wire()?;
             let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
+            let Some(payload) = payload else {
+                return Err(format!(
+                    "payload not verified: the other fields of the file are those of entry {} \
+                     of {}, but the file was written by an agent earlier than inbox format \
+                     {INBOX_FORMAT}, which kept a JSON payload as a value parsed and written \
+                     again (large numbers and repeated keys may differ from what was received), \
+                     so no bytes in it hash to payload_sha256",
+                    wire.log_index,
+                    cp.origin()
+                ));
+            };
+            if hex_digest(payload) != file.payload_sha256 {
+                return Err("payload_sha256 is not the SHA-256 of the file's payload".into());
+            }
             Ok(checked(
                 &format!(
                     "delivery of transfer {} from {}",
@@ -2539,7 +2604,7 @@ mod tests {
         for (field, value) in rows {
             let mut forged = file.clone();
             forged[field] = value;
-            let forged = serde_json::to_vec_pretty(&forged).unwrap();
+            let forged = serde_json::to_vec(&forged).unwrap();
             let err = verify_inbox_file(&forged, &key)
                 .unwrap()
                 .expect_err(&format!("an inbox file with another {field} verified"));
@@ -2615,5 +2680,91 @@ mod tests {
         let verdict = verify_receipt_file(&serde_json::to_vec(&quiet).unwrap(), &key).unwrap();
         assert!(verdict.starts_with("VERIFIED"), "{verdict}");
         assert!(!verdict.contains("warnings"), "{verdict}");
+    }
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// A JSON payload is kept in the inbox file as the exact bytes received: a number beyond
+    /// 64 bits keeps its digits and a repeated key stays, and the file verifies by hashing
+    /// those bytes, so that an edit of the payload is caught.
+    #[test]
+    fn an_inbox_file_keeps_the_exact_bytes_of_a_json_payload() {
+        let payload = br#"{"n":123456789012345678901234567890,"a":1,"a":2}"#;
+        let (_d, s) = spool();
+        let (bytes, key) = delivered(&s, payload, "application/json");
+        assert!(
+            contains(&bytes, payload),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        let edited = String::from_utf8(bytes).unwrap().replace(
+            "123456789012345678901234567890",
+            "123456789012345678901234567891",
+        );
+        let err = verify_inbox_file(edited.as_bytes(), &key)
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("payload"), "{err}");
+        // JSON with whitespace around it is kept exactly too (as base64: an inline value
+        // would lose the whitespace).
+        let (_d, s) = spool();
+        let (bytes, key) = delivered(&s, b" [1, 2]\n", "application/json");
+        let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+    }
+
+    /// A file written before inbox files kept a JSON payload's bytes (no `format`) holds a
+    /// parsed view of it: its other fields are still held to the entry, but the verdict
+    /// refuses to call the payload verified. Such a file with `payload_base64` verifies.
+    #[test]
+    fn an_old_inbox_file_with_an_inline_payload_is_refused_clearly() {
+        let old = |bytes: &[u8]| {
+            let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            let fields = v.as_object_mut().unwrap();
+            for field in ["format", "organisations", "consents"] {
+                fields.remove(field);
+            }
+            // Earlier agents wrote the parsed payload back, pretty-printed.
+            serde_json::to_vec_pretty(&v).unwrap()
+        };
+        let (_d, s) = spool();
+        let (bytes, key) = delivered(&s, br#"{"a":1}"#, "application/json");
+        let err = verify_inbox_file(&old(&bytes), &key).unwrap().unwrap_err();
+        assert!(
+            err.contains("payload") && err.contains("not verified"),
+            "{err}"
+        );
+        let (_d, s) = spool();
+        let (bytes, key) = delivered(&s, b"\x00\x01", "application/octet-stream");
+        let verdict = verify_inbox_file(&old(&bytes), &key).unwrap().unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+    }
+
+    /// An inbox file is at most a small multiple of its payload, however deeply the payload
+    /// nests: 63 levels of arrays around 100,000 zeros once took 65 times the payload's size.
+    #[test]
+    fn an_inbox_file_is_bounded_by_its_payload() {
+        let mut nested = "[".repeat(63);
+        nested.push_str(&vec!["0"; 100_000].join(","));
+        nested.push_str(&"]".repeat(63));
+        let cases = [
+            (nested.into_bytes(), "application/json"),
+            (vec![7u8; 200_000], "application/octet-stream"),
+        ];
+        for (payload, content_type) in cases {
+            let (_d, s) = spool();
+            let (bytes, key) = delivered(&s, &payload, content_type);
+            assert!(
+                bytes.len() <= payload.len() * 3 / 2 + 16 * 1024,
+                "{content_type}: a payload of {} bytes took a file of {}",
+                payload.len(),
+                bytes.len()
+            );
+            let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
+            assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        }
     }
 }
