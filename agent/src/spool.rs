@@ -1611,14 +1611,35 @@ fn inbox_verdict(
                 return Err("the proof's entry is not a notice_queued entry".into());
             };
             let notice = q.notice.unwrap_or_default();
+            // Every field of the file is the entry's notice's, as `notice_json` writes it, or
+            // `type` and `proof`; a field the broker never wrote is not verified, so refused.
             let logged = concordat_proto::audit::notice_json(&notice);
-            let same = logged
-                .as_object()
-                .is_some_and(|fields| fields.iter().all(|(k, x)| v.get(k) == Some(x)));
-            if !same {
-                return Err(
-                    "the notice file does not read as the notice its audit entry holds".into(),
-                );
+            let (Some(logged), Some(fields)) = (logged.as_object(), v.as_object()) else {
+                return Err("the notice file is not a JSON object".into());
+            };
+            let mut differ: Vec<String> = logged
+                .iter()
+                .filter(|(k, x)| fields.get(k.as_str()) != Some(x))
+                .map(|(k, x)| {
+                    let said = fields
+                        .get(k.as_str())
+                        .map_or("nothing".into(), |f| f.to_string());
+                    format!("{k} (the file says {said}, the entry {x})")
+                })
+                .collect();
+            differ.extend(
+                fields
+                    .keys()
+                    .filter(|k| {
+                        !logged.contains_key(k.as_str()) && !["type", "proof"].contains(&k.as_str())
+                    })
+                    .map(|k| format!("{k} (not a field of a notice)")),
+            );
+            if !differ.is_empty() {
+                return Err(format!(
+                    "the notice file does not read as the notice its audit entry holds: {}",
+                    differ.join("; ")
+                ));
             }
             let claim = crate::witness::DeliveryClaim::Notice(notice);
             let cp = crate::witness::verify_delivery(key, &claim, &wire)?;
@@ -2765,6 +2786,60 @@ mod tests {
             );
             let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
             assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        }
+    }
+
+    /// A notice file verifies only while every field is the one its `notice_queued` entry
+    /// holds; a changed field, or one the broker never wrote, is refused by name.
+    #[test]
+    fn an_edited_notice_file_does_not_verify() {
+        let notice = pb::Notice {
+            notice_id: "5b0d4a9e-3c2f-4d8e-9a51-0c6f7e2b1a99".into(),
+            kind: pb::NoticeKind::DsarReminder as i32,
+            subject: "nca:DSAR-1".into(),
+            agencies: vec!["ico".into()],
+            due: Some(prost_types::Timestamp {
+                seconds: 1_796_000_000,
+                nanos: 0,
+            }),
+            issued_at: Some(prost_types::Timestamp {
+                seconds: 1_795_000_000,
+                nanos: 0,
+            }),
+            message: "ico's answer to nca:DSAR-1 is due soon".into(),
+        };
+        let entry = pb::AuditEntry {
+            time: notice.issued_at,
+            event: Some(pb::audit_entry::Event::NoticeQueued(pb::NoticeQueued {
+                recipient: "ico".into(),
+                notice: Some(notice.clone()),
+            })),
+        };
+        let (key, proof) = crate::witness::test_log::prove(&entry);
+        let (_d, s) = spool();
+        let delivered = s
+            .deliver(&pb::Delivery {
+                delivery_id: "1".into(),
+                body: Some(pb::delivery::Body::Notice(notice)),
+                audit: Some(proof),
+            })
+            .unwrap();
+        let bytes = fs::read(delivered.path()).unwrap();
+        let verdict = verify_inbox_file(&bytes, &key).unwrap().unwrap();
+        assert!(verdict.starts_with("VERIFIED"), "{verdict}");
+        let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let rows: [(&str, serde_json::Value); 3] = [
+            ("message", "no answer is needed".into()),
+            ("due", "2030-01-01T00:00:00Z".into()),
+            ("approved_by", "the minister".into()),
+        ];
+        for (field, value) in rows {
+            let mut forged = file.clone();
+            forged[field] = value;
+            let err = verify_inbox_file(&serde_json::to_vec(&forged).unwrap(), &key)
+                .unwrap()
+                .expect_err(&format!("a notice file with another {field} verified"));
+            assert!(err.contains(field), "{field}: {err}");
         }
     }
 }
