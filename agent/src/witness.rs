@@ -526,8 +526,9 @@ impl DeliveryClaim {
 }
 
 /// Checks, offline, that `proof` proves the delivery `claim`: the checkpoint is signed by the
-/// log key `verifier` names, the entry is the one the delivery was queued under
-/// ([`DeliveryClaim`]), and the inclusion proof places it at its index in the checkpoint's tree.
+/// log key `verifier` names, the entry is the one the delivery was queued under and records
+/// every field of the claim as the claim states it ([`DeliveryClaim`]; a refusal names each
+/// field that differs), and the inclusion proof places it at its index in the checkpoint's tree.
 pub fn verify_delivery(
     verifier: &LogVerifier,
     claim: &DeliveryClaim,
