@@ -648,7 +648,7 @@ async fn send_and_file(
         Ok((OutboxItem::Involvement(incident_ref), read)) => {
             return declare_involvement(broker, spool, name, incident_ref, read, events).await;
         }
-        Err(e @ OutboxError::Changed { .. }) => {
+        Err(e @ OutboxError::Gone { .. }) => {
             tracing::info!(file = ?name, "not sent on this pass: {e}");
             return Ok(FileOutcome::Later);
         }

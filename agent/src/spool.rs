@@ -47,9 +47,10 @@
 //! file counts as this delivery only if the `sender` it records is this delivery's sender.
 
 use std::{
+    ffi::OsStr,
     fs::{self, File},
     io::{self, Read as _, Write},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 use base64::Engine as _;
@@ -100,6 +101,18 @@ pub enum OutboxError {
         /// The path.
         path: String,
     },
+    /// A file an outbox message names is not a relative path of plain names inside the spool
+    /// directory, or a symbolic link is on its way (none is followed).
+    #[error(
+        "{path:?} {why}: files named by an outbox message are read only from inside the spool \
+         directory, by a relative path of plain names, never through a symbolic link"
+    )]
+    OutsideSpool {
+        /// The path as the message gives it.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The file is not valid outbox JSON.
     #[error("not a valid outbox message: {0}")]
     Parse(String),
@@ -109,10 +122,10 @@ pub enum OutboxError {
          {MAX_NAME_BYTES} bytes: give it a shorter name"
     )]
     NameTooLong(usize),
-    /// The file left the outbox, or was replaced, while it was being read: it is read again
-    /// on the next pass, if it is still there.
-    #[error("{path} was removed or replaced while it was being read")]
-    Changed {
+    /// The file left the outbox before it could be read (one replaced meanwhile is read as
+    /// the new file): nothing to send.
+    #[error("{path} left the outbox before it was read")]
+    Gone {
         /// The file.
         path: String,
     },
@@ -138,12 +151,22 @@ pub struct FileId {
 impl FileId {
     /// The file at `path` (not following a symbolic link).
     fn of(path: &Path) -> io::Result<FileId> {
+        Ok(FileId::from(&fs::symlink_metadata(path)?))
+    }
+
+    /// The file `file` is open on.
+    fn of_file(file: &File) -> io::Result<FileId> {
+        Ok(FileId::from(&file.metadata()?))
+    }
+}
+
+impl From<&fs::Metadata> for FileId {
+    fn from(meta: &fs::Metadata) -> FileId {
         use std::os::unix::fs::MetadataExt as _;
-        let meta = fs::symlink_metadata(path)?;
-        Ok(FileId {
+        FileId {
             dev: meta.dev(),
             ino: meta.ino(),
-        })
+        }
     }
 }
 
@@ -151,8 +174,11 @@ impl FileId {
 ///
 /// Exactly one of `payload` (any JSON value, sent as its compact serialization),
 /// `payload_base64` or `payload_file` must be given; at most one of `consent_token` and
-/// `consent_token_file`. Relative paths are relative to the spool directory (keep payload files
-/// out of `outbox/`, or they would be taken for messages).
+/// `consent_token_file`. Files (`payload_file`, `consent_token_file`, `consent_token_files`,
+/// `designation_file`) are named by a relative path of plain names inside the spool directory:
+/// an absolute path, `.` or `..`, or a symbolic link anywhere on the way (none is followed) is
+/// refused ([`OutboxError::OutsideSpool`]). Keep payload files out of `outbox/`, or they would
+/// be taken for messages.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxMessage {
@@ -565,32 +591,55 @@ impl Spool {
         Ok(names)
     }
 
-    fn read_limited(&self, path: &Path) -> Result<Vec<u8>, OutboxError> {
-        let shown = path.display().to_string();
-        let meta = fs::metadata(path).map_err(|source| OutboxError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        // A FIFO would block the outbox loop and a device (`/dev/zero`) would fill memory:
-        // only regular files are read, and never past the limit even if one grows meanwhile.
-        if !meta.is_file() {
-            return Err(OutboxError::NotAFile { path: shown });
-        }
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(OutboxError::TooLarge { path: shown });
-        }
-        let read_error = |source| OutboxError::Read {
-            path: shown.clone(),
+    /// Opens `relative`, a file inside the spool directory, without following a symbolic
+    /// link anywhere on its way: each directory is opened relative to the one before with
+    /// `O_NOFOLLOW` (`openat`), and so is the file, so that a link swapped in meanwhile is
+    /// refused, never raced past (a check of the path followed by an open would be). The file
+    /// is opened non-blocking: a FIFO does not block the open, and [`read_whole`] refuses it.
+    fn open_inside(&self, relative: &Path) -> Result<File, OutboxError> {
+        use nix::{errno::Errno, fcntl::OFlag, sys::stat::Mode};
+        let outside = |why: String| OutboxError::OutsideSpool {
+            path: relative.display().to_string(),
+            why,
+        };
+        let read_error = |source: io::Error| OutboxError::Read {
+            path: self.root.join(relative).display().to_string(),
             source,
         };
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(read_error)?;
-        if bytes.len() as u64 > MAX_FILE_BYTES {
-            return Err(OutboxError::TooLarge { path: shown });
+        let names = plain_components(relative).map_err(|why| outside(why.into()))?;
+        let Some((file, dirs)) = names.split_last() else {
+            return Err(outside("is empty".into()));
+        };
+        let refused = |e: Errno, name: &OsStr| match e {
+            // O_NOFOLLOW's refusal; with O_DIRECTORY, some kernels say ENOTDIR instead.
+            Errno::ELOOP => outside(format!(
+                "is a symbolic link or passes through one ({name:?})"
+            )),
+            e => read_error(e.into()),
+        };
+        let mut dir: std::os::fd::OwnedFd = File::open(&self.root).map_err(read_error)?.into();
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        for name in dirs {
+            dir = nix::fcntl::openat(&dir, *name, flags | OFlag::O_DIRECTORY, Mode::empty())
+                .map_err(|e| match e {
+                    Errno::ENOTDIR if is_symlink_at(&dir, name) => refused(Errno::ELOOP, name),
+                    e => refused(e, name),
+                })?;
         }
-        Ok(bytes)
+        let fd = nix::fcntl::openat(
+            &dir,
+            *file,
+            flags | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )
+        .map_err(|e| refused(e, file))?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads `relative`, a file inside the spool directory (see [`Spool::open_inside`]).
+    fn read_inside(&self, relative: &Path) -> Result<Vec<u8>, OutboxError> {
+        let file = self.open_inside(relative)?;
+        read_whole(file, &self.root.join(relative).display().to_string())
     }
 
     /// Reads and validates the outbox file `name`: an envelope (its message id chosen, once,
@@ -605,16 +654,20 @@ impl Spool {
         if name.len() > MAX_NAME_BYTES {
             return Err(OutboxError::NameTooLong(name.len()));
         }
-        let path = self.dir("outbox").join(name);
-        let changed = || OutboxError::Changed {
-            path: path.display().to_string(),
+        let relative = Path::new("outbox").join(name);
+        let shown = self.root.join(&relative).display().to_string();
+        let file = match self.open_inside(&relative) {
+            Err(OutboxError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(OutboxError::Gone { path: shown });
+            }
+            opened => opened?,
         };
-        let before = FileId::of(&path).map_err(|_| changed())?;
-        let bytes = self.read_limited(&path)?;
-        if FileId::of(&path).ok() != Some(before) {
-            return Err(changed());
-        }
-        item_from_outbox(name, &bytes, self).map(|item| (item, before))
+        let read = FileId::of_file(&file).map_err(|source| OutboxError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let bytes = read_whole(file, &shown)?;
+        item_from_outbox(name, &bytes, self).map(|item| (item, read))
     }
 
     /// The message id chosen for outbox file `name` with content `fingerprint` (its SHA-256):
@@ -1056,7 +1109,7 @@ pub(crate) trait OutboxSources {
 
 impl OutboxSources for Spool {
     fn read_file(&self, path: &Path) -> Result<Vec<u8>, OutboxError> {
-        self.read_limited(&self.root.join(path))
+        self.read_inside(path)
     }
 
     fn message_id(&self, name: &str, fingerprint: &str) -> Result<MessageId, OutboxError> {
@@ -1216,6 +1269,58 @@ pub(crate) fn envelope_from_outbox(
         workflow,
     };
     Envelope::try_from(wire).map_err(|e| parse("envelope", &e))
+}
+
+/// The components of `path`, a file an outbox message names: plain names only (no root, no
+/// `.` or `..`), or what is wrong.
+fn plain_components(path: &Path) -> Result<Vec<&OsStr>, &'static str> {
+    if path.as_os_str().is_empty() {
+        return Err("is empty");
+    }
+    path.components()
+        .map(|c| match c {
+            Component::Normal(name) => Ok(name),
+            Component::RootDir | Component::Prefix(_) => Err("is absolute"),
+            Component::ParentDir => Err("contains `..`"),
+            Component::CurDir => Err("contains `.`"),
+        })
+        .collect()
+}
+
+/// Whether `name` in directory `dir` is a symbolic link (not followed).
+fn is_symlink_at(dir: &std::os::fd::OwnedFd, name: &OsStr) -> bool {
+    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFLNK)
+}
+
+/// Reads an open outbox, payload or token file (`shown` names it in errors): a regular file
+/// only, never more than [`MAX_FILE_BYTES`] even if it grows meanwhile. A FIFO would block the
+/// outbox loop and a device (`/dev/zero`) would fill memory.
+fn read_whole(file: File, shown: &str) -> Result<Vec<u8>, OutboxError> {
+    let read_error = |source| OutboxError::Read {
+        path: shown.to_owned(),
+        source,
+    };
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(OutboxError::NotAFile {
+            path: shown.to_owned(),
+        });
+    }
+    let too_large = || OutboxError::TooLarge {
+        path: shown.to_owned(),
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// The two halves of a designation file (written by `concordat significance countersign`):
@@ -1812,6 +1917,71 @@ mod tests {
             .expect("loading an outbox file that names a FIFO blocks");
         let err = result.expect_err("a FIFO is not a payload file");
         assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    /// Files an outbox message names are read only from inside the spool directory, by a
+    /// relative path of plain names, never through a symbolic link: an outbox file must not be
+    /// able to send the agent's own private key (or anything else it may read) to a recipient.
+    #[test]
+    fn named_files_stay_inside_the_spool() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("agent.key");
+        fs::write(&secret, "PRIVATE KEY").unwrap();
+        let s = Spool::open(&d.path().join("spool")).unwrap();
+        fs::create_dir(s.dir("payloads")).unwrap();
+        fs::write(s.dir("payloads").join("ok.txt"), "ok").unwrap();
+        symlink(&secret, s.dir("link-out")).unwrap();
+        symlink(d.path(), s.dir("dir-out")).unwrap();
+        symlink("ok.txt", s.dir("payloads").join("link-in")).unwrap();
+        let absolute = secret.display().to_string();
+        // (the path named, the payload read or what the refusal says)
+        let rows: [(&str, Result<&str, &str>); 9] = [
+            ("payloads/ok.txt", Ok("ok")),
+            ("payloads//ok.txt", Ok("ok")),
+            (&absolute, Err("is absolute")),
+            ("../agent.key", Err("contains `..`")),
+            ("payloads/../../agent.key", Err("contains `..`")),
+            ("./payloads/ok.txt", Err("contains `.`")),
+            ("link-out", Err("is a symbolic link")),
+            ("dir-out/agent.key", Err("is a symbolic link")),
+            ("payloads/link-in", Err("is a symbolic link")),
+        ];
+        let fields = [
+            "payload_file",
+            "consent_token_file",
+            "consent_token_files",
+            "designation_file",
+        ];
+        for (i, (path, want)) in rows.into_iter().enumerate() {
+            for field in fields {
+                let mut file = serde_json::json!({"recipients": ["ico"],
+                    "kind": "threat_assessment", "content_type": "text/plain"});
+                if field != "payload_file" {
+                    file["payload_base64"] = "cA==".into();
+                }
+                file[field] = if field == "consent_token_files" {
+                    serde_json::json!([path])
+                } else {
+                    serde_json::json!(path)
+                };
+                let got = load_json(&s, &format!("{i}.{field}.json"), &file);
+                match want {
+                    Ok(text) => {
+                        if field == "payload_file" {
+                            assert_eq!(envelope_of(got.unwrap()).payload, text.as_bytes());
+                        }
+                    }
+                    Err(why) => {
+                        let err = got.expect_err(&format!("{field} {path:?} was read"));
+                        assert!(
+                            err.contains(why) && err.contains("inside the spool directory"),
+                            "{field} {path:?}: {err}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
