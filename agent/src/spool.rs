@@ -4,7 +4,9 @@
 //! outbox/    the agency drops JSON files here (write elsewhere or as *.tmp / .dotfile, then rename)
 //! sent/      accepted files, each with <name>.receipt.json
 //! refused/   refused files, each with <name>.reason.json (reason code and message)
-//! failed/    files that could not be read or parsed, each with <name>.error.txt
+//! failed/    files that could not be read or parsed, each with <name>.error.txt; also outbox
+//!            entries that are not regular files (links, FIFOs: moved, never followed or
+//!            opened) or whose names are not UTF-8 (kept with each other byte as \xNN)
 //! inbox/     deliveries: <sender>.<message_id>.json, and <sender>.<message_id>.recall.json
 //!            for recall notices, notice.<notice_id>.json for the broker's own notices
 //!            (consultation reminders and deadlines, incident coordination)
@@ -50,6 +52,7 @@ use std::{
     ffi::OsStr,
     fs::{self, File},
     io::{self, Read as _, Write},
+    os::unix::ffi::OsStrExt as _,
     path::{Component, Path, PathBuf},
 };
 
@@ -61,6 +64,7 @@ use concordat_proto::{
     pb,
     workflow::{Reference, WorkflowId, parse_deadline, parse_not_before},
 };
+use concordat_support::escape::{Escaped, lossless_name};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -575,20 +579,87 @@ impl Spool {
 
     /// The complete files waiting in `outbox/`, by name. Dot-files, `*.tmp` and directories are
     /// ignored: they are still being written.
+    ///
+    /// Entries that can never be sent are set aside into `failed/` as they are found, each
+    /// with a log line and its `.error.txt`, so that they are reported once rather than skipped
+    /// forever in silence: a symbolic link (never followed), a FIFO, a socket or a device
+    /// (never opened), and a name that is not UTF-8 (kept under [`lossless_name`]: its UTF-8
+    /// runs as they are, every other byte as `\xNN`).
     pub fn pending(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in fs::read_dir(self.dir("outbox"))? {
             let entry = entry?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if name.starts_with('.') || name.ends_with(".tmp") || !entry.file_type()?.is_file() {
+            let raw = entry.file_name();
+            let bytes = raw.as_bytes();
+            if bytes.starts_with(b".") || bytes.ends_with(b".tmp") {
                 continue;
             }
-            names.push(name);
+            // The entry's own type: a symbolic link is not followed.
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() {
+                continue;
+            }
+            let mut problems = Vec::new();
+            if !file_type.is_file() {
+                problems.push(not_a_file(file_type));
+            }
+            match raw.to_str() {
+                Some(name) if problems.is_empty() => names.push(name.to_owned()),
+                Some(_) => self.set_aside(&raw, &problems.join("; "))?,
+                None => {
+                    problems.push("its name is not UTF-8 (outbox file names must be)");
+                    self.set_aside(&raw, &problems.join("; "))?;
+                }
+            }
         }
         names.sort();
         Ok(names)
+    }
+
+    /// Moves the outbox entry `raw` (which cannot be sent, for `reason`) into `failed/` beside
+    /// its `.error.txt`, as [`Spool::complete_failed`] does, but under a name that is valid
+    /// UTF-8 and short enough for its sidecar, and says so in the log. The entry is renamed,
+    /// never opened: a link moves as a link, a FIFO as a FIFO.
+    fn set_aside(&self, raw: &OsStr, reason: &str) -> io::Result<()> {
+        // Room for ".<uuid>" and ".error.txt" within the usual 255-byte limit of a name.
+        const MAX_BASE: usize = 200;
+        let shown = lossless_name(raw);
+        let failed = self.dir("failed");
+        let taken = |name: &str| {
+            fs::symlink_metadata(failed.join(name)).is_ok()
+                || fs::symlink_metadata(failed.join(format!("{name}.error.txt"))).is_ok()
+        };
+        let mut dest = shown.clone();
+        if dest.len() > MAX_BASE || taken(&dest) {
+            let mut cut = MAX_BASE.min(dest.len());
+            while !dest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            dest = format!("{}.{}", &dest[..cut], MessageId::new_random());
+        }
+        let sidecar = format!("{dest}.error.txt");
+        atomic_write(
+            &failed,
+            &sidecar,
+            format!("outbox/{shown}: {reason}\n").as_bytes(),
+        )?;
+        match fs::rename(self.dir("outbox").join(raw), failed.join(&dest)) {
+            Ok(()) => {}
+            // Removed by the agency meanwhile: nothing to report.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::remove_file(failed.join(&sidecar))?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        sync_dir(&failed)?;
+        sync_dir(&self.dir("outbox"))?;
+        tracing::warn!(
+            file = %Escaped(&shown),
+            moved_to = %Escaped(&format!("failed/{dest}")),
+            "outbox entry set aside: {reason}"
+        );
+        Ok(())
     }
 
     /// Opens `relative`, a file inside the spool directory, without following a symbolic
@@ -1287,6 +1358,22 @@ fn plain_components(path: &Path) -> Result<Vec<&OsStr>, &'static str> {
         .collect()
 }
 
+/// Why an outbox entry of type `file_type` (not a directory) is not a regular file.
+fn not_a_file(file_type: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if file_type.is_symlink() {
+        "it is a symbolic link, which the agent does not follow: move the file itself into outbox/"
+    } else if file_type.is_fifo() {
+        "it is a FIFO, not a regular file"
+    } else if file_type.is_socket() {
+        "it is a socket, not a regular file"
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        "it is a device, not a regular file"
+    } else {
+        "it is not a regular file"
+    }
+}
+
 /// Whether `name` in directory `dir` is a symbolic link (not followed).
 fn is_symlink_at(dir: &std::os::fd::OwnedFd, name: &OsStr) -> bool {
     nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -1891,6 +1978,71 @@ mod tests {
         }
         fs::create_dir(s.dir("outbox").join("sub")).unwrap();
         assert_eq!(s.pending().unwrap(), ["a.json", "b.json"]);
+    }
+
+    /// Outbox entries that can never be sent (a symbolic link, a FIFO, a name that is not
+    /// UTF-8) are set aside into `failed/` once, each with its reason, rather than skipped in
+    /// silence for ever; the link is not followed and the FIFO is not opened.
+    #[test]
+    fn unsendable_outbox_entries_are_set_aside_once() {
+        use std::os::unix::{ffi::OsStrExt as _, fs::symlink};
+        let (d, s) = spool();
+        let target = d.path().join("target.json");
+        fs::write(&target, "secret").unwrap();
+        symlink(&target, s.dir("outbox").join("link.json")).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(s.dir("outbox").join("pipe.json"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let raw = std::ffi::OsStr::from_bytes(b"caf\xe9.json");
+        fs::write(s.dir("outbox").join(raw), "{}").unwrap();
+        fs::write(s.dir("outbox").join("ok.json"), "{}").unwrap();
+        let listed = |folder: &str| {
+            let mut names: Vec<String> = fs::read_dir(s.dir(folder))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        for pass in 0..2 {
+            assert_eq!(s.pending().unwrap(), ["ok.json"], "pass {pass}");
+            assert_eq!(listed("outbox"), ["ok.json"], "pass {pass}");
+            assert_eq!(
+                listed("failed"),
+                [
+                    "caf\\xe9.json",
+                    "caf\\xe9.json.error.txt",
+                    "link.json",
+                    "link.json.error.txt",
+                    "pipe.json",
+                    "pipe.json.error.txt",
+                ],
+                "pass {pass}"
+            );
+        }
+        for (name, reason) in [
+            ("caf\\xe9.json", "not UTF-8"),
+            ("link.json", "symbolic link"),
+            ("pipe.json", "FIFO"),
+        ] {
+            let text = fs::read_to_string(s.dir("failed").join(format!("{name}.error.txt")));
+            let text = text.unwrap();
+            assert!(text.contains(reason), "{name}: {text}");
+        }
+        // Moved as they are: the link still a link to the untouched file, the FIFO a FIFO.
+        let link = s.dir("failed").join("link.json");
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
+        use std::os::unix::fs::FileTypeExt as _;
+        let pipe = fs::symlink_metadata(s.dir("failed").join("pipe.json")).unwrap();
+        assert!(pipe.file_type().is_fifo());
     }
 
     /// A payload or token file that is not a regular file (a FIFO that nobody writes, a

@@ -9,8 +9,11 @@
 //!   and for `concordat bench relay --storage postgres`; [`poll`]: waiting for it, and for
 //!   anything else, without guessed sleeps.
 //! - [`runtime`]: a Tokio runtime that may be dropped inside another.
+//! - [`escape`]: text written by others (file names, token claims, a peer's strings), escaped
+//!   for printing on one line.
 
 pub mod cli_docs;
+pub mod escape;
 pub mod logging;
 pub mod memory;
 #[cfg(target_os = "linux")]
