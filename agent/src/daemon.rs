@@ -39,6 +39,8 @@ use std::sync::Arc;
 
 use concordat_proto::checkpoint::LogVerifier;
 
+use concordat_support::escape::Escaped;
+
 use crate::{
     client::{Broker, ClientError, ClientTls, refusal_of},
     config::AgentConfig,
@@ -378,7 +380,7 @@ impl Link {
             tracing::debug!(
                 task = self.task,
                 cause = down.cause.as_str(),
-                error = %down.error,
+                error = %Escaped(&down.error),
                 next_attempt,
                 retry_in_ms,
                 failures = self.failures,
@@ -397,7 +399,7 @@ impl Link {
         tracing::warn!(
             task = self.task,
             cause = down.cause.as_str(),
-            error = %down.error,
+            error = %Escaped(&down.error),
             next_attempt,
             retry_in_ms,
             outbox,
@@ -654,7 +656,7 @@ async fn send_and_file(
         }
         Err(e) => {
             let error = e.to_string();
-            tracing::warn!(file = %name, "malformed outbox file: {error}");
+            tracing::warn!(file = %Escaped(&name), "malformed outbox file: {}", Escaped(&error));
             let path = blocking(spool, move |s| {
                 s.complete_failed(&name, &error).map(|p| (p, name, error))
             })
@@ -675,9 +677,9 @@ async fn send_and_file(
     match answer {
         Answer::Later => Ok(FileOutcome::Later),
         Answer::Receipt(receipt) => {
-            tracing::info!(file = %name, transfer = %receipt.transfer_id, message_id = %message_id, "sent");
+            tracing::info!(file = %Escaped(&name), transfer = %Escaped(&receipt.transfer_id), message_id = %message_id, "sent");
             for warning in &receipt.warnings {
-                tracing::warn!(file = %name, transfer = %receipt.transfer_id, "the broker warns: {warning}");
+                tracing::warn!(file = %Escaped(&name), transfer = %Escaped(&receipt.transfer_id), "the broker warns: {}", Escaped(warning));
             }
             let (path, name, receipt) = blocking(spool, move |s| {
                 s.complete_sent(&name, &receipt, Some(read))
@@ -690,7 +692,9 @@ async fn send_and_file(
                     Err(WitnessError::Alarm(message)) => {
                         emit(events, AgentEvent::Alarm { message })
                     }
-                    Err(e) => tracing::warn!(file = %name, "audit proof not checked: {e}"),
+                    Err(e) => {
+                        tracing::warn!(file = %Escaped(&name), "audit proof not checked: {}", Escaped(&e.to_string()))
+                    }
                 }
             }
             emit(
@@ -707,7 +711,7 @@ async fn send_and_file(
             Ok(FileOutcome::Busy(format!("{reason}: {message}")))
         }
         Answer::Refused { reason, message } => {
-            tracing::warn!(file = %name, message_id = %message_id, reason = %reason, "refused: {message}");
+            tracing::warn!(file = %Escaped(&name), message_id = %message_id, reason = %Escaped(&reason), "refused: {}", Escaped(&message));
             file_refused(
                 spool,
                 events,
@@ -783,12 +787,12 @@ async fn send_envelope(
                         Err(e) => e.to_string(),
                         Ok(Ok(_)) => "it is no longer an envelope".into(),
                     };
-                    tracing::warn!(file = %name, "not sent again on its own: loading it again: {why}; it waits for the next pass");
+                    tracing::warn!(file = %Escaped(name), "not sent again on its own: loading it again: {}; it waits for the next pass", Escaped(&why));
                     return Answer::Later;
                 }
             };
             if envelope_digest(&mut envelope) != streamed {
-                tracing::warn!(file = %name, "not sent again on its own: it, or a file it names, changed since it was streamed; it waits for the next pass");
+                tracing::warn!(file = %Escaped(name), "not sent again on its own: it, or a file it names, changed since it was streamed; it waits for the next pass");
                 return Answer::Later;
             }
             let mut client = broker.exchange();
@@ -832,7 +836,7 @@ async fn declare_involvement(
     match broker.deadline(client.involve(request)).await {
         Ok(answer) => {
             let answer = answer.into_inner();
-            tracing::info!(file = %name, incident = %answer.incident_ref, notified = answer.notified.len(), "involvement declared");
+            tracing::info!(file = %Escaped(&name), incident = %Escaped(&answer.incident_ref), notified = answer.notified.len(), "involvement declared");
             let (path, name, answer) = blocking(spool, move |s| {
                 s.complete_involved(&name, &answer, Some(read))
                     .map(|p| (p, name, answer))
@@ -853,7 +857,7 @@ async fn declare_involvement(
                 Ok(FileOutcome::Busy(format!("{reason}: {}", status.message())))
             }
             Some((reason, message)) => {
-                tracing::warn!(file = %name, incident = %incident_ref, reason = %reason, "involvement refused: {message}");
+                tracing::warn!(file = %Escaped(&name), incident = %Escaped(&incident_ref), reason = %Escaped(&reason), "involvement refused: {}", Escaped(&message));
                 file_refused(
                     spool,
                     events,
@@ -1002,7 +1006,7 @@ async fn receive(
             match w.check_delivery(&broker, &delivery).await {
                 Ok(()) => {}
                 Err(WitnessError::Alarm(message)) => {
-                    tracing::error!(delivery = %id, "not stored: its audit proof fails: {message}");
+                    tracing::error!(delivery = %Escaped(&id), "not stored: its audit proof fails: {}", Escaped(&message));
                     emit(events, AgentEvent::Alarm { message });
                     continue;
                 }
@@ -1017,7 +1021,7 @@ async fn receive(
         match store(spool, delivery, &id, shutdown).await? {
             Stored::Delivered(delivered) => {
                 let duplicate = matches!(delivered, Delivered::AlreadyPresent(_));
-                tracing::info!(delivery = %id, file = %delivered.path().display(), duplicate, "delivered");
+                tracing::info!(delivery = %Escaped(&id), file = %delivered.path().display(), duplicate, "delivered");
                 let _ = ack_tx.send(id);
                 emit(
                     events,
@@ -1029,7 +1033,7 @@ async fn receive(
             }
             Stored::Unusable(why) => {
                 // Not acknowledged: the broker keeps it, for an operator to look into.
-                tracing::error!(delivery = %id, "cannot store a delivery; leaving it with the broker: {why}");
+                tracing::error!(delivery = %Escaped(&id), "cannot store a delivery; leaving it with the broker: {}", Escaped(&why));
             }
             Stored::Shutdown => break Ended::Shutdown,
         }
@@ -1087,7 +1091,7 @@ async fn store(
         let error = match written {
             Ok(delivered) => {
                 if failures > 0 {
-                    tracing::info!(delivery = %id, failures, "stored once the inbox accepted it again");
+                    tracing::info!(delivery = %Escaped(id), failures, "stored once the inbox accepted it again");
                 }
                 return Ok(Stored::Delivered(delivered));
             }
@@ -1102,14 +1106,14 @@ async fn store(
                 "the inbox refused the write"
             };
             tracing::error!(
-                delivery = %id,
+                delivery = %Escaped(id),
                 error = %error,
                 failures,
                 "cannot store a delivery: {cause}; retrying until it can be written"
             );
             logged = Some(Instant::now());
         } else {
-            tracing::debug!(delivery = %id, error = %error, failures, "cannot store a delivery yet");
+            tracing::debug!(delivery = %Escaped(id), error = %error, failures, "cannot store a delivery yet");
         }
         if !pause(delay, shutdown).await {
             return Ok(Stored::Shutdown);

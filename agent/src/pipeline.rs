@@ -166,7 +166,7 @@ async fn drive(broker: Broker, mut submissions: mpsc::Receiver<Submission>) {
                             _ => {
                                 tracing::warn!(
                                     expected = %message_id,
-                                    got = %result.message_id,
+                                    got = %concordat_support::escape::Escaped(&result.message_id),
                                     "the broker's SendStream answered out of order or without an outcome; sending one by one"
                                 );
                                 return;

@@ -599,7 +599,10 @@ impl Witness {
 
     fn alarm(&self, why: String) -> WitnessError {
         if !self.alarmed.swap(true, Ordering::SeqCst) {
-            tracing::error!("ALARM: {why}; the agent stops sending until an operator investigates");
+            tracing::error!(
+                "ALARM: {}; the agent stops sending until an operator investigates",
+                concordat_support::escape::Escaped(&why)
+            );
         }
         WitnessError::Alarm(why)
     }

@@ -399,3 +399,66 @@ fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
         );
     }
 }
+
+/// Names of outbox files are the agency's to choose, and may hold a line feed and escape
+/// sequences: the agent's text log shows them escaped, on the line that reports them, and never
+/// as a line of their own (a forged entry) or a repainted terminal. A file that is sent, one that
+/// is malformed, one that names a payload outside the spool, and a symbolic link are each
+/// reported so.
+#[test]
+fn outbox_file_names_cannot_forge_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, broker) = broker(dir.path(), "text", &[]);
+    let agent = AgentProcess::start(&dir.path().join("ncsc"), "ncsc", broker.addr(), &pki).unwrap();
+    let forged = "2026-12-05T21:20:00Z ERROR concordat_agent: forged";
+    let name = |what: &str| format!("{what}\n{forged}\u{1b}[2K\u{1b}[31m.json");
+    let spool = agent.spool();
+    spool.drop_message(&name("sent"), &message(1)).unwrap();
+    spool.drop_bytes(&name("malformed"), b"not json").unwrap();
+    let mut outside = message(2);
+    outside["payload_file"] = "../agent.toml".into();
+    outside.as_object_mut().unwrap().remove("payload");
+    spool.drop_message(&name("outside"), &outside).unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("ncsc/agent.toml"),
+        spool.folder("outbox").join(name("link")),
+    )
+    .unwrap();
+    for (what, folder) in [
+        ("sent", "sent"),
+        ("malformed", "failed"),
+        ("outside", "failed"),
+    ] {
+        assert_eq!(
+            agent.outcome(&name(what), OUTCOME_TIMEOUT),
+            folder,
+            "{what}"
+        );
+    }
+    // The link is moved as a link (which `outcome` does not count as a file).
+    let link = spool.folder("failed").join(name("link"));
+    wait_for("the link in failed/", OUTCOME_TIMEOUT, || {
+        link.symlink_metadata()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
+    let log = agent.log_text();
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence in the log:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-12-05T21:20:00Z"),
+            "a forged line in the log:\n{log}"
+        );
+    }
+    for what in ["sent", "malformed", "outside", "link"] {
+        let shown = format!("{what}\\n{forged}\\u{{1b}}[2K\\u{{1b}}[31m.json");
+        assert!(
+            log.lines().any(|l| l.contains(&shown)),
+            "{what} is not shown escaped:\n{log}"
+        );
+    }
+}
