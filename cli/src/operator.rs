@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use concordat_agent::client::ClientTls;
 pub use concordat_agent::client::{describe_status, refusal_of};
+use concordat_support::escape::Escaped;
 
 use crate::pki;
 
@@ -142,22 +143,28 @@ pub fn inspect(token: &str, key: Option<&PublicKey>) -> anyhow::Result<(String, 
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| t.to_string())
     };
-    let _ = writeln!(s, "jti:           {}", claims.jti());
-    let _ = writeln!(s, "issuer (iss):  {}", claims.iss());
-    let _ = writeln!(s, "organisation:  {}", claims.sub());
-    let _ = writeln!(s, "from:          {}", claims.from());
-    let _ = writeln!(s, "to:            {}", claims.to().join(", "));
+    // Every claim is the token's issuer's text: printed escaped, so that none (a purpose may
+    // hold line feeds) can add a line, say a forged verdict, to this account.
+    let _ = writeln!(s, "jti:           {}", shown(claims.jti()));
+    let _ = writeln!(s, "issuer (iss):  {}", shown(claims.iss()));
+    let _ = writeln!(s, "organisation:  {}", shown(claims.sub()));
+    let _ = writeln!(s, "from:          {}", shown(claims.from()));
+    let _ = writeln!(s, "to:            {}", shown(claims.to().join(", ")));
     let kinds: Vec<&str> = claims.kinds().iter().map(|k| k.as_str()).collect();
     let _ = writeln!(s, "kinds:         {}", kinds.join(", "));
-    let _ = writeln!(s, "purpose:       {}", claims.purpose());
+    let _ = writeln!(s, "purpose:       {}", shown(claims.purpose()));
     let _ = writeln!(s, "issued (iat):  {}", rfc(claims.issued_at()));
     let _ = writeln!(s, "valid from:    {}", rfc(claims.not_before()));
     let _ = writeln!(s, "expires:       {}", rfc(claims.expires_at()));
     if !claims.incident_refs().is_empty() {
-        let _ = writeln!(s, "incidents:     {}", claims.incident_refs().join(", "));
+        let _ = writeln!(
+            s,
+            "incidents:     {}",
+            shown(claims.incident_refs().join(", "))
+        );
     }
     if let Some(pdh) = claims.pdh() {
-        let _ = writeln!(s, "payload hash:  {pdh}");
+        let _ = writeln!(s, "payload hash:  {}", shown(pdh));
     }
     if let Some(n) = claims.max_uses() {
         let _ = writeln!(s, "max uses:      {n}");
@@ -171,13 +178,18 @@ pub fn inspect(token: &str, key: Option<&PublicKey>) -> anyhow::Result<(String, 
             );
         }
         Some(Ok(_)) => {
-            let _ = writeln!(s, "signature:     valid (key {})", claims.iss());
+            let _ = writeln!(s, "signature:     valid (key {})", shown(claims.iss()));
         }
         Some(Err(e)) => {
-            let _ = writeln!(s, "signature:     INVALID: {e} [{}]", e.reason());
+            let _ = writeln!(s, "signature:     INVALID: {} [{}]", shown(e), e.reason());
         }
     }
     Ok((s, verdict.map(|v| v.is_ok())))
+}
+
+/// `value`, written by someone else, escaped for printing on one line.
+fn shown(value: impl std::fmt::Display) -> String {
+    Escaped(&value.to_string()).to_string()
 }
 
 /// Signs a revocation statement with `key`.
@@ -369,25 +381,71 @@ pub fn describe_receipt(r: &pb::Receipt) -> String {
         } else {
             ""
         },
-        r.transfer_id,
-        r.message_id
+        shown(&r.transfer_id),
+        shown(&r.message_id)
     );
     for a in &r.authorities {
         let _ = writeln!(
             s,
             "  to {}: agreement {}, {}",
-            a.recipient, a.agreement_id, a.clause
+            shown(&a.recipient),
+            shown(&a.agreement_id),
+            shown(&a.clause)
         );
     }
     if !r.consent_jti.is_empty() {
         let _ = writeln!(
             s,
             "  under consent {} (issuer {})",
-            r.consent_jti, r.consent_issuer
+            shown(&r.consent_jti),
+            shown(&r.consent_issuer)
         );
     }
     for w in &r.warnings {
-        let _ = writeln!(s, "  warning: {w}");
+        let _ = writeln!(s, "  warning: {}", shown(w));
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A token whose claims hold line feeds or escape sequences (its purpose may hold line
+    /// feeds) cannot add a line to `consent inspect`'s account, above all not a forged verdict.
+    #[test]
+    fn inspect_prints_each_claim_on_its_own_line() {
+        let key = SecretKey::generate();
+        let forged = "audit\nsignature:     valid (key k4.pid.legit)\tend";
+        let request = ConsentRequest {
+            organisation: "acme-ltd".parse().unwrap(),
+            from: "ncsc".parse().unwrap(),
+            to: vec!["ico".parse().unwrap()],
+            kinds: vec![Kind::ThreatAssessment],
+            purpose: forged.into(),
+            incidents: vec![],
+            payload: None,
+            valid_for: std::time::Duration::from_secs(3600),
+            max_uses: None,
+        };
+        let token = issue_consent(&key, &request, OffsetDateTime::now_utc()).unwrap();
+        let other = SecretKey::generate().public();
+        for verifier in [None, Some(&other)] {
+            let (report, verified) = inspect(&token, verifier).unwrap();
+            assert_eq!(verified, verifier.map(|_| false));
+            let signature_lines: Vec<&str> = report
+                .lines()
+                .filter(|l| l.starts_with("signature:"))
+                .collect();
+            assert_eq!(signature_lines.len(), 1, "{report}");
+            assert!(!signature_lines[0].contains("valid (key"), "{report}");
+            assert!(
+                report.contains(
+                    "purpose:       audit\\nsignature:     valid (key k4.pid.legit)\\tend\n"
+                ),
+                "{report}"
+            );
+        }
+    }
 }
