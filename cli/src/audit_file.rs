@@ -58,6 +58,16 @@ struct Line {
     decoded: serde_json::Value,
 }
 
+/// The longest line (or CSV record) of an export that is read: a longer one is refused, naming
+/// it, once this much of it has been read. The longest a real export holds is about 1.4 MB: an
+/// entry of at most [`audit::MAX_ENTRY_BYTES`] (64 KiB) in base64, a proof of at most 64 hashes,
+/// and the entry's decoded fields, which expand the worst entries about twentyfold (an entry
+/// packed with empty consent references: 2 bytes each, about 40 decoded; strings of control
+/// characters expand sixfold). `the_longest_legitimate_lines_fit` builds those lines and checks
+/// that they stay under a quarter of the limit; a line of the limit costs a few hundred MB to
+/// parse, where a hostile 100 MB line cost 3.2 GB.
+pub const MAX_LINE_BYTES: u64 = 8 * 1024 * 1024;
+
 const CSV_HEADER: [&str; 4] = ["index", "entry", "proof", "decoded"];
 
 /// What an export wrote.
@@ -299,7 +309,21 @@ pub(crate) fn records_from(
     file: impl io::Read + 'static,
     csv: bool,
 ) -> Box<dyn Iterator<Item = Record>> {
-    if csv {
+    let file = BoundedLines {
+        inner: file,
+        length: 0,
+        refused: false,
+    };
+    // A record that cannot be read ends the file: the reader would only fail again.
+    let mut ended = false;
+    let until_error = move |record: Record| {
+        if ended {
+            return None;
+        }
+        ended = record.1.is_err();
+        Some(record)
+    };
+    let records: Box<dyn Iterator<Item = Record>> = if csv {
         let reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
@@ -318,6 +342,48 @@ pub(crate) fn records_from(
                 .enumerate()
                 .map(|(i, l)| (i as u64 + 1, l.map(|l| vec![l]).map_err(|e| e.to_string()))),
         )
+    };
+    Box::new(records.map_while(until_error))
+}
+
+/// A reader that refuses a line longer than [`MAX_LINE_BYTES`]: a read fails, saying so, as
+/// soon as that much of one line has been read, and so does every read after it. Line by line,
+/// the export is then read in bounded memory whatever the file holds (a CSV record of an export
+/// is one line: its decoded JSON has no raw line feed).
+struct BoundedLines<R> {
+    inner: R,
+    /// The bytes of the line being read, so far.
+    length: u64,
+    refused: bool,
+}
+
+impl<R: io::Read> io::Read for BoundedLines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let too_long = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "longer than {MAX_LINE_BYTES} bytes, which no line of an export is: refused \
+                     without reading the rest"
+                ),
+            )
+        };
+        if self.refused {
+            return Err(too_long());
+        }
+        let n = self.inner.read(buf)?;
+        for &byte in buf.get(..n).unwrap_or_default() {
+            if byte == b'\n' {
+                self.length = 0;
+            } else {
+                self.length += 1;
+                if self.length > MAX_LINE_BYTES {
+                    self.refused = true;
+                    return Err(too_long());
+                }
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -610,5 +676,99 @@ mod tests {
             );
         }
         assert_eq!(RootBuilder::default().root(), merkle::EMPTY_TREE_HASH);
+    }
+
+    /// Counts the bytes read through it.
+    struct Counted<R> {
+        inner: R,
+        read: std::rc::Rc<std::cell::Cell<u64>>,
+    }
+
+    impl<R: io::Read> io::Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// A line far longer than any an export holds is refused, naming the line, once
+    /// [`MAX_LINE_BYTES`] of it have been read: not read whole into memory first.
+    #[test]
+    fn an_overlong_line_is_refused_without_reading_it_whole() {
+        let long = 8 * MAX_LINE_BYTES;
+        for csv in [false, true] {
+            let first: &[u8] = if csv {
+                b"index,entry,proof,decoded\ncheckpoint,Y3A=,,full\n"
+            } else {
+                b"{\"checkpoint\":\"cp\",\"partial\":false}\n"
+            };
+            let read = std::rc::Rc::new(std::cell::Cell::new(0));
+            let data = Counted {
+                inner: io::Read::chain(first, io::Read::take(io::repeat(b'a'), long)),
+                read: read.clone(),
+            };
+            let records: Vec<Record> = records_from(data, csv).take(3).collect();
+            let second = records
+                .get(1)
+                .unwrap_or_else(|| panic!("csv {csv}: {records:?}"));
+            let line = if csv { 3 } else { 2 };
+            assert_eq!(second.0, line, "csv {csv}");
+            let err = second.1.as_ref().unwrap_err();
+            assert!(err.contains("longer than"), "csv {csv}: {err}");
+            assert!(
+                read.get() < 2 * MAX_LINE_BYTES,
+                "csv {csv}: {} bytes read",
+                read.get()
+            );
+        }
+    }
+
+    /// The longest lines a real export can hold fit in a quarter of [`MAX_LINE_BYTES`]: entries
+    /// of the largest size whose decoded fields expand the most (strings of control
+    /// characters, each written as six bytes; many empty consent references, 2 bytes each
+    /// and about 40 decoded), with a proof of the greatest depth.
+    #[test]
+    fn the_longest_legitimate_lines_fit() {
+        let refused = |message: String, consents: usize| pb::AuditEntry {
+            time: Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            event: Some(pb::audit_entry::Event::TransferRefused(
+                pb::TransferRefused {
+                    envelope: Some(pb::EnvelopeFacts {
+                        consents: vec![pb::ConsentRef::default(); consents],
+                        ..Default::default()
+                    }),
+                    message,
+                    ..Default::default()
+                },
+            )),
+        };
+        let budget = audit::MAX_ENTRY_BYTES - 64;
+        for entry in [
+            refused("\u{1}".repeat(budget), 0),
+            refused(String::new(), budget / 2),
+        ] {
+            let bytes = prost::Message::encode_to_vec(&entry);
+            assert!(bytes.len() <= audit::MAX_ENTRY_BYTES, "{}", bytes.len());
+            let line = serde_json::to_string(&Line {
+                index: u64::MAX,
+                entry: B64.encode(&bytes),
+                proof: vec![B64.encode([0u8; 32]); 64],
+                decoded: audit::to_json(&entry),
+            })
+            .unwrap();
+            assert!(
+                line.len() < MAX_LINE_BYTES as usize / 4,
+                "a legitimate line of {} bytes",
+                line.len()
+            );
+            let text = format!("{{\"checkpoint\":\"cp\",\"partial\":false}}\n{line}\n");
+            let records: Vec<Record> = records_from(io::Cursor::new(text), false).collect();
+            assert_eq!(records.len(), 2);
+            assert_eq!(records[1].1.as_ref().unwrap()[0], line);
+        }
     }
 }
