@@ -66,13 +66,22 @@ pub fn outbox(data: &[u8]) -> Outcome {
         assert_eq!(envelope.kind, step.kind(), "the step decides the kind");
     }
     // The payload is the one the message gave.
-    let expected = if let Some(value) = &message.payload {
-        serde_json::to_vec(value).ok()
-    } else if message.payload_file.is_some() {
-        Some(FILE_CONTENTS.to_vec())
-    } else {
-        None
-    };
+    // An inline payload is the JSON written, as written but for insignificant whitespace.
+    if let Some(value) = &message.payload {
+        let sent = serde_json::from_slice::<serde_json::Value>(&envelope.payload);
+        let written = serde_json::from_str::<serde_json::Value>(value.get());
+        if let (Ok(sent), Ok(written)) = (sent, written) {
+            assert_eq!(sent, written, "the envelope carries the JSON written");
+        }
+        assert!(
+            envelope.payload.len() <= value.get().len(),
+            "the payload sent is no longer than written"
+        );
+    }
+    let expected = message
+        .payload_file
+        .is_some()
+        .then(|| FILE_CONTENTS.to_vec());
     if let Some(expected) = expected {
         assert_eq!(
             envelope.payload, expected,
