@@ -176,14 +176,13 @@ impl From<&fs::Metadata> for FileId {
 
 /// An outbox file, as the agency writes it.
 ///
-/// Exactly one of `payload` (any JSON value, sent as written without its insignificant
-/// whitespace: see [`minified`]),
-/// `payload_base64` or `payload_file` must be given; at most one of `consent_token` and
-/// `consent_token_file`. Files (`payload_file`, `consent_token_file`, `consent_token_files`,
-/// `designation_file`) are named by a relative path of plain names inside the spool directory:
-/// an absolute path, `.` or `..`, or a symbolic link anywhere on the way (none is followed) is
-/// refused ([`OutboxError::OutsideSpool`]). Keep payload files out of `outbox/`, or they would
-/// be taken for messages.
+/// Exactly one of `payload` (any JSON value, sent as written, members in their order, without
+/// the whitespace between tokens), `payload_base64` or `payload_file` must be given; at most
+/// one of `consent_token` and `consent_token_file`. Files (`payload_file`,
+/// `consent_token_file`, `consent_token_files`, `designation_file`) are named by a relative
+/// path of plain names inside the spool directory: an absolute path, `.` or `..`, or a symbolic
+/// link anywhere on the way (none is followed) is refused ([`OutboxError::OutsideSpool`]). Keep
+/// payload files out of `outbox/`, or they would be taken for messages.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxMessage {
