@@ -453,7 +453,10 @@ pub async fn run(
     };
     let ended = ended.map_err(anyhow::Error::from).and_then(|r| r);
     if let Err(e) = &ended {
-        tracing::error!("the {first} loop failed, so the agent stops: {e:#}");
+        tracing::error!(
+            "the {first} loop failed, so the agent stops: {}",
+            Escaped(&format!("{e:#}"))
+        );
     }
     let _ = stop_tx.send(true);
     let other = if first == "outbox" {
@@ -651,7 +654,7 @@ async fn send_and_file(
             return declare_involvement(broker, spool, name, incident_ref, read, events).await;
         }
         Err(e @ OutboxError::Gone { .. }) => {
-            tracing::info!(file = ?name, "not sent on this pass: {e}");
+            tracing::info!(file = %Escaped(&name), "not sent on this pass: {}", Escaped(&e.to_string()));
             return Ok(FileOutcome::Later);
         }
         Err(e) => {

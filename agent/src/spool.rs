@@ -815,14 +815,15 @@ impl Spool {
         };
         match (present, loaded) {
             (None, _) => tracing::warn!(
-                file = ?name,
-                "the file left the outbox while it was being sent: {folder}/{dest}{suffix} is filed without it"
+                file = %Escaped(name),
+                filed = %Escaped(&format!("{folder}/{dest}{suffix}")),
+                "the file left the outbox while it was being sent: its outcome is filed without it"
             ),
             (Some(now), Some(read)) if now != read => tracing::warn!(
-                file = ?name,
-                "the file was replaced while it was being sent: {folder}/{dest}{suffix} is the \
-                 outcome of the file as it was read; the new file stays in the outbox, to be sent \
-                 as a new message"
+                file = %Escaped(name),
+                filed = %Escaped(&format!("{folder}/{dest}{suffix}")),
+                "the file was replaced while it was being sent: the outcome filed is the file's as \
+                 it was read; the new file stays in the outbox, to be sent as a new message"
             ),
             _ => {
                 fs::rename(&source, dest_dir.join(&dest))?;
