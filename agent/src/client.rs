@@ -184,6 +184,26 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
+    /// The agency of the client certificate (its common name), which the broker takes for the
+    /// caller.
+    pub fn agency(&self) -> anyhow::Result<concordat_proto::ids::AgencyId> {
+        use anyhow::Context as _;
+        use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+        let der = CertificateDer::from_pem_slice(&self.cert_pem)
+            .map_err(|e| anyhow::anyhow!("the client certificate is not PEM: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow::anyhow!("the client certificate does not parse: {e}"))?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .context("the client certificate has no common name")?;
+        cn.parse().map_err(|e| {
+            anyhow::anyhow!("the client certificate's common name {cn:?} is not an agency id: {e}")
+        })
+    }
+
     /// Reads the CA, certificate and key from files.
     pub fn from_files(
         broker_url: &str,

@@ -418,7 +418,12 @@ pub async fn run(
     let spool = Spool::open(&settings.spool)?;
     tracing::info!(spool = %settings.spool.display(), brokers = %settings.tls.brokers.all().join(", "), "agent starting");
     let witness = match &settings.log_key {
-        Some(key) => Some(Arc::new(Witness::new(key.clone(), spool.dir(".state"))?)),
+        Some(key) => {
+            let agency = settings.tls.agency()?;
+            Some(Arc::new(
+                Witness::new(key.clone(), spool.dir(".state"))?.for_agency(&agency),
+            ))
+        }
         None => {
             tracing::warn!("no log_key configured: the audit proofs in receipts are not checked");
             None

@@ -1664,6 +1664,7 @@ impl<'a> TransferFile<'a> {
                 None => sha256_of_hex(&self.payload_sha256)?,
             },
             payload_size: payload.map(|p| p.len() as u64),
+            recipient: None,
         })
     }
 }

@@ -48,6 +48,8 @@ pub enum WitnessError {
 /// Checks the broker's checkpoints for one agent.
 pub struct Witness {
     verifier: LogVerifier,
+    /// This agency (its certificate's), whose own authority each delivery must carry.
+    agency: Option<String>,
     state_file: PathBuf,
     last: Mutex<Option<Checkpoint>>,
     alarmed: AtomicBool,
@@ -326,7 +328,8 @@ pub struct TransferClaim {
     pub consent_issuer: String,
     /// Every consent relied on; `None` when the claim does not say (an older inbox file).
     pub consents: Option<Vec<pb::ConsentRef>>,
-    /// The agreement and clause relied on for this recipient: one of the entry's authorities.
+    /// The agreement and clause relied on for this recipient: the entry's authority for
+    /// `recipient` when it is known, else one of the entry's authorities.
     pub agreement_id: String,
     /// See `agreement_id`.
     pub clause: String,
@@ -338,6 +341,11 @@ pub struct TransferClaim {
     pub payload_sha256: Vec<u8>,
     /// The payload's size, when the claim holds the payload.
     pub payload_size: Option<u64>,
+    /// The agency the delivery was made to, when it is known (the live agent's, from its
+    /// certificate): then the transfer must be addressed to it, and `agreement_id` and
+    /// `clause` must be its authority, not a co-recipient's. A file checked offline does not
+    /// say whose inbox it was in.
+    pub recipient: Option<String>,
 }
 
 impl TransferClaim {
@@ -362,6 +370,7 @@ impl TransferClaim {
             workflow: t.workflow.as_ref().map(audit::workflow_json),
             payload_sha256: Sha256::digest(&t.payload).to_vec(),
             payload_size: Some(t.payload.len() as u64),
+            recipient: None,
         }
     }
 
@@ -390,12 +399,24 @@ impl TransferClaim {
         if let Some(consents) = &self.consents {
             d.debug("consents", consents, &f.consents);
         }
-        // The entry has one authority per recipient; which recipient this agent is, the
-        // delivery does not say, so it must be one of the transfer's.
+        // The entry has one authority per recipient: this agency's, when it is known; else,
+        // as the delivery does not say whose it is, one of the transfer's recipients'.
+        if let Some(me) = &self.recipient
+            && !f.recipients.contains(me)
+        {
+            d.differ(
+                "recipient",
+                me.clone(),
+                format!("names {}", f.recipients.join(", ")),
+            );
+        }
         let authority = a.authorities.iter().any(|x| {
             x.agreement_id == self.agreement_id
                 && x.clause == self.clause
-                && self.recipients.contains(&x.recipient)
+                && match &self.recipient {
+                    Some(me) => &x.recipient == me,
+                    None => self.recipients.contains(&x.recipient),
+                }
         });
         if !authority {
             let logged: Vec<String> = a
@@ -586,10 +607,18 @@ impl Witness {
         };
         Ok(Witness {
             verifier,
+            agency: None,
             state_file,
             last: Mutex::new(last),
             alarmed: AtomicBool::new(false),
         })
+    }
+
+    /// The witness of `agency`'s deliveries: each must be addressed to it and carry its own
+    /// agreement and clause ([`TransferClaim::recipient`]).
+    pub fn for_agency(mut self, agency: &concordat_proto::ids::AgencyId) -> Self {
+        self.agency = Some(agency.to_string());
+        self
     }
 
     /// Whether an alarm has been raised: the agent must not send.
@@ -635,7 +664,10 @@ impl Witness {
         let Some(body) = &delivery.body else {
             return Ok(());
         };
-        let claim = DeliveryClaim::of(body);
+        let mut claim = DeliveryClaim::of(body);
+        if let DeliveryClaim::Transfer(t) = &mut claim {
+            t.recipient.clone_from(&self.agency);
+        }
         let Some(proof) = &delivery.audit else {
             return Err(self.alarm(format!(
                 "delivery {} (transfer {}) carries no audit proof",
@@ -877,5 +909,44 @@ mod tests {
         let mut other = transfer.clone();
         other.content_type = "text/plain".into();
         verify_delivery(&key, &body(&other), &proof).unwrap();
+    }
+
+    /// A transfer to two agencies has an authority for each. The agent knows which agency it
+    /// is (its certificate's): the delivery must carry that agency's agreement and clause, not
+    /// a co-recipient's, and the transfer must be addressed to it.
+    #[test]
+    fn a_delivery_carries_this_agencys_own_authority() {
+        let (mut transfer, mut entry) = test_log::transfer(br#"{"a":1}"#, "application/json");
+        transfer.recipients.push("nca".into());
+        let Some(pb::audit_entry::Event::TransferAccepted(a)) = &mut entry.event else {
+            unreachable!()
+        };
+        if let Some(facts) = &mut a.envelope {
+            facts.recipients.push("nca".into());
+        }
+        a.authorities.push(pb::Authority {
+            recipient: "nca".into(),
+            agreement_id: "nca-ncsc-2025".into(),
+            clause: "7.1".into(),
+        });
+        let (key, proof) = test_log::prove(&entry);
+        let claim = |t: &pb::Transfer, me: Option<&str>| {
+            let mut claim = TransferClaim::of(t);
+            claim.recipient = me.map(str::to_owned);
+            DeliveryClaim::Transfer(Box::new(claim))
+        };
+        // ico's own delivery (ico's authority) verifies, for ico and when the agency is not
+        // known; nca's copy labelled with ico's authority verifies only when it is not known.
+        verify_delivery(&key, &claim(&transfer, Some("ico")), &proof).unwrap();
+        verify_delivery(&key, &claim(&transfer, None), &proof).unwrap();
+        let err = verify_delivery(&key, &claim(&transfer, Some("nca")), &proof).unwrap_err();
+        assert!(err.contains("agreement_id and clause"), "{err}");
+        let mut for_nca = transfer.clone();
+        for_nca.agreement_id = "nca-ncsc-2025".into();
+        for_nca.clause = "7.1".into();
+        verify_delivery(&key, &claim(&for_nca, Some("nca")), &proof).unwrap();
+        // A transfer not addressed to this agency is not its delivery.
+        let err = verify_delivery(&key, &claim(&transfer, Some("ncsc")), &proof).unwrap_err();
+        assert!(err.contains("recipient"), "{err}");
     }
 }

@@ -26,7 +26,6 @@ use concordat_proto::{
         parse_not_before,
     },
 };
-use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -98,19 +97,7 @@ impl Payload {
 /// The agency of a client certificate (its common name), which the broker takes for the
 /// caller: the owner of the ids it chooses (`<agency>:<reference>`).
 pub fn own_agency(tls: &ClientTls) -> anyhow::Result<AgencyId> {
-    let der = CertificateDer::from_pem_slice(&tls.cert_pem)
-        .map_err(|e| anyhow::anyhow!("the client certificate is not PEM: {e}"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| anyhow::anyhow!("the client certificate does not parse: {e}"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .context("the client certificate has no common name")?;
-    cn.parse().map_err(|e| {
-        anyhow::anyhow!("the client certificate's common name {cn:?} is not an agency id: {e}")
-    })
+    tls.agency()
 }
 
 /// Reads a workflow id given on the command line: `<agency>:<reference>`, or, where `own`
