@@ -26,6 +26,7 @@ use concordat_proto::{
         parse_not_before,
     },
 };
+use concordat_support::escape::Escaped;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -183,7 +184,7 @@ fn receipt_lines(s: &mut String, r: &pb::Receipt) {
     }
     s.push('\n');
     for w in &r.warnings {
-        let _ = writeln!(s, "  warning: {w}");
+        let _ = writeln!(s, "  warning: {}", Escaped(w));
     }
 }
 
@@ -550,7 +551,7 @@ pub fn consultations_text(list: &[ConsultationReport]) -> String {
         for p in &c.parties {
             let _ = write!(s, "  {}: {}", p.agency, p.state);
             if let Some(o) = &p.objection {
-                let _ = write!(s, " ({o})");
+                let _ = write!(s, " ({})", Escaped(o));
             }
             if let Some(t) = &p.answered_at {
                 let _ = write!(s, ", answered {t}");
@@ -907,7 +908,7 @@ pub fn statements_text(list: &[StatementReport]) -> String {
         for p in &st.parties {
             let _ = write!(s, "  {}: {}", p.agency, p.state);
             if let Some(o) = &p.objection {
-                let _ = write!(s, " ({o})");
+                let _ = write!(s, " ({})", Escaped(o));
             }
             if let Some(t) = &p.answered_at {
                 let _ = write!(s, ", answered {t}");
@@ -1104,6 +1105,34 @@ fn step_summary(sender: &str, recipients: &[String], step: &pb::workflow_step::S
 mod tests {
     use super::*;
     use pb::audit_entry::Event;
+
+    /// An objection is another agency's free text: it is printed escaped, so that it cannot
+    /// add a line of its own (or colour the terminal) in `dsar status` or `comms status`.
+    #[test]
+    fn objections_are_printed_escaped() {
+        let forged = "Schedule 2\nnca:DSAR-9  closed  opened 2026 by nca\u{1b}[31m";
+        let party = serde_json::json!({"agency": "nca", "state": "objection",
+            "objection": forged, "due": null, "answered_at": null, "reminded": false});
+        let c: ConsultationReport = serde_json::from_value(serde_json::json!({
+            "consultation_id": "ico:DSAR-1", "requester": "ico", "reference": "DSAR-1",
+            "state": "answered", "may_close": false, "concerns": [], "organisation": null,
+            "opened_at": null, "closed_at": null, "transfer_id": "t", "parties": [party],
+        }))
+        .unwrap();
+        let st: StatementReport = serde_json::from_value(serde_json::json!({
+            "statement_id": "ico:press-1", "proposer": "ico", "reference": "press-1",
+            "state": "objected", "may_publish": false, "proposed_at": null,
+            "publish_after": null, "transfer_id": "t", "statement_sha256": "00",
+            "parties": [{"agency": "nca", "state": "objected", "objection": forged,
+                "answered_at": null}],
+        }))
+        .unwrap();
+        for text in [consultations_text(&[c]), statements_text(&[st])] {
+            assert_eq!(text.lines().count(), 2, "{text}");
+            assert!(!text.contains('\u{1b}'), "{text}");
+            assert!(text.contains("Schedule 2\\n"), "{text}");
+        }
+    }
 
     fn at(seconds: i64) -> Option<prost_types::Timestamp> {
         Some(prost_types::Timestamp { seconds, nanos: 0 })
