@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::Context as _;
 use concordat_proto::pb::{self, send_result::Outcome};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
@@ -569,6 +569,8 @@ async fn outbox_loop(
         let mut outcomes = futures::stream::iter(pending)
             .take_while(move |_| std::future::ready(!*stopping.borrow()))
             .map(|name| {
+                // An error stops the agent: it names the file.
+                let shown = format!("outbox file {name:?}");
                 send_file(
                     &connected,
                     &pipeline,
@@ -577,6 +579,7 @@ async fn outbox_loop(
                     &events,
                     witness.as_deref(),
                 )
+                .map(|outcome| outcome.context(shown))
             })
             .buffer_unordered(SEND_CONCURRENCY);
         while let Some(outcome) = outcomes.next().await {
@@ -623,22 +626,8 @@ async fn outbox_loop(
 }
 
 /// Sends one outbox file and files it under its outcome. Errors are local I/O failures that
-/// stop the agent (a full disk, say), and name the file; transport failures are a `Retry`.
+/// stop the agent (a full disk, say); transport failures are a `Retry`.
 async fn send_file(
-    broker: &Broker,
-    pipeline: &Pipeline,
-    spool: &Spool,
-    name: String,
-    events: &Option<mpsc::UnboundedSender<AgentEvent>>,
-    witness: Option<&Witness>,
-) -> anyhow::Result<FileOutcome> {
-    let shown = name.clone();
-    send_and_file(broker, pipeline, spool, name, events, witness)
-        .await
-        .with_context(|| format!("outbox file {shown:?}"))
-}
-
-async fn send_and_file(
     broker: &Broker,
     pipeline: &Pipeline,
     spool: &Spool,

@@ -622,22 +622,9 @@ impl Spool {
     /// UTF-8 and short enough for its sidecar, and says so in the log. The entry is renamed,
     /// never opened: a link moves as a link, a FIFO as a FIFO.
     fn set_aside(&self, raw: &OsStr, reason: &str) -> io::Result<()> {
-        // Room for ".<uuid>" and ".error.txt" within the usual 255-byte limit of a name.
-        const MAX_BASE: usize = 200;
         let shown = lossless_name(raw);
         let failed = self.dir("failed");
-        let taken = |name: &str| {
-            fs::symlink_metadata(failed.join(name)).is_ok()
-                || fs::symlink_metadata(failed.join(format!("{name}.error.txt"))).is_ok()
-        };
-        let mut dest = shown.clone();
-        if dest.len() > MAX_BASE || taken(&dest) {
-            let mut cut = MAX_BASE.min(dest.len());
-            while !dest.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            dest = format!("{}.{}", &dest[..cut], MessageId::new_random());
-        }
+        let dest = free_name(&failed, &shown, ".error.txt", None);
         let sidecar = format!("{dest}.error.txt");
         atomic_write(
             &failed,
@@ -787,25 +774,7 @@ impl Spool {
         loaded: Option<FileId>,
     ) -> io::Result<PathBuf> {
         let dest_dir = self.dir(folder);
-        // A sidecar alone under the name, recording this message id, is this file's own,
-        // written before a crash cut its move short: the file is filed beside it again.
-        let taken = |dest: &str| {
-            let sidecar = dest_dir.join(format!("{dest}{suffix}"));
-            fs::symlink_metadata(dest_dir.join(dest)).is_ok()
-                || (fs::symlink_metadata(&sidecar).is_ok()
-                    && !id.is_some_and(|id| records_message_id(&sidecar, id)))
-        };
-        let base = kept_name(name);
-        let mut dest = base.to_owned();
-        if base.len() < name.len() || taken(&dest) {
-            dest = match id {
-                Some(id) => format!("{base}.{id}"),
-                None => format!("{base}.{}", MessageId::new_random()),
-            };
-            while taken(&dest) {
-                dest = format!("{base}.{}", MessageId::new_random());
-            }
-        }
+        let dest = free_name(&dest_dir, name, suffix, id);
         atomic_write(&dest_dir, &format!("{dest}{suffix}"), contents)?;
         let source = self.dir("outbox").join(name);
         let present = match FileId::of(&source) {
@@ -1067,14 +1036,11 @@ pub struct InboxKey {
 /// cannot be read, is not this notice (writing it again risks a duplicate, never a loss).
 fn recall_file(inbox: &Path, key: &InboxKey, n: &pb::RecallNotice) -> (String, Option<PathBuf>) {
     let holds_it = |path: &Path| {
-        fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<RecordedRecall>(&bytes).ok())
-            .is_some_and(|r| {
-                r.sender == key.sender.as_str()
-                    && r.consent_jti == n.consent_jti
-                    && r.consent_issuer == n.consent_issuer
-            })
+        Recorded::read(path).is_some_and(|r| {
+            r.sender == key.sender.as_str()
+                && r.consent_jti == n.consent_jti
+                && r.consent_issuer == n.consent_issuer
+        })
     };
     let first = key.file_name();
     let digest = hex_digest(format!("{}\0{}", n.consent_issuer, n.consent_jti).as_bytes());
@@ -1101,10 +1067,11 @@ fn recall_file(inbox: &Path, key: &InboxKey, n: &pb::RecallNotice) -> (String, O
     }
 }
 
-/// What a recall notice's inbox file records of whom it is from and which consent it recalls
-/// (absent in files of earlier agents, which wrote one notice per transfer).
+/// What an inbox file records of whom it is from (the one field an old-style name leaves out)
+/// and, for a recall notice, which consent it recalls (absent in transfers, and in the files
+/// of earlier agents, which wrote one notice per transfer).
 #[derive(Deserialize)]
-struct RecordedRecall {
+struct Recorded {
     sender: String,
     #[serde(default)]
     consent_jti: String,
@@ -1112,10 +1079,11 @@ struct RecordedRecall {
     consent_issuer: String,
 }
 
-/// The one field of an inbox file that an old-style name leaves out.
-#[derive(Deserialize)]
-struct RecordedSender {
-    sender: String,
+impl Recorded {
+    /// What the inbox file at `path` records, or `None` if it cannot be read as an inbox file.
+    fn read(path: &Path) -> Option<Recorded> {
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
 }
 
 impl InboxKey {
@@ -1152,19 +1120,20 @@ impl InboxKey {
     /// cannot be read, is not this delivery (writing it again risks a duplicate, never a loss).
     fn legacy_file_in(&self, inbox: &Path) -> Option<PathBuf> {
         let path = inbox.join(self.legacy_file_name());
-        let bytes = fs::read(&path).ok()?;
-        let recorded: RecordedSender = serde_json::from_slice(&bytes).ok()?;
+        let recorded = Recorded::read(&path)?;
         (recorded.sender == self.sender.as_str()).then_some(path)
     }
 }
 
-fn kind_name(kind: i32) -> String {
+/// A message kind as files and refusals name it (`threat_assessment`), or its number.
+pub(crate) fn kind_name(kind: i32) -> String {
     Kind::try_from(kind)
         .map(|k| k.as_str().to_owned())
         .unwrap_or_else(|_| kind.to_string())
 }
 
-fn tlp_name(tlp: i32) -> String {
+/// A TLP marking as files and refusals name it (`amber+strict`), or its number.
+pub(crate) fn tlp_name(tlp: i32) -> String {
     Tlp::try_from(tlp)
         .map(|t| t.as_str().to_owned())
         .unwrap_or_else(|_| tlp.to_string())
@@ -1960,17 +1929,38 @@ fn records_message_id(path: &Path, id: MessageId) -> bool {
             .is_ok_and(|r| r.message_id.parse::<MessageId>().is_ok_and(|m| m == id))
 }
 
-/// `name`, or its first [`KEPT_NAME_BYTES`] (at a character boundary) when it is longer than
-/// [`MAX_NAME_BYTES`].
-fn kept_name(name: &str) -> &str {
-    if name.len() <= MAX_NAME_BYTES {
-        return name;
+/// The name under which the outbox file `name` is filed in `dir`, beside its sidecar
+/// `<name><suffix>`, overwriting nothing. It is `name` unless that or its sidecar is taken
+/// (a sidecar alone that records message id `id` is the file's own, written before a crash
+/// cut its move short, and does not count), else `<name>.<id>`, else `<name>.<random id>`. A
+/// name longer than [`MAX_NAME_BYTES`] keeps its first [`KEPT_NAME_BYTES`] (at a character
+/// boundary) and always takes an id.
+fn free_name(dir: &Path, name: &str, suffix: &str, id: Option<MessageId>) -> String {
+    let taken = |dest: &str| {
+        let sidecar = dir.join(format!("{dest}{suffix}"));
+        fs::symlink_metadata(dir.join(dest)).is_ok()
+            || (fs::symlink_metadata(&sidecar).is_ok()
+                && !id.is_some_and(|id| records_message_id(&sidecar, id)))
+    };
+    let mut end = name.len();
+    if end > MAX_NAME_BYTES {
+        end = KEPT_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
     }
-    let mut end = KEPT_NAME_BYTES;
-    while !name.is_char_boundary(end) {
-        end -= 1;
+    let base = &name[..end];
+    if base.len() == name.len() && !taken(name) {
+        return name.to_owned();
     }
-    &name[..end]
+    let mut dest = match id {
+        Some(id) => format!("{base}.{id}"),
+        None => format!("{base}.{}", MessageId::new_random()),
+    };
+    while taken(&dest) {
+        dest = format!("{base}.{}", MessageId::new_random());
+    }
+    dest
 }
 
 /// fsyncs a directory, so that a rename in it is durable.

@@ -31,7 +31,10 @@ use concordat_proto::{
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::{client::Broker, spool::atomic_write};
+use crate::{
+    client::Broker,
+    spool::{atomic_write, kind_name, tlp_name},
+};
 
 /// Why a receipt's audit proof was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -235,9 +238,7 @@ impl Differences {
     }
 
     fn text(&mut self, field: &str, claimed: &str, logged: &str) {
-        if claimed != logged {
-            self.differ(field, format!("{claimed:?}"), format!("{logged:?}"));
-        }
+        self.debug(field, claimed, logged);
     }
 
     fn debug<T: PartialEq + std::fmt::Debug + ?Sized>(
@@ -277,18 +278,6 @@ impl Differences {
             ))
         }
     }
-}
-
-fn kind_name(kind: i32) -> String {
-    pb::MessageKind::try_from(kind)
-        .map(|k| k.as_str_name().to_owned())
-        .unwrap_or_else(|_| kind.to_string())
-}
-
-fn tlp_name(tlp: i32) -> String {
-    pb::Tlp::try_from(tlp)
-        .map(|t| t.as_str_name().to_owned())
-        .unwrap_or_else(|_| tlp.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {
